@@ -1,0 +1,1 @@
+"""Bytes and tokens: storage URLs, corpus preparation and the resumable TokenStream. Imports no other Kiln package."""

@@ -1,0 +1,51 @@
+"""Typed config sections owned by the data pipeline: where data comes from and where runs are stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+class DataConfigError(ValueError):
+    """A data or storage setting a user must fix; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    """Training data: the built-in stdlib corpus, or a prepared dataset folder (its manifest.json)."""
+
+    source: str = "stdlib"
+    path: Optional[str] = None  # URL of a prepared dataset folder (source=prepared)
+    seq_len: int = 128
+    vocab_size: int = 4096  # when Kiln trains the tokenizer
+    val_fraction: float = 0.05
+    max_files: Optional[int] = None  # cap the stdlib corpus (tests use a small one)
+    # Where prepared corpora are cached; None: $KILN_CACHE_DIR, else ~/.cache/kiln.
+    cache_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.source not in ("stdlib", "prepared"):
+            raise DataConfigError(f"data.source must be one of stdlib, prepared; got {self.source!r}")
+        if self.source == "prepared" and not self.path:
+            raise DataConfigError("data.path is required with data.source=prepared: "
+                                  "point it at a folder written by `kiln prepare`")
+        if self.seq_len < 8:
+            raise DataConfigError(f"data.seq_len must be >= 8, got {self.seq_len}")
+        if not 256 < self.vocab_size <= 2**20:
+            raise DataConfigError(f"data.vocab_size must be in (256, 1048576], got {self.vocab_size}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise DataConfigError(f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.max_files is not None and self.max_files < 2:
+            raise DataConfigError(f"data.max_files must be >= 2 or null, got {self.max_files}")
+
+
+@dataclass
+class StorageConfig:
+    """Where runs live: a local folder or an fsspec URL (s3://bucket/prefix)."""
+
+    root: str = "./kiln-runs"
+
+    def __post_init__(self) -> None:
+        if not self.root:
+            raise DataConfigError("storage.root must not be empty (default ./kiln-runs; "
+                                  "KILN_STORAGE_ROOT overrides it)")

@@ -1,0 +1,150 @@
+"""A prepared dataset on storage: fixed-length token sequences in binary shards, described by manifest.json.
+
+Layout (format_version 1):
+    <dataset>/manifest.json        written last: splits, shards (tokens, sequences, sha256), tokenizer hash
+    <dataset>/tokenizer/tokenizer.json
+    <dataset>/<split>/shard_00000.bin   little-endian uint16 or uint32 tokens, seq_len per sequence
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+
+from data_pipeline import storage
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_TOKENS = 1 << 20  # ~1M tokens a shard: small enough for cheap range reads, few enough files
+
+
+class DatasetError(ValueError):
+    """A dataset that is missing or malformed; the message names the URL."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One binary file of whole sequences."""
+
+    url: str
+    sequences: int
+
+
+class Dataset:
+    """Read access to a prepared dataset's manifest and its splits."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        manifest_url = storage.join(self.url, MANIFEST)
+        try:
+            self.manifest = json.loads(storage.read_text(manifest_url))
+        except FileNotFoundError:
+            raise DatasetError(f"no dataset at {self.url}: {MANIFEST} is missing "
+                               f"(prepare one with `kiln prepare` or check data.path)") from None
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{manifest_url} is not valid JSON ({exc})") from None
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DatasetError(f"{manifest_url}: format_version {version} is not supported "
+                               f"(this Kiln reads {FORMAT_VERSION})")
+        self.seq_len: int = self.manifest["seq_len"]
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self.eos_id: int = self.manifest["eos_id"]
+        self.dtype = np.dtype(self.manifest["dtype"])
+
+    @property
+    def tokenizer_url(self) -> str:
+        """Folder holding tokenizer.json."""
+        return storage.join(self.url, "tokenizer")
+
+    def shards(self, split: str) -> list[Shard]:
+        """The shards of a split, in order."""
+        try:
+            entries = self.manifest["splits"][split]["shards"]
+        except KeyError:
+            raise DatasetError(f"dataset {self.url} has no split {split!r}; "
+                               f"it has {', '.join(self.manifest['splits'])}") from None
+        return [Shard(storage.join(self.url, e["path"]), e["sequences"]) for e in entries]
+
+
+class ShardWriter:
+    """Packs a stream of documents into seq_len sequences (EOS between documents) and writes shards."""
+
+    def __init__(self, dataset_url: str, split: str, *, seq_len: int, vocab_size: int, eos_id: int):
+        self.dataset_url, self.split = dataset_url, split
+        self.seq_len, self.eos_id = seq_len, eos_id
+        self.dtype = token_dtype(vocab_size)
+        self.shard_sequences = max(1, SHARD_TOKENS // seq_len)
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+        self.entries: list[dict] = []
+        self.documents = 0
+
+    def add(self, token_ids: list[int]) -> None:
+        """Append one document (dropped if empty)."""
+        if not token_ids:
+            return
+        self.documents += 1
+        self._pending.append(np.asarray(token_ids + [self.eos_id], dtype=self.dtype))
+        self._pending_tokens += len(token_ids) + 1
+        if self._pending_tokens >= self.shard_sequences * self.seq_len:
+            self._flush(final=False)
+
+    def close(self) -> dict:
+        """Write what is left (dropping a last partial sequence) and return this split's manifest entry."""
+        self._flush(final=True)
+        return {
+            "documents": self.documents,
+            "sequences": sum(e["sequences"] for e in self.entries),
+            "tokens": sum(e["tokens"] for e in self.entries),
+            "shards": self.entries,
+        }
+
+    def _flush(self, final: bool) -> None:
+        if not self._pending:
+            return
+        tokens = np.concatenate(self._pending)
+        per_shard = self.shard_sequences * self.seq_len
+        while len(tokens) >= per_shard or (final and len(tokens) >= self.seq_len):
+            take = min(per_shard, len(tokens) - len(tokens) % self.seq_len)
+            self._write(tokens[:take])
+            tokens = tokens[take:]
+        self._pending = [tokens] if len(tokens) and not final else []
+        self._pending_tokens = len(tokens) if not final else 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        rel = f"{self.split}/shard_{len(self.entries):05d}.bin"
+        data = tokens.astype(self.dtype, copy=False).tobytes()
+        storage.write_atomic(storage.join(self.dataset_url, rel), data)
+        self.entries.append({"path": rel, "tokens": int(len(tokens)),
+                             "sequences": int(len(tokens) // self.seq_len),
+                             "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def write_manifest(dataset_url: str, manifest: dict) -> None:
+    """Commit a dataset: the manifest is written last, so a dataset without one is unfinished."""
+    body = {"format_version": FORMAT_VERSION, **manifest}
+    storage.write_atomic(storage.join(dataset_url, MANIFEST), json.dumps(body, indent=2, sort_keys=True))
+
+
+def open_dataset(url: Optional[str]) -> Dataset:
+    """Open a committed dataset, failing with the URL named when it is not one."""
+    if not url:
+        raise DatasetError("no dataset given: set data.path")
+    return Dataset(url)
+
+
+def iter_sequences(shard_bytes: bytes, dtype: np.dtype, seq_len: int) -> Iterator[np.ndarray]:
+    """Split a shard's bytes into sequences (used by tests and tools)."""
+    tokens = np.frombuffer(shard_bytes, dtype=dtype)
+    for start in range(0, len(tokens) - seq_len + 1, seq_len):
+        yield tokens[start:start + seq_len]

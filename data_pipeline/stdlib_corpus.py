@@ -1,0 +1,109 @@
+"""The quickstart corpus: the running interpreter's own standard-library `.py` files.
+
+Every machine with Python has it, so the quickstart needs no download. Files are split into train and
+val by a hash of their path (stable across machines with the same Python), a tokenizer is trained on
+the train files only, and both splits are packed into a prepared dataset. The result is cached by a
+fingerprint of everything that shapes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from data_pipeline import storage, tokenizer as bpe
+from data_pipeline.config import DataConfig
+from data_pipeline.dataset import MANIFEST, ShardWriter, token_dtype, write_manifest
+
+SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__",
+                "lib2to3", "turtledemo", "tkinter"}
+
+
+def stdlib_files(max_files: Optional[int] = None) -> tuple[Path, list[Path]]:
+    """The stdlib root and its .py files (tests and bundled apps excluded), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        f for f in root.rglob("*.py")
+        if not SKIPPED_DIRS.intersection(f.relative_to(root).parts[:-1])
+    )
+    if max_files is not None:
+        files = files[:max_files]
+    return root, files
+
+
+def is_validation(relative_path: str, val_fraction: float) -> bool:
+    """Deterministic split by a hash of the file's relative path."""
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def split_files(root: Path, files: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
+    """(train, val) files; val gets at least one file so evaluation always has data."""
+    rel = {f: f.relative_to(root).as_posix() for f in files}
+    val = [f for f in files if is_validation(rel[f], val_fraction)]
+    if not val:
+        val = [min(files, key=lambda f: hashlib.sha256(rel[f].encode()).digest())]
+    chosen = set(val)
+    return [f for f in files if f not in chosen], val
+
+
+def fingerprint(root: Path, files: list[Path], cfg: DataConfig) -> str:
+    """A hash of every input that shapes the prepared dataset."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"python": sys.version, "seq_len": cfg.seq_len, "vocab_size": cfg.vocab_size,
+                         "val_fraction": cfg.val_fraction, "format": 1}).encode())
+    for f in files:
+        stat = f.stat()
+        h.update(f"{f.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def read_source(path: Path) -> str:
+    """A source file's text; undecodable bytes are replaced rather than failing the corpus."""
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def prepare_stdlib(cfg: DataConfig, cache_dir: str,
+                   log: Callable[[str], None] = print) -> str:
+    """Prepare (or reuse from cache) the stdlib corpus; returns the dataset folder URL."""
+    root, files = stdlib_files(cfg.max_files)
+    if len(files) < 2:
+        raise FileNotFoundError(f"found fewer than 2 .py files under the stdlib at {root}")
+    key = fingerprint(root, files, cfg)
+    url = storage.join(cache_dir, "datasets", f"stdlib-{key}")
+    if storage.exists(storage.join(url, MANIFEST)):
+        log(f"data: reusing prepared stdlib corpus {url}")
+        return url
+    started = time.perf_counter()
+    train_files, val_files = split_files(root, files, cfg.val_fraction)
+    tokenizer = bpe.train_bpe((read_source(f) for f in train_files), cfg.vocab_size)
+    tokenizer_sha = bpe.save(tokenizer, storage.join(url, "tokenizer"))
+    eos_id = tokenizer.token_to_id(bpe.EOS_TOKEN)
+    vocab_size = tokenizer.get_vocab_size()
+    splits = {}
+    for split, split_files_ in (("train", train_files), ("val", val_files)):
+        writer = ShardWriter(url, split, seq_len=cfg.seq_len, vocab_size=vocab_size, eos_id=eos_id)
+        texts = [read_source(f) for f in split_files_]
+        for encoding in tokenizer.encode_batch(texts):
+            writer.add(encoding.ids)
+        splits[split] = writer.close()
+        splits[split]["files"] = len(split_files_)
+    write_manifest(url, {
+        "kind": "pretrain",
+        "seq_len": cfg.seq_len,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "dtype": token_dtype(vocab_size).str,
+        "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha},
+        "source": {"name": "python-stdlib", "root": str(root), "fingerprint": key},
+        "split": {"method": "sha256(relative path)", "val_fraction": cfg.val_fraction},
+        "splits": splits,
+    })
+    log(f"data: prepared stdlib corpus in {time.perf_counter() - started:.1f}s: "
+        f"{splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens -> {url}")
+    return url

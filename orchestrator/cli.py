@@ -1,0 +1,129 @@
+"""The `kiln` command: train, runs, status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def default_root() -> str:
+    """Where runs are looked up when no --storage-root is given."""
+    return os.environ.get("KILN_STORAGE_ROOT", "./kiln-runs")
+
+
+def cmd_train(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.config import compose_config, config_keys, group_names
+
+    if args.list_keys:
+        console.print("groups: " + ", ".join(group_names()))
+        for key in config_keys():
+            console.print(f"  {key}")
+        return 0
+    cfg = compose_config(args.overrides)  # bad input fails here, before Ray starts
+    from orchestrator.launcher import train
+
+    outcome = train(cfg, console)
+    console.print(f"[green]{outcome.state}[/green] run {outcome.run_id}: step {outcome.step} "
+                  f"in {outcome.wall_s:.0f}s")
+    if outcome.first_val_ppl is not None and outcome.last_val_ppl is not None:
+        console.print(f"validation perplexity: {outcome.first_val_ppl:,.1f} at step 0 -> "
+                      f"{outcome.last_val_ppl:,.1f} at step {outcome.step}")
+    if outcome.checkpoint:
+        console.print(f"checkpoint: {outcome.checkpoint['uri']}")
+    console.print(f"run folder: {outcome.run_dir} (metrics.jsonl, config.yaml, logs/, wandb/)")
+    console.print(f"inspect:    kiln status {outcome.run_id} --storage-root {os.path.dirname(outcome.run_dir)}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.registry import RunRegistry
+
+    registry = RunRegistry(args.storage_root)
+    records = registry.list()
+    if not records:
+        console.print(f"no runs under {args.storage_root}")
+        return 0
+    table = Table("run", "state", "step", "strategy", "workers", "checkpoint", "created", "updated")
+    for r in records:
+        table.add_row(r.run_id, r.state, f"{r.step}/{r.max_steps}", r.strategy, str(r.num_workers),
+                      str(r.checkpoint["step"]) if r.checkpoint else "-", r.created, r.updated)
+    console.print(table)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.registry import RunRegistry
+    from orchestrator.runs import dumps, status_json
+
+    status = status_json(RunRegistry(args.storage_root), args.run)
+    if args.json:
+        print(dumps(status))
+        return 0
+    console.print(f"[bold]{status['run_id']}[/bold]  {status['state']}  step {status['step']}/"
+                  f"{status['max_steps']}  ({status['strategy']}, {status['num_workers']} workers)")
+    console.print(f"  created {status['created']}, updated {status['updated']}")
+    ckpt = status["checkpoint"]
+    console.print(f"  last committed checkpoint: {ckpt['uri'] + ' (step ' + str(ckpt['step']) + ')' if ckpt else 'none'}")
+    for name, value in sorted(status["metrics"].items()):
+        console.print(f"  {name:<22} {value:.6g}" if isinstance(value, float) else f"  {name:<22} {value}")
+    if status["wandb"]:
+        w = status["wandb"]
+        console.print(f"  wandb: {w['mode']} run {w['run_id']} in {w['dir']}")
+    if status["error"]:
+        console.print(f"  [red]error[/red]: {status['error']}")
+    console.print(f"  folder: {status['run_dir']}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    top = argparse.ArgumentParser(prog="kiln", description="Fault-tolerant LLM training on Ray.")
+    sub = top.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train from a Hydra config: kiln train experiment=quickstart key=value ...")
+    train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=100 strategy=ddp")
+    train.add_argument("--list-keys", action="store_true", help="print config groups and every key, then exit")
+    train.set_defaults(func=cmd_train)
+    runs = sub.add_parser("runs", help="list runs")
+    runs.add_argument("--storage-root", default=default_root())
+    runs.set_defaults(func=cmd_runs)
+    status = sub.add_parser("status", help="show one run")
+    status.add_argument("run")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument("--storage-root", default=default_root())
+    status.set_defaults(func=cmd_status)
+    return top
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the CLI; user errors print one line and exit 2, failed runs exit 1."""
+    from data_pipeline.config import DataConfigError
+    from data_pipeline.dataset import DatasetError
+    from orchestrator.config import UsageError
+    from orchestrator.registry import RunExists, UnknownRun
+
+    args = parser().parse_args(argv)
+    console = Console(stderr=False)
+    try:
+        return args.func(args, console)
+    except (UsageError, UnknownRun, RunExists, DataConfigError, DatasetError) as exc:
+        print(f"kiln {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        from orchestrator.launcher import RunFailed
+
+        if isinstance(exc, RunFailed):
+            print(f"kiln {args.command}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

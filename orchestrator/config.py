@@ -1,0 +1,227 @@
+"""The whole run's config: the root schema, its registration with Hydra, and composition from overrides.
+
+Each package owns the dataclasses of its own sections; this module joins them, checks what spans
+sections (batch math, sequence length vs. model size), and turns Hydra's composition errors into one
+line that names the key and says what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig, StorageConfig
+from trainers.config import (ModelConfig, OptimConfig, StrategyConfig, TaskConfig, TrackerConfig,
+                             TrainConfig, require)
+
+CONF_DIR = Path(os.environ.get("KILN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class UsageError(Exception):
+    """Bad user input: the CLI prints the message on one line and exits with code 2."""
+
+
+@dataclass
+class RunSection:
+    """Identity of a run: `run.id` names it (a readable unique id is made when unset)."""
+
+    id: Optional[str] = None
+    name: str = "run"  # experiments set it; the prefix of generated ids
+
+    def __post_init__(self) -> None:
+        require(self.id is None or bool(RUN_ID_PATTERN.match(self.id)),
+                f"run.id must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit); "
+                f"got {self.id!r}")
+        require(bool(RUN_ID_PATTERN.match(self.name)), f"run.name must be a simple name; got {self.name!r}")
+
+
+@dataclass
+class ClusterConfig:
+    """Where workers run: an embedded local Ray (address unset) or an existing cluster."""
+
+    address: Optional[str] = None
+    num_workers: int = 2
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    max_failures: int = 2  # worker-group restarts from the last committed checkpoint
+
+    def __post_init__(self) -> None:
+        require(self.num_workers > 0, f"cluster.num_workers must be > 0, got {self.num_workers}")
+        require(self.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        require(self.max_failures >= -1, f"cluster.max_failures must be >= -1 (-1: unlimited), "
+                                         f"got {self.max_failures}")
+
+
+@dataclass
+class KilnConfig:
+    """A complete, validated training run."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check_batch(self.train.global_batch, self.train.micro_batch, self.cluster.num_workers)
+        require(self.data.seq_len <= self.model.n_positions,
+                f"data.seq_len ({self.data.seq_len}) must be <= model.n_positions ({self.model.n_positions})")
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches each worker accumulates per optimizer step."""
+        return self.train.global_batch // (self.train.micro_batch * self.cluster.num_workers)
+
+
+def check_batch(global_batch: int, micro_batch: int, data_parallel: int) -> int:
+    """Return gradient accumulation steps, or fail naming the mismatch."""
+    per_pass = micro_batch * data_parallel
+    if global_batch % per_pass:
+        lower = max(per_pass, global_batch - global_batch % per_pass)
+        raise UsageError(
+            f"train.global_batch={global_batch} is not divisible by train.micro_batch ({micro_batch}) x "
+            f"cluster.num_workers ({data_parallel}) = {per_pass}; use a multiple of {per_pass} "
+            f"(e.g. {lower} or {lower + per_pass})")
+    return global_batch // per_pass
+
+
+ConfigStore.instance().store(name="kiln_schema", node=KilnConfig)
+
+
+def compose_config(overrides: list[str]) -> KilnConfig:
+    """Compose conf/config.yaml with Hydra-style overrides and validate it; UsageError on bad input."""
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="kiln"):
+            composed = compose(config_name="config", overrides=list(overrides))
+        cfg = OmegaConf.to_object(composed)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise UsageError(explain_composition_error(exc, overrides)) from None
+    except (ValueError, UsageError) as exc:
+        raise UsageError(str(exc)) from None
+    assert isinstance(cfg, KilnConfig)
+    return cfg
+
+
+def finalize(cfg: KilnConfig) -> KilnConfig:
+    """Fill in what the driver decides: a run id and absolute local paths (workers have another cwd)."""
+    if cfg.run.id is None:
+        cfg.run.id = new_run_id(cfg.run.name)
+    cfg.storage.root = absolute_url(cfg.storage.root)
+    if cfg.data.path:
+        cfg.data.path = absolute_url(cfg.data.path)
+    cfg.data.cache_dir = absolute_url(cfg.data.cache_dir or os.environ.get("KILN_CACHE_DIR")
+                                      or "~/.cache/kiln")
+    return cfg
+
+
+def new_run_id(name: str) -> str:
+    """A readable, unique id: name, UTC timestamp and 4 random hex digits."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+
+
+def absolute_url(url: str) -> str:
+    """Local paths become absolute (with ~ expanded); URLs with a scheme pass through."""
+    if "://" in url:
+        return url
+    return str(Path(url).expanduser().resolve())
+
+
+def to_yaml(cfg: KilnConfig) -> str:
+    """The resolved config as YAML (callers redact secrets first)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_keys() -> list[str]:
+    """Every settable dotted key of the schema, for suggestions."""
+    keys: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        for key in node:
+            value = node._get_node(key)
+            full = f"{prefix}{key}"
+            if OmegaConf.is_dict(value):
+                walk(value, full + ".")
+            else:
+                keys.append(full)
+
+    walk(OmegaConf.structured(KilnConfig), "")
+    return keys
+
+
+def group_names() -> list[str]:
+    """The config groups a user can pick from (`strategy=ddp`)."""
+    return sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+
+
+def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
+    """One actionable line for a Hydra/OmegaConf composition failure."""
+    text = "\n".join(str(e) for e in _exception_chain(exc))
+    missing_option = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if missing_option:
+        group, option = missing_option.groups()
+        choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        hint = difflib.get_close_matches(option, choices, n=1)
+        did_you_mean = f" (did you mean {group}={hint[0]}?)" if hint else ""
+        return f"{group}={option}: no such option{did_you_mean}; available: {', '.join(choices)}"
+    key = _failing_key(text)
+    if key and ("not in" in text or "not in struct" in text or "Could not override" in text
+                and "could not be converted" not in text and "Invalid value" not in text):
+        return unknown_key_message(key)
+    converted = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
+    if key and converted:
+        value, wanted = converted.groups()
+        return f"{key}: expected {wanted.lower()}, got {value!r}"
+    invalid = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", text)
+    if key and invalid:
+        return f"{key}: invalid value {invalid.group(1)!r}; expected one of {invalid.group(2)}"
+    parse = re.search(r"Error parsing override '([^']*)'", text)
+    if parse:
+        return f"could not parse override '{parse.group(1)}': write key=value (e.g. train.max_steps=100)"
+    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return f"invalid config: {first}" + (f" (key: {key})" if key else "")
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain = [exc]
+    while chain[-1].__cause__ is not None and len(chain) < 5:
+        chain.append(chain[-1].__cause__)
+    return chain
+
+
+def _failing_key(text: str) -> Optional[str]:
+    for pattern in (r"Could not override '([^']+)'", r"full_key: ([\w.\[\]]+)",
+                    r"Could not append to config\. An item is already at '([^']+)'"):
+        match = re.search(pattern, text)
+        if match:
+            return match.group(1)
+    return None
+
+
+def unknown_key_message(key: str) -> str:
+    """Name an unknown key and suggest the closest valid one."""
+    known = config_keys() + group_names()
+    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not hint and "." in key:
+        section, _, leaf = key.rpartition(".")
+        same_section = [k for k in known if k.startswith(section + ".")]
+        hint = difflib.get_close_matches(key, same_section, n=1, cutoff=0.3)
+    suggestion = f"; did you mean {hint[0]}?" if hint else ""
+    return f"unknown config key '{key}'{suggestion} (run `kiln train --help` to list keys)"

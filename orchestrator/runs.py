@@ -1,0 +1,87 @@
+"""Turning a validated config into a registered run with its data ready, and keeping its record current."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional
+
+from data_pipeline import storage
+from data_pipeline.dataset import open_dataset
+from data_pipeline.stdlib_corpus import prepare_stdlib
+from orchestrator.config import KilnConfig, finalize, to_yaml
+from orchestrator.registry import RunRecord, RunRegistry
+from trainers.checkpoint import MANIFEST, CheckpointStore
+from trainers.loop import run_url
+from trainers.secrets import redact_text
+from trainers.tracking import wandb_mode
+
+
+def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
+    """Point cfg.data.path at a prepared dataset, preparing the built-in corpus if that is the source."""
+    if cfg.data.source == "stdlib":
+        cfg.data.path = prepare_stdlib(cfg.data, cfg.data.cache_dir, log=log)
+    dataset = open_dataset(cfg.data.path)
+    if dataset.seq_len != cfg.data.seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} but the dataset at {cfg.data.path} was prepared "
+                         f"with seq_len={dataset.seq_len}; set data.seq_len={dataset.seq_len}")
+
+
+def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunRegistry, RunRecord]:
+    """Give the run an id, register it (PENDING), prepare its data and save tokenizer and config with it."""
+    finalize(cfg)
+    registry = RunRegistry(cfg.storage.root)
+    record = RunRecord(
+        run_id=cfg.run.id, experiment=cfg.run.name, max_steps=cfg.train.max_steps,
+        strategy=cfg.strategy.name, num_workers=cfg.cluster.num_workers,
+        wandb=({"mode": wandb_mode(cfg.tracker), "run_id": cfg.run.id,
+                "dir": storage.join(run_url(cfg), "wandb")} if cfg.tracker.name == "wandb" else None),
+    )
+    registry.create(record, redact_text(to_yaml(cfg)))
+    resolve_data(cfg, log)
+    copy_tokenizer(cfg.data.path, storage.join(run_url(cfg), "tokenizer"))
+    registry.write_config(cfg.run.id, redact_text(to_yaml(cfg)))  # now with the resolved data.path
+    return registry, record
+
+
+def copy_tokenizer(dataset_url: str, target_url: str) -> None:
+    """Save the dataset's tokenizer with the run, so the run is usable on its own."""
+    source = open_dataset(dataset_url).tokenizer_url
+    for rel, _ in storage.walk_files(source):
+        storage.write_atomic(storage.join(target_url, rel), storage.read_bytes(storage.join(source, rel)))
+
+
+def latest_checkpoint(cfg: KilnConfig) -> Optional[dict]:
+    """{"step", "uri"} of the newest step folder with a MANIFEST (cheap: no checksum pass)."""
+    store = CheckpointStore(storage.join(run_url(cfg), "checkpoints"), rank=0, world_size=1,
+                            strategy=cfg.strategy.name, config_hash="")
+    for step in store.steps_on_storage():
+        url = store.url(step)
+        if storage.exists(storage.join(url, MANIFEST)):
+            return {"step": step, "uri": url}
+    return None
+
+
+def refresh(registry: RunRegistry, record: RunRecord, cfg: KilnConfig) -> None:
+    """Update the record's step and checkpoint from what the workers wrote."""
+    rows = registry.metrics(record.run_id)
+    if rows:
+        record.step = max(int(r.get("step", 0)) for r in rows)
+    record.checkpoint = latest_checkpoint(cfg) or record.checkpoint
+    registry.save(record)
+
+
+def status_json(registry: RunRegistry, run_id: str) -> dict:
+    """What `kiln status RUN --json` prints."""
+    record = registry.load(run_id)
+    return {
+        "run_id": record.run_id, "state": record.state, "step": record.step, "max_steps": record.max_steps,
+        "checkpoint": record.checkpoint, "metrics": registry.latest_metrics(run_id), "wandb": record.wandb,
+        "experiment": record.experiment, "strategy": record.strategy, "num_workers": record.num_workers,
+        "created": record.created, "updated": record.updated, "attempts": record.attempts,
+        "error": record.error, "run_dir": registry.run_url(run_id),
+    }
+
+
+def dumps(obj: dict) -> str:
+    """Stable JSON for the CLI."""
+    return json.dumps(obj, indent=2, sort_keys=True)

@@ -1,0 +1,1 @@
+"""One worker's training loop: models, tasks, strategies, checkpoints, trackers. Never imports `ray`."""

@@ -1,0 +1,155 @@
+"""Typed config sections owned by the training workers.
+
+Each section validates itself in ``__post_init__`` (OmegaConf calls it when the composed config is
+turned into objects), so a bad value fails on the driver before any worker starts. Errors name the
+field as a user types it on the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config value a user must fix; the message names the field and says what is allowed."""
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ok."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Fail unless value is one of allowed, naming the field and the choices."""
+    require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-2-style transformer built from config (never downloaded)."""
+
+    arch: str = "gpt2"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_positions: int = 256
+    dropout: float = 0.0
+    # None: the tokenizer's vocabulary size, rounded up to a multiple of 64 for efficient matmuls.
+    vocab_size: Optional[int] = None
+    attn_implementation: str = "sdpa"
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        one_of("model.arch", self.arch, ("gpt2",))
+        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+            require(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
+        require(self.n_embd % self.n_head == 0,
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        require(self.vocab_size is None or self.vocab_size > 0,
+                f"model.vocab_size must be > 0 or null, got {self.vocab_size}")
+        one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+
+
+@dataclass
+class TaskConfig:
+    """What the model learns; chosen by the `task` config group."""
+
+    name: str = "causal_lm"
+
+    def __post_init__(self) -> None:
+        one_of("task.name", self.name, ("causal_lm",))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine decay to ``min_lr_ratio * lr``."""
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        one_of("optim.name", self.name, ("adamw",))
+        require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            require(0.0 <= value < 1.0, f"optim.{name} must be in [0, 1), got {value}")
+        require(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
+        require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(0.0 <= self.min_lr_ratio <= 1.0,
+                f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
+
+
+@dataclass
+class StrategyConfig:
+    """How the model is replicated or sharded across workers; chosen by the `strategy` group."""
+
+    name: str = "ddp"
+    # fp32 | bf16 | fp16; "auto" means bf16 on a GPU that supports it, fp32 on CPU.
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        one_of("strategy.name", self.name, ("ddp",))
+        one_of("strategy.precision", self.precision, ("auto", "fp32", "bf16"))
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how big a batch, how often to evaluate, log and checkpoint."""
+
+    max_steps: int = 200
+    global_batch: int = 16  # sequences per optimizer step, across all workers
+    micro_batch: int = 8  # sequences per worker per forward/backward
+    seed: int = 1234
+    deterministic: bool = True
+    log_every: int = 1
+    eval_every: int = 50
+    eval_batches: int = 8  # micro-batches per worker per evaluation
+    checkpoint_every: int = 100
+    # Threads per worker for intra-op parallelism on CPU; 0 keeps torch's default.
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "global_batch", "micro_batch", "log_every", "eval_every",
+                     "eval_batches", "checkpoint_every"):
+            value = getattr(self, name)
+            require(value > 0, f"train.{name} must be > 0, got {value}")
+        require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        require(self.torch_threads >= 0, f"train.torch_threads must be >= 0, got {self.torch_threads}")
+
+
+@dataclass
+class TrackerConfig:
+    """Where metrics go besides metrics.jsonl (always written): `wandb` or `none`."""
+
+    name: str = "wandb"
+    project: str = "kiln"
+    entity: Optional[str] = None
+    # None: $WANDB_MODE if set, else offline. Set "online" to sync (needs WANDB_API_KEY).
+    mode: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        one_of("tracker.name", self.name, ("wandb", "none"))
+        if self.mode is not None:
+            one_of("tracker.mode", self.mode, ("offline", "online", "disabled"))
+
+
+def as_plain(obj: Any) -> Any:
+    """A config object as plain dicts/lists (for YAML, JSON and W&B)."""
+    from dataclasses import asdict, is_dataclass
+
+    if is_dataclass(obj):
+        return asdict(obj)
+    return obj

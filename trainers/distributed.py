@@ -1,0 +1,34 @@
+"""Small collective helpers over torch.distributed; rank 0 decides, everyone follows."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def ensure_process_group(backend: str, timeout_s: float = 1800) -> None:
+    """Join the default process group from the env (torchrun), unless the launcher already did (Ray)."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    """Rank 0's value of obj, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise mean of per-rank floats (float64, so the sum is exact enough to be reproducible)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def barrier() -> None:
+    """Wait for every rank."""
+    dist.barrier()

@@ -1,0 +1,226 @@
+"""One worker's training loop. Reads top to bottom: set up, restore, train, evaluate, checkpoint.
+
+`run(cfg, ctx)` is all a launcher calls: Ray Train's worker function and plain `torchrun` both end up
+here, with a WorkerContext that tells the loop who it is and where to report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from data_pipeline import storage
+from data_pipeline.dataset import Dataset, open_dataset
+from data_pipeline.stream import TokenStream
+from trainers.checkpoint import CheckpointStore, capture_rng, restore_rng
+from trainers.context import WorkerContext
+from trainers.distributed import ensure_process_group, mean_across_ranks
+from trainers.models import parameter_count
+from trainers.strategies import Strategy, build_strategy
+from trainers.tasks import Task, build_task
+from trainers.tracking import Tracker, build_tracker
+
+log = logging.getLogger("kiln.worker")
+
+
+@dataclass
+class LoopResult:
+    """How a worker's loop ended."""
+
+    state: str  # SUCCEEDED or STOPPED
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+
+
+def run_url(cfg: Any) -> str:
+    """The run's folder on storage."""
+    return storage.join(cfg.storage.root, cfg.run.id)
+
+
+def config_hash(cfg: Any) -> str:
+    """Hash of what a checkpoint's tensors depend on (model and task), to catch mismatched loads."""
+    shape = json.dumps({"model": asdict(cfg.model), "task": asdict(cfg.task)}, sort_keys=True)
+    return hashlib.sha256(shape.encode()).hexdigest()[:16]
+
+
+def pick_device(local_rank: int) -> torch.device:
+    """This worker's GPU when it has one, else the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's random."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """The pieces of one worker's run, assembled from config."""
+
+    def __init__(self, cfg: Any, ctx: WorkerContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.device = pick_device(ctx.local_rank)
+        ensure_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if cfg.train.torch_threads:
+            torch.set_num_threads(cfg.train.torch_threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.url = run_url(cfg)
+        self.dataset: Dataset = open_dataset(cfg.data.path)
+        self.task: Task = build_task(cfg.task.name)
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        model = self.task.build_model(cfg.model, self.dataset.vocab_size, self.dataset.eos_id)
+        self.num_params = parameter_count(model)
+        self.strategy: Strategy = build_strategy(cfg.strategy, self.device)
+        self.model = self.strategy.wrap(model, cfg.optim, cfg.train.max_steps)
+        seed_everything(cfg.train.seed + 1000 * ctx.rank + 1)  # distinct dropout streams per rank
+        self.micro_batch = cfg.train.micro_batch
+        self.grad_accum = cfg.train.global_batch // (self.micro_batch * ctx.world_size)
+        if self.grad_accum * self.micro_batch * ctx.world_size != cfg.train.global_batch:
+            raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by "
+                             f"train.micro_batch ({self.micro_batch}) x world size ({ctx.world_size})")
+        self.stream = TokenStream(self.dataset, "train", rank=ctx.rank, world_size=ctx.world_size,
+                                  micro_batch=self.micro_batch, seed=cfg.train.seed)
+        self.checkpoints = CheckpointStore(storage.join(self.url, "checkpoints"), rank=ctx.rank,
+                                           world_size=ctx.world_size, strategy=self.strategy.name,
+                                           config_hash=config_hash(cfg))
+        self.tokens_per_step = cfg.train.global_batch * self.dataset.seq_len
+        self.step = 0
+        self.saved_step: Optional[int] = None
+
+    def restore(self) -> Optional[str]:
+        """Load the newest committed checkpoint, if any; returns its URL."""
+        state = self.strategy.state_dict()
+        restored = self.checkpoints.restore(state)
+        if restored is None:
+            return None
+        committed, extra = restored
+        self.strategy.load_state_dict(state)
+        self.strategy.load_scheduler_state(extra["scheduler"])
+        self.stream.load_state_dict(extra["stream"])
+        restore_rng(extra["rng"])
+        self.step = self.saved_step = committed.step
+        log.info("resumed from %s (step %d)", committed.url, committed.step)
+        return committed.url
+
+    def save(self) -> Optional[str]:
+        """Commit a checkpoint of everything needed to continue exactly from this step."""
+        if self.saved_step == self.step:  # never rewrite a committed checkpoint
+            return None
+        extra = {"step": self.step, "scheduler": self.strategy.scheduler_state(),
+                 "stream": self.stream.state_dict(), "rng": capture_rng()}
+        started = time.perf_counter()
+        url = self.checkpoints.save(self.step, self.strategy.state_dict(), extra)
+        log.info("checkpoint step %d committed in %.2fs: %s", self.step, time.perf_counter() - started, url)
+        self.saved_step = self.step
+        return url
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; returns this rank's raw numbers."""
+        started = time.perf_counter()
+        data_wait, losses = 0.0, []
+        for micro in range(self.grad_accum):
+            fetch = time.perf_counter()
+            batch = torch.from_numpy(next(self.stream)).to(self.device, non_blocking=True)
+            data_wait += time.perf_counter() - fetch
+            last = micro == self.grad_accum - 1
+            with contextlib.nullcontext() if last else self.strategy.no_sync():
+                with self.strategy.autocast():
+                    loss = self.task.loss(self.model, batch)
+                self.strategy.backward(loss / self.grad_accum)
+            losses.append(float(loss.detach()))
+        grad_norm = self.strategy.step()
+        self.step += 1
+        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
+                "step_time": time.perf_counter() - started, "data_wait": data_wait}
+
+    def evaluate(self) -> dict[str, float]:
+        """val/loss and val/perplexity over the first eval_batches micro-batches of each rank's val slice."""
+        val = TokenStream(self.dataset, "val", rank=self.ctx.rank, world_size=self.ctx.world_size,
+                          micro_batch=self.micro_batch, seed=self.cfg.train.seed, shuffle=False)
+        batches = (torch.from_numpy(next(val)).to(self.device) for _ in range(self.cfg.train.eval_batches))
+        self.model.eval()
+        try:
+            with self.strategy.autocast():
+                sums = self.task.evaluate(self.model, batches)
+        finally:
+            self.model.train()
+            val.close()
+        keys = sorted(sums)
+        totals = mean_across_ranks([sums[k] for k in keys], self.device)
+        world = self.ctx.world_size
+        return self.task.summarize({k: v * world for k, v in zip(keys, totals)})
+
+    def metrics_for(self, raw: dict[str, float]) -> dict[str, float]:
+        """The logged metrics of a step, averaged over ranks."""
+        loss, grad_norm, step_time, data_wait = mean_across_ranks(
+            [raw["loss"], raw["grad_norm"], raw["step_time"], raw["data_wait"]], self.device)
+        metrics = {
+            "train/loss": loss, "train/lr": self.strategy.current_lr(), "train/grad_norm": grad_norm,
+            "perf/tokens_per_s": self.tokens_per_step / step_time, "perf/step_time_s": step_time,
+            "perf/data_wait_frac": data_wait / step_time, "train/epoch": float(self.stream.epoch),
+        }
+        if self.device.type == "cuda":
+            metrics["perf/peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return metrics
+
+
+def run(cfg: Any, ctx: WorkerContext) -> LoopResult:
+    """Train (or continue training) the run described by cfg on this worker."""
+    trainer = Trainer(cfg, ctx)
+    train = cfg.train
+    log.info("rank %d/%d on %s: %s params, grad_accum %d, precision %s", ctx.rank, ctx.world_size,
+             trainer.device, f"{trainer.num_params:,}", trainer.grad_accum, trainer.strategy.precision)
+    checkpoint = trainer.restore()
+    tracker: Tracker = build_tracker(
+        cfg.tracker, rank=ctx.rank, run_id=cfg.run.id, run_name=cfg.run.id, run_url=trainer.url,
+        local_dir=trainer.url if storage.is_local(trainer.url) else None, config=asdict(cfg))
+    state, metrics = "SUCCEEDED", {}
+    try:
+        if trainer.step == 0:
+            metrics = trainer.evaluate()
+            tracker.log(metrics, 0)
+            ctx.report(metrics, 0)
+        while trainer.step < train.max_steps:
+            if ctx.should_stop():
+                state = "STOPPED"
+                break
+            raw = trainer.train_step()
+            step, last = trainer.step, trainer.step == train.max_steps
+            if not math.isfinite(raw["loss"]):
+                raise FloatingPointError(f"loss is {raw['loss']} at step {step} on rank {ctx.rank}; "
+                                         "lower optim.lr or check the data")
+            metrics = trainer.metrics_for(raw) if step % train.log_every == 0 or last else {}
+            if step % train.eval_every == 0 or last:
+                metrics.update(trainer.evaluate())
+            saved = trainer.save() if step % train.checkpoint_every == 0 or last else None
+            checkpoint = saved or checkpoint
+            if metrics:
+                tracker.log(metrics, step)
+            if metrics or saved:
+                ctx.report(metrics, step, checkpoint=saved)
+        if state == "STOPPED" and trainer.step > 0:
+            checkpoint = trainer.save() or checkpoint
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    finally:
+        trainer.stream.close()
+    tracker.finish(state)
+    return LoopResult(state=state, step=trainer.step, metrics=metrics, checkpoint=checkpoint)

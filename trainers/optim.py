@@ -1,0 +1,41 @@
+"""Optimizer and learning-rate schedule, built the same way for every strategy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from trainers.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (weights, embeddings); leave biases and norm gains undecayed, as GPT-2 did."""
+    decay, no_decay = [], []
+    for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the model's parameters."""
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=False)
+
+
+def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio at max_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+                    max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The warmup + cosine schedule as a LambdaLR (its state is just the step count)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, max_steps))

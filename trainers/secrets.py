@@ -1,0 +1,37 @@
+"""Keep credentials out of everything a run writes: saved configs, W&B config, logs."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+REDACTED = "***REDACTED***"
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "WANDB_API_KEY",
+                   "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential)", re.I)
+URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", re.I)
+
+
+def secret_values() -> list[str]:
+    """Values of well-known secret environment variables that are set (long enough to be real)."""
+    return [v for v in (os.environ.get(k, "") for k in SECRET_ENV_VARS) if len(v) >= 8]
+
+
+def redact_text(text: str) -> str:
+    """Text with secret env values and user:password@ URL credentials replaced."""
+    for value in secret_values():
+        text = text.replace(value, REDACTED)
+    return URL_CREDENTIALS.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of nested dicts/lists with secret-named keys and secret values replaced."""
+    if isinstance(obj, dict):
+        return {k: (REDACTED if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "")
+                    else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact(v) for v in obj)
+    if isinstance(obj, str):
+        return redact_text(obj)
+    return obj

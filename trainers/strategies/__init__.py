@@ -1,0 +1,20 @@
+"""Strategies, chosen by `strategy.name` and registered here only."""
+
+from __future__ import annotations
+
+import torch
+
+from trainers.config import StrategyConfig
+from trainers.strategies.base import Strategy
+from trainers.strategies.ddp import DDPStrategy
+
+STRATEGIES = {"ddp": DDPStrategy}
+
+
+def build_strategy(cfg: StrategyConfig, device: torch.device) -> Strategy:
+    """The strategy registered under cfg.name."""
+    try:
+        return STRATEGIES[cfg.name](cfg, device)
+    except KeyError:
+        raise ValueError(f"strategy.name={cfg.name!r} is not known; choose one of "
+                         f"{', '.join(STRATEGIES)}") from None

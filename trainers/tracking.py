@@ -1,0 +1,120 @@
+"""Trackers: where metrics go. metrics.jsonl is always written (rank 0); W&B when configured."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional, Protocol
+
+from data_pipeline import storage
+from trainers.config import TrackerConfig
+from trainers.secrets import redact
+
+log = logging.getLogger("kiln.tracking")
+
+
+class Tracker(Protocol):
+    """Receives metrics on rank 0."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Record metrics at a step."""
+
+    def finish(self, state: str) -> None:
+        """Close, noting the run's final state (SUCCEEDED, FAILED, STOPPED)."""
+
+
+class NullTracker:
+    """For ranks other than 0, and `tracker=none`."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def finish(self, state: str) -> None:
+        pass
+
+
+class JsonlTracker:
+    """One JSON object per report in metrics.jsonl: what `kiln status` and plots read."""
+
+    def __init__(self, url: str, min_flush_s: float = 5.0):
+        self.url = url
+        self._local = storage.is_local(url)
+        self._lines: list[str] = []
+        self._min_flush_s, self._last_flush = min_flush_s, 0.0
+        if not self._local and storage.exists(url):  # object stores cannot append: keep what exists
+            self._lines = storage.read_text(url).splitlines(keepends=True)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        line = json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n"
+        if self._local:
+            os.makedirs(os.path.dirname(self.url), exist_ok=True)
+            with open(self.url, "a", encoding="utf-8") as handle:
+                handle.write(line)
+        else:
+            self._lines.append(line)
+            if time.monotonic() - self._last_flush >= self._min_flush_s:
+                self._flush()
+
+    def finish(self, state: str) -> None:
+        if not self._local:
+            self._flush()
+
+    def _flush(self) -> None:
+        storage.write_atomic(self.url, "".join(self._lines))
+        self._last_flush = time.monotonic()
+
+
+def wandb_mode(cfg: TrackerConfig) -> str:
+    """tracker.mode if set, else $WANDB_MODE, else offline: nothing leaves the machine by default."""
+    return cfg.mode or os.environ.get("WANDB_MODE") or "offline"
+
+
+class WandbTracker:
+    """A W&B run whose id is the Kiln run id, so a resumed run continues the same W&B run."""
+
+    def __init__(self, cfg: TrackerConfig, *, run_id: str, run_name: str, local_dir: str, config: dict):
+        import wandb
+
+        os.makedirs(local_dir, exist_ok=True)
+        self._run = wandb.init(
+            project=cfg.project, entity=cfg.entity, id=run_id, name=run_name, dir=local_dir,
+            mode=wandb_mode(cfg), resume="allow", tags=list(cfg.tags), config=redact(config),
+            settings=wandb.Settings(silent=True, console="off", save_code=False, disable_git=True,
+                                    x_disable_stats=True),
+        )
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self._run.log(metrics, step=step)
+
+    def finish(self, state: str) -> None:
+        self._run.finish(exit_code=0 if state in ("SUCCEEDED", "STOPPED") else 1)
+
+
+class CompositeTracker:
+    """Sends every call to each of its trackers."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(metrics, step)
+
+    def finish(self, state: str) -> None:
+        for tracker in self.trackers:
+            tracker.finish(state)
+
+
+def build_tracker(cfg: TrackerConfig, *, rank: int, run_id: str, run_name: str, run_url: str,
+                  local_dir: Optional[str], config: dict) -> Tracker:
+    """Rank 0: metrics.jsonl plus W&B unless `tracker=none`; other ranks: nothing."""
+    if rank != 0:
+        return NullTracker()
+    trackers: list[Tracker] = [JsonlTracker(storage.join(run_url, "metrics.jsonl"))]
+    if cfg.name == "wandb":
+        trackers.append(WandbTracker(cfg, run_id=run_id, run_name=run_name,
+                                     local_dir=local_dir or os.path.join(os.getcwd(), "wandb-runs"),
+                                     config=config))
+    return CompositeTracker(trackers)
