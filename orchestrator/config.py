@@ -120,6 +120,30 @@ def compose_config(overrides: list[str]) -> KilnConfig:
     return cfg
 
 
+# What may change when a run continues: how many workers and how long, nothing that shapes its math.
+RESUME_SAFE_KEYS = ("cluster.num_workers", "train.max_steps", "cluster.address", "cluster.max_failures",
+                    "cluster.cpus_per_worker", "cluster.use_gpu")
+
+
+def load_saved_config(config_yaml: str, overrides: list[str], source: str) -> KilnConfig:
+    """A run's saved config.yaml with only resume-safe overrides applied, validated again."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if "=" not in override or key not in RESUME_SAFE_KEYS:
+            raise UsageError(f"cannot override '{key}' when resuming {source}; only "
+                             f"{', '.join(RESUME_SAFE_KEYS)} may change")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(KilnConfig), OmegaConf.create(config_yaml),
+                                 OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise UsageError(f"{source}: {explain_composition_error(exc, overrides)}") from None
+    except (ValueError, UsageError) as exc:
+        raise UsageError(f"{source}: {exc}") from None
+    assert isinstance(cfg, KilnConfig)
+    return cfg
+
+
 def finalize(cfg: KilnConfig) -> KilnConfig:
     """Fill in what the driver decides: a run id and absolute local paths (workers have another cwd)."""
     if cfg.run.id is None:

@@ -8,8 +8,8 @@ from typing import Callable, Optional
 from data_pipeline import storage
 from data_pipeline.dataset import open_dataset
 from data_pipeline.stdlib_corpus import prepare_stdlib
-from orchestrator.config import KilnConfig, finalize, to_yaml
-from orchestrator.registry import RunRecord, RunRegistry
+from orchestrator.config import KilnConfig, finalize, load_saved_config, to_yaml
+from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
 from trainers.checkpoint import MANIFEST, CheckpointStore
 from trainers.loop import run_url
 from trainers.secrets import redact_text
@@ -41,6 +41,16 @@ def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunR
     copy_tokenizer(cfg.data.path, storage.join(run_url(cfg), "tokenizer"))
     registry.write_config(cfg.run.id, redact_text(to_yaml(cfg)))  # now with the resolved data.path
     return registry, record
+
+
+def reopen_run(root: str, run_id: str, overrides: list[str]) -> tuple[RunRegistry, RunRecord, KilnConfig]:
+    """An existing run's registry entry and saved config (with resume-safe overrides) to continue it."""
+    registry = RunRegistry(root)
+    record = registry.load(run_id)
+    source = storage.join(registry.run_url(run_id), CONFIG_FILE)
+    cfg = load_saved_config(storage.read_text(source), overrides, source)
+    record.max_steps, record.num_workers = cfg.train.max_steps, cfg.cluster.num_workers
+    return registry, record, cfg
 
 
 def copy_tokenizer(dataset_url: str, target_url: str) -> None:

@@ -11,12 +11,31 @@ import logging
 import os
 import sys
 
-from orchestrator.config import UsageError, compose_config
-from orchestrator.registry import now
-from orchestrator.runs import refresh, start_run
+from orchestrator.config import UsageError, absolute_url, compose_config
+from orchestrator.registry import UnknownRun, now
+from orchestrator.runs import refresh, reopen_run, start_run
 from trainers import loop
 from trainers.context import TorchrunContext
 from trainers.distributed import broadcast_from_rank0, ensure_process_group
+
+
+def prepare(argv: list[str], world_size: int):
+    """Rank 0's setup: a new run from overrides, or `--resume RUN [--storage-root URL] [safe overrides]`."""
+    if argv and argv[0] == "--resume":
+        if len(argv) < 2:
+            raise UsageError("--resume needs a run id")
+        run_id, rest = argv[1], argv[2:]
+        root = os.environ.get("KILN_STORAGE_ROOT", "./kiln-runs")
+        if rest[:1] == ["--storage-root"] and len(rest) > 1:
+            root, rest = rest[1], rest[2:]
+        registry, record, cfg = reopen_run(absolute_url(root), run_id, [f"cluster.num_workers={world_size}", *rest])
+    else:
+        cfg = compose_config([f"cluster.num_workers={world_size}", *argv])
+        registry, record = start_run(cfg)
+    record.state = "RUNNING"
+    record.attempts.append({"started": now(), "launcher": "torchrun"})
+    registry.save(record)
+    return registry, record, cfg
 
 
 def main(argv: list[str]) -> int:
@@ -27,13 +46,8 @@ def main(argv: list[str]) -> int:
     prepared = None
     if ctx.rank == 0:
         try:
-            cfg = compose_config([f"cluster.num_workers={ctx.world_size}", *argv])
-            registry, record = start_run(cfg)
-            record.state = "RUNNING"
-            record.attempts.append({"started": now(), "launcher": "torchrun"})
-            registry.save(record)
-            prepared = cfg
-        except (UsageError, ValueError) as exc:
+            registry, record, prepared = prepare(argv, ctx.world_size)
+        except (UsageError, UnknownRun, ValueError) as exc:
             print(f"kiln torchrun: error: {exc}", file=sys.stderr)
     cfg = broadcast_from_rank0(prepared)
     if cfg is None:
