@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Optional
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -51,10 +52,13 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
     if not records:
         console.print(f"no runs under {args.storage_root}")
         return 0
-    table = Table("run", "state", "step", "strategy", "workers", "checkpoint", "created", "updated")
+    table = Table("run", "state", "step", "strategy", "ckpt", "updated (UTC)", box=box.SIMPLE_HEAD,
+                  title=f"runs under {args.storage_root}", pad_edge=False)
+    for column in table.columns:
+        column.no_wrap = True
     for r in records:
-        table.add_row(r.run_id, r.state, f"{r.step}/{r.max_steps}", r.strategy, str(r.num_workers),
-                      str(r.checkpoint["step"]) if r.checkpoint else "-", r.created, r.updated)
+        table.add_row(r.run_id, r.state, f"{r.step}/{r.max_steps}", f"{r.strategy} x{r.num_workers}",
+                      str(r.checkpoint["step"]) if r.checkpoint else "-", r.updated[5:16].replace("T", " "))
     console.print(table)
     return 0
 
@@ -110,7 +114,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     from orchestrator.registry import RunExists, UnknownRun
 
     args = parser().parse_args(argv)
-    console = Console(stderr=False)
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:  # piped or captured: never truncate ids and paths to 80 columns
+        console = Console(soft_wrap=True, width=240)
     try:
         return args.func(args, console)
     except (UsageError, UnknownRun, RunExists, DataConfigError, DatasetError) as exc:

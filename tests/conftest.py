@@ -39,6 +39,6 @@ def offline(monkeypatch):
 
 def kiln(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
     """Run the installed `kiln` command; returns the CompletedProcess."""
-    full_env = {**os.environ, **(env or {})}
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run([str(BIN / "kiln"), *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=cwd or REPO)

@@ -1,0 +1,116 @@
+"""A checkpoint is committed whole or invisible; a damaged newest one falls back to the one before."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainers.checkpoint import CheckpointError, CheckpointStore, capture_rng, restore_rng, verify
+from trainers.config import OptimConfig, StrategyConfig
+from trainers.strategies.ddp import DDPStrategy
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group(tmp_path_factory):
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def strategy() -> DDPStrategy:
+    torch.manual_seed(0)
+    s = DDPStrategy(StrategyConfig(precision="fp32"), torch.device("cpu"))
+    s.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), OptimConfig(warmup_steps=0), max_steps=10)
+    return s
+
+
+def train_one_step(s: DDPStrategy) -> None:
+    s.model(torch.randn(3, 4)).pow(2).mean().backward()
+    s.step()
+
+
+def weights(s: DDPStrategy) -> dict:
+    return {k: v.clone() for k, v in s.full_model_state().items()}
+
+
+def store_at(tmp_path) -> CheckpointStore:
+    return CheckpointStore(str(tmp_path / "checkpoints"), rank=0, world_size=1, strategy="ddp", config_hash="h")
+
+
+def save_two(tmp_path):
+    s, store = strategy(), store_at(tmp_path)
+    saved = {}
+    for step in (1, 2):
+        train_one_step(s)
+        store.save(step, s.state_dict(), {"step": step})
+        saved[step] = weights(s)
+    return store, saved
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
+    store, _ = save_two(tmp_path)
+    manifest = verify(store.url(2))
+    assert manifest["step"] == 2 and manifest["strategy"] == "ddp" and manifest["world_size"] == 1
+    for entry in manifest["files"]:
+        assert (tmp_path / "checkpoints" / "step_000002" / entry["path"]).stat().st_size == entry["size"]
+        assert len(entry["sha256"]) == 64
+
+
+def test_uncommitted_leftover_is_ignored(tmp_path):
+    store, saved = save_two(tmp_path)
+    leftover = tmp_path / "checkpoints" / "step_000003" / "shards"
+    leftover.mkdir(parents=True)
+    (leftover / "__0_0.distcp").write_bytes(b"half a checkpoint")
+    committed, skipped = store.latest_committed()
+    assert committed.step == 2 and skipped == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
+    store, saved = save_two(tmp_path)
+    shard = next((tmp_path / "checkpoints" / "step_000002" / "shards").glob("*.distcp"))
+    data = shard.read_bytes()
+    if damage == "flip":
+        shard.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    elif damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+    else:
+        shard.unlink()
+    with pytest.raises(CheckpointError, match="step_000002"):
+        verify(store.url(2))
+    committed, skipped = store.latest_committed()
+    assert committed.step == 1 and len(skipped) == 1
+    fresh = strategy()
+    state = fresh.state_dict()
+    decision, extra = store.restore(state)
+    fresh.load_state_dict(state)
+    assert decision.step == 1 and extra == {"step": 1}
+    for key, value in weights(fresh).items():
+        assert torch.equal(value, saved[1][key]), key
+
+
+def test_restore_refuses_a_different_world_size(tmp_path):
+    store, _ = save_two(tmp_path)
+    manifest_path = tmp_path / "checkpoints" / "step_000002" / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["world_size"] = 4
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="saved by 4 workers"):
+        store.restore(strategy().state_dict())
+
+
+def test_rng_round_trip_is_exact():
+    import random
+
+    import numpy as np
+
+    state = capture_rng()
+    expected = (torch.rand(3), np.random.rand(2).tolist(), random.random())
+    restore_rng(state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.random.rand(2).tolist() == expected[1] and random.random() == expected[2]
