@@ -6,7 +6,7 @@ import json
 from typing import Callable, Optional
 
 from data_pipeline import storage
-from data_pipeline.dataset import open_dataset
+from data_pipeline.dataset import DatasetError, open_dataset
 from data_pipeline.stdlib_corpus import prepare_stdlib
 from orchestrator.config import KilnConfig, finalize, load_saved_config, to_yaml
 from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
@@ -22,8 +22,11 @@ def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
         cfg.data.path = prepare_stdlib(cfg.data, cfg.data.cache_dir, log=log)
     dataset = open_dataset(cfg.data.path)
     if dataset.seq_len != cfg.data.seq_len:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} but the dataset at {cfg.data.path} was prepared "
-                         f"with seq_len={dataset.seq_len}; set data.seq_len={dataset.seq_len}")
+        raise DatasetError(f"data.seq_len={cfg.data.seq_len} but the dataset at {cfg.data.path} was prepared "
+                           f"with seq_len={dataset.seq_len}; set data.seq_len={dataset.seq_len}")
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size < dataset.vocab_size:
+        raise DatasetError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                           f"vocabulary ({dataset.vocab_size}) of {cfg.data.path}; raise it or leave it unset")
 
 
 def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunRegistry, RunRecord]:

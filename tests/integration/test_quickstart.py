@@ -107,3 +107,15 @@ def test_secrets_in_the_environment_reach_no_file_the_run_wrote(finished_run):
             for secret in (AWS_SECRET, WANDB_KEY, "AKIAEXAMPLEDONOTLEAK"):
                 assert secret.encode() not in data, f"{secret[:6]}... leaked into {path}"
     assert checked > 20
+
+
+def test_a_failing_worker_fails_the_run_with_one_clear_line(tmp_path, cache_dir):
+    result = kiln("train", "experiment=quickstart", *TINY, "run.id=boom", f"storage.root={tmp_path}",
+                  "optim.lr=1e12", "optim.grad_clip=0", "train.max_steps=20", "cluster.max_failures=0",
+                  "tracker=none", timeout=600)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert "run boom failed: FloatingPointError: loss is" in result.stderr
+    assert "lower optim.lr" in result.stderr and str(tmp_path / "boom" / "logs") in result.stderr
+    record = json.loads((tmp_path / "boom" / "run.json").read_text())
+    assert record["state"] == "FAILED" and "FloatingPointError" in record["error"]
