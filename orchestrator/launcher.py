@@ -44,7 +44,6 @@ def start_ray(cfg: KilnConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     ray.init(address=cfg.cluster.address, include_dashboard=False, log_to_driver=False,
              logging_level=logging.ERROR, configure_logging=True,
              runtime_env={"env_vars": {"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}})

@@ -1,0 +1,61 @@
+"""The loop's arithmetic: gradient accumulation is the same step as one big batch; the schedule's shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from orchestrator.config import compose_config, finalize
+from orchestrator.runs import resolve_data
+from tests.conftest import TINY
+from trainers.config import OptimConfig
+from trainers.loop import Trainer
+from trainers.optim import lr_multiplier
+
+
+class SoloContext:
+    """A one-process WorkerContext."""
+
+    rank = local_rank = 0
+    world_size = 1
+
+    def report(self, metrics, step, checkpoint=None):
+        pass
+
+    def should_stop(self):
+        return False
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group(tmp_path_factory):
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def losses(tmp_path, micro_batch: int, steps: int = 3) -> list[float]:
+    cfg = finalize(compose_config([*TINY, "cluster.num_workers=1", "train.global_batch=4",
+                                   f"train.micro_batch={micro_batch}", f"storage.root={tmp_path}",
+                                   "optim.warmup_steps=0", "tracker=none"]))
+    resolve_data(cfg, log=lambda m: None)
+    trainer = Trainer(cfg, SoloContext())
+    assert trainer.grad_accum == 4 // micro_batch
+    return [trainer.train_step()["loss"] for _ in range(steps)]
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
+    whole = losses(tmp_path / "a", micro_batch=4)
+    for micro in (2, 1):
+        accumulated = losses(tmp_path / f"m{micro}", micro_batch=micro)
+        assert accumulated == pytest.approx(whole, rel=1e-5)
+    assert whole[-1] < whole[0]
+
+
+def test_warmup_then_cosine_to_min_ratio():
+    cfg = OptimConfig(warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(0, cfg, 110) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg, 110) == pytest.approx(1.0)
+    assert lr_multiplier(60, cfg, 110) == pytest.approx(0.55)
+    assert lr_multiplier(110, cfg, 110) == pytest.approx(0.1)
+    assert lr_multiplier(500, cfg, 110) == pytest.approx(0.1)
