@@ -34,6 +34,7 @@ def test_ten_steps_save_fresh_process_ten_more_equals_twenty_uninterrupted(tmp_p
     run_dir = tmp_path / "exact"
     torchrun(*TINY, "run.id=exact", f"storage.root={tmp_path}", "tracker=none", "model.dropout=0.1",
              "train.max_steps=20", "train.checkpoint_every=10", "train.eval_every=10")
+    assert not (run_dir / "wandb").exists()  # tracker=none: no W&B, metrics.jsonl only
     uninterrupted = {r["step"]: r for r in rows(run_dir) if "train/loss" in r}
     assert sorted(uninterrupted) == list(range(1, 21))
     assert uninterrupted[20]["train/loss"] < uninterrupted[1]["train/loss"]
