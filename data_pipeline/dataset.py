@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -141,10 +141,3 @@ def open_dataset(url: Optional[str]) -> Dataset:
     if not url:
         raise DatasetError("no dataset given: set data.path")
     return Dataset(url)
-
-
-def iter_sequences(shard_bytes: bytes, dtype: np.dtype, seq_len: int) -> Iterator[np.ndarray]:
-    """Split a shard's bytes into sequences (used by tests and tools)."""
-    tokens = np.frombuffer(shard_bytes, dtype=dtype)
-    for start in range(0, len(tokens) - seq_len + 1, seq_len):
-        yield tokens[start:start + seq_len]

@@ -8,7 +8,7 @@ field as a user types it on the command line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 
 class ConfigError(ValueError):
@@ -144,12 +144,3 @@ class TrackerConfig:
         one_of("tracker.name", self.name, ("wandb", "none"))
         if self.mode is not None:
             one_of("tracker.mode", self.mode, ("offline", "online", "disabled"))
-
-
-def as_plain(obj: Any) -> Any:
-    """A config object as plain dicts/lists (for YAML, JSON and W&B)."""
-    from dataclasses import asdict, is_dataclass
-
-    if is_dataclass(obj):
-        return asdict(obj)
-    return obj

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from trainers.checkpoint import CheckpointError, CheckpointStore, capture_rng, restore_rng, verify
@@ -14,12 +13,7 @@ from trainers.config import OptimConfig, StrategyConfig
 from trainers.strategies.ddp import DDPStrategy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group(tmp_path_factory):
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("process_group")
 
 
 def strategy() -> DDPStrategy:

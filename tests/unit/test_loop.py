@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch.distributed as dist
 
 from orchestrator.config import compose_config, finalize
 from orchestrator.runs import resolve_data
@@ -26,12 +25,7 @@ class SoloContext:
         return False
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group(tmp_path_factory):
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("process_group")
 
 
 def losses(tmp_path, micro_batch: int, steps: int = 3) -> list[float]:
