@@ -87,6 +87,21 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from data_pipeline import storage
+    from orchestrator.runs import find_checkpoint, reopen_run
+    from trainers.export import export_checkpoint
+    from trainers.tasks import build_task
+
+    registry, record, cfg = reopen_run(args.storage_root, args.run, [])
+    checkpoint = find_checkpoint(registry, cfg, args.step)
+    files = export_checkpoint(build_task(cfg.task.name), cfg.model, checkpoint.url, checkpoint.manifest["strategy"],
+                              storage.join(registry.run_url(args.run), "tokenizer"), args.out)
+    console.print(f"exported {args.run} step {checkpoint.step} ({checkpoint.manifest['strategy']}, "
+                  f"{checkpoint.manifest['world_size']} workers) -> {args.out}: {', '.join(files)}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     top = argparse.ArgumentParser(prog="kiln", description="Fault-tolerant LLM training on Ray.")
@@ -103,6 +118,12 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--storage-root", default=default_root())
     status.set_defaults(func=cmd_status)
+    export = sub.add_parser("export", help="write a Hugging Face folder from a run's checkpoint")
+    export.add_argument("run")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest committed)")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--storage-root", default=default_root())
+    export.set_defaults(func=cmd_export)
     return top
 
 
@@ -112,6 +133,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from data_pipeline.dataset import DatasetError
     from orchestrator.config import UsageError
     from orchestrator.registry import RunExists, UnknownRun
+    from trainers.checkpoint import CheckpointError
 
     args = parser().parse_args(argv)
     console = Console(soft_wrap=True)
@@ -119,7 +141,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         console = Console(soft_wrap=True, width=240)
     try:
         return args.func(args, console)
-    except (UsageError, UnknownRun, RunExists, DataConfigError, DatasetError) as exc:
+    except (UsageError, UnknownRun, RunExists, DataConfigError, DatasetError, CheckpointError) as exc:
         print(f"kiln {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:

@@ -10,7 +10,7 @@ from data_pipeline.dataset import DatasetError, open_dataset
 from data_pipeline.stdlib_corpus import prepare_stdlib
 from orchestrator.config import KilnConfig, finalize, load_saved_config, to_yaml
 from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
-from trainers.checkpoint import MANIFEST, CheckpointStore
+from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
 from trainers.loop import run_url
 from trainers.secrets import redact_text
 from trainers.tracking import wandb_mode
@@ -81,6 +81,22 @@ def refresh(registry: RunRegistry, record: RunRecord, cfg: KilnConfig) -> None:
         record.step = max(int(r.get("step", 0)) for r in rows)
     record.checkpoint = latest_checkpoint(cfg) or record.checkpoint
     registry.save(record)
+
+
+def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: Optional[int]) -> Committed:
+    """A verified checkpoint of the run: the given step, or the newest committed one."""
+    store = CheckpointStore(storage.join(run_url(cfg), "checkpoints"), rank=0, world_size=1,
+                            strategy=cfg.strategy.name, config_hash="")
+    if step is None:
+        committed, skipped = store.latest_committed()
+        if committed is None:
+            detail = f" ({'; '.join(skipped)})" if skipped else ""
+            raise CheckpointError(f"run {cfg.run.id} has no committed checkpoint{detail}")
+        return committed
+    if step not in store.steps_on_storage():
+        raise CheckpointError(f"run {cfg.run.id} has no checkpoint at step {step}; it has "
+                              f"{sorted(store.steps_on_storage()) or 'none'}")
+    return Committed(step, store.url(step), verify(store.url(step)))
 
 
 def status_json(registry: RunRegistry, run_id: str) -> dict:

@@ -23,7 +23,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 
 from data_pipeline import storage
 from trainers.distributed import barrier, broadcast_from_rank0
@@ -111,8 +110,10 @@ def restore_rng(state: dict) -> None:
 class CheckpointStore:
     """Saves and finds committed checkpoints of one run."""
 
-    def __init__(self, root_url: str, *, rank: int, world_size: int, strategy: str, config_hash: str):
+    def __init__(self, root_url: str, *, rank: int, world_size: int, strategy: str, config_hash: str,
+                 model_shapes: Optional[dict] = None):
         self.root = root_url
+        self.model_shapes = model_shapes
         self.rank, self.world_size = rank, world_size
         self.strategy, self.config_hash = strategy, config_hash
 
@@ -120,12 +121,10 @@ class CheckpointStore:
         """Where step's checkpoint lives."""
         return storage.join(self.root, step_dir(step))
 
-    def save(self, step: int, state: dict, extra: dict) -> str:
+    def save(self, step: int, strategy, extra: dict) -> str:
         """Collective: every rank writes its shards and extras; rank 0 commits the manifest last."""
         url = self.url(step)
-        shards = storage.join(url, "shards")
-        storage.makedirs(shards)
-        dcp.save(state, storage_writer=_writer(shards))
+        strategy.save(storage.join(url, "shards"))
         buffer = io.BytesIO()
         torch.save(extra, buffer)
         storage.write_atomic(storage.join(url, "extra", f"rank_{self.rank:05d}.pt"), buffer.getvalue())
@@ -164,31 +163,26 @@ class CheckpointStore:
                 log.warning("skipping checkpoint: %s", exc)
         return None, skipped
 
-    def restore(self, state: dict) -> Optional[tuple[Committed, dict]]:
-        """Collective: load the newest committed checkpoint into state (in place) and return its extras."""
+    def restore(self, strategy) -> Optional[tuple[Committed, dict]]:
+        """Collective: load the newest committed checkpoint into the strategy and return this rank's extras."""
         decision = self.latest_committed()[0] if self.rank == 0 else None
         decision = broadcast_from_rank0(decision)
         if decision is None:
             return None
+        if decision.manifest.get("config_hash") != self.config_hash and self.model_shapes is not None:
+            from trainers.export import check_fits, checkpoint_shapes
+
+            shapes = checkpoint_shapes(storage.join(decision.url, "shards"), decision.manifest["strategy"])
+            check_fits(self.model_shapes, shapes, decision.url)
+        if decision.manifest["strategy"] != self.strategy:
+            raise CheckpointError(f"{decision.url} was saved by strategy={decision.manifest['strategy']}; "
+                                  f"resume it with that strategy (this run has strategy={self.strategy}), "
+                                  "or export it with `kiln export`")
         saved_world = decision.manifest["world_size"]
         if saved_world != self.world_size:
             raise CheckpointError(f"{decision.url} was saved by {saved_world} workers but this run has "
                                   f"{self.world_size}; resume with cluster.num_workers={saved_world}")
-        dcp.load(state, storage_reader=_reader(storage.join(decision.url, "shards")))
+        strategy.load(storage.join(decision.url, "shards"))
         raw = storage.read_bytes(storage.join(decision.url, "extra", f"rank_{self.rank:05d}.pt"))
         extra = torch.load(io.BytesIO(raw), weights_only=True)
         return decision, extra
-
-
-def _writer(url: str):
-    if storage.is_local(url):
-        return dcp.FileSystemWriter(url)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-    return FsspecWriter(url)
-
-
-def _reader(url: str):
-    if storage.is_local(url):
-        return dcp.FileSystemReader(url)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-    return FsspecReader(url)

@@ -8,7 +8,7 @@ field as a user types it on the command line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 class ConfigError(ValueError):
@@ -91,6 +91,9 @@ class OptimConfig:
         require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
 
 
+STRATEGY_NAMES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
+
+
 @dataclass
 class StrategyConfig:
     """How the model is replicated or sharded across workers; chosen by the `strategy` group."""
@@ -98,10 +101,31 @@ class StrategyConfig:
     name: str = "ddp"
     # fp32 | bf16 | fp16; "auto" means bf16 on a GPU that supports it, fp32 on CPU.
     precision: str = "auto"
+    # FSDP2: free gathered parameters after forward (saves memory, costs a second all-gather).
+    reshard_after_forward: bool = True
+    # DeepSpeed (zero*): ZeRO stage and CPU offload; the strategy/ group's options set them.
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Extra DeepSpeed config keys merged over the generated config, for experts.
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        one_of("strategy.name", self.name, ("ddp",))
-        one_of("strategy.precision", self.precision, ("auto", "fp32", "bf16"))
+        one_of("strategy.name", self.name, STRATEGY_NAMES)
+        one_of("strategy.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        is_zero = self.name.startswith("zero")
+        require(self.zero_stage in ((1, 2, 3) if is_zero else (0,)),
+                f"strategy.zero_stage={self.zero_stage} does not fit strategy.name={self.name} "
+                f"(pick the strategy with strategy=zero1|zero2|zero3|zero3_offload)")
+        require(is_zero or not (self.offload_optimizer or self.offload_params or self.deepspeed_overrides),
+                f"strategy.offload_*/deepspeed_overrides apply to DeepSpeed strategies, not {self.name}")
+        require(not self.offload_params or self.zero_stage == 3,
+                "strategy.offload_params needs ZeRO stage 3 (strategy=zero3_offload)")
+
+    @property
+    def is_deepspeed(self) -> bool:
+        """Whether DeepSpeed runs this strategy."""
+        return self.name.startswith("zero")
 
 
 @dataclass

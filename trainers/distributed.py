@@ -29,6 +29,13 @@ def mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
+def max_across_ranks(value: float, device: torch.device) -> float:
+    """The largest of each rank's value."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def barrier() -> None:
     """Wait for every rank."""
     dist.barrier()

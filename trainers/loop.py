@@ -23,7 +23,8 @@ from data_pipeline.dataset import Dataset, open_dataset
 from data_pipeline.stream import TokenStream
 from trainers.checkpoint import CheckpointStore, capture_rng, restore_rng
 from trainers.context import WorkerContext
-from trainers.distributed import ensure_process_group, mean_across_ranks
+from trainers.export import shapes_of
+from trainers.distributed import ensure_process_group, max_across_ranks, mean_across_ranks
 from trainers.models import parameter_count
 from trainers.strategies import Strategy, build_strategy
 from trainers.tasks import Task, build_task
@@ -61,6 +62,15 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this worker: CUDA allocations on a GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch, numpy and Python's random."""
     import random
@@ -87,31 +97,30 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = self.task.build_model(cfg.model, self.dataset.vocab_size, self.dataset.eos_id)
         self.num_params = parameter_count(model)
-        self.strategy: Strategy = build_strategy(cfg.strategy, self.device)
-        self.model = self.strategy.wrap(model, cfg.optim, cfg.train.max_steps)
-        seed_everything(cfg.train.seed + 1000 * ctx.rank + 1)  # distinct dropout streams per rank
+        self.model_shapes = shapes_of(model)
         self.micro_batch = cfg.train.micro_batch
         self.grad_accum = cfg.train.global_batch // (self.micro_batch * ctx.world_size)
         if self.grad_accum * self.micro_batch * ctx.world_size != cfg.train.global_batch:
             raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by "
                              f"train.micro_batch ({self.micro_batch}) x world size ({ctx.world_size})")
+        self.strategy: Strategy = build_strategy(cfg.strategy, self.device)
+        self.model = self.strategy.wrap(model, cfg.optim, cfg.train.max_steps, self.micro_batch, self.grad_accum)
+        seed_everything(cfg.train.seed + 1000 * ctx.rank + 1)  # distinct dropout streams per rank
         self.stream = TokenStream(self.dataset, "train", rank=ctx.rank, world_size=ctx.world_size,
                                   micro_batch=self.micro_batch, seed=cfg.train.seed)
         self.checkpoints = CheckpointStore(storage.join(self.url, "checkpoints"), rank=ctx.rank,
                                            world_size=ctx.world_size, strategy=self.strategy.name,
-                                           config_hash=config_hash(cfg))
+                                           config_hash=config_hash(cfg), model_shapes=self.model_shapes)
         self.tokens_per_step = cfg.train.global_batch * self.dataset.seq_len
         self.step = 0
         self.saved_step: Optional[int] = None
 
     def restore(self) -> Optional[str]:
         """Load the newest committed checkpoint, if any; returns its URL."""
-        state = self.strategy.state_dict()
-        restored = self.checkpoints.restore(state)
+        restored = self.checkpoints.restore(self.strategy)
         if restored is None:
             return None
         committed, extra = restored
-        self.strategy.load_state_dict(state)
         self.strategy.load_scheduler_state(extra["scheduler"])
         self.stream.load_state_dict(extra["stream"])
         restore_rng(extra["rng"])
@@ -126,7 +135,7 @@ class Trainer:
         extra = {"step": self.step, "scheduler": self.strategy.scheduler_state(),
                  "stream": self.stream.state_dict(), "rng": capture_rng()}
         started = time.perf_counter()
-        url = self.checkpoints.save(self.step, self.strategy.state_dict(), extra)
+        url = self.checkpoints.save(self.step, self.strategy, extra)
         log.info("checkpoint step %d committed in %.2fs: %s", self.step, time.perf_counter() - started, url)
         self.saved_step = self.step
         return url
@@ -176,8 +185,10 @@ class Trainer:
             "perf/tokens_per_s": self.tokens_per_step / step_time, "perf/step_time_s": step_time,
             "perf/data_wait_frac": data_wait / step_time, "train/epoch": float(self.stream.epoch),
         }
-        if self.device.type == "cuda":
-            metrics["perf/peak_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        held = self.strategy.held_bytes()
+        metrics["perf/param_bytes"] = float(held["params"])  # this rank's, rank 0 reports
+        metrics["perf/optim_bytes"] = float(held["optim"])
+        metrics["perf/peak_mem_mb"] = max_across_ranks(peak_memory_mb(self.device), self.device)
         return metrics
 
 

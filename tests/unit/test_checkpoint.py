@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("process_group")
 def strategy() -> DDPStrategy:
     torch.manual_seed(0)
     s = DDPStrategy(StrategyConfig(precision="fp32"), torch.device("cpu"))
-    s.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), OptimConfig(warmup_steps=0), max_steps=10)
+    s.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), OptimConfig(warmup_steps=0), max_steps=10, micro_batch=3, grad_accum=1)
     return s
 
 
@@ -41,7 +41,7 @@ def save_two(tmp_path):
     saved = {}
     for step in (1, 2):
         train_one_step(s)
-        store.save(step, s.state_dict(), {"step": step})
+        store.save(step, s, {"step": step})
         saved[step] = weights(s)
     return store, saved
 
@@ -80,9 +80,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
     committed, skipped = store.latest_committed()
     assert committed.step == 1 and len(skipped) == 1
     fresh = strategy()
-    state = fresh.state_dict()
-    decision, extra = store.restore(state)
-    fresh.load_state_dict(state)
+    decision, extra = store.restore(fresh)
     assert decision.step == 1 and extra == {"step": 1}
     for key, value in weights(fresh).items():
         assert torch.equal(value, saved[1][key]), key
@@ -95,7 +93,7 @@ def test_restore_refuses_a_different_world_size(tmp_path):
     manifest["world_size"] = 4
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="saved by 4 workers"):
-        store.restore(strategy().state_dict())
+        store.restore(strategy())
 
 
 def test_rng_round_trip_is_exact():

@@ -7,8 +7,11 @@ import torch
 from trainers.config import StrategyConfig
 from trainers.strategies.base import Strategy
 from trainers.strategies.ddp import DDPStrategy
+from trainers.strategies.deepspeed_zero import DeepSpeedStrategy
+from trainers.strategies.fsdp2 import FSDP2Strategy
 
-STRATEGIES = {"ddp": DDPStrategy}
+STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDP2Strategy, "zero1": DeepSpeedStrategy,
+              "zero2": DeepSpeedStrategy, "zero3": DeepSpeedStrategy, "zero3_offload": DeepSpeedStrategy}
 
 
 def build_strategy(cfg: StrategyConfig, device: torch.device) -> Strategy:

@@ -1,4 +1,4 @@
-"""The Strategy interface: how a model is replicated or sharded, stepped and checkpointed."""
+"""The Strategy interface, and what every strategy shares: optimizer, schedule, precision, accounting."""
 
 from __future__ import annotations
 
@@ -9,16 +9,19 @@ import torch
 from torch import nn
 
 from trainers.config import OptimConfig, StrategyConfig
+from trainers.optim import build_optimizer, build_scheduler
 
 
 class Strategy(Protocol):
     """Everything the loop does that depends on how the model is distributed."""
 
     name: str
-    model: nn.Module  # the wrapped model the loop calls forward on
+    precision: str
+    model: nn.Module  # what the loop calls forward on
 
-    def wrap(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int) -> nn.Module:
-        """Distribute the model and build its optimizer and schedule; returns the wrapped model."""
+    def wrap(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int,
+             grad_accum: int) -> nn.Module:
+        """Distribute the model and build its optimizer and schedule; returns the model to call."""
 
     def autocast(self) -> ContextManager:
         """The precision context for forward passes."""
@@ -27,19 +30,19 @@ class Strategy(Protocol):
         """Skip gradient synchronisation (all but the last micro-batch of an accumulation)."""
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Backpropagate one micro-batch's (already scaled) loss."""
+        """Backpropagate one micro-batch's loss (already divided by grad_accum)."""
 
     def step(self) -> float:
         """Clip, step optimizer and schedule, zero grads; returns the pre-clip global grad norm."""
 
     def current_lr(self) -> float:
-        """The learning rate the last step used."""
+        """The learning rate the next step uses."""
 
-    def state_dict(self) -> dict:
-        """This rank's model + optimizer state for torch.distributed.checkpoint."""
+    def save(self, shards_url: str) -> None:
+        """Collective: write this rank's model and optimizer shards under shards_url."""
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what state_dict() returned (after DCP filled it in)."""
+    def load(self, shards_url: str) -> None:
+        """Collective: read what save() wrote, in place."""
 
     def scheduler_state(self) -> dict:
         """The LR schedule's state (identical on every rank)."""
@@ -48,23 +51,107 @@ class Strategy(Protocol):
         """Restore the LR schedule."""
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on CPU (for export)."""
+        """Collective: the whole model's weights on CPU, on rank 0 (other ranks may get an empty dict)."""
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes of parameters and optimizer state this rank holds in memory."""
 
 
 def resolve_precision(cfg: StrategyConfig, device: torch.device) -> str:
-    """fp32 or bf16 for this device; bf16 on hardware without it is a config error."""
+    """fp32, bf16 or fp16 for this device; a choice the hardware cannot do is a config error."""
     if cfg.precision == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return "bf16"
         return "fp32"
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"strategy.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16; "
-                         "use strategy.precision=fp32")
+                         "use strategy.precision=fp16 or fp32")
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("strategy.precision=fp16 needs a CUDA GPU (dynamic loss scaling); "
+                         "on CPU use strategy.precision=bf16 or fp32")
     return cfg.precision
 
 
-def autocast_for(precision: str, device: torch.device) -> ContextManager:
-    """bf16 autocast where asked for, otherwise plain fp32."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def tensor_bytes(tensors) -> int:
+    """Bytes of the local part of each tensor (a DTensor counts only its local shard)."""
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in a torch optimizer's state."""
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values()
+                        if isinstance(v, torch.Tensor))
+
+
+class TorchStrategy:
+    """Shared by strategies whose optimizer is a plain torch AdamW stepped by us (DDP, FSDP2)."""
+
+    name = "base"
+
+    def __init__(self, cfg: StrategyConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.precision = resolve_precision(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+
+    def build_optimizer(self, module: nn.Module, optim_cfg: OptimConfig, max_steps: int) -> None:
+        """AdamW and its warmup + cosine schedule over module's parameters."""
+        self.optim_cfg = optim_cfg
+        self.optimizer = build_optimizer(module, optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
+
+    def autocast(self) -> ContextManager:
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def clip(self) -> float:
+        """Clip gradients to optim.grad_clip (0: no clipping); returns the total norm before clipping."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.optim_cfg.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def step(self) -> float:
+        norm = self.clip()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def current_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def scheduler_state(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+    def save(self, shards_url: str) -> None:
+        from trainers.strategies.dcp_io import save_dcp
+
+        save_dcp(self.model, self.optimizer, shards_url)
+
+    def load(self, shards_url: str) -> None:
+        from trainers.strategies.dcp_io import load_dcp
+
+        load_dcp(self.model, self.optimizer, shards_url)
+
+    def held_bytes(self) -> dict[str, int]:
+        return {"params": tensor_bytes(self.model.parameters()),
+                "optim": optimizer_state_bytes(self.optimizer)}

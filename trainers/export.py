@@ -1,0 +1,107 @@
+"""Checkpoints to Hugging Face folders: consolidate any strategy's shards on one CPU process.
+
+DCP checkpoints (DDP, FSDP2) are read resharded into a plain model; DeepSpeed ZeRO checkpoints are
+merged with DeepSpeed's own zero_to_fp32 reader. Neither needs the world size the run trained with.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from data_pipeline import storage
+from data_pipeline import tokenizer as bpe
+from trainers.checkpoint import CheckpointError
+from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG, local_folder
+from trainers.strategies.dcp_io import load_model_only, reader
+
+MODEL_PREFIX = "model."
+
+
+def checkpoint_shapes(shards_url: str, strategy: str) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape, as stored in a checkpoint's shards."""
+    if strategy.startswith("zero"):
+        with local_folder(shards_url, upload=False) as folder:
+            # ZeRO-1/2 name it mp_rank_00_model_states.pt, ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt.
+            found = sorted(glob.glob(os.path.join(folder, CHECKPOINT_TAG, "*mp_rank_00_model_states.pt")))
+            if not found:
+                raise CheckpointError(f"{shards_url} holds no DeepSpeed model states")
+            # DeepSpeed's own pickle format (DeepSpeed loads it the same way); only from the run's own folder.
+            states = torch.load(found[0], map_location="cpu", weights_only=False)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for group in states["param_shapes"]:
+            shapes.update({name: tuple(shape) for name, shape in group.items()})
+        return shapes
+    metadata = reader(shards_url).read_metadata()
+    return {key[len(MODEL_PREFIX):]: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith(MODEL_PREFIX) and hasattr(meta, "size")}
+
+
+def check_fits(model_shapes: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], source: str) -> None:
+    """Fail naming every parameter whose shape differs between the model and a checkpoint."""
+    mismatched = [f"{name}: checkpoint {list(saved[name])} vs model {list(shape)}"
+                  for name, shape in model_shapes.items() if name in saved and tuple(saved[name]) != tuple(shape)]
+    if mismatched:
+        shown = "; ".join(mismatched[:4]) + (f"; and {len(mismatched) - 4} more" if len(mismatched) > 4 else "")
+        raise CheckpointError(f"{source} was saved from a different model config ({shown}); "
+                              "use the run's own model settings")
+
+
+def shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of a model (tied weights under each name)."""
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def load_consolidated(model: nn.Module, shards_url: str, strategy: str) -> None:
+    """Fill a plain, single-process model from any strategy's checkpoint shards."""
+    check_fits(shapes_of(model), checkpoint_shapes(shards_url, strategy), shards_url)
+    if not strategy.startswith("zero"):
+        load_model_only(model, shards_url)
+        return
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with local_folder(shards_url, upload=False) as folder:
+        state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=CHECKPOINT_TAG)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name, _ in _tied_names(model)}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{shards_url}: parameters missing {sorted(set(missing) - tied)[:4]}, "
+                              f"unexpected {sorted(unexpected)[:4]}")
+
+
+def _tied_names(model: nn.Module):
+    seen: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            yield name, seen[id(param)]
+        else:
+            seen[id(param)] = name
+
+
+def save_hugging_face(model: Any, tokenizer_url: str, out_dir: str) -> list[str]:
+    """Write config.json, model.safetensors and tokenizer files; returns the file names."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe.load(tokenizer_url), eos_token=bpe.EOS_TOKEN,
+                                        bos_token=bpe.EOS_TOKEN, unk_token=bpe.EOS_TOKEN,
+                                        pad_token=bpe.EOS_TOKEN)
+    tokenizer.save_pretrained(out_dir)
+    return sorted(os.listdir(out_dir))
+
+
+def export_checkpoint(task, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str,
+                      out_dir: str) -> list[str]:
+    """Build the run's model, load a checkpoint into it, and write a Hugging Face folder."""
+    tokenizer = bpe.load(tokenizer_url)
+    model = task.build_model(model_cfg, tokenizer.get_vocab_size(), tokenizer.token_to_id(bpe.EOS_TOKEN))
+    load_consolidated(model, storage.join(checkpoint_url, "shards"), strategy)
+    model.eval()
+    return save_hugging_face(model, tokenizer_url, out_dir)

@@ -1,0 +1,168 @@
+"""DeepSpeed ZeRO stage 1, 2 and 3, optionally offloading optimizer state and parameters to CPU.
+
+The DeepSpeed config is generated from Kiln's own config (batch sizes, accumulation, clipping,
+precision, ZeRO stage), so a user keeps one source of truth; `strategy.deepspeed_overrides` is merged
+on top for experts. The optimizer and LR schedule are the same torch AdamW + warmup/cosine objects the
+other strategies use, handed to `deepspeed.initialize`, so every strategy follows the same math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+from typing import Any, ContextManager, Iterator
+
+import torch
+from torch import nn
+
+from data_pipeline import storage
+from trainers.config import OptimConfig
+from trainers.optim import build_optimizer, build_scheduler
+from trainers.strategies.base import resolve_precision, tensor_bytes
+
+CHECKPOINT_TAG = "zero"
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """base with extra merged in, recursively (extra wins)."""
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def deepspeed_config(*, stage: int, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
+                     precision: str, offload_optimizer: bool, offload_params: bool,
+                     overrides: dict[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed JSON config that corresponds to Kiln's settings."""
+    zero: dict[str, Any] = {"stage": stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # Our torch AdamW, also when offloading (DeepSpeedCPUAdam would need a compiled op).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(config, overrides)
+
+
+@contextlib.contextmanager
+def local_folder(url: str, *, upload: bool) -> Iterator[str]:
+    """url itself when local; otherwise a temporary copy (downloaded, or uploaded afterwards)."""
+    if storage.is_local(url):
+        os.makedirs(url, exist_ok=True)
+        yield url
+        return
+    fs, path = storage.filesystem(url)
+    with tempfile.TemporaryDirectory(prefix="kiln-ds-") as tmp:
+        if not upload:
+            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        yield tmp
+        if upload:
+            fs.put(tmp.rstrip("/") + "/", path, recursive=True)
+
+
+class DeepSpeedStrategy:
+    """A DeepSpeed engine around the model, with our optimizer and schedule."""
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.name = cfg.name
+        self.precision = resolve_precision(cfg, device)
+
+    def wrap(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1,
+             grad_accum: int = 1) -> nn.Module:
+        import deepspeed
+        import torch.distributed as dist
+
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
+        model.to(self.device)
+        optimizer = build_optimizer(model, optim_cfg)
+        scheduler = build_scheduler(optimizer, optim_cfg, max_steps)
+        self.ds_config = deepspeed_config(
+            stage=self.cfg.zero_stage, micro_batch=micro_batch, grad_accum=grad_accum,
+            world_size=dist.get_world_size(), grad_clip=optim_cfg.grad_clip, precision=self.precision,
+            offload_optimizer=self.cfg.offload_optimizer, offload_params=self.cfg.offload_params,
+            overrides=dict(self.cfg.deepspeed_overrides))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False)
+        self.model = self.engine
+        return self.engine
+
+    def autocast(self) -> ContextManager:
+        return contextlib.nullcontext()  # the engine casts per its bf16/fp16 config
+
+    def no_sync(self) -> ContextManager:
+        return contextlib.nullcontext()  # the engine knows the accumulation boundary itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loop already divided the loss by grad_accum; DeepSpeed must not divide it again.
+        self.engine.backward(loss, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # counts the micro-step; the optimizer steps only at the boundary
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def current_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def scheduler_state(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+    def save(self, shards_url: str) -> None:
+        # DeepSpeed writes local files only: stage them and upload when the run lives in object storage.
+        with local_folder(shards_url, upload=True) as folder:
+            self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, save_latest=False)
+
+    def load(self, shards_url: str) -> None:
+        with local_folder(shards_url, upload=False) as folder:
+            path, _ = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {shards_url}")
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.cfg.zero_stage == 3 \
+                else contextlib.nullcontext():
+            return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
+
+    def held_bytes(self) -> dict[str, int]:
+        params = 0
+        for p in self.engine.module.parameters():
+            local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps only this rank's partition
+            params += local.numel() * local.element_size()
+        optim = 0
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for state in inner.state.values():
+            optim += tensor_bytes(v for v in state.values() if isinstance(v, torch.Tensor))
+        for group in getattr(self.optimizer, "single_partition_of_fp32_groups", []) or []:
+            optim += group.numel() * group.element_size()  # ZeRO-1/2 fp32 master partitions
+        for group in getattr(self.optimizer, "fp32_partitioned_groups_flat", []) or []:
+            optim += group.numel() * group.element_size()  # ZeRO-3 fp32 master partitions
+        return {"params": params, "optim": optim}

@@ -1,0 +1,62 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across workers.
+
+Each transformer block is its own FSDP unit (gathered just before use, freed after); the embeddings,
+final norm and the tied LM head form the root unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Iterator
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from trainers.config import OptimConfig
+from trainers.strategies.base import TorchStrategy
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model (GPT-2's `transformer.h`)."""
+    inner = getattr(model, "transformer", model)
+    blocks = getattr(inner, "h", None)
+    if blocks is None:
+        raise ValueError(f"FSDP2 does not know the blocks of {type(model).__name__}")
+    return list(blocks)
+
+
+class FSDP2Strategy(TorchStrategy):
+    """torch.distributed.fsdp.fully_shard per block, AdamW over the sharded (DTensor) parameters."""
+
+    name = "fsdp"
+
+    def wrap(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1,
+             grad_accum: int = 1) -> nn.Module:
+        model.to(self.device)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.precision == "bf16" else MixedPrecisionPolicy()
+        for block in transformer_blocks(model):
+            fully_shard(block, mp_policy=policy, reshard_after_forward=self.cfg.reshard_after_forward)
+        self.model = fully_shard(model, mp_policy=policy, reshard_after_forward=self.cfg.reshard_after_forward)
+        self.build_optimizer(self.model, optim_cfg, max_steps)
+        return self.model
+
+    def autocast(self) -> ContextManager:
+        # bf16 is applied by the MixedPrecisionPolicy to the sharded parameters, not by autocast.
+        if self.precision == "bf16":
+            return contextlib.nullcontext()
+        return super().autocast()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {k: v.detach() for k, v in get_model_state_dict(self.model, options=options).items()}
