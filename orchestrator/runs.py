@@ -52,6 +52,7 @@ def reopen_run(root: str, run_id: str, overrides: list[str]) -> tuple[RunRegistr
     record = registry.load(run_id)
     source = storage.join(registry.run_url(run_id), CONFIG_FILE)
     cfg = load_saved_config(storage.read_text(source), overrides, source)
+    cfg.storage.root = root  # where the run is found now is where it lives (folders get moved)
     record.max_steps, record.num_workers = cfg.train.max_steps, cfg.cluster.num_workers
     return registry, record, cfg
 

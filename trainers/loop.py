@@ -188,6 +188,7 @@ class Trainer:
         held = self.strategy.held_bytes()
         metrics["perf/param_bytes"] = float(held["params"])  # this rank's, rank 0 reports
         metrics["perf/optim_bytes"] = float(held["optim"])
+        metrics["perf/master_bytes"] = float(held["master"])
         metrics["perf/peak_mem_mb"] = max_across_ranks(peak_memory_mb(self.device), self.device)
         return metrics
 

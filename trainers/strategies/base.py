@@ -54,7 +54,7 @@ class Strategy(Protocol):
         """Collective: the whole model's weights on CPU, on rank 0 (other ranks may get an empty dict)."""
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes of parameters and optimizer state this rank holds in memory."""
+        """Bytes this rank holds: parameters, optimizer state, and fp32 master weights (ZeRO only)."""
 
 
 def resolve_precision(cfg: StrategyConfig, device: torch.device) -> str:
@@ -154,4 +154,4 @@ class TorchStrategy:
 
     def held_bytes(self) -> dict[str, int]:
         return {"params": tensor_bytes(self.model.parameters()),
-                "optim": optimizer_state_bytes(self.optimizer)}
+                "optim": optimizer_state_bytes(self.optimizer), "master": 0}

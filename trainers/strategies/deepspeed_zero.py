@@ -157,12 +157,11 @@ class DeepSpeedStrategy:
         for p in self.engine.module.parameters():
             local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps only this rank's partition
             params += local.numel() * local.element_size()
-        optim = 0
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        for state in inner.state.values():
-            optim += tensor_bytes(v for v in state.values() if isinstance(v, torch.Tensor))
-        for group in getattr(self.optimizer, "single_partition_of_fp32_groups", []) or []:
-            optim += group.numel() * group.element_size()  # ZeRO-1/2 fp32 master partitions
-        for group in getattr(self.optimizer, "fp32_partitioned_groups_flat", []) or []:
-            optim += group.numel() * group.element_size()  # ZeRO-3 fp32 master partitions
-        return {"params": params, "optim": optim}
+        optim = sum(tensor_bytes(v for v in state.values() if isinstance(v, torch.Tensor))
+                    for state in inner.state.values())
+        # ZeRO steps an fp32 copy of this rank's partition (kept even when the model itself is fp32).
+        masters = (getattr(self.optimizer, "single_partition_of_fp32_groups", None)
+                   or getattr(self.optimizer, "fp32_partitioned_groups_flat", None) or [])
+        master = sum(m.numel() * m.element_size() for m in masters)
+        return {"params": params, "optim": optim, "master": master}

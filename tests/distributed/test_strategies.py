@@ -1,0 +1,124 @@
+"""One config switch, six ways to shard: same losses as DDP, exact resume, and a faithful HF export.
+
+Each strategy trains the same 20 steps on 2 workers (fp32, dropout on, so RNG restore matters).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import REPO, TINY, kiln
+from tests.distributed.test_torchrun import rows, torchrun
+
+pytestmark = pytest.mark.slow
+
+STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"]
+RUN = [*TINY, "tracker=none", "model.dropout=0.1", "train.max_steps=20", "train.checkpoint_every=10",
+       "train.eval_every=10"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    """strategy name -> folder of its finished 20-step run (trained once per module)."""
+    root = tmp_path_factory.mktemp("strategies")
+    done: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in done:
+            torchrun(*RUN, f"strategy={strategy}", f"run.id={strategy}", f"storage.root={root}")
+            done[strategy] = root / strategy
+        return done[strategy]
+
+    return get
+
+
+def by_step(run_dir: Path, key: str) -> dict[int, float]:
+    return {r["step"]: r[key] for r in rows(run_dir) if key in r}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES[1:])
+def test_loss_curve_agrees_with_ddp(trained, strategy):
+    reference, losses = by_step(trained("ddp"), "train/loss"), by_step(trained(strategy), "train/loss")
+    assert sorted(losses) == list(range(1, 21))
+    for step, loss in losses.items():
+        assert loss == pytest.approx(reference[step], rel=1e-4), step
+    manifest = json.loads((trained(strategy) / "checkpoints" / "step_000020" / "MANIFEST.json").read_text())
+    assert manifest["strategy"] == strategy and manifest["world_size"] == 2
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_resume_from_step_10_is_bit_identical(trained, strategy, tmp_path):
+    run_dir = tmp_path / strategy
+    shutil.copytree(trained(strategy), run_dir)
+    uninterrupted = {r["step"]: r for r in rows(run_dir) if "train/loss" in r}
+    shutil.rmtree(run_dir / "checkpoints" / "step_000020")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(run_dir) if r["step"] <= 10))
+    torchrun("--resume", strategy, "--storage-root", str(tmp_path))
+    resumed = {r["step"]: r for r in rows(run_dir) if "train/loss" in r and r["step"] > 10}
+    assert sorted(resumed) == list(range(11, 21))
+    for step in range(11, 21):
+        assert resumed[step]["train/loss"] == uninterrupted[step]["train/loss"], step
+        assert resumed[step]["train/grad_norm"] == uninterrupted[step]["train/grad_norm"], step
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_export_loads_in_transformers_with_the_trained_logits(trained, strategy, tmp_path):
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    run_dir = trained(strategy)
+    probe = tmp_path / "probe.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(REPO / "tests" / "distributed" / "probe_logits.py"), str(run_dir.parent), strategy, str(probe)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained_logits = torch.load(probe, weights_only=True)
+
+    out = tmp_path / "hf"
+    exported = kiln("export", strategy, "--out", str(out), "--storage-root", str(run_dir.parent))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    model = GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(input_ids=trained_logits["input_ids"]).logits
+    assert trained_logits["step"] == 20
+    torch.testing.assert_close(logits, trained_logits["logits"], rtol=1e-5, atol=1e-5)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    assert tokenizer.decode(tokenizer("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sharded_strategies_hold_a_world_size_share_of_ddp_bytes(trained, strategy):
+    """Exact byte counts from each rank's own tensors (rank 0 reports), not timings or RSS."""
+    def held(run_dir: Path) -> dict[str, float]:
+        last = [r for r in rows(run_dir) if "perf/param_bytes" in r][-1]
+        assert last["perf/peak_mem_mb"] > 0
+        return {k: last[f"perf/{k}_bytes"] for k in ("param", "optim", "master")}
+
+    ddp, sharded = held(trained("ddp")), held(trained(strategy))
+    assert ddp["master"] == 0
+    assert sharded["param"] == pytest.approx(ddp["param"] / 2, rel=0.01)  # padding to even partitions
+    assert sharded["optim"] == pytest.approx(ddp["optim"] / 2, rel=0.01)
+    if strategy == "zero3":  # plus an fp32 master copy of its own partition, which DDP does not keep
+        assert sharded["master"] == sharded["param"]
+    else:
+        assert sharded["master"] == 0
+
+
+def test_a_checkpoint_from_another_model_names_the_mismatched_shapes(trained, tmp_path):
+    from trainers.checkpoint import CheckpointError
+    from trainers.config import ModelConfig
+    from trainers.export import load_consolidated
+    from trainers.models import build_gpt2
+
+    other = build_gpt2(ModelConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64), vocab_size=512, eos_id=0)
+    for strategy in ("ddp", "zero3"):
+        shards = trained(strategy) / "checkpoints" / "step_000020" / "shards"
+        with pytest.raises(CheckpointError, match=r"transformer.wte.weight: checkpoint \[512, 64\] vs model \[512, 32\]"):
+            load_consolidated(other, str(shards), strategy)
