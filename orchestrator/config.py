@@ -82,6 +82,9 @@ class KilnConfig:
 
     def __post_init__(self) -> None:
         check_batch(self.train.global_batch, self.train.micro_batch, self.cluster.num_workers)
+        require(self.strategy.precision != "fp16" or self.cluster.use_gpu,
+                "strategy.precision=fp16 needs GPUs (cluster.use_gpu=true) for loss scaling; "
+                "on CPU use strategy.precision=bf16 or fp32")
         require(self.data.seq_len <= self.model.n_positions,
                 f"data.seq_len ({self.data.seq_len}) must be <= model.n_positions ({self.model.n_positions})")
 

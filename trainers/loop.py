@@ -24,6 +24,7 @@ from data_pipeline.stream import TokenStream
 from trainers.checkpoint import CheckpointStore, capture_rng, restore_rng
 from trainers.context import WorkerContext
 from trainers.export import shapes_of
+from trainers.flops import flops_per_token, mfu, peak_flops
 from trainers.distributed import ensure_process_group, max_across_ranks, mean_across_ranks
 from trainers.models import parameter_count
 from trainers.strategies import Strategy, build_strategy
@@ -112,6 +113,11 @@ class Trainer:
                                            world_size=ctx.world_size, strategy=self.strategy.name,
                                            config_hash=config_hash(cfg), model_shapes=self.model_shapes)
         self.tokens_per_step = cfg.train.global_batch * self.dataset.seq_len
+        embedding_params = model.transformer.wpe.weight.numel() if hasattr(model, "transformer") else 0
+        self.flops_per_token = flops_per_token(self.num_params - embedding_params, cfg.model.n_layer,
+                                               cfg.model.n_embd, self.dataset.seq_len)
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) \
+            if self.device.type == "cuda" else None
         self.step = 0
         self.saved_step: Optional[int] = None
 
@@ -185,6 +191,9 @@ class Trainer:
             "perf/tokens_per_s": self.tokens_per_step / step_time, "perf/step_time_s": step_time,
             "perf/data_wait_frac": data_wait / step_time, "train/epoch": float(self.stream.epoch),
         }
+        if self.peak_flops:
+            metrics["perf/mfu"] = mfu(metrics["perf/tokens_per_s"], self.flops_per_token, self.peak_flops,
+                                      self.ctx.world_size)
         held = self.strategy.held_bytes()
         metrics["perf/param_bytes"] = float(held["params"])  # this rank's, rank 0 reports
         metrics["perf/optim_bytes"] = float(held["optim"])

@@ -122,3 +122,13 @@ def test_a_checkpoint_from_another_model_names_the_mismatched_shapes(trained, tm
         shards = trained(strategy) / "checkpoints" / "step_000020" / "shards"
         with pytest.raises(CheckpointError, match=r"transformer.wte.weight: checkpoint \[512, 64\] vs model \[512, 32\]"):
             load_consolidated(other, str(shards), strategy)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero3"])
+def test_activation_checkpointing_saves_activations_not_math(trained, strategy, tmp_path):
+    torchrun(*RUN, f"strategy={strategy}", "model.activation_checkpointing=true", "run.id=ac",
+             f"storage.root={tmp_path}")
+    recomputed, stored = by_step(tmp_path / "ac", "train/loss"), by_step(trained(strategy), "train/loss")
+    assert sorted(recomputed) == sorted(stored)
+    for step, loss in recomputed.items():
+        assert loss == pytest.approx(stored[step], rel=1e-6), step

@@ -1,0 +1,82 @@
+"""Tokens/s and memory per strategy on this machine, and Kiln's overhead against a bare DDP loop.
+
+    .venv/bin/python benchmarks/strategies.py [--steps 60] [--strategies ddp,fsdp,...]
+
+Every strategy runs `kiln train experiment=quickstart strategy=S` on an embedded Ray with 2 CPU workers;
+numbers come from the run's metrics.jsonl (median of steady-state steps, the first fifth skipped).
+The overhead line compares Kiln's DDP run with benchmarks/bare_ddp.py under torchrun on the same
+model, data and batch. Prints a markdown table for docs/benchmarks.md; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"]
+
+
+def kiln_run(root: str, strategy: str, steps: int) -> dict:
+    """Train the quickstart model with one strategy; summarise its steady state."""
+    subprocess.run([str(BIN / "kiln"), "train", "experiment=quickstart", f"strategy={strategy}",
+                    f"run.id={strategy}", f"storage.root={root}", f"train.max_steps={steps}",
+                    f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "tracker=none"],
+                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (Path(root) / strategy / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "perf/tokens_per_s" in r]
+    steady = train[len(train) // 5:]
+    last = train[-1]
+    return {
+        "strategy": strategy,
+        "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in steady),
+        "peak_mem_mb": last["perf/peak_mem_mb"],
+        "held_mb": (last["perf/param_bytes"] + last["perf/optim_bytes"] + last["perf/master_bytes"]) / 2**20,
+        "final_loss": last["train/loss"],
+    }
+
+
+def bare_run(dataset_dir: str, steps: int) -> float:
+    """Steady-state tokens/s of the bare torch DDP loop under torchrun."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bare.json"
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(REPO / "benchmarks" / "bare_ddp.py"), dataset_dir, str(steps), str(out)],
+                       check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return json.loads(out.read_text())["tokens_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    args = parser.parse_args()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    with tempfile.TemporaryDirectory() as root:
+        results = [kiln_run(root, s, args.steps) for s in args.strategies.split(",")]
+        config = (Path(root) / results[0]["strategy"] / "config.yaml").read_text()
+        dataset_dir = next(line.split(": ", 1)[1] for line in config.splitlines() if line.strip().startswith("path:"))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {args.steps} steps, 2 Ray workers x 1 CPU, fp32\n")
+    print("| strategy | tokens/s | peak RSS per worker (MB) | params+optim+master held by rank 0 (MB) | loss at last step |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['strategy']} | {r['tokens_per_s']:,.0f} | {r['peak_mem_mb']:,.0f} | {r['held_mb']:.2f} | "
+              f"{r['final_loss']:.4f} |")
+    ddp = next((r for r in results if r["strategy"] == "ddp"), None)
+    if ddp:
+        bare = bare_run(dataset_dir.strip(), args.steps)
+        print(f"\nbare torch DDP (torchrun): {bare:,.0f} tokens/s; kiln train (Ray, ddp): "
+              f"{ddp['tokens_per_s']:,.0f} tokens/s; ratio {ddp['tokens_per_s'] / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Choosing a strategy is one switch; what it generates follows Kiln's config; bad choices fail early."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from orchestrator.config import UsageError, compose_config
+from trainers.config import StrategyConfig
+from trainers.flops import flops_per_token, mfu, peak_flops
+from trainers.strategies.base import resolve_precision
+from trainers.strategies.deepspeed_zero import deepspeed_config
+
+
+@pytest.mark.parametrize("name, stage, offload", [("zero1", 1, False), ("zero2", 2, False),
+                                                  ("zero3", 3, False), ("zero3_offload", 3, True)])
+def test_zero_groups_set_stage_and_offload(name, stage, offload):
+    cfg = compose_config([f"strategy={name}"])
+    assert (cfg.strategy.zero_stage, cfg.strategy.offload_optimizer, cfg.strategy.offload_params) == \
+        (stage, offload, offload)
+
+
+def test_deepspeed_config_is_generated_from_ours_and_overrides_merge():
+    cfg = compose_config(["strategy=zero3_offload", "train.global_batch=32", "train.micro_batch=4",
+                          "optim.grad_clip=0.5", "+strategy.deepspeed_overrides.zero_optimization.stage3_prefetch_bucket_size=1000"])
+    ds = deepspeed_config(stage=3, micro_batch=cfg.train.micro_batch, grad_accum=cfg.grad_accum,
+                          world_size=cfg.cluster.num_workers, grad_clip=cfg.optim.grad_clip, precision="bf16",
+                          offload_optimizer=True, offload_params=True,
+                          overrides=dict(cfg.strategy.deepspeed_overrides))
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 1000
+    assert ds["zero_optimization"]["stage"] == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy=fsdpp"], "strategy=fsdpp: no such option (did you mean strategy=fsdp?)"),
+    (["strategy=ddp", "strategy.zero_stage=2"], "strategy.zero_stage=2 does not fit strategy.name=ddp"),
+    (["strategy=zero2", "strategy.offload_params=true"], "strategy.offload_params needs ZeRO stage 3"),
+    (["strategy.precision=fp16"], "strategy.precision=fp16 needs GPUs"),
+    (["strategy.precision=fp8"], "strategy.precision must be one of"),
+])
+def test_bad_strategy_choices_fail_before_ray(overrides, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        compose_config(overrides)
+
+
+def test_precision_is_validated_against_the_hardware():
+    cpu = torch.device("cpu")
+    assert resolve_precision(StrategyConfig(precision="auto"), cpu) == "fp32"
+    assert resolve_precision(StrategyConfig(precision="bf16"), cpu) == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        resolve_precision(StrategyConfig(precision="fp16"), cpu)
+
+
+def test_flops_per_token_and_mfu():
+    # GPT-2 124M: 85M non-embedding-matmul params + 38.6M tied wte (multiplied by the LM head).
+    n = 124_439_808 - 1024 * 768  # without position embeddings
+    per_token = flops_per_token(n, n_layer=12, n_embd=768, seq_len=1024)
+    assert per_token == pytest.approx(6 * n + 12 * 12 * 768 * 1024)
+    assert per_token == pytest.approx(8.55e8, rel=0.01)
+    assert mfu(400_000, per_token, 989e12, 1) == pytest.approx(0.346, rel=0.01)
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("cpu") is None

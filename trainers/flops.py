@@ -1,0 +1,43 @@
+"""Model FLOPs utilisation: achieved model FLOPs per second over the hardware's peak."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+# Dense bf16/fp16 tensor-core peaks (no sparsity), per GPU, from the vendors' data sheets.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 80GB HBM3": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+}
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N (forward + backward matmuls) + 12 * L * d * T (attention scores).
+
+    The PaLM paper's estimate (Chowdhery et al. 2022, appendix B): each parameter costs 2 FLOPs per
+    token forward and 4 backward, and self-attention adds 6 * L * d * T forward-and-backward for the
+    QK^T and attention-times-V products, doubled here (12) as PaLM counts both. N should exclude the
+    position embeddings, which are looked up, not multiplied.
+    """
+    return 6.0 * n_params + 12.0 * n_layer * n_embd * seq_len
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of a known GPU, matched by name; None when unknown (CPUs included)."""
+    best = None
+    for key, value in PEAK_FLOPS.items():
+        if key.lower() in device_name.lower() and (best is None or len(key) > len(best[0])):
+            best = (key, value)
+    return best[1] if best else None
+
+
+def mfu(tokens_per_s: float, flops_per_token_: float, peak_per_device: float, devices: int) -> float:
+    """Fraction of the devices' peak FLOPs that the model's math used."""
+    return tokens_per_s * flops_per_token_ / (peak_per_device * devices)
