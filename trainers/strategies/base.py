@@ -10,6 +10,7 @@ from torch import nn
 
 from trainers.config import OptimConfig, StrategyConfig
 from trainers.optim import build_optimizer, build_scheduler
+from trainers.strategies.dcp_io import load_dcp, save_dcp
 
 
 class Strategy(Protocol):
@@ -87,7 +88,22 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                         if isinstance(v, torch.Tensor))
 
 
-class TorchStrategy:
+class ScheduledStrategy:
+    """LR-schedule access shared by every strategy; each keeps its warmup + cosine LambdaLR here."""
+
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def current_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def scheduler_state(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_scheduler_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+
+class TorchStrategy(ScheduledStrategy):
     """Shared by strategies whose optimizer is a plain torch AdamW stepped by us (DDP, FSDP2)."""
 
     name = "base"
@@ -133,23 +149,10 @@ class TorchStrategy:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def current_lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
-
-    def scheduler_state(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_scheduler_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
-
     def save(self, shards_url: str) -> None:
-        from trainers.strategies.dcp_io import save_dcp
-
         save_dcp(self.model, self.optimizer, shards_url)
 
     def load(self, shards_url: str) -> None:
-        from trainers.strategies.dcp_io import load_dcp
-
         load_dcp(self.model, self.optimizer, shards_url)
 
     def held_bytes(self) -> dict[str, int]:

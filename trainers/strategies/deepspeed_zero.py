@@ -20,7 +20,7 @@ from torch import nn
 from data_pipeline import storage
 from trainers.config import OptimConfig
 from trainers.optim import build_optimizer, build_scheduler
-from trainers.strategies.base import resolve_precision, tensor_bytes
+from trainers.strategies.base import ScheduledStrategy, resolve_precision, tensor_bytes
 
 CHECKPOINT_TAG = "zero"
 
@@ -78,7 +78,7 @@ def local_folder(url: str, *, upload: bool) -> Iterator[str]:
             fs.put(tmp.rstrip("/") + "/", path, recursive=True)
 
 
-class DeepSpeedStrategy:
+class DeepSpeedStrategy(ScheduledStrategy):
     """A DeepSpeed engine around the model, with our optimizer and schedule."""
 
     def __init__(self, cfg, device: torch.device):
@@ -122,15 +122,6 @@ class DeepSpeedStrategy:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
-
-    def current_lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
-
-    def scheduler_state(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_scheduler_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
 
     def save(self, shards_url: str) -> None:
         # DeepSpeed writes local files only: stage them and upload when the run lives in object storage.
