@@ -10,7 +10,9 @@ workers continues from the same global position: nothing skipped, nothing repeat
 from __future__ import annotations
 
 import bisect
-from typing import Iterator
+import queue
+import threading
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -22,7 +24,7 @@ class TokenStream:
     """Deterministic, resumable, sharded batches of token sequences."""
 
     def __init__(self, dataset: Dataset, split: str, *, rank: int, world_size: int, micro_batch: int,
-                 seed: int, shuffle: bool = True):
+                 seed: int, shuffle: bool = True, prefetch: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.dataset, self.split = dataset, split
@@ -38,16 +40,57 @@ class TokenStream:
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
         self._handles: dict[int, object] = {}
+        self.prefetch = prefetch  # batches a background thread reads ahead (0: read on demand)
+        self._ahead: Optional[queue.Queue] = None
+        self._stop = threading.Event()
+        self._reader: Optional[threading.Thread] = None
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
 
     def __next__(self) -> np.ndarray:
         """This rank's next micro-batch, shape (micro_batch, seq_len), int64."""
-        first = self.position + self.rank * self.micro_batch
-        batch = np.stack([self._read(self._sequence_at(p)) for p in range(first, first + self.micro_batch)])
+        if self.prefetch:
+            if self._reader is None:
+                self._start_reader()
+            position, batch = self._ahead.get()
+            if isinstance(batch, BaseException):
+                raise batch
+            assert position == self.position
+        else:
+            batch = self._batch_at(self.position)
         self.position += self.world_size * self.micro_batch
         return batch
+
+    def _batch_at(self, position: int) -> np.ndarray:
+        first = position + self.rank * self.micro_batch
+        return np.stack([self._read(self._sequence_at(p)) for p in range(first, first + self.micro_batch)])
+
+    def _start_reader(self) -> None:
+        self._ahead, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
+        self._reader = threading.Thread(target=self._read_ahead, args=(self.position,), daemon=True,
+                                        name=f"token-stream-{self.split}")
+        self._reader.start()
+
+    def _read_ahead(self, position: int) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (position, self._batch_at(position))
+            except BaseException as exc:  # surfaced to the consumer on its next call
+                item = (position, exc)
+            while not self._stop.is_set():
+                try:
+                    self._ahead.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            position += self.world_size * self.micro_batch
+
+    def _stop_reader(self) -> None:
+        if self._reader is not None:
+            self._stop.set()
+            self._reader.join()
+            self._reader, self._ahead = None, None
 
     @property
     def epoch(self) -> int:
@@ -65,10 +108,12 @@ class TokenStream:
             if state[key] != getattr(self, key):
                 raise ValueError(f"data stream state was saved with {key}={state[key]!r} but this run has "
                                  f"{getattr(self, key)!r}: resume with the same dataset and train.seed")
+        self._stop_reader()  # batches read ahead belong to the old position
         self.position = int(state["position"])
 
     def close(self) -> None:
-        """Close open shard files."""
+        """Stop reading ahead and close open shard files."""
+        self._stop_reader()
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()

@@ -102,6 +102,12 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator import prepare_cli
+
+    return prepare_cli.run(args.overrides, console)
+
+
 def parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     top = argparse.ArgumentParser(prog="kiln", description="Fault-tolerant LLM training on Ray.")
@@ -124,6 +130,10 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder")
     export.add_argument("--storage-root", default=default_root())
     export.set_defaults(func=cmd_export)
+    prep = sub.add_parser("prepare", help="tokenize raw files into a prepared dataset: kiln prepare input=... output=...")
+    prep.add_argument("overrides", nargs="*", help="input=URI_OR_GLOB output=URI [format=] [text_field=] [tokenizer=] "
+                                                   "[vocab_size=] [seq_len=] [val_fraction=] [on_bad_record=] [kind=]")
+    prep.set_defaults(func=cmd_prepare)
     return top
 
 
@@ -131,6 +141,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run the CLI; user errors print one line and exit 2, failed runs exit 1."""
     from data_pipeline.config import DataConfigError
     from data_pipeline.dataset import DatasetError
+    from data_pipeline.prepare import PrepareError
+    from data_pipeline.sources import SourceError
     from orchestrator.config import UsageError
     from orchestrator.registry import RunExists, UnknownRun
     from trainers.checkpoint import CheckpointError
@@ -141,7 +153,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         console = Console(soft_wrap=True, width=240)
     try:
         return args.func(args, console)
-    except (UsageError, UnknownRun, RunExists, DataConfigError, DatasetError, CheckpointError) as exc:
+    except (UsageError, UnknownRun, RunExists, DataConfigError, DatasetError, CheckpointError, SourceError,
+            PrepareError) as exc:
         print(f"kiln {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:

@@ -108,7 +108,7 @@ class Trainer:
         self.model = self.strategy.wrap(model, cfg.optim, cfg.train.max_steps, self.micro_batch, self.grad_accum)
         seed_everything(cfg.train.seed + 1000 * ctx.rank + 1)  # distinct dropout streams per rank
         self.stream = TokenStream(self.dataset, "train", rank=ctx.rank, world_size=ctx.world_size,
-                                  micro_batch=self.micro_batch, seed=cfg.train.seed)
+                                  micro_batch=self.micro_batch, seed=cfg.train.seed, prefetch=2)
         self.checkpoints = CheckpointStore(storage.join(self.url, "checkpoints"), rank=ctx.rank,
                                            world_size=ctx.world_size, strategy=self.strategy.name,
                                            config_hash=config_hash(cfg), model_shapes=self.model_shapes)

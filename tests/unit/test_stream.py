@@ -91,3 +91,20 @@ def test_every_sequence_once_per_epoch_across_a_world_size_change(dataset, world
     reference, _ = run(1, total // micro + 1)
     assert consumed == reference[:total]
     assert sorted(consumed[:97]) == list(range(97))
+
+
+def test_reading_ahead_gives_the_same_batches_and_cursor(dataset):
+    plain = TokenStream(dataset, "train", rank=1, world_size=2, micro_batch=3, seed=5)
+    ahead = TokenStream(dataset, "train", rank=1, world_size=2, micro_batch=3, seed=5, prefetch=2)
+    try:
+        for _ in range(5):
+            assert ids(next(plain)) == ids(next(ahead))
+        assert ahead.state_dict() == plain.state_dict()
+        saved = plain.state_dict()
+        next(plain)
+        ahead.load_state_dict(saved)  # rewinds past what was read ahead
+        resumed = TokenStream(dataset, "train", rank=1, world_size=2, micro_batch=3, seed=5)
+        resumed.load_state_dict(saved)
+        assert ids(next(ahead)) == ids(next(resumed))
+    finally:
+        ahead.close()

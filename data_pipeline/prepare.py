@@ -1,0 +1,221 @@
+"""`kiln prepare`: raw files -> tokenized, packed, checksummed shards with a manifest, via Ray Data.
+
+Reading and tokenizing run as a Ray Data pipeline over the cluster's CPUs (`flat_map` over input
+files, `map_batches` with the tokenizer). The driver consumes the tokenized documents in input order
+and packs them into fixed-length sequences, so the output is the same whatever the parallelism.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Optional
+
+from data_pipeline import storage, tokenizer as bpe
+from data_pipeline.dataset import MANIFEST, ShardWriter, token_dtype, write_manifest
+from data_pipeline.sources import FORMATS, Record, SourceError, detect_format, expand, read_records
+
+KINDS = ("pretrain",)
+MAX_REPORTED_BAD = 20
+
+
+class PrepareError(ValueError):
+    """Bad input to `kiln prepare` that stops it; the message names the file, line or setting."""
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of `kiln prepare` (passed as key=value overrides)."""
+
+    input: str = "???"
+    output: str = "???"
+    format: str = "auto"
+    text_field: str = "text"
+    tokenizer: str = "train"  # "train", or a folder holding tokenizer.json
+    vocab_size: int = 8192
+    seq_len: int = 1024
+    val_fraction: float = 0.01
+    on_bad_record: str = "skip"
+    kind: str = "pretrain"
+    batch_size: int = 256  # documents per tokenizer call
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output"):
+            if getattr(self, name) in ("???", "", None):
+                raise PrepareError(f"{name}= is required, e.g. kiln prepare input='data/*.jsonl' output=prepared/")
+        if self.format not in ("auto", *FORMATS):
+            raise PrepareError(f"format must be one of auto, {', '.join(FORMATS)}; got {self.format!r}")
+        if self.on_bad_record not in ("skip", "fail"):
+            raise PrepareError(f"on_bad_record must be skip or fail; got {self.on_bad_record!r}")
+        if self.kind not in KINDS:
+            raise PrepareError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if self.seq_len < 8:
+            raise PrepareError(f"seq_len must be >= 8, got {self.seq_len}")
+        if not 256 < self.vocab_size <= 2**20:
+            raise PrepareError(f"vocab_size must be in (256, 1048576], got {self.vocab_size}")
+        if not 0.0 <= self.val_fraction < 0.5:
+            raise PrepareError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        if self.batch_size < 1:
+            raise PrepareError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class PrepareSummary:
+    """What a preparation did (printed at the end, and kept in the manifest)."""
+
+    output: str
+    reused: bool
+    documents: int = 0
+    tokens: int = 0
+    bad_records: int = 0
+    empty_documents: int = 0
+    shards: int = 0
+    wall_s: float = 0.0
+    bad_examples: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Throughput over the whole preparation."""
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+
+def split_of(text: str, val_fraction: float) -> str:
+    """train or val, by a hash of the document's text: stable across runs, machines and file order."""
+    digest = hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: Optional[str]) -> str:
+    """Hash of the inputs (names, sizes, modification stamps), the settings and the tokenizer."""
+    h = hashlib.sha256()
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "batch_size")}
+    h.update(json.dumps({"settings": settings, "tokenizer": tokenizer_sha, "format": 1}, sort_keys=True).encode())
+    for url in files:
+        fs, path = storage.filesystem(url)
+        info = fs.info(path) if not fs.isdir(path) else {"size": 0}
+        stamp = info.get("ETag") or info.get("mtime") or info.get("LastModified") or info.get("created")
+        h.update(f"{url}\0{info.get('size')}\0{stamp}\n".encode())
+        if fs.isdir(path):  # a datasets folder: its files' stamps
+            for rel, size in storage.walk_files(url):
+                h.update(f"{rel}\0{size}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def _records_of(row: dict, text_field: str) -> list[dict]:
+    return [asdict(r) | {"fields": None} for r in read_records(row["url"], row["format"], text_field)]
+
+
+_TOKENIZERS: dict = {}
+
+
+def tokenize_batch(batch: dict, tokenizer_url: str, val_fraction: float) -> dict:
+    """Ray Data UDF: token ids, split and status of a batch of documents."""
+    tokenizer = _TOKENIZERS.get(tokenizer_url)
+    if tokenizer is None:  # once per worker process, read from storage
+        tokenizer = _TOKENIZERS[tokenizer_url] = bpe.load(tokenizer_url)
+    texts = [str(t) for t in batch["text"]]
+    usable = [i for i, (t, e) in enumerate(zip(texts, batch["error"])) if e is None and t.strip()]
+    ids: list[list[int]] = [[] for _ in texts]
+    for i, encoding in zip(usable, tokenizer.encode_batch([texts[i] for i in usable]) if usable else []):
+        ids[i] = encoding.ids
+    return {"ids": ids, "split": [split_of(t, val_fraction) for t in texts],
+            "error": list(batch["error"]), "empty": [not t.strip() for t in texts]}
+
+
+def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
+            progress: Optional[Callable[[int, int], None]] = None) -> PrepareSummary:
+    """Prepare cfg.input into cfg.output (or reuse it when nothing changed); returns the summary."""
+    started = time.perf_counter()
+    files = expand(cfg.input)
+    formats = [detect_format(url, cfg.format) for url in files]
+    given_tokenizer = None if cfg.tokenizer == "train" else bpe.load(_tokenizer_folder(cfg.tokenizer))
+    given_sha = hashlib.sha256(given_tokenizer.to_str().encode()).hexdigest() if given_tokenizer else None
+    key = fingerprint(files, cfg, given_sha)
+    manifest_url = storage.join(cfg.output, MANIFEST)
+    if storage.exists(manifest_url):
+        existing = json.loads(storage.read_text(manifest_url))
+        if existing.get("source", {}).get("fingerprint") == key:
+            log(f"prepare: inputs, settings and tokenizer unchanged: reusing {cfg.output}")
+            return PrepareSummary(cfg.output, True, **existing["summary"])
+        log(f"prepare: {cfg.output} was prepared from other inputs or settings: preparing it again")
+        storage.remove(manifest_url)  # uncommit the old output before its shards are replaced
+    ray_dataset = _read(files, formats, cfg)
+    tokenizer = given_tokenizer or _train_tokenizer(ray_dataset, cfg, log)
+    tokenizer_sha = bpe.save(tokenizer, storage.join(cfg.output, "tokenizer"))
+    summary = _tokenize_and_pack(ray_dataset, tokenizer, storage.join(cfg.output, "tokenizer"), cfg, progress)
+    summary.wall_s = time.perf_counter() - started
+    write_manifest(cfg.output, {
+        "kind": cfg.kind, "seq_len": cfg.seq_len, "vocab_size": tokenizer.get_vocab_size(),
+        "eos_id": tokenizer.token_to_id(bpe.EOS_TOKEN), "dtype": token_dtype(tokenizer.get_vocab_size()).str,
+        "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha, "trained": given_tokenizer is None},
+        "source": {"input": cfg.input, "files": len(files), "formats": sorted(set(formats)),
+                   "fingerprint": key, "text_field": cfg.text_field},
+        "split": {"method": "sha256(document text)", "val_fraction": cfg.val_fraction},
+        "splits": summary.splits,
+        "summary": {k: v for k, v in asdict(summary).items() if k not in ("output", "reused", "splits")},
+    })
+    return summary
+
+
+def _tokenizer_folder(path: str) -> str:
+    if not storage.exists(storage.join(path, bpe.TOKENIZER_FILE)):
+        raise PrepareError(f"tokenizer={path}: no {bpe.TOKENIZER_FILE} there; give a folder holding one, "
+                           "or tokenizer=train")
+    return path
+
+
+def _read(files: list[str], formats: list[str], cfg: PrepareConfig):
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # our own progress line says enough
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # same output whatever the parallelism
+    context.enable_progress_bars = False
+    items = [{"url": u, "format": f} for u, f in zip(files, formats)]
+    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return dataset.flat_map(_records_of, fn_kwargs={"text_field": cfg.text_field}).materialize()
+
+
+def _train_tokenizer(dataset, cfg: PrepareConfig, log: Callable[[str], None]):
+    def train_texts() -> Iterator[str]:
+        for row in dataset.iter_rows():
+            if row["error"] is None and row["text"].strip() and split_of(row["text"], cfg.val_fraction) == "train":
+                yield row["text"]
+
+    log(f"prepare: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the train split")
+    return bpe.train_bpe(train_texts(), cfg.vocab_size)
+
+
+def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, cfg: PrepareConfig, progress) -> PrepareSummary:
+    tokenized = dataset.map_batches(
+        tokenize_batch, fn_kwargs={"tokenizer_url": tokenizer_url, "val_fraction": cfg.val_fraction},
+        batch_size=cfg.batch_size, batch_format="numpy")
+    eos = tokenizer.token_to_id(bpe.EOS_TOKEN)
+    writers = {split: ShardWriter(cfg.output, split, seq_len=cfg.seq_len, vocab_size=tokenizer.get_vocab_size(),
+                                  eos_id=eos) for split in ("train", "val")}
+    summary = PrepareSummary(cfg.output, False)
+    for batch in tokenized.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+        for ids, split, error, empty in zip(batch["ids"], batch["split"], batch["error"], batch["empty"]):
+            if error is not None:
+                summary.bad_records += 1
+                if cfg.on_bad_record == "fail":
+                    raise PrepareError(f"bad record: {error} (on_bad_record=skip counts and skips such records)")
+                if len(summary.bad_examples) < MAX_REPORTED_BAD:
+                    summary.bad_examples.append(str(error))
+                continue
+            if empty:
+                summary.empty_documents += 1
+                continue
+            writers[split].add(list(ids))
+            summary.documents += 1
+            summary.tokens += len(ids) + 1
+        if progress:
+            progress(summary.documents, summary.tokens)
+    summary.splits = {split: writer.close() for split, writer in writers.items()}
+    summary.shards = sum(len(s["shards"]) for s in summary.splits.values())
+    return summary

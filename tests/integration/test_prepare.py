@@ -1,0 +1,141 @@
+"""`kiln prepare` with Ray Data: raw files in, packed shards out, bad records named, results cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline import tokenizer as bpe
+from data_pipeline.dataset import Dataset
+from data_pipeline.stream import TokenStream
+from tests.conftest import REPO, kiln
+from tests.distributed.test_torchrun import rows, torchrun
+
+pytestmark = pytest.mark.slow
+WORDS = ["alpha", "beta", "gamma", "delta", "kiln", "ray", "token", "shard"]
+
+
+def documents(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"doc {seed}-{i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(5, 60)))) for i in range(n)]
+
+
+def make_inputs(folder: Path) -> list[str]:
+    """Good documents in JSONL, Parquet and text, plus three bad records and one empty one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True)
+    first, second = documents(120, 1), documents(80, 2)
+    lines = [json.dumps({"text": t}) for t in first[:60]] + ["{broken json"] + \
+        [json.dumps({"title": "no text"}), json.dumps({"text": ""})] + [json.dumps({"text": t}) for t in first[60:]]
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.table({"text": second}), folder / "b.parquet")
+    (folder / "c.txt").write_text("a plain text document about kilns")
+    (folder / "d.txt").write_bytes(b"caf\xe9 au lait")
+    return first + second + ["a plain text document about kilns"]
+
+
+def prepared_documents(out: Path) -> dict[str, list[str]]:
+    """Decode each split's shards back into its documents (the last partial one may be cut)."""
+    dataset = Dataset(str(out))
+    tokenizer = bpe.load(dataset.tokenizer_url)
+    docs = {}
+    for split in ("train", "val"):
+        ids = np.concatenate([np.frombuffer(Path(s.url).read_bytes(), dtype=dataset.dtype) for s in dataset.shards(split)])
+        pieces, current = [], []
+        for token in ids.tolist():
+            if token == dataset.eos_id:
+                pieces.append(tokenizer.decode(current))
+                current = []
+            else:
+                current.append(token)
+        docs[split] = pieces
+    return docs
+
+
+def test_prepare_packs_every_good_document_in_order_and_reports_bad_ones(tmp_path):
+    expected = make_inputs(tmp_path / "raw")
+    out = tmp_path / "prepared"
+    args = ["prepare", f"input={tmp_path}/raw/*", f"output={out}", "seq_len=32", "vocab_size=400",
+            "val_fraction=0.2"]
+    result = kiln(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 bad records, 1 empty documents dropped" in result.stdout
+    assert f"{tmp_path}/raw/a.jsonl:61: malformed JSON" in result.stdout
+    assert f"{tmp_path}/raw/a.jsonl:62: field 'text' is missing" in result.stdout
+    assert f"{tmp_path}/raw/d.txt:1: not UTF-8" in result.stdout
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seq_len"] == 32 and manifest["dtype"] == "<u2"
+    assert manifest["summary"]["documents"] == len(expected) and manifest["summary"]["bad_records"] == 3
+    for split in ("train", "val"):
+        for shard in manifest["splits"][split]["shards"]:
+            data = (out / shard["path"]).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+            assert len(data) == shard["tokens"] * 2 and shard["tokens"] == shard["sequences"] * 32
+    docs = prepared_documents(out)
+    from data_pipeline.prepare import split_of
+
+    for split in ("train", "val"):
+        wanted = [t for t in expected if split_of(t, 0.2) == split]
+        assert docs[split] == wanted[: len(docs[split])]  # input order; only the cut tail is missing
+        assert len(docs[split]) >= len(wanted) - 2
+    assert 0 < len(docs["val"]) < len(docs["train"])
+
+    again = kiln(*args)
+    assert again.returncode == 0 and "reusing" in again.stdout
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+    with open(tmp_path / "raw" / "a.jsonl", "a") as handle:
+        handle.write(json.dumps({"text": "one more document"}) + "\n")
+    changed = kiln(*args)
+    assert changed.returncode == 0 and "preparing it again" in changed.stdout
+    assert json.loads((out / "manifest.json").read_text())["summary"]["documents"] == len(expected) + 1
+
+
+def test_on_bad_record_fail_stops_at_file_and_line(tmp_path):
+    make_inputs(tmp_path / "raw")
+    result = kiln("prepare", f"input={tmp_path}/raw/a.jsonl", f"output={tmp_path}/out", "seq_len=32",
+                  "vocab_size=400", "on_bad_record=fail")
+    assert result.returncode == 2
+    assert f"{tmp_path}/raw/a.jsonl:61: malformed JSON" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_prepare_on_s3_then_train_streaming_from_s3(s3, tmp_path, cache_dir):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    local_raw = tmp_path / "raw"
+    make_inputs(local_raw)
+    fs.put(str(local_raw / "a.jsonl"), f"{s3}/raw/a.jsonl")
+    fs.put(str(local_raw / "b.parquet"), f"{s3}/raw/b.parquet")
+    out = f"s3://{s3}/prepared/v1"
+    result = kiln("prepare", f"input=s3://{s3}/raw/*", f"output={out}", "seq_len=32", "vocab_size=400",
+                  "val_fraction=0.2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert fs.exists(f"{s3}/prepared/v1/manifest.json")
+
+    local = tmp_path / "copy"
+    fs.get(f"{s3}/prepared/v1/", str(local), recursive=True)
+    remote_stream = TokenStream(Dataset(out), "train", rank=1, world_size=2, micro_batch=4, seed=3)
+    local_stream = TokenStream(Dataset(str(local)), "train", rank=1, world_size=2, micro_batch=4, seed=3)
+    for _ in range(5):
+        assert np.array_equal(next(remote_stream), next(local_stream))
+
+    torchrun("data=prepared", f"data.path={out}", "data.seq_len=32", "model.n_layer=2", "model.n_head=2",
+             "model.n_embd=64", "model.n_positions=64", "train.global_batch=8", "train.micro_batch=4",
+             "train.max_steps=4", "train.eval_every=4", "train.eval_batches=1", "tracker=none", "run.id=s3data",
+             f"storage.root={tmp_path / 'runs'}")
+    losses = [r["train/loss"] for r in rows(tmp_path / "runs" / "s3data") if "train/loss" in r]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+
+    missing = kiln("prepare", "input=s3://no-such-bucket-kiln/raw/*.jsonl", f"output={tmp_path}/x")
+    assert missing.returncode == 2 and "s3://no-such-bucket-kiln/raw/*.jsonl" in missing.stderr
