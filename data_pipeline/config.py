@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -11,11 +11,21 @@ class DataConfigError(ValueError):
 
 
 @dataclass
+class MixtureEntry:
+    """One prepared dataset of a mixture and its sampling weight."""
+
+    path: str = "???"
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    """Training data: the built-in stdlib corpus, or a prepared dataset folder (its manifest.json)."""
+    """Training data: the built-in stdlib corpus, a prepared dataset folder, or a weighted mixture."""
 
     source: str = "stdlib"
     path: Optional[str] = None  # URL of a prepared dataset folder (source=prepared)
+    # source=mixture: e.g. data.mixture='[{path: s3://b/web, weight: 0.7}, {path: s3://b/code, weight: 0.3}]'
+    mixture: list[MixtureEntry] = field(default_factory=list)
     seq_len: int = 128
     vocab_size: int = 4096  # when Kiln trains the tokenizer
     val_fraction: float = 0.05
@@ -24,8 +34,16 @@ class DataConfig:
     cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.source not in ("stdlib", "prepared"):
-            raise DataConfigError(f"data.source must be one of stdlib, prepared; got {self.source!r}")
+        if self.source not in ("stdlib", "prepared", "mixture"):
+            raise DataConfigError(f"data.source must be one of stdlib, prepared, mixture; got {self.source!r}")
+        if self.source == "mixture":
+            if not self.mixture:
+                raise DataConfigError("data.source=mixture needs data.mixture: a list of {path, weight}")
+            for i, entry in enumerate(self.mixture):
+                if not entry.path or entry.path == "???":
+                    raise DataConfigError(f"data.mixture[{i}].path is required")
+                if entry.weight <= 0:
+                    raise DataConfigError(f"data.mixture[{i}].weight must be > 0, got {entry.weight}")
         if self.source == "prepared" and not self.path:
             raise DataConfigError("data.path is required with data.source=prepared: "
                                   "point it at a folder written by `kiln prepare`")

@@ -136,6 +136,21 @@ def write_manifest(dataset_url: str, manifest: dict) -> None:
     storage.write_atomic(storage.join(dataset_url, MANIFEST), json.dumps(body, indent=2, sort_keys=True))
 
 
+def open_training_data(source: str, path: Optional[str], mixture) -> tuple[list[Dataset], list[float]]:
+    """The datasets a run trains on and their weights; a mixture must share seq_len and tokenizer."""
+    if source != "mixture":
+        return [open_dataset(path)], [1.0]
+    datasets = [open_dataset(entry.path) for entry in mixture]
+    first = datasets[0]
+    for other in datasets[1:]:
+        for what, a, b in (("seq_len", first.seq_len, other.seq_len),
+                           ("tokenizer", first.manifest["tokenizer"]["sha256"], other.manifest["tokenizer"]["sha256"])):
+            if a != b:
+                raise DatasetError(f"data.mixture: {other.url} has a different {what} than {first.url} "
+                                   f"({b} vs {a}); prepare every part with the same tokenizer= and seq_len=")
+    return datasets, [float(entry.weight) for entry in mixture]
+
+
 def open_dataset(url: Optional[str]) -> Dataset:
     """Open a committed dataset, failing with the URL named when it is not one."""
     if not url:

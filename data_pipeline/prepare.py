@@ -105,7 +105,9 @@ def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: Optional[st
 
 
 def _records_of(row: dict, text_field: str) -> list[dict]:
-    return [asdict(r) | {"fields": None} for r in read_records(row["url"], row["format"], text_field)]
+    # "" rather than None for "no error": an all-None column would come back from Arrow as NaN.
+    return [{"text": r.text, "source": r.source, "line": r.line, "error": r.error or ""}
+            for r in read_records(row["url"], row["format"], text_field)]
 
 
 _TOKENIZERS: dict = {}
@@ -117,7 +119,7 @@ def tokenize_batch(batch: dict, tokenizer_url: str, val_fraction: float) -> dict
     if tokenizer is None:  # once per worker process, read from storage
         tokenizer = _TOKENIZERS[tokenizer_url] = bpe.load(tokenizer_url)
     texts = [str(t) for t in batch["text"]]
-    usable = [i for i, (t, e) in enumerate(zip(texts, batch["error"])) if e is None and t.strip()]
+    usable = [i for i, (t, e) in enumerate(zip(texts, batch["error"])) if not e and t.strip()]
     ids: list[list[int]] = [[] for _ in texts]
     for i, encoding in zip(usable, tokenizer.encode_batch([texts[i] for i in usable]) if usable else []):
         ids[i] = encoding.ids
@@ -184,7 +186,7 @@ def _read(files: list[str], formats: list[str], cfg: PrepareConfig):
 def _train_tokenizer(dataset, cfg: PrepareConfig, log: Callable[[str], None]):
     def train_texts() -> Iterator[str]:
         for row in dataset.iter_rows():
-            if row["error"] is None and row["text"].strip() and split_of(row["text"], cfg.val_fraction) == "train":
+            if not row["error"] and row["text"].strip() and split_of(row["text"], cfg.val_fraction) == "train":
                 yield row["text"]
 
     log(f"prepare: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the train split")
@@ -201,7 +203,7 @@ def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, cfg: PrepareConfi
     summary = PrepareSummary(cfg.output, False)
     for batch in tokenized.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
         for ids, split, error, empty in zip(batch["ids"], batch["split"], batch["error"], batch["empty"]):
-            if error is not None:
+            if error:
                 summary.bad_records += 1
                 if cfg.on_bad_record == "fail":
                     raise PrepareError(f"bad record: {error} (on_bad_record=skip counts and skips such records)")
@@ -216,6 +218,10 @@ def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, cfg: PrepareConfi
             summary.tokens += len(ids) + 1
         if progress:
             progress(summary.documents, summary.tokens)
+    if summary.documents == 0:
+        first = f"; first: {summary.bad_examples[0]}" if summary.bad_examples else ""
+        raise PrepareError(f"no usable documents in {cfg.input} ({summary.bad_records} bad records, "
+                           f"{summary.empty_documents} empty){first}")
     summary.splits = {split: writer.close() for split, writer in writers.items()}
     summary.shards = sum(len(s["shards"]) for s in summary.splits.values())
     return summary

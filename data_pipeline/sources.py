@@ -30,7 +30,6 @@ class Record:
     source: str
     line: int  # 1-based line (JSONL), row (Parquet, hf) or 0 for a whole file
     error: Optional[str] = None
-    fields: Optional[dict] = None  # the raw row, for chat and classification kinds
 
 
 def expand(pattern: str) -> list[str]:
@@ -117,9 +116,7 @@ def _from_row(url: str, number: int, row, text_field: str) -> Record:
         return Record("", url, number, f"{url}:{number}: expected a JSON object, got {type(row).__name__}")
     value = row.get(text_field)
     if text_field in row and isinstance(value, str):
-        return Record(value, url, number, None, row)
-    if any(k in row for k in ("messages", "prompt", "label")):  # chat / classification rows carry no text field
-        return Record("", url, number, None, row)
+        return Record(value, url, number)
     what = "missing" if text_field not in row else f"not a string ({type(value).__name__})"
     return Record("", url, number, f"{url}:{number}: field '{text_field}' is {what}; set text_field=NAME")
 

@@ -5,6 +5,11 @@ the stream is sequence ``perm(p // N)[p % N]``. Each call hands rank r the micro
 ``[cursor + r*b, cursor + (r+1)*b)`` and advances the cursor by ``world_size * b`` for everyone, so the
 cursor alone says what has been consumed, whatever the world size. Resuming with a different number of
 workers continues from the same global position: nothing skipped, nothing repeated.
+
+A mixture of datasets keeps that property: a seeded pattern of PERIOD slots, each dataset getting a
+share of slots proportional to its weight, says which dataset global position p draws from, and the
+dataset's own position is how many earlier positions drew from it: a closed form, so any cursor maps
+to every dataset's cursor without replaying the stream.
 """
 
 from __future__ import annotations
@@ -12,38 +17,98 @@ from __future__ import annotations
 import bisect
 import queue
 import threading
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from data_pipeline import storage
 from data_pipeline.dataset import Dataset
 
+PERIOD = 1000  # mixture slots per pattern repetition: weights are honoured to 0.1%
 
-class TokenStream:
-    """Deterministic, resumable, sharded batches of token sequences."""
 
-    def __init__(self, dataset: Dataset, split: str, *, rank: int, world_size: int, micro_batch: int,
-                 seed: int, shuffle: bool = True, prefetch: int = 0):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.dataset, self.split = dataset, split
-        self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
-        self.seed, self.shuffle = seed, shuffle
+class SplitReader:
+    """One split of one dataset: the seeded order of its sequences and lazy range reads of them."""
+
+    def __init__(self, dataset: Dataset, split: str, seed: int, shuffle: bool):
+        self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
         self.shards = dataset.shards(split)
         self._starts = np.cumsum([0] + [s.sequences for s in self.shards]).tolist()
         self.num_sequences = self._starts[-1]
         if self.num_sequences == 0:
             raise ValueError(f"split {split!r} of {dataset.url} holds no whole sequence of "
                              f"{dataset.seq_len} tokens")
-        self.position = 0  # global: sequences consumed by all ranks together
-        self._order_epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
         self._handles: dict[int, object] = {}
+
+    def sequence(self, position: int) -> np.ndarray:
+        """The sequence at this reader's own position (epochs reshuffle), as int64."""
+        epoch, offset = divmod(position, self.num_sequences)
+        if epoch != self._order_epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)
+            else:
+                self._order = np.arange(self.num_sequences)
+            self._order_epoch = epoch
+        return self._read(int(self._order[offset]))
+
+    def close(self) -> None:
+        """Close open shard files."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def _read(self, index: int) -> np.ndarray:
+        shard_no = bisect.bisect_right(self._starts, index) - 1
+        local = index - self._starts[shard_no]
+        seq_bytes = self.dataset.seq_len * self.dataset.dtype.itemsize
+        handle = self._handles.get(shard_no)
+        if handle is None:  # opened on first use; object stores serve just the ranges read
+            fs, path = storage.filesystem(self.shards[shard_no].url)
+            handle = self._handles[shard_no] = fs.open(path, "rb")
+        handle.seek(local * seq_bytes)
+        return np.frombuffer(handle.read(seq_bytes), dtype=self.dataset.dtype).astype(np.int64)
+
+
+def mixture_pattern(weights: Sequence[float], seed: int) -> np.ndarray:
+    """PERIOD slots, dataset i holding round(w_i / sum(w) * PERIOD) of them (largest remainder), shuffled."""
+    shares = np.asarray(weights, dtype=np.float64) / float(sum(weights)) * PERIOD
+    counts = np.floor(shares).astype(np.int64)
+    for i in np.argsort(-(shares - counts), kind="stable")[: PERIOD - counts.sum()]:
+        counts[i] += 1
+    slots = np.repeat(np.arange(len(weights)), counts)
+    return np.random.default_rng([seed, 7919]).permutation(slots)
+
+
+class TokenStream:
+    """Deterministic, resumable, sharded batches of token sequences from one dataset or a weighted mix."""
+
+    def __init__(self, dataset: Dataset | Sequence[Dataset], split: str, *, rank: int, world_size: int,
+                 micro_batch: int, seed: int, shuffle: bool = True, prefetch: int = 0,
+                 weights: Optional[Sequence[float]] = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        datasets = [dataset] if isinstance(dataset, Dataset) else list(dataset)
+        weights = list(weights) if weights is not None else [1.0] * len(datasets)
+        if len(weights) != len(datasets) or min(weights) <= 0:
+            raise ValueError("a mixture needs one positive weight per dataset")
+        self.split, self.seed, self.shuffle, self.weights = split, seed, shuffle, weights
+        self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
+        self.readers = [SplitReader(d, split, seed + 104729 * i, shuffle) for i, d in enumerate(datasets)]
+        self.num_sequences = sum(r.num_sequences for r in self.readers)
+        self._pattern = mixture_pattern(weights, seed)
+        self._slots_before = np.stack([np.concatenate([[0], np.cumsum(self._pattern == i)])
+                                       for i in range(len(datasets))])
+        self.position = 0  # global: sequences consumed by all ranks together
         self.prefetch = prefetch  # batches a background thread reads ahead (0: read on demand)
         self._ahead: Optional[queue.Queue] = None
         self._stop = threading.Event()
         self._reader: Optional[threading.Thread] = None
+
+    @property
+    def dataset(self) -> Dataset:
+        """The (first) dataset: its tokenizer and sequence length describe the whole stream."""
+        return self.readers[0].dataset
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self
@@ -62,9 +127,44 @@ class TokenStream:
         self.position += self.world_size * self.micro_batch
         return batch
 
+    @property
+    def epoch(self) -> int:
+        """Full passes over the (first) dataset's split so far."""
+        return self.source_positions(self.position)[0] // self.readers[0].num_sequences
+
+    def source_positions(self, position: int) -> list[int]:
+        """How many of the first `position` global sequences each dataset supplied."""
+        periods, offset = divmod(position, PERIOD)
+        return [int(periods * row[-1] + row[offset]) for row in self._slots_before]
+
+    def state_dict(self) -> dict:
+        """The global cursor (valid for any world size) and what it is a cursor into."""
+        return {"position": self.position, "seed": self.seed, "split": self.split,
+                "num_sequences": self.num_sequences, "shuffle": self.shuffle, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved cursor; the datasets, weights and seed must be the ones it was saved with."""
+        for key in ("seed", "split", "num_sequences", "shuffle", "weights"):
+            saved = state.get(key, [1.0] if key == "weights" else None)
+            if saved != getattr(self, key):
+                raise ValueError(f"data stream state was saved with {key}={saved!r} but this run has "
+                                 f"{getattr(self, key)!r}: resume with the same data and train.seed")
+        self._stop_reader()  # batches read ahead belong to the old position
+        self.position = int(state["position"])
+
+    def close(self) -> None:
+        """Stop reading ahead and close open shard files."""
+        self._stop_reader()
+        for reader in self.readers:
+            reader.close()
+
+    def _sequence_at(self, position: int) -> np.ndarray:
+        source = int(self._pattern[position % PERIOD])
+        return self.readers[source].sequence(self.source_positions(position)[source])
+
     def _batch_at(self, position: int) -> np.ndarray:
         first = position + self.rank * self.micro_batch
-        return np.stack([self._read(self._sequence_at(p)) for p in range(first, first + self.micro_batch)])
+        return np.stack([self._sequence_at(p) for p in range(first, first + self.micro_batch)])
 
     def _start_reader(self) -> None:
         self._ahead, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
@@ -91,52 +191,3 @@ class TokenStream:
             self._stop.set()
             self._reader.join()
             self._reader, self._ahead = None, None
-
-    @property
-    def epoch(self) -> int:
-        """How many full passes over the split the stream has completed."""
-        return self.position // self.num_sequences
-
-    def state_dict(self) -> dict:
-        """The global cursor (valid for any world size) and what it is a cursor into."""
-        return {"position": self.position, "seed": self.seed, "split": self.split,
-                "num_sequences": self.num_sequences, "shuffle": self.shuffle}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved cursor; the dataset and seed must be the ones it was saved with."""
-        for key in ("seed", "split", "num_sequences", "shuffle"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"data stream state was saved with {key}={state[key]!r} but this run has "
-                                 f"{getattr(self, key)!r}: resume with the same dataset and train.seed")
-        self._stop_reader()  # batches read ahead belong to the old position
-        self.position = int(state["position"])
-
-    def close(self) -> None:
-        """Stop reading ahead and close open shard files."""
-        self._stop_reader()
-        for handle in self._handles.values():
-            handle.close()
-        self._handles.clear()
-
-    def _sequence_at(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_sequences)
-        if epoch != self._order_epoch:
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, epoch])
-                self._order = rng.permutation(self.num_sequences)
-            else:
-                self._order = np.arange(self.num_sequences)
-            self._order_epoch = epoch
-        return int(self._order[offset])
-
-    def _read(self, index: int) -> np.ndarray:
-        shard_no = bisect.bisect_right(self._starts, index) - 1
-        local = index - self._starts[shard_no]
-        seq_bytes = self.dataset.seq_len * self.dataset.dtype.itemsize
-        handle = self._handles.get(shard_no)
-        if handle is None:
-            fs, path = storage.filesystem(self.shards[shard_no].url)
-            handle = self._handles[shard_no] = fs.open(path, "rb")
-        handle.seek(local * seq_bytes)
-        data = handle.read(seq_bytes)
-        return np.frombuffer(data, dtype=self.dataset.dtype).astype(np.int64)

@@ -6,9 +6,9 @@ import json
 from typing import Callable, Optional
 
 from data_pipeline import storage
-from data_pipeline.dataset import DatasetError, open_dataset
+from data_pipeline.dataset import DatasetError, open_dataset, open_training_data
 from data_pipeline.stdlib_corpus import prepare_stdlib
-from orchestrator.config import KilnConfig, finalize, load_saved_config, to_yaml
+from orchestrator.config import KilnConfig, absolute_url, finalize, load_saved_config, to_yaml
 from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
 from trainers.loop import run_url
@@ -20,7 +20,12 @@ def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
     """Point cfg.data.path at a prepared dataset, preparing the built-in corpus if that is the source."""
     if cfg.data.source == "stdlib":
         cfg.data.path = prepare_stdlib(cfg.data, cfg.data.cache_dir, log=log)
-    dataset = open_dataset(cfg.data.path)
+    if cfg.data.source == "mixture":
+        for entry in cfg.data.mixture:
+            entry.path = absolute_url(entry.path)
+        cfg.data.path = cfg.data.mixture[0].path  # its tokenizer is every part's
+    datasets, _ = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
+    dataset = datasets[0]
     if dataset.seq_len != cfg.data.seq_len:
         raise DatasetError(f"data.seq_len={cfg.data.seq_len} but the dataset at {cfg.data.path} was prepared "
                            f"with seq_len={dataset.seq_len}; set data.seq_len={dataset.seq_len}")

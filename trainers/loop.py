@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
-from data_pipeline.dataset import Dataset, open_dataset
+from data_pipeline.dataset import Dataset, open_training_data
 from data_pipeline.stream import TokenStream
 from trainers.checkpoint import CheckpointStore, capture_rng, restore_rng
 from trainers.context import WorkerContext
@@ -93,7 +93,8 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.url = run_url(cfg)
-        self.dataset: Dataset = open_dataset(cfg.data.path)
+        self.datasets, self.weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
+        self.dataset: Dataset = self.datasets[0]  # vocabulary and sequence length of them all
         self.task: Task = build_task(cfg.task.name)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = self.task.build_model(cfg.model, self.dataset.vocab_size, self.dataset.eos_id)
@@ -107,8 +108,9 @@ class Trainer:
         self.strategy: Strategy = build_strategy(cfg.strategy, self.device)
         self.model = self.strategy.wrap(model, cfg.optim, cfg.train.max_steps, self.micro_batch, self.grad_accum)
         seed_everything(cfg.train.seed + 1000 * ctx.rank + 1)  # distinct dropout streams per rank
-        self.stream = TokenStream(self.dataset, "train", rank=ctx.rank, world_size=ctx.world_size,
-                                  micro_batch=self.micro_batch, seed=cfg.train.seed, prefetch=2)
+        self.stream = TokenStream(self.datasets, "train", rank=ctx.rank, world_size=ctx.world_size,
+                                  micro_batch=self.micro_batch, seed=cfg.train.seed, prefetch=2,
+                                  weights=self.weights)
         self.checkpoints = CheckpointStore(storage.join(self.url, "checkpoints"), rank=ctx.rank,
                                            world_size=ctx.world_size, strategy=self.strategy.name,
                                            config_hash=config_hash(cfg), model_shapes=self.model_shapes)
@@ -167,8 +169,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """val/loss and val/perplexity over the first eval_batches micro-batches of each rank's val slice."""
-        val = TokenStream(self.dataset, "val", rank=self.ctx.rank, world_size=self.ctx.world_size,
-                          micro_batch=self.micro_batch, seed=self.cfg.train.seed, shuffle=False)
+        val = TokenStream(self.datasets, "val", rank=self.ctx.rank, world_size=self.ctx.world_size,
+                          micro_batch=self.micro_batch, seed=self.cfg.train.seed, shuffle=False,
+                          weights=self.weights)
         batches = (torch.from_numpy(next(val)).to(self.device) for _ in range(self.cfg.train.eval_batches))
         self.model.eval()
         try:

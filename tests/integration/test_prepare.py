@@ -139,3 +139,26 @@ def test_prepare_on_s3_then_train_streaming_from_s3(s3, tmp_path, cache_dir):
 
     missing = kiln("prepare", "input=s3://no-such-bucket-kiln/raw/*.jsonl", f"output={tmp_path}/x")
     assert missing.returncode == 2 and "s3://no-such-bucket-kiln/raw/*.jsonl" in missing.stderr
+
+
+def test_a_second_dataset_with_the_first_ones_tokenizer_trains_as_a_mixture(tmp_path, cache_dir):
+    for name, seed in (("web", 1), ("code", 2)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in documents(150, seed)))
+    first = kiln("prepare", f"input={tmp_path}/web.jsonl", f"output={tmp_path}/web", "seq_len=32",
+                 "vocab_size=400", "val_fraction=0.2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = kiln("prepare", f"input={tmp_path}/code.jsonl", f"output={tmp_path}/code", "seq_len=32",
+                  f"tokenizer={tmp_path}/web/tokenizer", "val_fraction=0.2")
+    assert second.returncode == 0, second.stderr[-2000:]
+    web, code = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("web", "code"))
+    assert web["tokenizer"]["sha256"] == code["tokenizer"]["sha256"] and code["tokenizer"]["trained"] is False
+
+    mixture = f"data.mixture=[{{path: {tmp_path}/web, weight: 3}}, {{path: {tmp_path}/code, weight: 1}}]"
+    torchrun("data=mixture", mixture, "data.seq_len=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
+             "model.n_positions=64", "train.global_batch=8", "train.micro_batch=4", "train.max_steps=4",
+             "train.eval_every=4", "train.eval_batches=1", "tracker=none", "run.id=mix",
+             f"storage.root={tmp_path / 'runs'}")
+    losses = [r["train/loss"] for r in rows(tmp_path / "runs" / "mix") if "train/loss" in r]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    saved = (tmp_path / "runs" / "mix" / "config.yaml").read_text()
+    assert f"{tmp_path}/code" in saved and "weight: 1.0" in saved

@@ -12,25 +12,36 @@ from data_pipeline.stream import TokenStream
 SEQ = 4
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Dataset:
-    """97 sequences whose first token is their own index, spread over several shards."""
-    url = str(tmp_path_factory.mktemp("ds"))
+def numbered_dataset(url: str, first_tokens: range) -> Dataset:
+    """One sequence per number, whose first token is that number, 10 sequences a shard."""
     import data_pipeline.dataset as ds
 
     ds_shard = ds.SHARD_TOKENS
-    ds.SHARD_TOKENS = 10 * SEQ  # 10 sequences a shard
+    ds.SHARD_TOKENS = 10 * SEQ
     try:
         writer = ShardWriter(url, "train", seq_len=SEQ, vocab_size=1000, eos_id=999)
-        for i in range(97):
+        for i in first_tokens:
             writer.add([i, 1, 2])  # + EOS = exactly one sequence per document
         entry = writer.close()
     finally:
         ds.SHARD_TOKENS = ds_shard
-    assert len(entry["shards"]) == 10 and entry["sequences"] == 97
     write_manifest(url, {"seq_len": SEQ, "vocab_size": 1000, "eos_id": 999, "dtype": "<u2",
-                         "splits": {"train": entry}})
+                         "tokenizer": {"sha256": "same"}, "splits": {"train": entry}})
     return Dataset(url)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Dataset:
+    """97 sequences whose first token is their own index, spread over 10 shards."""
+    made = numbered_dataset(str(tmp_path_factory.mktemp("ds")), range(97))
+    assert len(made.shards("train")) == 10
+    return made
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory) -> Dataset:
+    """61 sequences numbered 500..560."""
+    return numbered_dataset(str(tmp_path_factory.mktemp("other")), range(500, 561))
 
 
 def ids(batch: np.ndarray) -> list[int]:
@@ -67,13 +78,15 @@ def test_resume_rejects_a_different_seed(dataset):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(world_before=st.integers(1, 4), world_after=st.integers(1, 4), micro=st.integers(1, 5),
-       steps_before=st.integers(0, 12), seed=st.integers(0, 2**31))
-def test_every_sequence_once_per_epoch_across_a_world_size_change(dataset, world_before, world_after,
-                                                                  micro, steps_before, seed):
+       steps_before=st.integers(0, 12), seed=st.integers(0, 2**31), mixed=st.booleans())
+def test_every_sequence_once_per_epoch_across_a_world_size_change(dataset, other, world_before, world_after,
+                                                                  micro, steps_before, seed, mixed):
     """Stop anywhere, resume on another number of workers: the consumed order is the uninterrupted one."""
+    sources, weights = ([dataset, other], [0.6, 0.4]) if mixed else (dataset, None)
+
     def run(world, steps, state=None):
-        streams = [TokenStream(dataset, "train", rank=r, world_size=world, micro_batch=micro, seed=seed)
-                   for r in range(world)]
+        streams = [TokenStream(sources, "train", rank=r, world_size=world, micro_batch=micro, seed=seed,
+                               weights=weights) for r in range(world)]
         if state:
             for s in streams:
                 s.load_state_dict(state)
@@ -90,7 +103,11 @@ def test_every_sequence_once_per_epoch_across_a_world_size_change(dataset, world
     consumed = (before + after)[:total]
     reference, _ = run(1, total // micro + 1)
     assert consumed == reference[:total]
-    assert sorted(consumed[:97]) == list(range(97))
+    if mixed:  # within each part's own epoch, no sequence repeats
+        for part in ([i for i in consumed if i < 97][:97], [i for i in consumed if i >= 500][:61]):
+            assert len(set(part)) == len(part)
+    else:
+        assert sorted(consumed[:97]) == list(range(97))
 
 
 def test_reading_ahead_gives_the_same_batches_and_cursor(dataset):
@@ -108,3 +125,20 @@ def test_reading_ahead_gives_the_same_batches_and_cursor(dataset):
         assert ids(next(ahead)) == ids(next(resumed))
     finally:
         ahead.close()
+
+
+def test_mixture_honours_weights_exactly_per_period(dataset, other):
+    stream = TokenStream([dataset, other], "train", rank=0, world_size=1, micro_batch=100, seed=11,
+                         weights=[0.7, 0.3])
+    drawn = [i for _ in range(20) for i in ids(next(stream))]
+    assert sum(i < 97 for i in drawn) == 1400 and sum(i >= 500 for i in drawn) == 600
+    first_97_of_a = [i for i in drawn if i < 97][:97]
+    assert sorted(first_97_of_a) == list(range(97))  # each part still walks its own epochs
+    assert stream.source_positions(2000) == [1400, 600]
+
+
+def test_mixture_state_must_match(dataset, other):
+    mixed = TokenStream([dataset, other], "train", rank=0, world_size=1, micro_batch=2, seed=1, weights=[1, 1])
+    reweighted = TokenStream([dataset, other], "train", rank=0, world_size=1, micro_batch=2, seed=1, weights=[2, 1])
+    with pytest.raises(ValueError, match="weights"):
+        reweighted.load_state_dict(mixed.state_dict())
