@@ -77,25 +77,35 @@ class Dataset:
 
 
 class ShardWriter:
-    """Packs a stream of documents into seq_len sequences (EOS between documents) and writes shards."""
+    """Packs a stream of documents into seq_len sequences (EOS between documents) and writes shards.
 
-    def __init__(self, dataset_url: str, split: str, *, seq_len: int, vocab_size: int, eos_id: int):
+    With with_mask, each token also carries a 0/1 loss mask (chat: learn only the assistant's tokens),
+    written beside each shard as uint8 `<shard>.mask`.
+    """
+
+    def __init__(self, dataset_url: str, split: str, *, seq_len: int, vocab_size: int, eos_id: int,
+                 with_mask: bool = False):
         self.dataset_url, self.split = dataset_url, split
-        self.seq_len, self.eos_id = seq_len, eos_id
+        self.seq_len, self.eos_id, self.with_mask = seq_len, eos_id, with_mask
         self.dtype = token_dtype(vocab_size)
         self.shard_sequences = max(1, SHARD_TOKENS // seq_len)
-        self._pending: list[np.ndarray] = []
+        self._tokens: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []
         self._pending_tokens = 0
         self.entries: list[dict] = []
         self.documents = 0
 
-    def add(self, token_ids: list[int]) -> None:
-        """Append one document (dropped if empty)."""
+    def add(self, token_ids: list[int], mask: Optional[list[int]] = None) -> None:
+        """Append one document (dropped if empty); chat documents come with their mask and own EOS."""
         if not token_ids:
             return
         self.documents += 1
-        self._pending.append(np.asarray(token_ids + [self.eos_id], dtype=self.dtype))
-        self._pending_tokens += len(token_ids) + 1
+        if self.with_mask:
+            self._tokens.append(np.asarray(token_ids, dtype=self.dtype))
+            self._masks.append(np.asarray(mask, dtype=np.uint8))
+        else:
+            self._tokens.append(np.asarray(token_ids + [self.eos_id], dtype=self.dtype))
+        self._pending_tokens += len(self._tokens[-1])
         if self._pending_tokens >= self.shard_sequences * self.seq_len:
             self._flush(final=False)
 
@@ -110,24 +120,75 @@ class ShardWriter:
         }
 
     def _flush(self, final: bool) -> None:
-        if not self._pending:
+        if not self._tokens:
             return
-        tokens = np.concatenate(self._pending)
+        tokens = np.concatenate(self._tokens)
+        masks = np.concatenate(self._masks) if self.with_mask else None
         per_shard = self.shard_sequences * self.seq_len
         while len(tokens) >= per_shard or (final and len(tokens) >= self.seq_len):
             take = min(per_shard, len(tokens) - len(tokens) % self.seq_len)
-            self._write(tokens[:take])
+            self._write(tokens[:take], masks[:take] if masks is not None else None)
             tokens = tokens[take:]
-        self._pending = [tokens] if len(tokens) and not final else []
-        self._pending_tokens = len(tokens) if not final else 0
+            masks = masks[take:] if masks is not None else None
+        keep = len(tokens) and not final
+        self._tokens = [tokens] if keep else []
+        self._masks = [masks] if keep and masks is not None else []
+        self._pending_tokens = len(tokens) if keep else 0
 
-    def _write(self, tokens: np.ndarray) -> None:
+    def _write(self, tokens: np.ndarray, mask: Optional[np.ndarray]) -> None:
         rel = f"{self.split}/shard_{len(self.entries):05d}.bin"
-        data = tokens.astype(self.dtype, copy=False).tobytes()
-        storage.write_atomic(storage.join(self.dataset_url, rel), data)
-        self.entries.append({"path": rel, "tokens": int(len(tokens)),
-                             "sequences": int(len(tokens) // self.seq_len),
-                             "sha256": hashlib.sha256(data).hexdigest()})
+        entry = write_array(self.dataset_url, rel, tokens.astype(self.dtype, copy=False))
+        entry.update(tokens=int(len(tokens)), sequences=int(len(tokens) // self.seq_len))
+        if mask is not None:
+            entry["mask"] = write_array(self.dataset_url, rel[:-4] + ".mask", mask)
+        self.entries.append(entry)
+
+
+class ExampleWriter:
+    """Classification: one example per sequence (truncated, EOS-padded) with an int32 class id each."""
+
+    def __init__(self, dataset_url: str, split: str, *, seq_len: int, vocab_size: int, eos_id: int):
+        self.dataset_url, self.split, self.seq_len, self.eos_id = dataset_url, split, seq_len, eos_id
+        self.dtype = token_dtype(vocab_size)
+        self.per_shard = max(1, SHARD_TOKENS // seq_len)
+        self._rows: list[np.ndarray] = []
+        self._labels: list[int] = []
+        self.entries: list[dict] = []
+        self.documents = 0
+
+    def add(self, token_ids: list[int], label: int) -> None:
+        """Append one example; text past seq_len - 1 tokens is cut, the rest padded with EOS."""
+        row = np.full(self.seq_len, self.eos_id, dtype=self.dtype)
+        kept = token_ids[: self.seq_len - 1]
+        row[: len(kept)] = kept
+        self._rows.append(row)
+        self._labels.append(label)
+        self.documents += 1
+        if len(self._rows) >= self.per_shard:
+            self._write()
+
+    def close(self) -> dict:
+        """Write what is left and return this split's manifest entry."""
+        self._write()
+        return {"documents": self.documents, "sequences": self.documents,
+                "tokens": self.documents * self.seq_len, "shards": self.entries}
+
+    def _write(self) -> None:
+        if not self._rows:
+            return
+        rel = f"{self.split}/shard_{len(self.entries):05d}.bin"
+        entry = write_array(self.dataset_url, rel, np.stack(self._rows))
+        entry.update(tokens=len(self._rows) * self.seq_len, sequences=len(self._rows))
+        entry["labels"] = write_array(self.dataset_url, rel[:-4] + ".labels", np.asarray(self._labels, dtype="<i4"))
+        self.entries.append(entry)
+        self._rows, self._labels = [], []
+
+
+def write_array(dataset_url: str, rel: str, array: np.ndarray) -> dict:
+    """Write an array's raw bytes atomically; returns its manifest entry (path and sha256)."""
+    data = array.tobytes()
+    storage.write_atomic(storage.join(dataset_url, rel), data)
+    return {"path": rel, "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def write_manifest(dataset_url: str, manifest: dict) -> None:

@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional
 
 from data_pipeline import storage, tokenizer as bpe
-from data_pipeline.dataset import MANIFEST, ShardWriter, token_dtype, write_manifest
+from data_pipeline.dataset import MANIFEST, ExampleWriter, ShardWriter, token_dtype, write_manifest
+from data_pipeline.examples import (CHAT_SPECIAL_TOKENS, ExampleError, chat_messages, classification_example,
+                                    encode_chat, label_map)
 from data_pipeline.sources import FORMATS, Record, SourceError, detect_format, expand, read_records
 
-KINDS = ("pretrain",)
+KINDS = ("pretrain", "chat", "classification")
 MAX_REPORTED_BAD = 20
 
 
@@ -104,27 +106,55 @@ def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: Optional[st
     return h.hexdigest()[:20]
 
 
-def _records_of(row: dict, text_field: str) -> list[dict]:
+def _records_of(row: dict, text_field: str, kind: str) -> list[dict]:
     # "" rather than None for "no error": an all-None column would come back from Arrow as NaN.
-    return [{"text": r.text, "source": r.source, "line": r.line, "error": r.error or ""}
-            for r in read_records(row["url"], row["format"], text_field)]
+    # Chat and classification rows travel whole (as JSON text) to the tokenizing step.
+    records = read_records(row["url"], row["format"], text_field if kind == "pretrain" else None)
+    return [{"text": json.dumps(r.row, default=str) if r.row is not None else r.text, "source": r.source,
+             "line": r.line, "error": r.error or ""} for r in records]
+
+
+def example_text(kind: str, text: str, text_field: str) -> str:
+    """What the tokenizer is trained on for one record: the document, conversation or labelled text."""
+    if kind == "pretrain":
+        return text
+    row = json.loads(text)
+    if kind == "chat":
+        return "\n".join(m["content"] for m in chat_messages(row))
+    return classification_example(row, text_field)[0]
 
 
 _TOKENIZERS: dict = {}
 
 
-def tokenize_batch(batch: dict, tokenizer_url: str, val_fraction: float) -> dict:
-    """Ray Data UDF: token ids, split and status of a batch of documents."""
+def tokenize_batch(batch: dict, tokenizer_url: str, val_fraction: float, kind: str, text_field: str,
+                   labels: Optional[dict] = None) -> dict:
+    """Ray Data UDF: token ids (and chat mask or class id), split and status of a batch of records."""
     tokenizer = _TOKENIZERS.get(tokenizer_url)
     if tokenizer is None:  # once per worker process, read from storage
         tokenizer = _TOKENIZERS[tokenizer_url] = bpe.load(tokenizer_url)
     texts = [str(t) for t in batch["text"]]
-    usable = [i for i, (t, e) in enumerate(zip(texts, batch["error"])) if not e and t.strip()]
-    ids: list[list[int]] = [[] for _ in texts]
-    for i, encoding in zip(usable, tokenizer.encode_batch([texts[i] for i in usable]) if usable else []):
-        ids[i] = encoding.ids
-    return {"ids": ids, "split": [split_of(t, val_fraction) for t in texts],
-            "error": list(batch["error"]), "empty": [not t.strip() for t in texts]}
+    out: dict[str, list] = {"ids": [], "mask": [], "label": [], "error": [], "empty": [],
+                            "split": [split_of(t, val_fraction) for t in texts]}
+    for text, error, source, line in zip(texts, batch["error"], batch["source"], batch["line"]):
+        ids, mask, label = [], [], -1
+        if not error and text.strip():
+            try:
+                if kind == "chat":
+                    ids, mask = encode_chat(tokenizer, json.loads(text))
+                elif kind == "classification":
+                    sample, name = classification_example(json.loads(text), text_field)
+                    ids, label = tokenizer.encode(sample).ids, labels[name]
+                else:
+                    ids = tokenizer.encode(text).ids
+            except ExampleError as exc:
+                error = f"{source}:{line}: {exc}"
+        out["ids"].append(ids)
+        out["mask"].append(mask)
+        out["label"].append(label)
+        out["error"].append(str(error) if error else "")
+        out["empty"].append(not error and not text.strip())
+    return out
 
 
 def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
@@ -147,9 +177,19 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
     ray_dataset = _read(files, formats, cfg)
     tokenizer = given_tokenizer or _train_tokenizer(ray_dataset, cfg, log)
     tokenizer_sha = bpe.save(tokenizer, storage.join(cfg.output, "tokenizer"))
-    summary = _tokenize_and_pack(ray_dataset, tokenizer, storage.join(cfg.output, "tokenizer"), cfg, progress)
+    labels = _label_map(ray_dataset, cfg) if cfg.kind == "classification" else None
+    summary = _tokenize_and_pack(ray_dataset, tokenizer, storage.join(cfg.output, "tokenizer"), cfg, progress,
+                                 labels)
     summary.wall_s = time.perf_counter() - started
-    write_manifest(cfg.output, {
+    extra: dict = {}
+    if labels is not None:
+        extra["label_map"] = labels
+        storage.write_atomic(storage.join(cfg.output, "label_map.json"), json.dumps(labels, indent=2))
+    if cfg.kind == "chat":
+        extra["chat_template"] = {"roles": {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"},
+                                  "format": "{role_token}\\n{content}\\n per message, then EOS",
+                                  "mask": "<shard>.mask: uint8 per token, 1 = loss on this token (assistant + EOS)"}
+    write_manifest(cfg.output, {**extra,
         "kind": cfg.kind, "seq_len": cfg.seq_len, "vocab_size": tokenizer.get_vocab_size(),
         "eos_id": tokenizer.token_to_id(bpe.EOS_TOKEN), "dtype": token_dtype(tokenizer.get_vocab_size()).str,
         "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha, "trained": given_tokenizer is None},
@@ -180,29 +220,56 @@ def _read(files: list[str], formats: list[str], cfg: PrepareConfig):
     context.enable_progress_bars = False
     items = [{"url": u, "format": f} for u, f in zip(files, formats)]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return dataset.flat_map(_records_of, fn_kwargs={"text_field": cfg.text_field}).materialize()
+    return dataset.flat_map(_records_of, fn_kwargs={"text_field": cfg.text_field, "kind": cfg.kind}).materialize()
+
+
+def _usable_rows(dataset, cfg: PrepareConfig) -> Iterator[str]:
+    for row in dataset.iter_rows():
+        if not row["error"] and row["text"].strip():
+            yield row["text"]
 
 
 def _train_tokenizer(dataset, cfg: PrepareConfig, log: Callable[[str], None]):
     def train_texts() -> Iterator[str]:
-        for row in dataset.iter_rows():
-            if not row["error"] and row["text"].strip() and split_of(row["text"], cfg.val_fraction) == "train":
-                yield row["text"]
+        for text in _usable_rows(dataset, cfg):
+            if split_of(text, cfg.val_fraction) == "train":
+                try:
+                    yield example_text(cfg.kind, text, cfg.text_field)
+                except ExampleError:
+                    continue  # reported when the record is tokenized
 
     log(f"prepare: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the train split")
-    return bpe.train_bpe(train_texts(), cfg.vocab_size)
+    special = CHAT_SPECIAL_TOKENS if cfg.kind == "chat" else []
+    return bpe.train_bpe(train_texts(), cfg.vocab_size, special_tokens=special)
 
 
-def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, cfg: PrepareConfig, progress) -> PrepareSummary:
+def _label_map(dataset, cfg: PrepareConfig) -> dict[str, int]:
+    names = set()
+    for text in _usable_rows(dataset, cfg):
+        try:
+            names.add(classification_example(json.loads(text), cfg.text_field)[1])
+        except ExampleError:
+            continue
+    if not names:
+        raise PrepareError(f"kind=classification found no rows with '{cfg.text_field}' and 'label' in {cfg.input}")
+    return label_map(names)
+
+
+def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, cfg: PrepareConfig, progress,
+                       labels: Optional[dict]) -> PrepareSummary:
     tokenized = dataset.map_batches(
-        tokenize_batch, fn_kwargs={"tokenizer_url": tokenizer_url, "val_fraction": cfg.val_fraction},
+        tokenize_batch, fn_kwargs={"tokenizer_url": tokenizer_url, "val_fraction": cfg.val_fraction,
+                                   "kind": cfg.kind, "text_field": cfg.text_field, "labels": labels},
         batch_size=cfg.batch_size, batch_format="numpy")
     eos = tokenizer.token_to_id(bpe.EOS_TOKEN)
-    writers = {split: ShardWriter(cfg.output, split, seq_len=cfg.seq_len, vocab_size=tokenizer.get_vocab_size(),
-                                  eos_id=eos) for split in ("train", "val")}
+    shape = {"seq_len": cfg.seq_len, "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos}
+    writers = {split: ExampleWriter(cfg.output, split, **shape) if cfg.kind == "classification"
+               else ShardWriter(cfg.output, split, with_mask=cfg.kind == "chat", **shape)
+               for split in ("train", "val")}
     summary = PrepareSummary(cfg.output, False)
     for batch in tokenized.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-        for ids, split, error, empty in zip(batch["ids"], batch["split"], batch["error"], batch["empty"]):
+        for ids, mask, label, split, error, empty in zip(batch["ids"], batch["mask"], batch["label"], batch["split"],
+                                                         batch["error"], batch["empty"]):
             if error:
                 summary.bad_records += 1
                 if cfg.on_bad_record == "fail":
@@ -213,9 +280,14 @@ def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, cfg: PrepareConfi
             if empty:
                 summary.empty_documents += 1
                 continue
-            writers[split].add(list(ids))
+            if cfg.kind == "classification":
+                writers[split].add(list(ids), int(label))
+            elif cfg.kind == "chat":
+                writers[split].add(list(ids), list(mask))
+            else:
+                writers[split].add(list(ids))
             summary.documents += 1
-            summary.tokens += len(ids) + 1
+            summary.tokens += len(ids) + (cfg.kind == "pretrain")
         if progress:
             progress(summary.documents, summary.tokens)
     if summary.documents == 0:

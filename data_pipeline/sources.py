@@ -13,8 +13,8 @@ from typing import Iterator, Optional
 
 from data_pipeline import storage
 
-FORMATS = ("jsonl", "parquet", "text", "hf")
-EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+FORMATS = ("jsonl", "parquet", "text", "hf", "csv")
+EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv",
               ".txt": "text", ".text": "text", ".md": "text", ".py": "text"}
 
 
@@ -28,8 +28,9 @@ class Record:
 
     text: str
     source: str
-    line: int  # 1-based line (JSONL), row (Parquet, hf) or 0 for a whole file
+    line: int  # 1-based line (JSONL, CSV), row (Parquet, hf) or 0 for a whole file
     error: Optional[str] = None
+    row: Optional[dict] = None  # the whole row, when the caller asked for rows (chat, classification)
 
 
 def expand(pattern: str) -> list[str]:
@@ -68,16 +69,21 @@ def detect_format(url: str, requested: str) -> str:
     return EXTENSIONS[ext]
 
 
-def read_records(url: str, fmt: str, text_field: str) -> Iterator[Record]:
-    """The documents of one input file (or hf folder)."""
+def read_records(url: str, fmt: str, text_field: Optional[str]) -> Iterator[Record]:
+    """The documents of one input file (or hf folder); text_field=None yields whole rows instead."""
     if fmt == "jsonl":
         yield from _jsonl(url, text_field)
     elif fmt == "text":
-        yield from _text(url)
+        if text_field is None:
+            yield Record("", url, 0, f"{url}: a plain text file has no rows; use JSONL, CSV or Parquet")
+        else:
+            yield from _text(url)
     elif fmt == "parquet":
         yield from _rows(url, _parquet_batches(url), text_field)
     elif fmt == "hf":
         yield from _rows(url, _arrow_batches(url), text_field)
+    elif fmt == "csv":
+        yield from _csv(url, text_field)
     else:
         raise SourceError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
 
@@ -111,9 +117,24 @@ def _jsonl(url: str, text_field: str) -> Iterator[Record]:
         yield _from_row(url, number, row, text_field)
 
 
-def _from_row(url: str, number: int, row, text_field: str) -> Record:
+def _csv(url: str, text_field: Optional[str]) -> Iterator[Record]:
+    import csv
+    import io
+
+    raw, error = _decode(url, storage.read_bytes(url))
+    if error:
+        yield Record("", url, 0, error)
+        return
+    reader = csv.DictReader(io.StringIO(raw))
+    for row in reader:
+        yield _from_row(url, reader.line_num, row, text_field)
+
+
+def _from_row(url: str, number: int, row, text_field: Optional[str]) -> Record:
     if not isinstance(row, dict):
         return Record("", url, number, f"{url}:{number}: expected a JSON object, got {type(row).__name__}")
+    if text_field is None:
+        return Record("", url, number, row=row)
     value = row.get(text_field)
     if text_field in row and isinstance(value, str):
         return Record(value, url, number)

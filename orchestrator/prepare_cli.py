@@ -52,5 +52,6 @@ def run(overrides: list[str], console: Console) -> int:
                   f"documents dropped, {summary.wall_s:.1f}s ({summary.tokens_per_s:,.0f} tokens/s)")
     for example in summary.bad_examples:
         console.print(f"  skipped: {example}")
-    console.print(f"train on it:  kiln train data=prepared data.path={summary.output} data.seq_len={cfg.seq_len}")
+    if cfg.kind == "pretrain":
+        console.print(f"train on it:  kiln train data=prepared data.path={summary.output} data.seq_len={cfg.seq_len}")
     return 0

@@ -162,3 +162,63 @@ def test_a_second_dataset_with_the_first_ones_tokenizer_trains_as_a_mixture(tmp_
     assert len(losses) == 4 and all(np.isfinite(losses))
     saved = (tmp_path / "runs" / "mix" / "config.yaml").read_text()
     assert f"{tmp_path}/code" in saved and "weight: 1.0" in saved
+
+
+def test_chat_rows_are_templated_and_only_assistant_tokens_are_learned(tmp_path):
+    rows = [{"prompt": f"what is {i} plus {i}?", "response": f"it is {2 * i}."} for i in range(120)]
+    rows.append({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": "hello there"}]})
+    rows.append({"messages": [{"role": "user", "content": "nobody answers"}]})
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = kiln("prepare", f"input={tmp_path}/chat.jsonl", f"output={tmp_path}/out", "kind=chat", "seq_len=64",
+                  "vocab_size=400", "val_fraction=0.0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{tmp_path}/chat.jsonl:122: the conversation has no assistant message" in result.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["kind"] == "chat" and manifest["summary"]["documents"] == 121
+    tokenizer = bpe.load(str(tmp_path / "out" / "tokenizer"))
+    eos = manifest["eos_id"]
+    ids = np.concatenate([np.fromfile(tmp_path / "out" / s["path"], dtype="<u2")
+                          for s in manifest["splits"]["train"]["shards"]])
+    mask = np.concatenate([np.fromfile(tmp_path / "out" / s["mask"]["path"], dtype=np.uint8)
+                           for s in manifest["splits"]["train"]["shards"]])
+    assert len(ids) == len(mask) and set(np.unique(mask)) == {0, 1}
+    learned, prompt_side, current, shown = [], [], [], []
+    for token, learn in zip(ids.tolist(), mask.tolist()):
+        if learn:
+            current.append(token)
+        else:
+            shown.append(token)
+        if token == eos:
+            learned.append(tokenizer.decode(current[:-1]))
+            prompt_side.append(tokenizer.decode(shown))
+            current, shown = [], []
+    assert learned[:3] == ["it is 0.", "it is 2.", "it is 4."]
+    assert "what is 1 plus 1?" in prompt_side[1] and "it is" not in prompt_side[1]
+    assert tokenizer.token_to_id("<|assistant|>") is not None
+
+
+def test_classification_rows_get_a_label_map_and_one_example_per_sequence(tmp_path):
+    import csv
+
+    with open(tmp_path / "reviews.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(100):
+            writer.writerow([f"review {i}: " + ("great fun" if i % 2 else "boring and slow"), "pos" if i % 2 else "neg"])
+        writer.writerow(["no label here", ""])
+    result = kiln("prepare", f"input={tmp_path}/reviews.csv", f"output={tmp_path}/out", "kind=classification",
+                  "seq_len=16", "vocab_size=400", "val_fraction=0.0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{tmp_path}/reviews.csv:102: field 'label' is missing" in result.stdout
+    assert json.loads((tmp_path / "out" / "label_map.json").read_text()) == {"neg": 0, "pos": 1}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (shard,) = manifest["splits"]["train"]["shards"]
+    tokens = np.fromfile(tmp_path / "out" / shard["path"], dtype="<u2").reshape(-1, 16)
+    labels = np.fromfile(tmp_path / "out" / shard["labels"]["path"], dtype="<i4")
+    assert len(tokens) == len(labels) == 100
+    tokenizer = bpe.load(str(tmp_path / "out" / "tokenizer"))
+    for row, label in zip(tokens[:6], labels[:6]):
+        text = tokenizer.decode([t for t in row.tolist() if t != manifest["eos_id"]])
+        number = int(text.split(":")[0].split()[1])
+        assert label == number % 2 and ("great" in text) == bool(label)
