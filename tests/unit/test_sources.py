@@ -73,7 +73,7 @@ def test_split_by_document_hash_is_stable_and_close_to_the_fraction():
 @pytest.mark.parametrize("kwargs, message", [
     ({"output": "x"}, "input= is required"),
     ({"input": "x", "output": "y", "on_bad_record": "ignore"}, "on_bad_record must be skip or fail"),
-    ({"input": "x", "output": "y", "format": "csv"}, "format must be one of"),
+    ({"input": "x", "output": "y", "format": "xml"}, "format must be one of"),
     ({"input": "x", "output": "y", "vocab_size": 10}, "vocab_size must be in"),
 ])
 def test_prepare_settings_are_validated(kwargs, message):
