@@ -18,7 +18,7 @@ from data_pipeline import storage, tokenizer as bpe
 from data_pipeline.dataset import MANIFEST, ExampleWriter, ShardWriter, token_dtype, write_manifest
 from data_pipeline.examples import (CHAT_SPECIAL_TOKENS, ExampleError, chat_messages, classification_example,
                                     encode_chat, label_map)
-from data_pipeline.sources import FORMATS, Record, SourceError, detect_format, expand, read_records
+from data_pipeline.sources import FORMATS, detect_format, expand, read_records
 
 KINDS = ("pretrain", "chat", "classification")
 MAX_REPORTED_BAD = 20

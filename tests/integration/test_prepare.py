@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ import pytest
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
 from data_pipeline.stream import TokenStream
-from tests.conftest import REPO, kiln
+from tests.conftest import kiln
 from tests.distributed.test_torchrun import rows, torchrun
 
 pytestmark = pytest.mark.slow
