@@ -122,7 +122,7 @@ def train(cfg: KilnConfig, console: Console) -> TrainOutcome:
                 worker.join(timeout=0.5)
                 view.update(tail.new_rows())
                 if time.monotonic() - last_refresh > 5:
-                    refresh(registry, record, cfg)
+                    refresh(registry, record, cfg, step=tail.last_step)
                     last_refresh = time.monotonic()
             view.update(tail.new_rows())
     except KeyboardInterrupt:

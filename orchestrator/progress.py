@@ -17,6 +17,7 @@ class MetricsTail:
     def __init__(self, url: str):
         self.url, self.offset = url, 0
         self.rows_seen = 0
+        self.last_step: Optional[int] = None  # the newest step seen, so nobody re-reads the file for it
 
     def new_rows(self) -> list[dict]:
         """Rows appended since the previous call."""
@@ -42,6 +43,9 @@ class MetricsTail:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
+        steps = [int(r["step"]) for r in rows if "step" in r]
+        if steps:
+            self.last_step = max(steps + ([self.last_step] if self.last_step is not None else []))
         return rows
 
 

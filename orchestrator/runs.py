@@ -69,10 +69,15 @@ def copy_tokenizer(dataset_url: str, target_url: str) -> None:
         storage.write_atomic(storage.join(target_url, rel), storage.read_bytes(storage.join(source, rel)))
 
 
+def checkpoint_store(cfg: KilnConfig) -> CheckpointStore:
+    """The run's checkpoints, seen from the driver (which lists and verifies, never saves)."""
+    return CheckpointStore(storage.join(run_url(cfg), "checkpoints"), rank=0, world_size=1,
+                           strategy=cfg.strategy.name, config_hash="")
+
+
 def latest_checkpoint(cfg: KilnConfig) -> Optional[dict]:
     """{"step", "uri"} of the newest step folder with a MANIFEST (cheap: no checksum pass)."""
-    store = CheckpointStore(storage.join(run_url(cfg), "checkpoints"), rank=0, world_size=1,
-                            strategy=cfg.strategy.name, config_hash="")
+    store = checkpoint_store(cfg)
     for step in store.steps_on_storage():
         url = store.url(step)
         if storage.exists(storage.join(url, MANIFEST)):
@@ -80,19 +85,20 @@ def latest_checkpoint(cfg: KilnConfig) -> Optional[dict]:
     return None
 
 
-def refresh(registry: RunRegistry, record: RunRecord, cfg: KilnConfig) -> None:
-    """Update the record's step and checkpoint from what the workers wrote."""
-    rows = registry.metrics(record.run_id)
-    if rows:
-        record.step = max(int(r.get("step", 0)) for r in rows)
+def refresh(registry: RunRegistry, record: RunRecord, cfg: KilnConfig, step: Optional[int] = None) -> None:
+    """Update the record's step (given, or read from metrics.jsonl) and checkpoint from what workers wrote."""
+    if step is None:
+        rows = registry.metrics(record.run_id)
+        step = max((int(r.get("step", 0)) for r in rows), default=None)
+    if step is not None:
+        record.step = max(record.step, step)
     record.checkpoint = latest_checkpoint(cfg) or record.checkpoint
     registry.save(record)
 
 
 def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: Optional[int]) -> Committed:
     """A verified checkpoint of the run: the given step, or the newest committed one."""
-    store = CheckpointStore(storage.join(run_url(cfg), "checkpoints"), rank=0, world_size=1,
-                            strategy=cfg.strategy.name, config_hash="")
+    store = checkpoint_store(cfg)
     if step is None:
         committed, skipped = store.latest_committed()
         if committed is None:
