@@ -13,6 +13,7 @@ from rich.table import Table
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_PREEMPTED = 3  # stopped early with a committed checkpoint; `kiln resume RUN` continues it
 
 
 def default_root() -> str:
@@ -31,8 +32,13 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     cfg = compose_config(args.overrides)  # bad input fails here, before Ray starts
     from orchestrator.launcher import train
 
-    outcome = train(cfg, console)
-    console.print(f"[green]{outcome.state}[/green] run {outcome.run_id}: step {outcome.step} "
+    return print_outcome(train(cfg, console), console)
+
+
+def print_outcome(outcome, console: Console) -> int:
+    """The end-of-run summary; returns the exit code."""
+    color = "yellow" if outcome.state == "PREEMPTED" else "green"
+    console.print(f"[{color}]{outcome.state}[/{color}] run {outcome.run_id}: step {outcome.step} "
                   f"in {outcome.wall_s:.0f}s")
     if outcome.first_val_ppl is not None and outcome.last_val_ppl is not None:
         console.print(f"validation perplexity: {outcome.first_val_ppl:,.1f} at step 0 -> "
@@ -40,7 +46,53 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     if outcome.checkpoint:
         console.print(f"checkpoint: {outcome.checkpoint['uri']}")
     console.print(f"run folder: {outcome.run_dir} (metrics.jsonl, config.yaml, logs/, wandb/)")
-    console.print(f"inspect:    kiln status {outcome.run_id} --storage-root {os.path.dirname(outcome.run_dir)}")
+    root = outcome.run_dir[: -len(outcome.run_id)].rstrip("/")
+    console.print(f"inspect:    kiln status {outcome.run_id} --storage-root {root}")
+    if outcome.state == "PREEMPTED":
+        console.print(f"resume:     kiln resume {outcome.run_id} --storage-root {root}")
+        return EXIT_PREEMPTED
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.config import absolute_url
+    from orchestrator.launcher import train
+    from orchestrator.runs import prepare_resume
+
+    registry, record, cfg = prepare_resume(absolute_url(args.storage_root), args.run, args.overrides, args.force)
+    console.print(f"resuming {record.run_id} ({record.state} at step {record.step}) from its last committed "
+                  "checkpoint")
+    return print_outcome(train(cfg, console, resumed=(registry, record)), console)
+
+
+def cmd_stop(args: argparse.Namespace, console: Console) -> int:
+    import time
+
+    from orchestrator.config import UsageError, absolute_url
+    from orchestrator.launcher import driver_identity
+    from orchestrator.registry import RunRegistry
+    from trainers.events import record_event, request_stop
+
+    registry = RunRegistry(absolute_url(args.storage_root))
+    record = registry.load(args.run)
+    if record.state not in ("RUNNING", "PENDING"):
+        raise UsageError(f"run {args.run} is {record.state}, not running; nothing to stop")
+    who = driver_identity("kiln stop")
+    reason = f"stop requested by `kiln stop` ({who['user']}@{who['host']})"
+    request_stop(registry.run_url(args.run), reason)
+    record_event(registry.run_url(args.run), "stop_requested", reason=reason, driver=who)
+    console.print(f"asked run {args.run} to commit a checkpoint and stop; it will end PREEMPTED "
+                  f"(resume: kiln resume {args.run} --storage-root {registry.root})")
+    deadline = time.monotonic() + args.wait
+    while args.wait and time.monotonic() < deadline:
+        record = registry.load(args.run)
+        if record.state not in ("RUNNING", "PENDING"):
+            console.print(f"run {args.run} is {record.state} at step {record.step}")
+            return 0
+        time.sleep(2)
+    if args.wait:
+        console.print(f"run {args.run} is still {record.state} after {args.wait:.0f}s")
+        return EXIT_FAILED
     return 0
 
 
@@ -82,9 +134,32 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         w = status["wandb"]
         console.print(f"  wandb: {w['mode']} run {w['run_id']} in {w['dir']}")
     if status["error"]:
-        console.print(f"  [red]error[/red]: {status['error']}")
+        console.print(f"  error: {status['error']}", markup=False, highlight=False)
+    for attempt in status["attempts"]:
+        console.print("  " + describe_attempt(attempt), markup=False, highlight=False)
+    for note in status["notes"]:
+        console.print(f"  note: {note}", markup=False, highlight=False)
     console.print(f"  folder: {status['run_dir']}")
+    if status["resume_command"]:
+        console.print(f"  resume: {status['resume_command']}")
     return 0
+
+
+def describe_attempt(attempt: dict) -> str:
+    """One line per attempt: when, on what, from which step, how it ended and why."""
+    where = f"{attempt.get('world_size', '?')} workers via {attempt.get('launcher') or '?'}"
+    restored = attempt.get("restored_step")
+    origin = f"from step {restored}" if restored is not None else "from scratch"
+    if attempt.get("resharded_from"):
+        origin += f" (resharded from {attempt['resharded_from']} workers)"
+    outcome = attempt.get("outcome", "running")
+    line = f"attempt {attempt.get('n')}: {attempt.get('started')} {where}, {origin} -> {outcome}"
+    cause = attempt.get("cause") or {}
+    if cause.get("summary"):
+        line += f": {cause['summary']}"
+    where = [f"{name} {cause[key]}" for name, key in (("node", "node"), ("pid", "pid"), ("exit code", "exit_code"))
+             if cause.get(key) is not None]
+    return line + (f" [{', '.join(where)}]" if where else "")
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
@@ -124,6 +199,18 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--storage-root", default=default_root())
     status.set_defaults(func=cmd_status)
+    resume = sub.add_parser("resume", help="continue a run from its last committed checkpoint: kiln resume RUN "
+                                           "[cluster.num_workers=N] [train.max_steps=N]")
+    resume.add_argument("run")
+    resume.add_argument("overrides", nargs="*", help="resume-safe overrides only (e.g. cluster.num_workers=4)")
+    resume.add_argument("--storage-root", default=default_root())
+    resume.add_argument("--force", action="store_true", help="resume even if the run looks alive")
+    resume.set_defaults(func=cmd_resume)
+    stop = sub.add_parser("stop", help="ask a running run to commit a checkpoint and stop (PREEMPTED)")
+    stop.add_argument("run")
+    stop.add_argument("--storage-root", default=default_root())
+    stop.add_argument("--wait", type=float, default=0, help="seconds to wait for it to stop (default: return now)")
+    stop.set_defaults(func=cmd_stop)
     export = sub.add_parser("export", help="write a Hugging Face folder from a run's checkpoint")
     export.add_argument("run")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest committed)")

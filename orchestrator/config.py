@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig, StorageConfig
-from trainers.config import (ModelConfig, OptimConfig, StrategyConfig, TaskConfig, TrackerConfig,
-                             TrainConfig, require)
+from trainers.config import (CheckpointConfig, ModelConfig, OptimConfig, StrategyConfig, TaskConfig,
+                             TrackerConfig, TrainConfig, require)
 
 CONF_DIR = Path(os.environ.get("KILN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -79,6 +79,7 @@ class KilnConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
         check_batch(self.train.global_batch, self.train.micro_batch, self.cluster.num_workers)
@@ -123,9 +124,13 @@ def compose_config(overrides: list[str]) -> KilnConfig:
     return cfg
 
 
-# What may change when a run continues: how many workers and how long, nothing that shapes its math.
+# What may change when a run continues: where and on how many workers it runs, how long, how it is
+# checkpointed and watched; nothing that shapes its math. Storage credentials come from the AWS
+# environment, never from config, so they change by changing the environment.
 RESUME_SAFE_KEYS = ("cluster.num_workers", "train.max_steps", "cluster.address", "cluster.max_failures",
-                    "cluster.cpus_per_worker", "cluster.use_gpu")
+                    "cluster.cpus_per_worker", "cluster.use_gpu", "storage.root", "train.step_timeout_s",
+                    "train.checkpoint_every", "train.log_every", "checkpoint.keep_last", "checkpoint.keep_every",
+                    "checkpoint.async", "checkpoint.preempt_grace_s")
 
 
 def load_saved_config(config_yaml: str, overrides: list[str], source: str) -> KilnConfig:

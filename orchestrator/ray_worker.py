@@ -4,40 +4,128 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
+from dataclasses import dataclass
 from typing import Optional
 
 import ray.train
+from ray.train.torch import TorchConfig
+from ray.train.torch.config import _TorchBackend
 
 from data_pipeline import storage
 from trainers import loop
-from trainers.context import StopFlag
+
+# Set by the SIGTERM handler below; read by the training thread between steps.
+PREEMPTED: dict = {}
+TRAINING = threading.Event()  # a training loop is running in this process
+_ray_sigterm_handler: list = []
+
+
+def on_sigterm(signum, frame) -> None:
+    """Preemption: while training, ask the loop to checkpoint and stop instead of exiting at once."""
+    if TRAINING.is_set():
+        PREEMPTED.setdefault("reason", f"SIGTERM received by a worker (pid {os.getpid()}): preempted")
+        return
+    previous = _ray_sigterm_handler[0] if _ray_sigterm_handler else signal.SIG_DFL
+    if callable(previous):
+        previous(signum, frame)  # outside training, Ray's own shutdown behaviour
+    else:
+        sys.exit(128 + signum)
+
+
+def install_sigterm_handler() -> None:
+    """Run on each worker's main thread: Python signal handlers can only be installed there."""
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    if previous is not on_sigterm:
+        _ray_sigterm_handler[:] = [previous]
+
+
+class KilnTorchBackend(_TorchBackend):
+    """Ray Train's torch backend, plus our SIGTERM handler on every worker before training starts.
+
+    Ray runs the train function in a thread and gives SIGTERM a handler that exits the process; a
+    backend's on_start executes on each worker actor's main thread, the one place that can replace it.
+    """
+
+    def on_start(self, worker_group, backend_config) -> None:
+        super().on_start(worker_group, backend_config)
+        worker_group.execute(install_sigterm_handler)
+
+
+@dataclass
+class KilnTorchConfig(TorchConfig):
+    """TorchConfig whose backend is KilnTorchBackend."""
+
+    @property
+    def backend_cls(self):
+        return KilnTorchBackend
 
 
 class RayWorkerContext:
     """Rank and reporting from Ray Train's worker context."""
+
+    launcher = "ray"
 
     def __init__(self) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.local_rank = context.get_local_rank()
         self.world_size = context.get_world_size()
-        self._stop = StopFlag()
-        self._stop.install()
+        runtime = ray.get_runtime_context()
+        self.node = f"{ray.util.get_node_ip_address()} ({runtime.get_node_id()[:12]})"
 
     def report(self, metrics: dict[str, float], step: int, checkpoint: Optional[str] = None) -> None:
-        # ray.train.report is a collective barrier costing ~1-2 s in Ray Train v2, so Ray only hears
-        # of committed checkpoints; live metrics reach the driver through metrics.jsonl instead.
-        if checkpoint is not None:
-            ray.train.report({**metrics, "step": step, "checkpoint": checkpoint})
+        # Nothing goes to Ray: ray.train.report is a collective barrier costing ~1-2 s in Ray Train v2,
+        # and Kiln keeps neither metrics nor checkpoints in Ray. The driver tails metrics.jsonl and the
+        # run's events, and restores from the CheckpointStore, which works the same without Ray.
+        return None
 
     def should_stop(self) -> bool:
-        return self._stop.requested
+        return bool(PREEMPTED)
+
+    @property
+    def stop_reason(self) -> Optional[str]:
+        """Why this worker was asked to stop."""
+        return PREEMPTED.get("reason")
 
 
-def redirect_output(run_url: str, rank: int) -> str:
-    """Send this worker's stdout, stderr and logging to <run>/logs/worker_<rank>.log."""
-    folder = storage.join(run_url, "logs") if storage.is_local(run_url) else os.path.abspath("kiln-logs")
+class LogMirror:
+    """Copies a worker's local log file into the run folder on object storage every few seconds."""
+
+    def __init__(self, path: str, url: str, every_s: float = 10.0):
+        self.path, self.url, self.every_s = path, url, every_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kiln-log-mirror", daemon=True)
+
+    def start(self) -> "LogMirror":
+        """Begin copying."""
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Copy one last time and stop."""
+        self._stopped.set()
+        self._thread.join(timeout=30)
+        self.upload()
+
+    def upload(self) -> None:
+        """Copy the log now (a failure is retried next round, never raised into training)."""
+        try:
+            with open(self.path, "rb") as handle:
+                storage.write_atomic(self.url, handle.read())
+        except OSError as exc:
+            logging.getLogger("kiln.worker").warning("could not copy the log to %s: %s", self.url, exc)
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self.every_s):
+            self.upload()
+
+
+def redirect_output(run_url: str, rank: int, local_dir: str) -> str:
+    """Send this worker's stdout, stderr and logging to worker_<rank>.log (the run's logs/ when local)."""
+    folder = storage.join(run_url, "logs") if storage.is_local(run_url) else local_dir
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"worker_{rank}.log")
     handle = open(path, "a", buffering=1, encoding="utf-8")
@@ -55,6 +143,16 @@ def train_worker(config: dict) -> None:
     """Entry point of each Ray Train worker."""
     cfg = config["cfg"]
     context = RayWorkerContext()
-    redirect_output(loop.run_url(cfg), context.rank)
+    run_url = loop.run_url(cfg)
+    local_logs = os.path.join(cfg.data.cache_dir, "logs", cfg.run.id)
+    path = redirect_output(run_url, context.rank, local_logs)
+    mirror = None if storage.is_local(run_url) else LogMirror(
+        path, storage.join(run_url, "logs", f"worker_{context.rank}.log")).start()
     os.environ.setdefault("WANDB_SILENT", "true")
-    loop.run(cfg, context)
+    TRAINING.set()
+    try:
+        loop.run(cfg, context)
+    finally:
+        TRAINING.clear()
+        if mirror is not None:
+            mirror.close()

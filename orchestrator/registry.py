@@ -17,7 +17,9 @@ from data_pipeline import storage
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
-STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED")
+# PREEMPTED: stopped early with a committed checkpoint (SIGTERM, `kiln stop`); `kiln resume` continues it.
+STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED", "PREEMPTED")
+RESUMABLE = ("RUNNING", "FAILED", "STOPPED", "PREEMPTED")
 FORMAT_VERSION = 1
 
 
@@ -49,8 +51,10 @@ class RunRecord:
     strategy: str = "ddp"
     num_workers: int = 0
     wandb: Optional[dict] = None  # {"mode", "run_id", "dir"}
-    attempts: list[dict] = field(default_factory=list)
+    attempts: list[dict] = field(default_factory=list)  # one per worker group, with how it ended
     error: Optional[str] = None
+    notes: list[str] = field(default_factory=list)  # recoveries worth knowing (skipped checkpoints, stops)
+    events_cursor: str = ""  # the last events/ entry folded into attempts
     format_version: int = FORMAT_VERSION
 
     @classmethod

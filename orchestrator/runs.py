@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Callable, Optional
 
 from data_pipeline import storage
 from data_pipeline.dataset import DatasetError, open_dataset, open_training_data
 from data_pipeline.stdlib_corpus import prepare_stdlib
-from orchestrator.config import KilnConfig, absolute_url, finalize, load_saved_config, to_yaml
-from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
+from orchestrator.attempts import merge_events
+from orchestrator.config import KilnConfig, UsageError, absolute_url, finalize, load_saved_config, to_yaml
+from orchestrator.registry import CONFIG_FILE, RESUMABLE, RunRecord, RunRegistry
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
+from trainers.events import clear_stop_request
 from trainers.loop import run_url
 from trainers.secrets import redact_text
 from trainers.tracking import wandb_mode
@@ -62,6 +65,34 @@ def reopen_run(root: str, run_id: str, overrides: list[str]) -> tuple[RunRegistr
     return registry, record, cfg
 
 
+ALIVE_WITHIN_S = 30  # a driver rewrites run.json every ~5 s while its run is alive
+
+
+def seconds_since(timestamp: str) -> float:
+    """Seconds from an ISO 8601 UTC timestamp (as run.json holds) to now."""
+    import calendar
+    import time
+
+    return time.time() - calendar.timegm(time.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def prepare_resume(root: str, run_id: str, overrides: list[str], force: bool = False,
+                   ) -> tuple[RunRegistry, RunRecord, KilnConfig]:
+    """Check that run_id can be resumed and load it: its saved config with safe overrides applied."""
+    registry, record, cfg = reopen_run(root, run_id, overrides)
+    age = seconds_since(record.updated)
+    if record.state == "RUNNING" and age < ALIVE_WITHIN_S and not force:
+        raise UsageError(f"run {run_id} looks alive (run.json updated {age:.0f}s ago); stop it with "
+                         f"`kiln stop {run_id}` first, or pass --force if its driver is gone")
+    newest = latest_checkpoint(cfg)  # storage is the truth: the record may predate a crash or a cleanup
+    finished = newest is not None and newest["step"] >= cfg.train.max_steps
+    if record.state not in RESUMABLE and finished:
+        raise UsageError(f"run {run_id} is {record.state} at step {record.step}/{record.max_steps}; "
+                         f"to train it further pass train.max_steps=N (N > {record.step})")
+    clear_stop_request(registry.run_url(run_id))  # a served `kiln stop` must not stop the resumed run
+    return registry, record, cfg
+
+
 def copy_tokenizer(dataset_url: str, target_url: str) -> None:
     """Save the dataset's tokenizer with the run, so the run is usable on its own."""
     source = open_dataset(dataset_url).tokenizer_url
@@ -86,7 +117,8 @@ def latest_checkpoint(cfg: KilnConfig) -> Optional[dict]:
 
 
 def refresh(registry: RunRegistry, record: RunRecord, cfg: KilnConfig, step: Optional[int] = None) -> None:
-    """Update the record's step (given, or read from metrics.jsonl) and checkpoint from what workers wrote."""
+    """Update the record from what workers wrote: events (attempts), step (given, or metrics.jsonl), checkpoint."""
+    merge_events(record, registry.run_url(record.run_id))
     if step is None:
         rows = registry.metrics(record.run_id)
         step = max((int(r.get("step", 0)) for r in rows), default=None)
@@ -111,6 +143,15 @@ def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: Optional[int])
     return Committed(step, store.url(step), verify(store.url(step)))
 
 
+def resume_command(registry: RunRegistry, record: RunRecord) -> Optional[str]:
+    """The command that continues this run, if it can be continued."""
+    if record.state == "SUCCEEDED":
+        return None
+    root = registry.root
+    return f"kiln resume {record.run_id}" + ("" if root == absolute_url(os.environ.get("KILN_STORAGE_ROOT", "./kiln-runs"))
+                                             else f" --storage-root {root}")
+
+
 def status_json(registry: RunRegistry, run_id: str) -> dict:
     """What `kiln status RUN --json` prints."""
     record = registry.load(run_id)
@@ -119,7 +160,8 @@ def status_json(registry: RunRegistry, run_id: str) -> dict:
         "checkpoint": record.checkpoint, "metrics": registry.latest_metrics(run_id), "wandb": record.wandb,
         "experiment": record.experiment, "strategy": record.strategy, "num_workers": record.num_workers,
         "created": record.created, "updated": record.updated, "attempts": record.attempts,
-        "error": record.error, "run_dir": registry.run_url(run_id),
+        "error": record.error, "run_dir": registry.run_url(run_id), "notes": record.notes,
+        "resume_command": resume_command(registry, record),
     }
 
 

@@ -12,8 +12,10 @@ import os
 import sys
 
 from orchestrator.config import UsageError, absolute_url, compose_config
-from orchestrator.registry import UnknownRun, now
-from orchestrator.runs import refresh, reopen_run, start_run
+from orchestrator.launcher import driver_identity
+from orchestrator.registry import UnknownRun
+from orchestrator.runs import prepare_resume, refresh, start_run
+from trainers.events import record_event
 from trainers import loop
 from trainers.context import TorchrunContext
 from trainers.distributed import broadcast_from_rank0, ensure_process_group
@@ -28,13 +30,15 @@ def prepare(argv: list[str], world_size: int):
         root = os.environ.get("KILN_STORAGE_ROOT", "./kiln-runs")
         if rest[:1] == ["--storage-root"] and len(rest) > 1:
             root, rest = rest[1], rest[2:]
-        registry, record, cfg = reopen_run(absolute_url(root), run_id, [f"cluster.num_workers={world_size}", *rest])
+        registry, record, cfg = prepare_resume(absolute_url(root), run_id,
+                                               [f"cluster.num_workers={world_size}", *rest], force=True)
     else:
         cfg = compose_config([f"cluster.num_workers={world_size}", *argv])
         registry, record = start_run(cfg)
-    record.state = "RUNNING"
-    record.attempts.append({"started": now(), "launcher": "torchrun"})
-    registry.save(record)
+    record_event(registry.run_url(record.run_id), "launched", launcher="torchrun",
+                 driver=driver_identity("torchrun -m orchestrator.torchrun"))
+    record.state, record.error = "RUNNING", None
+    refresh(registry, record, cfg)
     return registry, record, cfg
 
 
@@ -54,9 +58,9 @@ def main(argv: list[str]) -> int:
         return 2
     result = loop.run(cfg, ctx)
     if ctx.rank == 0:
-        record.state = result.state
-        record.attempts[-1]["ended"] = now()
         refresh(registry, record, cfg)
+        record.state = result.state
+        registry.save(record)
         print(f"kiln torchrun: {result.state} run {cfg.run.id} at step {result.step}")
     return 0
 

@@ -22,6 +22,28 @@ TINY = [
 ]
 
 
+# The reference run of each strategy: 2 workers, fp32, dropout on (so RNG restore matters).
+STRATEGY_RUN = [*TINY, "tracker=none", "model.dropout=0.1", "train.max_steps=20", "train.checkpoint_every=10",
+                "train.eval_every=10"]
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, cache_dir):
+    """strategy name -> folder of its finished 20-step torchrun run (each trained once per session)."""
+    from tests.distributed.test_torchrun import torchrun
+
+    root = tmp_path_factory.mktemp("strategies")
+    done: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in done:
+            torchrun(*STRATEGY_RUN, f"strategy={strategy}", f"run.id={strategy}", f"storage.root={root}")
+            done[strategy] = root / strategy
+        return done[strategy]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One prepared-corpus cache for the whole session."""

@@ -1,12 +1,14 @@
 """CheckpointStore: sharded, checksummed checkpoints that are committed whole or not at all.
 
 Layout under <run>/checkpoints/step_000120/:
-    shards/              torch.distributed.checkpoint files, each rank writes its own
-    extra/rank_00000.pt  per-rank RNG, data-stream cursor and schedule (weights_only-loadable)
-    MANIFEST.json        written last by rank 0 after every rank finished: sizes and sha256 of each file
+    shards/              each rank's own files (DCP, or DeepSpeed's layout), written straight to the store
+    extra/rank_00000.pt  per-rank RNG, data-stream cursor, schedule and loss scaler (weights_only-loadable)
+    MANIFEST.json        written last by rank 0 once every rank confirmed its files: sizes and sha256
 
 A step folder without a MANIFEST.json, or whose files do not match it, is not a checkpoint. Rank 0
 decides which checkpoint to load and broadcasts the decision, so ranks never act on listings that differ.
+With `checkpoint.async=true` the shards are written by a background thread while training goes on; at
+most one save is in flight, and its manifest is committed only after every rank's upload finished.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
 from data_pipeline import storage
-from trainers.distributed import barrier, broadcast_from_rank0
+from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0, new_checkpoint_group
 
 log = logging.getLogger("kiln.checkpoint")
 
@@ -47,19 +50,32 @@ class Committed:
     manifest: dict
 
 
+@dataclass
+class Restored:
+    """What a restore loaded: the checkpoint, this rank's extras, and newer checkpoints it had to skip."""
+
+    committed: Committed
+    extra: dict
+    skipped: list[str] = field(default_factory=list)
+    resharded_from: Optional[int] = None  # the saved world size, when it differs from this run's
+
+
 def step_dir(step: int) -> str:
     """Folder name of a step's checkpoint."""
     return f"step_{step:06d}"
 
 
 def sha256_of(url: str) -> str:
-    """sha256 of a file, streamed."""
-    fs, path = storage.filesystem(url)
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file, streamed (retried whole on a transient store error)."""
+    def digest_file() -> str:
+        fs, path = storage.filesystem(url)
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return storage.retrying("read", url, digest_file)
 
 
 def verify(url: str) -> dict:
@@ -108,41 +124,121 @@ def restore_rng(state: dict) -> None:
 
 
 class CheckpointStore:
-    """Saves and finds committed checkpoints of one run."""
+    """Saves, finds, restores and prunes the committed checkpoints of one run."""
 
     def __init__(self, root_url: str, *, rank: int, world_size: int, strategy: str, config_hash: str,
-                 model_shapes: Optional[dict] = None):
+                 model_shapes: Optional[dict] = None, keep_last: int = 0, keep_every: int = 0,
+                 async_upload: bool = False):
         self.root = root_url
         self.model_shapes = model_shapes
         self.rank, self.world_size = rank, world_size
         self.strategy, self.config_hash = strategy, config_hash
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.async_upload = async_upload
+        self._group = None  # a gloo group of its own, so background uploads never race training collectives
+        self._uploads: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[tuple[str, Future]] = None
 
     def url(self, step: int) -> str:
         """Where step's checkpoint lives."""
         return storage.join(self.root, step_dir(step))
 
-    def save(self, step: int, strategy, extra: dict) -> str:
-        """Collective: every rank writes its shards and extras; rank 0 commits the manifest last."""
+    def save(self, step: int, strategy, extra: dict) -> list[str]:
+        """Collective: write step's checkpoint; returns the URLs committed during this call.
+
+        Synchronous: this step's checkpoint, committed. Async: this call waits for the previous upload
+        (returning its URL), captures this step's state and leaves its upload running.
+        """
+        committed = self.wait()
         url = self.url(step)
-        strategy.save(storage.join(url, "shards"))
+        if self.rank == 0 and storage.exists(url):
+            storage.remove(url, recursive=True)  # an uncommitted leftover of a crashed attempt
+        barrier()
         buffer = io.BytesIO()
         torch.save(extra, buffer)
-        storage.write_atomic(storage.join(url, "extra", f"rank_{self.rank:05d}.pt"), buffer.getvalue())
-        barrier()  # every rank's files are complete before the manifest can vouch for them
-        if self.rank == 0:
-            self._commit(url, step)
-        barrier()
-        return url
+        extra_name = f"extra/rank_{self.rank:05d}.pt"
+        storage.write_atomic(storage.join(url, extra_name), buffer.getvalue())
+        own = {extra_name: (buffer.getbuffer().nbytes, hashlib.sha256(buffer.getvalue()).hexdigest())}
+        shards = storage.join(url, "shards")
+        if not self.async_upload:
+            records = strategy.save(shards)
+            self._commit(url, step, {**own, **prefixed("shards", records)}, self._checkpoint_group())
+            return [*committed, url]
+        finish = strategy.save_async(shards, self._checkpoint_group())
+        group = self._checkpoint_group()
 
-    def _commit(self, url: str, step: int) -> None:
-        files = [{"path": rel, "size": size, "sha256": sha256_of(storage.join(url, rel))}
-                 for rel, size in storage.walk_files(url) if rel != MANIFEST]
-        manifest = {
-            "format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
-            "strategy": self.strategy, "config_hash": self.config_hash,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files,
-        }
-        storage.write_atomic(storage.join(url, MANIFEST), json.dumps(manifest, indent=2))
+        def upload() -> str:
+            self._commit(url, step, {**own, **prefixed("shards", finish())}, group)
+            return url
+
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-ckpt-upload")
+        self._pending = (url, self._uploads.submit(upload))
+        return committed
+
+    def wait(self) -> list[str]:
+        """Block until the in-flight upload (if any) is committed; returns its URL. Re-raises its failure."""
+        if self._pending is None:
+            return []
+        url, future = self._pending
+        self._pending = None
+        future.result()
+        return [url]
+
+    def close(self) -> None:
+        """Stop the upload thread (call after wait())."""
+        if self._uploads is not None:
+            self._uploads.shutdown(wait=True)
+            self._uploads = None
+
+    def _checkpoint_group(self):
+        if self._group is None:
+            self._group = new_checkpoint_group()
+        return self._group
+
+    def _commit(self, url: str, step: int, own_files: dict, group) -> None:
+        """Every rank hands rank 0 what it wrote; rank 0 writes MANIFEST.json last, then prunes."""
+        everyone = gather_to_rank0(own_files, group)
+        if self.rank == 0:
+            written: dict = {}
+            for files in everyone:
+                written.update(files)
+            on_store = dict(storage.walk_files(url))
+            entries = []
+            for rel, size in sorted(on_store.items()):
+                if rel == MANIFEST:
+                    continue
+                recorded = written.get(rel)
+                if recorded is not None and recorded[0] != size:
+                    raise CheckpointError(f"{storage.join(url, rel)} has {size} bytes on the store but "
+                                          f"{recorded[0]} were written; the upload was incomplete")
+                digest = recorded[1] if recorded else sha256_of(storage.join(url, rel))
+                entries.append({"path": rel, "size": size, "sha256": digest})
+            missing = sorted(set(written) - set(on_store))
+            if missing:
+                raise CheckpointError(f"{url}: {', '.join(missing)} written but not found on the store")
+            manifest = {
+                "format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
+                "strategy": self.strategy, "config_hash": self.config_hash,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": entries,
+            }
+            storage.write_atomic(storage.join(url, MANIFEST), json.dumps(manifest, indent=2))
+            self.prune(keep=step)
+        barrier(group)
+
+    def prune(self, keep: int) -> list[int]:
+        """Rank 0: delete uncommitted leftovers and committed checkpoints retention no longer keeps."""
+        steps = self.steps_on_storage()
+        committed = [s for s in steps if storage.exists(storage.join(self.url(s), MANIFEST))]
+        kept = set(committed[:self.keep_last]) if self.keep_last else set(committed)
+        kept |= {s for s in committed if self.keep_every and s % self.keep_every == 0}
+        kept.add(keep)
+        removed = [s for s in steps if s not in kept]
+        for s in removed:
+            what = "committed checkpoint beyond checkpoint.keep_last" if s in committed else "uncommitted leftover"
+            log.info("removing %s %s", what, self.url(s))
+            storage.remove(self.url(s), recursive=True)
+        return removed
 
     def steps_on_storage(self) -> list[int]:
         """Steps that have a folder, committed or not, newest first."""
@@ -160,29 +256,38 @@ class CheckpointStore:
                 return Committed(step, url, verify(url)), skipped
             except CheckpointError as exc:
                 skipped.append(str(exc))
-                log.warning("skipping checkpoint: %s", exc)
+                log.warning("skipping checkpoint that fails verification: %s", exc)
         return None, skipped
 
-    def restore(self, strategy) -> Optional[tuple[Committed, dict]]:
-        """Collective: load the newest committed checkpoint into the strategy and return this rank's extras."""
-        decision = self.latest_committed()[0] if self.rank == 0 else None
-        decision = broadcast_from_rank0(decision)
-        if decision is None:
+    def restore(self, strategy) -> Optional[Restored]:
+        """Collective: load the newest committed checkpoint into the strategy; this rank's extras."""
+        decision = self.latest_committed() if self.rank == 0 else None
+        committed, skipped = broadcast_from_rank0(decision)
+        if committed is None:
             return None
-        if decision.manifest.get("config_hash") != self.config_hash and self.model_shapes is not None:
+        self._check_compatible(committed)
+        saved_world = committed.manifest["world_size"]
+        strategy.load(storage.join(committed.url, "shards"), saved_world)
+        # Extras are per rank; on another world size rank r takes rank r's (or rank 0's) schedule and
+        # cursor, which every rank holds identically, and the caller reseeds the RNG streams.
+        own = self.rank if self.rank < saved_world else 0
+        raw = storage.read_bytes(storage.join(committed.url, "extra", f"rank_{own:05d}.pt"))
+        extra = torch.load(io.BytesIO(raw), weights_only=True)
+        resharded = saved_world if saved_world != self.world_size else None
+        return Restored(committed, extra, skipped, resharded)
+
+    def _check_compatible(self, committed: Committed) -> None:
+        if committed.manifest.get("config_hash") != self.config_hash and self.model_shapes is not None:
             from trainers.export import check_fits, checkpoint_shapes
 
-            shapes = checkpoint_shapes(storage.join(decision.url, "shards"), decision.manifest["strategy"])
-            check_fits(self.model_shapes, shapes, decision.url)
-        if decision.manifest["strategy"] != self.strategy:
-            raise CheckpointError(f"{decision.url} was saved by strategy={decision.manifest['strategy']}; "
+            shapes = checkpoint_shapes(storage.join(committed.url, "shards"), committed.manifest["strategy"])
+            check_fits(self.model_shapes, shapes, committed.url)
+        if committed.manifest["strategy"] != self.strategy:
+            raise CheckpointError(f"{committed.url} was saved by strategy={committed.manifest['strategy']}; "
                                   f"resume it with that strategy (this run has strategy={self.strategy}), "
                                   "or export it with `kiln export`")
-        saved_world = decision.manifest["world_size"]
-        if saved_world != self.world_size:
-            raise CheckpointError(f"{decision.url} was saved by {saved_world} workers but this run has "
-                                  f"{self.world_size}; resume with cluster.num_workers={saved_world}")
-        strategy.load(storage.join(decision.url, "shards"))
-        raw = storage.read_bytes(storage.join(decision.url, "extra", f"rank_{self.rank:05d}.pt"))
-        extra = torch.load(io.BytesIO(raw), weights_only=True)
-        return decision, extra
+
+
+def prefixed(folder: str, records: dict) -> dict:
+    """File records keyed by their path relative to the checkpoint folder."""
+    return {f"{folder}/{name}": value for name, value in (records or {}).items()}

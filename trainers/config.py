@@ -143,6 +143,10 @@ class TrainConfig:
     checkpoint_every: int = 100
     # Threads per worker for intra-op parallelism on CPU; 0 keeps torch's default.
     torch_threads: int = 1
+    # A step (or checkpoint save) running longer than this is a hang: the worker fails with the rank
+    # and last step named, so Ray restarts the group instead of waiting on a collective forever.
+    # 0 turns the watchdog off.
+    step_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "global_batch", "micro_batch", "log_every", "eval_every",
@@ -151,6 +155,37 @@ class TrainConfig:
             require(value > 0, f"train.{name} must be > 0, got {value}")
         require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         require(self.torch_threads >= 0, f"train.torch_threads must be >= 0, got {self.torch_threads}")
+        require(self.step_timeout_s >= 0, f"train.step_timeout_s must be >= 0 (0: no watchdog), "
+                                          f"got {self.step_timeout_s}")
+
+
+@dataclass
+class CheckpointConfig:
+    """How checkpoints are written and kept (how often: train.checkpoint_every).
+
+    `checkpoint.async=true` uploads in the background while training continues (at most one upload in
+    flight; the run never ends with one pending). Python reserves `async`, so the field is declared
+    below without an __init__ parameter: OmegaConf sets it by name and code reads `async_upload`.
+    """
+
+    # Keep the newest N committed checkpoints (0: keep all) ...
+    keep_last: int = 0
+    # ... and also every checkpoint whose step is a multiple of this (0: none extra).
+    keep_every: int = 0
+    # After SIGTERM (preemption) or `kiln stop`, the checkpoint must be committed within this time.
+    preempt_grace_s: float = 120.0
+    __annotations__["async"] = bool
+    locals()["async"] = field(default=False, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        require(self.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0: keep all), got {self.keep_last}")
+        require(self.keep_every >= 0, f"checkpoint.keep_every must be >= 0, got {self.keep_every}")
+        require(self.preempt_grace_s > 0, f"checkpoint.preempt_grace_s must be > 0, got {self.preempt_grace_s}")
+
+    @property
+    def async_upload(self) -> bool:
+        """The `checkpoint.async` setting."""
+        return bool(getattr(self, "async"))
 
 
 @dataclass

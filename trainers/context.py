@@ -11,7 +11,11 @@ log = logging.getLogger("kiln.worker")
 
 
 class WorkerContext(Protocol):
-    """The launcher's side of a worker (Ray Train or torchrun)."""
+    """The launcher's side of a worker (Ray Train or torchrun).
+
+    Launchers may also set `launcher` (its name), `node` (where this rank runs) and `stop_reason`
+    (why should_stop() turned true); the loop records them in the run's events.
+    """
 
     rank: int
     local_rank: int
@@ -33,6 +37,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self.reason: Optional[str] = None
 
     def install(self) -> None:
         """Catch SIGTERM (and SIGINT) in this process; only possible from the main thread."""
@@ -44,10 +49,13 @@ class StopFlag:
 
     def _set(self, signum, frame) -> None:
         self.requested = True
+        self.reason = self.reason or f"{signal.Signals(signum).name} received by a worker (pid {os.getpid()})"
 
 
 class TorchrunContext:
     """A worker started by `torchrun`: identity from its environment, reports go to the log."""
+
+    launcher = "torchrun"
 
     def __init__(self) -> None:
         self.rank = int(os.environ.get("RANK", 0))
@@ -62,3 +70,8 @@ class TorchrunContext:
 
     def should_stop(self) -> bool:
         return self._stop.requested
+
+    @property
+    def stop_reason(self) -> Optional[str]:
+        """Why this worker was asked to stop."""
+        return self._stop.reason

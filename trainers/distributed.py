@@ -36,6 +36,27 @@ def max_across_ranks(value: float, device: torch.device) -> float:
     return float(tensor.item())
 
 
-def barrier() -> None:
-    """Wait for every rank."""
-    dist.barrier()
+def barrier(group: Any = None) -> None:
+    """Wait for every rank (of group, default: all)."""
+    dist.barrier(group=group)
+
+
+def gather_to_rank0(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's obj, in rank order, on rank 0 (others get an empty list)."""
+    rank = dist.get_rank()
+    gathered = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(obj, gathered, dst=dist.get_global_rank(group, 0) if group is not None else 0,
+                       group=group)
+    return gathered if rank == 0 else []
+
+
+def new_checkpoint_group() -> Any:
+    """Collective: a gloo group over all ranks for checkpoint traffic, apart from training collectives."""
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=1800))
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if flag is true on any (a consensus for stopping at the same step)."""
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())

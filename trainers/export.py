@@ -25,7 +25,7 @@ MODEL_PREFIX = "model."
 def checkpoint_shapes(shards_url: str, strategy: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape, as stored in a checkpoint's shards."""
     if strategy.startswith("zero"):
-        with local_folder(shards_url, upload=False) as folder:
+        with local_folder(shards_url) as folder:
             # ZeRO-1/2 name it mp_rank_00_model_states.pt, ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt.
             found = sorted(glob.glob(os.path.join(folder, CHECKPOINT_TAG, "*mp_rank_00_model_states.pt")))
             if not found:
@@ -64,7 +64,7 @@ def load_consolidated(model: nn.Module, shards_url: str, strategy: str) -> None:
         return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with local_folder(shards_url, upload=False) as folder:
+    with local_folder(shards_url) as folder:
         state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=CHECKPOINT_TAG)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name, _ in _tied_names(model)}

@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -23,13 +25,16 @@ from data_pipeline.dataset import Dataset, open_training_data
 from data_pipeline.stream import TokenStream
 from trainers.checkpoint import CheckpointStore, capture_rng, restore_rng
 from trainers.context import WorkerContext
+from trainers.distributed import (any_rank, ensure_process_group, gather_to_rank0, max_across_ranks,
+                                  mean_across_ranks)
+from trainers.events import StopRequestWatcher, record_event
 from trainers.export import shapes_of
 from trainers.flops import flops_per_token, mfu, peak_flops
-from trainers.distributed import ensure_process_group, max_across_ranks, mean_across_ranks
 from trainers.models import parameter_count
 from trainers.strategies import Strategy, build_strategy
 from trainers.tasks import Task, build_task
 from trainers.tracking import Tracker, build_tracker
+from trainers.watchdog import StepWatchdog
 
 log = logging.getLogger("kiln.worker")
 
@@ -38,7 +43,7 @@ log = logging.getLogger("kiln.worker")
 class LoopResult:
     """How a worker's loop ended."""
 
-    state: str  # SUCCEEDED or STOPPED
+    state: str  # SUCCEEDED, or PREEMPTED when asked to stop (SIGTERM, `kiln stop`) before max_steps
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: Optional[str] = None
@@ -87,7 +92,8 @@ class Trainer:
     def __init__(self, cfg: Any, ctx: WorkerContext):
         self.cfg, self.ctx = cfg, ctx
         self.device = pick_device(ctx.local_rank)
-        ensure_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        ensure_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                             timeout_s=max(cfg.train.step_timeout_s * 2, 600) if cfg.train.step_timeout_s else 1800)
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
         if cfg.train.deterministic:
@@ -113,7 +119,9 @@ class Trainer:
                                   weights=self.weights)
         self.checkpoints = CheckpointStore(storage.join(self.url, "checkpoints"), rank=ctx.rank,
                                            world_size=ctx.world_size, strategy=self.strategy.name,
-                                           config_hash=config_hash(cfg), model_shapes=self.model_shapes)
+                                           config_hash=config_hash(cfg), model_shapes=self.model_shapes,
+                                           keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
+                                           async_upload=cfg.checkpoint.async_upload)
         self.tokens_per_step = cfg.train.global_batch * self.dataset.seq_len
         embedding_params = model.transformer.wpe.weight.numel() if hasattr(model, "transformer") else 0
         self.flops_per_token = flops_per_token(self.num_params - embedding_params, cfg.model.n_layer,
@@ -123,30 +131,46 @@ class Trainer:
         self.step = 0
         self.saved_step: Optional[int] = None
 
-    def restore(self) -> Optional[str]:
-        """Load the newest committed checkpoint, if any; returns its URL."""
+    def restore(self) -> dict:
+        """Load the newest committed checkpoint, if any; returns what happened, for the run's events."""
         restored = self.checkpoints.restore(self.strategy)
         if restored is None:
-            return None
-        committed, extra = restored
-        self.strategy.load_scheduler_state(extra["scheduler"])
+            return {"restored_step": None, "skipped": []}
+        committed, extra = restored.committed, restored.extra
+        self.strategy.load_extra_state(extra.get("strategy") or {"scheduler": extra["scheduler"]})
         self.stream.load_state_dict(extra["stream"])
-        restore_rng(extra["rng"])
         self.step = self.saved_step = committed.step
+        if restored.resharded_from is None:
+            restore_rng(extra["rng"])
+        else:
+            # Another world size has other ranks: no saved stream is this rank's, so derive fresh ones.
+            seed_everything(self.cfg.train.seed + 1000 * self.ctx.rank + 1 + 7919 * committed.step)
+            log.info("resharded from %d to %d workers", restored.resharded_from, self.ctx.world_size)
+        for reason in restored.skipped:
+            log.warning("skipped a newer checkpoint: %s", reason)
         log.info("resumed from %s (step %d)", committed.url, committed.step)
-        return committed.url
+        return {"restored_step": committed.step, "restored_from": committed.url, "skipped": restored.skipped,
+                "resharded_from": restored.resharded_from}
 
-    def save(self) -> Optional[str]:
-        """Commit a checkpoint of everything needed to continue exactly from this step."""
+    def save(self) -> list[str]:
+        """Checkpoint everything needed to continue exactly from this step; returns URLs committed meanwhile."""
         if self.saved_step == self.step:  # never rewrite a committed checkpoint
-            return None
-        extra = {"step": self.step, "scheduler": self.strategy.scheduler_state(),
+            return []
+        extra = {"step": self.step, "strategy": self.strategy.extra_state(),
                  "stream": self.stream.state_dict(), "rng": capture_rng()}
         started = time.perf_counter()
-        url = self.checkpoints.save(self.step, self.strategy, extra)
-        log.info("checkpoint step %d committed in %.2fs: %s", self.step, time.perf_counter() - started, url)
+        committed = self.checkpoints.save(self.step, self.strategy, extra)
+        blocked = time.perf_counter() - started
+        log.info("checkpoint step %d %s in %.2fs", self.step,
+                 "upload started" if self.checkpoints.async_upload else "committed", blocked)
         self.saved_step = self.step
-        return url
+        return committed
+
+    def finish_uploads(self) -> list[str]:
+        """Wait for a background upload, so the run never ends with one pending."""
+        committed = self.checkpoints.wait()
+        self.checkpoints.close()
+        return committed
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over grad_accum micro-batches; returns this rank's raw numbers."""
@@ -205,26 +229,48 @@ class Trainer:
         return metrics
 
 
+def identity(ctx: WorkerContext) -> dict:
+    """Where this rank runs, for the run's events (node, pid)."""
+    return {"rank": ctx.rank, "node": getattr(ctx, "node", None) or socket.gethostname(), "pid": os.getpid()}
+
+
 def run(cfg: Any, ctx: WorkerContext) -> LoopResult:
     """Train (or continue training) the run described by cfg on this worker."""
     trainer = Trainer(cfg, ctx)
     train = cfg.train
     log.info("rank %d/%d on %s: %s params, grad_accum %d, precision %s", ctx.rank, ctx.world_size,
              trainer.device, f"{trainer.num_params:,}", trainer.grad_accum, trainer.strategy.precision)
-    checkpoint = trainer.restore()
+    watchdog = StepWatchdog(train.step_timeout_s, ctx.rank, on_hang=lambda reason: record_event(
+        trainer.url, "hung", **reason, **identity(ctx))).start()
+    restored = trainer.restore()
+    ranks = gather_to_rank0(identity(ctx))
+    if ctx.rank == 0:
+        record_event(trainer.url, "started", world_size=ctx.world_size, ranks=ranks,
+                     launcher=getattr(ctx, "launcher", "unknown"), **restored)
+    checkpoint = restored.get("restored_from")
+    stop_requests = StopRequestWatcher(trainer.url).start() if ctx.rank == 0 else None
     tracker: Tracker = build_tracker(
         cfg.tracker, rank=ctx.rank, run_id=cfg.run.id, run_name=cfg.run.id, run_url=trainer.url,
-        local_dir=trainer.url if storage.is_local(trainer.url) else None, config=asdict(cfg))
-    state, metrics = "SUCCEEDED", {}
+        scratch_dir=cfg.data.cache_dir, config=asdict(cfg))
+    state, metrics, stop_reason = "SUCCEEDED", {}, None
+
+    def report_committed(urls: list[str], metrics: dict, step: int) -> Optional[str]:
+        for url in urls:
+            ctx.report(metrics, step, checkpoint=url)
+        return urls[-1] if urls else None
+
     try:
         if trainer.step == 0:
             metrics = trainer.evaluate()
             tracker.log(metrics, 0)
             ctx.report(metrics, 0)
         while trainer.step < train.max_steps:
-            if ctx.should_stop():
-                state = "STOPPED"
+            asked = ctx.should_stop() or (stop_requests is not None and stop_requests.request is not None)
+            if any_rank(asked, trainer.device):  # every rank stops at the same step
+                state = "PREEMPTED"
+                stop_reason = describe_stop(ctx, stop_requests)
                 break
+            watchdog.beat(trainer.step, "train step")
             raw = trainer.train_step()
             step, last = trainer.step, trainer.step == train.max_steps
             if not math.isfinite(raw["loss"]):
@@ -232,19 +278,57 @@ def run(cfg: Any, ctx: WorkerContext) -> LoopResult:
                                          "lower optim.lr or check the data")
             metrics = trainer.metrics_for(raw) if step % train.log_every == 0 or last else {}
             if step % train.eval_every == 0 or last:
+                watchdog.beat(step, "evaluation")
                 metrics.update(trainer.evaluate())
-            saved = trainer.save() if step % train.checkpoint_every == 0 or last else None
-            checkpoint = saved or checkpoint
+            committed: list[str] = []
+            if step % train.checkpoint_every == 0 or last:
+                watchdog.beat(step, "checkpoint save")
+                committed = trainer.save()
+            if last:
+                watchdog.beat(step, "checkpoint upload")
+                committed += trainer.finish_uploads()
             if metrics:
                 tracker.log(metrics, step)
-            if metrics or saved:
-                ctx.report(metrics, step, checkpoint=saved)
-        if state == "STOPPED" and trainer.step > 0:
-            checkpoint = trainer.save() or checkpoint
+            if step % train.checkpoint_every == 0 or last:
+                tracker.flush()  # what a restart resumes from is also what metrics.jsonl holds
+            checkpoint = report_committed(committed, metrics, step) or checkpoint
+            if metrics and not committed:
+                ctx.report(metrics, step)
+        if state == "PREEMPTED":
+            checkpoint = preempt(trainer, cfg, watchdog, stop_reason, report_committed) or checkpoint
     except BaseException:
         tracker.finish("FAILED")
         raise
     finally:
+        watchdog.stop()
         trainer.stream.close()
+        if stop_requests is not None:
+            stop_requests.close()
+    trainer.finish_uploads()
     tracker.finish(state)
+    if ctx.rank == 0:
+        record_event(trainer.url, "finished", state=state, step=trainer.step, reason=stop_reason,
+                     checkpoint=checkpoint)
     return LoopResult(state=state, step=trainer.step, metrics=metrics, checkpoint=checkpoint)
+
+
+def describe_stop(ctx: WorkerContext, stop_requests: Optional[StopRequestWatcher]) -> str:
+    """Why this run is stopping early, as the run record will say it."""
+    if stop_requests is not None and stop_requests.request is not None:
+        return str(stop_requests.request.get("reason", "stop requested"))
+    return getattr(ctx, "stop_reason", None) or "a worker received SIGTERM (preemption)"
+
+
+def preempt(trainer: Trainer, cfg: Any, watchdog: StepWatchdog, reason: Optional[str],
+            report_committed) -> Optional[str]:
+    """Commit a checkpoint of the current step now, within checkpoint.preempt_grace_s."""
+    started = time.perf_counter()
+    log.warning("stopping at step %d: %s; committing a checkpoint", trainer.step, reason)
+    watchdog.beat(trainer.step, "preemption checkpoint")
+    committed = trainer.save() + trainer.finish_uploads() if trainer.step > 0 else trainer.finish_uploads()
+    took = time.perf_counter() - started
+    grace = cfg.checkpoint.preempt_grace_s
+    (log.info if took <= grace else log.error)(
+        "preemption checkpoint at step %d committed in %.2fs (checkpoint.preempt_grace_s=%g)",
+        trainer.step, took, grace)
+    return report_committed(committed, {}, trainer.step)

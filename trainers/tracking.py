@@ -21,14 +21,20 @@ class Tracker(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Record metrics at a step."""
 
+    def flush(self) -> None:
+        """Make what was logged so far durable (called with every checkpoint)."""
+
     def finish(self, state: str) -> None:
-        """Close, noting the run's final state (SUCCEEDED, FAILED, STOPPED)."""
+        """Close, noting the run's final state (SUCCEEDED, FAILED, STOPPED, PREEMPTED)."""
 
 
 class NullTracker:
     """For ranks other than 0, and `tracker=none`."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def finish(self, state: str) -> None:
@@ -57,9 +63,12 @@ class JsonlTracker:
             if time.monotonic() - self._last_flush >= self._min_flush_s:
                 self._flush()
 
-    def finish(self, state: str) -> None:
+    def flush(self) -> None:
         if not self._local:
             self._flush()
+
+    def finish(self, state: str) -> None:
+        self.flush()
 
     def _flush(self) -> None:
         storage.write_atomic(self.url, "".join(self._lines))
@@ -74,9 +83,11 @@ def wandb_mode(cfg: TrackerConfig) -> str:
 class WandbTracker:
     """A W&B run whose id is the Kiln run id, so a resumed run continues the same W&B run."""
 
-    def __init__(self, cfg: TrackerConfig, *, run_id: str, run_name: str, local_dir: str, config: dict):
+    def __init__(self, cfg: TrackerConfig, *, run_id: str, run_name: str, local_dir: str, config: dict,
+                 upload_to: Optional[str] = None):
         import wandb
 
+        self.local_dir, self.upload_to = local_dir, upload_to
         os.makedirs(local_dir, exist_ok=True)
         self._run = wandb.init(
             project=cfg.project, entity=cfg.entity, id=run_id, name=run_name, dir=local_dir,
@@ -88,8 +99,16 @@ class WandbTracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._run.log(metrics, step=step)
 
+    def flush(self) -> None:
+        pass  # W&B's own process persists what was logged
+
     def finish(self, state: str) -> None:
-        self._run.finish(exit_code=0 if state in ("SUCCEEDED", "STOPPED") else 1)
+        self._run.finish(exit_code=0 if state in ("SUCCEEDED", "STOPPED", "PREEMPTED") else 1)
+        if self.upload_to:  # a run on object storage keeps its W&B files there too
+            try:
+                storage.put_folder(os.path.join(self.local_dir, "wandb"), self.upload_to)
+            except OSError as exc:
+                log.warning("could not copy W&B files to %s: %s", self.upload_to, exc)
 
 
 class CompositeTracker:
@@ -102,19 +121,28 @@ class CompositeTracker:
         for tracker in self.trackers:
             tracker.log(metrics, step)
 
+    def flush(self) -> None:
+        for tracker in self.trackers:
+            tracker.flush()
+
     def finish(self, state: str) -> None:
         for tracker in self.trackers:
             tracker.finish(state)
 
 
 def build_tracker(cfg: TrackerConfig, *, rank: int, run_id: str, run_name: str, run_url: str,
-                  local_dir: Optional[str], config: dict) -> Tracker:
-    """Rank 0: metrics.jsonl plus W&B unless `tracker=none`; other ranks: nothing."""
+                  scratch_dir: str, config: dict) -> Tracker:
+    """Rank 0: metrics.jsonl plus W&B unless `tracker=none`; other ranks: nothing.
+
+    W&B writes local files only: a local run keeps them in its folder; a run on object storage keeps
+    them under scratch_dir and copies them to <run>/wandb/ when the tracker finishes.
+    """
     if rank != 0:
         return NullTracker()
     trackers: list[Tracker] = [JsonlTracker(storage.join(run_url, "metrics.jsonl"))]
     if cfg.name == "wandb":
+        local = storage.is_local(run_url)
         trackers.append(WandbTracker(cfg, run_id=run_id, run_name=run_name,
-                                     local_dir=local_dir or os.path.join(os.getcwd(), "wandb-runs"),
-                                     config=config))
+                                     local_dir=run_url if local else os.path.join(scratch_dir, "wandb", run_id),
+                                     config=config, upload_to=None if local else storage.join(run_url, "wandb")))
     return CompositeTracker(trackers)

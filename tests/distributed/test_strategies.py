@@ -14,29 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY, kiln
+from tests.conftest import REPO, STRATEGY_RUN as RUN, kiln
 from tests.distributed.test_torchrun import rows, torchrun
 
 pytestmark = pytest.mark.slow
 
 STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"]
-RUN = [*TINY, "tracker=none", "model.dropout=0.1", "train.max_steps=20", "train.checkpoint_every=10",
-       "train.eval_every=10"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir):
-    """strategy name -> folder of its finished 20-step run (trained once per module)."""
-    root = tmp_path_factory.mktemp("strategies")
-    done: dict[str, Path] = {}
-
-    def get(strategy: str) -> Path:
-        if strategy not in done:
-            torchrun(*RUN, f"strategy={strategy}", f"run.id={strategy}", f"storage.root={root}")
-            done[strategy] = root / strategy
-        return done[strategy]
-
-    return get
+@pytest.fixture
+def trained(trained_runs):
+    return trained_runs
 
 
 def by_step(run_dir: Path, key: str) -> dict[int, float]:

@@ -32,8 +32,9 @@ def weights(s: DDPStrategy) -> dict:
     return {k: v.clone() for k, v in s.full_model_state().items()}
 
 
-def store_at(tmp_path) -> CheckpointStore:
-    return CheckpointStore(str(tmp_path / "checkpoints"), rank=0, world_size=1, strategy="ddp", config_hash="h")
+def store_at(tmp_path, **options) -> CheckpointStore:
+    return CheckpointStore(str(tmp_path / "checkpoints"), rank=0, world_size=1, strategy="ddp", config_hash="h",
+                           **options)
 
 
 def save_two(tmp_path):
@@ -80,20 +81,57 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage):
     committed, skipped = store.latest_committed()
     assert committed.step == 1 and len(skipped) == 1
     fresh = strategy()
-    decision, extra = store.restore(fresh)
-    assert decision.step == 1 and extra == {"step": 1}
+    restored = store.restore(fresh)
+    assert restored.committed.step == 1 and restored.extra == {"step": 1}
+    assert "step_000002" in restored.skipped[0]
     for key, value in weights(fresh).items():
         assert torch.equal(value, saved[1][key]), key
 
 
-def test_restore_refuses_a_different_world_size(tmp_path):
-    store, _ = save_two(tmp_path)
+def test_a_checkpoint_from_more_workers_restores_resharded(tmp_path):
+    store, saved = save_two(tmp_path)
     manifest_path = tmp_path / "checkpoints" / "step_000002" / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text())
-    manifest["world_size"] = 4
+    manifest["world_size"] = 4  # as if 4 workers had saved it; DCP reshards, rank 0's extras serve
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="saved by 4 workers"):
-        store.restore(strategy())
+    fresh = strategy()
+    restored = store.restore(fresh)
+    assert restored.committed.step == 2 and restored.resharded_from == 4
+    for key, value in weights(fresh).items():
+        assert torch.equal(value, saved[2][key]), key
+
+
+def test_retention_keeps_the_newest_and_every_kth_and_clears_leftovers(tmp_path):
+    s, store = strategy(), store_at(tmp_path, keep_last=2, keep_every=3)
+    leftover = tmp_path / "checkpoints" / "step_000002" / "shards"  # a crashed save of an earlier attempt
+    leftover.mkdir(parents=True)
+    (leftover / "__0_0.distcp").write_bytes(b"half")
+    for step in (1, 3, 4, 5, 6, 7):
+        train_one_step(s)
+        store.save(step, s, {"step": step})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_000003", "step_000006", "step_000007"]
+    for step in (3, 6, 7):
+        verify(store.url(step))
+
+
+def test_async_save_captures_the_step_it_was_called_at(tmp_path):
+    s, store = strategy(), store_at(tmp_path, async_upload=True)
+    train_one_step(s)
+    at_step_1 = weights(s)
+    assert store.save(1, s, {"step": 1}) == []  # upload started, not yet committed
+    train_one_step(s)  # training goes on while step 1 uploads
+    assert store.save(2, s, {"step": 2}) == [store.url(1)]  # at most one in flight: step 1 done first
+    assert store.wait() == [store.url(2)]
+    assert store.wait() == []
+    store.close()
+    verify(store.url(1))
+    (tmp_path / "checkpoints" / "step_000002" / "MANIFEST.json").unlink()
+    fresh = strategy()
+    restored = store.restore(fresh)
+    assert restored.committed.step == 1
+    for key, value in weights(fresh).items():
+        assert torch.equal(value, at_step_1[key]), key
 
 
 def test_rng_round_trip_is_exact():

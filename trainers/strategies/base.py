@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Protocol
+from typing import Callable, ContextManager, Optional, Protocol
 
 import torch
 from torch import nn
 
 from trainers.config import OptimConfig, StrategyConfig
 from trainers.optim import build_optimizer, build_scheduler
-from trainers.strategies.dcp_io import load_dcp, save_dcp
+from trainers.strategies.dcp_io import FileRecords, load_dcp, save_dcp, save_dcp_async
 
 
 class Strategy(Protocol):
@@ -39,17 +39,21 @@ class Strategy(Protocol):
     def current_lr(self) -> float:
         """The learning rate the next step uses."""
 
-    def save(self, shards_url: str) -> None:
-        """Collective: write this rank's model and optimizer shards under shards_url."""
+    def save(self, shards_url: str) -> FileRecords:
+        """Collective: write this rank's model and optimizer shards under shards_url; returns what it wrote."""
 
-    def load(self, shards_url: str) -> None:
-        """Collective: read what save() wrote, in place."""
+    def save_async(self, shards_url: str, group) -> Callable[[], FileRecords]:
+        """Collective: capture the state now, write it in the background; finish() blocks until written."""
 
-    def scheduler_state(self) -> dict:
-        """The LR schedule's state (identical on every rank)."""
+    def load(self, shards_url: str, saved_world_size: Optional[int] = None) -> None:
+        """Collective: read what save() wrote, in place, resharding from saved_world_size workers."""
 
-    def load_scheduler_state(self, state: dict) -> None:
-        """Restore the LR schedule."""
+    def extra_state(self) -> dict:
+        """State outside the shards that every rank holds identically (LR schedule, loss scaler)."""
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what extra_state() returned."""
+
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Collective: the whole model's weights on CPU, on rank 0 (other ranks may get an empty dict)."""
@@ -97,10 +101,21 @@ class ScheduledStrategy:
         return float(self.scheduler.get_last_lr()[0])
 
     def scheduler_state(self) -> dict:
+        """The LR schedule's state (identical on every rank)."""
         return self.scheduler.state_dict()
 
-    def load_scheduler_state(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
+    def extra_state(self) -> dict:
+        state = {"scheduler": self.scheduler_state()}
+        scaler = getattr(self, "scaler", None)
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        scaler = getattr(self, "scaler", None)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
 
 
 class TorchStrategy(ScheduledStrategy):
@@ -149,11 +164,14 @@ class TorchStrategy(ScheduledStrategy):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def save(self, shards_url: str) -> None:
-        save_dcp(self.model, self.optimizer, shards_url)
+    def save(self, shards_url: str) -> FileRecords:
+        return save_dcp(self.model, self.optimizer, shards_url)
 
-    def load(self, shards_url: str) -> None:
-        load_dcp(self.model, self.optimizer, shards_url)
+    def save_async(self, shards_url: str, group) -> Callable[[], FileRecords]:
+        return save_dcp_async(self.model, self.optimizer, shards_url, group)
+
+    def load(self, shards_url: str, saved_world_size: Optional[int] = None) -> None:
+        load_dcp(self.model, self.optimizer, shards_url)  # DCP reshards to any world size by itself
 
     def held_bytes(self) -> dict[str, int]:
         return {"params": tensor_bytes(self.model.parameters()),

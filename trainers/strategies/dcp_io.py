@@ -2,24 +2,82 @@
 
 DCP writes each rank's own shards and reads them back resharded to whatever the current world size
 and sharding are, so the same files serve a resume on another number of workers and a one-process
-export.
+export. Every file a rank writes is hashed on its way out, so committing a checkpoint never has to
+read it back from the store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import threading
+from concurrent.futures import Future
+from typing import Callable, Iterator, Optional
+
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from data_pipeline import storage
 
+# {file name: (size, sha256)} of what one rank wrote into a shards folder.
+FileRecords = dict[str, tuple[int, str]]
+
+
+class HashingStream:
+    """A write stream that counts and hashes bytes as DCP writes them."""
+
+    def __init__(self, inner):
+        self._inner, self._digest, self.size = inner, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._digest.update(view)
+        self.size += view.nbytes
+        return self._inner.write(data)
+
+    def hexdigest(self) -> str:
+        """sha256 of everything written so far."""
+        return self._digest.hexdigest()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class HashingFileSystem:
+    """Wraps a DCP writer's file system to record (size, sha256) of every file it creates."""
+
+    def __init__(self, inner):
+        self._inner, self.records, self._lock = inner, {}, threading.Lock()
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str) -> Iterator:
+        with self._inner.create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            hashing = HashingStream(stream)
+            yield hashing
+        # DCP writes .metadata as a .tmp file and renames it; record it under its final name.
+        name = os.path.basename(os.fspath(path)).removesuffix(".tmp")
+        with self._lock:
+            self.records[name] = (hashing.size, hashing.hexdigest())
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
 
 def writer(url: str):
-    """A DCP storage writer for a local folder or an fsspec URL."""
+    """A DCP storage writer for a local folder or an fsspec URL, hashing what it writes."""
     if storage.is_local(url):
-        return dcp.FileSystemWriter(url)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-    return FsspecWriter(url)
+        made = dcp.FileSystemWriter(url)
+    else:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+        made = FsspecWriter(url)
+    made.fs = HashingFileSystem(made.fs)
+    return made
 
 
 def reader(url: str):
@@ -30,11 +88,29 @@ def reader(url: str):
     return FsspecReader(url)
 
 
-def save_dcp(model: nn.Module, optimizer, url: str) -> None:
-    """Collective: save model and optimizer state (FQN keys, no wrapper prefixes)."""
+def save_dcp(model: nn.Module, optimizer, url: str) -> FileRecords:
+    """Collective: save model and optimizer state (FQN keys, no wrapper prefixes); returns what this rank wrote."""
     model_state, optim_state = get_state_dict(model, optimizer)
     storage.makedirs(url)
-    dcp.save({"model": model_state, "optim": optim_state}, storage_writer=writer(url))
+    out = writer(url)
+    dcp.save({"model": model_state, "optim": optim_state}, storage_writer=out)
+    return dict(out.fs.records)
+
+
+def save_dcp_async(model: nn.Module, optimizer, url: str,
+                   group: Optional[dist.ProcessGroup]) -> Callable[[], FileRecords]:
+    """Collective: copy the state to CPU now and write it in the background; returns a blocking finish()."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    storage.makedirs(url)
+    out = writer(url)
+    future: Future = dcp.async_save({"model": model_state, "optim": optim_state}, storage_writer=out,
+                                    process_group=group)
+
+    def finish() -> FileRecords:
+        future.result()
+        return dict(out.fs.records)
+
+    return finish
 
 
 def load_dcp(model: nn.Module, optimizer, url: str) -> None:

@@ -8,11 +8,17 @@ other strategies use, handed to `deepspeed.initialize`, so every strategy follow
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import hashlib
+import io
 import os
+import shutil
+import socket
 import tempfile
-from typing import Any, ContextManager, Iterator
+import uuid
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -21,8 +27,10 @@ from data_pipeline import storage
 from trainers.config import OptimConfig
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.strategies.base import ScheduledStrategy, resolve_precision, tensor_bytes
+from trainers.strategies.dcp_io import FileRecords
 
 CHECKPOINT_TAG = "zero"
+CONVERTED = "CONVERTED"  # written last into a universal checkpoint's folder: the conversion finished
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -63,19 +71,127 @@ def deepspeed_config(*, stage: int, micro_batch: int, grad_accum: int, world_siz
 
 
 @contextlib.contextmanager
-def local_folder(url: str, *, upload: bool) -> Iterator[str]:
-    """url itself when local; otherwise a temporary copy (downloaded, or uploaded afterwards)."""
+def local_folder(url: str) -> Iterator[str]:
+    """url itself when local; otherwise a temporary local copy of it (downloaded with retries)."""
     if storage.is_local(url):
         os.makedirs(url, exist_ok=True)
         yield url
         return
-    fs, path = storage.filesystem(url)
     with tempfile.TemporaryDirectory(prefix="kiln-ds-") as tmp:
-        if not upload:
-            fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        storage.get_folder(url, tmp)
         yield tmp
-        if upload:
-            fs.put(tmp.rstrip("/") + "/", path, recursive=True)
+
+
+def hash_folder(folder: str) -> FileRecords:
+    """(size, sha256) of every file under a local folder, keyed by relative path."""
+    records = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(base, name)
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            records[os.path.relpath(path, folder).replace(os.sep, "/")] = (os.path.getsize(path), digest.hexdigest())
+    return records
+
+
+def convert_to_universal(checkpoint_dir: str, output_dir: str) -> None:
+    """Write DeepSpeed's world-size-independent (universal) form of the ZeRO checkpoint in checkpoint_dir."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=checkpoint_dir, output_folder=output_dir,
+        # In-process and serial: worker pools would fork a process that holds the process group.
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        # Only Megatron-DeepSpeed records UNIVERSAL_CHECKPOINT_INFO (its TP/PP patterns); ZeRO-1/2
+        # conversion refuses without it, and plain data parallelism needs none of those patterns.
+        inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # progress chatter, one line per phase
+        ds_to_universal.main(args)
+
+
+@contextlib.contextmanager
+def universal_checkpoint(shards_url: str) -> Iterator[str]:
+    """Collective: a local folder holding shards_url's checkpoint in universal form, as tag CHECKPOINT_TAG.
+
+    The first rank of each host converts into a folder under the host's temp dir that the host's other
+    ranks share (one conversion per machine, not per rank: it holds three fp32 copies of the model). A
+    rank that cannot see its host's folder (same host name, separate file systems) converts on its own.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    identities = [None] * dist.get_world_size()
+    dist.all_gather_object(identities, (socket.gethostname(), uuid.uuid4().hex))
+    hosts = [host for host, _ in identities]
+    name = f"kiln-ds-universal-{identities[0][1]}"  # rank 0's, so a host's ranks agree on the folder
+    shared = os.path.join(tempfile.gettempdir(), name)
+    own = os.path.join(tempfile.gettempdir(), f"{name}-rank{rank}")
+    converts = hosts.index(hosts[rank]) == rank
+    owned = [shared] if converts else []
+    try:
+        collective_attempt(lambda: _convert_url(shards_url, shared), run=converts)
+        folder = shared
+        if not os.path.exists(os.path.join(shared, CONVERTED)):
+            folder = own
+            owned.append(own)
+        collective_attempt(lambda: _convert_url(shards_url, own), run=folder == own)
+        yield folder
+        dist.barrier()  # the host's other ranks are done reading the shared folder
+    finally:
+        for path in owned:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _convert_url(shards_url: str, folder: str) -> None:
+    """Convert shards_url's checkpoint into folder/CHECKPOINT_TAG, then mark folder complete."""
+    os.makedirs(folder, exist_ok=True)
+    with local_folder(shards_url) as source:
+        convert_to_universal(os.path.join(source, CHECKPOINT_TAG), os.path.join(folder, CHECKPOINT_TAG))
+    with open(os.path.join(folder, CONVERTED), "w"):
+        pass
+
+
+def collective_attempt(work, *, run: bool) -> None:
+    """Collective: run work() where run is true; if it failed on any rank, raise on every rank."""
+    import torch.distributed as dist
+
+    error = None
+    if run:
+        try:
+            work()
+        except Exception as exc:  # re-raised below, after the other ranks have heard of it
+            error = exc
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        # Failing here instead of in the next collective, where the other ranks would wait forever.
+        rank, message = failed[0]
+        raise RuntimeError(f"rank {rank} failed to convert a checkpoint to universal form: {message}")
+
+
+def repair_zero3_universal_load(zero_optimizer, universal_dir: str) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load: shared step counters, group 0's options."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
+
+    # It hands one `step` tensor to every param group's state, and torch's Adam increments it in
+    # place, so each step would advance it once per group and skew every later bias correction.
+    for state in zero_optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    # It copies param group 0's options onto every group, which would give the undecayed group
+    # (biases, norms) the decayed group's weight_decay.
+    saved = torch.load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu",
+                       weights_only=False)[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
+    groups = zero_optimizer.optimizer.param_groups
+    if len(saved) != len(groups):
+        raise ValueError(f"checkpoint has {len(saved)} optimizer param groups, the model has {len(groups)}")
+    for group, options in zip(groups, saved):
+        group.update({key: value for key, value in options.items() if key != "params"})
 
 
 class DeepSpeedStrategy(ScheduledStrategy):
@@ -123,17 +239,65 @@ class DeepSpeedStrategy(ScheduledStrategy):
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def save(self, shards_url: str) -> None:
-        # DeepSpeed writes local files only: stage them and upload when the run lives in object storage.
-        with local_folder(shards_url, upload=True) as folder:
-            self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, save_latest=False)
+    def save(self, shards_url: str) -> FileRecords:
+        return self.save_async(shards_url, None)()
 
-    def load(self, shards_url: str) -> None:
-        with local_folder(shards_url, upload=False) as folder:
-            path, _ = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+    def save_async(self, shards_url: str, group) -> Callable[[], FileRecords]:
+        # DeepSpeed writes local files only. On a local run they go straight into place; for object
+        # storage each rank saves into its own scratch folder (a snapshot, so training may go on) and
+        # finish() uploads what this rank wrote, file by file with retries.
+        if storage.is_local(shards_url):
+            os.makedirs(shards_url, exist_ok=True)
+            self.engine.save_checkpoint(shards_url, tag=CHECKPOINT_TAG, save_latest=False)
+            return dict  # the commit hashes local files itself, cheaply
+        scratch = tempfile.mkdtemp(prefix="kiln-ds-save-")
+        try:
+            self.engine.save_checkpoint(scratch, tag=CHECKPOINT_TAG, save_latest=False)
+            records = hash_folder(scratch)
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+
+        def finish() -> FileRecords:
+            try:
+                storage.put_folder(scratch, shards_url)
+                return records
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+        return finish
+
+    def load(self, shards_url: str, saved_world_size: int | None = None) -> None:
+        """Collective: read what save() wrote, in place, also when it was saved on another world size."""
+        import torch.distributed as dist
+
+        if saved_world_size is None or saved_world_size == dist.get_world_size():
+            with local_folder(shards_url) as folder:
+                path, _ = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        else:
+            path = self._load_resharded(shards_url)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {shards_url}")
+
+    def _load_resharded(self, shards_url: str) -> str | None:
+        """Load a checkpoint of another data-parallel size through DeepSpeed's universal checkpoint format."""
+        with universal_checkpoint(shards_url) as folder:
+            # `checkpoint.load_universal` is read only inside load_checkpoint (which files to open, and
+            # whether the ZeRO optimizer re-slices full per-parameter tensors instead of taking its own
+            # partition file), never at initialize time, so switching it on for this one call is enough
+            # and leaves the engine exactly as configured for every later save and same-size load.
+            # The LambdaLR's state and the engine's step counters come from the copied model-states file.
+            config = self.engine._config
+            previous, config.load_universal_checkpoint = config.load_universal_checkpoint, True
+            try:
+                path, _ = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+            finally:
+                config.load_universal_checkpoint = previous
+            if path is not None and self.cfg.zero_stage == 3:
+                repair_zero3_universal_load(self.optimizer, os.path.join(folder, CHECKPOINT_TAG))
+        return path
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         import deepspeed

@@ -1,0 +1,129 @@
+"""A run's attempts, rebuilt from its event log: when each worker group ran, and why it ended.
+
+Workers (rank 0), Ray's controller (via AttemptCallback) and the driver write events; only the driver
+folds them into run.json, so the record has one writer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from orchestrator.registry import RunRecord, now
+from trainers.events import read_events, record_event
+from trainers.secrets import redact_text
+
+DRIVER_LOST = ("the driver stopped recording (the kiln process or its machine died) before the attempt "
+               "ended")
+
+
+def current(record: RunRecord) -> Optional[dict]:
+    """The attempt still running, if any."""
+    return record.attempts[-1] if record.attempts and "ended" not in record.attempts[-1] else None
+
+
+def open_attempt(record: RunRecord, when: str, **fields: Any) -> dict:
+    """Start a new attempt."""
+    attempt = {"n": len(record.attempts) + 1, "started": when, **fields}
+    record.attempts.append(attempt)
+    return attempt
+
+
+def close(attempt: dict, outcome: str, cause: Optional[dict], when: str) -> None:
+    """Mark an attempt ended."""
+    attempt.update(ended=when, outcome=outcome)
+    if cause:
+        attempt["cause"] = cause
+
+
+def cause_of(event: dict) -> dict:
+    """The fields of a failed/hung event that explain it."""
+    return {k: event[k] for k in ("summary", "rank", "node", "pid", "exit_type", "exit_code", "last_step", "phase")
+            if event.get(k) is not None}
+
+
+def apply_event(record: RunRecord, event: dict) -> None:
+    """Fold one event into the record's attempts."""
+    kind, when = event.get("kind"), event.get("utc", now())
+    attempt = current(record)
+    if kind == "launched":
+        if attempt is not None:
+            close(attempt, "DRIVER_LOST", {"summary": DRIVER_LOST}, when)
+        open_attempt(record, when, launcher=event.get("launcher"), driver=event.get("driver"))
+    elif kind == "started":
+        if attempt is None or "world_size" in attempt:  # Ray restarted the group, or a new launcher
+            if attempt is not None:
+                close(attempt, "RESTARTED", None, when)
+            attempt = open_attempt(record, when, launcher=event.get("launcher"))
+        attempt.update(world_size=event.get("world_size"), ranks=event.get("ranks"),
+                       restored_step=event.get("restored_step"), skipped_checkpoints=event.get("skipped") or [],
+                       resharded_from=event.get("resharded_from"))
+        if event.get("skipped"):
+            record.notes.append(f"{when}: attempt {attempt['n']} found newer checkpoints that fail verification "
+                                f"and loaded step {event.get('restored_step')} instead: " + "; ".join(event["skipped"]))
+    elif kind in ("failed", "hung"):
+        if attempt is not None:
+            close(attempt, "HUNG" if kind == "hung" else "FAILED", cause_of(event), when)
+        elif record.attempts:  # another rank's failure in the same incident
+            last = record.attempts[-1]
+            cause = cause_of(event)
+            if "exit_type" in cause and "exit_type" not in last.get("cause", {}) and last["outcome"] == "FAILED":
+                # A dead process is the root; the error its peers raised (a broken collective) is fallout.
+                cause, last["cause"] = last.get("cause", {}), cause
+            last.setdefault("also", []).append(cause)
+    elif kind == "finished" and attempt is not None:
+        attempt["final_step"] = event.get("step")
+        close(attempt, event.get("state", "SUCCEEDED"),
+              {"summary": event["reason"]} if event.get("reason") else None, when)
+    elif kind == "stop_requested":
+        record.notes.append(f"{when}: stop requested: {event.get('reason')}")
+
+
+def merge_events(record: RunRecord, run_url: str) -> bool:
+    """Fold events written since the last merge into record; True if any were new."""
+    new = read_events(run_url, after=record.events_cursor)
+    for name, event in new:
+        apply_event(record, event)
+        record.events_cursor = name
+    return bool(new)
+
+
+def finished_state(record: RunRecord) -> Optional[str]:
+    """SUCCEEDED or PREEMPTED if the last attempt's workers said so."""
+    last = record.attempts[-1] if record.attempts else None
+    return last["outcome"] if last and last.get("outcome") in ("SUCCEEDED", "PREEMPTED") else None
+
+
+HEALTH = re.compile(r"hostname='([^']*)'.*?node_ip='([^']*)'.*?pid=(\d+)", re.S)
+EXIT = re.compile(r"Worker exit type: (\w+) Worker exit detail: ([^.]*\.)")
+
+
+def describe_worker_failure(rank: int, exc: BaseException) -> dict[str, Any]:
+    """What Ray says about a failed rank, as a cause: summary, node, pid, exit type."""
+    text = str(exc)
+    cause: dict[str, Any] = {"rank": rank}
+    health = HEALTH.search(text)
+    if health:
+        cause["node"] = f"{health.group(2)} ({health.group(1)})"
+        cause["pid"] = int(health.group(3))
+    exited = EXIT.search(text)
+    if exited or "actor died" in text or "worker process has died" in text:
+        cause["exit_type"] = exited.group(1) if exited else "DIED"
+        detail = exited.group(2) if exited else "its process died"
+        cause["summary"] = (f"rank {rank}'s worker process died ({detail.strip()} killed by a signal such as "
+                            "SIGKILL, the OOM killer, or a crash; see the worker log)")
+    else:
+        root = exc
+        while getattr(root, "__cause__", None) is not None:
+            root = root.__cause__
+        lines = [line for line in str(root).strip().splitlines() if line.strip()]
+        cause["summary"] = f"{type(root).__name__}: {lines[-1] if lines else ''} (rank {rank})"
+    cause["summary"] = redact_text(cause["summary"])
+    return cause
+
+
+def record_worker_failures(run_url: str, worker_exceptions: dict[int, BaseException]) -> None:
+    """One `failed` event per failed rank (called by Ray's controller)."""
+    causes = [describe_worker_failure(rank, exc) for rank, exc in sorted(worker_exceptions.items())]
+    for cause in sorted(causes, key=lambda c: "exit_type" not in c):  # dead processes first: the root
+        record_event(run_url, "failed", **cause)

@@ -1,0 +1,220 @@
+"""A run that dies anywhere comes back exactly where it was, from S3, without a human editing anything.
+
+Every run here lives on the real local S3 server (moto, through s3fs), runs on an embedded Ray with 2
+workers, and is interrupted by real signals. Checkpointing every step makes steps slow enough (an
+S3 round trip each) for a kill to land where the story says, and does not change the math, so each
+run's losses are compared bit for bit with the same strategy's uninterrupted torchrun run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import STRATEGY_RUN, kiln
+from tests.integration.ft_harness import (committed_steps, events, finish, kill_tree, losses, metrics, read_json,
+                                          s3_client, s3_root, start_kiln, wait_for, worker_pid)
+
+pytestmark = pytest.mark.slow
+
+EVERY_STEP = [o for o in STRATEGY_RUN if not o.startswith("train.checkpoint_every")] + [
+    "train.checkpoint_every=1", "checkpoint.keep_last=3", "checkpoint.keep_every=10", "cluster.max_failures=2"]
+
+
+def assert_same_losses(rows: list[dict], reference: list[dict], steps=range(1, 21)) -> None:
+    """Every loss logged for each step (first try and re-runs alike) equals the uninterrupted run's."""
+    logged, expected = losses(rows), {s: v[0] for s, v in losses(reference).items()}
+    assert sorted(logged) == list(steps), sorted(logged)
+    for step, values in logged.items():
+        assert values == [expected[step]] * len(values), (step, values, expected[step])
+
+
+def reference_rows(trained_runs, strategy: str) -> list[dict]:
+    path = trained_runs(strategy) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_ddp_run_on_a_flaky_store_survives_a_kill_mid_save_and_a_corrupted_checkpoint(s3, trained_runs, tmp_path):
+    """Through a proxy that 503s and drops requests, SIGKILL rank 1 while its step-10 files upload."""
+    from tests.faulty_proxy import FaultyProxy
+
+    root = s3_root(s3)
+    killed: list[int] = []
+
+    def kill_rank1_during_its_step10_upload(method: str, path: str) -> None:
+        if method == "PUT" and "/k/checkpoints/step_000010/extra/rank_00001.pt" in path and not killed:
+            killed.append(worker_pid(root, "k", rank=1))
+            os.kill(killed[0], signal.SIGKILL)
+
+    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], fail_rate=0.05, drop_rate=0.02, seed=7,
+                     delay_s=3.0, delay_path=r"step_000010/extra/rank_00001",
+                     on_request=kill_rank1_during_its_step10_upload) as proxy:
+        result = kiln("train", *[o for o in EVERY_STEP if o != "tracker=none"], "tracker=wandb", "strategy=ddp",
+                      "run.id=k", f"storage.root={root}", env={"AWS_ENDPOINT_URL": proxy.endpoint,
+                                                                "AWS_SECRET_ACCESS_KEY": "testing"}, timeout=500)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert proxy.counts.failed > 0 and proxy.counts.dropped > 0  # the store really was flaky
+    assert killed, "the kill during the step-10 upload never happened"
+    reference = reference_rows(trained_runs, "ddp")
+    assert_same_losses(metrics(root, "k"), reference)
+
+    record = read_json(f"{root}/k/run.json")
+    assert record["state"] == "SUCCEEDED" and record["step"] == 20
+    first, second = record["attempts"]
+    assert first["outcome"] == "FAILED" and first["cause"]["rank"] == 1 and first["cause"]["pid"] == killed[0]
+    assert "worker process died" in first["cause"]["summary"]
+    assert second["outcome"] == "SUCCEEDED" and second["restored_step"] == 9  # step 10 never committed
+    # Retention: the newest 3 and every 10th step are kept, every one verifies, no leftover remains.
+    assert committed_steps(root, "k") == [10, 18, 19, 20]
+    assert len(s3_client().ls(f"{root}/k/checkpoints".removeprefix("s3://"), detail=False)) == 4
+    from trainers.checkpoint import verify
+
+    for step in committed_steps(root, "k"):
+        assert verify(f"{root}/k/checkpoints/step_{step:06d}")["step"] == step
+    logs = s3_client().cat_file(f"{root}/k/logs/worker_0.log".removeprefix("s3://")).decode()
+    assert "retrying" in logs  # transient store errors were retried, and said so
+
+    # Everything the run wrote is on S3, nothing in the working directory, no secret anywhere.
+    fs = s3_client()
+    base = f"{root}/k".removeprefix("s3://")
+    found = {path[len(base) + 1:] for path in fs.find(base)}
+    for expected in ("run.json", "config.yaml", "metrics.jsonl", "tokenizer/tokenizer.json",
+                     "checkpoints/step_000020/MANIFEST.json", "logs/worker_0.log", "logs/worker_1.log"):
+        assert expected in found, (expected, sorted(found)[:40])
+    assert any(p.startswith("events/") for p in found)
+    assert any(p.startswith("wandb/") and p.endswith("run-k.wandb") for p in found)
+    assert b"testing" not in fs.cat_file(f"{base}/config.yaml")
+    status = kiln("status", "k", "--storage-root", root)
+    assert "attempt 1:" in status.stdout and "-> FAILED: rank 1's worker process died" in status.stdout
+    assert f"pid {killed[0]}" in status.stdout and "from step 9" in status.stdout, status.stdout
+
+    # Flip bytes in the newest committed checkpoint: verification skips it and step 19 loads instead.
+    shard = f"{base}/checkpoints/step_000020/shards/__0_0.distcp"
+    data = bytearray(fs.cat_file(shard))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(shard, bytes(data))
+    resumed = kiln("resume", "k", "train.max_steps=21", "--storage-root", root, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    record = read_json(f"{root}/k/run.json")
+    last = record["attempts"][-1]
+    assert last["restored_step"] == 19 and "step_000020" in last["skipped_checkpoints"][0]
+    assert any("fail verification" in note and "step 19" in note for note in record["notes"])
+    logs = s3_client().cat_file(f"{base}/logs/worker_0.log").decode()
+    assert "skipping checkpoint that fails verification" in logs
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_sigkill_of_a_worker_with_async_uploads_restarts_with_identical_losses(strategy, s3, trained_runs, tmp_path):
+    root = s3_root(s3)
+    run = start_kiln("train", *EVERY_STEP, "checkpoint.async=true", f"strategy={strategy}", "run.id=k",
+                     f"storage.root={root}", log=tmp_path / "train.log")
+    wait_for("step 10 committed", lambda: max(committed_steps(root, "k"), default=0) >= 10, proc=run)
+    victim = worker_pid(root, "k", rank=1)
+    os.kill(victim, signal.SIGKILL)
+    assert finish(run) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    assert_same_losses(metrics(root, "k"), reference_rows(trained_runs, strategy))
+    record = read_json(f"{root}/k/run.json")
+    assert record["state"] == "SUCCEEDED" and record["checkpoint"]["step"] == 20  # the last upload finished
+    first, second = record["attempts"]
+    assert first["cause"]["rank"] == 1 and first["cause"]["pid"] == victim
+    assert second["restored_step"] >= 10 and second["outcome"] == "SUCCEEDED"
+    assert committed_steps(root, "k") == [10, 18, 19, 20]
+
+
+def test_driver_killed_then_kiln_resume_on_one_worker_continues_the_same_run(s3, tmp_path):
+    root = s3_root(s3)
+    args = [o for o in EVERY_STEP if o not in ("tracker=none", "model.dropout=0.1")]
+    run = start_kiln("train", *args, "tracker=wandb", "model.dropout=0.0", "strategy=fsdp", "run.id=d",
+                     f"storage.root={root}", log=tmp_path / "train.log")
+    wait_for("step 12 committed", lambda: max(committed_steps(root, "d"), default=0) >= 12, proc=run)
+    config_before = s3_client().cat_file(f"{root}/d/config.yaml".removeprefix("s3://"))
+    kill_tree(run.pid)  # the driver and the Ray it started
+    before = losses(metrics(root, "d"))
+
+    rejected = kiln("resume", "d", "optim.lr=0.5", "--storage-root", root)
+    assert rejected.returncode == 2 and "cannot override 'optim.lr' when resuming" in rejected.stderr
+    resumed = kiln("resume", "d", "cluster.num_workers=1", "--storage-root", root, "--force", timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    record = read_json(f"{root}/d/run.json")
+    assert record["run_id"] == "d" and record["state"] == "SUCCEEDED" and record["step"] == 20
+    assert record["attempts"][0]["outcome"] == "DRIVER_LOST"
+    last = record["attempts"][-1]
+    assert last["world_size"] == 1 and last["resharded_from"] == 2 and last["restored_step"] >= 12
+    assert s3_client().cat_file(f"{root}/d/config.yaml".removeprefix("s3://")) == config_before
+    after = losses(metrics(root, "d"))
+    restored = last["restored_step"]
+    for step in range(restored + 1, max(before) + 1):  # re-run on 1 worker: same data, same weights
+        assert after[step][-1] == pytest.approx(before[step][0], rel=1e-4), step
+    assert sorted(after) == list(range(1, 21))
+
+    from tests.wandb_reader import history, records
+
+    fs = s3_client()
+    wandb_files = [p for p in fs.find(f"{root}/d/wandb".removeprefix("s3://")) if p.endswith("run-d.wandb")]
+    assert wandb_files, "the resumed attempt's W&B files were not copied to the run folder"
+    local = tmp_path / "resumed.wandb"
+    fs.get(wandb_files[-1], str(local))
+    runs = [r.run for r in records(local) if r.WhichOneof("record_type") == "run"]
+    assert runs and all(r.run_id == "d" for r in runs)
+    assert history(local)[0]["_step"] == restored + 1  # continues the same W&B run's steps
+
+
+def test_sigterm_and_kiln_stop_preempt_with_a_checkpoint_and_resume_exactly(s3, trained_runs, tmp_path):
+    root = s3_root(s3)
+    grace = 60
+
+    def preempt(proc, interrupt, after_step: int) -> int:
+        wait_for(f"step {after_step} committed", lambda: max(committed_steps(root, "p"), default=0) >= after_step, proc=proc)
+        sent = time.time()
+        interrupt()
+        assert finish(proc) == 3, proc.log_path.read_text()[-3000:]  # PREEMPTED, resumable
+        record = read_json(f"{root}/p/run.json")
+        assert record["state"] == "PREEMPTED", record
+        done = events(root, "p", "finished")[-1]
+        assert done["state"] == "PREEMPTED" and done["step"] in committed_steps(root, "p")
+        manifest = read_json(f"{root}/p/checkpoints/step_{done['step']:06d}/MANIFEST.json")
+        committed_at = time.mktime(time.strptime(manifest["created"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        assert committed_at - sent < grace
+        status = kiln("status", "p", "--storage-root", root)
+        assert f"resume: kiln resume p --storage-root {root}" in status.stdout
+        return done["step"]
+
+    base = ["train", *EVERY_STEP, "strategy=ddp", "run.id=p", f"storage.root={root}",
+            f"checkpoint.preempt_grace_s={grace}"]
+    run = start_kiln(*base, log=tmp_path / "1.log")
+    step = preempt(run, lambda: os.kill(worker_pid(root, "p", rank=1), signal.SIGTERM), after_step=3)
+    assert "SIGTERM received by a worker" in events(root, "p", "finished")[-1]["reason"]
+
+    run = start_kiln("resume", "p", "--storage-root", root, log=tmp_path / "2.log")
+    step = preempt(run, lambda: os.kill(run.pid, signal.SIGTERM), after_step=step + 3)
+    assert "driver received SIGTERM" in events(root, "p", "finished")[-1]["reason"]
+
+    run = start_kiln("resume", "p", "--storage-root", root, log=tmp_path / "3.log")
+    stopper = {}
+    step = preempt(run, lambda: stopper.update(r=kiln("stop", "p", "--storage-root", root)), after_step=step + 3)
+    assert stopper["r"].returncode == 0 and "kiln stop" in events(root, "p", "finished")[-1]["reason"]
+
+    # The last resume finishes the run, through a hang: rank 1 freezes (SIGSTOP), so rank 0 waits in a
+    # collective forever; the step watchdog fails it with the rank and step named, and Ray restarts.
+    run = start_kiln("resume", "p", "train.step_timeout_s=8", "--storage-root", root, log=tmp_path / "4.log")
+    wait_for(f"step {step + 2} committed", lambda: max(committed_steps(root, "p"), default=0) >= step + 2, proc=run)
+    frozen = worker_pid(root, "p", rank=1)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        assert finish(run) == 0, run.log_path.read_text()[-3000:]
+    finally:
+        kill_tree(frozen)
+    record = read_json(f"{root}/p/run.json")
+    assert record["state"] == "SUCCEEDED"
+    hung = [a for a in record["attempts"] if a["outcome"] == "HUNG"]
+    assert len(hung) == 1 and hung[0]["cause"]["rank"] == 0 and hung[0]["cause"]["last_step"] >= step + 2
+    assert "train.step_timeout_s=8" in hung[0]["cause"]["summary"]
+    assert [a["outcome"] for a in record["attempts"]] == ["PREEMPTED"] * 3 + ["HUNG", "SUCCEEDED"]
+    assert_same_losses(metrics(root, "p"), reference_rows(trained_runs, "ddp"))
+    status = kiln("status", "p", "--storage-root", root)
+    assert "-> HUNG: rank 0 hung" in status.stdout and "resume:" not in status.stdout
