@@ -6,7 +6,10 @@ folds them into run.json, so the record has one writer.
 
 from __future__ import annotations
 
+import getpass
+import os
 import re
+import socket
 from typing import Any, Optional
 
 from orchestrator.registry import RunRecord, now
@@ -15,6 +18,11 @@ from trainers.secrets import redact_text
 
 DRIVER_LOST = ("the driver stopped recording (the kiln process or its machine died) before the attempt "
                "ended")
+
+
+def driver_identity(command: str) -> dict:
+    """Who is driving (or stopping) a run, for its record."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(), "command": command}
 
 
 def current(record: RunRecord) -> Optional[dict]:

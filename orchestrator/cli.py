@@ -69,7 +69,7 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     import time
 
     from orchestrator.config import UsageError, absolute_url
-    from orchestrator.launcher import driver_identity
+    from orchestrator.attempts import driver_identity
     from orchestrator.registry import RunRegistry
     from trainers.events import record_event, request_stop
 
@@ -232,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from data_pipeline.sources import SourceError
     from orchestrator.config import UsageError
     from orchestrator.registry import RunExists, UnknownRun
-    from trainers.checkpoint import CheckpointError
+    from trainers.errors import CheckpointError
 
     args = parser().parse_args(argv)
     console = Console(soft_wrap=True)

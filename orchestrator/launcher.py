@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +13,7 @@ from typing import Optional
 from rich.console import Console
 
 from data_pipeline import storage
-from orchestrator.attempts import current, finished_state, record_worker_failures
+from orchestrator.attempts import current, driver_identity, finished_state, record_worker_failures
 from orchestrator.config import KilnConfig
 from orchestrator.progress import MetricsTail, ProgressView
 from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry
@@ -121,11 +119,6 @@ class GracefulStop:
         record_event(self.run_dir, "stop_requested", reason=self.requested)
         self.console.print(f"[yellow]{name}: asking the workers to commit a checkpoint and stop "
                            "(Ctrl-C again aborts without one)[/yellow]")
-
-
-def driver_identity(command: str) -> dict:
-    """Who is driving this attempt, for the run record."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(), "command": command}
 
 
 def summarize_failure(exc: BaseException, run_dir: str) -> str:

@@ -12,7 +12,7 @@ import os
 import sys
 
 from orchestrator.config import UsageError, absolute_url, compose_config
-from orchestrator.launcher import driver_identity
+from orchestrator.attempts import driver_identity
 from orchestrator.registry import UnknownRun
 from orchestrator.runs import prepare_resume, refresh, start_run
 from trainers.events import record_event

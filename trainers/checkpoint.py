@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
+from trainers.errors import CheckpointError  # noqa: F401  (part of this module's interface)
 from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0, new_checkpoint_group
 
 log = logging.getLogger("kiln.checkpoint")
@@ -35,10 +36,6 @@ log = logging.getLogger("kiln.checkpoint")
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names it."""
 
 
 @dataclass(frozen=True)

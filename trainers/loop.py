@@ -241,7 +241,7 @@ def run(cfg: Any, ctx: WorkerContext) -> LoopResult:
     log.info("rank %d/%d on %s: %s params, grad_accum %d, precision %s", ctx.rank, ctx.world_size,
              trainer.device, f"{trainer.num_params:,}", trainer.grad_accum, trainer.strategy.precision)
     watchdog = StepWatchdog(train.step_timeout_s, ctx.rank, on_hang=lambda reason: record_event(
-        trainer.url, "hung", **reason, **identity(ctx))).start()
+        trainer.url, "hung", **{**identity(ctx), **reason})).start()
     restored = trainer.restore()
     ranks = gather_to_rank0(identity(ctx))
     if ctx.rank == 0:
@@ -268,7 +268,8 @@ def run(cfg: Any, ctx: WorkerContext) -> LoopResult:
             asked = ctx.should_stop() or (stop_requests is not None and stop_requests.request is not None)
             if any_rank(asked, trainer.device):  # every rank stops at the same step
                 state = "PREEMPTED"
-                stop_reason = describe_stop(ctx, stop_requests)
+                stop_reason = describe_stop(ctx, stop_requests, gather_to_rank0(
+                    getattr(ctx, "stop_reason", None) if ctx.should_stop() else None))
                 break
             watchdog.beat(trainer.step, "train step")
             raw = trainer.train_step()
@@ -312,11 +313,17 @@ def run(cfg: Any, ctx: WorkerContext) -> LoopResult:
     return LoopResult(state=state, step=trainer.step, metrics=metrics, checkpoint=checkpoint)
 
 
-def describe_stop(ctx: WorkerContext, stop_requests: Optional[StopRequestWatcher]) -> str:
-    """Why this run is stopping early, as the run record will say it."""
+def describe_stop(ctx: WorkerContext, stop_requests: Optional[StopRequestWatcher], local: list) -> Optional[str]:
+    """Rank 0: why the run is stopping early (a `kiln stop`/driver request, or which rank got a signal)."""
+    if ctx.rank != 0:
+        return None
     if stop_requests is not None and stop_requests.request is not None:
         return str(stop_requests.request.get("reason", "stop requested"))
-    return getattr(ctx, "stop_reason", None) or "a worker received SIGTERM (preemption)"
+    signalled = [(rank, reason) for rank, reason in enumerate(local) if reason]
+    if signalled:
+        rank, reason = signalled[0]
+        return f"rank {rank}: {reason}"
+    return "a worker was asked to stop (preemption)"
 
 
 def preempt(trainer: Trainer, cfg: Any, watchdog: StepWatchdog, reason: Optional[str],

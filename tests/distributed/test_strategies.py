@@ -41,7 +41,9 @@ def test_loss_curve_agrees_with_ddp(trained, strategy):
     assert manifest["strategy"] == strategy and manifest["world_size"] == 2
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES[1:])  # ddp: tests/distributed/test_torchrun.py
+# ddp: tests/distributed/test_torchrun.py; fsdp and zero3: tests/integration/test_fault_tolerance.py (a real
+# SIGKILL under Ray Train, bit for bit against these runs); zero1 shares zero2's save and load path.
+@pytest.mark.parametrize("strategy", ["zero2", "zero3_offload"])
 def test_resume_from_step_10_is_bit_identical(trained, strategy, tmp_path):
     run_dir = tmp_path / strategy
     shutil.copytree(trained(strategy), run_dir)
@@ -56,7 +58,8 @@ def test_resume_from_step_10_is_bit_identical(trained, strategy, tmp_path):
         assert resumed[step]["train/grad_norm"] == uninterrupted[step]["train/grad_norm"], step
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+# zero1 and zero3_offload consolidate through the same zero_to_fp32 path as zero2 and zero3.
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
 def test_export_loads_in_transformers_with_the_trained_logits(trained, strategy, tmp_path):
     from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 

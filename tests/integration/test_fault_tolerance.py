@@ -107,61 +107,71 @@ def test_a_ddp_run_on_a_flaky_store_survives_a_kill_mid_save_and_a_corrupted_che
     assert "skipping checkpoint that fails verification" in logs
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
-def test_sigkill_of_a_worker_with_async_uploads_restarts_with_identical_losses(strategy, s3, trained_runs, tmp_path):
+def test_zero3_worker_sigkill_with_async_uploads_restarts_with_identical_losses(s3, trained_runs, tmp_path):
     root = s3_root(s3)
-    run = start_kiln("train", *EVERY_STEP, "checkpoint.async=true", f"strategy={strategy}", "run.id=k",
+    run = start_kiln("train", *EVERY_STEP, "checkpoint.async=true", "strategy=zero3", "run.id=z",
                      f"storage.root={root}", log=tmp_path / "train.log")
-    wait_for("step 10 committed", lambda: max(committed_steps(root, "k"), default=0) >= 10, proc=run)
-    victim = worker_pid(root, "k", rank=1)
+    wait_for("step 10 committed", lambda: max(committed_steps(root, "z"), default=0) >= 10, proc=run)
+    victim = worker_pid(root, "z", rank=1)
     os.kill(victim, signal.SIGKILL)
     assert finish(run) == 0, (tmp_path / "train.log").read_text()[-3000:]
-    assert_same_losses(metrics(root, "k"), reference_rows(trained_runs, strategy))
-    record = read_json(f"{root}/k/run.json")
+    assert_same_losses(metrics(root, "z"), reference_rows(trained_runs, "zero3"))
+    record = read_json(f"{root}/z/run.json")
     assert record["state"] == "SUCCEEDED" and record["checkpoint"]["step"] == 20  # the last upload finished
     first, second = record["attempts"]
     assert first["cause"]["rank"] == 1 and first["cause"]["pid"] == victim
     assert second["restored_step"] >= 10 and second["outcome"] == "SUCCEEDED"
-    assert committed_steps(root, "k") == [10, 18, 19, 20]
+    assert committed_steps(root, "z") == [10, 18, 19, 20]
 
 
-def test_driver_killed_then_kiln_resume_on_one_worker_continues_the_same_run(s3, tmp_path):
+def test_fsdp_survives_a_worker_kill_then_the_driver_dies_and_kiln_resume_reshards_to_one_worker(
+        s3, trained_runs, tmp_path):
+    """Async uploads; Ray restarts the group after a SIGKILL; then the driver and its Ray are killed."""
     root = s3_root(s3)
-    args = [o for o in EVERY_STEP if o not in ("tracker=none", "model.dropout=0.1")]
-    run = start_kiln("train", *args, "tracker=wandb", "model.dropout=0.0", "strategy=fsdp", "run.id=d",
+    args = [o for o in EVERY_STEP if o != "tracker=none"]
+    run = start_kiln("train", *args, "tracker=wandb", "checkpoint.async=true", "strategy=fsdp", "run.id=f",
                      f"storage.root={root}", log=tmp_path / "train.log")
-    wait_for("step 12 committed", lambda: max(committed_steps(root, "d"), default=0) >= 12, proc=run)
-    config_before = s3_client().cat_file(f"{root}/d/config.yaml".removeprefix("s3://"))
+    wait_for("step 6 committed", lambda: max(committed_steps(root, "f"), default=0) >= 6, proc=run)
+    victim = worker_pid(root, "f", rank=1)
+    os.kill(victim, signal.SIGKILL)
+    wait_for("a restarted group at step 13", lambda: len(events(root, "f", "started")) == 2
+             and max(committed_steps(root, "f"), default=0) >= 13, proc=run)
+    config_before = s3_client().cat_file(f"{root}/f/config.yaml".removeprefix("s3://"))
     kill_tree(run.pid)  # the driver and the Ray it started
-    before = losses(metrics(root, "d"))
+    before = metrics(root, "f")
+    reference = reference_rows(trained_runs, "fsdp")
+    assert_same_losses(before, reference, steps=range(1, max(losses(before)) + 1))
 
-    rejected = kiln("resume", "d", "optim.lr=0.5", "--storage-root", root)
+    rejected = kiln("resume", "f", "optim.lr=0.5", "--storage-root", root)
     assert rejected.returncode == 2 and "cannot override 'optim.lr' when resuming" in rejected.stderr
-    resumed = kiln("resume", "d", "cluster.num_workers=1", "--storage-root", root, "--force", timeout=400)
+    resumed = kiln("resume", "f", "cluster.num_workers=1", "--storage-root", root, "--force", timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
-    record = read_json(f"{root}/d/run.json")
-    assert record["run_id"] == "d" and record["state"] == "SUCCEEDED" and record["step"] == 20
-    assert record["attempts"][0]["outcome"] == "DRIVER_LOST"
+    record = read_json(f"{root}/f/run.json")
+    assert record["run_id"] == "f" and record["state"] == "SUCCEEDED" and record["step"] == 20
+    assert [a["outcome"] for a in record["attempts"]] == ["FAILED", "DRIVER_LOST", "SUCCEEDED"]
     last = record["attempts"][-1]
-    assert last["world_size"] == 1 and last["resharded_from"] == 2 and last["restored_step"] >= 12
-    assert s3_client().cat_file(f"{root}/d/config.yaml".removeprefix("s3://")) == config_before
-    after = losses(metrics(root, "d"))
-    restored = last["restored_step"]
-    for step in range(restored + 1, max(before) + 1):  # re-run on 1 worker: same data, same weights
-        assert after[step][-1] == pytest.approx(before[step][0], rel=1e-4), step
+    assert last["world_size"] == 1 and last["resharded_from"] == 2 and last["restored_step"] >= 13
+    assert s3_client().cat_file(f"{root}/f/config.yaml".removeprefix("s3://")) == config_before
+    after = losses(metrics(root, "f"))
     assert sorted(after) == list(range(1, 21))
+    expected = {s: v[0] for s, v in losses(reference).items()}
+    for step in range(last["restored_step"] + 1, 21):
+        # One worker draws other dropout masks than two, so the curve continues close, not bit-equal
+        # (exact resharding of weights and optimizer state: tests/unit/test_checkpoint.py and
+        # tests/distributed/test_zero_reshard.py).
+        assert after[step][-1] == pytest.approx(expected[step], rel=0.05), step
 
     from tests.wandb_reader import history, records
 
     fs = s3_client()
-    wandb_files = [p for p in fs.find(f"{root}/d/wandb".removeprefix("s3://")) if p.endswith("run-d.wandb")]
+    wandb_files = [p for p in fs.find(f"{root}/f/wandb".removeprefix("s3://")) if p.endswith("run-f.wandb")]
     assert wandb_files, "the resumed attempt's W&B files were not copied to the run folder"
     local = tmp_path / "resumed.wandb"
-    fs.get(wandb_files[-1], str(local))
+    fs.get(sorted(wandb_files)[-1], str(local))
     runs = [r.run for r in records(local) if r.WhichOneof("record_type") == "run"]
-    assert runs and all(r.run_id == "d" for r in runs)
-    assert history(local)[0]["_step"] == restored + 1  # continues the same W&B run's steps
+    assert runs and all(r.run_id == "f" for r in runs)  # the same W&B run, resumed
+    assert history(local)[0]["_step"] == last["restored_step"] + 1
 
 
 def test_sigterm_and_kiln_stop_preempt_with_a_checkpoint_and_resume_exactly(s3, trained_runs, tmp_path):
@@ -187,16 +197,16 @@ def test_sigterm_and_kiln_stop_preempt_with_a_checkpoint_and_resume_exactly(s3, 
     base = ["train", *EVERY_STEP, "strategy=ddp", "run.id=p", f"storage.root={root}",
             f"checkpoint.preempt_grace_s={grace}"]
     run = start_kiln(*base, log=tmp_path / "1.log")
-    step = preempt(run, lambda: os.kill(worker_pid(root, "p", rank=1), signal.SIGTERM), after_step=3)
+    step = preempt(run, lambda: os.kill(worker_pid(root, "p", rank=1), signal.SIGTERM), after_step=2)
     assert "SIGTERM received by a worker" in events(root, "p", "finished")[-1]["reason"]
 
     run = start_kiln("resume", "p", "--storage-root", root, log=tmp_path / "2.log")
-    step = preempt(run, lambda: os.kill(run.pid, signal.SIGTERM), after_step=step + 3)
+    step = preempt(run, lambda: os.kill(run.pid, signal.SIGTERM), after_step=step + 2)
     assert "driver received SIGTERM" in events(root, "p", "finished")[-1]["reason"]
 
     run = start_kiln("resume", "p", "--storage-root", root, log=tmp_path / "3.log")
     stopper = {}
-    step = preempt(run, lambda: stopper.update(r=kiln("stop", "p", "--storage-root", root)), after_step=step + 3)
+    step = preempt(run, lambda: stopper.update(r=kiln("stop", "p", "--storage-root", root)), after_step=step + 2)
     assert stopper["r"].returncode == 0 and "kiln stop" in events(root, "p", "finished")[-1]["reason"]
 
     # The last resume finishes the run, through a hang: rank 1 freezes (SIGSTOP), so rank 0 waits in a
