@@ -16,6 +16,7 @@ from ray.train.torch.config import _TorchBackend
 
 from data_pipeline import storage
 from trainers import loop
+from trainers.events import Periodic
 
 # Set by the SIGTERM handler below; read by the training thread between steps.
 PREEMPTED: dict = {}
@@ -95,19 +96,17 @@ class LogMirror:
     """Copies a worker's local log file into the run folder on object storage every few seconds."""
 
     def __init__(self, path: str, url: str, every_s: float = 10.0):
-        self.path, self.url, self.every_s = path, url, every_s
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="kiln-log-mirror", daemon=True)
+        self.path, self.url = path, url
+        self._copier = Periodic(self.upload, every_s, "kiln-log-mirror")
 
     def start(self) -> "LogMirror":
         """Begin copying."""
-        self._thread.start()
+        self._copier.start()
         return self
 
     def close(self) -> None:
         """Copy one last time and stop."""
-        self._stopped.set()
-        self._thread.join(timeout=30)
+        self._copier.close()
         self.upload()
 
     def upload(self) -> None:
@@ -117,10 +116,6 @@ class LogMirror:
                 storage.write_atomic(self.url, handle.read())
         except OSError as exc:
             logging.getLogger("kiln.worker").warning("could not copy the log to %s: %s", self.url, exc)
-
-    def _loop(self) -> None:
-        while not self._stopped.wait(self.every_s):
-            self.upload()
 
 
 def redirect_output(run_url: str, rank: int, local_dir: str) -> str:

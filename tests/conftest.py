@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.s3_server import aws_env, start_moto, stop
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -61,13 +61,6 @@ def offline(monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A real S3-compatible server (moto's server mode) on 127.0.0.1, reached by s3fs like AWS S3.
@@ -75,23 +68,9 @@ def s3(tmp_path_factory):
     Started once per session; the usual AWS variables point every process (Ray workers, torchrun
     ranks, the CLI) at it. Yields the bucket name; the server is stopped at the end.
     """
-    port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
-    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError(f"moto server did not start on {endpoint}")
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    server, endpoint = start_moto(log)
+    env = aws_env(endpoint)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import s3fs
@@ -101,8 +80,7 @@ def s3(tmp_path_factory):
     try:
         yield "kiln-test"
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
         log.close()
         for key, value in saved.items():
             if value is None:

@@ -13,12 +13,16 @@ most one save is in flight, and its manifest is committed only after every rank'
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
+import shutil
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,21 +66,29 @@ def step_dir(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def sha256_of(url: str) -> str:
-    """sha256 of a file, streamed (retried whole on a transient store error)."""
+def sha256_of(url: str, copy_to: Optional[str] = None) -> str:
+    """sha256 of a file, streamed (and copied to the local path copy_to); retried whole on a store error."""
     def digest_file() -> str:
         fs, path = storage.filesystem(url)
         digest = hashlib.sha256()
-        with fs.open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
+        if copy_to:
+            os.makedirs(os.path.dirname(copy_to), exist_ok=True)
+        with fs.open(path, "rb") as handle, open(copy_to, "wb") if copy_to else contextlib.nullcontext() as out:
+            for block in iter(lambda: handle.read(8 << 20), b""):
                 digest.update(block)
+                if out is not None:
+                    out.write(block)
         return digest.hexdigest()
 
     return storage.retrying("read", url, digest_file)
 
 
-def verify(url: str) -> dict:
-    """The manifest of a committed checkpoint; CheckpointError if missing or any file does not match."""
+def verify(url: str, copy_to: Optional[str] = None) -> dict:
+    """The manifest of a committed checkpoint; CheckpointError if missing or any file does not match.
+
+    With copy_to (a local folder), every file is also written there while it is hashed, so a restore
+    reads an object-store checkpoint once instead of once to verify and once to load.
+    """
     try:
         manifest = json.loads(storage.read_text(storage.join(url, MANIFEST)))
     except FileNotFoundError:
@@ -90,8 +102,13 @@ def verify(url: str) -> dict:
             raise CheckpointError(f"{url}: {path} listed in {MANIFEST} is missing")
         if on_disk[path] != entry["size"]:
             raise CheckpointError(f"{url}: {path} has {on_disk[path]} bytes, manifest says {entry['size']}")
-        if sha256_of(storage.join(url, path)) != entry["sha256"]:
-            raise CheckpointError(f"{url}: {path} does not match its sha256 in {MANIFEST}")
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="kiln-verify") as pool:
+        digests = pool.map(lambda entry: sha256_of(storage.join(url, entry["path"]),
+                                                   os.path.join(copy_to, entry["path"]) if copy_to else None),
+                           manifest["files"])
+        for entry, digest in zip(manifest["files"], list(digests)):
+            if digest != entry["sha256"]:
+                raise CheckpointError(f"{url}: {entry['path']} does not match its sha256 in {MANIFEST}")
     return manifest
 
 
@@ -242,15 +259,20 @@ class CheckpointStore:
         found = (STEP_DIR.match(name) for name in storage.list_names(self.root))
         return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
-    def latest_committed(self) -> tuple[Optional[Committed], list[str]]:
-        """The newest checkpoint that verifies, and why each newer one was skipped (run on one rank)."""
+    def latest_committed(self, copy_to: Optional[str] = None) -> tuple[Optional[Committed], list[str]]:
+        """The newest checkpoint that verifies, and why each newer one was skipped (run on one rank).
+
+        copy_to: a local folder that receives the verified checkpoint's files (see verify()).
+        """
         skipped = []
         for step in self.steps_on_storage():
             url = self.url(step)
             if not storage.exists(storage.join(url, MANIFEST)):
                 continue  # an uncommitted leftover of an interrupted save
+            if copy_to:
+                shutil.rmtree(copy_to, ignore_errors=True)
             try:
-                return Committed(step, url, verify(url)), skipped
+                return Committed(step, url, verify(url, copy_to)), skipped
             except CheckpointError as exc:
                 skipped.append(str(exc))
                 log.warning("skipping checkpoint that fails verification: %s", exc)
@@ -258,20 +280,27 @@ class CheckpointStore:
 
     def restore(self, strategy) -> Optional[Restored]:
         """Collective: load the newest committed checkpoint into the strategy; this rank's extras."""
-        decision = self.latest_committed() if self.rank == 0 else None
-        committed, skipped = broadcast_from_rank0(decision)
-        if committed is None:
-            return None
-        self._check_compatible(committed)
-        saved_world = committed.manifest["world_size"]
-        strategy.load(storage.join(committed.url, "shards"), saved_world)
-        # Extras are per rank; on another world size rank r takes rank r's (or rank 0's) schedule and
-        # cursor, which every rank holds identically, and the caller reseeds the RNG streams.
-        own = self.rank if self.rank < saved_world else 0
-        raw = storage.read_bytes(storage.join(committed.url, "extra", f"rank_{own:05d}.pt"))
-        extra = torch.load(io.BytesIO(raw), weights_only=True)
-        resharded = saved_world if saved_world != self.world_size else None
-        return Restored(committed, extra, skipped, resharded)
+        # Rank 0 reads an object-store checkpoint once: verification downloads it, the load reads the copy.
+        local = tempfile.mkdtemp(prefix="kiln-restore-") if self.rank == 0 and not storage.is_local(self.root) else None
+        try:
+            decision = self.latest_committed(copy_to=local) if self.rank == 0 else None
+            committed, skipped = broadcast_from_rank0(decision)
+            if committed is None:
+                return None
+            self._check_compatible(committed)
+            source = local or committed.url
+            saved_world = committed.manifest["world_size"]
+            strategy.load(storage.join(source, "shards"), saved_world)
+            # Extras are per rank; on another world size rank r takes rank r's (or rank 0's) schedule and
+            # cursor, which every rank holds identically, and the caller reseeds the RNG streams.
+            own = self.rank if self.rank < saved_world else 0
+            raw = storage.read_bytes(storage.join(source, "extra", f"rank_{own:05d}.pt"))
+            extra = torch.load(io.BytesIO(raw), weights_only=True)
+            resharded = saved_world if saved_world != self.world_size else None
+            return Restored(committed, extra, skipped, resharded)
+        finally:
+            if local:
+                shutil.rmtree(local, ignore_errors=True)
 
     def _check_compatible(self, committed: Committed) -> None:
         if committed.manifest.get("config_hash") != self.config_hash and self.model_shapes is not None:

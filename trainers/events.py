@@ -64,30 +64,52 @@ def clear_stop_request(run_url: str) -> None:
     storage.remove(storage.join(run_url, STOP_REQUEST))
 
 
-class StopRequestWatcher:
-    """Rank 0 polls the run's STOP request in the background, so the loop never waits on storage."""
+class Periodic:
+    """Calls fn every every_s seconds on a daemon thread (first call at once) until closed."""
 
-    def __init__(self, run_url: str, every_s: float = 2.0):
+    def __init__(self, fn, every_s: float, name: str):
         import threading
 
-        self.run_url, self.every_s = run_url, every_s
-        self.request: dict | None = None
+        self._fn, self.every_s = fn, every_s
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._poll, name="kiln-stop-poll", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def start(self) -> "StopRequestWatcher":
-        """Begin polling."""
+    def start(self) -> "Periodic":
+        """Begin calling."""
         self._thread.start()
         return self
 
     def close(self) -> None:
-        """Stop polling."""
+        """Stop calling (a call in progress finishes)."""
         self._stopped.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            self._fn()
+            self._stopped.wait(self.every_s)
+
+
+class StopRequestWatcher:
+    """Rank 0 polls the run's STOP request in the background, so the loop never waits on storage."""
+
+    def __init__(self, run_url: str, every_s: float = 2.0):
+        self.run_url = run_url
+        self.request: dict | None = None
+        self._poller = Periodic(self._poll, every_s, "kiln-stop-poll")
+
+    def start(self) -> "StopRequestWatcher":
+        """Begin polling."""
+        self._poller.start()
+        return self
+
+    def close(self) -> None:
+        """Stop polling."""
+        self._poller.close()
 
     def _poll(self) -> None:
-        while self.request is None and not self._stopped.is_set():
+        if self.request is None:
             try:
                 self.request = stop_requested(self.run_url)
             except OSError:
                 pass  # a store hiccup: ask again next round
-            self._stopped.wait(self.every_s)

@@ -19,7 +19,7 @@ import pytest
 import s3fs
 from botocore.exceptions import ClientError, NoCredentialsError
 
-from data_pipeline import storage
+from data_pipeline import storage, store_retry
 from data_pipeline.storage import StorageError
 from tests.conftest import REPO
 from tests.faulty_proxy import FaultyProxy
@@ -81,8 +81,8 @@ def test_kiln_retries_alone_carry_every_operation_through_faults(flaky, root, mo
     monkeypatch.setitem(fsspec.config.conf, "s3", {**conf, "config_kwargs": {
         **conf["config_kwargs"], "retries": {"mode": "standard", "total_max_attempts": 1}}})
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
-    monkeypatch.setattr(storage, "RETRY_BASE_S", 0.01)
-    monkeypatch.setenv(storage.RETRIES_ENV, "12")
+    monkeypatch.setattr(store_retry, "RETRY_BASE_S", 0.01)
+    monkeypatch.setenv(store_retry.RETRIES_ENV, "12")
 
     round_trip(root, workers=4)
 
@@ -185,8 +185,8 @@ def failing(*errors: BaseException):
 
 
 def test_transient_errors_are_retried_and_logged(monkeypatch, caplog):
-    monkeypatch.setattr(storage, "RETRY_BASE_S", 0.001)
-    monkeypatch.delenv(storage.RETRIES_ENV, raising=False)
+    monkeypatch.setattr(store_retry, "RETRY_BASE_S", 0.001)
+    monkeypatch.delenv(store_retry.RETRIES_ENV, raising=False)
     fn = failing(client_error("ServiceUnavailable", 503), ConnectionResetError("reset by peer"))
     assert storage.retrying("write", "s3://b/k", fn) == "done" and fn.calls == 3
     first, second = warnings_of(caplog)
@@ -197,14 +197,14 @@ def test_transient_errors_are_retried_and_logged(monkeypatch, caplog):
 
 
 def test_retrying_gives_up_after_the_configured_attempts(monkeypatch):
-    monkeypatch.setattr(storage, "RETRY_BASE_S", 0.001)
-    monkeypatch.setenv(storage.RETRIES_ENV, "3")
+    monkeypatch.setattr(store_retry, "RETRY_BASE_S", 0.001)
+    monkeypatch.setenv(store_retry.RETRIES_ENV, "3")
     fn = failing(*[client_error("SlowDown", 503)] * 5)
     with pytest.raises(StorageError, match=r"^s3://b/k: read failed 3 times, last with SlowDown 503"):
         storage.retrying("read", "s3://b/k", fn)
     assert fn.calls == 3
-    monkeypatch.setenv(storage.RETRIES_ENV, "lots")
-    with pytest.raises(ValueError, match=storage.RETRIES_ENV):
+    monkeypatch.setenv(store_retry.RETRIES_ENV, "lots")
+    with pytest.raises(ValueError, match=store_retry.RETRIES_ENV):
         storage.retrying("read", "s3://b/k", fn)
 
 
@@ -227,7 +227,7 @@ def test_permanent_errors_fail_at_once(error, expected, monkeypatch):
 
 
 def test_credentials_never_reach_the_log(monkeypatch, caplog):
-    monkeypatch.setattr(storage, "RETRY_BASE_S", 0.001)
+    monkeypatch.setattr(store_retry, "RETRY_BASE_S", 0.001)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sup3r-secret-value")
     fn = failing(ConnectionError("to http://AKIA:sup3r-secret-value@host failed"))
     storage.retrying("read", "s3://b/k", fn)
@@ -244,12 +244,12 @@ def test_library_retry_notices_become_warnings_and_nothing_else_gets_louder(capl
 
 def test_s3_clients_get_patient_retry_defaults(s3, monkeypatch):
     config = s3fs.S3FileSystem().s3.meta.config
-    assert config.retries == {"mode": "standard", "total_max_attempts": storage.BOTOCORE_ATTEMPTS}
-    assert (config.connect_timeout, config.read_timeout) == (storage.CONNECT_TIMEOUT_S, storage.READ_TIMEOUT_S)
+    assert config.retries == {"mode": "standard", "total_max_attempts": store_retry.BOTOCORE_ATTEMPTS}
+    assert (config.connect_timeout, config.read_timeout) == (store_retry.CONNECT_TIMEOUT_S, store_retry.READ_TIMEOUT_S)
     # what the user set wins: AWS_MAX_ATTEMPTS, and anything already in fsspec's config
     monkeypatch.setattr(fsspec.config, "conf", {"s3": {"config_kwargs": {"read_timeout": 5}}})
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    storage._configure_s3()
+    store_retry._configure_s3()
     assert fsspec.config.conf["s3"]["config_kwargs"] == {"read_timeout": 5, "connect_timeout": 10,
                                                          "retries": {"mode": "standard"}}
 

@@ -1,0 +1,283 @@
+"""Retries for object-store calls: transient errors retried with backoff, permanent ones named.
+
+Transient errors (5xx, throttling, dropped connections, timeouts) are retried with exponential
+backoff and full jitter, each retry a warning on the "kiln.storage" logger; permanent ones (no
+bucket, no permission, rejected credentials) raise `StorageError` at once, naming the URL and what to
+do. Code that opens s3 files itself (torch DCP's FsspecWriter) still gets botocore's and s3fs's own
+retries, which `configure_object_stores` makes patient and visible.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import fsspec
+
+from trainers.secrets import redact_text
+
+log = logging.getLogger("kiln.storage")
+T = TypeVar("T")
+
+RETRIES_ENV = "KILN_STORAGE_RETRIES"  # total attempts per operation, the first included
+DEFAULT_ATTEMPTS = 8
+RETRY_BASE_S = 0.2  # full jitter: attempt n waits uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2**(n-1)))
+RETRY_CAP_S = 10.0
+BOTOCORE_ATTEMPTS = 5  # per HTTP request (standard mode's own default is 3), under s3fs's 5 tries per call
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60  # s3fs's 15 s default is short for a 50 MB part on a busy link
+
+# S3 error codes retrying will not fix, and what the user should do about each.
+_CREDENTIALS = ("the store rejected the credentials ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                "or the AWS profile")
+_DENIED = "access denied ({code}); give these credentials access to bucket '{bucket}' or fix storage.root"
+_PERMANENT = {
+    "NoSuchBucket": "bucket '{bucket}' does not exist; create it or fix storage.root",
+    "InvalidBucketName": "'{bucket}' is not a valid bucket name; fix storage.root",
+    "AccessDenied": _DENIED, "AllAccessDisabled": _DENIED,
+    "AccountProblem": "the account behind these credentials cannot use the store ({code}); check it with the provider",
+    "InvalidAccessKeyId": _CREDENTIALS, "SignatureDoesNotMatch": _CREDENTIALS, "ExpiredToken": _CREDENTIALS,
+    "InvalidToken": _CREDENTIALS, "TokenRefreshRequired": _CREDENTIALS,
+}
+_NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
+# Answers that stay the same however often asked (s3fs raises these for 404s and 403s too).
+_DEFINITE = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Codes that mean "try again": throttling, server trouble, and bodies damaged in transit.
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
+    "BandwidthLimitExceeded", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeoutException",
+    "OperationAborted", "XAmzContentSHA256Mismatch", "BadDigest", "IncompleteBody", "500", "502", "503", "504",
+}
+
+
+class StorageError(OSError):
+    """A storage failure not worth retrying again; the message names the URL and what to do."""
+
+
+def _transient_types() -> tuple[type, ...]:
+    """Exception classes (from whichever of botocore/aiohttp is installed) that a retry may cure."""
+    found: list[type] = [ConnectionError, TimeoutError, http.client.IncompleteRead]
+    try:
+        from botocore import exceptions as boto
+        from botocore.parsers import ResponseParserError
+
+        # ResponseParserError: throttling replies sometimes come as broken XML (s3fs issue 484)
+        found += [boto.HTTPClientError, boto.ConnectionError, boto.IncompleteReadError, ResponseParserError,
+                  getattr(boto, "FlexibleChecksumError", boto.IncompleteReadError)]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        found += [aiohttp.ClientPayloadError, aiohttp.ClientConnectionError]
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+_TRANSIENT_TYPES = _transient_types()
+
+
+def retry_attempts() -> int:
+    """Attempts per storage operation: $KILN_STORAGE_RETRIES, else 8."""
+    raw = os.environ.get(RETRIES_ENV, "").strip()
+    if not raw:
+        return DEFAULT_ATTEMPTS
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{RETRIES_ENV} must be a whole number of attempts >= 1, got {raw!r}")
+    return int(raw)
+
+
+def retrying(operation: str, url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs), retried on transient store errors; permanent ones raise StorageError."""
+    attempts = retry_attempts()
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except StorageError:
+            raise  # already classified (and retried) by an inner retrying()
+        except Exception as exc:
+            permanent = _permanent(url, exc)
+            if permanent is not None:
+                raise permanent from exc
+            if not _transient(exc):
+                raise
+            if attempt == attempts:
+                raise StorageError(f"{redact_text(url)}: {operation} failed {attempts} times, last with "
+                                   f"{_describe(exc)}; the store is down or overloaded (more tries: "
+                                   f"{RETRIES_ENV})") from exc
+            delay = random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1)))
+            log.warning("retrying %s %s after %s (attempt %d/%d, waiting %.2fs)", operation, redact_text(url),
+                        _describe(exc), attempt + 1, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _chain(exc: BaseException | None) -> Iterable[BaseException]:
+    """exc and the exceptions it was raised from (s3fs hides the botocore error as the cause)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _code(exc: BaseException) -> tuple[str | None, int | None]:
+    """(S3 error code, HTTP status) of a botocore ClientError, else (None, None)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None, None
+    return response.get("Error", {}).get("Code"), response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def _bucket(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0]
+
+
+def no_such_bucket(url: str) -> StorageError:
+    """The error for a URL whose bucket does not exist."""
+    return StorageError(f"{redact_text(url)}: " + _PERMANENT["NoSuchBucket"].format(bucket=_bucket(url)))
+
+
+def _permanent(url: str, exc: BaseException) -> StorageError | None:
+    """A StorageError saying what to do, if exc (or its cause) is one retrying cannot fix."""
+    for error in _chain(exc):
+        code, _ = _code(error)
+        if code in _PERMANENT:
+            return StorageError(f"{redact_text(url)}: " + _PERMANENT[code].format(bucket=_bucket(url), code=code))
+        if type(error).__name__ in _NO_CREDENTIALS:
+            return StorageError(f"{redact_text(url)}: no storage credentials found; set AWS_ACCESS_KEY_ID and "
+                                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    return None
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether exc (or its cause) is a store hiccup that the same call may get past next time."""
+    for error in _chain(exc):
+        if isinstance(error, _DEFINITE):
+            return False
+        code, status = _code(error)
+        if code is not None or status is not None:  # the store answered: its code decides
+            return code in _TRANSIENT_CODES or (status or 0) >= 500 or status == 429
+        if "CERTIFICATE_VERIFY_FAILED" in str(error):  # an SSL setup problem, not a hiccup
+            return False
+        if isinstance(error, _TRANSIENT_TYPES):
+            return True
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """'SlowDown 503' for a store's answer, else 'ConnectionClosedError: ...', credentials redacted."""
+    for error in _chain(exc):
+        code, status = _code(error)
+        if code is not None:
+            return f"{code} {status}" if status and str(status) != code else code
+    return redact_text(f"{type(exc).__name__}: {exc}")[:300]
+
+
+def _configure_s3() -> None:
+    """Default every s3fs filesystem, ours or a library's, to patient botocore retries and timeouts.
+
+    Only fills in what nobody set: fsspec config (conf files, FSSPEC_S3_* env) and AWS settings
+    (AWS_RETRY_MODE / AWS_MAX_ATTEMPTS, the profile's retry_mode / max_attempts) win. Not s3fs's own
+    `retries`: S3FileSystem forwards unknown options to AioSession, which rejects it (TypeError).
+    """
+    conf = fsspec.config.conf.setdefault("s3", {})
+    # Several processes write a run's folder (every rank, Ray's controller, the driver): a cached
+    # listing would hide their files (new events, another rank's shards) from this process.
+    conf.setdefault("use_listings_cache", False)
+    config_kwargs = dict(conf.get("config_kwargs") or {})
+    config_kwargs.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+    config_kwargs.setdefault("read_timeout", READ_TIMEOUT_S)
+    retries = dict(config_kwargs.get("retries") or {})
+    user = _aws_retry_settings()
+    if "mode" not in retries and "retry_mode" not in user:
+        # legacy (the default) retries the same errors, but its backoff has no cap and no retry quota:
+        # standard (AWS's recommendation) stops hammering a store that keeps failing
+        retries["mode"] = "standard"
+    if not {"max_attempts", "total_max_attempts"} & retries.keys() and "max_attempts" not in user:
+        retries["total_max_attempts"] = BOTOCORE_ATTEMPTS
+    if retries:
+        config_kwargs["retries"] = retries
+    conf["config_kwargs"] = config_kwargs
+
+
+def _aws_retry_settings() -> set[str]:
+    """Which of retry_mode / max_attempts the user set for botocore (env or AWS profile)."""
+    names = {name for env, name in (("AWS_RETRY_MODE", "retry_mode"), ("AWS_MAX_ATTEMPTS", "max_attempts"))
+             if os.environ.get(env)}
+    try:
+        import botocore.session
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return names
+    try:
+        names |= {"retry_mode", "max_attempts"} & botocore.session.Session().get_scoped_config().keys()
+    except BotoCoreError as exc:  # a broken profile: botocore says so itself when it is used
+        log.debug("not reading AWS retry settings from the profile: %s", exc)
+    return names
+
+
+# The DEBUG lines in which botocore and s3fs announce a retry (their message templates), by library.
+_RETRY_NOTICES = {
+    "Retry needed, retrying request after delay of: %s": "botocore",  # standard/adaptive mode
+    "Retry needed, action of: %s": "botocore",  # legacy mode
+    "Retryable error: %s": "s3fs",
+    "Client error (maybe retryable): %s": "s3fs",
+}
+_S3FS_RETRIED = ("SlowDown", "reduce your request rate", "XAmzContentSHA256Mismatch")  # s3fs's own list
+
+
+class _RetryLogBridge(logging.Filter):
+    """Repeats s3fs's and botocore's DEBUG retry notices as kiln.storage warnings.
+
+    Their loggers are lowered to DEBUG so the notices exist at all; this filter then drops every
+    other record below the level the logger had before, so nothing else gets louder.
+    """
+
+    kiln_retry_bridge = True
+
+    def __init__(self, logger: logging.Logger, lowered: bool):
+        super().__init__()
+        self.logger, self.lowered = logger, lowered
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        source = _RETRY_NOTICES.get(record.msg) if isinstance(record.msg, str) else None
+        if source == "botocore":
+            log.warning("retrying an S3 request after a transient error (botocore, waiting %.2fs)",
+                        float(record.args[0]) if record.args else 0.0)
+        elif source == "s3fs":
+            error = str(record.args[0]) if record.args else ""
+            if record.msg.startswith("Retryable") or any(p in error for p in _S3FS_RETRIED):
+                # s3fs logs this on its last try too, before giving up: hence not "retrying"
+                log.warning("transient error in an S3 call, s3fs tries again unless out of tries: %s",
+                            redact_text(error)[:300])
+        if not self.lowered or self.logger.parent is None:
+            return True
+        return record.levelno >= self.logger.parent.getEffectiveLevel()
+
+
+def _bridge_retry_logs() -> None:
+    """Install _RetryLogBridge on the loggers where botocore and s3fs announce retries (once)."""
+    for name in ("botocore.retries.standard", "botocore.retryhandler", "s3fs"):
+        logger = logging.getLogger(name)
+        if any(getattr(f, "kiln_retry_bridge", False) for f in logger.filters):
+            continue
+        # a level someone set (S3FS_LOGGING_LEVEL makes s3fs set one when imported) is theirs to keep
+        lowered = logger.level == logging.NOTSET and not (name == "s3fs" and os.environ.get("S3FS_LOGGING_LEVEL"))
+        if lowered:
+            logger.setLevel(logging.DEBUG)
+        logger.addFilter(_RetryLogBridge(logger, lowered))
+
+
+
+
+def configure_object_stores() -> None:
+    """Patient, visible retries and no listing cache for every s3fs client in this process (idempotent)."""
+    _configure_s3()
+    _bridge_retry_logs()
