@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from data_pipeline import storage
 
+UPLOAD_THREADS = 4
 # {file name: (size, sha256)} of what one rank wrote into a shards folder.
 FileRecords = dict[str, tuple[int, str]]
 
@@ -75,7 +76,9 @@ def writer(url: str):
         made = dcp.FileSystemWriter(url)
     else:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
-        made = FsspecWriter(url)
+        # Several files per rank, uploaded by parallel threads: one stream per rank leaves most of an
+        # object store's bandwidth unused.
+        made = FsspecWriter(url, thread_count=UPLOAD_THREADS)
     made.fs = HashingFileSystem(made.fs)
     return made
 
