@@ -19,7 +19,7 @@ from tests.distributed.test_torchrun import rows, torchrun
 
 pytestmark = pytest.mark.slow
 
-STRATEGIES = ["ddp", "fsdp", "zero2", "zero3", "zero3_offload"]  # zero1: zero2 minus gradient sharding
+STRATEGIES = ["ddp", "fsdp", "zero3", "zero3_offload"]  # ZeRO-1/2: tests/distributed/test_zero_reshard.py
 
 
 @pytest.fixture
