@@ -93,7 +93,7 @@ class Periodic:
 class StopRequestWatcher:
     """Rank 0 polls the run's STOP request in the background, so the loop never waits on storage."""
 
-    def __init__(self, run_url: str, every_s: float = 2.0):
+    def __init__(self, run_url: str, every_s: float = 0.5):
         self.run_url = run_url
         self.request: dict | None = None
         self._poller = Periodic(self._poll, every_s, "kiln-stop-poll")

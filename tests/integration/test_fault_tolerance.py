@@ -185,7 +185,7 @@ def test_a_hang_then_sigterm_twice_and_kiln_stop_through_a_corrupt_checkpoint_st
 
     # Rank 1 freezes (SIGSTOP) and rank 0 waits in a collective forever: the step watchdog fails it with
     # the rank and step named, and Ray restarts the group. Then rank 1 of the new group gets SIGTERM.
-    run = start_kiln("train", *EVERY_STEP, "strategy=ddp", "checkpoint.async=true", "train.step_timeout_s=8",
+    run = start_kiln("train", *EVERY_STEP, "strategy=ddp", "train.step_timeout_s=8",
                      "run.id=p", f"storage.root={root}", f"checkpoint.preempt_grace_s={grace}", log=tmp_path / "1.log")
     reached(run, 2)
     frozen = worker_pid(root, "p", rank=1)
