@@ -83,6 +83,44 @@ def write_atomic(url: str, data: bytes | str) -> None:
         retrying("write", url, fs.pipe_file, path, payload)
 
 
+def write_new(url: str, data: bytes | str) -> None:
+    """Write a whole file that must not exist yet; FileExistsError if it does (two writers: one wins)."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fs, path = filesystem(url)
+    if is_local(url):
+        retrying("create", url, _create_local, path, payload)
+        return
+    try:
+        # If-None-Match: * makes the store itself refuse a second writer (AWS S3, MinIO, moto).
+        retrying("create", url, fs.pipe_file, path, payload, mode="create")
+    except OSError as exc:
+        if any("PreconditionFailed" in str(e) or "412" in str(e) for e in _causes(exc)):
+            raise FileExistsError(f"{redact_text(url)} already exists") from None
+        raise
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while exc is not None and len(chain) < 8:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _create_local(path: str, payload: bytes) -> None:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(tmp, path)  # atomic, and fails if path exists: whole content, one winner
+    finally:
+        os.unlink(tmp)
+
+
 def _write_local(path: str, payload: bytes) -> None:
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)

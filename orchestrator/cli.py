@@ -14,6 +14,17 @@ from rich.table import Table
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 3  # stopped early with a committed checkpoint; `kiln resume RUN` continues it
+EXIT_INTERRUPTED = 130
+DEBUG_ENV = "KILN_DEBUG"  # set to 1 to see the (redacted) traceback of an unexpected error
+
+
+class RedactingConsole(Console):
+    """A rich Console that passes every printed string through the one redaction (secrets, URL credentials)."""
+
+    def print(self, *objects, **kwargs) -> None:  # noqa: A003 (rich's name)
+        from trainers.secrets import redact_text
+
+        super().print(*(redact_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
 
 
 def default_root() -> str:
@@ -59,10 +70,25 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.launcher import train
     from orchestrator.runs import prepare_resume
 
-    registry, record, cfg = prepare_resume(absolute_url(args.storage_root), args.run, args.overrides, args.force)
+    root, overrides = resume_root(args.storage_root, args.overrides)
+    registry, record, cfg = prepare_resume(absolute_url(root), args.run, overrides, args.force)
     console.print(f"resuming {record.run_id} ({record.state} at step {record.step}) from its last committed "
                   "checkpoint")
     return print_outcome(train(cfg, console, resumed=(registry, record)), console)
+
+
+def resume_root(storage_root: Optional[str], overrides: list[str]) -> tuple[str, list[str]]:
+    """Where to find the run: `storage.root=` among the overrides means the same as --storage-root."""
+    from orchestrator.config import UsageError
+
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("storage.root=")]
+    rest = [o for o in overrides if not o.lstrip("+").startswith("storage.root=")]
+    if not given:
+        return storage_root or default_root(), rest
+    if storage_root and storage_root != given[-1]:
+        raise UsageError(f"storage.root={given[-1]} and --storage-root {storage_root} disagree; the run is "
+                         "looked up where it lives: give one of them")
+    return given[-1], rest
 
 
 def cmd_stop(args: argparse.Namespace, console: Console) -> int:
@@ -100,8 +126,8 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.registry import RunRegistry
 
     registry = RunRegistry(args.storage_root)
-    records = registry.list()
-    if not records:
+    records, damaged = registry.list()
+    if not records and not damaged:
         console.print(f"no runs under {args.storage_root}")
         return 0
     table = Table("run", "state", "step", "strategy", "ckpt", "updated (UTC)", box=box.SIMPLE_HEAD,
@@ -111,7 +137,11 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
     for r in records:
         table.add_row(r.run_id, r.state, f"{r.step}/{r.max_steps}", f"{r.strategy} x{r.num_workers}",
                       str(r.checkpoint["step"]) if r.checkpoint else "-", r.updated[5:16].replace("T", " "))
+    for entry in damaged:
+        table.add_row(entry.run_id, "[red]DAMAGED[/red]", "-", "-", "-", "-")
     console.print(table)
+    for entry in damaged:
+        console.print(f"[red]damaged:[/red] {entry.problem}", highlight=False)
     return 0
 
 
@@ -164,14 +194,17 @@ def describe_attempt(attempt: dict) -> str:
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from data_pipeline import storage
+    from data_pipeline.staging import replace_folder
     from orchestrator.runs import find_checkpoint, reopen_run
     from trainers.export import export_checkpoint
     from trainers.tasks import build_task
 
     registry, record, cfg = reopen_run(args.storage_root, args.run, [])
     checkpoint = find_checkpoint(registry, cfg, args.step)
-    files = export_checkpoint(build_task(cfg.task.name), cfg.model, checkpoint.url, checkpoint.manifest["strategy"],
-                              storage.join(registry.run_url(args.run), "tokenizer"), args.out)
+    # Built beside --out and swapped in whole: stale weights of an earlier export never survive beside new ones.
+    files = replace_folder(args.out, lambda staging: export_checkpoint(
+        build_task(cfg.task.name), cfg.model, checkpoint.url, checkpoint.manifest["strategy"],
+        storage.join(registry.run_url(args.run), "tokenizer"), staging), overwrite=args.overwrite)
     console.print(f"exported {args.run} step {checkpoint.step} ({checkpoint.manifest['strategy']}, "
                   f"{checkpoint.manifest['world_size']} workers) -> {args.out}: {', '.join(files)}")
     return 0
@@ -203,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
                                            "[cluster.num_workers=N] [train.max_steps=N]")
     resume.add_argument("run")
     resume.add_argument("overrides", nargs="*", help="resume-safe overrides only (e.g. cluster.num_workers=4)")
-    resume.add_argument("--storage-root", default=default_root())
+    resume.add_argument("--storage-root", default=None, help="where the run lives (default: $KILN_STORAGE_ROOT or ./kiln-runs)")
     resume.add_argument("--force", action="store_true", help="resume even if the run looks alive")
     resume.set_defaults(func=cmd_resume)
     stop = sub.add_parser("stop", help="ask a running run to commit a checkpoint and stop (PREEMPTED)")
@@ -214,7 +247,8 @@ def parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a Hugging Face folder from a run's checkpoint")
     export.add_argument("run")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest committed)")
-    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--out", required=True, help="output folder (new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder whole")
     export.add_argument("--storage-root", default=default_root())
     export.set_defaults(func=cmd_export)
     prep = sub.add_parser("prepare", help="tokenize raw files into a prepared dataset: kiln prepare input=... output=...")
@@ -230,27 +264,63 @@ def main(argv: Optional[list[str]] = None) -> int:
     from data_pipeline.dataset import DatasetError
     from data_pipeline.prepare import PrepareError
     from data_pipeline.sources import SourceError
+    from data_pipeline.staging import OutputExists
+    from data_pipeline.storage import StorageError
     from orchestrator.config import UsageError
-    from orchestrator.registry import RunExists, UnknownRun
+    from orchestrator.registry import DamagedRun, RunExists, UnknownRun
     from trainers.errors import CheckpointError
 
     args = parser().parse_args(argv)
-    console = Console(soft_wrap=True)
+    console = RedactingConsole(soft_wrap=True)
     if not console.is_terminal:  # piped or captured: never truncate ids and paths to 80 columns
-        console = Console(soft_wrap=True, width=240)
+        console = RedactingConsole(soft_wrap=True, width=240)
     try:
+        check_no_credentials(args)
         return args.func(args, console)
-    except (UsageError, UnknownRun, RunExists, DataConfigError, DatasetError, CheckpointError, SourceError,
-            PrepareError) as exc:
-        print(f"kiln {args.command}: error: {exc}", file=sys.stderr)
+    except (UsageError, UnknownRun, RunExists, DamagedRun, DataConfigError, DatasetError, CheckpointError,
+            SourceError, PrepareError, StorageError, OutputExists) as exc:
+        say(f"kiln {args.command}: error: {exc}")
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        say(f"kiln {args.command}: interrupted")
+        return EXIT_INTERRUPTED
     except Exception as exc:
         from orchestrator.launcher import RunFailed
 
         if isinstance(exc, RunFailed):
-            print(f"kiln {args.command}: {exc}", file=sys.stderr)
+            say(f"kiln {args.command}: {exc}")
             return EXIT_FAILED
-        raise
+        # Never a bare traceback (it may quote a URL with credentials): one redacted line, details on demand.
+        if os.environ.get(DEBUG_ENV) == "1":
+            import traceback
+
+            say("".join(traceback.format_exception(exc)), one_line=False)
+        say(f"kiln {args.command}: unexpected error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the "
+            "traceback, and please report it)")
+        return EXIT_FAILED
+
+
+def check_no_credentials(args: argparse.Namespace) -> None:
+    """--storage-root and $KILN_STORAGE_ROOT take URLs without user:password@ (credentials come from the environment)."""
+    from orchestrator.config import UsageError
+    from trainers.secrets import URL_CREDENTIALS
+
+    for name, value in (("--storage-root", getattr(args, "storage_root", None)),
+                        ("KILN_STORAGE_ROOT", os.environ.get("KILN_STORAGE_ROOT"))):
+        if value and URL_CREDENTIALS.search(value):
+            raise UsageError(f"{name} has credentials written into its URL; Kiln takes them only from the "
+                             "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE): write the URL "
+                             "without user:password@")
+
+
+def say(message: str, one_line: bool = True) -> None:
+    """Print to stderr through the redaction; one line unless told otherwise."""
+    from trainers.secrets import redact_text
+
+    text = redact_text(str(message))
+    if one_line:
+        text = " ".join(line.strip() for line in text.splitlines() if line.strip())
+    print(text, file=sys.stderr)
 
 
 if __name__ == "__main__":

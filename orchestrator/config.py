@@ -8,13 +8,14 @@ line that names the key and says what to do.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -25,9 +26,10 @@ from omegaconf.errors import OmegaConfBaseException
 from data_pipeline.config import DataConfig, StorageConfig
 from trainers.config import (CheckpointConfig, ModelConfig, OptimConfig, StrategyConfig, TaskConfig,
                              TrackerConfig, TrainConfig, require)
+from trainers.secrets import URL_CREDENTIALS
 
 CONF_DIR = Path(os.environ.get("KILN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` admits a trailing newline
 
 
 class UsageError(Exception):
@@ -42,10 +44,11 @@ class RunSection:
     name: str = "run"  # experiments set it; the prefix of generated ids
 
     def __post_init__(self) -> None:
-        require(self.id is None or bool(RUN_ID_PATTERN.match(self.id)),
+        require(self.id is None or bool(RUN_ID_PATTERN.fullmatch(self.id)),
                 f"run.id must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit); "
                 f"got {self.id!r}")
-        require(bool(RUN_ID_PATTERN.match(self.name)), f"run.name must be a simple name; got {self.name!r}")
+        require(bool(RUN_ID_PATTERN.fullmatch(self.name)), f"run.name must be 1-64 letters, digits, '.', '_' or '-' "
+                                                           f"(starting with a letter or digit); got {self.name!r}")
 
 
 @dataclass
@@ -115,13 +118,57 @@ def compose_config(overrides: list[str]) -> KilnConfig:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="kiln"):
             composed = compose(config_name="config", overrides=list(overrides))
+        check_values(OmegaConf.to_container(composed, resolve=True))
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as exc:
         raise UsageError(explain_composition_error(exc, overrides)) from None
     except (ValueError, UsageError) as exc:
         raise UsageError(str(exc)) from None
     assert isinstance(cfg, KilnConfig)
+    check_no_ignored_settings(cfg)
     return cfg
+
+
+def leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a config as plain containers, list items as key[i]."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from leaves(value, f"{prefix}{key}.")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from leaves(value, f"{prefix.rstrip('.')}[{i}].")
+    else:
+        yield prefix.rstrip("."), obj
+
+
+def check_values(config: dict) -> None:
+    """Values no section catches alone (non-finite numbers, credentials written into URLs), checked first."""
+    for key, value in leaves(config):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{key} must be a finite number, got {value}")
+        if isinstance(value, str) and URL_CREDENTIALS.search(value):
+            raise UsageError(f"{key} has credentials written into its URL; Kiln takes them only from the "
+                             "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE): "
+                             "write the URL without user:password@")
+
+
+def check_no_ignored_settings(cfg: KilnConfig) -> None:
+    """A setting the chosen option would ignore is an error, never silence (user input only).
+
+    Saved configs are exempt: the driver itself fills data.path in for the built-in corpus.
+    """
+    source = cfg.data.source
+    if cfg.data.path and source == "stdlib":
+        raise UsageError(f"data.path={cfg.data.path} is ignored by data.source=stdlib (the built-in corpus); "
+                         "to train on it add data=prepared (or data.source=prepared)")
+    if cfg.data.path and source == "mixture":
+        raise UsageError("data.path is ignored by data.source=mixture; list every dataset in data.mixture")
+    if cfg.data.mixture and source != "mixture":
+        raise UsageError(f"data.mixture is ignored by data.source={source}; add data=mixture "
+                         "(or data.source=mixture) to train on it")
+    if cfg.data.max_files is not None and source != "stdlib":
+        raise UsageError(f"data.max_files caps the built-in corpus only and is ignored by data.source={source}; "
+                         "remove it")
 
 
 # What may change when a run continues: where and on how many workers it runs, how long, how it is
@@ -143,6 +190,7 @@ def load_saved_config(config_yaml: str, overrides: list[str], source: str) -> Ki
     try:
         merged = OmegaConf.merge(OmegaConf.structured(KilnConfig), OmegaConf.create(config_yaml),
                                  OmegaConf.from_dotlist(list(overrides)))
+        check_values(OmegaConf.to_container(merged, resolve=True))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise UsageError(f"{source}: {explain_composition_error(exc, overrides)}") from None
@@ -224,11 +272,26 @@ def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
     invalid = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", text)
     if key and invalid:
         return f"{key}: invalid value {invalid.group(1)!r}; expected one of {invalid.group(2)}"
+    if "LexerNoViableAltException" in text or "mismatched input" in text or "no viable alternative" in text:
+        return unparsable_override_message(text, overrides)
     parse = re.search(r"Error parsing override '([^']*)'", text)
     if parse:
         return f"could not parse override '{parse.group(1)}': write key=value (e.g. train.max_steps=100)"
     first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
     return f"invalid config: {first}" + (f" (key: {key})" if key else "")
+
+
+def unparsable_override_message(text: str, overrides: list[str]) -> str:
+    """Name the override Hydra's grammar rejected and the character it stumbled on."""
+    culprit = next((o for o in overrides if o.strip() and o.strip() in text), None)
+    odd = [o for o in overrides if any(not ch.isascii() or not ch.isprintable() for ch in o)]
+    culprit = culprit if culprit is not None else (odd[0] if odd else None)
+    if culprit is None:
+        return "could not parse an override: write key=value (e.g. train.max_steps=100)"
+    key = culprit.split("=", 1)[0]
+    bad = next((ch for ch in culprit if not ch.isascii() or not ch.isprintable()), None)
+    what = f"character {bad!r} is not allowed unquoted" if bad else "it does not fit Hydra's override grammar"
+    return f"could not parse override {culprit!r}: {what}; quote the value ({key}='...') or remove it"
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:

@@ -17,6 +17,7 @@ from ray.train.torch.config import _TorchBackend
 from data_pipeline import storage
 from trainers import loop
 from trainers.events import Periodic
+from trainers.secrets import redact_logging, redact_text
 
 # Set by the SIGTERM handler below; read by the training thread between steps.
 PREEMPTED: dict = {}
@@ -113,7 +114,7 @@ class LogMirror:
         """Copy the log now (a failure is retried next round, never raised into training)."""
         try:
             with open(self.path, "rb") as handle:
-                storage.write_atomic(self.url, handle.read())
+                storage.write_atomic(self.url, redact_text(handle.read().decode("utf-8", errors="replace")))
         except OSError as exc:
             logging.getLogger("kiln.worker").warning("could not copy the log to %s: %s", self.url, exc)
 
@@ -131,6 +132,7 @@ def redirect_output(run_url: str, rank: int, local_dir: str) -> str:
     sys.stdout = sys.stderr = handle
     logging.basicConfig(level=logging.INFO, stream=handle, force=True,
                         format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    redact_logging()
     return path
 
 

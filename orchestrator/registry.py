@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from data_pipeline import storage
+from trainers.secrets import redact_text
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"
@@ -29,6 +32,18 @@ class UnknownRun(LookupError):
 
 class RunExists(FileExistsError):
     """A run with that id already exists."""
+
+
+class DamagedRun(ValueError):
+    """A run whose run.json cannot be read; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class DamagedEntry:
+    """A run folder whose run.json is damaged, as `kiln runs` lists it."""
+
+    run_id: str
+    problem: str
 
 
 def now() -> str:
@@ -59,10 +74,42 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, text: str) -> "RunRecord":
-        """Parse run.json, ignoring fields a newer Kiln added."""
-        data = json.loads(text)
+        """Parse run.json, ignoring fields a newer Kiln added; ValueError says what is wrong with it."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}; "
+                             "truncated?)") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
+        problem = shape_problem(data)
+        if problem:
+            raise ValueError(problem)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+# The type each run.json field must have (None allowed where the field is Optional).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "run_id": (str,), "state": (str,), "created": (str,), "updated": (str,), "experiment": (str,),
+    "step": (int,), "max_steps": (int,), "checkpoint": (dict, type(None)), "strategy": (str,),
+    "num_workers": (int,), "wandb": (dict, type(None)), "attempts": (list,), "error": (str, type(None)),
+    "notes": (list,), "events_cursor": (str,), "format_version": (int,),
+}
+
+
+def shape_problem(data: dict) -> Optional[str]:
+    """What makes a parsed run.json unusable (a missing run_id, a field of the wrong type), or None."""
+    if "run_id" not in data:
+        return "has no run_id"
+    for name, types in _FIELD_TYPES.items():
+        if name in data and (not isinstance(data[name], types) or isinstance(data[name], bool)):
+            return f"field {name!r} is {type(data[name]).__name__}, expected {types[0].__name__}"
+    if "state" in data and data["state"] not in STATES:
+        return f"state {data.get('state')!r} is not one of {', '.join(STATES)}"
+    if not all(isinstance(a, dict) for a in data.get("attempts", [])):
+        return "attempts must be a list of objects"
+    return None
 
 
 class RunRegistry:
@@ -75,14 +122,46 @@ class RunRegistry:
         """The run's folder."""
         return storage.join(self.root, run_id)
 
+    def check_root(self) -> None:
+        """Fail, naming storage.root, unless runs can be created there (a local folder is probed by a write)."""
+        from orchestrator.config import UsageError
+
+        if not storage.is_local(self.root):
+            storage.exists(self.root)  # a missing bucket or denied access fails here, naming the URL
+            return
+        path = self.root.removeprefix("file://")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"storage.root={self.root} is a file, not a folder; point storage.root "
+                             "(or KILN_STORAGE_ROOT) at a folder")
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".kiln-write-probe-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise UsageError(f"storage.root={self.root} is not writable ({exc.strerror or exc}); choose a "
+                             "folder you can write to, or fix its permissions") from None
+
     def create(self, record: RunRecord, config_yaml: str) -> RunRecord:
-        """Register a new run: config.yaml first, then run.json (PENDING)."""
-        if storage.exists(storage.join(self.run_url(record.run_id), RUN_FILE)):
+        """Register a new run in a folder of its own: run.json (PENDING) claimed exclusively, then config.yaml."""
+        run_dir = self.run_url(record.run_id)
+        found = storage.list_names(run_dir)
+        if RUN_FILE in found:
             raise RunExists(f"run {record.run_id!r} already exists under {self.root}; "
                             f"choose another run.id (or leave it unset for a fresh one)")
-        storage.makedirs(self.run_url(record.run_id))
+        if found:
+            # Checkpoints or logs of a run whose record is gone: writing here would mix two runs.
+            shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+            raise RunExists(f"{run_dir} already holds files ({shown}) but no {RUN_FILE}: it is not a run Kiln "
+                            "can continue; move it aside or choose another run.id")
+        storage.makedirs(run_dir)
+        record.updated = now()
+        try:
+            storage.write_new(storage.join(run_dir, RUN_FILE), redact_text(json.dumps(asdict(record), indent=2)))
+        except FileExistsError:
+            raise RunExists(f"run {record.run_id!r} was just created under {self.root} by another "
+                            "command; choose another run.id") from None
         self.write_config(record.run_id, config_yaml)
-        self.save(record)
         return record
 
     def write_config(self, run_id: str, config_yaml: str) -> None:
@@ -95,12 +174,17 @@ class RunRegistry:
             raise ValueError(f"unknown run state {record.state!r}")
         record.updated = now()
         storage.write_atomic(storage.join(self.run_url(record.run_id), RUN_FILE),
-                             json.dumps(asdict(record), indent=2))
+                             redact_text(json.dumps(asdict(record), indent=2)))
 
     def load(self, run_id: str) -> RunRecord:
-        """The record of run_id, or UnknownRun naming the root and the closest ids."""
+        """The record of run_id; UnknownRun naming the root and the closest ids; DamagedRun if unreadable."""
+        url = storage.join(self.run_url(run_id), RUN_FILE)
         try:
-            return RunRecord.from_json(storage.read_text(storage.join(self.run_url(run_id), RUN_FILE)))
+            text = storage.read_bytes(url).decode("utf-8", errors="replace")
+            record = RunRecord.from_json(text)
+        except ValueError as exc:
+            raise DamagedRun(f"run {run_id}: {url} is damaged ({exc}); restore it from a backup, or move the "
+                             f"run folder aside (its checkpoints stay usable with `kiln export`)") from None
         except FileNotFoundError:
             known = self.run_ids()
             close = difflib.get_close_matches(run_id, known, n=3, cutoff=0.5)
@@ -108,21 +192,27 @@ class RunRegistry:
                 "; `kiln runs` lists them" if known else "; no runs there yet (set storage.root or "
                                                         "KILN_STORAGE_ROOT if they live elsewhere)")
             raise UnknownRun(f"unknown run {run_id!r} under {self.root}{hint}") from None
+        if record.run_id != run_id:
+            raise DamagedRun(f"run {run_id}: {url} names another run ({record.run_id!r}); a copied or moved "
+                             "folder? rename the folder back, or fix run_id in the file")
+        return record
 
     def run_ids(self) -> list[str]:
         """Ids of every run under the root (folders holding a run.json)."""
         return [name for name in storage.list_names(self.root)
                 if storage.exists(storage.join(self.root, name, RUN_FILE))]
 
-    def list(self) -> list[RunRecord]:
-        """Every run's record, newest first."""
-        records = []
+    def list(self) -> tuple[list[RunRecord], list[DamagedEntry]]:
+        """Every readable run's record (newest first), and the runs whose run.json is damaged."""
+        records, damaged = [], []
         for run_id in self.run_ids():
             try:
                 records.append(self.load(run_id))
-            except (UnknownRun, json.JSONDecodeError, TypeError):
-                continue
-        return sorted(records, key=lambda r: r.created, reverse=True)
+            except UnknownRun:
+                continue  # deleted while listing
+            except DamagedRun as exc:
+                damaged.append(DamagedEntry(run_id, str(exc)))
+        return sorted(records, key=lambda r: r.created, reverse=True), damaged
 
     def metrics(self, run_id: str) -> list[dict[str, Any]]:
         """Every line of the run's metrics.jsonl (a torn last line is skipped)."""

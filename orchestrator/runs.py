@@ -38,9 +38,13 @@ def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
 
 
 def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunRegistry, RunRecord]:
-    """Give the run an id, register it (PENDING), prepare its data and save tokenizer and config with it."""
+    """Give the run an id, check its storage and data, register it (PENDING) and save its tokenizer with it."""
     finalize(cfg)
     registry = RunRegistry(cfg.storage.root)
+    # Everything that can fail on bad input is checked before the run's folder exists, so a mistake
+    # leaves nothing behind that blocks the run id.
+    registry.check_root()
+    resolve_data(cfg, log)
     record = RunRecord(
         run_id=cfg.run.id, experiment=cfg.run.name, max_steps=cfg.train.max_steps,
         strategy=cfg.strategy.name, num_workers=cfg.cluster.num_workers,
@@ -48,9 +52,7 @@ def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunR
                 "dir": storage.join(run_url(cfg), "wandb")} if cfg.tracker.name == "wandb" else None),
     )
     registry.create(record, redact_text(to_yaml(cfg)))
-    resolve_data(cfg, log)
     copy_tokenizer(cfg.data.path, storage.join(run_url(cfg), "tokenizer"))
-    registry.write_config(cfg.run.id, redact_text(to_yaml(cfg)))  # now with the resolved data.path
     return registry, record
 
 
@@ -58,8 +60,17 @@ def reopen_run(root: str, run_id: str, overrides: list[str]) -> tuple[RunRegistr
     """An existing run's registry entry and saved config (with resume-safe overrides) to continue it."""
     registry = RunRegistry(root)
     record = registry.load(run_id)
+    for override in overrides:
+        if override.lstrip("+").startswith("storage.root=") and absolute_url(override.split("=", 1)[1]) != root:
+            raise UsageError(f"{override}: run {run_id} lives under {root}; storage.root says where to find a run "
+                             "when resuming (kiln resume RUN --storage-root URL), it cannot move one")
     source = storage.join(registry.run_url(run_id), CONFIG_FILE)
-    cfg = load_saved_config(storage.read_text(source), overrides, source)
+    try:
+        saved = storage.read_text(source)
+    except FileNotFoundError:
+        raise UsageError(f"run {run_id} has no {CONFIG_FILE} at {source} (its creation was interrupted); it "
+                         "cannot be resumed: start a new run") from None
+    cfg = load_saved_config(saved, overrides, source)
     cfg.storage.root = root  # where the run is found now is where it lives (folders get moved)
     record.max_steps, record.num_workers = cfg.train.max_steps, cfg.cluster.num_workers
     return registry, record, cfg

@@ -19,6 +19,7 @@ from trainers.events import record_event
 from trainers import loop
 from trainers.context import TorchrunContext
 from trainers.distributed import broadcast_from_rank0, ensure_process_group
+from trainers.secrets import redact_logging, redact_text
 
 
 def prepare(argv: list[str], world_size: int):
@@ -46,13 +47,14 @@ def main(argv: list[str]) -> int:
     """Train with torchrun's processes; returns the exit code."""
     ctx = TorchrunContext()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{ctx.rank} %(name)s %(message)s")
+    redact_logging()
     ensure_process_group("nccl" if os.environ.get("KILN_TORCHRUN_NCCL") else "gloo")
     prepared = None
     if ctx.rank == 0:
         try:
             registry, record, prepared = prepare(argv, ctx.world_size)
-        except (UsageError, UnknownRun, ValueError) as exc:
-            print(f"kiln torchrun: error: {exc}", file=sys.stderr)
+        except (UsageError, UnknownRun, ValueError, OSError) as exc:
+            print(redact_text(f"kiln torchrun: error: {exc}"), file=sys.stderr)
     cfg = broadcast_from_rank0(prepared)
     if cfg is None:
         return 2

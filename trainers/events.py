@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from data_pipeline import storage
+from trainers.secrets import redact_text
 
 EVENTS_DIR = "events"
 STOP_REQUEST = "STOP"  # a file in the run folder; its presence asks every worker to checkpoint and stop
@@ -29,7 +30,7 @@ def record_event(run_url: str, kind: str, **fields: Any) -> dict:
     event = {"kind": kind, "time": round(moment, 3),
              "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment)), **fields}
     name = f"{int(moment * 1000):015d}-{kind}-{os.getpid()}-{secrets.token_hex(2)}.json"
-    storage.write_atomic(storage.join(run_url, EVENTS_DIR, name), json.dumps(event, sort_keys=True))
+    storage.write_atomic(storage.join(run_url, EVENTS_DIR, name), redact_text(json.dumps(event, sort_keys=True)))
     return event
 
 

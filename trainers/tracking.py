@@ -90,8 +90,9 @@ class WandbTracker:
         self.local_dir, self.upload_to = local_dir, upload_to
         os.makedirs(local_dir, exist_ok=True)
         self._run = wandb.init(
-            project=cfg.project, entity=cfg.entity, id=run_id, name=run_name, dir=local_dir,
-            mode=wandb_mode(cfg), resume="allow", tags=list(cfg.tags), config=redact(config),
+            # Every value handed to W&B passes the one redaction (a tag can quote a secret as easily as a config).
+            project=redact(cfg.project), entity=redact(cfg.entity), id=run_id, name=redact(run_name),
+            dir=local_dir, mode=wandb_mode(cfg), resume="allow", tags=redact(list(cfg.tags)), config=redact(config),
             settings=wandb.Settings(silent=True, console="off", save_code=False, disable_git=True,
                                     x_disable_stats=True),
         )

@@ -71,10 +71,18 @@ def test_export_loads_in_transformers_with_the_trained_logits(trained, strategy,
     assert result.returncode == 0, result.stderr[-3000:]
     trained_logits = torch.load(probe, weights_only=True)
 
+    # An earlier export's weights sit in the folder: refused, untouched; --overwrite replaces it whole.
     out = tmp_path / "hf"
-    exported = kiln("export", strategy, "--out", str(out), "--storage-root", str(run_dir.parent))
+    out.mkdir()
+    (out / "pytorch_model.bin").write_bytes(b"stale weights")
+    refused = kiln("export", strategy, "--out", str(out), "--storage-root", str(run_dir.parent))
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr[-3000:]
+    assert f"{out} is not empty (pytorch_model.bin)" in refused.stderr and "--overwrite" in refused.stderr
+    assert [p.name for p in out.iterdir()] == ["pytorch_model.bin"]
+    exported = kiln("export", strategy, "--out", str(out), "--overwrite", "--storage-root", str(run_dir.parent))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "pytorch_model.bin").exists() and not list(tmp_path.glob(".kiln-*"))
     model = GPT2LMHeadModel.from_pretrained(out).eval()
     with torch.no_grad():
         logits = model(input_ids=trained_logits["input_ids"]).logits
