@@ -108,20 +108,24 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def _create_local(path: str, payload: bytes) -> None:
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    tmp = _durable_temp(path, payload)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.link(tmp, path)  # atomic, and fails if path exists: whole content, one winner
     finally:
         os.unlink(tmp)
 
 
 def _write_local(path: str, payload: bytes) -> None:
+    tmp = _durable_temp(path, payload)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _durable_temp(path: str, payload: bytes) -> str:
+    """payload in a synced temp file beside path (same file system, so a rename or link is atomic)."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
@@ -130,11 +134,10 @@ def _write_local(path: str, payload: bytes) -> None:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
 
 
 def makedirs(url: str) -> None:
