@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -14,13 +16,19 @@ from rich.console import Console
 
 from data_pipeline import storage
 from orchestrator.attempts import current, driver_identity, finished_state, record_worker_failures
-from orchestrator.config import KilnConfig
+from orchestrator.config import KilnConfig, UsageError
+from orchestrator.liveness import this_driver
+from orchestrator.placement import placement_problem
 from orchestrator.progress import MetricsTail, ProgressView
-from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry
+from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
 from orchestrator.runs import refresh, start_run
-from trainers.events import record_event, request_stop
+from trainers.events import clear_stop_request, record_event, request_stop
 from trainers.loop import run_url
 from trainers.secrets import redact_text
+
+
+# How long fit() may take to return after the workers recorded that they finished (normally 1-3 s).
+WORKERS_DONE_GRACE_S = 20
 
 
 class RunFailed(RuntimeError):
@@ -47,10 +55,76 @@ def start_ray(cfg: KilnConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(address=cfg.cluster.address, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.ERROR, configure_logging=True,
-             runtime_env={"env_vars": {"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}})
+    with ray_processes_in_their_own_session(embedded=cfg.cluster.address is None):
+        ray.init(address=cfg.cluster.address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR, configure_logging=True,
+                 runtime_env={"env_vars": {"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}})
     return True
+
+
+@contextmanager
+def ray_processes_in_their_own_session(embedded: bool):
+    """Start the embedded Ray's processes (GCS, raylet, and so its workers) outside the driver's process group.
+
+    `timeout`, systemd and Kubernetes SIGTERM a whole process group: in the driver's group, Ray's control
+    processes died at once, the driver lost them while its workers were still committing the preemption
+    checkpoint, and Ray ended the driver 60 s later with its run left RUNNING. In a session of their own,
+    only the driver gets the signal and stops the workers itself (GracefulStop). They still die with the
+    driver: Ray gives each the kernel's parent-death signal, which is why this applies only where Ray can.
+    """
+    from ray._private import services, utils
+
+    if not (embedded and sys.platform.startswith("linux") and utils.detect_fate_sharing_support()):
+        yield
+        return
+    popen = services.ConsolePopen  # Ray starts every process of a local node through this class
+
+    class OwnSessionPopen(popen):
+        def __init__(self, *args, **kwargs):
+            kwargs["start_new_session"] = True
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnSessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
+
+
+def local_resources() -> dict[str, float]:
+    """The CPUs (this process may use) and GPUs of this machine, which an embedded Ray gets."""
+    import torch
+
+    return {"CPU": float(len(os.sched_getaffinity(0))), "GPU": float(torch.cuda.device_count())}
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def cluster_nodes() -> list[dict]:
+    """The resources of each live node of the connected Ray cluster."""
+    import ray
+
+    return [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+
+
+def check_placement(cfg: KilnConfig, console: Console) -> None:
+    """Fail (UsageError) if the embedded Ray can never place the worker group; warn for a cluster that may grow.
+
+    A cluster at cluster.address may have an autoscaler that adds nodes for pending workers, so its
+    shortfall is said but waited out (Ray Train waits for the placement); the embedded Ray never grows.
+    """
+    problem = placement_problem(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu,
+                                cluster_nodes())
+    if problem is None:
+        return
+    if cfg.cluster.address is None:
+        raise UsageError(problem)
+    console.print(f"[yellow]waiting for {cfg.cluster.num_workers} workers: {problem}; an autoscaler may add "
+                  "nodes, otherwise stop with Ctrl-C[/yellow]")
 
 
 def ray_storage_path(cfg: KilnConfig) -> str:
@@ -138,6 +212,22 @@ def summarize_failure(exc: BaseException, run_dir: str) -> str:
     return redact_text(f"{type(root).__name__}: {message} (worker logs: {storage.join(run_dir, 'logs')})")
 
 
+def end_unplaced(registry: RunRegistry, record: RunRecord, problem: str) -> None:
+    """A run whose workers can never be placed ends FAILED with the reason, its attempt closed."""
+    record.state, record.error = "FAILED", problem
+    if current(record) is not None:
+        record.attempts[-1].update(ended=now(), outcome="FAILED", cause={"summary": problem})
+    registry.save(record)
+
+
+def forget_stop_request(run_dir: str) -> None:
+    """The STOP request is served once the driver ends: it must not stop the next attempt."""
+    try:
+        clear_stop_request(run_dir)
+    except OSError as exc:
+        logging.getLogger("kiln.driver").warning("could not remove the served stop request: %s", exc)
+
+
 def train(cfg: KilnConfig, console: Console, resumed: Optional[tuple[RunRegistry, RunRecord]] = None,
           ) -> TrainOutcome:
     """Run a training job end to end on Ray; the run record tracks it from PENDING to its end.
@@ -145,17 +235,34 @@ def train(cfg: KilnConfig, console: Console, resumed: Optional[tuple[RunRegistry
     `resumed` continues an existing run (`kiln resume`) instead of registering a new one.
     """
     started = time.perf_counter()
+    if cfg.cluster.address is None and not _ray_running():
+        # The embedded Ray will have this machine's CPUs and GPUs: a group that can never fit fails
+        # before a run is registered (the check after ray.init below is for what Ray actually reports).
+        problem = placement_problem(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu,
+                                    [local_resources()])
+        if problem:
+            raise UsageError(problem)
     if resumed is None:
         registry, record = start_run(cfg, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     else:
         registry, record = resumed
     run_dir = registry.run_url(record.run_id)
     console.print(f"run [bold]{record.run_id}[/bold] -> {run_dir}")
-    record_event(run_dir, "launched", launcher="ray",
-                 driver=driver_identity("kiln resume" if resumed else "kiln train"))
-    record.state, record.error = "RUNNING", None
+    command = "kiln resume" if resumed else "kiln train"
+    record_event(run_dir, "launched", launcher="ray", driver=driver_identity(command))
+    # Recorded so that `kiln resume` can tell at once whether this process still drives the run.
+    record.state, record.error, record.driver = "RUNNING", None, this_driver(command)
     refresh(registry, record, cfg)
     we_started_ray = start_ray(cfg)
+    try:
+        check_placement(cfg, console)
+    except UsageError as exc:
+        end_unplaced(registry, record, str(exc))
+        if we_started_ray:
+            import ray
+
+            ray.shutdown()
+        raise
 
     failure: list[BaseException] = []
 
@@ -167,7 +274,7 @@ def train(cfg: KilnConfig, console: Console, resumed: Optional[tuple[RunRegistry
 
     worker = threading.Thread(target=target, name="kiln-fit", daemon=True)
     tail = MetricsTail(storage.join(run_dir, METRICS_FILE))
-    last_refresh = 0.0
+    last_refresh, workers_done = 0.0, None
     try:
         with GracefulStop(run_dir, console), ProgressView(console, cfg.train.max_steps) as view:
             worker.start()
@@ -177,6 +284,14 @@ def train(cfg: KilnConfig, console: Console, resumed: Optional[tuple[RunRegistry
                 if time.monotonic() - last_refresh > 5:
                     refresh(registry, record, cfg, step=tail.last_step)
                     last_refresh = time.monotonic()
+                    if workers_done is None and finished_state(record):
+                        workers_done = last_refresh
+                if workers_done and time.monotonic() - workers_done > WORKERS_DONE_GRACE_S:
+                    # Ray lost its control processes (killed with the driver's cgroup, the OOM killer) and
+                    # would end this process with the run still RUNNING: the workers' word is the outcome.
+                    console.print(f"[yellow]the workers ended the run {finished_state(record)} but Ray did not "
+                                  f"return in {WORKERS_DONE_GRACE_S}s; recording their outcome[/yellow]")
+                    break
             view.update(tail.new_rows())
     except KeyboardInterrupt:
         record.state, record.error = "STOPPED", "aborted by the user (Ctrl-C twice) without a final checkpoint"
@@ -187,6 +302,7 @@ def train(cfg: KilnConfig, console: Console, resumed: Optional[tuple[RunRegistry
             import ray
 
             ray.shutdown()
+        forget_stop_request(run_dir)
     refresh(registry, record, cfg)
     ended = finished_state(record)
     if failure and ended is None:

@@ -70,6 +70,7 @@ class RunRecord:
     error: Optional[str] = None
     notes: list[str] = field(default_factory=list)  # recoveries worth knowing (skipped checkpoints, stops)
     events_cursor: str = ""  # the last events/ entry folded into attempts
+    driver: Optional[dict] = None  # {"host", "pid_ns", "pid", "started", "command"} of the driver now or last
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -94,7 +95,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "run_id": (str,), "state": (str,), "created": (str,), "updated": (str,), "experiment": (str,),
     "step": (int,), "max_steps": (int,), "checkpoint": (dict, type(None)), "strategy": (str,),
     "num_workers": (int,), "wandb": (dict, type(None)), "attempts": (list,), "error": (str, type(None)),
-    "notes": (list,), "events_cursor": (str,), "format_version": (int,),
+    "notes": (list,), "events_cursor": (str,), "format_version": (int,), "driver": (dict, type(None)),
 }
 
 

@@ -76,25 +76,24 @@ def reopen_run(root: str, run_id: str, overrides: list[str]) -> tuple[RunRegistr
     return registry, record, cfg
 
 
-ALIVE_WITHIN_S = 30  # a driver rewrites run.json every ~5 s while its run is alive
-
-
-def seconds_since(timestamp: str) -> float:
-    """Seconds from an ISO 8601 UTC timestamp (as run.json holds) to now."""
-    import calendar
+def driver_verdict(record: RunRecord):
+    """Whether the driver that a run's record names is still alive, judged from here and now."""
     import time
 
-    return time.time() - calendar.timegm(time.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ"))
+    from orchestrator.liveness import driver_alive, pid_start_time, this_host
+
+    return driver_alive(record.driver, record.updated, time.time(), this_host(), pid_start_time)
 
 
 def prepare_resume(root: str, run_id: str, overrides: list[str], force: bool = False,
                    ) -> tuple[RunRegistry, RunRecord, KilnConfig]:
     """Check that run_id can be resumed and load it: its saved config with safe overrides applied."""
     registry, record, cfg = reopen_run(root, run_id, overrides)
-    age = seconds_since(record.updated)
-    if record.state == "RUNNING" and age < ALIVE_WITHIN_S and not force:
-        raise UsageError(f"run {run_id} looks alive (run.json updated {age:.0f}s ago); stop it with "
-                         f"`kiln stop {run_id}` first, or pass --force if its driver is gone")
+    if record.state == "RUNNING" and not force:
+        verdict = driver_verdict(record)
+        if verdict.alive:
+            raise UsageError(f"run {run_id} is running: {verdict.reason}; stop it with `kiln stop {run_id}` "
+                             "first, or pass --force if you know its driver is gone")
     newest = latest_checkpoint(cfg)  # storage is the truth: the record may predate a crash or a cleanup
     finished = newest is not None and newest["step"] >= cfg.train.max_steps
     if record.state not in RESUMABLE and finished:

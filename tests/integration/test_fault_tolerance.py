@@ -130,7 +130,8 @@ def test_fsdp_survives_a_worker_kill_then_the_driver_dies_and_kiln_resume_reshar
 
     rejected = kiln("resume", "f", "optim.lr=0.5", "--storage-root", root)
     assert rejected.returncode == 2 and "cannot override 'optim.lr' when resuming" in rejected.stderr
-    resumed = kiln("resume", "f", "cluster.num_workers=1", "--storage-root", root, "--force", timeout=400)
+    # At once, without --force: the driver's pid is gone, so `kiln resume` knows it is dead.
+    resumed = kiln("resume", "f", "cluster.num_workers=1", "--storage-root", root, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     record = read_json(f"{root}/f/run.json")

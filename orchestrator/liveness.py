@@ -1,0 +1,92 @@
+"""Is a run's driver still alive? Decided from what the driver recorded in run.json, not from a guess.
+
+On the driver's own machine the answer is exact: its pid either exists with the start time it
+recorded (alive) or not (gone, at once, even a second after a SIGKILL). Elsewhere only run.json's
+heartbeat (`updated`, rewritten every few seconds) can tell, so the driver counts as gone once that
+has been silent for GONE_AFTER_S, and the verdict says how long that still is.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+GONE_AFTER_S = 30  # the driver rewrites run.json every ~5 s while its run is alive
+# psutil derives a start time from boot time and clock ticks: equal for one process, a tick apart at worst.
+START_TIME_TOLERANCE_S = 1.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a run's driver is alive, why, and (for another host) when to ask again."""
+
+    alive: bool
+    reason: str
+    retry_in_s: Optional[int] = None
+
+
+def this_host() -> dict:
+    """This machine as a driver records it: hostname plus pid namespace (containers sharing a hostname)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = None
+    return {"host": socket.gethostname(), "pid_ns": namespace}
+
+
+def pid_start_time(pid: int) -> Optional[float]:
+    """The start time (epoch seconds) of process pid on this machine, or None if there is none."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def this_driver(command: str) -> dict:
+    """What a driver records about itself in run.json so others can tell whether it still runs."""
+    return {**this_host(), "pid": os.getpid(), "started": pid_start_time(os.getpid()), "command": command}
+
+
+def utc_seconds(timestamp: str) -> float:
+    """Epoch seconds of an ISO 8601 UTC timestamp as run.json holds it."""
+    return calendar.timegm(time.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def same_host(driver: dict, here: dict) -> bool:
+    """Whether the driver ran where we are (same hostname and, when both are known, pid namespace)."""
+    if driver.get("host") != here.get("host"):
+        return False
+    return driver.get("pid_ns") is None or here.get("pid_ns") is None or driver["pid_ns"] == here["pid_ns"]
+
+
+def driver_alive(driver: Optional[dict], updated_utc: str, now: float, here: dict,
+                 started_of: Callable[[int], Optional[float]], gone_after_s: float = GONE_AFTER_S) -> Verdict:
+    """Whether the driver a RUNNING run recorded still runs: by its pid on this host, else by its heartbeat."""
+    driver = driver if isinstance(driver, dict) else {}
+    pid = driver.get("pid")
+    host = f"host {driver['host']}" if driver.get("host") else "an unknown host"
+    if isinstance(pid, int) and same_host(driver, here):
+        started = started_of(pid)
+        recorded = driver.get("started")
+        if started is None:
+            return Verdict(False, f"its driver (pid {pid} on this host) is gone")
+        if isinstance(recorded, (int, float)) and abs(started - recorded) > START_TIME_TOLERANCE_S:
+            return Verdict(False, f"its driver (pid {pid} on this host) is gone (the pid now belongs to "
+                                  "another process)")
+        return Verdict(True, f"its driver `{driver.get('command') or 'kiln'}` is running as pid {pid} on this host")
+    try:
+        age = max(0.0, now - utc_seconds(updated_utc))
+    except (TypeError, ValueError):
+        return Verdict(False, f"its driver on {host} left no readable heartbeat (run.json updated={updated_utc!r})")
+    if age >= gone_after_s:
+        return Verdict(False, f"its driver on {host} last recorded {age:.0f}s ago")
+    wait = max(1, math.ceil(gone_after_s - age))
+    return Verdict(True, f"its driver on {host} last recorded {age:.0f}s ago; it is considered gone after "
+                         f"{gone_after_s:.0f}s: retry in {wait}s", retry_in_s=wait)
