@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from data_pipeline import storage
+from trainers import safe_load
 from trainers.errors import CheckpointError  # noqa: F401  (part of this module's interface)
 from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0, new_checkpoint_group
 
@@ -83,18 +84,63 @@ def sha256_of(url: str, copy_to: Optional[str] = None) -> str:
     return storage.retrying("read", url, digest_file)
 
 
+def manifest_problem(manifest) -> Optional[str]:
+    """What makes a parsed MANIFEST.json unusable (wrong shape or types), or None if it is sound."""
+    if not isinstance(manifest, dict):
+        return f"it holds a JSON {type(manifest).__name__}, not an object"
+    for key, kind in (("step", int), ("world_size", int), ("strategy", str), ("files", list)):
+        if key not in manifest:
+            return f'it has no "{key}"'
+        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            return f'"{key}" is {json.dumps(manifest[key])[:40]}, not {"a list" if kind is list else kind.__name__}'
+    if manifest["world_size"] < 1:
+        return f'"world_size" is {manifest["world_size"]}'
+    for number, entry in enumerate(manifest["files"]):
+        problem = file_entry_problem(entry)
+        if problem:
+            return f'files[{number}] {problem}'
+    return None
+
+
+def file_entry_problem(entry) -> Optional[str]:
+    """What is wrong with one {"path", "size", "sha256"} entry of a manifest, or None."""
+    if not isinstance(entry, dict):
+        return "is not an object"
+    path, size, digest = entry.get("path"), entry.get("size"), entry.get("sha256")
+    # A path that leaves the checkpoint folder would be read, or copied to, somewhere else.
+    if not isinstance(path, str) or not path or path.startswith("/") or ".." in path.split("/"):
+        return f'has no usable "path" ({json.dumps(path)[:60]})'
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        return f'({path}) has no usable "size"'
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        return f'({path}) has no usable "sha256"'
+    return None
+
+
+def read_manifest(url: str) -> dict:
+    """A checkpoint's MANIFEST.json, parsed and shape-checked; CheckpointError if absent or unusable."""
+    name = storage.join(url, MANIFEST)
+    try:
+        manifest = json.loads(storage.read_text(name))
+    except FileNotFoundError:
+        raise CheckpointError(f"{url} has no {MANIFEST}: it was never committed") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{name} is not valid JSON: {exc}") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{name} is damaged: {problem}")
+    return manifest
+
+
 def verify(url: str, copy_to: Optional[str] = None) -> dict:
     """The manifest of a committed checkpoint; CheckpointError if missing or any file does not match.
 
     With copy_to (a local folder), every file is also written there while it is hashed, so a restore
-    reads an object-store checkpoint once instead of once to verify and once to load.
+    reads an object-store checkpoint once instead of once to verify and once to load. Files that are
+    unpickled on load (DCP metadata, .pt files) are also read through the safe loaders, so one that
+    matches a rewritten manifest but would not load safely fails here, and restore falls back.
     """
-    try:
-        manifest = json.loads(storage.read_text(storage.join(url, MANIFEST)))
-    except FileNotFoundError:
-        raise CheckpointError(f"{url} has no {MANIFEST}: it was never committed") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{url}/{MANIFEST} is not valid JSON: {exc}") from None
+    manifest = read_manifest(url)
     on_disk = dict(storage.walk_files(url))
     for entry in manifest["files"]:
         path = entry["path"]
@@ -109,7 +155,47 @@ def verify(url: str, copy_to: Optional[str] = None) -> dict:
         for entry, digest in zip(manifest["files"], list(digests)):
             if digest != entry["sha256"]:
                 raise CheckpointError(f"{url}: {entry['path']} does not match its sha256 in {MANIFEST}")
+    check_pickles(url, manifest, copy_to)
     return manifest
+
+
+def check_pickles(url: str, manifest: dict, copy_to: Optional[str]) -> None:
+    """CheckpointError unless every pickled part of a checkpoint (or of its copy) loads safely.
+
+    That is DCP's .metadata and the non-tensor items it points to, Kiln's extras and DeepSpeed's .pt
+    files: their checksums can be rewritten along with them, so they are read here the way restore
+    and export will read them, by loaders that refuse anything but data.
+    """
+    def read(path: str, check):
+        """check(handle, name) on the file at path (the local copy if there is one), retried on store errors."""
+        name = storage.join(url, path)
+        if copy_to:
+            with open(os.path.join(copy_to, path), "rb") as handle:
+                return check(handle, name)
+        fs, remote = storage.filesystem(name)
+
+        def attempt():
+            with fs.open(remote, "rb") as handle:
+                return check(handle, name)
+
+        return storage.retrying("read", name, attempt)
+
+    paths = [entry["path"] for entry in manifest["files"]]
+    for path in paths:
+        if path.endswith(".pt"):
+            read(path, lambda handle, name, path=path: safe_load.check_torch_file(handle, path, name))
+    metadata_path = f"shards/{safe_load.DCP_METADATA}"
+    if metadata_path in paths:
+        metadata = read(metadata_path, safe_load.read_dcp_metadata)
+
+        def read_slice(relative: str, offset: int, length: int) -> bytes:
+            def item(handle, _name) -> bytes:
+                handle.seek(offset)
+                return handle.read(length)
+
+            return read(f"shards/{relative}", item)
+
+        safe_load.check_dcp_items(metadata, read_slice, storage.join(url, "shards"))
 
 
 def capture_rng() -> dict:
@@ -287,26 +373,26 @@ class CheckpointStore:
             committed, skipped = broadcast_from_rank0(decision)
             if committed is None:
                 return None
-            self._check_compatible(committed)
             source = local or committed.url
+            self._check_compatible(committed, source)
             saved_world = committed.manifest["world_size"]
             strategy.load(storage.join(source, "shards"), saved_world)
             # Extras are per rank; on another world size rank r takes rank r's (or rank 0's) schedule and
             # cursor, which every rank holds identically, and the caller reseeds the RNG streams.
             own = self.rank if self.rank < saved_world else 0
-            raw = storage.read_bytes(storage.join(source, "extra", f"rank_{own:05d}.pt"))
-            extra = torch.load(io.BytesIO(raw), weights_only=True)
+            extra_url = storage.join(source, "extra", f"rank_{own:05d}.pt")
+            extra = safe_load.load_torch(storage.read_bytes(extra_url), extra_url)
             resharded = saved_world if saved_world != self.world_size else None
             return Restored(committed, extra, skipped, resharded)
         finally:
             if local:
                 shutil.rmtree(local, ignore_errors=True)
 
-    def _check_compatible(self, committed: Committed) -> None:
+    def _check_compatible(self, committed: Committed, source: str) -> None:
         if committed.manifest.get("config_hash") != self.config_hash and self.model_shapes is not None:
             from trainers.export import check_fits, checkpoint_shapes
 
-            shapes = checkpoint_shapes(storage.join(committed.url, "shards"), committed.manifest["strategy"])
+            shapes = checkpoint_shapes(storage.join(source, "shards"), committed.manifest["strategy"])
             check_fits(self.model_shapes, shapes, committed.url)
         if committed.manifest["strategy"] != self.strategy:
             raise CheckpointError(f"{committed.url} was saved by strategy={committed.manifest['strategy']}; "

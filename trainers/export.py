@@ -10,14 +10,14 @@ import glob
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
+from trainers import safe_load
 from trainers.checkpoint import CheckpointError
 from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG, local_folder
-from trainers.strategies.dcp_io import load_model_only, reader
+from trainers.strategies.dcp_io import load_model_only, read_metadata
 
 MODEL_PREFIX = "model."
 
@@ -30,13 +30,14 @@ def checkpoint_shapes(shards_url: str, strategy: str) -> dict[str, tuple[int, ..
             found = sorted(glob.glob(os.path.join(folder, CHECKPOINT_TAG, "*mp_rank_00_model_states.pt")))
             if not found:
                 raise CheckpointError(f"{shards_url} holds no DeepSpeed model states")
-            # DeepSpeed's own pickle format (DeepSpeed loads it the same way); only from the run's own folder.
-            states = torch.load(found[0], map_location="cpu", weights_only=False)
+            # Only the shapes are needed: on the meta device no tensor bytes are read.
+            states = safe_load.load_torch(found[0], found[0], map_location="meta",
+                                          allow=safe_load.deepspeed_globals())
         shapes: dict[str, tuple[int, ...]] = {}
         for group in states["param_shapes"]:
             shapes.update({name: tuple(shape) for name, shape in group.items()})
         return shapes
-    metadata = reader(shards_url).read_metadata()
+    metadata = read_metadata(shards_url)
     return {key[len(MODEL_PREFIX):]: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
             if key.startswith(MODEL_PREFIX) and hasattr(meta, "size")}
 
@@ -64,7 +65,7 @@ def load_consolidated(model: nn.Module, shards_url: str, strategy: str) -> None:
         return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with local_folder(shards_url) as folder:
+    with local_folder(shards_url) as folder, safe_load.deepspeed_reads(shards_url):
         state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=CHECKPOINT_TAG)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name, _ in _tied_names(model)}

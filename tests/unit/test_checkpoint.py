@@ -144,3 +144,90 @@ def test_rng_round_trip_is_exact():
     restore_rng(state)
     assert torch.equal(torch.rand(3), expected[0])
     assert np.random.rand(2).tolist() == expected[1] and random.random() == expected[2]
+
+
+def rewrite_manifest(tmp_path, change) -> None:
+    """Damage step 2's MANIFEST.json: change(manifest) returns what is written back."""
+    path = tmp_path / "checkpoints" / "step_000002" / "MANIFEST.json"
+    path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+
+def without(mapping: dict, key: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
+
+
+def entries(change):
+    """A manifest change applied to its first file entry."""
+    return lambda m: {**m, "files": [change(m["files"][0]), *m["files"][1:]]}
+
+
+WRONG_SHAPES = {
+    "a list": lambda m: [m],
+    "no files": lambda m: without(m, "files"),
+    "files not a list": lambda m: {**m, "files": {"path": "x"}},
+    "entry not an object": entries(lambda e: e["path"]),
+    "entry without path": entries(lambda e: without(e, "path")),
+    "entry without size": entries(lambda e: without(e, "size")),
+    "entry without sha256": entries(lambda e: without(e, "sha256")),
+    "size a string": entries(lambda e: {**e, "size": str(e["size"])}),
+    "sha256 a number": entries(lambda e: {**e, "sha256": 7}),
+    "path outside the checkpoint": entries(lambda e: {**e, "path": "../step_000001/" + e["path"]}),
+    "no world_size": lambda m: without(m, "world_size"),
+    "world_size a string": lambda m: {**m, "world_size": "1"},
+    "no strategy": lambda m: without(m, "strategy"),
+}
+
+
+@pytest.mark.parametrize("damage", WRONG_SHAPES)
+def test_a_manifest_of_the_wrong_shape_falls_back_to_previous(tmp_path, damage):
+    store, saved = save_two(tmp_path)
+    rewrite_manifest(tmp_path, WRONG_SHAPES[damage])
+    with pytest.raises(CheckpointError, match=r"step_000002/MANIFEST\.json is damaged: "):
+        verify(store.url(2))
+    fresh = strategy()
+    restored = store.restore(fresh)
+    assert restored.committed.step == 1 and "MANIFEST.json is damaged" in restored.skipped[0]
+    for key, value in weights(fresh).items():
+        assert torch.equal(value, saved[1][key]), key
+
+
+def test_an_unparsable_manifest_falls_back_to_previous(tmp_path):
+    store, _ = save_two(tmp_path)
+    (tmp_path / "checkpoints" / "step_000002" / "MANIFEST.json").write_bytes(b'{"files": [\xff')
+    restored = store.restore(strategy())
+    assert restored.committed.step == 1 and "MANIFEST.json is not valid JSON" in restored.skipped[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not metadata"])
+def test_damaged_dcp_metadata_matching_its_manifest_falls_back_to_previous(tmp_path, damage):
+    import hashlib
+    import pickle
+
+    store, saved = save_two(tmp_path)
+    metadata = tmp_path / "checkpoints" / "step_000002" / "shards" / ".metadata"
+    data = metadata.read_bytes()
+    data = {"truncated": data[: len(data) // 2], "garbage": bytes(range(256)) * 4,
+            "not metadata": pickle.dumps({"state_dict_metadata": {}})}[damage]
+    metadata.write_bytes(data)
+    # The manifest agrees with the damaged file (rewritten too), so only reading the metadata tells.
+    rewrite_manifest(tmp_path, lambda m: {**m, "files": [
+        {**e, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()} if e["path"] == "shards/.metadata"
+        else e for e in m["files"]]})
+    with pytest.raises(CheckpointError, match=r"step_000002/shards/\.metadata is damaged"):
+        verify(store.url(2))
+    fresh = strategy()
+    restored = store.restore(fresh)
+    assert restored.committed.step == 1 and ".metadata is damaged" in restored.skipped[0]
+    for key, value in weights(fresh).items():
+        assert torch.equal(value, saved[1][key]), key
+
+
+def test_manifest_problem_names_what_is_wrong():
+    from trainers.checkpoint import manifest_problem
+
+    good = {"step": 2, "world_size": 1, "strategy": "ddp", "files": [{"path": "a", "size": 1, "sha256": "0" * 64}]}
+    assert manifest_problem(good) is None
+    assert manifest_problem([]) == "it holds a JSON list, not an object"
+    assert manifest_problem(without(good, "files")) == 'it has no "files"'
+    assert manifest_problem({**good, "world_size": True}) == '"world_size" is true, not int'
+    assert manifest_problem({**good, "files": [{"path": "a", "size": 1}]}) == 'files[0] (a) has no usable "sha256"'

@@ -18,9 +18,16 @@ from typing import Callable, Iterator, Optional
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from data_pipeline import storage
+from trainers import safe_load
+from trainers.errors import CheckpointError
 
 UPLOAD_THREADS = 4
 # {file name: (size, sha256)} of what one rank wrote into a shards folder.
@@ -83,12 +90,64 @@ def writer(url: str):
     return made
 
 
+class SafeMetadataReading:
+    """Mixin for DCP's readers: .metadata through Kiln's restricted unpickler instead of plain pickle."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        """The checkpoint's Metadata; CheckpointError if it is damaged or holds anything but DCP metadata."""
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            metadata = safe_load.read_dcp_metadata(stream, os.fspath(path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeFileSystemReader(SafeMetadataReading, dcp.FileSystemReader):
+    """DCP's local reader, reading metadata safely."""
+
+
+class SafeFsspecReader(SafeMetadataReading, FsspecReader):
+    """DCP's fsspec (object store) reader, reading metadata safely."""
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, except that non-tensor items (optimizer options) load weights_only, not by pickle."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+
+    def load_bytes(self, read_item, value) -> None:
+        fqn = read_item.dest_index.fqn
+        loaded = safe_load.load_torch(value, f"{self.url}: the saved value of {fqn}")
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
+
+
+@contextlib.contextmanager
+def refusals_unwrapped() -> Iterator[None]:
+    """Let a CheckpointError out of DCP, which wraps what any rank raised into one multi-line exception."""
+    try:
+        yield
+    except CheckpointException as exc:
+        for failure in exc.failures.values():
+            if isinstance(failure[0], CheckpointError):
+                raise failure[0] from None
+        raise
+
+
 def reader(url: str):
-    """A DCP storage reader for a local folder or an fsspec URL."""
-    if storage.is_local(url):
-        return dcp.FileSystemReader(url)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-    return FsspecReader(url)
+    """A DCP storage reader for a local folder or an fsspec URL; it never unpickles freely."""
+    return SafeFileSystemReader(url) if storage.is_local(url) else SafeFsspecReader(url)
+
+
+def read_metadata(url: str) -> Metadata:
+    """The DCP metadata of a shards folder, read safely."""
+    return reader(url).read_metadata()
 
 
 def save_dcp(model: nn.Module, optimizer, url: str) -> FileRecords:
@@ -120,12 +179,14 @@ def load_dcp(model: nn.Module, optimizer, url: str) -> None:
     """Collective: load what save_dcp wrote into model and optimizer, resharding as needed."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, storage_reader=reader(url))
+    with refusals_unwrapped():
+        dcp.load(state, storage_reader=reader(url), planner=SafeLoadPlanner(url))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
 def load_model_only(model: nn.Module, url: str) -> None:
     """One process, no process group: fill a plain model from a DCP checkpoint of any world size."""
     state = {"model": model.state_dict()}
-    dcp.load(state, storage_reader=reader(url))
+    with refusals_unwrapped():
+        dcp.load(state, storage_reader=reader(url), planner=SafeLoadPlanner(url))
     model.load_state_dict(state["model"])

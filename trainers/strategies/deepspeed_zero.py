@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from data_pipeline import storage
+from trainers import safe_load
 from trainers.config import OptimConfig
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.strategies.base import ScheduledStrategy, resolve_precision, tensor_bytes
@@ -147,7 +148,7 @@ def universal_checkpoint(shards_url: str) -> Iterator[str]:
 def _convert_url(shards_url: str, folder: str) -> None:
     """Convert shards_url's checkpoint into folder/CHECKPOINT_TAG, then mark folder complete."""
     os.makedirs(folder, exist_ok=True)
-    with local_folder(shards_url) as source:
+    with local_folder(shards_url) as source, safe_load.deepspeed_reads(shards_url):
         convert_to_universal(os.path.join(source, CHECKPOINT_TAG), os.path.join(folder, CHECKPOINT_TAG))
     with open(os.path.join(folder, CONVERTED), "w"):
         pass
@@ -185,8 +186,9 @@ def repair_zero3_universal_load(zero_optimizer, universal_dir: str) -> None:
             state["step"] = state["step"].clone()
     # It copies param group 0's options onto every group, which would give the undecayed group
     # (biases, norms) the decayed group's weight_decay.
-    saved = torch.load(os.path.join(universal_dir, "zero", "optimizer_state.pt"), map_location="cpu",
-                       weights_only=False)[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
+    path = os.path.join(universal_dir, "zero", "optimizer_state.pt")
+    universal = safe_load.load_torch(path, path, allow=safe_load.deepspeed_globals())
+    saved = universal[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
     groups = zero_optimizer.optimizer.param_groups
     if len(saved) != len(groups):
         raise ValueError(f"checkpoint has {len(saved)} optimizer param groups, the model has {len(groups)}")
@@ -272,7 +274,7 @@ class DeepSpeedStrategy(ScheduledStrategy):
         import torch.distributed as dist
 
         if saved_world_size is None or saved_world_size == dist.get_world_size():
-            with local_folder(shards_url) as folder:
+            with local_folder(shards_url) as folder, safe_load.deepspeed_reads(shards_url):
                 path, _ = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                                       load_lr_scheduler_states=True)
         else:
@@ -291,8 +293,9 @@ class DeepSpeedStrategy(ScheduledStrategy):
             config = self.engine._config
             previous, config.load_universal_checkpoint = config.load_universal_checkpoint, True
             try:
-                path, _ = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
+                with safe_load.deepspeed_reads(shards_url):
+                    path, _ = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
+                                                          load_lr_scheduler_states=True)
             finally:
                 config.load_universal_checkpoint = previous
             if path is not None and self.cfg.zero_stage == 3:
