@@ -4,6 +4,9 @@ Layout (format_version 1):
     <dataset>/manifest.json        written last: splits, shards (tokens, sequences, sha256), tokenizer hash
     <dataset>/tokenizer/tokenizer.json
     <dataset>/<split>/shard_00000.bin   little-endian uint16 or uint32 tokens, seq_len per sequence
+
+Every file is found through its path in the manifest, relative to the dataset's folder: an object-store
+dataset keeps them under `v-<fingerprint>/` (see data_pipeline/prepare.py), a local one at the top.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ class Dataset:
     @property
     def tokenizer_url(self) -> str:
         """Folder holding tokenizer.json."""
-        return storage.join(self.url, "tokenizer")
+        return storage.join(self.url, (self.manifest.get("tokenizer") or {}).get("path", "tokenizer"))
 
     def shards(self, split: str) -> list[Shard]:
         """The shards of a split, in order."""
@@ -74,6 +77,14 @@ class Dataset:
             raise DatasetError(f"dataset {self.url} has no split {split!r}; "
                                f"it has {', '.join(self.manifest['splits'])}") from None
         return [Shard(storage.join(self.url, e["path"]), e["sequences"]) for e in entries]
+
+    def check_trainable(self) -> None:
+        """Fail naming the split and the fix if train or val holds no whole sequence (training reads both)."""
+        for split in ("train", "val"):
+            if not sum(shard.sequences for shard in self.shards(split)):
+                fix = "a larger val_fraction or more data" if split == "val" else "more data or a smaller seq_len"
+                raise DatasetError(f"dataset {self.url}: its {split} split holds no whole sequence of {self.seq_len} "
+                                   f"tokens, and training reads it; prepare it again with {fix}")
 
 
 class ShardWriter:

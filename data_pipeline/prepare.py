@@ -3,6 +3,12 @@
 Reading and tokenizing run as a Ray Data pipeline over the cluster's CPUs (`flat_map` over input
 files, `map_batches` with the tokenizer). The driver consumes the tokenized documents in input order
 and packs them into fixed-length sequences, so the output is the same whatever the parallelism.
+
+Preparing again into an existing output never touches it until the new dataset is complete: a local
+output is built in a staging folder beside it and swapped in with renames (data_pipeline/staging.py);
+an object-store output, which has no rename, gets the new data under a fresh `v-<fingerprint>/`
+prefix, then the root manifest.json that points at it (one PUT: the commit), and only then loses the
+old files. A failure before the commit leaves every old file as it was; its leftovers go next time.
 """
 
 from __future__ import annotations
@@ -10,18 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional
 
 from data_pipeline import storage, tokenizer as bpe
 from data_pipeline.dataset import MANIFEST, ExampleWriter, ShardWriter, token_dtype, write_manifest
+from data_pipeline.staging import replace_folder
 from data_pipeline.examples import (CHAT_SPECIAL_TOKENS, ExampleError, chat_messages, classification_example,
                                     encode_chat, label_map)
 from data_pipeline.sources import FORMATS, detect_format, expand, read_records
 
 KINDS = ("pretrain", "chat", "classification")
 MAX_REPORTED_BAD = 20
+# What a prepared output may hold; anything else means output= points at someone else's folder.
+DATASET_ENTRIES = {MANIFEST, "tokenizer", "train", "val", "label_map.json"}
+VERSION = re.compile(r"v-[0-9a-f]{20}")  # an object-store output's data folder: v-<fingerprint>
 
 
 class PrepareError(ValueError):
@@ -58,8 +69,9 @@ class PrepareConfig:
             raise PrepareError(f"seq_len must be >= 8, got {self.seq_len}")
         if not 256 < self.vocab_size <= 2**20:
             raise PrepareError(f"vocab_size must be in (256, 1048576], got {self.vocab_size}")
-        if not 0.0 <= self.val_fraction < 0.5:
-            raise PrepareError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise PrepareError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}: training evaluates "
+                               "on the validation split, so it needs a share of the documents (e.g. 0.05)")
         if self.batch_size < 1:
             raise PrepareError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -166,30 +178,58 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
     given_tokenizer = None if cfg.tokenizer == "train" else bpe.load(_tokenizer_folder(cfg.tokenizer))
     given_sha = hashlib.sha256(given_tokenizer.to_str().encode()).hexdigest() if given_tokenizer else None
     key = fingerprint(files, cfg, given_sha)
-    manifest_url = storage.join(cfg.output, MANIFEST)
-    if storage.exists(manifest_url):
-        existing = json.loads(storage.read_text(manifest_url))
-        if existing.get("source", {}).get("fingerprint") == key:
-            log(f"prepare: inputs, settings and tokenizer unchanged: reusing {cfg.output}")
-            return PrepareSummary(cfg.output, True, **existing["summary"])
-        log(f"prepare: {cfg.output} was prepared from other inputs or settings: preparing it again")
-        storage.remove(manifest_url)  # uncommit the old output before its shards are replaced
+    existing = _existing_manifest(cfg.output)
+    if existing is not None and existing.get("source", {}).get("fingerprint") == key:
+        log(f"prepare: inputs, settings and tokenizer unchanged: reusing {cfg.output}")
+        return PrepareSummary(cfg.output, True, **existing["summary"])
+    _check_replaceable(cfg.output)
+    if existing is not None:
+        log(f"prepare: {cfg.output} was prepared from other inputs or settings: preparing it again "
+            "(the old dataset stays until the new one is complete)")
     ray_dataset = _read(files, formats, cfg)
+    if cfg.on_bad_record == "fail":
+        _stop_at_first_bad_record(ray_dataset, cfg)
+
+    def build(folder: str) -> tuple[PrepareSummary, dict]:
+        return _build(folder, ray_dataset, given_tokenizer, files, formats, key, cfg, log, progress, started)
+
+    if storage.is_local(cfg.output):
+        summary = replace_folder(storage.filesystem(cfg.output)[1], _committing(build), overwrite=True)
+    else:
+        summary = _replace_versioned(cfg.output, key, build)
+    summary.output = cfg.output
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def _committing(build: Callable[[str], tuple[PrepareSummary, dict]]) -> Callable[[str], PrepareSummary]:
+    """build, then its manifest written into the same (staging) folder."""
+    def run(folder: str) -> PrepareSummary:
+        summary, manifest = build(folder)
+        write_manifest(folder, manifest)
+        return summary
+    return run
+
+
+def _build(folder: str, ray_dataset, given_tokenizer, files: list[str], formats: list[str], key: str,
+           cfg: PrepareConfig, log: Callable[[str], None], progress, started: float) -> tuple[PrepareSummary, dict]:
+    """Tokenizer, shards and label map written into folder; returns the summary and the manifest body."""
     tokenizer = given_tokenizer or _train_tokenizer(ray_dataset, cfg, log)
-    tokenizer_sha = bpe.save(tokenizer, storage.join(cfg.output, "tokenizer"))
+    tokenizer_url = storage.join(folder, "tokenizer")
+    tokenizer_sha = bpe.save(tokenizer, tokenizer_url)
     labels = _label_map(ray_dataset, cfg) if cfg.kind == "classification" else None
-    summary = _tokenize_and_pack(ray_dataset, tokenizer, storage.join(cfg.output, "tokenizer"), cfg, progress,
-                                 labels)
+    summary = _tokenize_and_pack(ray_dataset, tokenizer, tokenizer_url, folder, cfg, progress, labels)
+    _check_splits(summary, cfg)
     summary.wall_s = time.perf_counter() - started
     extra: dict = {}
     if labels is not None:
         extra["label_map"] = labels
-        storage.write_atomic(storage.join(cfg.output, "label_map.json"), json.dumps(labels, indent=2))
+        storage.write_atomic(storage.join(folder, "label_map.json"), json.dumps(labels, indent=2))
     if cfg.kind == "chat":
         extra["chat_template"] = {"roles": {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"},
                                   "format": "{role_token}\\n{content}\\n per message, then EOS",
                                   "mask": "<shard>.mask: uint8 per token, 1 = loss on this token (assistant + EOS)"}
-    write_manifest(cfg.output, {**extra,
+    return summary, {**extra,
         "kind": cfg.kind, "seq_len": cfg.seq_len, "vocab_size": tokenizer.get_vocab_size(),
         "eos_id": tokenizer.token_to_id(bpe.EOS_TOKEN), "dtype": token_dtype(tokenizer.get_vocab_size()).str,
         "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha, "trained": given_tokenizer is None},
@@ -198,15 +238,115 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
         "split": {"method": "sha256(document text)", "val_fraction": cfg.val_fraction},
         "splits": summary.splits,
         "summary": {k: v for k, v in asdict(summary).items() if k not in ("output", "reused", "splits")},
-    })
+    }
+
+
+def _existing_manifest(output: str) -> Optional[dict]:
+    """The manifest of a dataset already at output; None if there is none (or it is unreadable)."""
+    try:
+        manifest = json.loads(storage.read_text(storage.join(output, MANIFEST)))
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _check_replaceable(output: str) -> None:
+    """Refuse an output that holds anything besides a prepared dataset: replacing it would lose that."""
+    if storage.is_local(output) and os.path.isfile(storage.filesystem(output)[1]):
+        raise PrepareError(f"output={output} is a file; give a folder (new, empty or a prepared dataset)")
+    foreign = [name for name in storage.list_names(output)
+               if name not in DATASET_ENTRIES and not VERSION.fullmatch(name) and not name.startswith(".tmp-")]
+    if foreign:
+        raise PrepareError(f"output={output} holds files that are not part of a prepared dataset "
+                           f"({', '.join(foreign[:4])}); give a new or empty folder, or a prepared dataset to replace")
+
+
+def _replace_versioned(output: str, key: str, build: Callable[[str], tuple[PrepareSummary, dict]]) -> PrepareSummary:
+    """Object stores: write under output/v-<key>, commit by writing the root manifest, then drop the old files."""
+    version = f"v-{key}"
+    current = _version_of(_existing_manifest(output))
+    for name in storage.list_names(output):  # an earlier prepare that crashed before its commit
+        if VERSION.fullmatch(name) and name != current:
+            storage.remove(storage.join(output, name), recursive=True)
+    try:
+        summary, manifest = build(storage.join(output, version))
+    except BaseException:
+        _remove_quietly(storage.join(output, version))
+        raise
+    write_manifest(output, _under(version, manifest))  # the commit: one PUT, whole or not at all
+    for name in storage.list_names(output):
+        if name not in (MANIFEST, version):
+            storage.remove(storage.join(output, name), recursive=True)
     return summary
 
 
+def _version_of(manifest: Optional[dict]) -> Optional[str]:
+    """The v-<fingerprint> folder a root manifest points into (None: the files lie at the root)."""
+    path = str(((manifest or {}).get("tokenizer") or {}).get("path", ""))
+    first = path.split("/", 1)[0]
+    return first if VERSION.fullmatch(first) else None
+
+
+def _under(prefix: str, manifest: dict) -> dict:
+    """manifest with every file path (tokenizer, shards, masks, labels) made relative to its parent folder."""
+    def entry(item: dict) -> dict:
+        moved = {**item, "path": f"{prefix}/{item['path']}"}
+        for side in ("mask", "labels"):
+            if isinstance(item.get(side), dict):
+                moved[side] = {**item[side], "path": f"{prefix}/{item[side]['path']}"}
+        return moved
+
+    splits = {name: {**split, "shards": [entry(shard) for shard in split["shards"]]}
+              for name, split in manifest["splits"].items()}
+    return {**manifest, "splits": splits, "tokenizer": entry(manifest["tokenizer"])}
+
+
+def _remove_quietly(url: str) -> None:
+    """Best effort: a leftover that cannot be removed now is removed by the next prepare."""
+    try:
+        storage.remove(url, recursive=True)
+    except OSError:
+        pass
+
+
+def _check_splits(summary: PrepareSummary, cfg: PrepareConfig) -> None:
+    """Training needs a whole sequence in each split: say which is empty and what to change."""
+    for split, what in (("val", "validation"), ("train", "training")):
+        entry = summary.splits[split]
+        if entry["sequences"]:
+            continue
+        unit = "" if cfg.kind == "classification" else f", fewer tokens than one sequence of seq_len={cfg.seq_len}"
+        who = f"val_fraction={cfg.val_fraction} put" if split == "val" else "it got"
+        share = f"{who} {entry['documents']} of {summary.documents} documents{' in it' * (split == 'val')}{unit}"
+        raise PrepareError(f"the {what} split of {cfg.output} would be empty: {share}; {_fix(split, summary, cfg)}")
+
+
+def _fix(split: str, summary: PrepareSummary, cfg: PrepareConfig) -> str:
+    """What to change so that split gets a sequence: a larger val_fraction if that can work, else more data."""
+    if split == "train":
+        return f"add more data, or lower seq_len (now {cfg.seq_len}) or val_fraction"
+    per_sequence = 1 if cfg.kind == "classification" else cfg.seq_len
+    needed = 2 * per_sequence / max(1, summary.documents if cfg.kind == "classification" else summary.tokens)
+    if needed < 0.5:
+        return f"add more data or raise val_fraction (e.g. val_fraction={max(needed, 2 * cfg.val_fraction):.2g})"
+    return "add more data: there is too little for a validation split at this seq_len"
+
+
 def _tokenizer_folder(path: str) -> str:
-    if not storage.exists(storage.join(path, bpe.TOKENIZER_FILE)):
-        raise PrepareError(f"tokenizer={path}: no {bpe.TOKENIZER_FILE} there; give a folder holding one, "
-                           "or tokenizer=train")
-    return path
+    """path if it holds tokenizer.json; else the tokenizer of the prepared dataset at path (or at its parent,
+    for `<dataset>/tokenizer` of a dataset that keeps its files under v-<fingerprint>/)."""
+    if storage.exists(storage.join(path, bpe.TOKENIZER_FILE)):
+        return path
+    trimmed = path.rstrip("/")
+    parent = trimmed.rsplit("/", 1)[0] if trimmed.endswith("/tokenizer") else None
+    for dataset in filter(None, (trimmed, parent)):
+        manifest = _existing_manifest(dataset)
+        if manifest is not None:
+            folder = storage.join(dataset, str((manifest.get("tokenizer") or {}).get("path", "tokenizer")))
+            if storage.exists(storage.join(folder, bpe.TOKENIZER_FILE)):
+                return folder
+    raise PrepareError(f"tokenizer={path}: no {bpe.TOKENIZER_FILE} there; give a folder holding one, "
+                       "a prepared dataset, or tokenizer=train")
 
 
 def _read(files: list[str], formats: list[str], cfg: PrepareConfig):
@@ -243,6 +383,19 @@ def _train_tokenizer(dataset, cfg: PrepareConfig, log: Callable[[str], None]):
     return bpe.train_bpe(train_texts(), cfg.vocab_size, special_tokens=special)
 
 
+def _stop_at_first_bad_record(dataset, cfg: PrepareConfig) -> None:
+    """on_bad_record=fail: the first unreadable or invalid record, in input order, before any work on it."""
+    for row in dataset.iter_rows():
+        error = row["error"]
+        if not error and cfg.kind != "pretrain" and row["text"].strip():
+            try:
+                example_text(cfg.kind, row["text"], cfg.text_field)
+            except ExampleError as exc:
+                error = f"{row['source']}:{row['line']}: {exc}"
+        if error:
+            raise PrepareError(f"bad record: {error} (on_bad_record=skip counts and skips such records)")
+
+
 def _label_map(dataset, cfg: PrepareConfig) -> dict[str, int]:
     names = set()
     for text in _usable_rows(dataset, cfg):
@@ -255,7 +408,7 @@ def _label_map(dataset, cfg: PrepareConfig) -> dict[str, int]:
     return label_map(names)
 
 
-def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, cfg: PrepareConfig, progress,
+def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, folder: str, cfg: PrepareConfig, progress,
                        labels: Optional[dict]) -> PrepareSummary:
     tokenized = dataset.map_batches(
         tokenize_batch, fn_kwargs={"tokenizer_url": tokenizer_url, "val_fraction": cfg.val_fraction,
@@ -263,8 +416,8 @@ def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, cfg: PrepareConfi
         batch_size=cfg.batch_size, batch_format="numpy")
     eos = tokenizer.token_to_id(bpe.EOS_TOKEN)
     shape = {"seq_len": cfg.seq_len, "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos}
-    writers = {split: ExampleWriter(cfg.output, split, **shape) if cfg.kind == "classification"
-               else ShardWriter(cfg.output, split, with_mask=cfg.kind == "chat", **shape)
+    writers = {split: ExampleWriter(folder, split, **shape) if cfg.kind == "classification"
+               else ShardWriter(folder, split, with_mask=cfg.kind == "chat", **shape)
                for split in ("train", "val")}
     summary = PrepareSummary(cfg.output, False)
     for batch in tokenized.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):

@@ -5,6 +5,10 @@ backoff and full jitter, each retry a warning on the "kiln.storage" logger; perm
 bucket, no permission, rejected credentials) raise `StorageError` at once, naming the URL and what to
 do. Code that opens s3 files itself (torch DCP's FsspecWriter) still gets botocore's and s3fs's own
 retries, which `configure_object_stores` makes patient and visible.
+
+An endpoint that cannot be reached at all (its host does not resolve, or nothing listens on its port)
+is a setting to fix, not a hiccup: botocore is told not to retry it and it raises StorageError at once.
+Credentials written into a URL are never repeated in a message.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import http.client
 import logging
 import os
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import fsspec
 
-from trainers.secrets import redact_text
+from trainers.secrets import REDACTED, URL_CREDENTIALS, redact_text
 
 log = logging.getLogger("kiln.storage")
 T = TypeVar("T")
@@ -45,6 +51,10 @@ _PERMANENT = {
     "InvalidToken": _CREDENTIALS, "TokenRefreshRequired": _CREDENTIALS,
 }
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
+_IN_URL = ("credentials must not be written into the URL; put them in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+           "or an AWS profile and give s3://bucket/path")
+_UNREACHABLE = ("cannot reach the object store at {endpoint} ({reason}); check AWS_ENDPOINT_URL (or the "
+                "endpoint_url in the fsspec s3 config) and that the store is running")
 # Answers that stay the same however often asked (s3fs raises these for 404s and 403s too).
 _DEFINITE = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 # Codes that mean "try again": throttling, server trouble, and bodies damaged in transit.
@@ -104,16 +114,20 @@ def retrying(operation: str, url: str, fn: Callable[..., T], *args: Any, **kwarg
         except Exception as exc:
             permanent = _permanent(url, exc)
             if permanent is not None:
-                raise permanent from exc
+                # the cause's text may repeat credentials written into the URL: then it goes
+                raise permanent from (None if _leaks(url, exc) else exc)
             if not _transient(exc):
+                if _leaks(url, exc):
+                    raise StorageError(f"{redact_text(url)}: {operation} failed: "
+                                       f"{_describe(exc, url)}") from None
                 raise
             if attempt == attempts:
                 raise StorageError(f"{redact_text(url)}: {operation} failed {attempts} times, last with "
-                                   f"{_describe(exc)}; the store is down or overloaded (more tries: "
+                                   f"{_describe(exc, url)}; the store is down or overloaded (more tries: "
                                    f"{RETRIES_ENV})") from exc
             delay = random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1)))
             log.warning("retrying %s %s after %s (attempt %d/%d, waiting %.2fs)", operation, redact_text(url),
-                        _describe(exc), attempt + 1, attempts, delay)
+                        _describe(exc, url), attempt + 1, attempts, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -136,7 +150,56 @@ def _code(exc: BaseException) -> tuple[str | None, int | None]:
 
 
 def _bucket(url: str) -> str:
-    return url.split("://", 1)[-1].split("/", 1)[0]
+    return url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+
+
+def _userinfo(url: str) -> str | None:
+    """The 'key:secret' written into url, if any (botocore repeats it without the scheme)."""
+    found = URL_CREDENTIALS.match(url)
+    return found.group(0)[len(found.group("scheme")):-1] if found else None
+
+
+def _redact(text: str, url: str) -> str:
+    """text with secrets, URL credentials and url's own userinfo (even scheme-less) replaced."""
+    userinfo = _userinfo(url)
+    if userinfo:
+        text = text.replace(userinfo, REDACTED)
+    return redact_text(text)
+
+
+def _leaks(url: str, exc: BaseException) -> bool:
+    """Whether exc's text would repeat the credentials written into url."""
+    userinfo = _userinfo(url)
+    return bool(userinfo) and any(userinfo in str(error) for error in _chain(exc))
+
+
+def unreachable(exc: BaseException, host: str | None = None) -> str | None:
+    """'connection refused' or "host '...' does not resolve" if exc (or its cause) says so, else None."""
+    for error in _chain(exc):
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(error, socket.gaierror):
+            # EAI_AGAIN (no DNS answer) too: retrying a name lookup for minutes helps nobody
+            name = f"host '{host}'" if host else "the host name"
+            return f"{name} could not be resolved: no DNS answer" if error.errno == socket.EAI_AGAIN \
+                else f"{name} does not resolve"
+        nested = getattr(error, "kwargs", None)  # botocore keeps the aiohttp/urllib3 error here, not as cause
+        if isinstance(nested, dict) and isinstance(nested.get("error"), BaseException):
+            found = unreachable(nested["error"], host)
+            if found:
+                return found
+    return None
+
+
+def _endpoint(exc: BaseException) -> str | None:
+    """scheme://host:port that exc failed to connect to (botocore names the request URL)."""
+    for error in _chain(exc):
+        kwargs = getattr(error, "kwargs", None)
+        url = kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None
+        if isinstance(url, str) and "://" in url:
+            scheme, rest = url.split("://", 1)
+            return f"{scheme}://{rest.split('/', 1)[0]}"
+    return None
 
 
 def no_such_bucket(url: str) -> StorageError:
@@ -146,13 +209,25 @@ def no_such_bucket(url: str) -> StorageError:
 
 def _permanent(url: str, exc: BaseException) -> StorageError | None:
     """A StorageError saying what to do, if exc (or its cause) is one retrying cannot fix."""
+    where = redact_text(url)
     for error in _chain(exc):
         code, _ = _code(error)
         if code in _PERMANENT:
-            return StorageError(f"{redact_text(url)}: " + _PERMANENT[code].format(bucket=_bucket(url), code=code))
+            return StorageError(f"{where}: " + _PERMANENT[code].format(bucket=_bucket(url), code=code))
         if type(error).__name__ in _NO_CREDENTIALS:
-            return StorageError(f"{redact_text(url)}: no storage credentials found; set AWS_ACCESS_KEY_ID and "
+            return StorageError(f"{where}: no storage credentials found; set AWS_ACCESS_KEY_ID and "
                                 "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+        if type(error).__name__ == "ParamValidationError":  # botocore refused the request before sending it
+            if _userinfo(url):
+                return StorageError(f"{where}: {_IN_URL}")
+            first = _redact(str(error), url).replace("Parameter validation failed:", "").strip().splitlines()
+            return StorageError(f"{where}: the request was refused before reaching the store "
+                                f"({first[0][:200] if first else 'invalid parameters'}); fix the URL")
+    endpoint = _endpoint(exc)
+    reason = unreachable(exc, endpoint.split("://", 1)[1].rsplit(":", 1)[0] if endpoint else None)
+    if reason:
+        return StorageError(f"{where}: " + _UNREACHABLE.format(endpoint=_redact(endpoint or "its endpoint", url),
+                                                               reason=reason))
     return None
 
 
@@ -171,13 +246,13 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, url: str = "") -> str:
     """'SlowDown 503' for a store's answer, else 'ConnectionClosedError: ...', credentials redacted."""
     for error in _chain(exc):
         code, status = _code(error)
         if code is not None:
             return f"{code} {status}" if status and str(status) != code else code
-    return redact_text(f"{type(exc).__name__}: {exc}")[:300]
+    return _redact(f"{type(exc).__name__}: {exc}", url).replace("\n", " ")[:300]
 
 
 def _configure_s3() -> None:
@@ -248,7 +323,9 @@ class _RetryLogBridge(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         source = _RETRY_NOTICES.get(record.msg) if isinstance(record.msg, str) else None
-        if source == "botocore":
+        if source == "botocore" and getattr(_VETOED, "retry", False):
+            pass  # botocore's handler still announces the retry that _no_retry_when_unreachable called off
+        elif source == "botocore":
             log.warning("retrying an S3 request after a transient error (botocore, waiting %.2fs)",
                         float(record.args[0]) if record.args else 0.0)
         elif source == "s3fs":
@@ -277,7 +354,32 @@ def _bridge_retry_logs() -> None:
 
 
 
+_VETOED = threading.local()  # set by the needs-retry handler, read by the log bridge right after it
+
+
+def _no_retry_when_unreachable(caught_exception: BaseException | None = None, **_: Any) -> bool | None:
+    """botocore needs-retry handler: False (retry nothing) when the endpoint cannot be reached at all.
+
+    Without it, botocore spends up to 5 backed-off attempts on every call to a host that does not
+    exist or a port where nothing listens. None leaves the decision to botocore's own handler.
+    """
+    _VETOED.retry = caught_exception is not None and unreachable(caught_exception) is not None
+    return False if _VETOED.retry else None
+
+
+def _stop_retrying_unreachable_endpoints() -> None:
+    """Register _no_retry_when_unreachable first on every botocore session created from now on (once)."""
+    try:
+        from botocore import handlers
+    except ImportError:
+        return
+    spec = ("needs-retry.s3.*", _no_retry_when_unreachable, handlers.REGISTER_FIRST)
+    if not any(entry[1] is _no_retry_when_unreachable for entry in handlers.BUILTIN_HANDLERS):
+        handlers.BUILTIN_HANDLERS.append(spec)
+
+
 def configure_object_stores() -> None:
     """Patient, visible retries and no listing cache for every s3fs client in this process (idempotent)."""
     _configure_s3()
     _bridge_retry_logs()
+    _stop_retrying_unreachable_endpoints()

@@ -12,6 +12,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from data_pipeline.prepare import PrepareConfig, PrepareError, prepare
 from orchestrator.config import UsageError
+from trainers.secrets import URL_CREDENTIALS, redact_text
 
 
 def parse(overrides: list[str]) -> PrepareConfig:
@@ -20,11 +21,15 @@ def parse(overrides: list[str]) -> PrepareConfig:
     for word in overrides:
         key = word.split("=", 1)[0]
         if "=" not in word:
-            raise UsageError(f"could not parse '{word}': write key=value (e.g. input=data/*.jsonl)")
+            raise UsageError(f"could not parse '{redact_text(word)}': write key=value (e.g. input=data/*.jsonl)")
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
             raise UsageError(f"unknown prepare key '{key}'" + (f"; did you mean {hint[0]}?" if hint else "")
                              + f" (keys: {', '.join(known)})")
+        if URL_CREDENTIALS.search(word.split("=", 1)[1]):  # before any value can be echoed or reach storage
+            raise UsageError(f"{key} has credentials written into its URL; Kiln takes them only from the "
+                             "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE): write the URL "
+                             "without user:password@")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PrepareConfig), OmegaConf.from_dotlist(overrides))
         cfg = OmegaConf.to_object(merged)

@@ -28,6 +28,8 @@ def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
             entry.path = absolute_url(entry.path)
         cfg.data.path = cfg.data.mixture[0].path  # its tokenizer is every part's
     datasets, _ = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
+    for part in datasets:
+        part.check_trainable()  # an empty split (a dataset prepared before prepare refused one) fails here
     dataset = datasets[0]
     if dataset.seq_len != cfg.data.seq_len:
         raise DatasetError(f"data.seq_len={cfg.data.seq_len} but the dataset at {cfg.data.path} was prepared "

@@ -169,9 +169,12 @@ def test_chat_rows_are_templated_and_only_assistant_tokens_are_learned(tmp_path)
     rows.append({"messages": [{"role": "user", "content": "nobody answers"}]})
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = kiln("prepare", f"input={tmp_path}/chat.jsonl", f"output={tmp_path}/out", "kind=chat", "seq_len=64",
-                  "vocab_size=400", "val_fraction=0.0")
+                  "vocab_size=400", "val_fraction=0.1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{tmp_path}/chat.jsonl:122: the conversation has no assistant message" in result.stdout
+    from data_pipeline.prepare import split_of
+
+    train_rows = [i for i, row in enumerate(rows[:120]) if split_of(json.dumps(row), 0.1) == "train"]
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["kind"] == "chat" and manifest["summary"]["documents"] == 121
     tokenizer = bpe.load(str(tmp_path / "out" / "tokenizer"))
@@ -191,8 +194,8 @@ def test_chat_rows_are_templated_and_only_assistant_tokens_are_learned(tmp_path)
             learned.append(tokenizer.decode(current[:-1]))
             prompt_side.append(tokenizer.decode(shown))
             current, shown = [], []
-    assert learned[:3] == ["it is 0.", "it is 2.", "it is 4."]
-    assert "what is 1 plus 1?" in prompt_side[1] and "it is" not in prompt_side[1]
+    assert learned[:3] == [f"it is {2 * i}." for i in train_rows[:3]]
+    assert f"what is {train_rows[1]} plus {train_rows[1]}?" in prompt_side[1] and "it is" not in prompt_side[1]
     assert tokenizer.token_to_id("<|assistant|>") is not None
 
 
@@ -206,7 +209,7 @@ def test_classification_rows_get_a_label_map_and_one_example_per_sequence(tmp_pa
             writer.writerow([f"review {i}: " + ("great fun" if i % 2 else "boring and slow"), "pos" if i % 2 else "neg"])
         writer.writerow(["no label here", ""])
     result = kiln("prepare", f"input={tmp_path}/reviews.csv", f"output={tmp_path}/out", "kind=classification",
-                  "seq_len=16", "vocab_size=400", "val_fraction=0.0")
+                  "seq_len=16", "vocab_size=400", "val_fraction=0.1")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{tmp_path}/reviews.csv:102: field 'label' is missing" in result.stdout
     assert json.loads((tmp_path / "out" / "label_map.json").read_text()) == {"neg": 0, "pos": 1}
@@ -214,7 +217,8 @@ def test_classification_rows_get_a_label_map_and_one_example_per_sequence(tmp_pa
     (shard,) = manifest["splits"]["train"]["shards"]
     tokens = np.fromfile(tmp_path / "out" / shard["path"], dtype="<u2").reshape(-1, 16)
     labels = np.fromfile(tmp_path / "out" / shard["labels"]["path"], dtype="<i4")
-    assert len(tokens) == len(labels) == 100
+    assert len(tokens) == len(labels) == manifest["splits"]["train"]["documents"]
+    assert len(tokens) + manifest["splits"]["val"]["documents"] == 100
     tokenizer = bpe.load(str(tmp_path / "out" / "tokenizer"))
     for row, label in zip(tokens[:6], labels[:6]):
         text = tokenizer.decode([t for t in row.tolist() if t != manifest["eos_id"]])

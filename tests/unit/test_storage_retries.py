@@ -28,14 +28,6 @@ MISSING_BUCKET = "kiln-no-such-bucket"
 
 
 @pytest.fixture
-def fresh_s3fs():
-    """s3fs clients made in a test see its environment, and none outlive it."""
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture
 def flaky(s3, monkeypatch, fresh_s3fs):
     """The moto server behind a proxy answering ~20% of requests 503 SlowDown and dropping ~10%."""
     with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], fail_rate=0.2, drop_rate=0.1, seed=7) as proxy:
