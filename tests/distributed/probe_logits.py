@@ -31,6 +31,10 @@ def main(root: str, run_id: str, out: str) -> None:
         logits = trainer.model(input_ids=batch).logits
     if ctx.rank == 0:
         torch.save({"input_ids": batch, "logits": logits.float().cpu(), "step": trainer.step}, out)
+    # Leave together and tear the group down: a rank exiting while its peer still works can abort in
+    # gloo's C++ threads ("terminate called without an active exception").
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
