@@ -23,7 +23,7 @@ from fsspec.core import url_to_fs
 
 from data_pipeline.store_retry import (StorageError, configure_object_stores, no_such_bucket, retry_attempts,
                                        retrying)
-from trainers.secrets import redact_text
+from data_pipeline.redaction import redact_text
 
 __all__ = ["StorageError", "retry_attempts", "retrying"]  # re-exported: callers reach retries through here
 

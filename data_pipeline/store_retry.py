@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import fsspec
 
-from trainers.secrets import REDACTED, URL_CREDENTIALS, redact_text
+from data_pipeline.redaction import REDACTED, URL_CREDENTIALS, redact_text
 
 log = logging.getLogger("kiln.storage")
 T = TypeVar("T")

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from orchestrator.registry import RunRecord, now
 from trainers.events import read_events, record_event
-from trainers.secrets import redact_text
+from data_pipeline.redaction import redact_text
 
 DRIVER_LOST = ("the driver stopped recording (the kiln process or its machine died) before the attempt "
                "ended")

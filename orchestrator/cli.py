@@ -22,7 +22,7 @@ class RedactingConsole(Console):
     """A rich Console that passes every printed string through the one redaction (secrets, URL credentials)."""
 
     def print(self, *objects, **kwargs) -> None:  # noqa: A003 (rich's name)
-        from trainers.secrets import redact_text
+        from data_pipeline.redaction import redact_text
 
         super().print(*(redact_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
 
@@ -303,7 +303,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def check_no_credentials(args: argparse.Namespace) -> None:
     """--storage-root and $KILN_STORAGE_ROOT take URLs without user:password@ (credentials come from the environment)."""
     from orchestrator.config import UsageError
-    from trainers.secrets import URL_CREDENTIALS
+    from data_pipeline.redaction import URL_CREDENTIALS
 
     for name, value in (("--storage-root", getattr(args, "storage_root", None)),
                         ("KILN_STORAGE_ROOT", os.environ.get("KILN_STORAGE_ROOT"))):
@@ -315,7 +315,7 @@ def check_no_credentials(args: argparse.Namespace) -> None:
 
 def say(message: str, one_line: bool = True) -> None:
     """Print to stderr through the redaction; one line unless told otherwise."""
-    from trainers.secrets import redact_text
+    from data_pipeline.redaction import redact_text
 
     text = redact_text(str(message))
     if one_line:

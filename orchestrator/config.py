@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data_pipeline.config import DataConfig, StorageConfig
 from trainers.config import (CheckpointConfig, ModelConfig, OptimConfig, StrategyConfig, TaskConfig,
                              TrackerConfig, TrainConfig, require)
-from trainers.secrets import URL_CREDENTIALS
+from data_pipeline.redaction import URL_CREDENTIALS
 
 CONF_DIR = Path(os.environ.get("KILN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` admits a trailing newline

@@ -24,7 +24,7 @@ from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
 from orchestrator.runs import refresh, start_run
 from trainers.events import clear_stop_request, record_event, request_stop
 from trainers.loop import run_url
-from trainers.secrets import redact_text
+from data_pipeline.redaction import redact_text
 
 
 # How long fit() may take to return after the workers recorded that they finished (normally 1-3 s).

@@ -12,7 +12,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from data_pipeline.prepare import PrepareConfig, PrepareError, prepare
 from orchestrator.config import UsageError
-from trainers.secrets import URL_CREDENTIALS, redact_text
+from data_pipeline.redaction import URL_CREDENTIALS, redact_text
 
 
 def parse(overrides: list[str]) -> PrepareConfig:

@@ -17,7 +17,7 @@ from ray.train.torch.config import _TorchBackend
 from data_pipeline import storage
 from trainers import loop
 from trainers.events import Periodic
-from trainers.secrets import redact_logging, redact_text
+from data_pipeline.redaction import redact_logging, redact_text
 
 # Set by the SIGTERM handler below; read by the training thread between steps.
 PREEMPTED: dict = {}

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from data_pipeline import storage
-from trainers.secrets import redact_text
+from data_pipeline.redaction import redact_text
 
 RUN_FILE = "run.json"
 CONFIG_FILE = "config.yaml"

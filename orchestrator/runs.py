@@ -15,7 +15,7 @@ from orchestrator.registry import CONFIG_FILE, RESUMABLE, RunRecord, RunRegistry
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
 from trainers.events import clear_stop_request
 from trainers.loop import run_url
-from trainers.secrets import redact_text
+from data_pipeline.redaction import redact_text
 from trainers.tracking import wandb_mode
 
 

@@ -19,7 +19,7 @@ from trainers.events import record_event
 from trainers import loop
 from trainers.context import TorchrunContext
 from trainers.distributed import broadcast_from_rank0, ensure_process_group
-from trainers.secrets import redact_logging, redact_text
+from data_pipeline.redaction import redact_logging, redact_text
 
 
 def prepare(argv: list[str], world_size: int):

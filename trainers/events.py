@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from data_pipeline import storage
-from trainers.secrets import redact_text
+from data_pipeline.redaction import redact_text
 
 EVENTS_DIR = "events"
 STOP_REQUEST = "STOP"  # a file in the run folder; its presence asks every worker to checkpoint and stop

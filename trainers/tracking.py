@@ -10,7 +10,7 @@ from typing import Optional, Protocol
 
 from data_pipeline import storage
 from trainers.config import TrackerConfig
-from trainers.secrets import redact
+from data_pipeline.redaction import redact
 
 log = logging.getLogger("kiln.tracking")
 

@@ -174,7 +174,7 @@ def test_worker_log_lines_are_redacted(monkeypatch):
     import io
     import logging
 
-    from trainers.secrets import RedactingFilter
+    from data_pipeline.redaction import RedactingFilter
 
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     buffer = io.StringIO()

@@ -1,6 +1,6 @@
 """Credentials never reach a saved config or W&B."""
 
-from trainers.secrets import REDACTED, redact, redact_text
+from data_pipeline.redaction import REDACTED, redact, redact_text
 
 
 def test_secret_keys_and_env_values_are_redacted(monkeypatch):

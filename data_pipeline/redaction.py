@@ -1,4 +1,4 @@
-"""Keep credentials out of everything a run writes: saved configs, W&B config, logs."""
+"""The one redaction: credentials kept out of everything Kiln prints, logs or writes (configs, run files, W&B)."""
 
 from __future__ import annotations
 
