@@ -212,3 +212,16 @@ def test_run_json_of_a_copied_folder_is_named(tmp_path, capsys):
     (tmp_path / "b" / "run.json").write_text(json.dumps({"run_id": "a"}))
     with pytest.raises(DamagedRun, match="names another run \\('a'\\)"):
         registry.load("b")
+
+
+def test_on_object_storage_a_run_id_is_claimed_once(s3):
+    from data_pipeline import storage
+
+    registry = RunRegistry(f"s3://{s3}/claims")
+    registry.create(RunRecord(run_id="r1"), "config: 1\n")
+    # A second driver that raced past the listing still loses: the store refuses the second run.json.
+    with pytest.raises(FileExistsError):
+        storage.write_new(f"s3://{s3}/claims/r1/run.json", "{}")
+    with pytest.raises(RunExists, match="run 'r1' already exists"):
+        registry.create(RunRecord(run_id="r1"), "config: 2\n")
+    assert storage.read_text(f"s3://{s3}/claims/r1/config.yaml") == "config: 1\n"
