@@ -281,17 +281,18 @@ def run(cfg: Any, ctx: WorkerContext) -> LoopResult:
             if step % train.eval_every == 0 or last:
                 watchdog.beat(step, "evaluation")
                 metrics.update(trainer.evaluate())
+            if metrics:
+                tracker.log(metrics, step)
             committed: list[str] = []
             if step % train.checkpoint_every == 0 or last:
+                # Durable before the commit: a restart from this step never lacks its row (a re-run after a
+                # failed save logs the step again, with the same values).
+                tracker.flush()
                 watchdog.beat(step, "checkpoint save")
                 committed = trainer.save()
             if last:
                 watchdog.beat(step, "checkpoint upload")
                 committed += trainer.finish_uploads()
-            if metrics:
-                tracker.log(metrics, step)
-            if step % train.checkpoint_every == 0 or last:
-                tracker.flush()  # what a restart resumes from is also what metrics.jsonl holds
             checkpoint = report_committed(committed, metrics, step) or checkpoint
             if metrics and not committed:
                 ctx.report(metrics, step)
