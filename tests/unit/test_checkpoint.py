@@ -6,45 +6,11 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
-from trainers.checkpoint import CheckpointError, CheckpointStore, capture_rng, restore_rng, verify
-from trainers.config import OptimConfig, StrategyConfig
-from trainers.strategies.ddp import DDPStrategy
-
+from trainers.checkpoint import CheckpointError, capture_rng, restore_rng, verify
+from tests.unit.checkpoint_helpers import save_two, store_at, strategy, train_one_step, weights
 
 pytestmark = pytest.mark.usefixtures("process_group")
-
-
-def strategy() -> DDPStrategy:
-    torch.manual_seed(0)
-    s = DDPStrategy(StrategyConfig(precision="fp32"), torch.device("cpu"))
-    s.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), OptimConfig(warmup_steps=0), max_steps=10, micro_batch=3, grad_accum=1)
-    return s
-
-
-def train_one_step(s: DDPStrategy) -> None:
-    s.model(torch.randn(3, 4)).pow(2).mean().backward()
-    s.step()
-
-
-def weights(s: DDPStrategy) -> dict:
-    return {k: v.clone() for k, v in s.full_model_state().items()}
-
-
-def store_at(tmp_path, **options) -> CheckpointStore:
-    return CheckpointStore(str(tmp_path / "checkpoints"), rank=0, world_size=1, strategy="ddp", config_hash="h",
-                           **options)
-
-
-def save_two(tmp_path):
-    s, store = strategy(), store_at(tmp_path)
-    saved = {}
-    for step in (1, 2):
-        train_one_step(s)
-        store.save(step, s, {"step": step})
-        saved[step] = weights(s)
-    return store, saved
 
 
 def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):

@@ -15,13 +15,12 @@ import torch
 from torch import nn
 
 from trainers.checkpoint import CheckpointError, CheckpointStore, verify
-from trainers.config import OptimConfig, StrategyConfig
-from trainers.strategies import build_strategy
+
+from tests.unit.checkpoint_helpers import save_two, strategy, train_one_step, weights
 
 pytestmark = pytest.mark.usefixtures("process_group")
 
 REFUSED = "holds objects Kiln will not load"
-ZERO = {"zero1": (1, False), "zero3_offload": (3, True)}
 
 
 class Payload:
@@ -32,38 +31,6 @@ class Payload:
 
     def __reduce__(self):
         return exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
-
-def strategy(name: str = "ddp"):
-    torch.manual_seed(0)
-    stage, offload = ZERO.get(name, (0, False))
-    s = build_strategy(StrategyConfig(name=name, precision="fp32", zero_stage=stage, offload_optimizer=offload,
-                                      offload_params=offload), torch.device("cpu"))
-    s.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), OptimConfig(warmup_steps=0), max_steps=10,
-           micro_batch=3, grad_accum=1)
-    return s
-
-
-def train_one_step(s) -> None:
-    loss = s.model(torch.randn(3, 4)).pow(2).mean()
-    s.backward(loss)
-    s.step()
-
-
-def weights(s) -> dict:
-    return {k: v.clone() for k, v in s.full_model_state().items()}
-
-
-def save_two(tmp_path, name: str = "ddp"):
-    """Two committed checkpoints (steps 1 and 2) and the weights each holds."""
-    s = strategy(name)
-    store = CheckpointStore(str(tmp_path / "checkpoints"), rank=0, world_size=1, strategy=name, config_hash="h")
-    saved = {}
-    for step in (1, 2):
-        train_one_step(s)
-        store.save(step, s, {"step": step})
-        saved[step] = weights(s)
-    return store, saved
 
 
 def plant(checkpoint: Path, rel: str, data: bytes) -> None:
