@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import fsspec
 from fsspec.core import url_to_fs
 
-from data_pipeline.store_retry import (StorageError, configure_object_stores, no_such_bucket, retry_attempts,
-                                       retrying)
+from data_pipeline.store_retry import (StorageError, configure_object_stores, exception_chain, no_such_bucket,
+                                       retry_attempts, retrying)
 from data_pipeline.redaction import redact_text
 
 __all__ = ["StorageError", "retry_attempts", "retrying"]  # re-exported: callers reach retries through here
@@ -94,17 +94,9 @@ def write_new(url: str, data: bytes | str) -> None:
         # If-None-Match: * makes the store itself refuse a second writer (AWS S3, MinIO, moto).
         retrying("create", url, fs.pipe_file, path, payload, mode="create")
     except OSError as exc:
-        if any("PreconditionFailed" in str(e) or "412" in str(e) for e in _causes(exc)):
+        if any("PreconditionFailed" in str(e) or "412" in str(e) for e in exception_chain(exc)):
             raise FileExistsError(f"{redact_text(url)} already exists") from None
         raise
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    while exc is not None and len(chain) < 8:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return chain
 
 
 def _create_local(path: str, payload: bytes) -> None:

@@ -132,7 +132,7 @@ def retrying(operation: str, url: str, fn: Callable[..., T], *args: Any, **kwarg
     raise AssertionError("unreachable")
 
 
-def _chain(exc: BaseException | None) -> Iterable[BaseException]:
+def exception_chain(exc: BaseException | None) -> Iterable[BaseException]:
     """exc and the exceptions it was raised from (s3fs hides the botocore error as the cause)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -170,12 +170,12 @@ def _redact(text: str, url: str) -> str:
 def _leaks(url: str, exc: BaseException) -> bool:
     """Whether exc's text would repeat the credentials written into url."""
     userinfo = _userinfo(url)
-    return bool(userinfo) and any(userinfo in str(error) for error in _chain(exc))
+    return bool(userinfo) and any(userinfo in str(error) for error in exception_chain(exc))
 
 
 def unreachable(exc: BaseException, host: str | None = None) -> str | None:
     """'connection refused' or "host '...' does not resolve" if exc (or its cause) says so, else None."""
-    for error in _chain(exc):
+    for error in exception_chain(exc):
         if isinstance(error, ConnectionRefusedError):
             return "connection refused"
         if isinstance(error, socket.gaierror):
@@ -193,7 +193,7 @@ def unreachable(exc: BaseException, host: str | None = None) -> str | None:
 
 def _endpoint(exc: BaseException) -> str | None:
     """scheme://host:port that exc failed to connect to (botocore names the request URL)."""
-    for error in _chain(exc):
+    for error in exception_chain(exc):
         kwargs = getattr(error, "kwargs", None)
         url = kwargs.get("endpoint_url") if isinstance(kwargs, dict) else None
         if isinstance(url, str) and "://" in url:
@@ -210,7 +210,7 @@ def no_such_bucket(url: str) -> StorageError:
 def _permanent(url: str, exc: BaseException) -> StorageError | None:
     """A StorageError saying what to do, if exc (or its cause) is one retrying cannot fix."""
     where = redact_text(url)
-    for error in _chain(exc):
+    for error in exception_chain(exc):
         code, _ = _code(error)
         if code in _PERMANENT:
             return StorageError(f"{where}: " + _PERMANENT[code].format(bucket=_bucket(url), code=code))
@@ -233,7 +233,7 @@ def _permanent(url: str, exc: BaseException) -> StorageError | None:
 
 def _transient(exc: BaseException) -> bool:
     """Whether exc (or its cause) is a store hiccup that the same call may get past next time."""
-    for error in _chain(exc):
+    for error in exception_chain(exc):
         if isinstance(error, _DEFINITE):
             return False
         code, status = _code(error)
@@ -248,7 +248,7 @@ def _transient(exc: BaseException) -> bool:
 
 def _describe(exc: BaseException, url: str = "") -> str:
     """'SlowDown 503' for a store's answer, else 'ConnectionClosedError: ...', credentials redacted."""
-    for error in _chain(exc):
+    for error in exception_chain(exc):
         code, status = _code(error)
         if code is not None:
             return f"{code} {status}" if status and str(status) != code else code
