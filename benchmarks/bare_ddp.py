@@ -28,20 +28,33 @@ def main(dataset_dir: str, steps: int, out: str, micro_batch: int = 8) -> None:
     torch.manual_seed(0)
     manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
     seq_len = manifest["seq_len"]
-    tokens = np.concatenate([np.fromfile(Path(dataset_dir) / s["path"], dtype=manifest["dtype"])
-                             for s in manifest["splits"]["train"]["shards"]])
+    tokens = np.concatenate(
+        [
+            np.fromfile(Path(dataset_dir) / s["path"], dtype=manifest["dtype"])
+            for s in manifest["splits"]["train"]["shards"]
+        ]
+    )
     sequences = tokens[: len(tokens) // seq_len * seq_len].reshape(-1, seq_len)
     order = np.random.default_rng(0).permutation(len(sequences))
     vocab = -(-manifest["vocab_size"] // 64) * 64
-    config = GPT2Config(vocab_size=vocab, n_positions=256, n_embd=128, n_layer=4, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=256,
+        n_embd=128,
+        n_layer=4,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        use_cache=False,
+    )
     model = DistributedDataParallel(GPT2LMHeadModel(config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     times = []
     for step in range(steps):
         started = time.perf_counter()
         first = (step * world + rank) * micro_batch
-        batch = torch.from_numpy(sequences[order[first:first + micro_batch]].astype(np.int64))
+        batch = torch.from_numpy(sequences[order[first : first + micro_batch]].astype(np.int64))
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -49,7 +62,7 @@ def main(dataset_dir: str, steps: int, out: str, micro_batch: int = 8) -> None:
         optimizer.zero_grad(set_to_none=True)
         float(loss)
         times.append(time.perf_counter() - started)
-    steady = times[len(times) // 5:]
+    steady = times[len(times) // 5 :]
     tokens_per_s = world * micro_batch * seq_len / statistics.median(steady)
     if rank == 0:
         Path(out).write_text(json.dumps({"tokens_per_s": tokens_per_s, "steps": steps}))

@@ -54,8 +54,7 @@ def build_strategy(layers: int, width: int):
     from trainers.strategies.ddp import DDPStrategy
 
     torch.manual_seed(0)
-    model = build_gpt2(ModelConfig(n_layer=layers, n_head=8, n_embd=width, n_positions=256), vocab_size=8192,
-                       eos_id=0)
+    model = build_gpt2(ModelConfig(n_layer=layers, n_head=8, n_embd=width, n_positions=256), vocab_size=8192, eos_id=0)
     strategy = DDPStrategy(StrategyConfig(precision="fp32"), torch.device("cpu"))
     strategy.wrap(model, OptimConfig(warmup_steps=0), max_steps=10, micro_batch=1, grad_accum=1)
     tokens = torch.randint(0, 8192, (1, 64))
@@ -84,8 +83,9 @@ def save_and_load(root: str, layers: int, width: int) -> dict:
     extra = {"step": 1, "strategy": strategy.extra_state()}
 
     def store(name: str, async_upload: bool) -> CheckpointStore:
-        return CheckpointStore(f"{root}/{name}", rank=0, world_size=1, strategy="ddp", config_hash="bench",
-                               async_upload=async_upload)
+        return CheckpointStore(
+            f"{root}/{name}", rank=0, world_size=1, strategy="ddp", config_hash="bench", async_upload=async_upload
+        )
 
     store("warmup", False).save(1, strategy, extra)  # first-use costs (s3fs client, DCP planner) untimed
     sync = store("sync", False)
@@ -107,8 +107,15 @@ def save_and_load(root: str, layers: int, width: int) -> dict:
     finally:
         shutil.rmtree(local, ignore_errors=True)
     dist.destroy_process_group()
-    return {"bytes": size, "sync_s": sync_s, "async_block_s": async_block_s, "async_finish_s": async_finish_s,
-            "load_s": load_s, "raw_put_s": raw_put_s, "raw_get_s": raw_get_s}
+    return {
+        "bytes": size,
+        "sync_s": sync_s,
+        "async_block_s": async_block_s,
+        "async_finish_s": async_finish_s,
+        "load_s": load_s,
+        "raw_put_s": raw_put_s,
+        "raw_get_s": raw_get_s,
+    }
 
 
 def restart_time(root: str) -> dict:
@@ -117,8 +124,17 @@ def restart_time(root: str) -> dict:
     from tests.integration.ft_harness import committed_steps, events, finish, metrics, start_kiln, wait_for, worker_pid
 
     log = Path(tempfile.mkdtemp(prefix="kiln-bench-")) / "train.log"
-    run = start_kiln("train", *TINY, "tracker=none", "train.max_steps=30", "train.checkpoint_every=1",
-                     "checkpoint.keep_last=2", "run.id=restart", f"storage.root={root}/runs", log=log)
+    run = start_kiln(
+        "train",
+        *TINY,
+        "tracker=none",
+        "train.max_steps=30",
+        "train.checkpoint_every=1",
+        "checkpoint.keep_last=2",
+        "run.id=restart",
+        f"storage.root={root}/runs",
+        log=log,
+    )
     wait_for("step 10 committed", lambda: max(committed_steps(f"{root}/runs", "restart"), default=0) >= 10, proc=run)
     os.kill(worker_pid(f"{root}/runs", "restart", rank=1), signal.SIGKILL)
     killed = time.time()
@@ -127,8 +143,11 @@ def restart_time(root: str) -> dict:
     started = events(f"{root}/runs", "restart", "started")[-1]
     rows = metrics(f"{root}/runs", "restart")
     first_after = min(r["time"] for r in rows if "train/loss" in r and r["time"] > killed)
-    return {"kill_to_group_started_s": started["time"] - killed, "kill_to_first_step_s": first_after - killed,
-            "restored_step": started["restored_step"]}
+    return {
+        "kill_to_group_started_s": started["time"] - killed,
+        "kill_to_first_step_s": first_after - killed,
+        "restored_step": started["restored_step"],
+    }
 
 
 def main() -> None:
@@ -150,16 +169,24 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     print(f"checkpoint: GPT-2 {args.layers}x{args.width}, model + AdamW state = {mb:,.1f} MiB on moto S3 (loopback)")
     print(f"sync save blocks     {io['sync_s']:7.2f} s   ({mb / io['sync_s']:6.1f} MiB/s, manifest + sha256 included)")
-    print(f"async save blocks    {io['async_block_s']:7.2f} s   = {io['async_block_s'] / io['sync_s']:.1%} of sync "
-          f"(goal < 10%); upload finished {io['async_finish_s']:.2f} s later")
-    print(f"raw s3fs put         {io['raw_put_s']:7.2f} s   ({mb / io['raw_put_s']:6.1f} MiB/s) -> save ratio "
-          f"{io['raw_put_s'] / io['sync_s']:.2f} (goal >= 0.8)")
+    print(
+        f"async save blocks    {io['async_block_s']:7.2f} s   = {io['async_block_s'] / io['sync_s']:.1%} of sync "
+        f"(goal < 10%); upload finished {io['async_finish_s']:.2f} s later"
+    )
+    print(
+        f"raw s3fs put         {io['raw_put_s']:7.2f} s   ({mb / io['raw_put_s']:6.1f} MiB/s) -> save ratio "
+        f"{io['raw_put_s'] / io['sync_s']:.2f} (goal >= 0.8)"
+    )
     print(f"load (verify+DCP)    {io['load_s']:7.2f} s   ({mb / io['load_s']:6.1f} MiB/s)")
-    print(f"raw s3fs get         {io['raw_get_s']:7.2f} s   ({mb / io['raw_get_s']:6.1f} MiB/s) -> load ratio "
-          f"{io['raw_get_s'] / io['load_s']:.2f} (goal >= 0.8)")
+    print(
+        f"raw s3fs get         {io['raw_get_s']:7.2f} s   ({mb / io['raw_get_s']:6.1f} MiB/s) -> load ratio "
+        f"{io['raw_get_s'] / io['load_s']:.2f} (goal >= 0.8)"
+    )
     if restart:
-        print(f"worker SIGKILL -> group restarted (restored step {restart['restored_step']}) "
-              f"{restart['kill_to_group_started_s']:.1f} s -> first step logged {restart['kill_to_first_step_s']:.1f} s")
+        print(
+            f"worker SIGKILL -> group restarted (restored step {restart['restored_step']}) "
+            f"{restart['kill_to_group_started_s']:.1f} s -> first step logged {restart['kill_to_first_step_s']:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -41,12 +41,25 @@ def corpus(folder: Path) -> list[str]:
 
 def data_wait_share(root: str) -> float:
     """Median share of step time spent waiting for the next batch in a 60-step quickstart."""
-    subprocess.run([str(Path(sys.executable).parent / "kiln"), "train", "experiment=quickstart", "run.id=wait",
-                    f"storage.root={root}", "train.max_steps=60", "train.eval_every=60",
-                    "train.checkpoint_every=60", "tracker=none"], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "kiln"),
+            "train",
+            "experiment=quickstart",
+            "run.id=wait",
+            f"storage.root={root}",
+            "train.max_steps=60",
+            "train.eval_every=60",
+            "train.checkpoint_every=60",
+            "tracker=none",
+        ],
+        check=True,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
     rows = [json.loads(line) for line in (Path(root) / "wait" / "metrics.jsonl").read_text().splitlines()]
     shares = [r["perf/data_wait_frac"] for r in rows if "perf/data_wait_frac" in r]
-    return statistics.median(shares[len(shares) // 5:])
+    return statistics.median(shares[len(shares) // 5 :])
 
 
 def main() -> None:
@@ -64,15 +77,24 @@ def main() -> None:
         import ray
 
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")  # not timed
-        summary = prepare(PrepareConfig(input=str(tmp_path / "*.jsonl"), output=str(tmp_path / "out"),
-                                        tokenizer=str(tmp_path / "tok"), seq_len=1024, val_fraction=0.01),
-                          log=lambda m: None)
+        summary = prepare(
+            PrepareConfig(
+                input=str(tmp_path / "*.jsonl"),
+                output=str(tmp_path / "out"),
+                tokenizer=str(tmp_path / "tok"),
+                seq_len=1024,
+                val_fraction=0.01,
+            ),
+            log=lambda m: None,
+        )
         ray.shutdown()
         wait = data_wait_share(str(tmp_path / "runs"))
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "documents": len(texts), "tokens": summary.tokens,
-        "prepare_s": round(summary.wall_s, 2), "prepare_tokens_per_s": round(summary.tokens_per_s),
+        "documents": len(texts),
+        "tokens": summary.tokens,
+        "prepare_s": round(summary.wall_s, 2),
+        "prepare_tokens_per_s": round(summary.tokens_per_s),
         "single_process_encode_s": round(baseline_s, 2),
         "single_process_tokens_per_s": round(baseline_tokens / baseline_s),
         "ratio": round(summary.tokens_per_s / (baseline_tokens / baseline_s), 3),

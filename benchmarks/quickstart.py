@@ -30,13 +30,23 @@ def measure(fresh_cache: bool) -> dict:
         if fresh_cache:
             env["KILN_CACHE_DIR"] = str(Path(root) / "cache")
         started = time.perf_counter()
-        subprocess.run([str(Path(sys.executable).parent / "kiln"), "train", "experiment=quickstart",
-                        "run.id=bench", f"storage.root={root}"], check=True, env=env, cwd=REPO)
+        subprocess.run(
+            [
+                str(Path(sys.executable).parent / "kiln"),
+                "train",
+                "experiment=quickstart",
+                "run.id=bench",
+                f"storage.root={root}",
+            ],
+            check=True,
+            env=env,
+            cwd=REPO,
+        )
         wall = time.perf_counter() - started
         rows = [json.loads(line) for line in (Path(root) / "bench" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in rows if "val/perplexity" in r]
     train = [r for r in rows if "perf/tokens_per_s" in r]
-    steady = train[len(train) // 5:]  # skip warm-up steps
+    steady = train[len(train) // 5 :]  # skip warm-up steps
     return {
         "wall_s": round(wall, 1),
         "val_ppl_start": round(val[0]["val/perplexity"], 1),

@@ -27,13 +27,27 @@ STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"]
 
 def kiln_run(root: str, strategy: str, steps: int, overrides: list[str]) -> dict:
     """Train the quickstart model with one strategy; summarise its steady state."""
-    subprocess.run([str(BIN / "kiln"), "train", "experiment=quickstart", f"strategy={strategy}",
-                    f"run.id={strategy}", f"storage.root={root}", f"train.max_steps={steps}",
-                    f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "tracker=none", *overrides],
-                   check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            str(BIN / "kiln"),
+            "train",
+            "experiment=quickstart",
+            f"strategy={strategy}",
+            f"run.id={strategy}",
+            f"storage.root={root}",
+            f"train.max_steps={steps}",
+            f"train.eval_every={steps}",
+            f"train.checkpoint_every={steps}",
+            "tracker=none",
+            *overrides,
+        ],
+        check=True,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+    )
     rows = [json.loads(line) for line in (Path(root) / strategy / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "perf/tokens_per_s" in r]
-    steady = train[len(train) // 5:]
+    steady = train[len(train) // 5 :]
     last = train[-1]
     return {
         "strategy": strategy,
@@ -49,10 +63,25 @@ def bare_run(dataset_dir: str, steps: int) -> float:
     """Steady-state tokens/s of the bare torch DDP loop under torchrun."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bare.json"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        str(REPO / "benchmarks" / "bare_ddp.py"), dataset_dir, str(steps), str(out)],
-                       check=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                str(REPO / "benchmarks" / "bare_ddp.py"),
+                dataset_dir,
+                str(steps),
+                str(out),
+            ],
+            check=True,
+            cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return json.loads(out.read_text())["tokens_per_s"]
 
 
@@ -60,7 +89,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--strategies", default=",".join(STRATEGIES))
-    parser.add_argument("overrides", nargs="*", help="extra `kiln train` overrides, e.g. model=gpt2_small cluster.use_gpu=true")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra `kiln train` overrides, e.g. model=gpt2_small cluster.use_gpu=true"
+    )
     args = parser.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
     with tempfile.TemporaryDirectory() as root:
@@ -72,13 +103,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in results:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"| {r['strategy']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_mb']:,.0f} | {r['held_mb']:.2f} | "
-              f"{r['final_loss']:.4f} |")
+        print(
+            f"| {r['strategy']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_mb']:,.0f} | {r['held_mb']:.2f} | "
+            f"{r['final_loss']:.4f} |"
+        )
     ddp = next((r for r in results if r["strategy"] == "ddp"), None)
     if ddp and not args.overrides:  # the bare loop has the quickstart's shape only
         bare = bare_run(dataset_dir.strip(), args.steps)
-        print(f"\nbare torch DDP (torchrun): {bare:,.0f} tokens/s; kiln train (Ray, ddp): "
-              f"{ddp['tokens_per_s']:,.0f} tokens/s; ratio {ddp['tokens_per_s'] / bare:.3f}")
+        print(
+            f"\nbare torch DDP (torchrun): {bare:,.0f} tokens/s; kiln train (Ray, ddp): "
+            f"{ddp['tokens_per_s']:,.0f} tokens/s; ratio {ddp['tokens_per_s'] / bare:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 class DataConfigError(ValueError):
@@ -23,15 +22,15 @@ class DataConfig:
     """Training data: the built-in stdlib corpus, a prepared dataset folder, or a weighted mixture."""
 
     source: str = "stdlib"
-    path: Optional[str] = None  # URL of a prepared dataset folder (source=prepared)
+    path: str | None = None  # URL of a prepared dataset folder (source=prepared)
     # source=mixture: e.g. data.mixture='[{path: s3://b/web, weight: 0.7}, {path: s3://b/code, weight: 0.3}]'
     mixture: list[MixtureEntry] = field(default_factory=list)
     seq_len: int = 128
     vocab_size: int = 4096  # when Kiln trains the tokenizer
     val_fraction: float = 0.05
-    max_files: Optional[int] = None  # cap the stdlib corpus (tests use a small one)
+    max_files: int | None = None  # cap the stdlib corpus (tests use a small one)
     # Where prepared corpora are cached; None: $KILN_CACHE_DIR, else ~/.cache/kiln.
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.source not in ("stdlib", "prepared", "mixture"):
@@ -45,8 +44,9 @@ class DataConfig:
                 if entry.weight <= 0:
                     raise DataConfigError(f"data.mixture[{i}].weight must be > 0, got {entry.weight}")
         if self.source == "prepared" and not self.path:
-            raise DataConfigError("data.path is required with data.source=prepared: "
-                                  "point it at a folder written by `kiln prepare`")
+            raise DataConfigError(
+                "data.path is required with data.source=prepared: point it at a folder written by `kiln prepare`"
+            )
         if self.seq_len < 8:
             raise DataConfigError(f"data.seq_len must be >= 8, got {self.seq_len}")
         if not 256 < self.vocab_size <= 2**20:
@@ -65,5 +65,6 @@ class StorageConfig:
 
     def __post_init__(self) -> None:
         if not self.root:
-            raise DataConfigError("storage.root must not be empty (default ./kiln-runs; "
-                                  "KILN_STORAGE_ROOT overrides it)")
+            raise DataConfigError(
+                "storage.root must not be empty (default ./kiln-runs; KILN_STORAGE_ROOT overrides it)"
+            )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -51,14 +50,16 @@ class Dataset:
         try:
             self.manifest = json.loads(storage.read_text(manifest_url))
         except FileNotFoundError:
-            raise DatasetError(f"no dataset at {self.url}: {MANIFEST} is missing "
-                               f"(prepare one with `kiln prepare` or check data.path)") from None
+            raise DatasetError(
+                f"no dataset at {self.url}: {MANIFEST} is missing (prepare one with `kiln prepare` or check data.path)"
+            ) from None
         except json.JSONDecodeError as exc:
             raise DatasetError(f"{manifest_url} is not valid JSON ({exc})") from None
         version = self.manifest.get("format_version")
         if version != FORMAT_VERSION:
-            raise DatasetError(f"{manifest_url}: format_version {version} is not supported "
-                               f"(this Kiln reads {FORMAT_VERSION})")
+            raise DatasetError(
+                f"{manifest_url}: format_version {version} is not supported (this Kiln reads {FORMAT_VERSION})"
+            )
         self.seq_len: int = self.manifest["seq_len"]
         self.vocab_size: int = self.manifest["vocab_size"]
         self.eos_id: int = self.manifest["eos_id"]
@@ -74,8 +75,9 @@ class Dataset:
         try:
             entries = self.manifest["splits"][split]["shards"]
         except KeyError:
-            raise DatasetError(f"dataset {self.url} has no split {split!r}; "
-                               f"it has {', '.join(self.manifest['splits'])}") from None
+            raise DatasetError(
+                f"dataset {self.url} has no split {split!r}; it has {', '.join(self.manifest['splits'])}"
+            ) from None
         return [Shard(storage.join(self.url, e["path"]), e["sequences"]) for e in entries]
 
     def check_trainable(self) -> None:
@@ -83,8 +85,10 @@ class Dataset:
         for split in ("train", "val"):
             if not sum(shard.sequences for shard in self.shards(split)):
                 fix = "a larger val_fraction or more data" if split == "val" else "more data or a smaller seq_len"
-                raise DatasetError(f"dataset {self.url}: its {split} split holds no whole sequence of {self.seq_len} "
-                                   f"tokens, and training reads it; prepare it again with {fix}")
+                raise DatasetError(
+                    f"dataset {self.url}: its {split} split holds no whole sequence of {self.seq_len} "
+                    f"tokens, and training reads it; prepare it again with {fix}"
+                )
 
 
 class ShardWriter:
@@ -94,8 +98,9 @@ class ShardWriter:
     written beside each shard as uint8 `<shard>.mask`.
     """
 
-    def __init__(self, dataset_url: str, split: str, *, seq_len: int, vocab_size: int, eos_id: int,
-                 with_mask: bool = False):
+    def __init__(
+        self, dataset_url: str, split: str, *, seq_len: int, vocab_size: int, eos_id: int, with_mask: bool = False
+    ):
         self.dataset_url, self.split = dataset_url, split
         self.seq_len, self.eos_id, self.with_mask = seq_len, eos_id, with_mask
         self.dtype = token_dtype(vocab_size)
@@ -106,7 +111,7 @@ class ShardWriter:
         self.entries: list[dict] = []
         self.documents = 0
 
-    def add(self, token_ids: list[int], mask: Optional[list[int]] = None) -> None:
+    def add(self, token_ids: list[int], mask: list[int] | None = None) -> None:
         """Append one document (dropped if empty); chat documents come with their mask and own EOS."""
         if not token_ids:
             return
@@ -115,7 +120,7 @@ class ShardWriter:
             self._tokens.append(np.asarray(token_ids, dtype=self.dtype))
             self._masks.append(np.asarray(mask, dtype=np.uint8))
         else:
-            self._tokens.append(np.asarray(token_ids + [self.eos_id], dtype=self.dtype))
+            self._tokens.append(np.asarray([*token_ids, self.eos_id], dtype=self.dtype))
         self._pending_tokens += len(self._tokens[-1])
         if self._pending_tokens >= self.shard_sequences * self.seq_len:
             self._flush(final=False)
@@ -146,10 +151,10 @@ class ShardWriter:
         self._masks = [masks] if keep and masks is not None else []
         self._pending_tokens = len(tokens) if keep else 0
 
-    def _write(self, tokens: np.ndarray, mask: Optional[np.ndarray]) -> None:
+    def _write(self, tokens: np.ndarray, mask: np.ndarray | None) -> None:
         rel = f"{self.split}/shard_{len(self.entries):05d}.bin"
         entry = write_array(self.dataset_url, rel, tokens.astype(self.dtype, copy=False))
-        entry.update(tokens=int(len(tokens)), sequences=int(len(tokens) // self.seq_len))
+        entry.update(tokens=len(tokens), sequences=int(len(tokens) // self.seq_len))
         if mask is not None:
             entry["mask"] = write_array(self.dataset_url, rel[:-4] + ".mask", mask)
         self.entries.append(entry)
@@ -181,8 +186,12 @@ class ExampleWriter:
     def close(self) -> dict:
         """Write what is left and return this split's manifest entry."""
         self._write()
-        return {"documents": self.documents, "sequences": self.documents,
-                "tokens": self.documents * self.seq_len, "shards": self.entries}
+        return {
+            "documents": self.documents,
+            "sequences": self.documents,
+            "tokens": self.documents * self.seq_len,
+            "shards": self.entries,
+        }
 
     def _write(self) -> None:
         if not self._rows:
@@ -208,22 +217,26 @@ def write_manifest(dataset_url: str, manifest: dict) -> None:
     storage.write_atomic(storage.join(dataset_url, MANIFEST), json.dumps(body, indent=2, sort_keys=True))
 
 
-def open_training_data(source: str, path: Optional[str], mixture) -> tuple[list[Dataset], list[float]]:
+def open_training_data(source: str, path: str | None, mixture) -> tuple[list[Dataset], list[float]]:
     """The datasets a run trains on and their weights; a mixture must share seq_len and tokenizer."""
     if source != "mixture":
         return [open_dataset(path)], [1.0]
     datasets = [open_dataset(entry.path) for entry in mixture]
     first = datasets[0]
     for other in datasets[1:]:
-        for what, a, b in (("seq_len", first.seq_len, other.seq_len),
-                           ("tokenizer", first.manifest["tokenizer"]["sha256"], other.manifest["tokenizer"]["sha256"])):
+        for what, a, b in (
+            ("seq_len", first.seq_len, other.seq_len),
+            ("tokenizer", first.manifest["tokenizer"]["sha256"], other.manifest["tokenizer"]["sha256"]),
+        ):
             if a != b:
-                raise DatasetError(f"data.mixture: {other.url} has a different {what} than {first.url} "
-                                   f"({b} vs {a}); prepare every part with the same tokenizer= and seq_len=")
+                raise DatasetError(
+                    f"data.mixture: {other.url} has a different {what} than {first.url} "
+                    f"({b} vs {a}); prepare every part with the same tokenizer= and seq_len="
+                )
     return datasets, [float(entry.weight) for entry in mixture]
 
 
-def open_dataset(url: Optional[str]) -> Dataset:
+def open_dataset(url: str | None) -> Dataset:
     """Open a committed dataset, failing with the URL named when it is not one."""
     if not url:
         raise DatasetError("no dataset given: set data.path")

@@ -13,20 +13,28 @@ old files. A failure before the commit leaves every old file as it was; its left
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Optional
 
-from data_pipeline import storage, tokenizer as bpe
+from data_pipeline import storage
+from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import MANIFEST, ExampleWriter, ShardWriter, token_dtype, write_manifest
-from data_pipeline.staging import replace_folder
-from data_pipeline.examples import (CHAT_SPECIAL_TOKENS, ExampleError, chat_messages, classification_example,
-                                    encode_chat, label_map)
+from data_pipeline.examples import (
+    CHAT_SPECIAL_TOKENS,
+    ExampleError,
+    chat_messages,
+    classification_example,
+    encode_chat,
+    label_map,
+)
 from data_pipeline.sources import FORMATS, detect_format, expand, read_records
+from data_pipeline.staging import replace_folder
 
 KINDS = ("pretrain", "chat", "classification")
 MAX_REPORTED_BAD = 20
@@ -70,8 +78,10 @@ class PrepareConfig:
         if not 256 < self.vocab_size <= 2**20:
             raise PrepareError(f"vocab_size must be in (256, 1048576], got {self.vocab_size}")
         if not 0.0 < self.val_fraction < 0.5:
-            raise PrepareError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}: training evaluates "
-                               "on the validation split, so it needs a share of the documents (e.g. 0.05)")
+            raise PrepareError(
+                f"val_fraction must be in (0, 0.5), got {self.val_fraction}: training evaluates "
+                "on the validation split, so it needs a share of the documents (e.g. 0.05)"
+            )
         if self.batch_size < 1:
             raise PrepareError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -102,7 +112,7 @@ def split_of(text: str, val_fraction: float) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: Optional[str]) -> str:
+def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: str | None) -> str:
     """Hash of the inputs (names, sizes, modification stamps), the settings and the tokenizer."""
     h = hashlib.sha256()
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "batch_size")}
@@ -122,8 +132,15 @@ def _records_of(row: dict, text_field: str, kind: str) -> list[dict]:
     # "" rather than None for "no error": an all-None column would come back from Arrow as NaN.
     # Chat and classification rows travel whole (as JSON text) to the tokenizing step.
     records = read_records(row["url"], row["format"], text_field if kind == "pretrain" else None)
-    return [{"text": json.dumps(r.row, default=str) if r.row is not None else r.text, "source": r.source,
-             "line": r.line, "error": r.error or ""} for r in records]
+    return [
+        {
+            "text": json.dumps(r.row, default=str) if r.row is not None else r.text,
+            "source": r.source,
+            "line": r.line,
+            "error": r.error or "",
+        }
+        for r in records
+    ]
 
 
 def example_text(kind: str, text: str, text_field: str) -> str:
@@ -139,16 +156,23 @@ def example_text(kind: str, text: str, text_field: str) -> str:
 _TOKENIZERS: dict = {}
 
 
-def tokenize_batch(batch: dict, tokenizer_url: str, val_fraction: float, kind: str, text_field: str,
-                   labels: Optional[dict] = None) -> dict:
+def tokenize_batch(
+    batch: dict, tokenizer_url: str, val_fraction: float, kind: str, text_field: str, labels: dict | None = None
+) -> dict:
     """Ray Data UDF: token ids (and chat mask or class id), split and status of a batch of records."""
     tokenizer = _TOKENIZERS.get(tokenizer_url)
     if tokenizer is None:  # once per worker process, read from storage
         tokenizer = _TOKENIZERS[tokenizer_url] = bpe.load(tokenizer_url)
     texts = [str(t) for t in batch["text"]]
-    out: dict[str, list] = {"ids": [], "mask": [], "label": [], "error": [], "empty": [],
-                            "split": [split_of(t, val_fraction) for t in texts]}
-    for text, error, source, line in zip(texts, batch["error"], batch["source"], batch["line"]):
+    out: dict[str, list] = {
+        "ids": [],
+        "mask": [],
+        "label": [],
+        "error": [],
+        "empty": [],
+        "split": [split_of(t, val_fraction) for t in texts],
+    }
+    for text, error, source, line in zip(texts, batch["error"], batch["source"], batch["line"], strict=False):
         ids, mask, label = [], [], -1
         if not error and text.strip():
             try:
@@ -169,8 +193,9 @@ def tokenize_batch(batch: dict, tokenizer_url: str, val_fraction: float, kind: s
     return out
 
 
-def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
-            progress: Optional[Callable[[int, int], None]] = None) -> PrepareSummary:
+def prepare(
+    cfg: PrepareConfig, log: Callable[[str], None] = print, progress: Callable[[int, int], None] | None = None
+) -> PrepareSummary:
     """Prepare cfg.input into cfg.output (or reuse it when nothing changed); returns the summary."""
     started = time.perf_counter()
     files = expand(cfg.input)
@@ -184,8 +209,10 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
         return PrepareSummary(cfg.output, True, **existing["summary"])
     _check_replaceable(cfg.output)
     if existing is not None:
-        log(f"prepare: {cfg.output} was prepared from other inputs or settings: preparing it again "
-            "(the old dataset stays until the new one is complete)")
+        log(
+            f"prepare: {cfg.output} was prepared from other inputs or settings: preparing it again "
+            "(the old dataset stays until the new one is complete)"
+        )
     ray_dataset = _read(files, formats, cfg)
     if cfg.on_bad_record == "fail":
         _stop_at_first_bad_record(ray_dataset, cfg)
@@ -204,15 +231,27 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print,
 
 def _committing(build: Callable[[str], tuple[PrepareSummary, dict]]) -> Callable[[str], PrepareSummary]:
     """build, then its manifest written into the same (staging) folder."""
+
     def run(folder: str) -> PrepareSummary:
         summary, manifest = build(folder)
         write_manifest(folder, manifest)
         return summary
+
     return run
 
 
-def _build(folder: str, ray_dataset, given_tokenizer, files: list[str], formats: list[str], key: str,
-           cfg: PrepareConfig, log: Callable[[str], None], progress, started: float) -> tuple[PrepareSummary, dict]:
+def _build(
+    folder: str,
+    ray_dataset,
+    given_tokenizer,
+    files: list[str],
+    formats: list[str],
+    key: str,
+    cfg: PrepareConfig,
+    log: Callable[[str], None],
+    progress,
+    started: float,
+) -> tuple[PrepareSummary, dict]:
     """Tokenizer, shards and label map written into folder; returns the summary and the manifest body."""
     tokenizer = given_tokenizer or _train_tokenizer(ray_dataset, cfg, log)
     tokenizer_url = storage.join(folder, "tokenizer")
@@ -226,22 +265,33 @@ def _build(folder: str, ray_dataset, given_tokenizer, files: list[str], formats:
         extra["label_map"] = labels
         storage.write_atomic(storage.join(folder, "label_map.json"), json.dumps(labels, indent=2))
     if cfg.kind == "chat":
-        extra["chat_template"] = {"roles": {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"},
-                                  "format": "{role_token}\\n{content}\\n per message, then EOS",
-                                  "mask": "<shard>.mask: uint8 per token, 1 = loss on this token (assistant + EOS)"}
-    return summary, {**extra,
-        "kind": cfg.kind, "seq_len": cfg.seq_len, "vocab_size": tokenizer.get_vocab_size(),
-        "eos_id": tokenizer.token_to_id(bpe.EOS_TOKEN), "dtype": token_dtype(tokenizer.get_vocab_size()).str,
+        extra["chat_template"] = {
+            "roles": {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"},
+            "format": "{role_token}\\n{content}\\n per message, then EOS",
+            "mask": "<shard>.mask: uint8 per token, 1 = loss on this token (assistant + EOS)",
+        }
+    return summary, {
+        **extra,
+        "kind": cfg.kind,
+        "seq_len": cfg.seq_len,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "eos_id": tokenizer.token_to_id(bpe.EOS_TOKEN),
+        "dtype": token_dtype(tokenizer.get_vocab_size()).str,
         "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha, "trained": given_tokenizer is None},
-        "source": {"input": cfg.input, "files": len(files), "formats": sorted(set(formats)),
-                   "fingerprint": key, "text_field": cfg.text_field},
+        "source": {
+            "input": cfg.input,
+            "files": len(files),
+            "formats": sorted(set(formats)),
+            "fingerprint": key,
+            "text_field": cfg.text_field,
+        },
         "split": {"method": "sha256(document text)", "val_fraction": cfg.val_fraction},
         "splits": summary.splits,
         "summary": {k: v for k, v in asdict(summary).items() if k not in ("output", "reused", "splits")},
     }
 
 
-def _existing_manifest(output: str) -> Optional[dict]:
+def _existing_manifest(output: str) -> dict | None:
     """The manifest of a dataset already at output; None if there is none (or it is unreadable)."""
     try:
         manifest = json.loads(storage.read_text(storage.join(output, MANIFEST)))
@@ -254,11 +304,16 @@ def _check_replaceable(output: str) -> None:
     """Refuse an output that holds anything besides a prepared dataset: replacing it would lose that."""
     if storage.is_local(output) and os.path.isfile(storage.filesystem(output)[1]):
         raise PrepareError(f"output={output} is a file; give a folder (new, empty or a prepared dataset)")
-    foreign = [name for name in storage.list_names(output)
-               if name not in DATASET_ENTRIES and not VERSION.fullmatch(name) and not name.startswith(".tmp-")]
+    foreign = [
+        name
+        for name in storage.list_names(output)
+        if name not in DATASET_ENTRIES and not VERSION.fullmatch(name) and not name.startswith(".tmp-")
+    ]
     if foreign:
-        raise PrepareError(f"output={output} holds files that are not part of a prepared dataset "
-                           f"({', '.join(foreign[:4])}); give a new or empty folder, or a prepared dataset to replace")
+        raise PrepareError(
+            f"output={output} holds files that are not part of a prepared dataset "
+            f"({', '.join(foreign[:4])}); give a new or empty folder, or a prepared dataset to replace"
+        )
 
 
 def _replace_versioned(output: str, key: str, build: Callable[[str], tuple[PrepareSummary, dict]]) -> PrepareSummary:
@@ -280,7 +335,7 @@ def _replace_versioned(output: str, key: str, build: Callable[[str], tuple[Prepa
     return summary
 
 
-def _version_of(manifest: Optional[dict]) -> Optional[str]:
+def _version_of(manifest: dict | None) -> str | None:
     """The v-<fingerprint> folder a root manifest points into (None: the files lie at the root)."""
     path = str(((manifest or {}).get("tokenizer") or {}).get("path", ""))
     first = path.split("/", 1)[0]
@@ -289,6 +344,7 @@ def _version_of(manifest: Optional[dict]) -> Optional[str]:
 
 def _under(prefix: str, manifest: dict) -> dict:
     """manifest with every file path (tokenizer, shards, masks, labels) made relative to its parent folder."""
+
     def entry(item: dict) -> dict:
         moved = {**item, "path": f"{prefix}/{item['path']}"}
         for side in ("mask", "labels"):
@@ -296,17 +352,17 @@ def _under(prefix: str, manifest: dict) -> dict:
                 moved[side] = {**item[side], "path": f"{prefix}/{item[side]['path']}"}
         return moved
 
-    splits = {name: {**split, "shards": [entry(shard) for shard in split["shards"]]}
-              for name, split in manifest["splits"].items()}
+    splits = {
+        name: {**split, "shards": [entry(shard) for shard in split["shards"]]}
+        for name, split in manifest["splits"].items()
+    }
     return {**manifest, "splits": splits, "tokenizer": entry(manifest["tokenizer"])}
 
 
 def _remove_quietly(url: str) -> None:
     """Best effort: a leftover that cannot be removed now is removed by the next prepare."""
-    try:
+    with contextlib.suppress(OSError):
         storage.remove(url, recursive=True)
-    except OSError:
-        pass
 
 
 def _check_splits(summary: PrepareSummary, cfg: PrepareConfig) -> None:
@@ -345,8 +401,10 @@ def _tokenizer_folder(path: str) -> str:
             folder = storage.join(dataset, str((manifest.get("tokenizer") or {}).get("path", "tokenizer")))
             if storage.exists(storage.join(folder, bpe.TOKENIZER_FILE)):
                 return folder
-    raise PrepareError(f"tokenizer={path}: no {bpe.TOKENIZER_FILE} there; give a folder holding one, "
-                       "a prepared dataset, or tokenizer=train")
+    raise PrepareError(
+        f"tokenizer={path}: no {bpe.TOKENIZER_FILE} there; give a folder holding one, "
+        "a prepared dataset, or tokenizer=train"
+    )
 
 
 def _read(files: list[str], formats: list[str], cfg: PrepareConfig):
@@ -358,7 +416,7 @@ def _read(files: list[str], formats: list[str], cfg: PrepareConfig):
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same output whatever the parallelism
     context.enable_progress_bars = False
-    items = [{"url": u, "format": f} for u, f in zip(files, formats)]
+    items = [{"url": u, "format": f} for u, f in zip(files, formats, strict=False)]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     return dataset.flat_map(_records_of, fn_kwargs={"text_field": cfg.text_field, "kind": cfg.kind}).materialize()
 
@@ -408,21 +466,34 @@ def _label_map(dataset, cfg: PrepareConfig) -> dict[str, int]:
     return label_map(names)
 
 
-def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, folder: str, cfg: PrepareConfig, progress,
-                       labels: Optional[dict]) -> PrepareSummary:
+def _tokenize_and_pack(
+    dataset, tokenizer, tokenizer_url: str, folder: str, cfg: PrepareConfig, progress, labels: dict | None
+) -> PrepareSummary:
     tokenized = dataset.map_batches(
-        tokenize_batch, fn_kwargs={"tokenizer_url": tokenizer_url, "val_fraction": cfg.val_fraction,
-                                   "kind": cfg.kind, "text_field": cfg.text_field, "labels": labels},
-        batch_size=cfg.batch_size, batch_format="numpy")
+        tokenize_batch,
+        fn_kwargs={
+            "tokenizer_url": tokenizer_url,
+            "val_fraction": cfg.val_fraction,
+            "kind": cfg.kind,
+            "text_field": cfg.text_field,
+            "labels": labels,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+    )
     eos = tokenizer.token_to_id(bpe.EOS_TOKEN)
     shape = {"seq_len": cfg.seq_len, "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos}
-    writers = {split: ExampleWriter(folder, split, **shape) if cfg.kind == "classification"
-               else ShardWriter(folder, split, with_mask=cfg.kind == "chat", **shape)
-               for split in ("train", "val")}
+    writers = {
+        split: ExampleWriter(folder, split, **shape)
+        if cfg.kind == "classification"
+        else ShardWriter(folder, split, with_mask=cfg.kind == "chat", **shape)
+        for split in ("train", "val")
+    }
     summary = PrepareSummary(cfg.output, False)
     for batch in tokenized.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-        for ids, mask, label, split, error, empty in zip(batch["ids"], batch["mask"], batch["label"], batch["split"],
-                                                         batch["error"], batch["empty"]):
+        for ids, mask, label, split, error, empty in zip(
+            batch["ids"], batch["mask"], batch["label"], batch["split"], batch["error"], batch["empty"], strict=False
+        ):
             if error:
                 summary.bad_records += 1
                 if cfg.on_bad_record == "fail":
@@ -445,8 +516,10 @@ def _tokenize_and_pack(dataset, tokenizer, tokenizer_url: str, folder: str, cfg:
             progress(summary.documents, summary.tokens)
     if summary.documents == 0:
         first = f"; first: {summary.bad_examples[0]}" if summary.bad_examples else ""
-        raise PrepareError(f"no usable documents in {cfg.input} ({summary.bad_records} bad records, "
-                           f"{summary.empty_documents} empty){first}")
+        raise PrepareError(
+            f"no usable documents in {cfg.input} ({summary.bad_records} bad records, "
+            f"{summary.empty_documents} empty){first}"
+        )
     summary.splits = {split: writer.close() for split, writer in writers.items()}
     summary.shards = sum(len(s["shards"]) for s in summary.splits.values())
     return summary

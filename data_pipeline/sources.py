@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 from data_pipeline import storage
 
 FORMATS = ("jsonl", "parquet", "text", "hf", "csv")
-EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv",
-              ".txt": "text", ".text": "text", ".md": "text", ".py": "text"}
+EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".py": "text",
+}
 
 
 class SourceError(ValueError):
@@ -29,8 +38,8 @@ class Record:
     text: str
     source: str
     line: int  # 1-based line (JSONL, CSV), row (Parquet, hf) or 0 for a whole file
-    error: Optional[str] = None
-    row: Optional[dict] = None  # the whole row, when the caller asked for rows (chat, classification)
+    error: str | None = None
+    row: dict | None = None  # the whole row, when the caller asked for rows (chat, classification)
 
 
 def expand(pattern: str) -> list[str]:
@@ -69,7 +78,7 @@ def detect_format(url: str, requested: str) -> str:
     return EXTENSIONS[ext]
 
 
-def read_records(url: str, fmt: str, text_field: Optional[str]) -> Iterator[Record]:
+def read_records(url: str, fmt: str, text_field: str | None) -> Iterator[Record]:
     """The documents of one input file (or hf folder); text_field=None yields whole rows instead."""
     if fmt == "jsonl":
         yield from _jsonl(url, text_field)
@@ -88,7 +97,7 @@ def read_records(url: str, fmt: str, text_field: Optional[str]) -> Iterator[Reco
         raise SourceError(f"format={fmt!r} is not one of {', '.join(FORMATS)}")
 
 
-def _decode(url: str, data: bytes) -> tuple[Optional[str], Optional[str]]:
+def _decode(url: str, data: bytes) -> tuple[str | None, str | None]:
     try:
         return data.decode("utf-8"), None
     except UnicodeDecodeError as exc:
@@ -117,7 +126,7 @@ def _jsonl(url: str, text_field: str) -> Iterator[Record]:
         yield _from_row(url, number, row, text_field)
 
 
-def _csv(url: str, text_field: Optional[str]) -> Iterator[Record]:
+def _csv(url: str, text_field: str | None) -> Iterator[Record]:
     import csv
     import io
 
@@ -130,7 +139,7 @@ def _csv(url: str, text_field: Optional[str]) -> Iterator[Record]:
         yield _from_row(url, reader.line_num, row, text_field)
 
 
-def _from_row(url: str, number: int, row, text_field: Optional[str]) -> Record:
+def _from_row(url: str, number: int, row, text_field: str | None) -> Record:
     if not isinstance(row, dict):
         return Record("", url, number, f"{url}:{number}: expected a JSON object, got {type(row).__name__}")
     if text_field is None:
@@ -147,8 +156,7 @@ def _parquet_batches(url: str):
 
     fs, path = storage.filesystem(url)
     with fs.open(path, "rb") as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(batch_size=4096):
-            yield batch
+        yield from pq.ParquetFile(handle).iter_batches(batch_size=4096)
 
 
 def _arrow_batches(url: str):
@@ -158,8 +166,7 @@ def _arrow_batches(url: str):
     for entry in state["_data_files"]:
         fs, path = storage.filesystem(storage.join(url, entry["filename"]))
         with fs.open(path, "rb") as handle:
-            for batch in pa.ipc.open_stream(handle):
-                yield batch
+            yield from pa.ipc.open_stream(handle)
 
 
 def _rows(url: str, batches, text_field: str) -> Iterator[Record]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 STAGING_PREFIX = ".kiln-staging-"
@@ -33,8 +34,9 @@ def replace_folder(target: str, build: Callable[[str], T], *, overwrite: bool, f
         raise OutputExists(f"{out} is a file; give a folder path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         shown = ", ".join(sorted(p.name for p in out.iterdir())[:4])
-        raise OutputExists(f"{out} is not empty ({shown}); choose an empty or new folder, or pass {flag} to "
-                           "replace it whole")
+        raise OutputExists(
+            f"{out} is not empty ({shown}); choose an empty or new folder, or pass {flag} to replace it whole"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-", dir=out.parent)
     try:

@@ -13,24 +13,31 @@ import json
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
-from data_pipeline import storage, tokenizer as bpe
+from data_pipeline import storage
+from data_pipeline import tokenizer as bpe
 from data_pipeline.config import DataConfig
 from data_pipeline.dataset import MANIFEST, ShardWriter, token_dtype, write_manifest
 
-SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__",
-                "lib2to3", "turtledemo", "tkinter"}
+SKIPPED_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+    "lib2to3",
+    "turtledemo",
+    "tkinter",
+}
 
 
-def stdlib_files(max_files: Optional[int] = None) -> tuple[Path, list[Path]]:
+def stdlib_files(max_files: int | None = None) -> tuple[Path, list[Path]]:
     """The stdlib root and its .py files (tests and bundled apps excluded), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        f for f in root.rglob("*.py")
-        if not SKIPPED_DIRS.intersection(f.relative_to(root).parts[:-1])
-    )
+    files = sorted(f for f in root.rglob("*.py") if not SKIPPED_DIRS.intersection(f.relative_to(root).parts[:-1]))
     if max_files is not None:
         files = files[:max_files]
     return root, files
@@ -55,8 +62,17 @@ def split_files(root: Path, files: list[Path], val_fraction: float) -> tuple[lis
 def fingerprint(root: Path, files: list[Path], cfg: DataConfig) -> str:
     """A hash of every input that shapes the prepared dataset."""
     h = hashlib.sha256()
-    h.update(json.dumps({"python": sys.version, "seq_len": cfg.seq_len, "vocab_size": cfg.vocab_size,
-                         "val_fraction": cfg.val_fraction, "format": 1}).encode())
+    h.update(
+        json.dumps(
+            {
+                "python": sys.version,
+                "seq_len": cfg.seq_len,
+                "vocab_size": cfg.vocab_size,
+                "val_fraction": cfg.val_fraction,
+                "format": 1,
+            }
+        ).encode()
+    )
     for f in files:
         stat = f.stat()
         h.update(f"{f.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -68,8 +84,7 @@ def read_source(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
-def prepare_stdlib(cfg: DataConfig, cache_dir: str,
-                   log: Callable[[str], None] = print) -> str:
+def prepare_stdlib(cfg: DataConfig, cache_dir: str, log: Callable[[str], None] = print) -> str:
     """Prepare (or reuse from cache) the stdlib corpus; returns the dataset folder URL."""
     root, files = stdlib_files(cfg.max_files)
     if len(files) < 2:
@@ -93,17 +108,22 @@ def prepare_stdlib(cfg: DataConfig, cache_dir: str,
             writer.add(encoding.ids)
         splits[split] = writer.close()
         splits[split]["files"] = len(split_files_)
-    write_manifest(url, {
-        "kind": "pretrain",
-        "seq_len": cfg.seq_len,
-        "vocab_size": vocab_size,
-        "eos_id": eos_id,
-        "dtype": token_dtype(vocab_size).str,
-        "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha},
-        "source": {"name": "python-stdlib", "root": str(root), "fingerprint": key},
-        "split": {"method": "sha256(relative path)", "val_fraction": cfg.val_fraction},
-        "splits": splits,
-    })
-    log(f"data: prepared stdlib corpus in {time.perf_counter() - started:.1f}s: "
-        f"{splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens -> {url}")
+    write_manifest(
+        url,
+        {
+            "kind": "pretrain",
+            "seq_len": cfg.seq_len,
+            "vocab_size": vocab_size,
+            "eos_id": eos_id,
+            "dtype": token_dtype(vocab_size).str,
+            "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha},
+            "source": {"name": "python-stdlib", "root": str(root), "fingerprint": key},
+            "split": {"method": "sha256(relative path)", "val_fraction": cfg.val_fraction},
+            "splits": splits,
+        },
+    )
+    log(
+        f"data: prepared stdlib corpus in {time.perf_counter() - started:.1f}s: "
+        f"{splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens -> {url}"
+    )
     return url

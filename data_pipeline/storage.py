@@ -11,6 +11,7 @@ file stays a FileNotFoundError.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -21,13 +22,20 @@ from concurrent.futures import ThreadPoolExecutor
 import fsspec
 from fsspec.core import url_to_fs
 
-from data_pipeline.store_retry import (StorageError, configure_object_stores, exception_chain, no_such_bucket,
-                                       retry_attempts, retrying)
 from data_pipeline.redaction import redact_text
+from data_pipeline.store_retry import (
+    StorageError,
+    configure_object_stores,
+    exception_chain,
+    no_such_bucket,
+    retry_attempts,
+    retrying,
+)
 
 __all__ = ["StorageError", "retry_attempts", "retrying"]  # re-exported: callers reach retries through here
 
 log = logging.getLogger("kiln.storage")
+
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for url and the path within it."""
@@ -164,16 +172,17 @@ def walk_files(url: str) -> Iterable[tuple[str, int]]:
 def remove(url: str, recursive: bool = False) -> None:
     """Delete a file or folder; missing is fine."""
     fs, path = filesystem(url)
-    try:
+    with contextlib.suppress(FileNotFoundError):
         retrying("remove", url, fs.rm, path, recursive=recursive)
-    except FileNotFoundError:
-        pass
 
 
 def put_folder(local_dir: str, url: str, workers: int = 8) -> list[str]:
     """Upload every file below local_dir into folder url, each retried alone; returns relative paths."""
-    rels = sorted(os.path.relpath(os.path.join(folder, name), local_dir).replace(os.sep, "/")
-                  for folder, _, names in os.walk(local_dir) for name in names)
+    rels = sorted(
+        os.path.relpath(os.path.join(folder, name), local_dir).replace(os.sep, "/")
+        for folder, _, names in os.walk(local_dir)
+        for name in names
+    )
     fs, root = filesystem(url)
 
     def upload(rel: str) -> None:

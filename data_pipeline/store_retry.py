@@ -39,29 +39,53 @@ CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60  # s3fs's 15 s default is short for a 50 MB part on a busy link
 
 # S3 error codes retrying will not fix, and what the user should do about each.
-_CREDENTIALS = ("the store rejected the credentials ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                "or the AWS profile")
+_CREDENTIALS = (
+    "the store rejected the credentials ({code}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile"
+)
 _DENIED = "access denied ({code}); give these credentials access to bucket '{bucket}' or fix storage.root"
 _PERMANENT = {
     "NoSuchBucket": "bucket '{bucket}' does not exist; create it or fix storage.root",
     "InvalidBucketName": "'{bucket}' is not a valid bucket name; fix storage.root",
-    "AccessDenied": _DENIED, "AllAccessDisabled": _DENIED,
+    "AccessDenied": _DENIED,
+    "AllAccessDisabled": _DENIED,
     "AccountProblem": "the account behind these credentials cannot use the store ({code}); check it with the provider",
-    "InvalidAccessKeyId": _CREDENTIALS, "SignatureDoesNotMatch": _CREDENTIALS, "ExpiredToken": _CREDENTIALS,
-    "InvalidToken": _CREDENTIALS, "TokenRefreshRequired": _CREDENTIALS,
+    "InvalidAccessKeyId": _CREDENTIALS,
+    "SignatureDoesNotMatch": _CREDENTIALS,
+    "ExpiredToken": _CREDENTIALS,
+    "InvalidToken": _CREDENTIALS,
+    "TokenRefreshRequired": _CREDENTIALS,
 }
 _NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError")
-_IN_URL = ("credentials must not be written into the URL; put them in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-           "or an AWS profile and give s3://bucket/path")
-_UNREACHABLE = ("cannot reach the object store at {endpoint} ({reason}); check AWS_ENDPOINT_URL (or the "
-                "endpoint_url in the fsspec s3 config) and that the store is running")
+_IN_URL = (
+    "credentials must not be written into the URL; put them in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+    "or an AWS profile and give s3://bucket/path"
+)
+_UNREACHABLE = (
+    "cannot reach the object store at {endpoint} ({reason}); check AWS_ENDPOINT_URL (or the "
+    "endpoint_url in the fsspec s3 config) and that the store is running"
+)
 # Answers that stay the same however often asked (s3fs raises these for 404s and 403s too).
 _DEFINITE = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 # Codes that mean "try again": throttling, server trouble, and bodies damaged in transit.
 _TRANSIENT_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
-    "BandwidthLimitExceeded", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeoutException",
-    "OperationAborted", "XAmzContentSHA256Mismatch", "BadDigest", "IncompleteBody", "500", "502", "503", "504",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "BandwidthLimitExceeded",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "OperationAborted",
+    "XAmzContentSHA256Mismatch",
+    "BadDigest",
+    "IncompleteBody",
+    "500",
+    "502",
+    "503",
+    "504",
 }
 
 
@@ -77,8 +101,13 @@ def _transient_types() -> tuple[type, ...]:
         from botocore.parsers import ResponseParserError
 
         # ResponseParserError: throttling replies sometimes come as broken XML (s3fs issue 484)
-        found += [boto.HTTPClientError, boto.ConnectionError, boto.IncompleteReadError, ResponseParserError,
-                  getattr(boto, "FlexibleChecksumError", boto.IncompleteReadError)]
+        found += [
+            boto.HTTPClientError,
+            boto.ConnectionError,
+            boto.IncompleteReadError,
+            ResponseParserError,
+            getattr(boto, "FlexibleChecksumError", boto.IncompleteReadError),
+        ]
     except ImportError:
         pass
     try:
@@ -118,16 +147,24 @@ def retrying(operation: str, url: str, fn: Callable[..., T], *args: Any, **kwarg
                 raise permanent from (None if _leaks(url, exc) else exc)
             if not _transient(exc):
                 if _leaks(url, exc):
-                    raise StorageError(f"{redact_text(url)}: {operation} failed: "
-                                       f"{_describe(exc, url)}") from None
+                    raise StorageError(f"{redact_text(url)}: {operation} failed: {_describe(exc, url)}") from None
                 raise
             if attempt == attempts:
-                raise StorageError(f"{redact_text(url)}: {operation} failed {attempts} times, last with "
-                                   f"{_describe(exc, url)}; the store is down or overloaded (more tries: "
-                                   f"{RETRIES_ENV})") from exc
+                raise StorageError(
+                    f"{redact_text(url)}: {operation} failed {attempts} times, last with "
+                    f"{_describe(exc, url)}; the store is down or overloaded (more tries: "
+                    f"{RETRIES_ENV})"
+                ) from exc
             delay = random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1)))
-            log.warning("retrying %s %s after %s (attempt %d/%d, waiting %.2fs)", operation, redact_text(url),
-                        _describe(exc, url), attempt + 1, attempts, delay)
+            log.warning(
+                "retrying %s %s after %s (attempt %d/%d, waiting %.2fs)",
+                operation,
+                redact_text(url),
+                _describe(exc, url),
+                attempt + 1,
+                attempts,
+                delay,
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -156,7 +193,7 @@ def _bucket(url: str) -> str:
 def _userinfo(url: str) -> str | None:
     """The 'key:secret' written into url, if any (botocore repeats it without the scheme)."""
     found = URL_CREDENTIALS.match(url)
-    return found.group(0)[len(found.group("scheme")):-1] if found else None
+    return found.group(0)[len(found.group("scheme")) : -1] if found else None
 
 
 def _redact(text: str, url: str) -> str:
@@ -181,8 +218,11 @@ def unreachable(exc: BaseException, host: str | None = None) -> str | None:
         if isinstance(error, socket.gaierror):
             # EAI_AGAIN (no DNS answer) too: retrying a name lookup for minutes helps nobody
             name = f"host '{host}'" if host else "the host name"
-            return f"{name} could not be resolved: no DNS answer" if error.errno == socket.EAI_AGAIN \
+            return (
+                f"{name} could not be resolved: no DNS answer"
+                if error.errno == socket.EAI_AGAIN
                 else f"{name} does not resolve"
+            )
         nested = getattr(error, "kwargs", None)  # botocore keeps the aiohttp/urllib3 error here, not as cause
         if isinstance(nested, dict) and isinstance(nested.get("error"), BaseException):
             found = unreachable(nested["error"], host)
@@ -215,19 +255,24 @@ def _permanent(url: str, exc: BaseException) -> StorageError | None:
         if code in _PERMANENT:
             return StorageError(f"{where}: " + _PERMANENT[code].format(bucket=_bucket(url), code=code))
         if type(error).__name__ in _NO_CREDENTIALS:
-            return StorageError(f"{where}: no storage credentials found; set AWS_ACCESS_KEY_ID and "
-                                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+            return StorageError(
+                f"{where}: no storage credentials found; set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+            )
         if type(error).__name__ == "ParamValidationError":  # botocore refused the request before sending it
             if _userinfo(url):
                 return StorageError(f"{where}: {_IN_URL}")
             first = _redact(str(error), url).replace("Parameter validation failed:", "").strip().splitlines()
-            return StorageError(f"{where}: the request was refused before reaching the store "
-                                f"({first[0][:200] if first else 'invalid parameters'}); fix the URL")
+            return StorageError(
+                f"{where}: the request was refused before reaching the store "
+                f"({first[0][:200] if first else 'invalid parameters'}); fix the URL"
+            )
     endpoint = _endpoint(exc)
     reason = unreachable(exc, endpoint.split("://", 1)[1].rsplit(":", 1)[0] if endpoint else None)
     if reason:
-        return StorageError(f"{where}: " + _UNREACHABLE.format(endpoint=_redact(endpoint or "its endpoint", url),
-                                                               reason=reason))
+        return StorageError(
+            f"{where}: " + _UNREACHABLE.format(endpoint=_redact(endpoint or "its endpoint", url), reason=reason)
+        )
     return None
 
 
@@ -284,8 +329,11 @@ def _configure_s3() -> None:
 
 def _aws_retry_settings() -> set[str]:
     """Which of retry_mode / max_attempts the user set for botocore (env or AWS profile)."""
-    names = {name for env, name in (("AWS_RETRY_MODE", "retry_mode"), ("AWS_MAX_ATTEMPTS", "max_attempts"))
-             if os.environ.get(env)}
+    names = {
+        name
+        for env, name in (("AWS_RETRY_MODE", "retry_mode"), ("AWS_MAX_ATTEMPTS", "max_attempts"))
+        if os.environ.get(env)
+    }
     try:
         import botocore.session
         from botocore.exceptions import BotoCoreError
@@ -326,14 +374,17 @@ class _RetryLogBridge(logging.Filter):
         if source == "botocore" and getattr(_VETOED, "retry", False):
             pass  # botocore's handler still announces the retry that _no_retry_when_unreachable called off
         elif source == "botocore":
-            log.warning("retrying an S3 request after a transient error (botocore, waiting %.2fs)",
-                        float(record.args[0]) if record.args else 0.0)
+            log.warning(
+                "retrying an S3 request after a transient error (botocore, waiting %.2fs)",
+                float(record.args[0]) if record.args else 0.0,
+            )
         elif source == "s3fs":
             error = str(record.args[0]) if record.args else ""
             if record.msg.startswith("Retryable") or any(p in error for p in _S3FS_RETRIED):
                 # s3fs logs this on its last try too, before giving up: hence not "retrying"
-                log.warning("transient error in an S3 call, s3fs tries again unless out of tries: %s",
-                            redact_text(error)[:300])
+                log.warning(
+                    "transient error in an S3 call, s3fs tries again unless out of tries: %s", redact_text(error)[:300]
+                )
         if not self.lowered or self.logger.parent is None:
             return True
         return record.levelno >= self.logger.parent.getEffectiveLevel()
@@ -350,8 +401,6 @@ def _bridge_retry_logs() -> None:
         if lowered:
             logger.setLevel(logging.DEBUG)
         logger.addFilter(_RetryLogBridge(logger, lowered))
-
-
 
 
 _VETOED = threading.local()  # set by the needs-retry handler, read by the log bridge right after it

@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import queue
 import threading
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -36,8 +36,7 @@ class SplitReader:
         self._starts = np.cumsum([0] + [s.sequences for s in self.shards]).tolist()
         self.num_sequences = self._starts[-1]
         if self.num_sequences == 0:
-            raise ValueError(f"split {split!r} of {dataset.url} holds no whole sequence of "
-                             f"{dataset.seq_len} tokens")
+            raise ValueError(f"split {split!r} of {dataset.url} holds no whole sequence of {dataset.seq_len} tokens")
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
         self._handles: dict[int, object] = {}
 
@@ -83,9 +82,19 @@ def mixture_pattern(weights: Sequence[float], seed: int) -> np.ndarray:
 class TokenStream:
     """Deterministic, resumable, sharded batches of token sequences from one dataset or a weighted mix."""
 
-    def __init__(self, dataset: Dataset | Sequence[Dataset], split: str, *, rank: int, world_size: int,
-                 micro_batch: int, seed: int, shuffle: bool = True, prefetch: int = 0,
-                 weights: Optional[Sequence[float]] = None):
+    def __init__(
+        self,
+        dataset: Dataset | Sequence[Dataset],
+        split: str,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch: int,
+        seed: int,
+        shuffle: bool = True,
+        prefetch: int = 0,
+        weights: Sequence[float] | None = None,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         datasets = [dataset] if isinstance(dataset, Dataset) else list(dataset)
@@ -97,13 +106,14 @@ class TokenStream:
         self.readers = [SplitReader(d, split, seed + 104729 * i, shuffle) for i, d in enumerate(datasets)]
         self.num_sequences = sum(r.num_sequences for r in self.readers)
         self._pattern = mixture_pattern(weights, seed)
-        self._slots_before = np.stack([np.concatenate([[0], np.cumsum(self._pattern == i)])
-                                       for i in range(len(datasets))])
+        self._slots_before = np.stack(
+            [np.concatenate([[0], np.cumsum(self._pattern == i)]) for i in range(len(datasets))]
+        )
         self.position = 0  # global: sequences consumed by all ranks together
         self.prefetch = prefetch  # batches a background thread reads ahead (0: read on demand)
-        self._ahead: Optional[queue.Queue] = None
+        self._ahead: queue.Queue | None = None
         self._stop = threading.Event()
-        self._reader: Optional[threading.Thread] = None
+        self._reader: threading.Thread | None = None
 
     @property
     def dataset(self) -> Dataset:
@@ -139,16 +149,24 @@ class TokenStream:
 
     def state_dict(self) -> dict:
         """The global cursor (valid for any world size) and what it is a cursor into."""
-        return {"position": self.position, "seed": self.seed, "split": self.split,
-                "num_sequences": self.num_sequences, "shuffle": self.shuffle, "weights": self.weights}
+        return {
+            "position": self.position,
+            "seed": self.seed,
+            "split": self.split,
+            "num_sequences": self.num_sequences,
+            "shuffle": self.shuffle,
+            "weights": self.weights,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved cursor; the datasets, weights and seed must be the ones it was saved with."""
         for key in ("seed", "split", "num_sequences", "shuffle", "weights"):
             saved = state.get(key, [1.0] if key == "weights" else None)
             if saved != getattr(self, key):
-                raise ValueError(f"data stream state was saved with {key}={saved!r} but this run has "
-                                 f"{getattr(self, key)!r}: resume with the same data and train.seed")
+                raise ValueError(
+                    f"data stream state was saved with {key}={saved!r} but this run has "
+                    f"{getattr(self, key)!r}: resume with the same data and train.seed"
+                )
         self._stop_reader()  # batches read ahead belong to the old position
         self.position = int(state["position"])
 
@@ -168,8 +186,9 @@ class TokenStream:
 
     def _start_reader(self) -> None:
         self._ahead, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
-        self._reader = threading.Thread(target=self._read_ahead, args=(self.position,), daemon=True,
-                                        name=f"token-stream-{self.split}")
+        self._reader = threading.Thread(
+            target=self._read_ahead, args=(self.position,), daemon=True, name=f"token-stream-{self.split}"
+        )
         self._reader.start()
 
     def _read_ahead(self, position: int) -> None:

@@ -10,14 +10,13 @@ import getpass
 import os
 import re
 import socket
-from typing import Any, Optional
+from typing import Any
 
+from data_pipeline.redaction import redact_text
 from orchestrator.registry import RunRecord, now
 from trainers.events import read_events, record_event
-from data_pipeline.redaction import redact_text
 
-DRIVER_LOST = ("the driver stopped recording (the kiln process or its machine died) before the attempt "
-               "ended")
+DRIVER_LOST = "the driver stopped recording (the kiln process or its machine died) before the attempt ended"
 
 
 def driver_identity(command: str) -> dict:
@@ -25,7 +24,7 @@ def driver_identity(command: str) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(), "command": command}
 
 
-def current(record: RunRecord) -> Optional[dict]:
+def current(record: RunRecord) -> dict | None:
     """The attempt still running, if any."""
     return record.attempts[-1] if record.attempts and "ended" not in record.attempts[-1] else None
 
@@ -37,7 +36,7 @@ def open_attempt(record: RunRecord, when: str, **fields: Any) -> dict:
     return attempt
 
 
-def close(attempt: dict, outcome: str, cause: Optional[dict], when: str) -> None:
+def close(attempt: dict, outcome: str, cause: dict | None, when: str) -> None:
     """Mark an attempt ended."""
     attempt.update(ended=when, outcome=outcome)
     if cause:
@@ -46,8 +45,11 @@ def close(attempt: dict, outcome: str, cause: Optional[dict], when: str) -> None
 
 def cause_of(event: dict) -> dict:
     """The fields of a failed/hung event that explain it."""
-    return {k: event[k] for k in ("summary", "rank", "node", "pid", "exit_type", "exit_code", "last_step", "phase")
-            if event.get(k) is not None}
+    return {
+        k: event[k]
+        for k in ("summary", "rank", "node", "pid", "exit_type", "exit_code", "last_step", "phase")
+        if event.get(k) is not None
+    }
 
 
 def apply_event(record: RunRecord, event: dict) -> None:
@@ -63,12 +65,18 @@ def apply_event(record: RunRecord, event: dict) -> None:
             if attempt is not None:
                 close(attempt, "RESTARTED", None, when)
             attempt = open_attempt(record, when, launcher=event.get("launcher"))
-        attempt.update(world_size=event.get("world_size"), ranks=event.get("ranks"),
-                       restored_step=event.get("restored_step"), skipped_checkpoints=event.get("skipped") or [],
-                       resharded_from=event.get("resharded_from"))
+        attempt.update(
+            world_size=event.get("world_size"),
+            ranks=event.get("ranks"),
+            restored_step=event.get("restored_step"),
+            skipped_checkpoints=event.get("skipped") or [],
+            resharded_from=event.get("resharded_from"),
+        )
         if event.get("skipped"):
-            record.notes.append(f"{when}: attempt {attempt['n']} found newer checkpoints that fail verification "
-                                f"and loaded step {event.get('restored_step')} instead: " + "; ".join(event["skipped"]))
+            record.notes.append(
+                f"{when}: attempt {attempt['n']} found newer checkpoints that fail verification "
+                f"and loaded step {event.get('restored_step')} instead: " + "; ".join(event["skipped"])
+            )
     elif kind in ("failed", "hung"):
         if attempt is not None:
             close(attempt, "HUNG" if kind == "hung" else "FAILED", cause_of(event), when)
@@ -81,8 +89,12 @@ def apply_event(record: RunRecord, event: dict) -> None:
             last.setdefault("also", []).append(cause)
     elif kind == "finished" and attempt is not None:
         attempt["final_step"] = event.get("step")
-        close(attempt, event.get("state", "SUCCEEDED"),
-              {"summary": event["reason"]} if event.get("reason") else None, when)
+        close(
+            attempt,
+            event.get("state", "SUCCEEDED"),
+            {"summary": event["reason"]} if event.get("reason") else None,
+            when,
+        )
     elif kind == "stop_requested":
         record.notes.append(f"{when}: stop requested: {event.get('reason')}")
 
@@ -96,7 +108,7 @@ def merge_events(record: RunRecord, run_url: str) -> bool:
     return bool(new)
 
 
-def finished_state(record: RunRecord) -> Optional[str]:
+def finished_state(record: RunRecord) -> str | None:
     """SUCCEEDED or PREEMPTED if the last attempt's workers said so."""
     last = record.attempts[-1] if record.attempts else None
     return last["outcome"] if last and last.get("outcome") in ("SUCCEEDED", "PREEMPTED") else None
@@ -118,8 +130,10 @@ def describe_worker_failure(rank: int, exc: BaseException) -> dict[str, Any]:
     if exited or "actor died" in text or "worker process has died" in text:
         cause["exit_type"] = exited.group(1) if exited else "DIED"
         detail = exited.group(2) if exited else "its process died"
-        cause["summary"] = (f"rank {rank}'s worker process died ({detail.strip()} killed by a signal such as "
-                            "SIGKILL, the OOM killer, or a crash; see the worker log)")
+        cause["summary"] = (
+            f"rank {rank}'s worker process died ({detail.strip()} killed by a signal such as "
+            "SIGKILL, the OOM killer, or a crash; see the worker log)"
+        )
     else:
         root = exc
         while getattr(root, "__cause__", None) is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
 
 from rich import box
 from rich.console import Console
@@ -21,7 +20,7 @@ DEBUG_ENV = "KILN_DEBUG"  # set to 1 to see the (redacted) traceback of an unexp
 class RedactingConsole(Console):
     """A rich Console that passes every printed string through the one redaction (secrets, URL credentials)."""
 
-    def print(self, *objects, **kwargs) -> None:  # noqa: A003 (rich's name)
+    def print(self, *objects, **kwargs) -> None:
         from data_pipeline.redaction import redact_text
 
         super().print(*(redact_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
@@ -49,11 +48,14 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 def print_outcome(outcome, console: Console) -> int:
     """The end-of-run summary; returns the exit code."""
     color = "yellow" if outcome.state == "PREEMPTED" else "green"
-    console.print(f"[{color}]{outcome.state}[/{color}] run {outcome.run_id}: step {outcome.step} "
-                  f"in {outcome.wall_s:.0f}s")
+    console.print(
+        f"[{color}]{outcome.state}[/{color}] run {outcome.run_id}: step {outcome.step} in {outcome.wall_s:.0f}s"
+    )
     if outcome.first_val_ppl is not None and outcome.last_val_ppl is not None:
-        console.print(f"validation perplexity: {outcome.first_val_ppl:,.1f} at step 0 -> "
-                      f"{outcome.last_val_ppl:,.1f} at step {outcome.step}")
+        console.print(
+            f"validation perplexity: {outcome.first_val_ppl:,.1f} at step 0 -> "
+            f"{outcome.last_val_ppl:,.1f} at step {outcome.step}"
+        )
     if outcome.checkpoint:
         console.print(f"checkpoint: {outcome.checkpoint['uri']}")
     console.print(f"run folder: {outcome.run_dir} (metrics.jsonl, config.yaml, logs/, wandb/)")
@@ -72,12 +74,11 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 
     root, overrides = resume_root(args.storage_root, args.overrides)
     registry, record, cfg = prepare_resume(absolute_url(root), args.run, overrides, args.force)
-    console.print(f"resuming {record.run_id} ({record.state} at step {record.step}) from its last committed "
-                  "checkpoint")
+    console.print(f"resuming {record.run_id} ({record.state} at step {record.step}) from its last committed checkpoint")
     return print_outcome(train(cfg, console, resumed=(registry, record)), console)
 
 
-def resume_root(storage_root: Optional[str], overrides: list[str]) -> tuple[str, list[str]]:
+def resume_root(storage_root: str | None, overrides: list[str]) -> tuple[str, list[str]]:
     """Where to find the run: `storage.root=` among the overrides means the same as --storage-root."""
     from orchestrator.config import UsageError
 
@@ -86,16 +87,18 @@ def resume_root(storage_root: Optional[str], overrides: list[str]) -> tuple[str,
     if not given:
         return storage_root or default_root(), rest
     if storage_root and storage_root != given[-1]:
-        raise UsageError(f"storage.root={given[-1]} and --storage-root {storage_root} disagree; the run is "
-                         "looked up where it lives: give one of them")
+        raise UsageError(
+            f"storage.root={given[-1]} and --storage-root {storage_root} disagree; the run is "
+            "looked up where it lives: give one of them"
+        )
     return given[-1], rest
 
 
 def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     import time
 
-    from orchestrator.config import UsageError, absolute_url
     from orchestrator.attempts import driver_identity
+    from orchestrator.config import UsageError, absolute_url
     from orchestrator.registry import RunRegistry
     from trainers.events import record_event, request_stop
 
@@ -107,8 +110,10 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     reason = f"stop requested by `kiln stop` ({who['user']}@{who['host']})"
     request_stop(registry.run_url(args.run), reason)
     record_event(registry.run_url(args.run), "stop_requested", reason=reason, driver=who)
-    console.print(f"asked run {args.run} to commit a checkpoint and stop; it will end PREEMPTED "
-                  f"(resume: kiln resume {args.run} --storage-root {registry.root})")
+    console.print(
+        f"asked run {args.run} to commit a checkpoint and stop; it will end PREEMPTED "
+        f"(resume: kiln resume {args.run} --storage-root {registry.root})"
+    )
     deadline = time.monotonic() + args.wait
     while args.wait and time.monotonic() < deadline:
         record = registry.load(args.run)
@@ -130,13 +135,28 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
     if not records and not damaged:
         console.print(f"no runs under {args.storage_root}")
         return 0
-    table = Table("run", "state", "step", "strategy", "ckpt", "updated (UTC)", box=box.SIMPLE_HEAD,
-                  title=f"runs under {args.storage_root}", pad_edge=False)
+    table = Table(
+        "run",
+        "state",
+        "step",
+        "strategy",
+        "ckpt",
+        "updated (UTC)",
+        box=box.SIMPLE_HEAD,
+        title=f"runs under {args.storage_root}",
+        pad_edge=False,
+    )
     for column in table.columns:
         column.no_wrap = True
     for r in records:
-        table.add_row(r.run_id, r.state, f"{r.step}/{r.max_steps}", f"{r.strategy} x{r.num_workers}",
-                      str(r.checkpoint["step"]) if r.checkpoint else "-", r.updated[5:16].replace("T", " "))
+        table.add_row(
+            r.run_id,
+            r.state,
+            f"{r.step}/{r.max_steps}",
+            f"{r.strategy} x{r.num_workers}",
+            str(r.checkpoint["step"]) if r.checkpoint else "-",
+            r.updated[5:16].replace("T", " "),
+        )
     for entry in damaged:
         table.add_row(entry.run_id, "[red]DAMAGED[/red]", "-", "-", "-", "-")
     console.print(table)
@@ -153,11 +173,15 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(dumps(status))
         return 0
-    console.print(f"[bold]{status['run_id']}[/bold]  {status['state']}  step {status['step']}/"
-                  f"{status['max_steps']}  ({status['strategy']}, {status['num_workers']} workers)")
+    console.print(
+        f"[bold]{status['run_id']}[/bold]  {status['state']}  step {status['step']}/"
+        f"{status['max_steps']}  ({status['strategy']}, {status['num_workers']} workers)"
+    )
     console.print(f"  created {status['created']}, updated {status['updated']}")
     ckpt = status["checkpoint"]
-    console.print(f"  last committed checkpoint: {ckpt['uri'] + ' (step ' + str(ckpt['step']) + ')' if ckpt else 'none'}")
+    console.print(
+        f"  last committed checkpoint: {ckpt['uri'] + ' (step ' + str(ckpt['step']) + ')' if ckpt else 'none'}"
+    )
     for name, value in sorted(status["metrics"].items()):
         console.print(f"  {name:<22} {value:.6g}" if isinstance(value, float) else f"  {name:<22} {value}")
     if status["wandb"]:
@@ -187,8 +211,11 @@ def describe_attempt(attempt: dict) -> str:
     cause = attempt.get("cause") or {}
     if cause.get("summary"):
         line += f": {cause['summary']}"
-    where = [f"{name} {cause[key]}" for name, key in (("node", "node"), ("pid", "pid"), ("exit code", "exit_code"))
-             if cause.get(key) is not None]
+    where = [
+        f"{name} {cause[key]}"
+        for name, key in (("node", "node"), ("pid", "pid"), ("exit code", "exit_code"))
+        if cause.get(key) is not None
+    ]
     return line + (f" [{', '.join(where)}]" if where else "")
 
 
@@ -199,14 +226,25 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from trainers.export import export_checkpoint
     from trainers.tasks import build_task
 
-    registry, record, cfg = reopen_run(args.storage_root, args.run, [])
+    registry, _record, cfg = reopen_run(args.storage_root, args.run, [])
     checkpoint = find_checkpoint(registry, cfg, args.step)
     # Built beside --out and swapped in whole: stale weights of an earlier export never survive beside new ones.
-    files = replace_folder(args.out, lambda staging: export_checkpoint(
-        build_task(cfg.task.name), cfg.model, checkpoint.url, checkpoint.manifest["strategy"],
-        storage.join(registry.run_url(args.run), "tokenizer"), staging), overwrite=args.overwrite)
-    console.print(f"exported {args.run} step {checkpoint.step} ({checkpoint.manifest['strategy']}, "
-                  f"{checkpoint.manifest['world_size']} workers) -> {args.out}: {', '.join(files)}")
+    files = replace_folder(
+        args.out,
+        lambda staging: export_checkpoint(
+            build_task(cfg.task.name),
+            cfg.model,
+            checkpoint.url,
+            checkpoint.manifest["strategy"],
+            storage.join(registry.run_url(args.run), "tokenizer"),
+            staging,
+        ),
+        overwrite=args.overwrite,
+    )
+    console.print(
+        f"exported {args.run} step {checkpoint.step} ({checkpoint.manifest['strategy']}, "
+        f"{checkpoint.manifest['world_size']} workers) -> {args.out}: {', '.join(files)}"
+    )
     return 0
 
 
@@ -232,11 +270,16 @@ def parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument("--storage-root", default=default_root())
     status.set_defaults(func=cmd_status)
-    resume = sub.add_parser("resume", help="continue a run from its last committed checkpoint: kiln resume RUN "
-                                           "[cluster.num_workers=N] [train.max_steps=N]")
+    resume = sub.add_parser(
+        "resume",
+        help="continue a run from its last committed checkpoint: kiln resume RUN "
+        "[cluster.num_workers=N] [train.max_steps=N]",
+    )
     resume.add_argument("run")
     resume.add_argument("overrides", nargs="*", help="resume-safe overrides only (e.g. cluster.num_workers=4)")
-    resume.add_argument("--storage-root", default=None, help="where the run lives (default: $KILN_STORAGE_ROOT or ./kiln-runs)")
+    resume.add_argument(
+        "--storage-root", default=None, help="where the run lives (default: $KILN_STORAGE_ROOT or ./kiln-runs)"
+    )
     resume.add_argument("--force", action="store_true", help="resume even if the run looks alive")
     resume.set_defaults(func=cmd_resume)
     stop = sub.add_parser("stop", help="ask a running run to commit a checkpoint and stop (PREEMPTED)")
@@ -251,14 +294,20 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder whole")
     export.add_argument("--storage-root", default=default_root())
     export.set_defaults(func=cmd_export)
-    prep = sub.add_parser("prepare", help="tokenize raw files into a prepared dataset: kiln prepare input=... output=...")
-    prep.add_argument("overrides", nargs="*", help="input=URI_OR_GLOB output=URI [format=] [text_field=] [tokenizer=] "
-                                                   "[vocab_size=] [seq_len=] [val_fraction=] [on_bad_record=] [kind=]")
+    prep = sub.add_parser(
+        "prepare", help="tokenize raw files into a prepared dataset: kiln prepare input=... output=..."
+    )
+    prep.add_argument(
+        "overrides",
+        nargs="*",
+        help="input=URI_OR_GLOB output=URI [format=] [text_field=] [tokenizer=] "
+        "[vocab_size=] [seq_len=] [val_fraction=] [on_bad_record=] [kind=]",
+    )
     prep.set_defaults(func=cmd_prepare)
     return top
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line and exit 2, failed runs exit 1."""
     from data_pipeline.config import DataConfigError
     from data_pipeline.dataset import DatasetError
@@ -277,8 +326,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         check_no_credentials(args)
         return args.func(args, console)
-    except (UsageError, UnknownRun, RunExists, DamagedRun, DataConfigError, DatasetError, CheckpointError,
-            SourceError, PrepareError, StorageError, OutputExists) as exc:
+    except (
+        UsageError,
+        UnknownRun,
+        RunExists,
+        DamagedRun,
+        DataConfigError,
+        DatasetError,
+        CheckpointError,
+        SourceError,
+        PrepareError,
+        StorageError,
+        OutputExists,
+    ) as exc:
         say(f"kiln {args.command}: error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -295,22 +355,28 @@ def main(argv: Optional[list[str]] = None) -> int:
             import traceback
 
             say("".join(traceback.format_exception(exc)), one_line=False)
-        say(f"kiln {args.command}: unexpected error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the "
-            "traceback, and please report it)")
+        say(
+            f"kiln {args.command}: unexpected error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the "
+            "traceback, and please report it)"
+        )
         return EXIT_FAILED
 
 
 def check_no_credentials(args: argparse.Namespace) -> None:
-    """--storage-root and $KILN_STORAGE_ROOT take URLs without user:password@ (credentials come from the environment)."""
-    from orchestrator.config import UsageError
+    """--storage-root and $KILN_STORAGE_ROOT take URLs without user:password@ (credentials come from the env)."""
     from data_pipeline.redaction import URL_CREDENTIALS
+    from orchestrator.config import UsageError
 
-    for name, value in (("--storage-root", getattr(args, "storage_root", None)),
-                        ("KILN_STORAGE_ROOT", os.environ.get("KILN_STORAGE_ROOT"))):
+    for name, value in (
+        ("--storage-root", getattr(args, "storage_root", None)),
+        ("KILN_STORAGE_ROOT", os.environ.get("KILN_STORAGE_ROOT")),
+    ):
         if value and URL_CREDENTIALS.search(value):
-            raise UsageError(f"{name} has credentials written into its URL; Kiln takes them only from the "
-                             "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE): write the URL "
-                             "without user:password@")
+            raise UsageError(
+                f"{name} has credentials written into its URL; Kiln takes them only from the "
+                "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE): write the URL "
+                "without user:password@"
+            )
 
 
 def say(message: str, one_line: bool = True) -> None:

@@ -13,9 +13,10 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -24,9 +25,17 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig, StorageConfig
-from trainers.config import (CheckpointConfig, ModelConfig, OptimConfig, StrategyConfig, TaskConfig,
-                             TrackerConfig, TrainConfig, require)
 from data_pipeline.redaction import URL_CREDENTIALS
+from trainers.config import (
+    CheckpointConfig,
+    ModelConfig,
+    OptimConfig,
+    StrategyConfig,
+    TaskConfig,
+    TrackerConfig,
+    TrainConfig,
+    require,
+)
 
 CONF_DIR = Path(os.environ.get("KILN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` admits a trailing newline
@@ -40,22 +49,26 @@ class UsageError(Exception):
 class RunSection:
     """Identity of a run: `run.id` names it (a readable unique id is made when unset)."""
 
-    id: Optional[str] = None
+    id: str | None = None
     name: str = "run"  # experiments set it; the prefix of generated ids
 
     def __post_init__(self) -> None:
-        require(self.id is None or bool(RUN_ID_PATTERN.fullmatch(self.id)),
-                f"run.id must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit); "
-                f"got {self.id!r}")
-        require(bool(RUN_ID_PATTERN.fullmatch(self.name)), f"run.name must be 1-64 letters, digits, '.', '_' or '-' "
-                                                           f"(starting with a letter or digit); got {self.name!r}")
+        require(
+            self.id is None or bool(RUN_ID_PATTERN.fullmatch(self.id)),
+            f"run.id must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit); got {self.id!r}",
+        )
+        require(
+            bool(RUN_ID_PATTERN.fullmatch(self.name)),
+            f"run.name must be 1-64 letters, digits, '.', '_' or '-' "
+            f"(starting with a letter or digit); got {self.name!r}",
+        )
 
 
 @dataclass
 class ClusterConfig:
     """Where workers run: an embedded local Ray (address unset) or an existing cluster."""
 
-    address: Optional[str] = None
+    address: str | None = None
     num_workers: int = 2
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -64,8 +77,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         require(self.num_workers > 0, f"cluster.num_workers must be > 0, got {self.num_workers}")
         require(self.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        require(self.max_failures >= -1, f"cluster.max_failures must be >= -1 (-1: unlimited), "
-                                         f"got {self.max_failures}")
+        require(self.max_failures >= -1, f"cluster.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
 
 
 @dataclass
@@ -86,11 +98,15 @@ class KilnConfig:
 
     def __post_init__(self) -> None:
         check_batch(self.train.global_batch, self.train.micro_batch, self.cluster.num_workers)
-        require(self.strategy.precision != "fp16" or self.cluster.use_gpu,
-                "strategy.precision=fp16 needs GPUs (cluster.use_gpu=true) for loss scaling; "
-                "on CPU use strategy.precision=bf16 or fp32")
-        require(self.data.seq_len <= self.model.n_positions,
-                f"data.seq_len ({self.data.seq_len}) must be <= model.n_positions ({self.model.n_positions})")
+        require(
+            self.strategy.precision != "fp16" or self.cluster.use_gpu,
+            "strategy.precision=fp16 needs GPUs (cluster.use_gpu=true) for loss scaling; "
+            "on CPU use strategy.precision=bf16 or fp32",
+        )
+        require(
+            self.data.seq_len <= self.model.n_positions,
+            f"data.seq_len ({self.data.seq_len}) must be <= model.n_positions ({self.model.n_positions})",
+        )
 
     @property
     def grad_accum(self) -> int:
@@ -106,7 +122,8 @@ def check_batch(global_batch: int, micro_batch: int, data_parallel: int) -> int:
         raise UsageError(
             f"train.global_batch={global_batch} is not divisible by train.micro_batch ({micro_batch}) x "
             f"cluster.num_workers ({data_parallel}) = {per_pass}; use a multiple of {per_pass} "
-            f"(e.g. {lower} or {lower + per_pass})")
+            f"(e.g. {lower} or {lower + per_pass})"
+        )
     return global_batch // per_pass
 
 
@@ -147,9 +164,11 @@ def check_values(config: dict) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"{key} must be a finite number, got {value}")
         if isinstance(value, str) and URL_CREDENTIALS.search(value):
-            raise UsageError(f"{key} has credentials written into its URL; Kiln takes them only from the "
-                             "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE): "
-                             "write the URL without user:password@")
+            raise UsageError(
+                f"{key} has credentials written into its URL; Kiln takes them only from the "
+                "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE): "
+                "write the URL without user:password@"
+            )
 
 
 def check_no_ignored_settings(cfg: KilnConfig) -> None:
@@ -159,25 +178,41 @@ def check_no_ignored_settings(cfg: KilnConfig) -> None:
     """
     source = cfg.data.source
     if cfg.data.path and source == "stdlib":
-        raise UsageError(f"data.path={cfg.data.path} is ignored by data.source=stdlib (the built-in corpus); "
-                         "to train on it add data=prepared (or data.source=prepared)")
+        raise UsageError(
+            f"data.path={cfg.data.path} is ignored by data.source=stdlib (the built-in corpus); "
+            "to train on it add data=prepared (or data.source=prepared)"
+        )
     if cfg.data.path and source == "mixture":
         raise UsageError("data.path is ignored by data.source=mixture; list every dataset in data.mixture")
     if cfg.data.mixture and source != "mixture":
-        raise UsageError(f"data.mixture is ignored by data.source={source}; add data=mixture "
-                         "(or data.source=mixture) to train on it")
+        raise UsageError(
+            f"data.mixture is ignored by data.source={source}; add data=mixture (or data.source=mixture) to train on it"
+        )
     if cfg.data.max_files is not None and source != "stdlib":
-        raise UsageError(f"data.max_files caps the built-in corpus only and is ignored by data.source={source}; "
-                         "remove it")
+        raise UsageError(
+            f"data.max_files caps the built-in corpus only and is ignored by data.source={source}; remove it"
+        )
 
 
 # What may change when a run continues: where and on how many workers it runs, how long, how it is
 # checkpointed and watched; nothing that shapes its math. Storage credentials come from the AWS
 # environment, never from config, so they change by changing the environment.
-RESUME_SAFE_KEYS = ("cluster.num_workers", "train.max_steps", "cluster.address", "cluster.max_failures",
-                    "cluster.cpus_per_worker", "cluster.use_gpu", "storage.root", "train.step_timeout_s",
-                    "train.checkpoint_every", "train.log_every", "checkpoint.keep_last", "checkpoint.keep_every",
-                    "checkpoint.async", "checkpoint.preempt_grace_s")
+RESUME_SAFE_KEYS = (
+    "cluster.num_workers",
+    "train.max_steps",
+    "cluster.address",
+    "cluster.max_failures",
+    "cluster.cpus_per_worker",
+    "cluster.use_gpu",
+    "storage.root",
+    "train.step_timeout_s",
+    "train.checkpoint_every",
+    "train.log_every",
+    "checkpoint.keep_last",
+    "checkpoint.keep_every",
+    "checkpoint.async",
+    "checkpoint.preempt_grace_s",
+)
 
 
 def load_saved_config(config_yaml: str, overrides: list[str], source: str) -> KilnConfig:
@@ -185,11 +220,13 @@ def load_saved_config(config_yaml: str, overrides: list[str], source: str) -> Ki
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if "=" not in override or key not in RESUME_SAFE_KEYS:
-            raise UsageError(f"cannot override '{key}' when resuming {source}; only "
-                             f"{', '.join(RESUME_SAFE_KEYS)} may change")
+            raise UsageError(
+                f"cannot override '{key}' when resuming {source}; only {', '.join(RESUME_SAFE_KEYS)} may change"
+            )
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(KilnConfig), OmegaConf.create(config_yaml),
-                                 OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(
+            OmegaConf.structured(KilnConfig), OmegaConf.create(config_yaml), OmegaConf.from_dotlist(list(overrides))
+        )
         check_values(OmegaConf.to_container(merged, resolve=True))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -207,8 +244,7 @@ def finalize(cfg: KilnConfig) -> KilnConfig:
     cfg.storage.root = absolute_url(cfg.storage.root)
     if cfg.data.path:
         cfg.data.path = absolute_url(cfg.data.path)
-    cfg.data.cache_dir = absolute_url(cfg.data.cache_dir or os.environ.get("KILN_CACHE_DIR")
-                                      or "~/.cache/kiln")
+    cfg.data.cache_dir = absolute_url(cfg.data.cache_dir or os.environ.get("KILN_CACHE_DIR") or "~/.cache/kiln")
     return cfg
 
 
@@ -262,8 +298,11 @@ def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
         did_you_mean = f" (did you mean {group}={hint[0]}?)" if hint else ""
         return f"{group}={option}: no such option{did_you_mean}; available: {', '.join(choices)}"
     key = _failing_key(text)
-    if key and ("not in" in text or "not in struct" in text or "Could not override" in text
-                and "could not be converted" not in text and "Invalid value" not in text):
+    if key and (
+        "not in" in text
+        or "not in struct" in text
+        or ("Could not override" in text and "could not be converted" not in text and "Invalid value" not in text)
+    ):
         return unknown_key_message(key)
     converted = re.search(r"Value '([^']*)' (?:of type '\w+' )?could not be converted to (\w+)", text)
     if key and converted:
@@ -301,9 +340,12 @@ def _exception_chain(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-def _failing_key(text: str) -> Optional[str]:
-    for pattern in (r"Could not override '([^']+)'", r"full_key: ([\w.\[\]]+)",
-                    r"Could not append to config\. An item is already at '([^']+)'"):
+def _failing_key(text: str) -> str | None:
+    for pattern in (
+        r"Could not override '([^']+)'",
+        r"full_key: ([\w.\[\]]+)",
+        r"Could not append to config\. An item is already at '([^']+)'",
+    ):
         match = re.search(pattern, text)
         if match:
             return match.group(1)
@@ -315,7 +357,7 @@ def unknown_key_message(key: str) -> str:
     known = config_keys() + group_names()
     hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     if not hint and "." in key:
-        section, _, leaf = key.rpartition(".")
+        section, _, _leaf = key.rpartition(".")
         same_section = [k for k in known if k.startswith(section + ".")]
         hint = difflib.get_close_matches(key, same_section, n=1, cutoff=0.3)
     suggestion = f"; did you mean {hint[0]}?" if hint else ""

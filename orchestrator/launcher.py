@@ -10,11 +10,11 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
 
 from rich.console import Console
 
 from data_pipeline import storage
+from data_pipeline.redaction import redact_text
 from orchestrator.attempts import current, driver_identity, finished_state, record_worker_failures
 from orchestrator.config import KilnConfig, UsageError
 from orchestrator.liveness import this_driver
@@ -24,8 +24,6 @@ from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
 from orchestrator.runs import refresh, start_run
 from trainers.events import clear_stop_request, record_event, request_stop
 from trainers.loop import run_url
-from data_pipeline.redaction import redact_text
-
 
 # How long fit() may take to return after the workers recorded that they finished (normally 1-3 s).
 WORKERS_DONE_GRACE_S = 20
@@ -43,9 +41,9 @@ class TrainOutcome:
     state: str
     step: int
     wall_s: float
-    first_val_ppl: Optional[float]
-    last_val_ppl: Optional[float]
-    checkpoint: Optional[dict]
+    first_val_ppl: float | None
+    last_val_ppl: float | None
+    checkpoint: dict | None
     run_dir: str
 
 
@@ -56,9 +54,14 @@ def start_ray(cfg: KilnConfig) -> bool:
     if ray.is_initialized():
         return False
     with ray_processes_in_their_own_session(embedded=cfg.cluster.address is None):
-        ray.init(address=cfg.cluster.address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR, configure_logging=True,
-                 runtime_env={"env_vars": {"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}})
+        ray.init(
+            address=cfg.cluster.address,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            configure_logging=True,
+            runtime_env={"env_vars": {"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}},
+        )
     return True
 
 
@@ -117,14 +120,17 @@ def check_placement(cfg: KilnConfig, console: Console) -> None:
     A cluster at cluster.address may have an autoscaler that adds nodes for pending workers, so its
     shortfall is said but waited out (Ray Train waits for the placement); the embedded Ray never grows.
     """
-    problem = placement_problem(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu,
-                                cluster_nodes())
+    problem = placement_problem(
+        cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu, cluster_nodes()
+    )
     if problem is None:
         return
     if cfg.cluster.address is None:
         raise UsageError(problem)
-    console.print(f"[yellow]waiting for {cfg.cluster.num_workers} workers: {problem}; an autoscaler may add "
-                  "nodes, otherwise stop with Ctrl-C[/yellow]")
+    console.print(
+        f"[yellow]waiting for {cfg.cluster.num_workers} workers: {problem}; an autoscaler may add "
+        "nodes, otherwise stop with Ctrl-C[/yellow]"
+    )
 
 
 def ray_storage_path(cfg: KilnConfig) -> str:
@@ -157,11 +163,17 @@ def fit(cfg: KilnConfig) -> None:
         train_worker,
         train_loop_config={"cfg": cfg},
         torch_config=KilnTorchConfig(timeout_s=int(max(cfg.train.step_timeout_s * 2, 600))),
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.run.id, storage_path=ray_storage_path(cfg),
-                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-                             callbacks=[attempt_callback(run_url(cfg))]),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.cluster.num_workers,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.run.id,
+            storage_path=ray_storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+            callbacks=[attempt_callback(run_url(cfg))],
+        ),
     )
     trainer.fit()
 
@@ -171,10 +183,10 @@ class GracefulStop:
 
     def __init__(self, run_dir: str, console: Console):
         self.run_dir, self.console = run_dir, console
-        self.requested: Optional[str] = None
+        self.requested: str | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -191,8 +203,10 @@ class GracefulStop:
         self.requested = f"the kiln driver received {name}" + (" (preemption)" if signum == signal.SIGTERM else "")
         request_stop(self.run_dir, self.requested)
         record_event(self.run_dir, "stop_requested", reason=self.requested)
-        self.console.print(f"[yellow]{name}: asking the workers to commit a checkpoint and stop "
-                           "(Ctrl-C again aborts without one)[/yellow]")
+        self.console.print(
+            f"[yellow]{name}: asking the workers to commit a checkpoint and stop "
+            "(Ctrl-C again aborts without one)[/yellow]"
+        )
 
 
 def summarize_failure(exc: BaseException, run_dir: str) -> str:
@@ -228,8 +242,11 @@ def forget_stop_request(run_dir: str) -> None:
         logging.getLogger("kiln.driver").warning("could not remove the served stop request: %s", exc)
 
 
-def train(cfg: KilnConfig, console: Console, resumed: Optional[tuple[RunRegistry, RunRecord]] = None,
-          ) -> TrainOutcome:
+def train(
+    cfg: KilnConfig,
+    console: Console,
+    resumed: tuple[RunRegistry, RunRecord] | None = None,
+) -> TrainOutcome:
     """Run a training job end to end on Ray; the run record tracks it from PENDING to its end.
 
     `resumed` continues an existing run (`kiln resume`) instead of registering a new one.
@@ -238,8 +255,9 @@ def train(cfg: KilnConfig, console: Console, resumed: Optional[tuple[RunRegistry
     if cfg.cluster.address is None and not _ray_running():
         # The embedded Ray will have this machine's CPUs and GPUs: a group that can never fit fails
         # before a run is registered (the check after ray.init below is for what Ray actually reports).
-        problem = placement_problem(cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu,
-                                    [local_resources()])
+        problem = placement_problem(
+            cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu, [local_resources()]
+        )
         if problem:
             raise UsageError(problem)
     if resumed is None:
@@ -289,8 +307,10 @@ def train(cfg: KilnConfig, console: Console, resumed: Optional[tuple[RunRegistry
                 if workers_done and time.monotonic() - workers_done > WORKERS_DONE_GRACE_S:
                     # Ray lost its control processes (killed with the driver's cgroup, the OOM killer) and
                     # would end this process with the run still RUNNING: the workers' word is the outcome.
-                    console.print(f"[yellow]the workers ended the run {finished_state(record)} but Ray did not "
-                                  f"return in {WORKERS_DONE_GRACE_S}s; recording their outcome[/yellow]")
+                    console.print(
+                        f"[yellow]the workers ended the run {finished_state(record)} but Ray did not "
+                        f"return in {WORKERS_DONE_GRACE_S}s; recording their outcome[/yellow]"
+                    )
                     break
             view.update(tail.new_rows())
     except KeyboardInterrupt:
@@ -309,14 +329,24 @@ def train(cfg: KilnConfig, console: Console, resumed: Optional[tuple[RunRegistry
         record.state = "FAILED"
         last = record.attempts[-1] if record.attempts else {}
         cause = (last.get("cause") or {}).get("summary")
-        record.error = (f"{cause} (worker logs: {storage.join(run_dir, 'logs')})" if cause
-                        else summarize_failure(failure[0], run_dir))
+        record.error = (
+            f"{cause} (worker logs: {storage.join(run_dir, 'logs')})"
+            if cause
+            else summarize_failure(failure[0], run_dir)
+        )
         if current(record) is not None:
-            record.attempts[-1].update(ended=record.updated, outcome="FAILED",
-                                       cause={"summary": record.error})
+            record.attempts[-1].update(ended=record.updated, outcome="FAILED", cause={"summary": record.error})
         registry.save(record)
         raise RunFailed(f"run {record.run_id} failed: {record.error}")
     record.state = ended or ("SUCCEEDED" if record.step >= cfg.train.max_steps else "STOPPED")
     registry.save(record)
-    return TrainOutcome(record.run_id, record.state, record.step, time.perf_counter() - started,
-                        view.first_val_ppl, view.last_val_ppl, record.checkpoint, run_dir)
+    return TrainOutcome(
+        record.run_id,
+        record.state,
+        record.step,
+        time.perf_counter() - started,
+        view.first_val_ppl,
+        view.last_val_ppl,
+        record.checkpoint,
+        run_dir,
+    )

@@ -13,8 +13,8 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 GONE_AFTER_S = 30  # the driver rewrites run.json every ~5 s while its run is alive
 # psutil derives a start time from boot time and clock ticks: equal for one process, a tick apart at worst.
@@ -27,7 +27,7 @@ class Verdict:
 
     alive: bool
     reason: str
-    retry_in_s: Optional[int] = None
+    retry_in_s: int | None = None
 
 
 def this_host() -> dict:
@@ -39,7 +39,7 @@ def this_host() -> dict:
     return {"host": socket.gethostname(), "pid_ns": namespace}
 
 
-def pid_start_time(pid: int) -> Optional[float]:
+def pid_start_time(pid: int) -> float | None:
     """The start time (epoch seconds) of process pid on this machine, or None if there is none."""
     import psutil
 
@@ -66,8 +66,14 @@ def same_host(driver: dict, here: dict) -> bool:
     return driver.get("pid_ns") is None or here.get("pid_ns") is None or driver["pid_ns"] == here["pid_ns"]
 
 
-def driver_alive(driver: Optional[dict], updated_utc: str, now: float, here: dict,
-                 started_of: Callable[[int], Optional[float]], gone_after_s: float = GONE_AFTER_S) -> Verdict:
+def driver_alive(
+    driver: dict | None,
+    updated_utc: str,
+    now: float,
+    here: dict,
+    started_of: Callable[[int], float | None],
+    gone_after_s: float = GONE_AFTER_S,
+) -> Verdict:
     """Whether the driver a RUNNING run recorded still runs: by its pid on this host, else by its heartbeat."""
     driver = driver if isinstance(driver, dict) else {}
     pid = driver.get("pid")
@@ -78,8 +84,9 @@ def driver_alive(driver: Optional[dict], updated_utc: str, now: float, here: dic
         if started is None:
             return Verdict(False, f"its driver (pid {pid} on this host) is gone")
         if isinstance(recorded, (int, float)) and abs(started - recorded) > START_TIME_TOLERANCE_S:
-            return Verdict(False, f"its driver (pid {pid} on this host) is gone (the pid now belongs to "
-                                  "another process)")
+            return Verdict(
+                False, f"its driver (pid {pid} on this host) is gone (the pid now belongs to another process)"
+            )
         return Verdict(True, f"its driver `{driver.get('command') or 'kiln'}` is running as pid {pid} on this host")
     try:
         age = max(0.0, now - utc_seconds(updated_utc))
@@ -88,5 +95,9 @@ def driver_alive(driver: Optional[dict], updated_utc: str, now: float, here: dic
     if age >= gone_after_s:
         return Verdict(False, f"its driver on {host} last recorded {age:.0f}s ago")
     wait = max(1, math.ceil(gone_after_s - age))
-    return Verdict(True, f"its driver on {host} last recorded {age:.0f}s ago; it is considered gone after "
-                         f"{gone_after_s:.0f}s: retry in {wait}s", retry_in_s=wait)
+    return Verdict(
+        True,
+        f"its driver on {host} last recorded {age:.0f}s ago; it is considered gone after "
+        f"{gone_after_s:.0f}s: retry in {wait}s",
+        retry_in_s=wait,
+    )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 
 def worker_shape(cpus_per_worker: float, use_gpu: bool) -> dict[str, float]:
     """What one Ray Train worker asks for (ScalingConfig gives a GPU worker 1 GPU)."""
@@ -28,16 +26,18 @@ def describe(nodes: list[dict]) -> str:
     return f"{cpus:g} CPUs and {gpus:g} GPUs{where}"
 
 
-def placement_problem(num_workers: int, cpus_per_worker: float, use_gpu: bool, nodes: list[dict]) -> Optional[str]:
+def placement_problem(num_workers: int, cpus_per_worker: float, use_gpu: bool, nodes: list[dict]) -> str | None:
     """Why num_workers workers can never all be placed on these nodes' resources, or None if they can."""
     shape = worker_shape(cpus_per_worker, use_gpu)
     fits = placeable_workers(shape, nodes)
     if fits >= num_workers:
         return None
     wants = f"{cpus_per_worker:g} CPU{'s' if cpus_per_worker != 1 else ''}" + (" and 1 GPU" if use_gpu else "")
-    return (f"cluster.num_workers={num_workers} with cluster.cpus_per_worker={cpus_per_worker:g}"
-            f"{' and cluster.use_gpu=true' if use_gpu else ''} needs {num_workers} workers of {wants} each, but the "
-            f"Ray cluster has {describe(nodes)}: room for {fits}; {remedy(fits, cpus_per_worker, use_gpu, nodes)}")
+    return (
+        f"cluster.num_workers={num_workers} with cluster.cpus_per_worker={cpus_per_worker:g}"
+        f"{' and cluster.use_gpu=true' if use_gpu else ''} needs {num_workers} workers of {wants} each, but the "
+        f"Ray cluster has {describe(nodes)}: room for {fits}; {remedy(fits, cpus_per_worker, use_gpu, nodes)}"
+    )
 
 
 def remedy(fits: int, cpus_per_worker: float, use_gpu: bool, nodes: list[dict]) -> str:

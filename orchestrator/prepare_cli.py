@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from data_pipeline.prepare import PrepareConfig, PrepareError, prepare
-from orchestrator.config import UsageError
 from data_pipeline.redaction import URL_CREDENTIALS, redact_text
+from orchestrator.config import UsageError
 
 
 def parse(overrides: list[str]) -> PrepareConfig:
@@ -24,12 +24,17 @@ def parse(overrides: list[str]) -> PrepareConfig:
             raise UsageError(f"could not parse '{redact_text(word)}': write key=value (e.g. input=data/*.jsonl)")
         if key not in known:
             hint = difflib.get_close_matches(key, known, n=1)
-            raise UsageError(f"unknown prepare key '{key}'" + (f"; did you mean {hint[0]}?" if hint else "")
-                             + f" (keys: {', '.join(known)})")
+            raise UsageError(
+                f"unknown prepare key '{key}'"
+                + (f"; did you mean {hint[0]}?" if hint else "")
+                + f" (keys: {', '.join(known)})"
+            )
         if URL_CREDENTIALS.search(word.split("=", 1)[1]):  # before any value can be echoed or reach storage
-            raise UsageError(f"{key} has credentials written into its URL; Kiln takes them only from the "
-                             "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE): write the URL "
-                             "without user:password@")
+            raise UsageError(
+                f"{key} has credentials written into its URL; Kiln takes them only from the "
+                "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE): write the URL "
+                "without user:password@"
+            )
     try:
         merged = OmegaConf.merge(OmegaConf.structured(PrepareConfig), OmegaConf.from_dotlist(overrides))
         cfg = OmegaConf.to_object(merged)
@@ -45,16 +50,24 @@ def parse(overrides: list[str]) -> PrepareConfig:
 def run(overrides: list[str], console: Console) -> int:
     """Prepare a dataset with a live documents/tokens counter; returns the exit code."""
     cfg = parse(overrides)
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[docs]:,} documents"),
-                  TextColumn("{task.fields[tokens]:,} tokens"), TimeElapsedColumn(), console=console,
-                  transient=True) as bar:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.fields[docs]:,} documents"),
+        TextColumn("{task.fields[tokens]:,} tokens"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("prepare", total=None, docs=0, tokens=0)
-        summary = prepare(cfg, log=console.print,
-                          progress=lambda docs, tokens: bar.update(task, docs=docs, tokens=tokens))
+        summary = prepare(
+            cfg, log=console.print, progress=lambda docs, tokens: bar.update(task, docs=docs, tokens=tokens)
+        )
     verb = "reused" if summary.reused else "prepared"
-    console.print(f"{verb} {summary.output}: {summary.documents:,} documents, {summary.tokens:,} tokens, "
-                  f"{summary.shards} shards, {summary.bad_records} bad records, {summary.empty_documents} empty "
-                  f"documents dropped, {summary.wall_s:.1f}s ({summary.tokens_per_s:,.0f} tokens/s)")
+    console.print(
+        f"{verb} {summary.output}: {summary.documents:,} documents, {summary.tokens:,} tokens, "
+        f"{summary.shards} shards, {summary.bad_records} bad records, {summary.empty_documents} empty "
+        f"documents dropped, {summary.wall_s:.1f}s ({summary.tokens_per_s:,.0f} tokens/s)"
+    )
     for example in summary.bad_examples:
         console.print(f"  skipped: {example}")
     if cfg.kind == "pretrain":

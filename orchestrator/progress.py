@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -17,7 +16,7 @@ class MetricsTail:
     def __init__(self, url: str):
         self.url, self.offset = url, 0
         self.rows_seen = 0
-        self.last_step: Optional[int] = None  # the newest step seen, so nobody re-reads the file for it
+        self.last_step: int | None = None  # the newest step seen, so nobody re-reads the file for it
 
     def new_rows(self) -> list[dict]:
         """Rows appended since the previous call."""
@@ -33,7 +32,7 @@ class MetricsTail:
             lines = complete.decode("utf-8").splitlines()
         else:
             try:
-                lines = storage.read_text(self.url).splitlines()[self.rows_seen:]
+                lines = storage.read_text(self.url).splitlines()[self.rows_seen :]
             except FileNotFoundError:
                 return []
             self.rows_seen += len(lines)
@@ -54,17 +53,22 @@ class ProgressView:
 
     def __init__(self, console: Console, max_steps: int, start_step: int = 0):
         self.progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(bar_width=24),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-            TextColumn("val ppl {task.fields[ppl]}"), TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), console=console, transient=False,
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(bar_width=24),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("val ppl {task.fields[ppl]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
         )
-        self.task = self.progress.add_task("train", total=max_steps, completed=start_step,
-                                           loss="-", tps="-", ppl="-")
-        self.first_val_ppl: Optional[float] = None
-        self.last_val_ppl: Optional[float] = None
+        self.task = self.progress.add_task("train", total=max_steps, completed=start_step, loss="-", tps="-", ppl="-")
+        self.first_val_ppl: float | None = None
+        self.last_val_ppl: float | None = None
 
-    def __enter__(self) -> "ProgressView":
+    def __enter__(self) -> ProgressView:
         self.progress.start()
         return self
 

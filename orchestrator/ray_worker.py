@@ -8,16 +8,15 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Optional
 
 import ray.train
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
 
 from data_pipeline import storage
+from data_pipeline.redaction import redact_logging, redact_text
 from trainers import loop
 from trainers.events import Periodic
-from data_pipeline.redaction import redact_logging, redact_text
 
 # Set by the SIGTERM handler below; read by the training thread between steps.
 PREEMPTED: dict = {}
@@ -78,7 +77,7 @@ class RayWorkerContext:
         runtime = ray.get_runtime_context()
         self.node = f"{ray.util.get_node_ip_address()} ({runtime.get_node_id()[:12]})"
 
-    def report(self, metrics: dict[str, float], step: int, checkpoint: Optional[str] = None) -> None:
+    def report(self, metrics: dict[str, float], step: int, checkpoint: str | None = None) -> None:
         # Nothing goes to Ray: ray.train.report is a collective barrier costing ~1-2 s in Ray Train v2,
         # and Kiln keeps neither metrics nor checkpoints in Ray. The driver tails metrics.jsonl and the
         # run's events, and restores from the CheckpointStore, which works the same without Ray.
@@ -88,7 +87,7 @@ class RayWorkerContext:
         return bool(PREEMPTED)
 
     @property
-    def stop_reason(self) -> Optional[str]:
+    def stop_reason(self) -> str | None:
         """Why this worker was asked to stop."""
         return PREEMPTED.get("reason")
 
@@ -100,7 +99,7 @@ class LogMirror:
         self.path, self.url = path, url
         self._copier = Periodic(self.upload, every_s, "kiln-log-mirror")
 
-    def start(self) -> "LogMirror":
+    def start(self) -> LogMirror:
         """Begin copying."""
         self._copier.start()
         return self
@@ -124,14 +123,18 @@ def redirect_output(run_url: str, rank: int, local_dir: str) -> str:
     folder = storage.join(run_url, "logs") if storage.is_local(run_url) else local_dir
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"worker_{rank}.log")
-    handle = open(path, "a", buffering=1, encoding="utf-8")
+    handle = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (stays open: fds 1 and 2 point at it)
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(handle.fileno(), 1)
     os.dup2(handle.fileno(), 2)
     sys.stdout = sys.stderr = handle
-    logging.basicConfig(level=logging.INFO, stream=handle, force=True,
-                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=handle,
+        force=True,
+        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s",
+    )
     redact_logging()
     return path
 
@@ -143,8 +146,11 @@ def train_worker(config: dict) -> None:
     run_url = loop.run_url(cfg)
     local_logs = os.path.join(cfg.data.cache_dir, "logs", cfg.run.id)
     path = redirect_output(run_url, context.rank, local_logs)
-    mirror = None if storage.is_local(run_url) else LogMirror(
-        path, storage.join(run_url, "logs", f"worker_{context.rank}.log")).start()
+    mirror = (
+        None
+        if storage.is_local(run_url)
+        else LogMirror(path, storage.join(run_url, "logs", f"worker_{context.rank}.log")).start()
+    )
     os.environ.setdefault("WANDB_SILENT", "true")
     TRAINING.set()
     try:

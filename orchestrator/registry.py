@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
@@ -62,25 +62,26 @@ class RunRecord:
     experiment: str = "run"
     step: int = 0
     max_steps: int = 0
-    checkpoint: Optional[dict] = None  # {"step": int, "uri": str} of the last committed checkpoint
+    checkpoint: dict | None = None  # {"step": int, "uri": str} of the last committed checkpoint
     strategy: str = "ddp"
     num_workers: int = 0
-    wandb: Optional[dict] = None  # {"mode", "run_id", "dir"}
+    wandb: dict | None = None  # {"mode", "run_id", "dir"}
     attempts: list[dict] = field(default_factory=list)  # one per worker group, with how it ended
-    error: Optional[str] = None
+    error: str | None = None
     notes: list[str] = field(default_factory=list)  # recoveries worth knowing (skipped checkpoints, stops)
     events_cursor: str = ""  # the last events/ entry folded into attempts
-    driver: Optional[dict] = None  # {"host", "pid_ns", "pid", "started", "command"} of the driver now or last
+    driver: dict | None = None  # {"host", "pid_ns", "pid", "started", "command"} of the driver now or last
     format_version: int = FORMAT_VERSION
 
     @classmethod
-    def from_json(cls, text: str) -> "RunRecord":
+    def from_json(cls, text: str) -> RunRecord:
         """Parse run.json, ignoring fields a newer Kiln added; ValueError says what is wrong with it."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}; "
-                             "truncated?)") from None
+            raise ValueError(
+                f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}; truncated?)"
+            ) from None
         if not isinstance(data, dict):
             raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
         problem = shape_problem(data)
@@ -92,14 +93,27 @@ class RunRecord:
 
 # The type each run.json field must have (None allowed where the field is Optional).
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "run_id": (str,), "state": (str,), "created": (str,), "updated": (str,), "experiment": (str,),
-    "step": (int,), "max_steps": (int,), "checkpoint": (dict, type(None)), "strategy": (str,),
-    "num_workers": (int,), "wandb": (dict, type(None)), "attempts": (list,), "error": (str, type(None)),
-    "notes": (list,), "events_cursor": (str,), "format_version": (int,), "driver": (dict, type(None)),
+    "run_id": (str,),
+    "state": (str,),
+    "created": (str,),
+    "updated": (str,),
+    "experiment": (str,),
+    "step": (int,),
+    "max_steps": (int,),
+    "checkpoint": (dict, type(None)),
+    "strategy": (str,),
+    "num_workers": (int,),
+    "wandb": (dict, type(None)),
+    "attempts": (list,),
+    "error": (str, type(None)),
+    "notes": (list,),
+    "events_cursor": (str,),
+    "format_version": (int,),
+    "driver": (dict, type(None)),
 }
 
 
-def shape_problem(data: dict) -> Optional[str]:
+def shape_problem(data: dict) -> str | None:
     """What makes a parsed run.json unusable (a missing run_id, a field of the wrong type), or None."""
     if "run_id" not in data:
         return "has no run_id"
@@ -132,36 +146,45 @@ class RunRegistry:
             return
         path = self.root.removeprefix("file://")
         if os.path.exists(path) and not os.path.isdir(path):
-            raise UsageError(f"storage.root={self.root} is a file, not a folder; point storage.root "
-                             "(or KILN_STORAGE_ROOT) at a folder")
+            raise UsageError(
+                f"storage.root={self.root} is a file, not a folder; point storage.root "
+                "(or KILN_STORAGE_ROOT) at a folder"
+            )
         try:
             os.makedirs(path, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".kiln-write-probe-", dir=path)
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
-            raise UsageError(f"storage.root={self.root} is not writable ({exc.strerror or exc}); choose a "
-                             "folder you can write to, or fix its permissions") from None
+            raise UsageError(
+                f"storage.root={self.root} is not writable ({exc.strerror or exc}); choose a "
+                "folder you can write to, or fix its permissions"
+            ) from None
 
     def create(self, record: RunRecord, config_yaml: str) -> RunRecord:
         """Register a new run in a folder of its own: run.json (PENDING) claimed exclusively, then config.yaml."""
         run_dir = self.run_url(record.run_id)
         found = storage.list_names(run_dir)
         if RUN_FILE in found:
-            raise RunExists(f"run {record.run_id!r} already exists under {self.root}; "
-                            f"choose another run.id (or leave it unset for a fresh one)")
+            raise RunExists(
+                f"run {record.run_id!r} already exists under {self.root}; "
+                f"choose another run.id (or leave it unset for a fresh one)"
+            )
         if found:
             # Checkpoints or logs of a run whose record is gone: writing here would mix two runs.
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
-            raise RunExists(f"{run_dir} already holds files ({shown}) but no {RUN_FILE}: it is not a run Kiln "
-                            "can continue; move it aside or choose another run.id")
+            raise RunExists(
+                f"{run_dir} already holds files ({shown}) but no {RUN_FILE}: it is not a run Kiln "
+                "can continue; move it aside or choose another run.id"
+            )
         storage.makedirs(run_dir)
         record.updated = now()
         try:
             storage.write_new(storage.join(run_dir, RUN_FILE), redact_text(json.dumps(asdict(record), indent=2)))
         except FileExistsError:
-            raise RunExists(f"run {record.run_id!r} was just created under {self.root} by another "
-                            "command; choose another run.id") from None
+            raise RunExists(
+                f"run {record.run_id!r} was just created under {self.root} by another command; choose another run.id"
+            ) from None
         self.write_config(record.run_id, config_yaml)
         return record
 
@@ -174,8 +197,9 @@ class RunRegistry:
         if record.state not in STATES:
             raise ValueError(f"unknown run state {record.state!r}")
         record.updated = now()
-        storage.write_atomic(storage.join(self.run_url(record.run_id), RUN_FILE),
-                             redact_text(json.dumps(asdict(record), indent=2)))
+        storage.write_atomic(
+            storage.join(self.run_url(record.run_id), RUN_FILE), redact_text(json.dumps(asdict(record), indent=2))
+        )
 
     def load(self, run_id: str) -> RunRecord:
         """The record of run_id; UnknownRun naming the root and the closest ids; DamagedRun if unreadable."""
@@ -184,24 +208,35 @@ class RunRegistry:
             text = storage.read_bytes(url).decode("utf-8", errors="replace")
             record = RunRecord.from_json(text)
         except ValueError as exc:
-            raise DamagedRun(f"run {run_id}: {url} is damaged ({exc}); restore it from a backup, or move the "
-                             f"run folder aside (its checkpoints stay usable with `kiln export`)") from None
+            raise DamagedRun(
+                f"run {run_id}: {url} is damaged ({exc}); restore it from a backup, or move the "
+                f"run folder aside (its checkpoints stay usable with `kiln export`)"
+            ) from None
         except FileNotFoundError:
             known = self.run_ids()
             close = difflib.get_close_matches(run_id, known, n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else (
-                "; `kiln runs` lists them" if known else "; no runs there yet (set storage.root or "
-                                                        "KILN_STORAGE_ROOT if they live elsewhere)")
+            hint = (
+                f"; did you mean {', '.join(close)}?"
+                if close
+                else (
+                    "; `kiln runs` lists them"
+                    if known
+                    else "; no runs there yet (set storage.root or KILN_STORAGE_ROOT if they live elsewhere)"
+                )
+            )
             raise UnknownRun(f"unknown run {run_id!r} under {self.root}{hint}") from None
         if record.run_id != run_id:
-            raise DamagedRun(f"run {run_id}: {url} names another run ({record.run_id!r}); a copied or moved "
-                             "folder? rename the folder back, or fix run_id in the file")
+            raise DamagedRun(
+                f"run {run_id}: {url} names another run ({record.run_id!r}); a copied or moved "
+                "folder? rename the folder back, or fix run_id in the file"
+            )
         return record
 
     def run_ids(self) -> list[str]:
         """Ids of every run under the root (folders holding a run.json)."""
-        return [name for name in storage.list_names(self.root)
-                if storage.exists(storage.join(self.root, name, RUN_FILE))]
+        return [
+            name for name in storage.list_names(self.root) if storage.exists(storage.join(self.root, name, RUN_FILE))
+        ]
 
     def list(self) -> tuple[list[RunRecord], list[DamagedEntry]]:
         """Every readable run's record (newest first), and the runs whose run.json is damaged."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from data_pipeline import storage
 from data_pipeline.dataset import DatasetError, open_dataset, open_training_data
+from data_pipeline.redaction import redact_text
 from data_pipeline.stdlib_corpus import prepare_stdlib
 from orchestrator.attempts import merge_events
 from orchestrator.config import KilnConfig, UsageError, absolute_url, finalize, load_saved_config, to_yaml
@@ -15,7 +16,6 @@ from orchestrator.registry import CONFIG_FILE, RESUMABLE, RunRecord, RunRegistry
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
 from trainers.events import clear_stop_request
 from trainers.loop import run_url
-from data_pipeline.redaction import redact_text
 from trainers.tracking import wandb_mode
 
 
@@ -32,11 +32,15 @@ def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
         part.check_trainable()  # an empty split (a dataset prepared before prepare refused one) fails here
     dataset = datasets[0]
     if dataset.seq_len != cfg.data.seq_len:
-        raise DatasetError(f"data.seq_len={cfg.data.seq_len} but the dataset at {cfg.data.path} was prepared "
-                           f"with seq_len={dataset.seq_len}; set data.seq_len={dataset.seq_len}")
+        raise DatasetError(
+            f"data.seq_len={cfg.data.seq_len} but the dataset at {cfg.data.path} was prepared "
+            f"with seq_len={dataset.seq_len}; set data.seq_len={dataset.seq_len}"
+        )
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < dataset.vocab_size:
-        raise DatasetError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                           f"vocabulary ({dataset.vocab_size}) of {cfg.data.path}; raise it or leave it unset")
+        raise DatasetError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({dataset.vocab_size}) of {cfg.data.path}; raise it or leave it unset"
+        )
 
 
 def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunRegistry, RunRecord]:
@@ -48,10 +52,16 @@ def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunR
     registry.check_root()
     resolve_data(cfg, log)
     record = RunRecord(
-        run_id=cfg.run.id, experiment=cfg.run.name, max_steps=cfg.train.max_steps,
-        strategy=cfg.strategy.name, num_workers=cfg.cluster.num_workers,
-        wandb=({"mode": wandb_mode(cfg.tracker), "run_id": cfg.run.id,
-                "dir": storage.join(run_url(cfg), "wandb")} if cfg.tracker.name == "wandb" else None),
+        run_id=cfg.run.id,
+        experiment=cfg.run.name,
+        max_steps=cfg.train.max_steps,
+        strategy=cfg.strategy.name,
+        num_workers=cfg.cluster.num_workers,
+        wandb=(
+            {"mode": wandb_mode(cfg.tracker), "run_id": cfg.run.id, "dir": storage.join(run_url(cfg), "wandb")}
+            if cfg.tracker.name == "wandb"
+            else None
+        ),
     )
     registry.create(record, redact_text(to_yaml(cfg)))
     copy_tokenizer(cfg.data.path, storage.join(run_url(cfg), "tokenizer"))
@@ -64,14 +74,18 @@ def reopen_run(root: str, run_id: str, overrides: list[str]) -> tuple[RunRegistr
     record = registry.load(run_id)
     for override in overrides:
         if override.lstrip("+").startswith("storage.root=") and absolute_url(override.split("=", 1)[1]) != root:
-            raise UsageError(f"{override}: run {run_id} lives under {root}; storage.root says where to find a run "
-                             "when resuming (kiln resume RUN --storage-root URL), it cannot move one")
+            raise UsageError(
+                f"{override}: run {run_id} lives under {root}; storage.root says where to find a run "
+                "when resuming (kiln resume RUN --storage-root URL), it cannot move one"
+            )
     source = storage.join(registry.run_url(run_id), CONFIG_FILE)
     try:
         saved = storage.read_text(source)
     except FileNotFoundError:
-        raise UsageError(f"run {run_id} has no {CONFIG_FILE} at {source} (its creation was interrupted); it "
-                         "cannot be resumed: start a new run") from None
+        raise UsageError(
+            f"run {run_id} has no {CONFIG_FILE} at {source} (its creation was interrupted); it "
+            "cannot be resumed: start a new run"
+        ) from None
     cfg = load_saved_config(saved, overrides, source)
     cfg.storage.root = root  # where the run is found now is where it lives (folders get moved)
     record.max_steps, record.num_workers = cfg.train.max_steps, cfg.cluster.num_workers
@@ -87,20 +101,28 @@ def driver_verdict(record: RunRecord):
     return driver_alive(record.driver, record.updated, time.time(), this_host(), pid_start_time)
 
 
-def prepare_resume(root: str, run_id: str, overrides: list[str], force: bool = False,
-                   ) -> tuple[RunRegistry, RunRecord, KilnConfig]:
+def prepare_resume(
+    root: str,
+    run_id: str,
+    overrides: list[str],
+    force: bool = False,
+) -> tuple[RunRegistry, RunRecord, KilnConfig]:
     """Check that run_id can be resumed and load it: its saved config with safe overrides applied."""
     registry, record, cfg = reopen_run(root, run_id, overrides)
     if record.state == "RUNNING" and not force:
         verdict = driver_verdict(record)
         if verdict.alive:
-            raise UsageError(f"run {run_id} is running: {verdict.reason}; stop it with `kiln stop {run_id}` "
-                             "first, or pass --force if you know its driver is gone")
+            raise UsageError(
+                f"run {run_id} is running: {verdict.reason}; stop it with `kiln stop {run_id}` "
+                "first, or pass --force if you know its driver is gone"
+            )
     newest = latest_checkpoint(cfg)  # storage is the truth: the record may predate a crash or a cleanup
     finished = newest is not None and newest["step"] >= cfg.train.max_steps
     if record.state not in RESUMABLE and finished:
-        raise UsageError(f"run {run_id} is {record.state} at step {record.step}/{record.max_steps}; "
-                         f"to train it further pass train.max_steps=N (N > {record.step})")
+        raise UsageError(
+            f"run {run_id} is {record.state} at step {record.step}/{record.max_steps}; "
+            f"to train it further pass train.max_steps=N (N > {record.step})"
+        )
     clear_stop_request(registry.run_url(run_id))  # a served `kiln stop` must not stop the resumed run
     return registry, record, cfg
 
@@ -114,11 +136,12 @@ def copy_tokenizer(dataset_url: str, target_url: str) -> None:
 
 def checkpoint_store(cfg: KilnConfig) -> CheckpointStore:
     """The run's checkpoints, seen from the driver (which lists and verifies, never saves)."""
-    return CheckpointStore(storage.join(run_url(cfg), "checkpoints"), rank=0, world_size=1,
-                           strategy=cfg.strategy.name, config_hash="")
+    return CheckpointStore(
+        storage.join(run_url(cfg), "checkpoints"), rank=0, world_size=1, strategy=cfg.strategy.name, config_hash=""
+    )
 
 
-def latest_checkpoint(cfg: KilnConfig) -> Optional[dict]:
+def latest_checkpoint(cfg: KilnConfig) -> dict | None:
     """{"step", "uri"} of the newest step folder with a MANIFEST (cheap: no checksum pass)."""
     store = checkpoint_store(cfg)
     for step in store.steps_on_storage():
@@ -128,7 +151,7 @@ def latest_checkpoint(cfg: KilnConfig) -> Optional[dict]:
     return None
 
 
-def refresh(registry: RunRegistry, record: RunRecord, cfg: KilnConfig, step: Optional[int] = None) -> None:
+def refresh(registry: RunRegistry, record: RunRecord, cfg: KilnConfig, step: int | None = None) -> None:
     """Update the record from what workers wrote: events (attempts), step (given, or metrics.jsonl), checkpoint."""
     merge_events(record, registry.run_url(record.run_id))
     if step is None:
@@ -140,7 +163,7 @@ def refresh(registry: RunRegistry, record: RunRecord, cfg: KilnConfig, step: Opt
     registry.save(record)
 
 
-def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: Optional[int]) -> Committed:
+def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: int | None) -> Committed:
     """A verified checkpoint of the run: the given step, or the newest committed one."""
     store = checkpoint_store(cfg)
     if step is None:
@@ -150,29 +173,42 @@ def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: Optional[int])
             raise CheckpointError(f"run {cfg.run.id} has no committed checkpoint{detail}")
         return committed
     if step not in store.steps_on_storage():
-        raise CheckpointError(f"run {cfg.run.id} has no checkpoint at step {step}; it has "
-                              f"{sorted(store.steps_on_storage()) or 'none'}")
+        raise CheckpointError(
+            f"run {cfg.run.id} has no checkpoint at step {step}; it has {sorted(store.steps_on_storage()) or 'none'}"
+        )
     return Committed(step, store.url(step), verify(store.url(step)))
 
 
-def resume_command(registry: RunRegistry, record: RunRecord) -> Optional[str]:
+def resume_command(registry: RunRegistry, record: RunRecord) -> str | None:
     """The command that continues this run, if it can be continued."""
     if record.state == "SUCCEEDED":
         return None
     root = registry.root
-    return f"kiln resume {record.run_id}" + ("" if root == absolute_url(os.environ.get("KILN_STORAGE_ROOT", "./kiln-runs"))
-                                             else f" --storage-root {root}")
+    return f"kiln resume {record.run_id}" + (
+        "" if root == absolute_url(os.environ.get("KILN_STORAGE_ROOT", "./kiln-runs")) else f" --storage-root {root}"
+    )
 
 
 def status_json(registry: RunRegistry, run_id: str) -> dict:
     """What `kiln status RUN --json` prints."""
     record = registry.load(run_id)
     return {
-        "run_id": record.run_id, "state": record.state, "step": record.step, "max_steps": record.max_steps,
-        "checkpoint": record.checkpoint, "metrics": registry.latest_metrics(run_id), "wandb": record.wandb,
-        "experiment": record.experiment, "strategy": record.strategy, "num_workers": record.num_workers,
-        "created": record.created, "updated": record.updated, "attempts": record.attempts,
-        "error": record.error, "run_dir": registry.run_url(run_id), "notes": record.notes,
+        "run_id": record.run_id,
+        "state": record.state,
+        "step": record.step,
+        "max_steps": record.max_steps,
+        "checkpoint": record.checkpoint,
+        "metrics": registry.latest_metrics(run_id),
+        "wandb": record.wandb,
+        "experiment": record.experiment,
+        "strategy": record.strategy,
+        "num_workers": record.num_workers,
+        "created": record.created,
+        "updated": record.updated,
+        "attempts": record.attempts,
+        "error": record.error,
+        "run_dir": registry.run_url(run_id),
+        "notes": record.notes,
         "resume_command": resume_command(registry, record),
     }
 

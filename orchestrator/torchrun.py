@@ -11,15 +11,15 @@ import logging
 import os
 import sys
 
-from orchestrator.config import UsageError, absolute_url, compose_config
+from data_pipeline.redaction import redact_logging, redact_text
 from orchestrator.attempts import driver_identity
+from orchestrator.config import UsageError, absolute_url, compose_config
 from orchestrator.registry import UnknownRun
 from orchestrator.runs import prepare_resume, refresh, start_run
-from trainers.events import record_event
 from trainers import loop
 from trainers.context import TorchrunContext
 from trainers.distributed import broadcast_from_rank0, ensure_process_group
-from data_pipeline.redaction import redact_logging, redact_text
+from trainers.events import record_event
 
 
 def prepare(argv: list[str], world_size: int):
@@ -31,13 +31,18 @@ def prepare(argv: list[str], world_size: int):
         root = os.environ.get("KILN_STORAGE_ROOT", "./kiln-runs")
         if rest[:1] == ["--storage-root"] and len(rest) > 1:
             root, rest = rest[1], rest[2:]
-        registry, record, cfg = prepare_resume(absolute_url(root), run_id,
-                                               [f"cluster.num_workers={world_size}", *rest], force=True)
+        registry, record, cfg = prepare_resume(
+            absolute_url(root), run_id, [f"cluster.num_workers={world_size}", *rest], force=True
+        )
     else:
         cfg = compose_config([f"cluster.num_workers={world_size}", *argv])
         registry, record = start_run(cfg)
-    record_event(registry.run_url(record.run_id), "launched", launcher="torchrun",
-                 driver=driver_identity("torchrun -m orchestrator.torchrun"))
+    record_event(
+        registry.run_url(record.run_id),
+        "launched",
+        launcher="torchrun",
+        driver=driver_identity("torchrun -m orchestrator.torchrun"),
+    )
     record.state, record.error = "RUNNING", None
     refresh(registry, record, cfg)
     return registry, record, cfg

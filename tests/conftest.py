@@ -16,15 +16,29 @@ BIN = Path(sys.executable).parent
 
 # Small enough for seconds per run on 2 CPU cores, big enough that loss visibly falls.
 TINY = [
-    "model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.n_positions=64",
-    "data.seq_len=64", "data.vocab_size=512", "data.max_files=60",
-    "train.global_batch=8", "train.micro_batch=4", "train.eval_batches=2", "optim.warmup_steps=2",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "model.n_positions=64",
+    "data.seq_len=64",
+    "data.vocab_size=512",
+    "data.max_files=60",
+    "train.global_batch=8",
+    "train.micro_batch=4",
+    "train.eval_batches=2",
+    "optim.warmup_steps=2",
 ]
 
 
 # The reference run of each strategy: 2 workers, fp32, dropout on (so RNG restore matters).
-STRATEGY_RUN = [*TINY, "tracker=none", "model.dropout=0.1", "train.max_steps=20", "train.checkpoint_every=10",
-                "train.eval_every=10"]
+STRATEGY_RUN = [
+    *TINY,
+    "tracker=none",
+    "model.dropout=0.1",
+    "train.max_steps=20",
+    "train.checkpoint_every=10",
+    "train.eval_every=10",
+]
 
 
 @pytest.fixture(scope="session")
@@ -93,5 +107,6 @@ def s3(tmp_path_factory):
 def kiln(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
     """Run the installed `kiln` command; returns the CompletedProcess."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    return subprocess.run([str(BIN / "kiln"), *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=cwd or REPO)
+    return subprocess.run(
+        [str(BIN / "kiln"), *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO
+    )

@@ -20,6 +20,7 @@ As a process (prints its endpoint, then on SIGTERM/SIGINT its counts as JSON):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import random
@@ -38,11 +39,21 @@ from urllib.parse import urlsplit
 
 # Meaningful for one connection only; we manage both connections ourselves. Expect is answered here
 # (BaseHTTPRequestHandler sends the 100 Continue), so the target gets the body without asking.
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
-              "upgrade", "expect"}
-SLOW_DOWN = ('<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-             '<Message>Please reduce your request rate.</Message><RequestId>{id}</RequestId>'
-             '<HostId>faulty-proxy</HostId></Error>')
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+}
+SLOW_DOWN = (
+    '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    "<Message>Please reduce your request rate.</Message><RequestId>{id}</RequestId>"
+    "<HostId>faulty-proxy</HostId></Error>"
+)
 OUTCOMES = ("pass", "fail", "drop", "lose")
 COUNTER = {"fail": "failed", "drop": "dropped", "lose": "lost"}
 
@@ -68,10 +79,21 @@ class Counts:
 class FaultyProxy:
     """A threaded reverse proxy to `target` on 127.0.0.1 that fails, drops or loses a share of requests."""
 
-    def __init__(self, target: str, *, fail_rate: float = 0.0, drop_rate: float = 0.0, lose_rate: float = 0.0,
-                 seed: int = 0, delay_path: str | None = None, delay_s: float = 0.0,
-                 on_request: Callable[[str, str], str | None] | None = None,
-                 host: str = "127.0.0.1", port: int = 0, upstream_timeout_s: float = 120.0):
+    def __init__(
+        self,
+        target: str,
+        *,
+        fail_rate: float = 0.0,
+        drop_rate: float = 0.0,
+        lose_rate: float = 0.0,
+        seed: int = 0,
+        delay_path: str | None = None,
+        delay_s: float = 0.0,
+        on_request: Callable[[str, str], str | None] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        upstream_timeout_s: float = 120.0,
+    ):
         parts = urlsplit(target)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"target must be http://host:port, got {target!r}")
@@ -101,8 +123,9 @@ class FaultyProxy:
         """Listen and serve in a background thread."""
         self._stopping.clear()
         self._server = _Server(self._address, _Handler, self)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="faulty-proxy", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, name="faulty-proxy", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -195,10 +218,8 @@ class _Server(ThreadingHTTPServer):
         with self._guard:
             open_now = dict(self._open)
         for sock in open_now:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         for thread in open_now.values():
             thread.join(timeout=10)
 
@@ -282,8 +303,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Send the request to the target as it came; its (status, reason, headers, decoded body)."""
         for reused in (self.upstream is not None, False):
             if self.upstream is None:
-                self.upstream = http.client.HTTPConnection(*self.server.proxy.target,
-                                                           timeout=self.server.proxy.upstream_timeout_s)
+                self.upstream = http.client.HTTPConnection(
+                    *self.server.proxy.target, timeout=self.server.proxy.upstream_timeout_s
+                )
             try:
                 self.upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
                 for name, value in self.headers.items():
@@ -316,8 +338,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _slow_down(self) -> None:
         request_id = uuid.uuid4().hex[:16].upper()
         body = SLOW_DOWN.format(id=request_id).encode()
-        self._answer(503, "Slow Down", [("Content-Type", "application/xml"), ("x-amz-request-id", request_id)],
-                     body)
+        self._answer(503, "Slow Down", [("Content-Type", "application/xml"), ("x-amz-request-id", request_id)], body)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -335,9 +356,16 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    with FaultyProxy(args.target, fail_rate=args.fail_rate, drop_rate=args.drop_rate, lose_rate=args.lose_rate,
-                     seed=args.seed,
-                     delay_path=args.delay_path, delay_s=args.delay, port=args.port) as proxy:
+    with FaultyProxy(
+        args.target,
+        fail_rate=args.fail_rate,
+        drop_rate=args.drop_rate,
+        lose_rate=args.lose_rate,
+        seed=args.seed,
+        delay_path=args.delay_path,
+        delay_s=args.delay,
+        port=args.port,
+    ) as proxy:
         print(proxy.endpoint, flush=True)
         while not stop.wait(0.5):
             pass

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO
 
 
 def free_port() -> int:
@@ -18,11 +18,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_moto(log: Optional[IO] = None, timeout: float = 30) -> tuple[subprocess.Popen, str]:
+def start_moto(log: IO | None = None, timeout: float = 30) -> tuple[subprocess.Popen, str]:
     """Start `moto_server` on 127.0.0.1 and wait until it accepts connections; returns (process, endpoint)."""
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
@@ -38,8 +41,12 @@ def start_moto(log: Optional[IO] = None, timeout: float = 30) -> tuple[subproces
 
 def aws_env(endpoint: str) -> dict[str, str]:
     """The AWS variables that point s3fs (in this process and every child) at the server."""
-    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1"}
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
 
 
 def stop(server: subprocess.Popen) -> None:

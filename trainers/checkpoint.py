@@ -26,15 +26,14 @@ import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
 
 from data_pipeline import storage
 from trainers import safe_load
-from trainers.errors import CheckpointError  # noqa: F401  (part of this module's interface)
 from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0, new_checkpoint_group
+from trainers.errors import CheckpointError
 
 log = logging.getLogger("kiln.checkpoint")
 
@@ -59,7 +58,7 @@ class Restored:
     committed: Committed
     extra: dict
     skipped: list[str] = field(default_factory=list)
-    resharded_from: Optional[int] = None  # the saved world size, when it differs from this run's
+    resharded_from: int | None = None  # the saved world size, when it differs from this run's
 
 
 def step_dir(step: int) -> str:
@@ -67,8 +66,9 @@ def step_dir(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def sha256_of(url: str, copy_to: Optional[str] = None) -> str:
+def sha256_of(url: str, copy_to: str | None = None) -> str:
     """sha256 of a file, streamed (and copied to the local path copy_to); retried whole on a store error."""
+
     def digest_file() -> str:
         fs, path = storage.filesystem(url)
         digest = hashlib.sha256()
@@ -84,7 +84,7 @@ def sha256_of(url: str, copy_to: Optional[str] = None) -> str:
     return storage.retrying("read", url, digest_file)
 
 
-def manifest_problem(manifest) -> Optional[str]:
+def manifest_problem(manifest) -> str | None:
     """What makes a parsed MANIFEST.json unusable (wrong shape or types), or None if it is sound."""
     if not isinstance(manifest, dict):
         return f"it holds a JSON {type(manifest).__name__}, not an object"
@@ -98,11 +98,11 @@ def manifest_problem(manifest) -> Optional[str]:
     for number, entry in enumerate(manifest["files"]):
         problem = file_entry_problem(entry)
         if problem:
-            return f'files[{number}] {problem}'
+            return f"files[{number}] {problem}"
     return None
 
 
-def file_entry_problem(entry) -> Optional[str]:
+def file_entry_problem(entry) -> str | None:
     """What is wrong with one {"path", "size", "sha256"} entry of a manifest, or None."""
     if not isinstance(entry, dict):
         return "is not an object"
@@ -132,7 +132,7 @@ def read_manifest(url: str) -> dict:
     return manifest
 
 
-def verify(url: str, copy_to: Optional[str] = None) -> dict:
+def verify(url: str, copy_to: str | None = None) -> dict:
     """The manifest of a committed checkpoint; CheckpointError if missing or any file does not match.
 
     With copy_to (a local folder), every file is also written there while it is hashed, so a restore
@@ -149,23 +149,27 @@ def verify(url: str, copy_to: Optional[str] = None) -> dict:
         if on_disk[path] != entry["size"]:
             raise CheckpointError(f"{url}: {path} has {on_disk[path]} bytes, manifest says {entry['size']}")
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="kiln-verify") as pool:
-        digests = pool.map(lambda entry: sha256_of(storage.join(url, entry["path"]),
-                                                   os.path.join(copy_to, entry["path"]) if copy_to else None),
-                           manifest["files"])
-        for entry, digest in zip(manifest["files"], list(digests)):
+        digests = pool.map(
+            lambda entry: sha256_of(
+                storage.join(url, entry["path"]), os.path.join(copy_to, entry["path"]) if copy_to else None
+            ),
+            manifest["files"],
+        )
+        for entry, digest in zip(manifest["files"], list(digests), strict=False):
             if digest != entry["sha256"]:
                 raise CheckpointError(f"{url}: {entry['path']} does not match its sha256 in {MANIFEST}")
     check_pickles(url, manifest, copy_to)
     return manifest
 
 
-def check_pickles(url: str, manifest: dict, copy_to: Optional[str]) -> None:
+def check_pickles(url: str, manifest: dict, copy_to: str | None) -> None:
     """CheckpointError unless every pickled part of a checkpoint (or of its copy) loads safely.
 
     That is DCP's .metadata and the non-tensor items it points to, Kiln's extras and DeepSpeed's .pt
     files: their checksums can be rewritten along with them, so they are read here the way restore
     and export will read them, by loaders that refuse anything but data.
     """
+
     def read(path: str, check):
         """check(handle, name) on the file at path (the local copy if there is one), retried on store errors."""
         name = storage.join(url, path)
@@ -203,8 +207,12 @@ def capture_rng() -> dict:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -216,8 +224,9 @@ def restore_rng(state: dict) -> None:
     """Put back what capture_rng() returned."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -226,9 +235,19 @@ def restore_rng(state: dict) -> None:
 class CheckpointStore:
     """Saves, finds, restores and prunes the committed checkpoints of one run."""
 
-    def __init__(self, root_url: str, *, rank: int, world_size: int, strategy: str, config_hash: str,
-                 model_shapes: Optional[dict] = None, keep_last: int = 0, keep_every: int = 0,
-                 async_upload: bool = False):
+    def __init__(
+        self,
+        root_url: str,
+        *,
+        rank: int,
+        world_size: int,
+        strategy: str,
+        config_hash: str,
+        model_shapes: dict | None = None,
+        keep_last: int = 0,
+        keep_every: int = 0,
+        async_upload: bool = False,
+    ):
         self.root = root_url
         self.model_shapes = model_shapes
         self.rank, self.world_size = rank, world_size
@@ -236,8 +255,8 @@ class CheckpointStore:
         self.keep_last, self.keep_every = keep_last, keep_every
         self.async_upload = async_upload
         self._group = None  # a gloo group of its own, so background uploads never race training collectives
-        self._uploads: Optional[ThreadPoolExecutor] = None
-        self._pending: Optional[tuple[str, Future]] = None
+        self._uploads: ThreadPoolExecutor | None = None
+        self._pending: tuple[str, Future] | None = None
 
     def url(self, step: int) -> str:
         """Where step's checkpoint lives."""
@@ -310,17 +329,23 @@ class CheckpointStore:
                     continue
                 recorded = written.get(rel)
                 if recorded is not None and recorded[0] != size:
-                    raise CheckpointError(f"{storage.join(url, rel)} has {size} bytes on the store but "
-                                          f"{recorded[0]} were written; the upload was incomplete")
+                    raise CheckpointError(
+                        f"{storage.join(url, rel)} has {size} bytes on the store but "
+                        f"{recorded[0]} were written; the upload was incomplete"
+                    )
                 digest = recorded[1] if recorded else sha256_of(storage.join(url, rel))
                 entries.append({"path": rel, "size": size, "sha256": digest})
             missing = sorted(set(written) - set(on_store))
             if missing:
                 raise CheckpointError(f"{url}: {', '.join(missing)} written but not found on the store")
             manifest = {
-                "format_version": FORMAT_VERSION, "step": step, "world_size": self.world_size,
-                "strategy": self.strategy, "config_hash": self.config_hash,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": entries,
+                "format_version": FORMAT_VERSION,
+                "step": step,
+                "world_size": self.world_size,
+                "strategy": self.strategy,
+                "config_hash": self.config_hash,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": entries,
             }
             storage.write_atomic(storage.join(url, MANIFEST), json.dumps(manifest, indent=2))
             self.prune(keep=step)
@@ -330,7 +355,7 @@ class CheckpointStore:
         """Rank 0: delete uncommitted leftovers and committed checkpoints retention no longer keeps."""
         steps = self.steps_on_storage()
         committed = [s for s in steps if storage.exists(storage.join(self.url(s), MANIFEST))]
-        kept = set(committed[:self.keep_last]) if self.keep_last else set(committed)
+        kept = set(committed[: self.keep_last]) if self.keep_last else set(committed)
         kept |= {s for s in committed if self.keep_every and s % self.keep_every == 0}
         kept.add(keep)
         removed = [s for s in steps if s not in kept]
@@ -345,7 +370,7 @@ class CheckpointStore:
         found = (STEP_DIR.match(name) for name in storage.list_names(self.root))
         return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
-    def latest_committed(self, copy_to: Optional[str] = None) -> tuple[Optional[Committed], list[str]]:
+    def latest_committed(self, copy_to: str | None = None) -> tuple[Committed | None, list[str]]:
         """The newest checkpoint that verifies, and why each newer one was skipped (run on one rank).
 
         copy_to: a local folder that receives the verified checkpoint's files (see verify()).
@@ -364,7 +389,7 @@ class CheckpointStore:
                 log.warning("skipping checkpoint that fails verification: %s", exc)
         return None, skipped
 
-    def restore(self, strategy) -> Optional[Restored]:
+    def restore(self, strategy) -> Restored | None:
         """Collective: load the newest committed checkpoint into the strategy; this rank's extras."""
         # Rank 0 reads an object-store checkpoint once: verification downloads it, the load reads the copy.
         local = tempfile.mkdtemp(prefix="kiln-restore-") if self.rank == 0 and not storage.is_local(self.root) else None
@@ -395,9 +420,11 @@ class CheckpointStore:
             shapes = checkpoint_shapes(storage.join(source, "shards"), committed.manifest["strategy"])
             check_fits(self.model_shapes, shapes, committed.url)
         if committed.manifest["strategy"] != self.strategy:
-            raise CheckpointError(f"{committed.url} was saved by strategy={committed.manifest['strategy']}; "
-                                  f"resume it with that strategy (this run has strategy={self.strategy}), "
-                                  "or export it with `kiln export`")
+            raise CheckpointError(
+                f"{committed.url} was saved by strategy={committed.manifest['strategy']}; "
+                f"resume it with that strategy (this run has strategy={self.strategy}), "
+                "or export it with `kiln export`"
+            )
 
 
 def prefixed(folder: str, records: dict) -> dict:

@@ -8,7 +8,7 @@ field as a user types it on the command line.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -37,7 +37,7 @@ class ModelConfig:
     n_positions: int = 256
     dropout: float = 0.0
     # None: the tokenizer's vocabulary size, rounded up to a multiple of 64 for efficient matmuls.
-    vocab_size: Optional[int] = None
+    vocab_size: int | None = None
     attn_implementation: str = "sdpa"
     activation_checkpointing: bool = False
 
@@ -45,11 +45,15 @@ class ModelConfig:
         one_of("model.arch", self.arch, ("gpt2",))
         for name in ("n_layer", "n_head", "n_embd", "n_positions"):
             require(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
-        require(self.n_embd % self.n_head == 0,
-                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        require(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})",
+        )
         require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
-        require(self.vocab_size is None or self.vocab_size > 0,
-                f"model.vocab_size must be > 0 or null, got {self.vocab_size}")
+        require(
+            self.vocab_size is None or self.vocab_size > 0,
+            f"model.vocab_size must be > 0 or null, got {self.vocab_size}",
+        )
         one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
 
 
@@ -86,8 +90,7 @@ class OptimConfig:
             require(0.0 <= value < 1.0, f"optim.{name} must be in [0, 1), got {value}")
         require(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")
         require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        require(0.0 <= self.min_lr_ratio <= 1.0,
-                f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
 
 
@@ -114,13 +117,19 @@ class StrategyConfig:
         one_of("strategy.name", self.name, STRATEGY_NAMES)
         one_of("strategy.precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         is_zero = self.name.startswith("zero")
-        require(self.zero_stage in ((1, 2, 3) if is_zero else (0,)),
-                f"strategy.zero_stage={self.zero_stage} does not fit strategy.name={self.name} "
-                f"(pick the strategy with strategy=zero1|zero2|zero3|zero3_offload)")
-        require(is_zero or not (self.offload_optimizer or self.offload_params or self.deepspeed_overrides),
-                f"strategy.offload_*/deepspeed_overrides apply to DeepSpeed strategies, not {self.name}")
-        require(not self.offload_params or self.zero_stage == 3,
-                "strategy.offload_params needs ZeRO stage 3 (strategy=zero3_offload)")
+        require(
+            self.zero_stage in ((1, 2, 3) if is_zero else (0,)),
+            f"strategy.zero_stage={self.zero_stage} does not fit strategy.name={self.name} "
+            f"(pick the strategy with strategy=zero1|zero2|zero3|zero3_offload)",
+        )
+        require(
+            is_zero or not (self.offload_optimizer or self.offload_params or self.deepspeed_overrides),
+            f"strategy.offload_*/deepspeed_overrides apply to DeepSpeed strategies, not {self.name}",
+        )
+        require(
+            not self.offload_params or self.zero_stage == 3,
+            "strategy.offload_params needs ZeRO stage 3 (strategy=zero3_offload)",
+        )
 
     @property
     def is_deepspeed(self) -> bool:
@@ -149,14 +158,22 @@ class TrainConfig:
     step_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "global_batch", "micro_batch", "log_every", "eval_every",
-                     "eval_batches", "checkpoint_every"):
+        for name in (
+            "max_steps",
+            "global_batch",
+            "micro_batch",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+        ):
             value = getattr(self, name)
             require(value > 0, f"train.{name} must be > 0, got {value}")
         require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         require(self.torch_threads >= 0, f"train.torch_threads must be >= 0, got {self.torch_threads}")
-        require(self.step_timeout_s >= 0, f"train.step_timeout_s must be >= 0 (0: no watchdog), "
-                                          f"got {self.step_timeout_s}")
+        require(
+            self.step_timeout_s >= 0, f"train.step_timeout_s must be >= 0 (0: no watchdog), got {self.step_timeout_s}"
+        )
 
 
 @dataclass
@@ -194,9 +211,9 @@ class TrackerConfig:
 
     name: str = "wandb"
     project: str = "kiln"
-    entity: Optional[str] = None
+    entity: str | None = None
     # None: $WANDB_MODE if set, else offline. Set "online" to sync (needs WANDB_API_KEY).
-    mode: Optional[str] = None
+    mode: str | None = None
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from typing import Optional, Protocol
+from typing import Protocol
 
 log = logging.getLogger("kiln.worker")
 
@@ -21,7 +21,7 @@ class WorkerContext(Protocol):
     local_rank: int
     world_size: int
 
-    def report(self, metrics: dict[str, float], step: int, checkpoint: Optional[str] = None) -> None:
+    def report(self, metrics: dict[str, float], step: int, checkpoint: str | None = None) -> None:
         """Hand the latest metrics (and a just-committed checkpoint's URL) to the launcher.
 
         Every rank calls it at the same steps with the same checkpoint argument, so launchers may
@@ -37,7 +37,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
-        self.reason: Optional[str] = None
+        self.reason: str | None = None
 
     def install(self) -> None:
         """Catch SIGTERM (and SIGINT) in this process; only possible from the main thread."""
@@ -64,7 +64,7 @@ class TorchrunContext:
         self._stop = StopFlag()
         self._stop.install()
 
-    def report(self, metrics: dict[str, float], step: int, checkpoint: Optional[str] = None) -> None:
+    def report(self, metrics: dict[str, float], step: int, checkpoint: str | None = None) -> None:
         if self.rank == 0:
             log.info("step %d %s", step, " ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
 
@@ -72,6 +72,6 @@ class TorchrunContext:
         return self._stop.requested
 
     @property
-    def stop_reason(self) -> Optional[str]:
+    def stop_reason(self) -> str | None:
         """Why this worker was asked to stop."""
         return self._stop.reason

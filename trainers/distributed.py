@@ -45,8 +45,7 @@ def gather_to_rank0(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's obj, in rank order, on rank 0 (others get an empty list)."""
     rank = dist.get_rank()
     gathered = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(obj, gathered, dst=dist.get_global_rank(group, 0) if group is not None else 0,
-                       group=group)
+    dist.gather_object(obj, gathered, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     return gathered if rank == 0 else []
 
 

@@ -11,6 +11,7 @@ Kinds: `started` (a worker group began: restored step, skipped checkpoints, rank
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -27,8 +28,12 @@ STOP_REQUEST = "STOP"  # a file in the run folder; its presence asks every worke
 def record_event(run_url: str, kind: str, **fields: Any) -> dict:
     """Write one event (a single object) and return it."""
     moment = time.time()
-    event = {"kind": kind, "time": round(moment, 3),
-             "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment)), **fields}
+    event = {
+        "kind": kind,
+        "time": round(moment, 3),
+        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment)),
+        **fields,
+    }
     name = f"{int(moment * 1000):015d}-{kind}-{os.getpid()}-{secrets.token_hex(2)}.json"
     storage.write_atomic(storage.join(run_url, EVENTS_DIR, name), redact_text(json.dumps(event, sort_keys=True)))
     return event
@@ -75,7 +80,7 @@ class Periodic:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
-    def start(self) -> "Periodic":
+    def start(self) -> Periodic:
         """Begin calling."""
         self._thread.start()
         return self
@@ -99,7 +104,7 @@ class StopRequestWatcher:
         self.request: dict | None = None
         self._poller = Periodic(self._poll, every_s, "kiln-stop-poll")
 
-    def start(self) -> "StopRequestWatcher":
+    def start(self) -> StopRequestWatcher:
         """Begin polling."""
         self._poller.start()
         return self
@@ -110,7 +115,5 @@ class StopRequestWatcher:
 
     def _poll(self) -> None:
         if self.request is None:
-            try:
+            with contextlib.suppress(OSError):  # a store hiccup: ask again next round
                 self.request = stop_requested(self.run_url)
-            except OSError:
-                pass  # a store hiccup: ask again next round

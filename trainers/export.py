@@ -16,8 +16,8 @@ from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from trainers import safe_load
 from trainers.checkpoint import CheckpointError
-from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG, local_folder
 from trainers.strategies.dcp_io import load_model_only, read_metadata
+from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG, local_folder
 
 MODEL_PREFIX = "model."
 
@@ -31,25 +31,31 @@ def checkpoint_shapes(shards_url: str, strategy: str) -> dict[str, tuple[int, ..
             if not found:
                 raise CheckpointError(f"{shards_url} holds no DeepSpeed model states")
             # Only the shapes are needed: on the meta device no tensor bytes are read.
-            states = safe_load.load_torch(found[0], found[0], map_location="meta",
-                                          allow=safe_load.deepspeed_globals())
+            states = safe_load.load_torch(found[0], found[0], map_location="meta", allow=safe_load.deepspeed_globals())
         shapes: dict[str, tuple[int, ...]] = {}
         for group in states["param_shapes"]:
             shapes.update({name: tuple(shape) for name, shape in group.items()})
         return shapes
     metadata = read_metadata(shards_url)
-    return {key[len(MODEL_PREFIX):]: tuple(meta.size) for key, meta in metadata.state_dict_metadata.items()
-            if key.startswith(MODEL_PREFIX) and hasattr(meta, "size")}
+    return {
+        key[len(MODEL_PREFIX) :]: tuple(meta.size)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(MODEL_PREFIX) and hasattr(meta, "size")
+    }
 
 
 def check_fits(model_shapes: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], source: str) -> None:
     """Fail naming every parameter whose shape differs between the model and a checkpoint."""
-    mismatched = [f"{name}: checkpoint {list(saved[name])} vs model {list(shape)}"
-                  for name, shape in model_shapes.items() if name in saved and tuple(saved[name]) != tuple(shape)]
+    mismatched = [
+        f"{name}: checkpoint {list(saved[name])} vs model {list(shape)}"
+        for name, shape in model_shapes.items()
+        if name in saved and tuple(saved[name]) != tuple(shape)
+    ]
     if mismatched:
         shown = "; ".join(mismatched[:4]) + (f"; and {len(mismatched) - 4} more" if len(mismatched) > 4 else "")
-        raise CheckpointError(f"{source} was saved from a different model config ({shown}); "
-                              "use the run's own model settings")
+        raise CheckpointError(
+            f"{source} was saved from a different model config ({shown}); use the run's own model settings"
+        )
 
 
 def shapes_of(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -70,8 +76,9 @@ def load_consolidated(model: nn.Module, shards_url: str, strategy: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name, _ in _tied_names(model)}
     if set(missing) - tied or unexpected:
-        raise CheckpointError(f"{shards_url}: parameters missing {sorted(set(missing) - tied)[:4]}, "
-                              f"unexpected {sorted(unexpected)[:4]}")
+        raise CheckpointError(
+            f"{shards_url}: parameters missing {sorted(set(missing) - tied)[:4]}, unexpected {sorted(unexpected)[:4]}"
+        )
 
 
 def _tied_names(model: nn.Module):
@@ -91,15 +98,20 @@ def save_hugging_face(model: Any, tokenizer_url: str, out_dir: str) -> list[str]
     hf_logging.disable_progress_bar()
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe.load(tokenizer_url), eos_token=bpe.EOS_TOKEN,
-                                        bos_token=bpe.EOS_TOKEN, unk_token=bpe.EOS_TOKEN,
-                                        pad_token=bpe.EOS_TOKEN)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe.load(tokenizer_url),
+        eos_token=bpe.EOS_TOKEN,
+        bos_token=bpe.EOS_TOKEN,
+        unk_token=bpe.EOS_TOKEN,
+        pad_token=bpe.EOS_TOKEN,
+    )
     tokenizer.save_pretrained(out_dir)
     return sorted(os.listdir(out_dir))
 
 
-def export_checkpoint(task, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str,
-                      out_dir: str) -> list[str]:
+def export_checkpoint(
+    task, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str, out_dir: str
+) -> list[str]:
     """Build the run's model, load a checkpoint into it, and write a Hugging Face folder."""
     tokenizer = bpe.load(tokenizer_url)
     model = task.build_model(model_cfg, tokenizer.get_vocab_size(), tokenizer.token_to_id(bpe.EOS_TOKEN))

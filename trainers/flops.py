@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 # Dense bf16/fp16 tensor-core peaks (no sparsity), per GPU, from the vendors' data sheets.
 PEAK_FLOPS = {
     "H200": 989e12,
@@ -29,7 +27,7 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> f
     return 6.0 * n_params + 12.0 * n_layer * n_embd * seq_len
 
 
-def peak_flops(device_name: str) -> Optional[float]:
+def peak_flops(device_name: str) -> float | None:
     """The dense bf16 peak of a known GPU, matched by name; None when unknown (CPUs included)."""
     best = None
     for key, value in PEAK_FLOPS.items():

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +25,7 @@ from data_pipeline.dataset import Dataset, open_training_data
 from data_pipeline.stream import TokenStream
 from trainers.checkpoint import CheckpointStore, capture_rng, restore_rng
 from trainers.context import WorkerContext
-from trainers.distributed import (any_rank, ensure_process_group, gather_to_rank0, max_across_ranks,
-                                  mean_across_ranks)
+from trainers.distributed import any_rank, ensure_process_group, gather_to_rank0, max_across_ranks, mean_across_ranks
 from trainers.events import StopRequestWatcher, record_event
 from trainers.export import shapes_of
 from trainers.flops import flops_per_token, mfu, peak_flops
@@ -46,7 +45,7 @@ class LoopResult:
     state: str  # SUCCEEDED, or PREEMPTED when asked to stop (SIGTERM, `kiln stop`) before max_steps
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
 
 
 def run_url(cfg: Any) -> str:
@@ -92,8 +91,10 @@ class Trainer:
     def __init__(self, cfg: Any, ctx: WorkerContext):
         self.cfg, self.ctx = cfg, ctx
         self.device = pick_device(ctx.local_rank)
-        ensure_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                             timeout_s=max(cfg.train.step_timeout_s * 2, 600) if cfg.train.step_timeout_s else 1800)
+        ensure_process_group(
+            "nccl" if self.device.type == "cuda" else "gloo",
+            timeout_s=max(cfg.train.step_timeout_s * 2, 600) if cfg.train.step_timeout_s else 1800,
+        )
         if cfg.train.torch_threads:
             torch.set_num_threads(cfg.train.torch_threads)
         if cfg.train.deterministic:
@@ -109,27 +110,42 @@ class Trainer:
         self.micro_batch = cfg.train.micro_batch
         self.grad_accum = cfg.train.global_batch // (self.micro_batch * ctx.world_size)
         if self.grad_accum * self.micro_batch * ctx.world_size != cfg.train.global_batch:
-            raise ValueError(f"train.global_batch={cfg.train.global_batch} is not divisible by "
-                             f"train.micro_batch ({self.micro_batch}) x world size ({ctx.world_size})")
+            raise ValueError(
+                f"train.global_batch={cfg.train.global_batch} is not divisible by "
+                f"train.micro_batch ({self.micro_batch}) x world size ({ctx.world_size})"
+            )
         self.strategy: Strategy = build_strategy(cfg.strategy, self.device)
         self.model = self.strategy.wrap(model, cfg.optim, cfg.train.max_steps, self.micro_batch, self.grad_accum)
         seed_everything(cfg.train.seed + 1000 * ctx.rank + 1)  # distinct dropout streams per rank
-        self.stream = TokenStream(self.datasets, "train", rank=ctx.rank, world_size=ctx.world_size,
-                                  micro_batch=self.micro_batch, seed=cfg.train.seed, prefetch=2,
-                                  weights=self.weights)
-        self.checkpoints = CheckpointStore(storage.join(self.url, "checkpoints"), rank=ctx.rank,
-                                           world_size=ctx.world_size, strategy=self.strategy.name,
-                                           config_hash=config_hash(cfg), model_shapes=self.model_shapes,
-                                           keep_last=cfg.checkpoint.keep_last, keep_every=cfg.checkpoint.keep_every,
-                                           async_upload=cfg.checkpoint.async_upload)
+        self.stream = TokenStream(
+            self.datasets,
+            "train",
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            micro_batch=self.micro_batch,
+            seed=cfg.train.seed,
+            prefetch=2,
+            weights=self.weights,
+        )
+        self.checkpoints = CheckpointStore(
+            storage.join(self.url, "checkpoints"),
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            strategy=self.strategy.name,
+            config_hash=config_hash(cfg),
+            model_shapes=self.model_shapes,
+            keep_last=cfg.checkpoint.keep_last,
+            keep_every=cfg.checkpoint.keep_every,
+            async_upload=cfg.checkpoint.async_upload,
+        )
         self.tokens_per_step = cfg.train.global_batch * self.dataset.seq_len
         embedding_params = model.transformer.wpe.weight.numel() if hasattr(model, "transformer") else 0
-        self.flops_per_token = flops_per_token(self.num_params - embedding_params, cfg.model.n_layer,
-                                               cfg.model.n_embd, self.dataset.seq_len)
-        self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) \
-            if self.device.type == "cuda" else None
+        self.flops_per_token = flops_per_token(
+            self.num_params - embedding_params, cfg.model.n_layer, cfg.model.n_embd, self.dataset.seq_len
+        )
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.step = 0
-        self.saved_step: Optional[int] = None
+        self.saved_step: int | None = None
 
     def restore(self) -> dict:
         """Load the newest committed checkpoint, if any; returns what happened, for the run's events."""
@@ -149,20 +165,32 @@ class Trainer:
         for reason in restored.skipped:
             log.warning("skipped a newer checkpoint: %s", reason)
         log.info("resumed from %s (step %d)", committed.url, committed.step)
-        return {"restored_step": committed.step, "restored_from": committed.url, "skipped": restored.skipped,
-                "resharded_from": restored.resharded_from}
+        return {
+            "restored_step": committed.step,
+            "restored_from": committed.url,
+            "skipped": restored.skipped,
+            "resharded_from": restored.resharded_from,
+        }
 
     def save(self) -> list[str]:
         """Checkpoint everything needed to continue exactly from this step; returns URLs committed meanwhile."""
         if self.saved_step == self.step:  # never rewrite a committed checkpoint
             return []
-        extra = {"step": self.step, "strategy": self.strategy.extra_state(),
-                 "stream": self.stream.state_dict(), "rng": capture_rng()}
+        extra = {
+            "step": self.step,
+            "strategy": self.strategy.extra_state(),
+            "stream": self.stream.state_dict(),
+            "rng": capture_rng(),
+        }
         started = time.perf_counter()
         committed = self.checkpoints.save(self.step, self.strategy, extra)
         blocked = time.perf_counter() - started
-        log.info("checkpoint step %d %s in %.2fs", self.step,
-                 "upload started" if self.checkpoints.async_upload else "committed", blocked)
+        log.info(
+            "checkpoint step %d %s in %.2fs",
+            self.step,
+            "upload started" if self.checkpoints.async_upload else "committed",
+            blocked,
+        )
         self.saved_step = self.step
         return committed
 
@@ -188,14 +216,25 @@ class Trainer:
             losses.append(float(loss.detach()))
         grad_norm = self.strategy.step()
         self.step += 1
-        return {"loss": sum(losses) / len(losses), "grad_norm": grad_norm,
-                "step_time": time.perf_counter() - started, "data_wait": data_wait}
+        return {
+            "loss": sum(losses) / len(losses),
+            "grad_norm": grad_norm,
+            "step_time": time.perf_counter() - started,
+            "data_wait": data_wait,
+        }
 
     def evaluate(self) -> dict[str, float]:
         """val/loss and val/perplexity over the first eval_batches micro-batches of each rank's val slice."""
-        val = TokenStream(self.datasets, "val", rank=self.ctx.rank, world_size=self.ctx.world_size,
-                          micro_batch=self.micro_batch, seed=self.cfg.train.seed, shuffle=False,
-                          weights=self.weights)
+        val = TokenStream(
+            self.datasets,
+            "val",
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+            micro_batch=self.micro_batch,
+            seed=self.cfg.train.seed,
+            shuffle=False,
+            weights=self.weights,
+        )
         batches = (torch.from_numpy(next(val)).to(self.device) for _ in range(self.cfg.train.eval_batches))
         self.model.eval()
         try:
@@ -207,20 +246,26 @@ class Trainer:
         keys = sorted(sums)
         totals = mean_across_ranks([sums[k] for k in keys], self.device)
         world = self.ctx.world_size
-        return self.task.summarize({k: v * world for k, v in zip(keys, totals)})
+        return self.task.summarize({k: v * world for k, v in zip(keys, totals, strict=False)})
 
     def metrics_for(self, raw: dict[str, float]) -> dict[str, float]:
         """The logged metrics of a step, averaged over ranks."""
         loss, grad_norm, step_time, data_wait = mean_across_ranks(
-            [raw["loss"], raw["grad_norm"], raw["step_time"], raw["data_wait"]], self.device)
+            [raw["loss"], raw["grad_norm"], raw["step_time"], raw["data_wait"]], self.device
+        )
         metrics = {
-            "train/loss": loss, "train/lr": self.strategy.current_lr(), "train/grad_norm": grad_norm,
-            "perf/tokens_per_s": self.tokens_per_step / step_time, "perf/step_time_s": step_time,
-            "perf/data_wait_frac": data_wait / step_time, "train/epoch": float(self.stream.epoch),
+            "train/loss": loss,
+            "train/lr": self.strategy.current_lr(),
+            "train/grad_norm": grad_norm,
+            "perf/tokens_per_s": self.tokens_per_step / step_time,
+            "perf/step_time_s": step_time,
+            "perf/data_wait_frac": data_wait / step_time,
+            "train/epoch": float(self.stream.epoch),
         }
         if self.peak_flops:
-            metrics["perf/mfu"] = mfu(metrics["perf/tokens_per_s"], self.flops_per_token, self.peak_flops,
-                                      self.ctx.world_size)
+            metrics["perf/mfu"] = mfu(
+                metrics["perf/tokens_per_s"], self.flops_per_token, self.peak_flops, self.ctx.world_size
+            )
         held = self.strategy.held_bytes()
         metrics["perf/param_bytes"] = float(held["params"])  # this rank's, rank 0 reports
         metrics["perf/optim_bytes"] = float(held["optim"])
@@ -238,23 +283,45 @@ def run(cfg: Any, ctx: WorkerContext) -> LoopResult:
     """Train (or continue training) the run described by cfg on this worker."""
     trainer = Trainer(cfg, ctx)
     train = cfg.train
-    log.info("rank %d/%d on %s: %s params, grad_accum %d, precision %s", ctx.rank, ctx.world_size,
-             trainer.device, f"{trainer.num_params:,}", trainer.grad_accum, trainer.strategy.precision)
-    watchdog = StepWatchdog(train.step_timeout_s, ctx.rank, on_hang=lambda reason: record_event(
-        trainer.url, "hung", **{**identity(ctx), **reason})).start()
+    log.info(
+        "rank %d/%d on %s: %s params, grad_accum %d, precision %s",
+        ctx.rank,
+        ctx.world_size,
+        trainer.device,
+        f"{trainer.num_params:,}",
+        trainer.grad_accum,
+        trainer.strategy.precision,
+    )
+    watchdog = StepWatchdog(
+        train.step_timeout_s,
+        ctx.rank,
+        on_hang=lambda reason: record_event(trainer.url, "hung", **{**identity(ctx), **reason}),
+    ).start()
     restored = trainer.restore()
     ranks = gather_to_rank0(identity(ctx))
     if ctx.rank == 0:
-        record_event(trainer.url, "started", world_size=ctx.world_size, ranks=ranks,
-                     launcher=getattr(ctx, "launcher", "unknown"), **restored)
+        record_event(
+            trainer.url,
+            "started",
+            world_size=ctx.world_size,
+            ranks=ranks,
+            launcher=getattr(ctx, "launcher", "unknown"),
+            **restored,
+        )
     checkpoint = restored.get("restored_from")
     stop_requests = StopRequestWatcher(trainer.url).start() if ctx.rank == 0 else None
     tracker: Tracker = build_tracker(
-        cfg.tracker, rank=ctx.rank, run_id=cfg.run.id, run_name=cfg.run.id, run_url=trainer.url,
-        scratch_dir=cfg.data.cache_dir, config=asdict(cfg))
+        cfg.tracker,
+        rank=ctx.rank,
+        run_id=cfg.run.id,
+        run_name=cfg.run.id,
+        run_url=trainer.url,
+        scratch_dir=cfg.data.cache_dir,
+        config=asdict(cfg),
+    )
     state, metrics, stop_reason = "SUCCEEDED", {}, None
 
-    def report_committed(urls: list[str], metrics: dict, step: int) -> Optional[str]:
+    def report_committed(urls: list[str], metrics: dict, step: int) -> str | None:
         for url in urls:
             ctx.report(metrics, step, checkpoint=url)
         return urls[-1] if urls else None
@@ -268,15 +335,19 @@ def run(cfg: Any, ctx: WorkerContext) -> LoopResult:
             asked = ctx.should_stop() or (stop_requests is not None and stop_requests.request is not None)
             if any_rank(asked, trainer.device):  # every rank stops at the same step
                 state = "PREEMPTED"
-                stop_reason = describe_stop(ctx, stop_requests, gather_to_rank0(
-                    getattr(ctx, "stop_reason", None) if ctx.should_stop() else None))
+                stop_reason = describe_stop(
+                    ctx,
+                    stop_requests,
+                    gather_to_rank0(getattr(ctx, "stop_reason", None) if ctx.should_stop() else None),
+                )
                 break
             watchdog.beat(trainer.step, "train step")
             raw = trainer.train_step()
             step, last = trainer.step, trainer.step == train.max_steps
             if not math.isfinite(raw["loss"]):
-                raise FloatingPointError(f"loss is {raw['loss']} at step {step} on rank {ctx.rank}; "
-                                         "lower optim.lr or check the data")
+                raise FloatingPointError(
+                    f"loss is {raw['loss']} at step {step} on rank {ctx.rank}; lower optim.lr or check the data"
+                )
             metrics = trainer.metrics_for(raw) if step % train.log_every == 0 or last else {}
             if step % train.eval_every == 0 or last:
                 watchdog.beat(step, "evaluation")
@@ -309,12 +380,11 @@ def run(cfg: Any, ctx: WorkerContext) -> LoopResult:
     trainer.finish_uploads()
     tracker.finish(state)
     if ctx.rank == 0:
-        record_event(trainer.url, "finished", state=state, step=trainer.step, reason=stop_reason,
-                     checkpoint=checkpoint)
+        record_event(trainer.url, "finished", state=state, step=trainer.step, reason=stop_reason, checkpoint=checkpoint)
     return LoopResult(state=state, step=trainer.step, metrics=metrics, checkpoint=checkpoint)
 
 
-def describe_stop(ctx: WorkerContext, stop_requests: Optional[StopRequestWatcher], local: list) -> Optional[str]:
+def describe_stop(ctx: WorkerContext, stop_requests: StopRequestWatcher | None, local: list) -> str | None:
     """Rank 0: why the run is stopping early (a `kiln stop`/driver request, or which rank got a signal)."""
     if ctx.rank != 0:
         return None
@@ -327,8 +397,7 @@ def describe_stop(ctx: WorkerContext, stop_requests: Optional[StopRequestWatcher
     return "a worker was asked to stop (preemption)"
 
 
-def preempt(trainer: Trainer, cfg: Any, watchdog: StepWatchdog, reason: Optional[str],
-            report_committed) -> Optional[str]:
+def preempt(trainer: Trainer, cfg: Any, watchdog: StepWatchdog, reason: str | None, report_committed) -> str | None:
     """Commit a checkpoint of the current step now, within checkpoint.preempt_grace_s."""
     started = time.perf_counter()
     log.warning("stopping at step %d: %s; committing a checkpoint", trainer.step, reason)
@@ -337,6 +406,6 @@ def preempt(trainer: Trainer, cfg: Any, watchdog: StepWatchdog, reason: Optional
     took = time.perf_counter() - started
     grace = cfg.checkpoint.preempt_grace_s
     (log.info if took <= grace else log.error)(
-        "preemption checkpoint at step %d committed in %.2fs (checkpoint.preempt_grace_s=%g)",
-        trainer.step, took, grace)
+        "preemption checkpoint at step %d committed in %.2fs (checkpoint.preempt_grace_s=%g)", trainer.step, took, grace
+    )
     return report_committed(committed, {}, trainer.step)

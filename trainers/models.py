@@ -32,10 +32,13 @@ def gpt2_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> GPT2Config:
 def build_gpt2(cfg: ModelConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
     """A freshly initialised GPT-2 causal LM (weights from the current torch RNG state)."""
     if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
-                         f"vocabulary ({vocab_size}); raise it or leave it unset")
-    model = GPT2LMHeadModel._from_config(gpt2_config(cfg, vocab_size, eos_id),
-                                          attn_implementation=cfg.attn_implementation)
+        raise ValueError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({vocab_size}); raise it or leave it unset"
+        )
+    model = GPT2LMHeadModel._from_config(
+        gpt2_config(cfg, vocab_size, eos_id), attn_implementation=cfg.attn_implementation
+    )
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -17,7 +17,8 @@ import os
 import pathlib
 import pickle
 import re
-from typing import IO, Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any, ClassVar
 
 import torch
 
@@ -33,8 +34,10 @@ class Refused(pickle.UnpicklingError):
 
 def refused_message(name: str, what: str) -> str:
     """The one line a refused checkpoint file gets."""
-    return (f"{name} holds objects Kiln will not load ({what}); the checkpoint may have been tampered "
-            "with: delete it or restore it from a copy you trust")
+    return (
+        f"{name} holds objects Kiln will not load ({what}); the checkpoint may have been tampered "
+        "with: delete it or restore it from a copy you trust"
+    )
 
 
 def _dcp_metadata_globals() -> dict[tuple[str, str], Any]:
@@ -43,8 +46,16 @@ def _dcp_metadata_globals() -> dict[tuple[str, str], Any]:
 
     allowed: dict[tuple[str, str], Any] = {
         (metadata.__name__, name): getattr(metadata, name)
-        for name in ("Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
-                     "ChunkStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
     }
     allowed[(filesystem.__name__, "_StorageInfo")] = filesystem._StorageInfo
     allowed[("torch", "Size")] = torch.Size
@@ -62,7 +73,7 @@ def _dcp_metadata_globals() -> dict[tuple[str, str], Any]:
 class _MetadataUnpickler(pickle.Unpickler):
     """pickle with find_class limited to the DCP metadata allow-list (and no persistent ids)."""
 
-    allowed: dict[tuple[str, str], Any] = {}
+    allowed: ClassVar[dict[tuple[str, str], Any]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         found = self.allowed.get((module, name))
@@ -85,11 +96,13 @@ def read_dcp_metadata(stream: IO[bytes], name: str):
     except Refused as exc:
         raise CheckpointError(refused_message(name, str(exc))) from None
     except Exception as exc:  # truncated or garbage bytes: any of pickle's many error types
-        raise CheckpointError(f"{name} is damaged ({type(exc).__name__}: {_first_line(exc)}); "
-                              "the checkpoint cannot be used") from None
+        raise CheckpointError(
+            f"{name} is damaged ({type(exc).__name__}: {_first_line(exc)}); the checkpoint cannot be used"
+        ) from None
     if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"{name} is damaged (it holds a {type(metadata).__name__}, not DCP metadata); "
-                              "the checkpoint cannot be used")
+        raise CheckpointError(
+            f"{name} is damaged (it holds a {type(metadata).__name__}, not DCP metadata); the checkpoint cannot be used"
+        )
     for info in (metadata.storage_data or {}).values():
         # DCP joins relative_path onto the shards folder: '../x' or '/etc/x' would read any host file.
         path = getattr(info, "relative_path", "")
@@ -106,8 +119,11 @@ def check_dcp_items(metadata, read_slice: Callable[[str, int, int], bytes], wher
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     try:
-        items = [(index.fqn, info) for index, info in metadata.storage_data.items()
-                 if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata)]
+        items = [
+            (index.fqn, info)
+            for index, info in metadata.storage_data.items()
+            if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata)
+        ]
     except (AttributeError, TypeError) as exc:  # well-formed classes holding the wrong fields
         raise CheckpointError(f"{where}/{DCP_METADATA} is damaged ({exc}); the checkpoint cannot be used") from None
     for fqn, info in items:
@@ -128,8 +144,7 @@ def deepspeed_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_torch(source: str | IO[bytes] | bytes, name: str, map_location: Any = "cpu",
-               allow: Sequence = ()) -> Any:
+def load_torch(source: str | IO[bytes] | bytes, name: str, map_location: Any = "cpu", allow: Sequence = ()) -> Any:
     """torch.load with weights_only=True (plus the `allow` types); CheckpointError naming `name`."""
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
@@ -139,8 +154,9 @@ def load_torch(source: str | IO[bytes] | bytes, name: str, map_location: Any = "
     except pickle.UnpicklingError as exc:
         raise CheckpointError(refused_message(name, _refused_what(str(exc)))) from None
     except Exception as exc:  # truncated zip, garbage: torch raises RuntimeError, EOFError, ...
-        raise CheckpointError(f"{name} is damaged ({type(exc).__name__}: {_first_line(exc)}); "
-                              "the checkpoint cannot be used") from None
+        raise CheckpointError(
+            f"{name} is damaged ({type(exc).__name__}: {_first_line(exc)}); the checkpoint cannot be used"
+        ) from None
 
 
 def check_torch_file(source: str | IO[bytes], path: str, name: str) -> None:

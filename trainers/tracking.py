@@ -6,11 +6,11 @@ import json
 import logging
 import os
 import time
-from typing import Optional, Protocol
+from typing import Protocol
 
 from data_pipeline import storage
-from trainers.config import TrackerConfig
 from data_pipeline.redaction import redact
+from trainers.config import TrackerConfig
 
 log = logging.getLogger("kiln.tracking")
 
@@ -83,18 +83,34 @@ def wandb_mode(cfg: TrackerConfig) -> str:
 class WandbTracker:
     """A W&B run whose id is the Kiln run id, so a resumed run continues the same W&B run."""
 
-    def __init__(self, cfg: TrackerConfig, *, run_id: str, run_name: str, local_dir: str, config: dict,
-                 upload_to: Optional[str] = None):
+    def __init__(
+        self,
+        cfg: TrackerConfig,
+        *,
+        run_id: str,
+        run_name: str,
+        local_dir: str,
+        config: dict,
+        upload_to: str | None = None,
+    ):
         import wandb
 
         self.local_dir, self.upload_to = local_dir, upload_to
         os.makedirs(local_dir, exist_ok=True)
         self._run = wandb.init(
             # Every value handed to W&B passes the one redaction (a tag can quote a secret as easily as a config).
-            project=redact(cfg.project), entity=redact(cfg.entity), id=run_id, name=redact(run_name),
-            dir=local_dir, mode=wandb_mode(cfg), resume="allow", tags=redact(list(cfg.tags)), config=redact(config),
-            settings=wandb.Settings(silent=True, console="off", save_code=False, disable_git=True,
-                                    x_disable_stats=True),
+            project=redact(cfg.project),
+            entity=redact(cfg.entity),
+            id=run_id,
+            name=redact(run_name),
+            dir=local_dir,
+            mode=wandb_mode(cfg),
+            resume="allow",
+            tags=redact(list(cfg.tags)),
+            config=redact(config),
+            settings=wandb.Settings(
+                silent=True, console="off", save_code=False, disable_git=True, x_disable_stats=True
+            ),
         )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -131,8 +147,9 @@ class CompositeTracker:
             tracker.finish(state)
 
 
-def build_tracker(cfg: TrackerConfig, *, rank: int, run_id: str, run_name: str, run_url: str,
-                  scratch_dir: str, config: dict) -> Tracker:
+def build_tracker(
+    cfg: TrackerConfig, *, rank: int, run_id: str, run_name: str, run_url: str, scratch_dir: str, config: dict
+) -> Tracker:
     """Rank 0: metrics.jsonl plus W&B unless `tracker=none`; other ranks: nothing.
 
     W&B writes local files only: a local run keeps them in its folder; a run on object storage keeps
@@ -143,7 +160,14 @@ def build_tracker(cfg: TrackerConfig, *, rank: int, run_id: str, run_name: str, 
     trackers: list[Tracker] = [JsonlTracker(storage.join(run_url, "metrics.jsonl"))]
     if cfg.name == "wandb":
         local = storage.is_local(run_url)
-        trackers.append(WandbTracker(cfg, run_id=run_id, run_name=run_name,
-                                     local_dir=run_url if local else os.path.join(scratch_dir, "wandb", run_id),
-                                     config=config, upload_to=None if local else storage.join(run_url, "wandb")))
+        trackers.append(
+            WandbTracker(
+                cfg,
+                run_id=run_id,
+                run_name=run_name,
+                local_dir=run_url if local else os.path.join(scratch_dir, "wandb", run_id),
+                config=config,
+                upload_to=None if local else storage.join(run_url, "wandb"),
+            )
+        )
     return CompositeTracker(trackers)

@@ -33,7 +33,7 @@ def batch(step: int, rank: int, world: int) -> torch.Tensor:
     """This rank's share of a global batch that depends on the step only, not on the world size."""
     tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1000 + step))
     per_rank = GLOBAL_BATCH // world
-    return tokens[rank * per_rank:(rank + 1) * per_rank]
+    return tokens[rank * per_rank : (rank + 1) * per_rank]
 
 
 def build(name: str, seed: int):
@@ -41,9 +41,12 @@ def build(name: str, seed: int):
     stage, offload = STAGES[name]
     torch.manual_seed(seed)
     model = build_gpt2(ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=SEQ, vocab_size=VOCAB), VOCAB, 0)
-    strategy = build_strategy(StrategyConfig(name=name, precision="fp32", zero_stage=stage,
-                                             offload_optimizer=offload, offload_params=offload),
-                              torch.device("cpu"))
+    strategy = build_strategy(
+        StrategyConfig(
+            name=name, precision="fp32", zero_stage=stage, offload_optimizer=offload, offload_params=offload
+        ),
+        torch.device("cpu"),
+    )
     optim = OptimConfig(lr=3e-3, warmup_steps=2, weight_decay=0.1, grad_clip=1.0)
     strategy.wrap(model, optim, MAX_STEPS, micro_batch=GLOBAL_BATCH // dist.get_world_size(), grad_accum=1)
     return strategy
@@ -81,7 +84,7 @@ def full_state(strategy) -> dict:
         # when the other groups have no state yet: link them all now, or the gather finds no exp_avg.
         from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-        for params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+        for params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups, strict=False):
             lazy_init_hp_params_optimizer_state(params, flat, zero.optimizer.state)
     state: dict = {"fp32": {}, "exp_avg": {}, "exp_avg_sq": {}}
     for name, param in engine.module.named_parameters():

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, STRATEGY_RUN as RUN, kiln
+from tests.conftest import REPO, kiln
+from tests.conftest import STRATEGY_RUN as RUN
 from tests.distributed.test_torchrun import rows, torchrun
 
 pytestmark = pytest.mark.slow
@@ -65,8 +66,18 @@ def test_export_loads_in_transformers_with_the_trained_logits(trained, strategy,
 
     run_dir = trained(strategy)
     probe = tmp_path / "probe.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(REPO / "tests" / "distributed" / "probe_logits.py"), str(run_dir.parent), strategy, str(probe)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(REPO / "tests" / "distributed" / "probe_logits.py"),
+        str(run_dir.parent),
+        strategy,
+        str(probe),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     trained_logits = torch.load(probe, weights_only=True)
@@ -95,6 +106,7 @@ def test_export_loads_in_transformers_with_the_trained_logits(trained, strategy,
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_sharded_strategies_hold_a_world_size_share_of_ddp_bytes(trained, strategy):
     """Exact byte counts from each rank's own tensors (rank 0 reports), not timings or RSS."""
+
     def held(run_dir: Path) -> dict[str, float]:
         last = [r for r in rows(run_dir) if "perf/param_bytes" in r][-1]
         assert last["perf/peak_mem_mb"] > 0
@@ -119,14 +131,17 @@ def test_a_checkpoint_from_another_model_names_the_mismatched_shapes(trained, tm
     other = build_gpt2(ModelConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64), vocab_size=512, eos_id=0)
     for strategy in ("ddp", "zero3"):
         shards = trained(strategy) / "checkpoints" / "step_000020" / "shards"
-        with pytest.raises(CheckpointError, match=r"transformer.wte.weight: checkpoint \[512, 64\] vs model \[512, 32\]"):
+        with pytest.raises(
+            CheckpointError, match=r"transformer.wte.weight: checkpoint \[512, 64\] vs model \[512, 32\]"
+        ):
             load_consolidated(other, str(shards), strategy)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp"])  # sharded: recomputation meets gathering
 def test_activation_checkpointing_saves_activations_not_math(trained, strategy, tmp_path):
-    torchrun(*RUN, f"strategy={strategy}", "model.activation_checkpointing=true", "run.id=ac",
-             f"storage.root={tmp_path}")
+    torchrun(
+        *RUN, f"strategy={strategy}", "model.activation_checkpointing=true", "run.id=ac", f"storage.root={tmp_path}"
+    )
     recomputed, stored = by_step(tmp_path / "ac", "train/loss"), by_step(trained(strategy), "train/loss")
     assert sorted(recomputed) == sorted(stored)
     for step, loss in recomputed.items():

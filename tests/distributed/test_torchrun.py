@@ -21,8 +21,17 @@ pytestmark = pytest.mark.slow
 
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 -m orchestrator.torchrun ARGS`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "orchestrator.torchrun", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "orchestrator.torchrun",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -39,6 +48,8 @@ def test_trainers_never_import_ray():
     for path in sources:
         text = path.read_text()
         assert "import ray" not in text and "from ray" not in text, path
-    code = ("import sys, trainers.loop, orchestrator.torchrun; "
-            "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
+    code = (
+        "import sys, trainers.loop, orchestrator.torchrun; "
+        "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import psutil
 
@@ -28,7 +29,7 @@ def s3_client():
     return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
 
 
-def read_json(url: str) -> Optional[dict]:
+def read_json(url: str) -> dict | None:
     """A JSON object on S3, or None if absent."""
     fs = s3_client()
     try:
@@ -43,7 +44,7 @@ def metrics(root: str, run: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def events(root: str, run: str, kind: Optional[str] = None) -> list[dict]:
+def events(root: str, run: str, kind: str | None = None) -> list[dict]:
     """The run's events, oldest first (optionally one kind)."""
     from trainers.events import read_events
 
@@ -75,11 +76,17 @@ def wait_for(what: str, predicate: Callable[[], object], timeout: float = 240, p
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f":\n{output(proc)}" if proc else ""))
 
 
-def start_kiln(*args: str, log: Path, env: Optional[dict] = None) -> subprocess.Popen:
+def start_kiln(*args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
     """`kiln ARGS` in the background, in its own session (so the test can kill it and its Ray)."""
     handle = open(log, "w")
-    process = subprocess.Popen([str(BIN / "kiln"), *args], stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                               env={**os.environ, "COLUMNS": "200", **(env or {})}, start_new_session=True)
+    process = subprocess.Popen(
+        [str(BIN / "kiln"), *args],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        start_new_session=True,
+    )
     process.log_path = log  # type: ignore[attr-defined]
     return process
 
@@ -113,10 +120,8 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
     except psutil.NoSuchProcess:
         return
     for process in family:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(family, timeout=30)
 
 

@@ -62,9 +62,12 @@ def stop_by_process_group_sigterm(run, root, run_dir, tmp_path) -> None:
     record = json.loads((run_dir / "run.json").read_text())
     assert record["state"] == "PREEMPTED" and record["attempts"][-1]["outcome"] == "PREEMPTED"
     step = record["checkpoint"]["step"]
-    assert step == record["attempts"][-1]["final_step"] >= 3 and (run_dir / "checkpoints" / f"step_{step:06d}" / "MANIFEST.json").exists()
+    assert (
+        step == record["attempts"][-1]["final_step"] >= 3
+        and (run_dir / "checkpoints" / f"step_{step:06d}" / "MANIFEST.json").exists()
+    )
     assert not (run_dir / "STOP").exists()  # served: nothing is left to stop the next attempt
-    gone, alive = psutil.wait_procs(family, timeout=20)
+    _gone, alive = psutil.wait_procs(family, timeout=20)
     assert not alive, [p.pid for p in alive]  # no Ray process outlives its driver
 
 
@@ -72,8 +75,16 @@ def test_more_workers_than_the_embedded_ray_has_cpus_fail_in_one_line_and_regist
     import multiprocessing
 
     workers = 32 * multiprocessing.cpu_count()
-    result = kiln("train", *TINY, "tracker=none", f"cluster.num_workers={workers}",
-                  f"train.global_batch={4 * workers}", "run.id=w", f"storage.root={tmp_path}", timeout=120)
+    result = kiln(
+        "train",
+        *TINY,
+        "tracker=none",
+        f"cluster.num_workers={workers}",
+        f"train.global_batch={4 * workers}",
+        "run.id=w",
+        f"storage.root={tmp_path}",
+        timeout=120,
+    )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     for words in (f"cluster.num_workers={workers}", "cluster.cpus_per_worker=1", "CPUs", "room for"):

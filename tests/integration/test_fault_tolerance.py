@@ -17,13 +17,29 @@ import pytest
 
 from orchestrator.cli import main as cli_main
 from tests.conftest import STRATEGY_RUN, kiln
-from tests.integration.ft_harness import (committed_steps, events, finish, kill_tree, losses, metrics, read_json,
-                                          s3_client, s3_root, start_kiln, wait_for, worker_pid)
+from tests.integration.ft_harness import (
+    committed_steps,
+    events,
+    finish,
+    kill_tree,
+    losses,
+    metrics,
+    read_json,
+    s3_client,
+    s3_root,
+    start_kiln,
+    wait_for,
+    worker_pid,
+)
 
 pytestmark = pytest.mark.slow
 
 EVERY_STEP = [o for o in STRATEGY_RUN if not o.startswith("train.checkpoint_every")] + [
-    "train.checkpoint_every=1", "checkpoint.keep_last=3", "checkpoint.keep_every=10", "cluster.max_failures=2"]
+    "train.checkpoint_every=1",
+    "checkpoint.keep_last=3",
+    "checkpoint.keep_every=10",
+    "cluster.max_failures=2",
+]
 
 
 def assert_same_losses(rows: list[dict], reference: list[dict], steps=range(1, 21)) -> None:
@@ -51,12 +67,25 @@ def test_a_ddp_run_on_a_flaky_store_survives_a_kill_mid_save_exactly(s3, trained
             killed.append(worker_pid(root, "k", rank=1))
             os.kill(killed[0], signal.SIGKILL)
 
-    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], fail_rate=0.05, drop_rate=0.02, seed=7,
-                     delay_s=3.0, delay_path=r"step_000010/extra/rank_00001",
-                     on_request=kill_rank1_during_its_step10_upload) as proxy:
-        result = kiln("train", *[o for o in EVERY_STEP if o != "tracker=none"], "tracker=wandb", "strategy=ddp",
-                      "run.id=k", f"storage.root={root}", env={"AWS_ENDPOINT_URL": proxy.endpoint,
-                                                                "AWS_SECRET_ACCESS_KEY": "testing"}, timeout=500)
+    with FaultyProxy(
+        os.environ["AWS_ENDPOINT_URL"],
+        fail_rate=0.05,
+        drop_rate=0.02,
+        seed=7,
+        delay_s=3.0,
+        delay_path=r"step_000010/extra/rank_00001",
+        on_request=kill_rank1_during_its_step10_upload,
+    ) as proxy:
+        result = kiln(
+            "train",
+            *[o for o in EVERY_STEP if o != "tracker=none"],
+            "tracker=wandb",
+            "strategy=ddp",
+            "run.id=k",
+            f"storage.root={root}",
+            env={"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_SECRET_ACCESS_KEY": "testing"},
+            timeout=500,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert proxy.counts.failed > 0 and proxy.counts.dropped > 0  # the store really was flaky
     assert killed, "the kill during the step-10 upload never happened"
@@ -82,9 +111,16 @@ def test_a_ddp_run_on_a_flaky_store_survives_a_kill_mid_save_exactly(s3, trained
     # Everything the run wrote is on S3, nothing in the working directory, no secret anywhere.
     fs = s3_client()
     base = f"{root}/k".removeprefix("s3://")
-    found = {path[len(base) + 1:] for path in fs.find(base)}
-    for expected in ("run.json", "config.yaml", "metrics.jsonl", "tokenizer/tokenizer.json",
-                     "checkpoints/step_000020/MANIFEST.json", "logs/worker_0.log", "logs/worker_1.log"):
+    found = {path[len(base) + 1 :] for path in fs.find(base)}
+    for expected in (
+        "run.json",
+        "config.yaml",
+        "metrics.jsonl",
+        "tokenizer/tokenizer.json",
+        "checkpoints/step_000020/MANIFEST.json",
+        "logs/worker_0.log",
+        "logs/worker_1.log",
+    ):
         assert expected in found, (expected, sorted(found)[:40])
     assert any(p.startswith("events/") for p in found)
     assert any(p.startswith("wandb/") and p.endswith("run-k.wandb") for p in found)
@@ -96,8 +132,15 @@ def test_a_ddp_run_on_a_flaky_store_survives_a_kill_mid_save_exactly(s3, trained
 
 def test_zero3_worker_sigkill_with_async_uploads_restarts_with_identical_losses(s3, trained_runs, tmp_path):
     root = s3_root(s3)
-    run = start_kiln("train", *EVERY_STEP, "checkpoint.async=true", "strategy=zero3", "run.id=z",
-                     f"storage.root={root}", log=tmp_path / "train.log")
+    run = start_kiln(
+        "train",
+        *EVERY_STEP,
+        "checkpoint.async=true",
+        "strategy=zero3",
+        "run.id=z",
+        f"storage.root={root}",
+        log=tmp_path / "train.log",
+    )
     wait_for("step 10 committed", lambda: max(committed_steps(root, "z"), default=0) >= 10, proc=run)
     victim = worker_pid(root, "z", rank=1)
     os.kill(victim, signal.SIGKILL)
@@ -112,17 +155,29 @@ def test_zero3_worker_sigkill_with_async_uploads_restarts_with_identical_losses(
 
 
 def test_fsdp_survives_a_worker_kill_then_the_driver_dies_and_kiln_resume_reshards_to_one_worker(
-        s3, trained_runs, tmp_path):
+    s3, trained_runs, tmp_path
+):
     """Async uploads; Ray restarts the group after a SIGKILL; then the driver and its Ray are killed."""
     root = s3_root(s3)
     args = [o for o in EVERY_STEP if o != "tracker=none"]
-    run = start_kiln("train", *args, "tracker=wandb", "checkpoint.async=true", "strategy=fsdp", "run.id=f",
-                     f"storage.root={root}", log=tmp_path / "train.log")
+    run = start_kiln(
+        "train",
+        *args,
+        "tracker=wandb",
+        "checkpoint.async=true",
+        "strategy=fsdp",
+        "run.id=f",
+        f"storage.root={root}",
+        log=tmp_path / "train.log",
+    )
     wait_for("step 6 committed", lambda: max(committed_steps(root, "f"), default=0) >= 6, proc=run)
     victim = worker_pid(root, "f", rank=1)
     os.kill(victim, signal.SIGKILL)
-    wait_for("a restarted group at step 13", lambda: len(events(root, "f", "started")) == 2
-             and max(committed_steps(root, "f"), default=0) >= 13, proc=run)
+    wait_for(
+        "a restarted group at step 13",
+        lambda: len(events(root, "f", "started")) == 2 and max(committed_steps(root, "f"), default=0) >= 13,
+        proc=run,
+    )
     config_before = s3_client().cat_file(f"{root}/f/config.yaml".removeprefix("s3://"))
     kill_tree(run.pid)  # the driver and the Ray it started
     before = metrics(root, "f")
@@ -187,8 +242,16 @@ def test_a_hang_then_sigterm_twice_and_kiln_stop_through_a_corrupt_checkpoint_st
 
     # Rank 1 freezes (SIGSTOP) and rank 0 waits in a collective forever: the step watchdog fails it with
     # the rank and step named, and Ray restarts the group. Then rank 1 of the new group gets SIGTERM.
-    run = start_kiln("train", *EVERY_STEP, "strategy=ddp", "train.step_timeout_s=8",
-                     "run.id=p", f"storage.root={root}", f"checkpoint.preempt_grace_s={grace}", log=tmp_path / "1.log")
+    run = start_kiln(
+        "train",
+        *EVERY_STEP,
+        "strategy=ddp",
+        "train.step_timeout_s=8",
+        "run.id=p",
+        f"storage.root={root}",
+        f"checkpoint.preempt_grace_s={grace}",
+        log=tmp_path / "1.log",
+    )
     reached(run, 2)
     frozen = worker_pid(root, "p", rank=1)
     os.kill(frozen, signal.SIGSTOP)

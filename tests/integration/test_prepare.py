@@ -31,8 +31,12 @@ def make_inputs(folder: Path) -> list[str]:
 
     folder.mkdir(parents=True)
     first, second = documents(120, 1), documents(80, 2)
-    lines = [json.dumps({"text": t}) for t in first[:60]] + ["{broken json"] + \
-        [json.dumps({"title": "no text"}), json.dumps({"text": ""})] + [json.dumps({"text": t}) for t in first[60:]]
+    lines = (
+        [json.dumps({"text": t}) for t in first[:60]]
+        + ["{broken json"]
+        + [json.dumps({"title": "no text"}), json.dumps({"text": ""})]
+        + [json.dumps({"text": t}) for t in first[60:]]
+    )
     (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
     pq.write_table(pa.table({"text": second}), folder / "b.parquet")
     (folder / "c.txt").write_text("a plain text document about kilns")
@@ -46,7 +50,9 @@ def prepared_documents(out: Path) -> dict[str, list[str]]:
     tokenizer = bpe.load(dataset.tokenizer_url)
     docs = {}
     for split in ("train", "val"):
-        ids = np.concatenate([np.frombuffer(Path(s.url).read_bytes(), dtype=dataset.dtype) for s in dataset.shards(split)])
+        ids = np.concatenate(
+            [np.frombuffer(Path(s.url).read_bytes(), dtype=dataset.dtype) for s in dataset.shards(split)]
+        )
         pieces, current = [], []
         for token in ids.tolist():
             if token == dataset.eos_id:
@@ -61,8 +67,7 @@ def prepared_documents(out: Path) -> dict[str, list[str]]:
 def test_prepare_packs_every_good_document_in_order_and_reports_bad_ones(tmp_path):
     expected = make_inputs(tmp_path / "raw")
     out = tmp_path / "prepared"
-    args = ["prepare", f"input={tmp_path}/raw/*", f"output={out}", "seq_len=32", "vocab_size=400",
-            "val_fraction=0.2"]
+    args = ["prepare", f"input={tmp_path}/raw/*", f"output={out}", "seq_len=32", "vocab_size=400", "val_fraction=0.2"]
     result = kiln(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 bad records, 1 empty documents dropped" in result.stdout
@@ -100,8 +105,14 @@ def test_prepare_packs_every_good_document_in_order_and_reports_bad_ones(tmp_pat
 
 def test_on_bad_record_fail_stops_at_file_and_line(tmp_path):
     make_inputs(tmp_path / "raw")
-    result = kiln("prepare", f"input={tmp_path}/raw/a.jsonl", f"output={tmp_path}/out", "seq_len=32",
-                  "vocab_size=400", "on_bad_record=fail")
+    result = kiln(
+        "prepare",
+        f"input={tmp_path}/raw/a.jsonl",
+        f"output={tmp_path}/out",
+        "seq_len=32",
+        "vocab_size=400",
+        "on_bad_record=fail",
+    )
     assert result.returncode == 2
     assert f"{tmp_path}/raw/a.jsonl:61: malformed JSON" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -116,8 +127,9 @@ def test_prepare_on_s3_then_train_streaming_from_s3(s3, tmp_path, cache_dir):
     fs.put(str(local_raw / "a.jsonl"), f"{s3}/raw/a.jsonl")
     fs.put(str(local_raw / "b.parquet"), f"{s3}/raw/b.parquet")
     out = f"s3://{s3}/prepared/v1"
-    result = kiln("prepare", f"input=s3://{s3}/raw/*", f"output={out}", "seq_len=32", "vocab_size=400",
-                  "val_fraction=0.2")
+    result = kiln(
+        "prepare", f"input=s3://{s3}/raw/*", f"output={out}", "seq_len=32", "vocab_size=400", "val_fraction=0.2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert fs.exists(f"{s3}/prepared/v1/manifest.json")
 
@@ -128,10 +140,23 @@ def test_prepare_on_s3_then_train_streaming_from_s3(s3, tmp_path, cache_dir):
     for _ in range(5):
         assert np.array_equal(next(remote_stream), next(local_stream))
 
-    torchrun("data=prepared", f"data.path={out}", "data.seq_len=32", "model.n_layer=2", "model.n_head=2",
-             "model.n_embd=64", "model.n_positions=64", "train.global_batch=8", "train.micro_batch=4",
-             "train.max_steps=4", "train.eval_every=4", "train.eval_batches=1", "tracker=none", "run.id=s3data",
-             f"storage.root={tmp_path / 'runs'}")
+    torchrun(
+        "data=prepared",
+        f"data.path={out}",
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=64",
+        "model.n_positions=64",
+        "train.global_batch=8",
+        "train.micro_batch=4",
+        "train.max_steps=4",
+        "train.eval_every=4",
+        "train.eval_batches=1",
+        "tracker=none",
+        "run.id=s3data",
+        f"storage.root={tmp_path / 'runs'}",
+    )
     losses = [r["train/loss"] for r in rows(tmp_path / "runs" / "s3data") if "train/loss" in r]
     assert len(losses) == 4 and all(np.isfinite(losses))
 
@@ -142,20 +167,45 @@ def test_prepare_on_s3_then_train_streaming_from_s3(s3, tmp_path, cache_dir):
 def test_a_second_dataset_with_the_first_ones_tokenizer_trains_as_a_mixture(tmp_path, cache_dir):
     for name, seed in (("web", 1), ("code", 2)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in documents(150, seed)))
-    first = kiln("prepare", f"input={tmp_path}/web.jsonl", f"output={tmp_path}/web", "seq_len=32",
-                 "vocab_size=400", "val_fraction=0.2")
+    first = kiln(
+        "prepare",
+        f"input={tmp_path}/web.jsonl",
+        f"output={tmp_path}/web",
+        "seq_len=32",
+        "vocab_size=400",
+        "val_fraction=0.2",
+    )
     assert first.returncode == 0, first.stderr[-2000:]
-    second = kiln("prepare", f"input={tmp_path}/code.jsonl", f"output={tmp_path}/code", "seq_len=32",
-                  f"tokenizer={tmp_path}/web/tokenizer", "val_fraction=0.2")
+    second = kiln(
+        "prepare",
+        f"input={tmp_path}/code.jsonl",
+        f"output={tmp_path}/code",
+        "seq_len=32",
+        f"tokenizer={tmp_path}/web/tokenizer",
+        "val_fraction=0.2",
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     web, code = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("web", "code"))
     assert web["tokenizer"]["sha256"] == code["tokenizer"]["sha256"] and code["tokenizer"]["trained"] is False
 
     mixture = f"data.mixture=[{{path: {tmp_path}/web, weight: 3}}, {{path: {tmp_path}/code, weight: 1}}]"
-    torchrun("data=mixture", mixture, "data.seq_len=32", "model.n_layer=2", "model.n_head=2", "model.n_embd=64",
-             "model.n_positions=64", "train.global_batch=8", "train.micro_batch=4", "train.max_steps=4",
-             "train.eval_every=4", "train.eval_batches=1", "tracker=none", "run.id=mix",
-             f"storage.root={tmp_path / 'runs'}")
+    torchrun(
+        "data=mixture",
+        mixture,
+        "data.seq_len=32",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=64",
+        "model.n_positions=64",
+        "train.global_batch=8",
+        "train.micro_batch=4",
+        "train.max_steps=4",
+        "train.eval_every=4",
+        "train.eval_batches=1",
+        "tracker=none",
+        "run.id=mix",
+        f"storage.root={tmp_path / 'runs'}",
+    )
     losses = [r["train/loss"] for r in rows(tmp_path / "runs" / "mix") if "train/loss" in r]
     assert len(losses) == 4 and all(np.isfinite(losses))
     saved = (tmp_path / "runs" / "mix" / "config.yaml").read_text()
@@ -164,12 +214,26 @@ def test_a_second_dataset_with_the_first_ones_tokenizer_trains_as_a_mixture(tmp_
 
 def test_chat_rows_are_templated_and_only_assistant_tokens_are_learned(tmp_path):
     rows = [{"prompt": f"what is {i} plus {i}?", "response": f"it is {2 * i}."} for i in range(120)]
-    rows.append({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                              {"role": "assistant", "content": "hello there"}]})
+    rows.append(
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello there"},
+            ]
+        }
+    )
     rows.append({"messages": [{"role": "user", "content": "nobody answers"}]})
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = kiln("prepare", f"input={tmp_path}/chat.jsonl", f"output={tmp_path}/out", "kind=chat", "seq_len=64",
-                  "vocab_size=400", "val_fraction=0.1")
+    result = kiln(
+        "prepare",
+        f"input={tmp_path}/chat.jsonl",
+        f"output={tmp_path}/out",
+        "kind=chat",
+        "seq_len=64",
+        "vocab_size=400",
+        "val_fraction=0.1",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{tmp_path}/chat.jsonl:122: the conversation has no assistant message" in result.stdout
     from data_pipeline.prepare import split_of
@@ -179,13 +243,18 @@ def test_chat_rows_are_templated_and_only_assistant_tokens_are_learned(tmp_path)
     assert manifest["kind"] == "chat" and manifest["summary"]["documents"] == 121
     tokenizer = bpe.load(str(tmp_path / "out" / "tokenizer"))
     eos = manifest["eos_id"]
-    ids = np.concatenate([np.fromfile(tmp_path / "out" / s["path"], dtype="<u2")
-                          for s in manifest["splits"]["train"]["shards"]])
-    mask = np.concatenate([np.fromfile(tmp_path / "out" / s["mask"]["path"], dtype=np.uint8)
-                           for s in manifest["splits"]["train"]["shards"]])
+    ids = np.concatenate(
+        [np.fromfile(tmp_path / "out" / s["path"], dtype="<u2") for s in manifest["splits"]["train"]["shards"]]
+    )
+    mask = np.concatenate(
+        [
+            np.fromfile(tmp_path / "out" / s["mask"]["path"], dtype=np.uint8)
+            for s in manifest["splits"]["train"]["shards"]
+        ]
+    )
     assert len(ids) == len(mask) and set(np.unique(mask)) == {0, 1}
     learned, prompt_side, current, shown = [], [], [], []
-    for token, learn in zip(ids.tolist(), mask.tolist()):
+    for token, learn in zip(ids.tolist(), mask.tolist(), strict=False):
         if learn:
             current.append(token)
         else:
@@ -206,10 +275,19 @@ def test_classification_rows_get_a_label_map_and_one_example_per_sequence(tmp_pa
         writer = csv.writer(handle)
         writer.writerow(["text", "label"])
         for i in range(100):
-            writer.writerow([f"review {i}: " + ("great fun" if i % 2 else "boring and slow"), "pos" if i % 2 else "neg"])
+            writer.writerow(
+                [f"review {i}: " + ("great fun" if i % 2 else "boring and slow"), "pos" if i % 2 else "neg"]
+            )
         writer.writerow(["no label here", ""])
-    result = kiln("prepare", f"input={tmp_path}/reviews.csv", f"output={tmp_path}/out", "kind=classification",
-                  "seq_len=16", "vocab_size=400", "val_fraction=0.1")
+    result = kiln(
+        "prepare",
+        f"input={tmp_path}/reviews.csv",
+        f"output={tmp_path}/out",
+        "kind=classification",
+        "seq_len=16",
+        "vocab_size=400",
+        "val_fraction=0.1",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{tmp_path}/reviews.csv:102: field 'label' is missing" in result.stdout
     assert json.loads((tmp_path / "out" / "label_map.json").read_text()) == {"neg": 0, "pos": 1}
@@ -220,7 +298,7 @@ def test_classification_rows_get_a_label_map_and_one_example_per_sequence(tmp_pa
     assert len(tokens) == len(labels) == manifest["splits"]["train"]["documents"]
     assert len(tokens) + manifest["splits"]["val"]["documents"] == 100
     tokenizer = bpe.load(str(tmp_path / "out" / "tokenizer"))
-    for row, label in zip(tokens[:6], labels[:6]):
+    for row, label in zip(tokens[:6], labels[:6], strict=False):
         text = tokenizer.decode([t for t in row.tolist() if t != manifest["eos_id"]])
         number = int(text.split(":")[0].split()[1])
         assert label == number % 2 and ("great" in text) == bool(label)

@@ -32,8 +32,10 @@ def ray_for_this_module(s3):
 
 def write_documents(path: Path, n: int, seed: int, bad_line: int | None = None) -> None:
     rng = np.random.default_rng(seed)
-    lines = [json.dumps({"text": f"doc {seed}-{i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(5, 60))))})
-             for i in range(n)]
+    lines = [
+        json.dumps({"text": f"doc {seed}-{i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(5, 60))))})
+        for i in range(n)
+    ]
     if bad_line is not None:
         lines.insert(bad_line - 1, "{broken json")
     path.write_text("\n".join(lines) + "\n")
@@ -41,8 +43,10 @@ def write_documents(path: Path, n: int, seed: int, bad_line: int | None = None) 
 
 def hashes(url: str) -> dict[str, str]:
     """sha256 of every file below a dataset folder (local or s3), by relative path."""
-    return {rel: hashlib.sha256(storage.read_bytes(storage.join(url, rel))).hexdigest()
-            for rel, _ in storage.walk_files(url)}
+    return {
+        rel: hashlib.sha256(storage.read_bytes(storage.join(url, rel))).hexdigest()
+        for rel, _ in storage.walk_files(url)
+    }
 
 
 def first_batch(url: str) -> np.ndarray:
@@ -50,8 +54,9 @@ def first_batch(url: str) -> np.ndarray:
 
 
 def settings(raw: Path, out: str, **more) -> PrepareConfig:
-    return PrepareConfig(**{"input": str(raw), "output": out, "seq_len": 32, "vocab_size": 400, "val_fraction": 0.2,
-                            **more})
+    return PrepareConfig(
+        **{"input": str(raw), "output": out, "seq_len": 32, "vocab_size": 400, "val_fraction": 0.2, **more}
+    )
 
 
 def fail_to_prepare_again(raw: Path, out: str, tmp_path: Path) -> list[str]:
@@ -77,10 +82,17 @@ def test_a_failed_prepare_leaves_the_local_dataset_exactly_as_it_was(tmp_path):
 
     # too few documents for a validation split: refused, old dataset still whole
     write_documents(tmp_path / "tiny.jsonl", 6, seed=3)
-    with pytest.raises(PrepareError, match=r"the validation split of .* would be empty: val_fraction=0.01 put \d of 6 "
-                                           r"documents in it.*; add more data"):
-        prepare(PrepareConfig(input=str(tmp_path / "tiny.jsonl"), output=out, seq_len=32, vocab_size=400,
-                              val_fraction=0.01), log=lambda _: None)
+    with pytest.raises(
+        PrepareError,
+        match=r"the validation split of .* would be empty: val_fraction=0.01 put \d of 6 "
+        r"documents in it.*; add more data",
+    ):
+        prepare(
+            PrepareConfig(
+                input=str(tmp_path / "tiny.jsonl"), output=out, seq_len=32, vocab_size=400, val_fraction=0.01
+            ),
+            log=lambda _: None,
+        )
     assert hashes(out) == before
 
     # a successful re-prepare replaces it whole
@@ -105,7 +117,8 @@ def test_a_failed_prepare_leaves_the_s3_dataset_exactly_as_it_was(s3, tmp_path):
     (version,) = [name for name in storage.list_names(out) if name != "manifest.json"]
     assert all(rel.startswith(f"{version}/") for rel in hashes(out) if rel != "manifest.json")
     # a second dataset can reuse its tokenizer by the dataset's path
-    summary = prepare(settings(tmp_path / "good.jsonl", f"{out}-copy", tokenizer=f"{out}/tokenizer"),
-                      log=lambda _: None)
+    summary = prepare(
+        settings(tmp_path / "good.jsonl", f"{out}-copy", tokenizer=f"{out}/tokenizer"), log=lambda _: None
+    )
     assert summary.documents == 200
     assert open_dataset(f"{out}-copy").manifest["tokenizer"]["sha256"] == dataset.manifest["tokenizer"]["sha256"]

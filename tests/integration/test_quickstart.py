@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY, kiln
-from tests.wandb_reader import config as wandb_config, history
+from tests.wandb_reader import config as wandb_config
+from tests.wandb_reader import history
 from trainers.checkpoint import verify
 
 pytestmark = pytest.mark.slow
@@ -21,12 +22,25 @@ WANDB_KEY = "wandbkeyDoNotLeak0987654321abcdef"
 def finished_run(tmp_path_factory, cache_dir) -> tuple[Path, object]:
     """A shortened quickstart (30 steps, 2 Ray workers) with secrets in the environment."""
     root = tmp_path_factory.mktemp("runs")
-    result = kiln("train", "experiment=quickstart", *TINY, "run.id=qs", f"storage.root={root}",
-                  "train.max_steps=30", "train.eval_every=15", "train.checkpoint_every=15",
-                  "optim.lr=3e-3", "cluster.max_failures=0",
-                  env={"AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEDONOTLEAK",
-                       "WANDB_API_KEY": WANDB_KEY, "WANDB_MODE": "offline"},
-                  timeout=600)
+    result = kiln(
+        "train",
+        "experiment=quickstart",
+        *TINY,
+        "run.id=qs",
+        f"storage.root={root}",
+        "train.max_steps=30",
+        "train.eval_every=15",
+        "train.checkpoint_every=15",
+        "optim.lr=3e-3",
+        "cluster.max_failures=0",
+        env={
+            "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
+            "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEDONOTLEAK",
+            "WANDB_API_KEY": WANDB_KEY,
+            "WANDB_MODE": "offline",
+        },
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return root / "qs", result
 
@@ -64,8 +78,15 @@ def test_status_json_answers(finished_run):
     assert status["run_id"] == "qs" and status["state"] == "SUCCEEDED"
     assert status["step"] == 30 and status["max_steps"] == 30
     assert status["checkpoint"] == {"step": 30, "uri": str(run_dir / "checkpoints" / "step_000030")}
-    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_time_s",
-                "val/loss", "val/perplexity"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/step_time_s",
+        "val/loss",
+        "val/perplexity",
+    ):
         assert isinstance(status["metrics"][key], float), key
     assert status["wandb"] == {"mode": "offline", "run_id": "qs", "dir": str(run_dir / "wandb")}
     table = kiln("runs", "--storage-root", str(run_dir.parent))
@@ -90,8 +111,14 @@ def test_wandb_offline_run_holds_the_metrics(finished_run):
 
 def test_run_folder_layout_and_worker_logs(finished_run):
     run_dir, result = finished_run
-    for name in ("run.json", "config.yaml", "metrics.jsonl", "tokenizer/tokenizer.json",
-                 "logs/worker_0.log", "logs/worker_1.log"):
+    for name in (
+        "run.json",
+        "config.yaml",
+        "metrics.jsonl",
+        "tokenizer/tokenizer.json",
+        "logs/worker_0.log",
+        "logs/worker_1.log",
+    ):
         assert (run_dir / name).is_file(), name
     assert "rank 1/2" in (run_dir / "logs" / "worker_1.log").read_text()
     assert "Reporting training result" not in result.stdout  # worker chatter stays in the log files
@@ -110,9 +137,19 @@ def test_secrets_in_the_environment_reach_no_file_the_run_wrote(finished_run):
 
 
 def test_a_failing_worker_fails_the_run_with_one_clear_line(tmp_path, cache_dir):
-    result = kiln("train", "experiment=quickstart", *TINY, "run.id=boom", f"storage.root={tmp_path}",
-                  "optim.lr=1e12", "optim.grad_clip=0", "train.max_steps=20", "cluster.max_failures=0",
-                  "tracker=none", timeout=600)
+    result = kiln(
+        "train",
+        "experiment=quickstart",
+        *TINY,
+        "run.id=boom",
+        f"storage.root={tmp_path}",
+        "optim.lr=1e12",
+        "optim.grad_clip=0",
+        "train.max_steps=20",
+        "cluster.max_failures=0",
+        "tracker=none",
+        timeout=600,
+    )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
     assert "run boom failed: FloatingPointError: loss is" in result.stderr

@@ -16,10 +16,19 @@ def strategy(name: str = "ddp"):
     """A seeded two-layer model wrapped by the named strategy (fp32, CPU)."""
     torch.manual_seed(0)
     stage, offload = ZERO.get(name, (0, False))
-    s = build_strategy(StrategyConfig(name=name, precision="fp32", zero_stage=stage, offload_optimizer=offload,
-                                      offload_params=offload), torch.device("cpu"))
-    s.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), OptimConfig(warmup_steps=0), max_steps=10,
-           micro_batch=3, grad_accum=1)
+    s = build_strategy(
+        StrategyConfig(
+            name=name, precision="fp32", zero_stage=stage, offload_optimizer=offload, offload_params=offload
+        ),
+        torch.device("cpu"),
+    )
+    s.wrap(
+        nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)),
+        OptimConfig(warmup_steps=0),
+        max_steps=10,
+        micro_batch=3,
+        grad_accum=1,
+    )
     return s
 
 
@@ -37,8 +46,9 @@ def weights(s) -> dict:
 
 def store_at(tmp_path, name: str = "ddp", **options) -> CheckpointStore:
     """A one-rank CheckpointStore under tmp_path/checkpoints."""
-    return CheckpointStore(str(tmp_path / "checkpoints"), rank=0, world_size=1, strategy=name, config_hash="h",
-                           **options)
+    return CheckpointStore(
+        str(tmp_path / "checkpoints"), rank=0, world_size=1, strategy=name, config_hash="h", **options
+    )
 
 
 def save_two(tmp_path, name: str = "ddp"):

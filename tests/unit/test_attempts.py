@@ -36,8 +36,14 @@ def test_a_new_driver_marks_the_unfinished_attempt_as_driver_lost_and_notes_skip
         {"kind": "launched", "launcher": "ray", "utc": "t0"},
         {"kind": "started", "world_size": 2, "restored_step": None, "utc": "t1"},
         {"kind": "launched", "launcher": "ray", "utc": "t2"},
-        {"kind": "started", "world_size": 1, "restored_step": 10, "resharded_from": 2,
-         "skipped": ["s3://b/r/checkpoints/step_000012: shards/x does not match its sha256"], "utc": "t3"},
+        {
+            "kind": "started",
+            "world_size": 1,
+            "restored_step": 10,
+            "resharded_from": 2,
+            "skipped": ["s3://b/r/checkpoints/step_000012: shards/x does not match its sha256"],
+            "utc": "t3",
+        },
     )
     assert record.attempts[0]["outcome"] == "DRIVER_LOST"
     assert record.attempts[1]["resharded_from"] == 2 and "ended" not in record.attempts[1]
@@ -45,10 +51,12 @@ def test_a_new_driver_marks_the_unfinished_attempt_as_driver_lost_and_notes_skip
 
 
 def test_ray_worker_death_message_is_read_for_rank_node_and_pid():
-    message = ("A worker health check failed.\nWorker info: Worker(\n  metadata=ActorMetadata(\n    hostname='vm',"
-               "\n    node_id='4afb',\n    node_ip='192.0.2.2',\n    pid=15483,\n  ),\n)\nThe actor is dead because "
-               "its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly "
-               "exits with a connection error code 2. End of file.")
+    message = (
+        "A worker health check failed.\nWorker info: Worker(\n  metadata=ActorMetadata(\n    hostname='vm',"
+        "\n    node_id='4afb',\n    node_ip='192.0.2.2',\n    pid=15483,\n  ),\n)\nThe actor is dead because "
+        "its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker unexpectedly "
+        "exits with a connection error code 2. End of file."
+    )
     cause = describe_worker_failure(1, RuntimeError(message))
     assert cause["pid"] == 15483 and cause["node"] == "192.0.2.2 (vm)" and cause["exit_type"] == "SYSTEM_ERROR"
     assert cause["summary"].startswith("rank 1's worker process died")
@@ -82,8 +90,13 @@ def test_a_dead_process_is_the_cause_even_when_its_peer_reported_first():
         {"kind": "launched", "launcher": "ray", "utc": "t0"},
         {"kind": "started", "world_size": 2, "restored_step": None, "utc": "t1"},
         {"kind": "failed", "rank": 0, "summary": "RuntimeError: Connection closed by peer (rank 0)", "utc": "t2"},
-        {"kind": "failed", "rank": 1, "exit_type": "SYSTEM_ERROR", "summary": "rank 1's worker process died",
-         "utc": "t2"},
+        {
+            "kind": "failed",
+            "rank": 1,
+            "exit_type": "SYSTEM_ERROR",
+            "summary": "rank 1's worker process died",
+            "utc": "t2",
+        },
     )
     attempt = record.attempts[0]
     assert attempt["cause"]["rank"] == 1 and attempt["also"][0]["rank"] == 0

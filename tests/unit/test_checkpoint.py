@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from trainers.checkpoint import CheckpointError, capture_rng, restore_rng, verify
 from tests.unit.checkpoint_helpers import save_two, store_at, strategy, train_one_step, weights
+from trainers.checkpoint import CheckpointError, capture_rng, restore_rng, verify
 
 pytestmark = pytest.mark.usefixtures("process_group")
 
@@ -23,7 +23,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
 
 
 def test_uncommitted_leftover_is_ignored(tmp_path):
-    store, saved = save_two(tmp_path)
+    store, _saved = save_two(tmp_path)
     leftover = tmp_path / "checkpoints" / "step_000003" / "shards"
     leftover.mkdir(parents=True)
     (leftover / "__0_0.distcp").write_bytes(b"half a checkpoint")
@@ -75,8 +75,7 @@ def test_retention_keeps_the_newest_and_every_kth_and_clears_leftovers(tmp_path)
     for step in (1, 3, 4, 5, 6, 7):
         train_one_step(s)
         store.save(step, s, {"step": step})
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "step_000003", "step_000006", "step_000007"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000003", "step_000006", "step_000007"]
     for step in (3, 6, 7):
         verify(store.url(step))
 
@@ -168,13 +167,25 @@ def test_damaged_dcp_metadata_matching_its_manifest_falls_back_to_previous(tmp_p
     store, saved = save_two(tmp_path)
     metadata = tmp_path / "checkpoints" / "step_000002" / "shards" / ".metadata"
     data = metadata.read_bytes()
-    data = {"truncated": data[: len(data) // 2], "garbage": bytes(range(256)) * 4,
-            "not metadata": pickle.dumps({"state_dict_metadata": {}})}[damage]
+    data = {
+        "truncated": data[: len(data) // 2],
+        "garbage": bytes(range(256)) * 4,
+        "not metadata": pickle.dumps({"state_dict_metadata": {}}),
+    }[damage]
     metadata.write_bytes(data)
     # The manifest agrees with the damaged file (rewritten too), so only reading the metadata tells.
-    rewrite_manifest(tmp_path, lambda m: {**m, "files": [
-        {**e, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()} if e["path"] == "shards/.metadata"
-        else e for e in m["files"]]})
+    rewrite_manifest(
+        tmp_path,
+        lambda m: {
+            **m,
+            "files": [
+                {**e, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                if e["path"] == "shards/.metadata"
+                else e
+                for e in m["files"]
+            ],
+        },
+    )
     with pytest.raises(CheckpointError, match=r"step_000002/shards/\.metadata is damaged"):
         verify(store.url(2))
     assert_restores_step_1(store, saved, skipped_because=".metadata is damaged")

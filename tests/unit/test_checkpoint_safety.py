@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.checkpoint import CheckpointError, CheckpointStore, verify
-
 from tests.unit.checkpoint_helpers import save_two, strategy, train_one_step, weights
+from trainers.checkpoint import CheckpointError, CheckpointStore, verify
 
 pytestmark = pytest.mark.usefixtures("process_group")
 
@@ -107,8 +106,11 @@ def test_a_payload_in_a_dcp_non_tensor_item_is_refused_and_restore_falls_back(tm
 def test_a_payload_in_the_extras_is_refused_and_restore_falls_back(tmp_path):
     store, saved = save_two(tmp_path)
     marker = tmp_path / "pwned"
-    plant(tmp_path / "checkpoints" / "step_000002", "extra/rank_00000.pt",
-          torch_bytes({"step": 2, "rng": Payload(marker)}))
+    plant(
+        tmp_path / "checkpoints" / "step_000002",
+        "extra/rank_00000.pt",
+        torch_bytes({"step": 2, "rng": Payload(marker)}),
+    )
     with pytest.raises(CheckpointError, match=rf"extra/rank_00000\.pt {REFUSED} \(exec\)"):
         verify(store.url(2))
     assert_falls_back_to_step_1(store, saved, "ddp", "extra/rank_00000.pt")
@@ -118,8 +120,13 @@ def test_a_payload_in_the_extras_is_refused_and_restore_falls_back(tmp_path):
 @pytest.fixture
 def deepspeed_env(monkeypatch):
     """What a launcher sets for DeepSpeed, here for one process on the existing gloo group."""
-    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1",
-                       "DS_ACCELERATOR": "cpu"}.items():
+    for key, value in {
+        "LOCAL_RANK": "0",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+    }.items():
         monkeypatch.setenv(key, value)
 
 

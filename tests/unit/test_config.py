@@ -11,21 +11,26 @@ from orchestrator.config import CONF_DIR, UsageError, check_batch, compose_confi
 from tests.conftest import kiln
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["train.max_step=5"], "unknown config key 'train.max_step'; did you mean train.max_steps?"),
-    (["trian.max_steps=5"], "did you mean train.max_steps?"),
-    (["optim.learning_rate=1e-3"], "unknown config key 'optim.learning_rate'"),
-    (["train.max_steps=abc"], "train.max_steps: expected integer, got 'abc'"),
-    (["optim.lr=-1"], "optim.lr must be > 0, got -1"),
-    (["model.n_embd=100", "model.n_head=3"], "model.n_embd (100) must be divisible by model.n_head (3)"),
-    (["train.global_batch=30"], "train.global_batch=30 is not divisible by train.micro_batch (8) x "
-                                "cluster.num_workers (2) = 16"),
-    (["strategy=ddpp"], "strategy=ddpp: no such option (did you mean strategy=ddp?)"),
-    (["tracker.mode=cloud"], "tracker.mode must be one of offline, online, disabled"),
-    (["data.seq_len=512"], "data.seq_len (512) must be <= model.n_positions (256)"),
-    (["run.id=bad/id"], "run.id must be"),
-    (["train.max_steps"], "could not parse override 'train.max_steps'"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.max_step=5"], "unknown config key 'train.max_step'; did you mean train.max_steps?"),
+        (["trian.max_steps=5"], "did you mean train.max_steps?"),
+        (["optim.learning_rate=1e-3"], "unknown config key 'optim.learning_rate'"),
+        (["train.max_steps=abc"], "train.max_steps: expected integer, got 'abc'"),
+        (["optim.lr=-1"], "optim.lr must be > 0, got -1"),
+        (["model.n_embd=100", "model.n_head=3"], "model.n_embd (100) must be divisible by model.n_head (3)"),
+        (
+            ["train.global_batch=30"],
+            "train.global_batch=30 is not divisible by train.micro_batch (8) x cluster.num_workers (2) = 16",
+        ),
+        (["strategy=ddpp"], "strategy=ddpp: no such option (did you mean strategy=ddp?)"),
+        (["tracker.mode=cloud"], "tracker.mode must be one of offline, online, disabled"),
+        (["data.seq_len=512"], "data.seq_len (512) must be <= model.n_positions (256)"),
+        (["run.id=bad/id"], "run.id must be"),
+        (["train.max_steps"], "could not parse override 'train.max_steps'"),
+    ],
+)
 def test_bad_overrides_name_the_key(overrides, expected):
     with pytest.raises(UsageError) as err:
         compose_config(overrides)

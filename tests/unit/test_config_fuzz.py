@@ -13,15 +13,32 @@ KEYS = config_keys()
 GROUPS = {group: sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")) for group in group_names()}
 
 numbers = st.one_of(
-    st.integers(min_value=-10**12, max_value=10**12).map(str),
+    st.integers(min_value=-(10**12), max_value=10**12).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["1e999", "-1e999", "nan", "inf", "-inf", "0", "-0.0", "1e-320", "0x10", "1_000"]),
 )
 texts = st.one_of(
     st.text(max_size=12),
     st.text(alphabet=st.characters(codec="utf-8"), max_size=12).map(lambda t: "'" + t.replace("'", "") + "'"),
-    st.sampled_from(["", "null", "true", "false", "[]", "{}", "[1, 2]", "{a: 1}", "???", "${oops}",
-                     "s3://AKIA:secretsecret@bucket/x", "/tmp/kiln fuzz", "ünï", "a\nb", "'a\nb'"]),
+    st.sampled_from(
+        [
+            "",
+            "null",
+            "true",
+            "false",
+            "[]",
+            "{}",
+            "[1, 2]",
+            "{a: 1}",
+            "???",
+            "${oops}",
+            "s3://AKIA:secretsecret@bucket/x",
+            "/tmp/kiln fuzz",
+            "ünï",
+            "a\nb",
+            "'a\nb'",
+        ]
+    ),
 )
 values = st.one_of(numbers, texts)
 
@@ -44,8 +61,12 @@ def overrides(draw) -> list[str]:
     return chosen
 
 
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(overrides())
 def test_random_overrides_validate_or_fail_with_one_line(chosen):
     try:

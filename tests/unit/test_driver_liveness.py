@@ -10,8 +10,14 @@ T0 = utc_seconds(UPDATED)
 
 
 def driver(**fields) -> dict:
-    return {"host": "node-a", "pid_ns": "pid:[4026531836]", "pid": 4242, "started": 1000.0,
-            "command": "kiln train", **fields}
+    return {
+        "host": "node-a",
+        "pid_ns": "pid:[4026531836]",
+        "pid": 4242,
+        "started": 1000.0,
+        "command": "kiln train",
+        **fields,
+    }
 
 
 def processes(table: dict):
@@ -43,8 +49,9 @@ def test_on_another_host_the_heartbeat_decides_and_the_wait_is_said():
     other = {"host": "node-b", "pid_ns": "pid:[4026531836]"}
     fresh = driver_alive(driver(), UPDATED, T0 + 12, other, processes({4242: 1000.0}))
     assert fresh.alive and fresh.retry_in_s == 18
-    assert fresh.reason == ("its driver on host node-a last recorded 12s ago; it is considered gone after 30s: "
-                            "retry in 18s")
+    assert fresh.reason == (
+        "its driver on host node-a last recorded 12s ago; it is considered gone after 30s: retry in 18s"
+    )
     stale = driver_alive(driver(), UPDATED, T0 + 30, other, processes({4242: 1000.0}))
     assert not stale.alive and "30s ago" in stale.reason
 

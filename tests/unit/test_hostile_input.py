@@ -24,19 +24,22 @@ def one_line_error(capsys, argv: list[str]) -> str:
     return err.strip()
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("optim.lr=1e999", "optim.lr must be a finite number, got inf"),
-    ("optim.eps=nan", "optim.eps must be a finite number, got nan"),
-    ("checkpoint.preempt_grace_s=inf", "checkpoint.preempt_grace_s must be a finite number"),
-    ("run.id='abc\n'", "run.id must be 1-64 letters"),
-    ("run.id=abc\n", "could not parse override 'run.id=abc\\n': character '\\n' is not allowed unquoted"),
-    ("run.id=ünï", "could not parse override 'run.id=ünï': character 'ü' is not allowed unquoted"),
-    ("run.id='ünï'", "run.id must be 1-64 letters"),
-    ("data.path=/data/web", "data.path=/data/web is ignored by data.source=stdlib"),
-    ("data.mixture=[{path: /a, weight: 1}]", "data.mixture is ignored by data.source=stdlib"),
-    (f"storage.root=s3://AKIAEXAMPLE:{SECRET}@bucket/runs", "storage.root has credentials written into its URL"),
-    (f"tracker.tags=[ok, 's3://AKIAEXAMPLE:{SECRET}@bucket/x']", "tracker.tags[1] has credentials"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("optim.lr=1e999", "optim.lr must be a finite number, got inf"),
+        ("optim.eps=nan", "optim.eps must be a finite number, got nan"),
+        ("checkpoint.preempt_grace_s=inf", "checkpoint.preempt_grace_s must be a finite number"),
+        ("run.id='abc\n'", "run.id must be 1-64 letters"),
+        ("run.id=abc\n", "could not parse override 'run.id=abc\\n': character '\\n' is not allowed unquoted"),
+        ("run.id=ünï", "could not parse override 'run.id=ünï': character 'ü' is not allowed unquoted"),
+        ("run.id='ünï'", "run.id must be 1-64 letters"),
+        ("data.path=/data/web", "data.path=/data/web is ignored by data.source=stdlib"),
+        ("data.mixture=[{path: /a, weight: 1}]", "data.mixture is ignored by data.source=stdlib"),
+        (f"storage.root=s3://AKIAEXAMPLE:{SECRET}@bucket/runs", "storage.root has credentials written into its URL"),
+        (f"tracker.tags=[ok, 's3://AKIAEXAMPLE:{SECRET}@bucket/x']", "tracker.tags[1] has credentials"),
+    ],
+)
 def test_bad_values_fail_in_one_line_before_anything_starts(capsys, override, expected):
     line = one_line_error(capsys, ["train", "experiment=quickstart", override])
     assert expected in line
@@ -63,8 +66,9 @@ def test_storage_root_that_is_a_file_or_unwritable_is_named(tmp_path):
 
 
 def test_a_data_error_leaves_no_run_folder_behind(tmp_path):
-    cfg = compose_config(["data=prepared", f"data.path={tmp_path}/missing", "run.id=r1",
-                          f"storage.root={tmp_path}/runs"])
+    cfg = compose_config(
+        ["data=prepared", f"data.path={tmp_path}/missing", "run.id=r1", f"storage.root={tmp_path}/runs"]
+    )
     with pytest.raises(Exception, match="missing"):
         start_run(cfg, log=lambda m: None)
     assert not (tmp_path / "runs" / "r1").exists()
@@ -84,18 +88,20 @@ def test_a_folder_with_another_runs_checkpoints_is_never_written_into(tmp_path):
     assert (tmp_path / "runs" / "r2" / "config.yaml").read_text() == "config: 2\n"
 
 
-@pytest.mark.parametrize("content, problem", [
-    ('{"run_id": "r1", "state": "RUNN', "not valid JSON"),
-    ("[1, 2]", "holds a JSON list, not an object"),
-    ('"r1"', "holds a JSON str, not an object"),
-    ('{"state": "RUNNING"}', "has no run_id"),
-    ('{"run_id": "r1", "step": "ten"}', "field 'step' is str, expected int"),
-    ('{"run_id": "r1", "attempts": [3]}', "attempts must be a list of objects"),
-    ('{"run_id": "r1", "state": "WEIRD"}', "state 'WEIRD' is not one of"),
-    (b"\xff\xfe\x00garbage", "not valid JSON"),
-])
-def test_a_damaged_run_json_is_named_by_every_command_and_runs_lists_the_others(tmp_path, capsys, content,
-                                                                                  problem):
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"run_id": "r1", "state": "RUNN', "not valid JSON"),
+        ("[1, 2]", "holds a JSON list, not an object"),
+        ('"r1"', "holds a JSON str, not an object"),
+        ('{"state": "RUNNING"}', "has no run_id"),
+        ('{"run_id": "r1", "step": "ten"}', "field 'step' is str, expected int"),
+        ('{"run_id": "r1", "attempts": [3]}', "attempts must be a list of objects"),
+        ('{"run_id": "r1", "state": "WEIRD"}', "state 'WEIRD' is not one of"),
+        (b"\xff\xfe\x00garbage", "not valid JSON"),
+    ],
+)
+def test_a_damaged_run_json_is_named_by_every_command_and_runs_lists_the_others(tmp_path, capsys, content, problem):
     root = tmp_path / "runs"
     registry = RunRegistry(str(root))
     registry.create(RunRecord(run_id="good", state="SUCCEEDED"), "x: 1\n")
@@ -119,8 +125,9 @@ def test_resume_applies_storage_root_or_refuses_to_move_a_run(tmp_path, capsys):
         resume_root("/b", ["storage.root=/a"])
     root = tmp_path / "runs"
     cfg = compose_config(["experiment=quickstart", "run.id=r1", f"storage.root={root}"])
-    RunRegistry(str(root)).create(RunRecord(run_id="r1", state="FAILED"), __import__("orchestrator.config",
-                                                                                      fromlist=["to_yaml"]).to_yaml(cfg))
+    RunRegistry(str(root)).create(
+        RunRecord(run_id="r1", state="FAILED"), __import__("orchestrator.config", fromlist=["to_yaml"]).to_yaml(cfg)
+    )
     with pytest.raises(UsageError, match="cannot move one"):
         reopen_run(str(root), "r1", [f"storage.root={tmp_path}/elsewhere"])
     _, _, reopened = reopen_run(str(root), "r1", [f"storage.root={root}"])
@@ -195,8 +202,13 @@ def test_wandb_tags_names_and_config_are_redacted(tmp_path, monkeypatch):
     from trainers.tracking import WandbTracker
 
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
-    tracker = WandbTracker(TrackerConfig(tags=["baseline", f"key-{SECRET}"]), run_id="r1", run_name="r1",
-                           local_dir=str(tmp_path), config={"note": f"token {SECRET}"})
+    tracker = WandbTracker(
+        TrackerConfig(tags=["baseline", f"key-{SECRET}"]),
+        run_id="r1",
+        run_name="r1",
+        local_dir=str(tmp_path),
+        config={"note": f"token {SECRET}"},
+    )
     tracker.log({"train/loss": 1.0}, step=1)
     tracker.finish("SUCCEEDED")
     files = list(Path(tmp_path).rglob("*.wandb"))

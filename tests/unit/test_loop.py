@@ -29,9 +29,19 @@ pytestmark = pytest.mark.usefixtures("process_group")
 
 
 def losses(tmp_path, micro_batch: int, steps: int = 3) -> list[float]:
-    cfg = finalize(compose_config([*TINY, "cluster.num_workers=1", "train.global_batch=4",
-                                   f"train.micro_batch={micro_batch}", f"storage.root={tmp_path}",
-                                   "optim.warmup_steps=0", "tracker=none"]))
+    cfg = finalize(
+        compose_config(
+            [
+                *TINY,
+                "cluster.num_workers=1",
+                "train.global_batch=4",
+                f"train.micro_batch={micro_batch}",
+                f"storage.root={tmp_path}",
+                "optim.warmup_steps=0",
+                "tracker=none",
+            ]
+        )
+    )
     resolve_data(cfg, log=lambda m: None)
     trainer = Trainer(cfg, SoloContext())
     assert trainer.grad_accum == 4 // micro_batch

@@ -10,8 +10,13 @@ LAPTOP = [{"CPU": 2.0, "memory": 8e9, "node:127.0.0.1": 1.0}]
 def test_64_workers_on_a_2_cpu_embedded_ray_are_refused_with_the_fix():
     problem = placement_problem(64, 1, False, LAPTOP)
     assert problem is not None and "\n" not in problem
-    for words in ("cluster.num_workers=64", "cluster.cpus_per_worker=1", "2 CPUs", "room for 2",
-                  "cluster.num_workers=2 or less"):
+    for words in (
+        "cluster.num_workers=64",
+        "cluster.cpus_per_worker=1",
+        "2 CPUs",
+        "room for 2",
+        "cluster.num_workers=2 or less",
+    ):
         assert words in problem, (words, problem)
 
 

@@ -70,12 +70,15 @@ def test_split_by_document_hash_is_stable_and_close_to_the_fraction():
     assert 300 < splits.count("val") < 500
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"output": "x"}, "input= is required"),
-    ({"input": "x", "output": "y", "on_bad_record": "ignore"}, "on_bad_record must be skip or fail"),
-    ({"input": "x", "output": "y", "format": "xml"}, "format must be one of"),
-    ({"input": "x", "output": "y", "vocab_size": 10}, "vocab_size must be in"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"output": "x"}, "input= is required"),
+        ({"input": "x", "output": "y", "on_bad_record": "ignore"}, "on_bad_record must be skip or fail"),
+        ({"input": "x", "output": "y", "format": "xml"}, "format must be one of"),
+        ({"input": "x", "output": "y", "vocab_size": 10}, "vocab_size must be in"),
+    ],
+)
 def test_prepare_settings_are_validated(kwargs, message):
     with pytest.raises(PrepareError, match=message):
         PrepareConfig(**kwargs)

@@ -30,18 +30,23 @@ def test_credentials_in_a_url_fail_in_one_line_without_the_secret(s3, call, capl
     assert not retry_warnings(caplog)
 
 
-@pytest.mark.parametrize("endpoint, reason", [
-    ("http://no-such-host.invalid:9", "host 'no-such-host.invalid' does not resolve"),
-    ("http://127.0.0.1:{port}", "connection refused"),
-], ids=["dns-failure", "connection-refused"])
+@pytest.mark.parametrize(
+    "endpoint, reason",
+    [
+        ("http://no-such-host.invalid:9", "host 'no-such-host.invalid' does not resolve"),
+        ("http://127.0.0.1:{port}", "connection refused"),
+    ],
+    ids=["dns-failure", "connection-refused"],
+)
 def test_an_unreachable_endpoint_is_permanent_and_named(s3, endpoint, reason, monkeypatch, fresh_s3fs, caplog):
     endpoint = endpoint.format(port=free_port())
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     with pytest.raises(StorageError) as raised:
         storage.exists("s3://kiln-test/runs/x/run.json")
     message = str(raised.value)
-    assert message.startswith(f"s3://kiln-test/runs/x/run.json: cannot reach the object store at {endpoint} "
-                              f"({reason}); ")
+    assert message.startswith(
+        f"s3://kiln-test/runs/x/run.json: cannot reach the object store at {endpoint} ({reason}); "
+    )
     assert "AWS_ENDPOINT_URL" in message and "\n" not in message
     assert retry_warnings(caplog) == []  # neither botocore nor Kiln retried
 

@@ -70,8 +70,11 @@ def round_trip(root: str, count: int = 40, workers: int = 1) -> None:
 def test_kiln_retries_alone_carry_every_operation_through_faults(flaky, root, monkeypatch, caplog):
     # botocore and s3fs retry too; switched off here so that our own layer is what gets tested
     conf = fsspec.config.conf["s3"]
-    monkeypatch.setitem(fsspec.config.conf, "s3", {**conf, "config_kwargs": {
-        **conf["config_kwargs"], "retries": {"mode": "standard", "total_max_attempts": 1}}})
+    monkeypatch.setitem(
+        fsspec.config.conf,
+        "s3",
+        {**conf, "config_kwargs": {**conf["config_kwargs"], "retries": {"mode": "standard", "total_max_attempts": 1}}},
+    )
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
     monkeypatch.setattr(store_retry, "RETRY_BASE_S", 0.01)
     monkeypatch.setenv(store_retry.RETRIES_ENV, "12")
@@ -79,8 +82,10 @@ def test_kiln_retries_alone_carry_every_operation_through_faults(flaky, root, mo
     round_trip(root, workers=4)
 
     assert flaky.counts.failed > 0 and flaky.counts.dropped > 0
-    line = re.compile(rf"retrying (write|read|check|list|remove) {re.escape(root)}\S* after "
-                      r"(SlowDown 503|503|\w+Error: .+) \(attempt \d+/12, waiting \d+\.\d\ds\)$")
+    line = re.compile(
+        rf"retrying (write|read|check|list|remove) {re.escape(root)}\S* after "
+        r"(SlowDown 503|503|\w+Error: .+) \(attempt \d+/12, waiting \d+\.\d\ds\)$"
+    )
     ours = [m for m in warnings_of(caplog) if line.match(m)]
     assert ours, warnings_of(caplog)
     assert any("after SlowDown 503" in m for m in ours)
@@ -122,7 +127,7 @@ def test_big_file_opened_directly_like_dcp_survives_faults(s3, root, monkeypatch
         fs, path = fsspec.core.url_to_fs(url)
         with fs.open(path, "wb", **options) as handle:  # what torch DCP's FsspecWriter does
             for start in range(0, len(data), 1 << 20):
-                handle.write(data[start:start + (1 << 20)])
+                handle.write(data[start : start + (1 << 20)])
         with fsspec.open(url, "rb") as handle:
             assert handle.read() == data
     assert proxy.counts.dropped > 0 and proxy.counts.failed > 0
@@ -130,15 +135,26 @@ def test_big_file_opened_directly_like_dcp_survives_faults(s3, root, monkeypatch
         assert any("uploadId=" in path for _, path in tries)
 
 
-@pytest.mark.parametrize("call", [
-    storage.read_bytes, storage.exists, storage.list_names, lambda url: list(storage.walk_files(url)),
-    lambda url: storage.write_atomic(url, b"x"), lambda url: storage.remove(url, recursive=True),
-], ids=["read_bytes", "exists", "list_names", "walk_files", "write_atomic", "remove"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        storage.read_bytes,
+        storage.exists,
+        storage.list_names,
+        lambda url: list(storage.walk_files(url)),
+        lambda url: storage.write_atomic(url, b"x"),
+        lambda url: storage.remove(url, recursive=True),
+    ],
+    ids=["read_bytes", "exists", "list_names", "walk_files", "write_atomic", "remove"],
+)
 def test_missing_bucket_fails_fast_naming_the_url(s3, call):
     url = f"s3://{MISSING_BUCKET}/runs/x/run.json"
     started = time.monotonic()
-    with pytest.raises(StorageError, match=rf"^s3://{MISSING_BUCKET}/runs/x/run.json: bucket '{MISSING_BUCKET}' "
-                                           r"does not exist; create it or fix storage.root"):
+    with pytest.raises(
+        StorageError,
+        match=rf"^s3://{MISSING_BUCKET}/runs/x/run.json: bucket '{MISSING_BUCKET}' "
+        r"does not exist; create it or fix storage.root",
+    ):
         call(url)
     assert time.monotonic() - started < 5
 
@@ -161,17 +177,20 @@ def test_missing_key_is_still_file_not_found(s3, root, tmp_path):
 
 
 def client_error(code: str, status: int, message: str = "boom") -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": message},
-                        "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
 
 
 def failing(*errors: BaseException):
     """A function raising errors one call at a time, then returning 'done'; .calls counts calls."""
+
     def fn():
         fn.calls += 1
         if fn.calls <= len(errors):
             raise errors[fn.calls - 1]
         return "done"
+
     fn.calls = 0
     return fn
 
@@ -182,10 +201,16 @@ def test_transient_errors_are_retried_and_logged(monkeypatch, caplog):
     fn = failing(client_error("ServiceUnavailable", 503), ConnectionResetError("reset by peer"))
     assert storage.retrying("write", "s3://b/k", fn) == "done" and fn.calls == 3
     first, second = warnings_of(caplog)
-    assert re.fullmatch(r"retrying write s3://b/k after ServiceUnavailable 503 "
-                        r"\(attempt 2/8, waiting 0\.\d\ds\)", first)
-    assert re.fullmatch(r"retrying write s3://b/k after ConnectionResetError: reset by peer "
-                        r"\(attempt 3/8, waiting 0\.\d\ds\)", second)
+    assert re.fullmatch(
+        r"retrying write s3://b/k after ServiceUnavailable 503 "
+        r"\(attempt 2/8, waiting 0\.\d\ds\)",
+        first,
+    )
+    assert re.fullmatch(
+        r"retrying write s3://b/k after ConnectionResetError: reset by peer "
+        r"\(attempt 3/8, waiting 0\.\d\ds\)",
+        second,
+    )
 
 
 def test_retrying_gives_up_after_the_configured_attempts(monkeypatch):
@@ -200,14 +225,17 @@ def test_retrying_gives_up_after_the_configured_attempts(monkeypatch):
         storage.retrying("read", "s3://b/k", fn)
 
 
-@pytest.mark.parametrize("error, expected", [
-    (client_error("AccessDenied", 403), r"^s3://b/k: access denied \(AccessDenied\); give these credentials"),
-    (client_error("InvalidAccessKeyId", 403), r"^s3://b/k: the store rejected the credentials"),
-    (client_error("SignatureDoesNotMatch", 403), r"^s3://b/k: the store rejected the credentials"),
-    (NoCredentialsError(), r"^s3://b/k: no storage credentials found"),
-    (FileNotFoundError("b/k"), None),
-    (client_error("InvalidRange", 416), None),
-])
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (client_error("AccessDenied", 403), r"^s3://b/k: access denied \(AccessDenied\); give these credentials"),
+        (client_error("InvalidAccessKeyId", 403), r"^s3://b/k: the store rejected the credentials"),
+        (client_error("SignatureDoesNotMatch", 403), r"^s3://b/k: the store rejected the credentials"),
+        (NoCredentialsError(), r"^s3://b/k: no storage credentials found"),
+        (FileNotFoundError("b/k"), None),
+        (client_error("InvalidRange", 416), None),
+    ],
+)
 def test_permanent_errors_fail_at_once(error, expected, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sup3r-secret-value")
     fn = failing(error)
@@ -231,7 +259,8 @@ def test_library_retry_notices_become_warnings_and_nothing_else_gets_louder(capl
     logging.getLogger("botocore.retries.standard").debug("Not retrying request.")
     logging.getLogger("botocore.retries.standard").debug("Retry needed, retrying request after delay of: %s", 0.25)
     assert [(r.name, r.getMessage()) for r in caplog.records] == [
-        ("kiln.storage", "retrying an S3 request after a transient error (botocore, waiting 0.25s)")]
+        ("kiln.storage", "retrying an S3 request after a transient error (botocore, waiting 0.25s)")
+    ]
 
 
 def test_s3_clients_get_patient_retry_defaults(s3, monkeypatch):
@@ -242,25 +271,45 @@ def test_s3_clients_get_patient_retry_defaults(s3, monkeypatch):
     monkeypatch.setattr(fsspec.config, "conf", {"s3": {"config_kwargs": {"read_timeout": 5}}})
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
     store_retry._configure_s3()
-    assert fsspec.config.conf["s3"]["config_kwargs"] == {"read_timeout": 5, "connect_timeout": 10,
-                                                         "retries": {"mode": "standard"}}
+    assert fsspec.config.conf["s3"]["config_kwargs"] == {
+        "read_timeout": 5,
+        "connect_timeout": 10,
+        "retries": {"mode": "standard"},
+    }
 
 
 def test_proxy_relays_chunked_bodies_and_delays_matching_paths(s3, root):
     data = b"hello chunked world"
     trailer = b"%x\r\n%s\r\n0\r\nx-amz-checksum-crc32:VSRWPg==\r\n\r\n" % (len(data), data)
     seen = []
-    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], delay_path=r"/slow", delay_s=0.3,
-                     on_request=lambda method, path: seen.append((method, path))) as proxy:
-        conn = http.client.HTTPConnection(*proxy.endpoint[len("http://"):].split(":"))
+    with FaultyProxy(
+        os.environ["AWS_ENDPOINT_URL"],
+        delay_path=r"/slow",
+        delay_s=0.3,
+        on_request=lambda method, path: seen.append((method, path)),
+    ) as proxy:
+        conn = http.client.HTTPConnection(*proxy.endpoint[len("http://") :].split(":"))
         key = root.split("/", 3)[3]
-        conn.request("PUT", f"/{s3}/{key}/chunked", body=iter([b"hello ", b"chunked ", b"world"]),
-                     encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+        conn.request(
+            "PUT",
+            f"/{s3}/{key}/chunked",
+            body=iter([b"hello ", b"chunked ", b"world"]),
+            encode_chunked=True,
+            headers={"Transfer-Encoding": "chunked"},
+        )
         assert conn.getresponse().read() is not None
         started = time.monotonic()
-        conn.request("PUT", f"/{s3}/{key}/slow/aws-chunked", body=trailer, headers={
-            "Content-Encoding": "aws-chunked", "x-amz-decoded-content-length": str(len(data)),
-            "x-amz-trailer": "x-amz-checksum-crc32", "X-Amz-Content-Sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER"})
+        conn.request(
+            "PUT",
+            f"/{s3}/{key}/slow/aws-chunked",
+            body=trailer,
+            headers={
+                "Content-Encoding": "aws-chunked",
+                "x-amz-decoded-content-length": str(len(data)),
+                "x-amz-trailer": "x-amz-checksum-crc32",
+                "X-Amz-Content-Sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            },
+        )
         response = conn.getresponse()
         response.read()
         assert response.status == 200 and time.monotonic() - started >= 0.3
@@ -272,11 +321,25 @@ def test_proxy_relays_chunked_bodies_and_delays_matching_paths(s3, root):
 
 
 def test_proxy_runs_as_a_process(s3):
-    proc = subprocess.Popen([sys.executable, "-m", "tests.faulty_proxy", "--target", os.environ["AWS_ENDPOINT_URL"],
-                             "--port", "0", "--fail-rate", "1"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.faulty_proxy",
+            "--target",
+            os.environ["AWS_ENDPOINT_URL"],
+            "--port",
+            "0",
+            "--fail-rate",
+            "1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         endpoint = proc.stdout.readline().strip()
-        conn = http.client.HTTPConnection(*endpoint[len("http://"):].split(":"), timeout=10)
+        conn = http.client.HTTPConnection(*endpoint[len("http://") :].split(":"), timeout=10)
         conn.request("GET", f"/{s3}/anything")
         response = conn.getresponse()
         assert response.status == 503 and b"<Code>SlowDown</Code>" in response.read()

@@ -14,21 +14,39 @@ from trainers.strategies.base import resolve_precision
 from trainers.strategies.deepspeed_zero import deepspeed_config
 
 
-@pytest.mark.parametrize("name, stage, offload", [("zero1", 1, False), ("zero2", 2, False),
-                                                  ("zero3", 3, False), ("zero3_offload", 3, True)])
+@pytest.mark.parametrize(
+    "name, stage, offload", [("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False), ("zero3_offload", 3, True)]
+)
 def test_zero_groups_set_stage_and_offload(name, stage, offload):
     cfg = compose_config([f"strategy={name}"])
-    assert (cfg.strategy.zero_stage, cfg.strategy.offload_optimizer, cfg.strategy.offload_params) == \
-        (stage, offload, offload)
+    assert (cfg.strategy.zero_stage, cfg.strategy.offload_optimizer, cfg.strategy.offload_params) == (
+        stage,
+        offload,
+        offload,
+    )
 
 
 def test_deepspeed_config_is_generated_from_ours_and_overrides_merge():
-    cfg = compose_config(["strategy=zero3_offload", "train.global_batch=32", "train.micro_batch=4",
-                          "optim.grad_clip=0.5", "+strategy.deepspeed_overrides.zero_optimization.stage3_prefetch_bucket_size=1000"])
-    ds = deepspeed_config(stage=3, micro_batch=cfg.train.micro_batch, grad_accum=cfg.grad_accum,
-                          world_size=cfg.cluster.num_workers, grad_clip=cfg.optim.grad_clip, precision="bf16",
-                          offload_optimizer=True, offload_params=True,
-                          overrides=dict(cfg.strategy.deepspeed_overrides))
+    cfg = compose_config(
+        [
+            "strategy=zero3_offload",
+            "train.global_batch=32",
+            "train.micro_batch=4",
+            "optim.grad_clip=0.5",
+            "+strategy.deepspeed_overrides.zero_optimization.stage3_prefetch_bucket_size=1000",
+        ]
+    )
+    ds = deepspeed_config(
+        stage=3,
+        micro_batch=cfg.train.micro_batch,
+        grad_accum=cfg.grad_accum,
+        world_size=cfg.cluster.num_workers,
+        grad_clip=cfg.optim.grad_clip,
+        precision="bf16",
+        offload_optimizer=True,
+        offload_params=True,
+        overrides=dict(cfg.strategy.deepspeed_overrides),
+    )
     assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
@@ -37,13 +55,16 @@ def test_deepspeed_config_is_generated_from_ours_and_overrides_merge():
     assert ds["zero_optimization"]["stage"] == 3
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["strategy=fsdpp"], "strategy=fsdpp: no such option (did you mean strategy=fsdp?)"),
-    (["strategy=ddp", "strategy.zero_stage=2"], "strategy.zero_stage=2 does not fit strategy.name=ddp"),
-    (["strategy=zero2", "strategy.offload_params=true"], "strategy.offload_params needs ZeRO stage 3"),
-    (["strategy.precision=fp16"], "strategy.precision=fp16 needs GPUs"),
-    (["strategy.precision=fp8"], "strategy.precision must be one of"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["strategy=fsdpp"], "strategy=fsdpp: no such option (did you mean strategy=fsdp?)"),
+        (["strategy=ddp", "strategy.zero_stage=2"], "strategy.zero_stage=2 does not fit strategy.name=ddp"),
+        (["strategy=zero2", "strategy.offload_params=true"], "strategy.offload_params needs ZeRO stage 3"),
+        (["strategy.precision=fp16"], "strategy.precision=fp16 needs GPUs"),
+        (["strategy.precision=fp8"], "strategy.precision must be one of"),
+    ],
+)
 def test_bad_strategy_choices_fail_before_ray(overrides, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         compose_config(overrides)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from data_pipeline.dataset import Dataset, ShardWriter, write_manifest
 from data_pipeline.stream import TokenStream
@@ -25,8 +26,17 @@ def numbered_dataset(url: str, first_tokens: range) -> Dataset:
         entry = writer.close()
     finally:
         ds.SHARD_TOKENS = ds_shard
-    write_manifest(url, {"seq_len": SEQ, "vocab_size": 1000, "eos_id": 999, "dtype": "<u2",
-                         "tokenizer": {"sha256": "same"}, "splits": {"train": entry}})
+    write_manifest(
+        url,
+        {
+            "seq_len": SEQ,
+            "vocab_size": 1000,
+            "eos_id": 999,
+            "dtype": "<u2",
+            "tokenizer": {"sha256": "same"},
+            "splits": {"train": entry},
+        },
+    )
     return Dataset(url)
 
 
@@ -77,16 +87,25 @@ def test_resume_rejects_a_different_seed(dataset):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(world_before=st.integers(1, 4), world_after=st.integers(1, 4), micro=st.integers(1, 5),
-       steps_before=st.integers(0, 12), seed=st.integers(0, 2**31), mixed=st.booleans())
-def test_every_sequence_once_per_epoch_across_a_world_size_change(dataset, other, world_before, world_after,
-                                                                  micro, steps_before, seed, mixed):
+@given(
+    world_before=st.integers(1, 4),
+    world_after=st.integers(1, 4),
+    micro=st.integers(1, 5),
+    steps_before=st.integers(0, 12),
+    seed=st.integers(0, 2**31),
+    mixed=st.booleans(),
+)
+def test_every_sequence_once_per_epoch_across_a_world_size_change(
+    dataset, other, world_before, world_after, micro, steps_before, seed, mixed
+):
     """Stop anywhere, resume on another number of workers: the consumed order is the uninterrupted one."""
     sources, weights = ([dataset, other], [0.6, 0.4]) if mixed else (dataset, None)
 
     def run(world, steps, state=None):
-        streams = [TokenStream(sources, "train", rank=r, world_size=world, micro_batch=micro, seed=seed,
-                               weights=weights) for r in range(world)]
+        streams = [
+            TokenStream(sources, "train", rank=r, world_size=world, micro_batch=micro, seed=seed, weights=weights)
+            for r in range(world)
+        ]
         if state:
             for s in streams:
                 s.load_state_dict(state)
@@ -128,8 +147,7 @@ def test_reading_ahead_gives_the_same_batches_and_cursor(dataset):
 
 
 def test_mixture_honours_weights_exactly_per_period(dataset, other):
-    stream = TokenStream([dataset, other], "train", rank=0, world_size=1, micro_batch=100, seed=11,
-                         weights=[0.7, 0.3])
+    stream = TokenStream([dataset, other], "train", rank=0, world_size=1, micro_batch=100, seed=11, weights=[0.7, 0.3])
     drawn = [i for _ in range(20) for i in ids(next(stream))]
     assert sum(i < 97 for i in drawn) == 1400 and sum(i >= 500 for i in drawn) == 600
     first_97_of_a = [i for i in drawn if i < 97][:97]

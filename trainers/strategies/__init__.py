@@ -10,8 +10,14 @@ from trainers.strategies.ddp import DDPStrategy
 from trainers.strategies.deepspeed_zero import DeepSpeedStrategy
 from trainers.strategies.fsdp2 import FSDP2Strategy
 
-STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDP2Strategy, "zero1": DeepSpeedStrategy,
-              "zero2": DeepSpeedStrategy, "zero3": DeepSpeedStrategy, "zero3_offload": DeepSpeedStrategy}
+STRATEGIES = {
+    "ddp": DDPStrategy,
+    "fsdp": FSDP2Strategy,
+    "zero1": DeepSpeedStrategy,
+    "zero2": DeepSpeedStrategy,
+    "zero3": DeepSpeedStrategy,
+    "zero3_offload": DeepSpeedStrategy,
+}
 
 
 def build_strategy(cfg: StrategyConfig, device: torch.device) -> Strategy:
@@ -19,5 +25,4 @@ def build_strategy(cfg: StrategyConfig, device: torch.device) -> Strategy:
     try:
         return STRATEGIES[cfg.name](cfg, device)
     except KeyError:
-        raise ValueError(f"strategy.name={cfg.name!r} is not known; choose one of "
-                         f"{', '.join(STRATEGIES)}") from None
+        raise ValueError(f"strategy.name={cfg.name!r} is not known; choose one of {', '.join(STRATEGIES)}") from None

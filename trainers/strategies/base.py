@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Optional, Protocol
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -20,14 +22,15 @@ class Strategy(Protocol):
     precision: str
     model: nn.Module  # what the loop calls forward on
 
-    def wrap(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int,
-             grad_accum: int) -> nn.Module:
+    def wrap(
+        self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int, grad_accum: int
+    ) -> nn.Module:
         """Distribute the model and build its optimizer and schedule; returns the model to call."""
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         """The precision context for forward passes."""
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         """Skip gradient synchronisation (all but the last micro-batch of an accumulation)."""
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -45,7 +48,7 @@ class Strategy(Protocol):
     def save_async(self, shards_url: str, group) -> Callable[[], FileRecords]:
         """Collective: capture the state now, write it in the background; finish() blocks until written."""
 
-    def load(self, shards_url: str, saved_world_size: Optional[int] = None) -> None:
+    def load(self, shards_url: str, saved_world_size: int | None = None) -> None:
         """Collective: read what save() wrote, in place, resharding from saved_world_size workers."""
 
     def extra_state(self) -> dict:
@@ -53,7 +56,6 @@ class Strategy(Protocol):
 
     def load_extra_state(self, state: dict) -> None:
         """Restore what extra_state() returned."""
-
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         """Collective: the whole model's weights on CPU, on rank 0 (other ranks may get an empty dict)."""
@@ -69,11 +71,15 @@ def resolve_precision(cfg: StrategyConfig, device: torch.device) -> str:
             return "bf16"
         return "fp32"
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"strategy.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16; "
-                         "use strategy.precision=fp16 or fp32")
+        raise ValueError(
+            f"strategy.precision=bf16 but {torch.cuda.get_device_name(device)} has no bf16; "
+            "use strategy.precision=fp16 or fp32"
+        )
     if cfg.precision == "fp16" and device.type != "cuda":
-        raise ValueError("strategy.precision=fp16 needs a CUDA GPU (dynamic loss scaling); "
-                         "on CPU use strategy.precision=bf16 or fp32")
+        raise ValueError(
+            "strategy.precision=fp16 needs a CUDA GPU (dynamic loss scaling); "
+            "on CPU use strategy.precision=bf16 or fp32"
+        )
     return cfg.precision
 
 
@@ -88,8 +94,7 @@ def tensor_bytes(tensors) -> int:
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in a torch optimizer's state."""
-    return tensor_bytes(v for state in optimizer.state.values() for v in state.values()
-                        if isinstance(v, torch.Tensor))
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))
 
 
 class ScheduledStrategy:
@@ -134,7 +139,7 @@ class TorchStrategy(ScheduledStrategy):
         self.optimizer = build_optimizer(module, optim_cfg)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         if self.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
             return torch.autocast(device_type=self.device.type, dtype=dtype)
@@ -170,9 +175,12 @@ class TorchStrategy(ScheduledStrategy):
     def save_async(self, shards_url: str, group) -> Callable[[], FileRecords]:
         return save_dcp_async(self.model, self.optimizer, shards_url, group)
 
-    def load(self, shards_url: str, saved_world_size: Optional[int] = None) -> None:
+    def load(self, shards_url: str, saved_world_size: int | None = None) -> None:
         load_dcp(self.model, self.optimizer, shards_url)  # DCP reshards to any world size by itself
 
     def held_bytes(self) -> dict[str, int]:
-        return {"params": tensor_bytes(self.model.parameters()),
-                "optim": optimizer_state_bytes(self.optimizer), "master": 0}
+        return {
+            "params": tensor_bytes(self.model.parameters()),
+            "optim": optimizer_state_bytes(self.optimizer),
+            "master": 0,
+        }

@@ -12,8 +12,8 @@ import contextlib
 import hashlib
 import os
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Callable, Iterator, Optional
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -83,6 +83,7 @@ def writer(url: str):
         made = dcp.FileSystemWriter(url)
     else:
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
         # Several files per rank, uploaded by parallel threads: one stream per rank leaves most of an
         # object store's bandwidth unused.
         made = FsspecWriter(url, thread_count=UPLOAD_THREADS)
@@ -159,14 +160,14 @@ def save_dcp(model: nn.Module, optimizer, url: str) -> FileRecords:
     return dict(out.fs.records)
 
 
-def save_dcp_async(model: nn.Module, optimizer, url: str,
-                   group: Optional[dist.ProcessGroup]) -> Callable[[], FileRecords]:
+def save_dcp_async(model: nn.Module, optimizer, url: str, group: dist.ProcessGroup | None) -> Callable[[], FileRecords]:
     """Collective: copy the state to CPU now and write it in the background; returns a blocking finish()."""
     model_state, optim_state = get_state_dict(model, optimizer)
     storage.makedirs(url)
     out = writer(url)
-    future: Future = dcp.async_save({"model": model_state, "optim": optim_state}, storage_writer=out,
-                                    process_group=group)
+    future: Future = dcp.async_save(
+        {"model": model_state, "optim": optim_state}, storage_writer=out, process_group=group
+    )
 
     def finish() -> FileRecords:
         future.result()

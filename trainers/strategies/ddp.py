@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ContextManager
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -17,15 +17,16 @@ class DDPStrategy(TorchStrategy):
 
     name = "ddp"
 
-    def wrap(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1,
-             grad_accum: int = 1) -> nn.Module:
+    def wrap(
+        self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1, grad_accum: int = 1
+    ) -> nn.Module:
         model.to(self.device)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         self.model = DistributedDataParallel(model, device_ids=device_ids)
         self.build_optimizer(self.model.module, optim_cfg, max_steps)
         return self.model
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         return self.model.no_sync()
 
     def full_model_state(self) -> dict[str, torch.Tensor]:

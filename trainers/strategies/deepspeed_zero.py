@@ -18,7 +18,9 @@ import shutil
 import socket
 import tempfile
 import uuid
-from typing import Any, Callable, ContextManager, Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,9 +47,18 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def deepspeed_config(*, stage: int, micro_batch: int, grad_accum: int, world_size: int, grad_clip: float,
-                     precision: str, offload_optimizer: bool, offload_params: bool,
-                     overrides: dict[str, Any]) -> dict[str, Any]:
+def deepspeed_config(
+    *,
+    stage: int,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    precision: str,
+    offload_optimizer: bool,
+    offload_params: bool,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
     """The DeepSpeed JSON config that corresponds to Kiln's settings."""
     zero: dict[str, Any] = {"stage": stage}
     if offload_optimizer:
@@ -102,12 +113,17 @@ def convert_to_universal(checkpoint_dir: str, output_dir: str) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
     args = argparse.Namespace(
-        input_folder=checkpoint_dir, output_folder=output_dir,
+        input_folder=checkpoint_dir,
+        output_folder=output_dir,
         # In-process and serial: worker pools would fork a process that holds the process group.
-        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
         # Only Megatron-DeepSpeed records UNIVERSAL_CHECKPOINT_INFO (its TP/PP patterns); ZeRO-1/2
         # conversion refuses without it, and plain data parallelism needs none of those patterns.
-        inject_missing_state=True)
+        inject_missing_state=True,
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # progress chatter, one line per phase
         ds_to_universal.main(args)
 
@@ -192,7 +208,7 @@ def repair_zero3_universal_load(zero_optimizer, universal_dir: str) -> None:
     groups = zero_optimizer.optimizer.param_groups
     if len(saved) != len(groups):
         raise ValueError(f"checkpoint has {len(saved)} optimizer param groups, the model has {len(groups)}")
-    for group, options in zip(groups, saved):
+    for group, options in zip(groups, saved, strict=False):
         group.update({key: value for key, value in options.items() if key != "params"})
 
 
@@ -204,8 +220,9 @@ class DeepSpeedStrategy(ScheduledStrategy):
         self.name = cfg.name
         self.precision = resolve_precision(cfg, device)
 
-    def wrap(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1,
-             grad_accum: int = 1) -> nn.Module:
+    def wrap(
+        self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1, grad_accum: int = 1
+    ) -> nn.Module:
         import deepspeed
         import torch.distributed as dist
 
@@ -214,20 +231,26 @@ class DeepSpeedStrategy(ScheduledStrategy):
         optimizer = build_optimizer(model, optim_cfg)
         scheduler = build_scheduler(optimizer, optim_cfg, max_steps)
         self.ds_config = deepspeed_config(
-            stage=self.cfg.zero_stage, micro_batch=micro_batch, grad_accum=grad_accum,
-            world_size=dist.get_world_size(), grad_clip=optim_cfg.grad_clip, precision=self.precision,
-            offload_optimizer=self.cfg.offload_optimizer, offload_params=self.cfg.offload_params,
-            overrides=dict(self.cfg.deepspeed_overrides))
+            stage=self.cfg.zero_stage,
+            micro_batch=micro_batch,
+            grad_accum=grad_accum,
+            world_size=dist.get_world_size(),
+            grad_clip=optim_cfg.grad_clip,
+            precision=self.precision,
+            offload_optimizer=self.cfg.offload_optimizer,
+            offload_params=self.cfg.offload_params,
+            overrides=dict(self.cfg.deepspeed_overrides),
+        )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            dist_init_required=False)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
+        )
         self.model = self.engine
         return self.engine
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         return contextlib.nullcontext()  # the engine casts per its bf16/fp16 config
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         return contextlib.nullcontext()  # the engine knows the accumulation boundary itself
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -275,8 +298,9 @@ class DeepSpeedStrategy(ScheduledStrategy):
 
         if saved_world_size is None or saved_world_size == dist.get_world_size():
             with local_folder(shards_url) as folder, safe_load.deepspeed_reads(shards_url):
-                path, _ = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
+                path, _ = self.engine.load_checkpoint(
+                    folder, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
         else:
             path = self._load_resharded(shards_url)
         if path is None:
@@ -294,8 +318,9 @@ class DeepSpeedStrategy(ScheduledStrategy):
             previous, config.load_universal_checkpoint = config.load_universal_checkpoint, True
             try:
                 with safe_load.deepspeed_reads(shards_url):
-                    path, _ = self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                                          load_lr_scheduler_states=True)
+                    path, _ = self.engine.load_checkpoint(
+                        folder, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                    )
             finally:
                 config.load_universal_checkpoint = previous
             if path is not None and self.cfg.zero_stage == 3:
@@ -306,8 +331,11 @@ class DeepSpeedStrategy(ScheduledStrategy):
         import deepspeed
 
         params = list(self.engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.cfg.zero_stage == 3 \
-                else contextlib.nullcontext():
+        with (
+            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            if self.cfg.zero_stage == 3
+            else contextlib.nullcontext()
+        ):
             return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
 
     def held_bytes(self) -> dict[str, int]:
@@ -316,10 +344,14 @@ class DeepSpeedStrategy(ScheduledStrategy):
             local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps only this rank's partition
             params += local.numel() * local.element_size()
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        optim = sum(tensor_bytes(v for v in state.values() if isinstance(v, torch.Tensor))
-                    for state in inner.state.values())
+        optim = sum(
+            tensor_bytes(v for v in state.values() if isinstance(v, torch.Tensor)) for state in inner.state.values()
+        )
         # ZeRO steps an fp32 copy of this rank's partition (kept even when the model itself is fp32).
-        masters = (getattr(self.optimizer, "single_partition_of_fp32_groups", None)
-                   or getattr(self.optimizer, "fp32_partitioned_groups_flat", None) or [])
+        masters = (
+            getattr(self.optimizer, "single_partition_of_fp32_groups", None)
+            or getattr(self.optimizer, "fp32_partitioned_groups_flat", None)
+            or []
+        )
         master = sum(m.numel() * m.element_size() for m in masters)
         return {"params": params, "optim": optim, "master": master}

@@ -7,7 +7,8 @@ final norm and the tied LM head form the root unit.
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Iterator
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -32,18 +33,22 @@ class FSDP2Strategy(TorchStrategy):
 
     name = "fsdp"
 
-    def wrap(self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1,
-             grad_accum: int = 1) -> nn.Module:
+    def wrap(
+        self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1, grad_accum: int = 1
+    ) -> nn.Module:
         model.to(self.device)
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.precision == "bf16" else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         for block in transformer_blocks(model):
             fully_shard(block, mp_policy=policy, reshard_after_forward=self.cfg.reshard_after_forward)
         self.model = fully_shard(model, mp_policy=policy, reshard_after_forward=self.cfg.reshard_after_forward)
         self.build_optimizer(self.model, optim_cfg, max_steps)
         return self.model
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         # bf16 is applied by the MixedPrecisionPolicy to the sharded parameters, not by autocast.
         if self.precision == "bf16":
             return contextlib.nullcontext()
