@@ -10,6 +10,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from trainers.run_folder import TOKENIZER_DIR
+
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 EXIT_PREEMPTED = 3  # stopped early with a committed checkpoint; `kiln resume RUN` continues it
@@ -236,7 +238,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
             cfg.model,
             checkpoint.url,
             checkpoint.manifest["strategy"],
-            storage.join(registry.run_url(args.run), "tokenizer"),
+            storage.join(registry.run_url(args.run), TOKENIZER_DIR),
             staging,
         ),
         overwrite=args.overwrite,

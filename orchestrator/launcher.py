@@ -23,7 +23,7 @@ from orchestrator.progress import MetricsTail, ProgressView
 from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
 from orchestrator.runs import refresh, start_run
 from trainers.events import clear_stop_request, record_event, request_stop
-from trainers.loop import run_url
+from trainers.run_folder import run_url
 
 # How long fit() may take to return after the workers recorded that they finished (normally 1-3 s).
 WORKERS_DONE_GRACE_S = 20
@@ -135,7 +135,7 @@ def check_placement(cfg: KilnConfig, console: Console) -> None:
 
 def ray_storage_path(cfg: KilnConfig) -> str:
     """Ray Train's own bookkeeping folder (ours lives beside it in the run folder)."""
-    url = run_url(cfg)
+    url = run_url(cfg.storage.root, cfg.run.id)
     if storage.is_local(url):
         return storage.join(url, "ray")
     return os.path.join(cfg.data.cache_dir, "ray")
@@ -172,7 +172,7 @@ def fit(cfg: KilnConfig) -> None:
             name=cfg.run.id,
             storage_path=ray_storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-            callbacks=[attempt_callback(run_url(cfg))],
+            callbacks=[attempt_callback(run_url(cfg.storage.root, cfg.run.id))],
         ),
     )
     trainer.fit()

@@ -16,7 +16,8 @@ from ray.train.torch.config import _TorchBackend
 from data_pipeline import storage
 from data_pipeline.redaction import redact_logging, redact_text
 from trainers import loop
-from trainers.events import Periodic
+from trainers.periodic import Periodic
+from trainers.run_folder import LOGS_DIR, run_url
 
 # Set by the SIGTERM handler below; read by the training thread between steps.
 PREEMPTED: dict = {}
@@ -120,7 +121,7 @@ class LogMirror:
 
 def redirect_output(run_url: str, rank: int, local_dir: str) -> str:
     """Send this worker's stdout, stderr and logging to worker_<rank>.log (the run's logs/ when local)."""
-    folder = storage.join(run_url, "logs") if storage.is_local(run_url) else local_dir
+    folder = storage.join(run_url, LOGS_DIR) if storage.is_local(run_url) else local_dir
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"worker_{rank}.log")
     handle = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (stays open: fds 1 and 2 point at it)
@@ -143,13 +144,13 @@ def train_worker(config: dict) -> None:
     """Entry point of each Ray Train worker."""
     cfg = config["cfg"]
     context = RayWorkerContext()
-    run_url = loop.run_url(cfg)
-    local_logs = os.path.join(cfg.data.cache_dir, "logs", cfg.run.id)
-    path = redirect_output(run_url, context.rank, local_logs)
+    url = run_url(cfg.storage.root, cfg.run.id)
+    local_logs = os.path.join(cfg.data.cache_dir, LOGS_DIR, cfg.run.id)
+    path = redirect_output(url, context.rank, local_logs)
     mirror = (
         None
-        if storage.is_local(run_url)
-        else LogMirror(path, storage.join(run_url, "logs", f"worker_{context.rank}.log")).start()
+        if storage.is_local(url)
+        else LogMirror(path, storage.join(url, LOGS_DIR, f"worker_{context.rank}.log")).start()
     )
     os.environ.setdefault("WANDB_SILENT", "true")
     TRAINING.set()

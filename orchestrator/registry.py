@@ -16,10 +16,9 @@ from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
+from trainers import run_folder
+from trainers.run_folder import CONFIG_FILE, METRICS_FILE, RUN_FILE
 
-RUN_FILE = "run.json"
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
 # PREEMPTED: stopped early with a committed checkpoint (SIGTERM, `kiln stop`); `kiln resume` continues it.
 STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED", "PREEMPTED")
 RESUMABLE = ("RUNNING", "FAILED", "STOPPED", "PREEMPTED")
@@ -135,7 +134,7 @@ class RunRegistry:
 
     def run_url(self, run_id: str) -> str:
         """The run's folder."""
-        return storage.join(self.root, run_id)
+        return run_folder.run_url(self.root, run_id)
 
     def check_root(self) -> None:
         """Fail, naming storage.root, unless runs can be created there (a local folder is probed by a write)."""

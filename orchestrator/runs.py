@@ -15,7 +15,7 @@ from orchestrator.config import KilnConfig, UsageError, absolute_url, finalize, 
 from orchestrator.registry import CONFIG_FILE, RESUMABLE, RunRecord, RunRegistry
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
 from trainers.events import clear_stop_request
-from trainers.loop import run_url
+from trainers.run_folder import CHECKPOINTS_DIR, TOKENIZER_DIR, run_url
 from trainers.tracking import wandb_mode
 
 
@@ -58,13 +58,17 @@ def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunR
         strategy=cfg.strategy.name,
         num_workers=cfg.cluster.num_workers,
         wandb=(
-            {"mode": wandb_mode(cfg.tracker), "run_id": cfg.run.id, "dir": storage.join(run_url(cfg), "wandb")}
+            {
+                "mode": wandb_mode(cfg.tracker),
+                "run_id": cfg.run.id,
+                "dir": storage.join(run_url(cfg.storage.root, cfg.run.id), "wandb"),
+            }
             if cfg.tracker.name == "wandb"
             else None
         ),
     )
     registry.create(record, redact_text(to_yaml(cfg)))
-    copy_tokenizer(cfg.data.path, storage.join(run_url(cfg), "tokenizer"))
+    copy_tokenizer(cfg.data.path, storage.join(run_url(cfg.storage.root, cfg.run.id), TOKENIZER_DIR))
     return registry, record
 
 
@@ -137,7 +141,11 @@ def copy_tokenizer(dataset_url: str, target_url: str) -> None:
 def checkpoint_store(cfg: KilnConfig) -> CheckpointStore:
     """The run's checkpoints, seen from the driver (which lists and verifies, never saves)."""
     return CheckpointStore(
-        storage.join(run_url(cfg), "checkpoints"), rank=0, world_size=1, strategy=cfg.strategy.name, config_hash=""
+        storage.join(run_url(cfg.storage.root, cfg.run.id), CHECKPOINTS_DIR),
+        rank=0,
+        world_size=1,
+        strategy=cfg.strategy.name,
+        config_hash="",
     )
 
 

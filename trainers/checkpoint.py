@@ -34,6 +34,7 @@ from data_pipeline import storage
 from trainers import safe_load
 from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0, new_checkpoint_group
 from trainers.errors import CheckpointError
+from trainers.model_shapes import check_fits, checkpoint_shapes
 
 log = logging.getLogger("kiln.checkpoint")
 
@@ -415,8 +416,6 @@ class CheckpointStore:
 
     def _check_compatible(self, committed: Committed, source: str) -> None:
         if committed.manifest.get("config_hash") != self.config_hash and self.model_shapes is not None:
-            from trainers.export import check_fits, checkpoint_shapes
-
             shapes = checkpoint_shapes(storage.join(source, "shards"), committed.manifest["strategy"])
             check_fits(self.model_shapes, shapes, committed.url)
         if committed.manifest["strategy"] != self.strategy:

@@ -20,9 +20,8 @@ from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-
-EVENTS_DIR = "events"
-STOP_REQUEST = "STOP"  # a file in the run folder; its presence asks every worker to checkpoint and stop
+from trainers.periodic import Periodic
+from trainers.run_folder import EVENTS_DIR, STOP_REQUEST
 
 
 def record_event(run_url: str, kind: str, **fields: Any) -> dict:
@@ -68,32 +67,6 @@ def stop_requested(run_url: str) -> dict | None:
 def clear_stop_request(run_url: str) -> None:
     """Forget a served stop request, so the resumed run keeps going."""
     storage.remove(storage.join(run_url, STOP_REQUEST))
-
-
-class Periodic:
-    """Calls fn every every_s seconds on a daemon thread (first call at once) until closed."""
-
-    def __init__(self, fn, every_s: float, name: str):
-        import threading
-
-        self._fn, self.every_s = fn, every_s
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-
-    def start(self) -> Periodic:
-        """Begin calling."""
-        self._thread.start()
-        return self
-
-    def close(self) -> None:
-        """Stop calling (a call in progress finishes)."""
-        self._stopped.set()
-        self._thread.join(timeout=30)
-
-    def _loop(self) -> None:
-        while not self._stopped.is_set():
-            self._fn()
-            self._stopped.wait(self.every_s)
 
 
 class StopRequestWatcher:

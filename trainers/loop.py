@@ -27,9 +27,10 @@ from trainers.checkpoint import CheckpointStore, capture_rng, restore_rng
 from trainers.context import WorkerContext
 from trainers.distributed import any_rank, ensure_process_group, gather_to_rank0, max_across_ranks, mean_across_ranks
 from trainers.events import StopRequestWatcher, record_event
-from trainers.export import shapes_of
 from trainers.flops import flops_per_token, mfu, peak_flops
+from trainers.model_shapes import shapes_of
 from trainers.models import parameter_count
+from trainers.run_folder import CHECKPOINTS_DIR, run_url
 from trainers.strategies import Strategy, build_strategy
 from trainers.tasks import Task, build_task
 from trainers.tracking import Tracker, build_tracker
@@ -46,11 +47,6 @@ class LoopResult:
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
-
-
-def run_url(cfg: Any) -> str:
-    """The run's folder on storage."""
-    return storage.join(cfg.storage.root, cfg.run.id)
 
 
 def config_hash(cfg: Any) -> str:
@@ -99,7 +95,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.torch_threads)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.url = run_url(cfg)
+        self.url = run_url(cfg.storage.root, cfg.run.id)
         self.datasets, self.weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
         self.dataset: Dataset = self.datasets[0]  # vocabulary and sequence length of them all
         self.task: Task = build_task(cfg.task.name)
@@ -128,7 +124,7 @@ class Trainer:
             weights=self.weights,
         )
         self.checkpoints = CheckpointStore(
-            storage.join(self.url, "checkpoints"),
+            storage.join(self.url, CHECKPOINTS_DIR),
             rank=ctx.rank,
             world_size=ctx.world_size,
             strategy=self.strategy.name,

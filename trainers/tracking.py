@@ -11,6 +11,7 @@ from typing import Protocol
 from data_pipeline import storage
 from data_pipeline.redaction import redact
 from trainers.config import TrackerConfig
+from trainers.run_folder import METRICS_FILE
 
 log = logging.getLogger("kiln.tracking")
 
@@ -157,7 +158,7 @@ def build_tracker(
     """
     if rank != 0:
         return NullTracker()
-    trackers: list[Tracker] = [JsonlTracker(storage.join(run_url, "metrics.jsonl"))]
+    trackers: list[Tracker] = [JsonlTracker(storage.join(run_url, METRICS_FILE))]
     if cfg.name == "wandb":
         local = storage.is_local(run_url)
         trackers.append(

@@ -1,0 +1,129 @@
+"""The layering the design states, checked over the import graph of every module (docs/architecture.md).
+
+orchestrator -> trainers -> data_pipeline: no module imports a package above its own, no two modules
+import each other (directly or round a longer loop, lazy imports inside functions included), Ray
+is imported only where the design allows it, and Hydra only by the orchestrator.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYERS = {"data_pipeline": 0, "trainers": 1, "orchestrator": 2}
+# Ray Train and Ray Jobs are the orchestrator's; `kiln prepare` tokenizes with Ray Data.
+MAY_IMPORT_RAY = ("orchestrator", "data_pipeline.prepare")
+MAY_IMPORT_HYDRA = ("orchestrator",)
+
+
+def module_name(path: Path) -> str:
+    """Dotted module name of a file under ROOT (a package's __init__ is the package)."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_names(path: Path, name: str) -> set[str]:
+    """Every module name a file imports, anywhere in it (relative imports resolved)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> what it imports, for every module of the three packages."""
+    files = {module_name(f): f for package in LAYERS for f in (ROOT / package).rglob("*.py")}
+    return {name: imported_names(path, name) for name, path in files.items()}
+
+
+def within(name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether module `name` is one of prefixes or inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every broken rule, one line each; empty when the layering holds."""
+    problems = []
+    ours = {name: {i for i in imports if i in graph and i != name} for name, imports in graph.items()}
+    for name, imports in sorted(graph.items()):
+        layer = LAYERS[name.split(".")[0]]
+        for target in sorted(ours[name]):
+            if LAYERS[target.split(".")[0]] > layer:
+                problems.append(f"upward import: {name} imports {target}")
+        roots = {i.split(".")[0] for i in imports}
+        if "ray" in roots and not within(name, MAY_IMPORT_RAY):
+            problems.append(f"{name} imports ray (only {', '.join(MAY_IMPORT_RAY)} may)")
+        if roots & {"hydra", "omegaconf"} and not within(name, MAY_IMPORT_HYDRA):
+            problems.append(f"{name} imports Hydra/OmegaConf (only the orchestrator composes config)")
+    problems.extend(f"import cycle: {' -> '.join(cycle)}" for cycle in cycles(ours))
+    return problems
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """One closed path per strongly connected group of modules that import each other."""
+    found, done = [], set()
+    for start in sorted(edges):
+        if start in done:
+            continue
+        path = shortest_path_back(edges, start)
+        if path:
+            found.append(path)
+            done.update(path)
+    return found
+
+
+def shortest_path_back(edges: dict[str, set[str]], start: str) -> list[str] | None:
+    """start -> ... -> start along imports, if any (breadth first, so the reported loop is short)."""
+    frontier, came_from = [start], {start: None}
+    while frontier:
+        following = []
+        for node in frontier:
+            for target in sorted(edges.get(node, ())):
+                if target == start:
+                    path = [node]
+                    while came_from[path[-1]] is not None:
+                        path.append(came_from[path[-1]])
+                    return [start, *reversed(path[:-1]), start] if len(path) > 1 else [start, node, start]
+                if target not in came_from:
+                    came_from[target] = node
+                    following.append(target)
+        frontier = following
+    return None
+
+
+def test_the_three_packages_import_only_downwards_without_cycles():
+    graph = import_graph()
+    assert len(graph) > 40, "the scan found too few modules to be looking at the packages"
+    assert violations(graph) == []
+
+
+def test_the_check_catches_each_kind_of_violation():
+    graph = {
+        "data_pipeline.storage": {"trainers.events"},
+        "trainers.events": {"data_pipeline.storage", "ray.train"},
+        "trainers.checkpoint": {"trainers.export"},
+        "trainers.export": {"trainers.model_shapes"},
+        "trainers.model_shapes": {"trainers.checkpoint", "omegaconf"},
+        "orchestrator.cli": {"trainers.events", "ray", "hydra"},
+        "data_pipeline.prepare": {"ray.data"},
+    }
+    problems = violations(graph)
+    assert "upward import: data_pipeline.storage imports trainers.events" in problems
+    assert "trainers.events imports ray (only orchestrator, data_pipeline.prepare may)" in problems
+    assert "trainers.model_shapes imports Hydra/OmegaConf (only the orchestrator composes config)" in problems
+    assert "import cycle: data_pipeline.storage -> trainers.events -> data_pipeline.storage" in problems
+    assert (
+        "import cycle: trainers.checkpoint -> trainers.export -> trainers.model_shapes -> trainers.checkpoint"
+        in problems
+    )
+    assert len(problems) == 5, problems

@@ -1,0 +1,23 @@
+"""Where a run lives on storage, `<storage.root>/<run_id>/`, and the names inside it (a stable format).
+
+Every package that reads or writes a run folder takes the names from here, so the layout the design
+promises (docs/architecture.md) has one definition.
+"""
+
+from __future__ import annotations
+
+from data_pipeline import storage
+
+RUN_FILE = "run.json"  # the run's record (orchestrator/registry.py)
+CONFIG_FILE = "config.yaml"  # the resolved config, secrets redacted
+METRICS_FILE = "metrics.jsonl"  # one line per logged step, rank 0
+EVENTS_DIR = "events"  # one JSON object per event (trainers/events.py)
+STOP_REQUEST = "STOP"  # present while a stop is requested (trainers/preemption.py)
+CHECKPOINTS_DIR = "checkpoints"
+LOGS_DIR = "logs"  # worker_<rank>.log
+TOKENIZER_DIR = "tokenizer"  # the tokenizer the run trained with
+
+
+def run_url(root: str, run_id: str) -> str:
+    """The folder of run `run_id` under storage root `root`."""
+    return storage.join(root, run_id)
