@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import fsspec
@@ -132,40 +133,88 @@ def retry_attempts() -> int:
     return int(raw)
 
 
-def retrying(operation: str, url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """fn(*args, **kwargs), retried on transient store errors; permanent ones raise StorageError."""
-    attempts = retry_attempts()
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn(*args, **kwargs)
-        except StorageError:
-            raise  # already classified (and retried) by an inner retrying()
-        except Exception as exc:
-            permanent = _permanent(url, exc)
-            if permanent is not None:
-                # the cause's text may repeat credentials written into the URL: then it goes
-                raise permanent from (None if _leaks(url, exc) else exc)
-            if not _transient(exc):
-                if _leaks(url, exc):
-                    raise StorageError(f"{redact_text(url)}: {operation} failed: {_describe(exc, url)}") from None
-                raise
-            if attempt == attempts:
-                raise StorageError(
-                    f"{redact_text(url)}: {operation} failed {attempts} times, last with "
+@dataclass(frozen=True)
+class GiveUp:
+    """The end of retrying: raise error from cause, or re-raise the caught exception when error is None."""
+
+    error: StorageError | None = None
+    cause: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a store call is tried and how long to wait between tries: decisions only, no clock."""
+
+    attempts: int = DEFAULT_ATTEMPTS
+    base_s: float = RETRY_BASE_S
+    cap_s: float = RETRY_CAP_S
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """$KILN_STORAGE_RETRIES attempts with the module's backoff settings (read now, so tests can set them)."""
+        return cls(retry_attempts(), RETRY_BASE_S, RETRY_CAP_S)
+
+    def max_delay(self, attempt: int) -> float:
+        """The longest wait after failed attempt n (from 1): base_s doubling per attempt, at most cap_s."""
+        return min(self.cap_s, self.base_s * 2 ** (attempt - 1))
+
+    def delay(self, attempt: int, uniform: Callable[[float, float], float] = random.uniform) -> float:
+        """The wait after failed attempt n: full jitter, uniform(0, max_delay(n))."""
+        return uniform(0, self.max_delay(attempt))
+
+    def after_failure(self, operation: str, url: str, exc: BaseException, attempt: int) -> GiveUp | None:
+        """None to try again after failed attempt n (from 1), or how to give up: permanent, unknown, or out of tries."""
+        if isinstance(exc, StorageError):
+            return GiveUp()  # already classified (and retried) by an inner retrying()
+        permanent = _permanent(url, exc)
+        if permanent is not None:
+            # the cause's text may repeat credentials written into the URL: then it goes
+            return GiveUp(permanent, None if _leaks(url, exc) else exc)
+        if not _transient(exc):
+            if _leaks(url, exc):
+                return GiveUp(StorageError(f"{redact_text(url)}: {operation} failed: {_describe(exc, url)}"))
+            return GiveUp()
+        if attempt >= self.attempts:
+            return GiveUp(
+                StorageError(
+                    f"{redact_text(url)}: {operation} failed {self.attempts} times, last with "
                     f"{_describe(exc, url)}; the store is down or overloaded (more tries: "
                     f"{RETRIES_ENV})"
-                ) from exc
-            delay = random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1)))
+                ),
+                exc,
+            )
+        return None
+
+
+# Where retrying() waits and draws its jitter: module attributes looked up at each retry, so a test
+# swaps in fakes (monkeypatch) that record the waits instead of sleeping through them.
+sleep: Callable[[float], None] = time.sleep
+uniform: Callable[[float, float], float] = random.uniform
+
+
+def retrying(operation: str, url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs), retried on transient store errors; permanent ones raise StorageError."""
+    policy = RetryPolicy.from_env()
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            end = policy.after_failure(operation, url, exc, attempt)
+            if end is not None:
+                if end.error is None:
+                    raise
+                raise end.error from end.cause
+            delay = policy.delay(attempt, uniform)
             log.warning(
                 "retrying %s %s after %s (attempt %d/%d, waiting %.2fs)",
                 operation,
                 redact_text(url),
                 _describe(exc, url),
                 attempt + 1,
-                attempts,
+                policy.attempts,
                 delay,
             )
-            time.sleep(delay)
+            sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -207,7 +256,9 @@ def _redact(text: str, url: str) -> str:
 def _leaks(url: str, exc: BaseException) -> bool:
     """Whether exc's text would repeat the credentials written into url."""
     userinfo = _userinfo(url)
-    return bool(userinfo) and any(userinfo in str(error) for error in exception_chain(exc))
+    if not userinfo:
+        return False
+    return any(userinfo in str(error) for error in exception_chain(exc))
 
 
 def unreachable(exc: BaseException, host: str | None = None) -> str | None:
@@ -371,15 +422,17 @@ class _RetryLogBridge(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         source = _RETRY_NOTICES.get(record.msg) if isinstance(record.msg, str) else None
+        # positional arguments only: logging turns a lone dict argument into a mapping (never the case here)
+        args: tuple[Any, ...] = record.args if isinstance(record.args, tuple) else ()
         if source == "botocore" and getattr(_VETOED, "retry", False):
             pass  # botocore's handler still announces the retry that _no_retry_when_unreachable called off
         elif source == "botocore":
             log.warning(
                 "retrying an S3 request after a transient error (botocore, waiting %.2fs)",
-                float(record.args[0]) if record.args else 0.0,
+                float(args[0]) if args else 0.0,
             )
         elif source == "s3fs":
-            error = str(record.args[0]) if record.args else ""
+            error = str(args[0]) if args else ""
             if record.msg.startswith("Retryable") or any(p in error for p in _S3FS_RETRIED):
                 # s3fs logs this on its last try too, before giving up: hence not "retrying"
                 log.warning(

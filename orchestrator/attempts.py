@@ -15,6 +15,7 @@ from typing import Any
 from data_pipeline.redaction import redact_text
 from orchestrator.registry import RunRecord, now
 from trainers.events import read_events, record_event
+from trainers.run_state import RunState
 
 DRIVER_LOST = "the driver stopped recording (the kiln process or its machine died) before the attempt ended"
 
@@ -91,7 +92,7 @@ def apply_event(record: RunRecord, event: dict) -> None:
         attempt["final_step"] = event.get("step")
         close(
             attempt,
-            event.get("state", "SUCCEEDED"),
+            event.get("state", RunState.SUCCEEDED),
             {"summary": event["reason"]} if event.get("reason") else None,
             when,
         )
@@ -108,10 +109,11 @@ def merge_events(record: RunRecord, run_url: str) -> bool:
     return bool(new)
 
 
-def finished_state(record: RunRecord) -> str | None:
+def finished_state(record: RunRecord) -> RunState | None:
     """SUCCEEDED or PREEMPTED if the last attempt's workers said so."""
     last = record.attempts[-1] if record.attempts else None
-    return last["outcome"] if last and last.get("outcome") in ("SUCCEEDED", "PREEMPTED") else None
+    ended = last.get("outcome") if last else None
+    return RunState(ended) if ended in (RunState.SUCCEEDED, RunState.PREEMPTED) else None
 
 
 HEALTH = re.compile(r"hostname='([^']*)'.*?node_ip='([^']*)'.*?pid=(\d+)", re.S)
@@ -136,7 +138,7 @@ def describe_worker_failure(rank: int, exc: BaseException) -> dict[str, Any]:
         )
     else:
         root = exc
-        while getattr(root, "__cause__", None) is not None:
+        while root.__cause__ is not None:
             root = root.__cause__
         lines = [line for line in str(root).strip().splitlines() if line.strip()]
         cause["summary"] = f"{type(root).__name__}: {lines[-1] if lines else ''} (rank {rank})"

@@ -6,6 +6,7 @@ writes it, always whole (an atomic replace or a single PUT).
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import json
 import os
@@ -18,10 +19,8 @@ from data_pipeline import storage
 from data_pipeline.redaction import redact_text
 from trainers import run_folder
 from trainers.run_folder import CONFIG_FILE, METRICS_FILE, RUN_FILE
+from trainers.run_state import RunState, transition
 
-# PREEMPTED: stopped early with a committed checkpoint (SIGTERM, `kiln stop`); `kiln resume` continues it.
-STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED", "PREEMPTED")
-RESUMABLE = ("RUNNING", "FAILED", "STOPPED", "PREEMPTED")
 FORMAT_VERSION = 1
 
 
@@ -55,7 +54,7 @@ class RunRecord:
     """What run.json holds."""
 
     run_id: str
-    state: str = "PENDING"
+    state: str = RunState.PENDING  # a RunState; trainers/run_state.py says which changes are legal
     created: str = field(default_factory=now)
     updated: str = field(default_factory=now)
     experiment: str = "run"
@@ -71,6 +70,10 @@ class RunRecord:
     events_cursor: str = ""  # the last events/ entry folded into attempts
     driver: dict | None = None  # {"host", "pid_ns", "pid", "started", "command"} of the driver now or last
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        # The state run.json holds (not a field, so never written): save() allows only legal moves from it.
+        self._written_state = self.state
 
     @classmethod
     def from_json(cls, text: str) -> RunRecord:
@@ -119,8 +122,8 @@ def shape_problem(data: dict) -> str | None:
     for name, types in _FIELD_TYPES.items():
         if name in data and (not isinstance(data[name], types) or isinstance(data[name], bool)):
             return f"field {name!r} is {type(data[name]).__name__}, expected {types[0].__name__}"
-    if "state" in data and data["state"] not in STATES:
-        return f"state {data.get('state')!r} is not one of {', '.join(STATES)}"
+    if "state" in data and data["state"] not in set(RunState):
+        return f"state {data.get('state')!r} is not one of {', '.join(RunState)}"
     if not all(isinstance(a, dict) for a in data.get("attempts", [])):
         return "attempts must be a list of objects"
     return None
@@ -184,6 +187,7 @@ class RunRegistry:
             raise RunExists(
                 f"run {record.run_id!r} was just created under {self.root} by another command; choose another run.id"
             ) from None
+        record._written_state = record.state
         self.write_config(record.run_id, config_yaml)
         return record
 
@@ -192,13 +196,13 @@ class RunRegistry:
         storage.write_atomic(storage.join(self.run_url(run_id), CONFIG_FILE), config_yaml)
 
     def save(self, record: RunRecord) -> None:
-        """Write run.json whole."""
-        if record.state not in STATES:
-            raise ValueError(f"unknown run state {record.state!r}")
+        """Write run.json whole; a changed state must be a legal move (IllegalTransition otherwise)."""
+        transition(record._written_state, record.state)
         record.updated = now()
         storage.write_atomic(
             storage.join(self.run_url(record.run_id), RUN_FILE), redact_text(json.dumps(asdict(record), indent=2))
         )
+        record._written_state = record.state
 
     def load(self, run_id: str) -> RunRecord:
         """The record of run_id; UnknownRun naming the root and the closest ids; DamagedRun if unreadable."""
@@ -249,7 +253,8 @@ class RunRegistry:
                 damaged.append(DamagedEntry(run_id, str(exc)))
         return sorted(records, key=lambda r: r.created, reverse=True), damaged
 
-    def metrics(self, run_id: str) -> list[dict[str, Any]]:
+    # builtins.list: in this class body, after the method RunRegistry.list, a bare `list` names that method
+    def metrics(self, run_id: str) -> builtins.list[dict[str, Any]]:
         """Every line of the run's metrics.jsonl (a torn last line is skipped)."""
         try:
             text = storage.read_text(storage.join(self.run_url(run_id), METRICS_FILE))

@@ -13,13 +13,11 @@ most one save is in flight, and its manifest is committed only after every rank'
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -27,14 +25,15 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from data_pipeline import storage
 from trainers import safe_load
+from trainers.checkpoint_policy import choose_checkpoint, retention
 from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0, new_checkpoint_group
 from trainers.errors import CheckpointError
 from trainers.model_shapes import check_fits, checkpoint_shapes
+from trainers.resharding import extras_rank, resharded_from
 
 log = logging.getLogger("kiln.checkpoint")
 
@@ -65,24 +64,6 @@ class Restored:
 def step_dir(step: int) -> str:
     """Folder name of a step's checkpoint."""
     return f"step_{step:06d}"
-
-
-def sha256_of(url: str, copy_to: str | None = None) -> str:
-    """sha256 of a file, streamed (and copied to the local path copy_to); retried whole on a store error."""
-
-    def digest_file() -> str:
-        fs, path = storage.filesystem(url)
-        digest = hashlib.sha256()
-        if copy_to:
-            os.makedirs(os.path.dirname(copy_to), exist_ok=True)
-        with fs.open(path, "rb") as handle, open(copy_to, "wb") if copy_to else contextlib.nullcontext() as out:
-            for block in iter(lambda: handle.read(8 << 20), b""):
-                digest.update(block)
-                if out is not None:
-                    out.write(block)
-        return digest.hexdigest()
-
-    return storage.retrying("read", url, digest_file)
 
 
 def manifest_problem(manifest) -> str | None:
@@ -151,7 +132,7 @@ def verify(url: str, copy_to: str | None = None) -> dict:
             raise CheckpointError(f"{url}: {path} has {on_disk[path]} bytes, manifest says {entry['size']}")
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="kiln-verify") as pool:
         digests = pool.map(
-            lambda entry: sha256_of(
+            lambda entry: storage.sha256_file(
                 storage.join(url, entry["path"]), os.path.join(copy_to, entry["path"]) if copy_to else None
             ),
             manifest["files"],
@@ -201,36 +182,6 @@ def check_pickles(url: str, manifest: dict, copy_to: str | None) -> None:
             return read(f"shards/{relative}", item)
 
         safe_load.check_dcp_items(metadata, read_slice, storage.join(url, "shards"))
-
-
-def capture_rng() -> dict:
-    """Every RNG stream this process draws from, as weights_only-loadable values."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    """Put back what capture_rng() returned."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CheckpointStore:
@@ -334,7 +285,7 @@ class CheckpointStore:
                         f"{storage.join(url, rel)} has {size} bytes on the store but "
                         f"{recorded[0]} were written; the upload was incomplete"
                     )
-                digest = recorded[1] if recorded else sha256_of(storage.join(url, rel))
+                digest = recorded[1] if recorded else storage.sha256_file(storage.join(url, rel))
                 entries.append({"path": rel, "size": size, "sha256": digest})
             missing = sorted(set(written) - set(on_store))
             if missing:
@@ -355,11 +306,8 @@ class CheckpointStore:
     def prune(self, keep: int) -> list[int]:
         """Rank 0: delete uncommitted leftovers and committed checkpoints retention no longer keeps."""
         steps = self.steps_on_storage()
-        committed = [s for s in steps if storage.exists(storage.join(self.url(s), MANIFEST))]
-        kept = set(committed[: self.keep_last]) if self.keep_last else set(committed)
-        kept |= {s for s in committed if self.keep_every and s % self.keep_every == 0}
-        kept.add(keep)
-        removed = [s for s in steps if s not in kept]
+        committed = {s for s in steps if storage.exists(storage.join(self.url(s), MANIFEST))}
+        _, removed = retention(steps, committed, keep_last=self.keep_last, keep_every=self.keep_every, pinned=keep)
         for s in removed:
             what = "committed checkpoint beyond checkpoint.keep_last" if s in committed else "uncommitted leftover"
             log.info("removing %s %s", what, self.url(s))
@@ -376,19 +324,28 @@ class CheckpointStore:
 
         copy_to: a local folder that receives the verified checkpoint's files (see verify()).
         """
-        skipped = []
-        for step in self.steps_on_storage():
-            url = self.url(step)
-            if not storage.exists(storage.join(url, MANIFEST)):
-                continue  # an uncommitted leftover of an interrupted save
-            if copy_to:
-                shutil.rmtree(copy_to, ignore_errors=True)
-            try:
-                return Committed(step, url, verify(url, copy_to)), skipped
-            except CheckpointError as exc:
-                skipped.append(str(exc))
-                log.warning("skipping checkpoint that fails verification: %s", exc)
-        return None, skipped
+        manifests: dict[int, dict] = {}
+
+        def verdicts():
+            """(step, why it fails verification or None) of each committed step, newest first, verified lazily."""
+            for step in self.steps_on_storage():
+                url = self.url(step)
+                if not storage.exists(storage.join(url, MANIFEST)):
+                    continue  # an uncommitted leftover of an interrupted save
+                if copy_to:
+                    shutil.rmtree(copy_to, ignore_errors=True)
+                try:
+                    manifests[step] = verify(url, copy_to)
+                except CheckpointError as exc:
+                    log.warning("skipping checkpoint that fails verification: %s", exc)
+                    yield step, str(exc)
+                    continue
+                yield step, None
+
+        choice = choose_checkpoint(verdicts())
+        if choice.step is None:
+            return None, choice.skipped
+        return Committed(choice.step, self.url(choice.step), manifests[choice.step]), choice.skipped
 
     def restore(self, strategy) -> Restored | None:
         """Collective: load the newest committed checkpoint into the strategy; this rank's extras."""
@@ -403,13 +360,10 @@ class CheckpointStore:
             self._check_compatible(committed, source)
             saved_world = committed.manifest["world_size"]
             strategy.load(storage.join(source, "shards"), saved_world)
-            # Extras are per rank; on another world size rank r takes rank r's (or rank 0's) schedule and
-            # cursor, which every rank holds identically, and the caller reseeds the RNG streams.
-            own = self.rank if self.rank < saved_world else 0
-            extra_url = storage.join(source, "extra", f"rank_{own:05d}.pt")
+            # On another world size: trainers/resharding.py says whose extras each rank takes.
+            extra_url = storage.join(source, "extra", f"rank_{extras_rank(self.rank, saved_world):05d}.pt")
             extra = safe_load.load_torch(storage.read_bytes(extra_url), extra_url)
-            resharded = saved_world if saved_world != self.world_size else None
-            return Restored(committed, extra, skipped, resharded)
+            return Restored(committed, extra, skipped, resharded_from(saved_world, self.world_size))
         finally:
             if local:
                 shutil.rmtree(local, ignore_errors=True)

@@ -7,11 +7,12 @@ the process, so the launcher (Ray Train's FailureConfig) restarts the group from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 log = logging.getLogger("kiln.watchdog")
 
@@ -19,50 +20,74 @@ EXIT_HUNG = 124  # what `timeout` uses: recognisable in exit codes
 
 
 class StepWatchdog:
-    """Call beat(step, phase) whenever progress is made; on_hang runs before the process exits."""
+    """Wrap each phase of a step in `phase(step, name)`; one that outlives the timeout ends the process.
+
+    `clock` and `exit` are injectable so the decision (`overdue`) is tested without threads or sleeps.
+    """
 
     def __init__(
-        self, timeout_s: float, rank: int, on_hang: Callable[[dict], None], exit: Callable[[int], None] = os._exit
+        self,
+        timeout_s: float,
+        rank: int,
+        on_hang: Callable[[dict], object],
+        exit: Callable[[int], object] = os._exit,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.timeout_s, self.rank = timeout_s, rank
-        self._on_hang, self._exit = on_hang, exit
-        self._last = time.monotonic()
+        self._on_hang, self._exit, self._clock = on_hang, exit, clock
+        self._since = clock()
         self._step, self._phase = 0, "starting"
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> StepWatchdog:
-        """Begin watching (a no-op when the timeout is 0)."""
+        """Begin watching on a daemon thread (a no-op when the timeout is 0)."""
         if self.timeout_s > 0:
             self._thread = threading.Thread(target=self._watch, name="kiln-watchdog", daemon=True)
             self._thread.start()
         return self
 
-    def beat(self, step: int, phase: str) -> None:
-        """Progress: `phase` of step `step` starts now."""
-        self._last, self._step, self._phase = time.monotonic(), step, phase
+    @contextlib.contextmanager
+    def phase(self, step: int, name: str) -> Iterator[None]:
+        """`name` of step `step` runs inside this block; the time after it counts as `after <name>`."""
+        self._enter(step, name)
+        yield
+        self._enter(step, f"after {name}")
+
+    def overdue(self) -> dict | None:
+        """The hang report when the current phase has run past the timeout, else None."""
+        waited = self._clock() - self._since
+        if self.timeout_s <= 0 or waited <= self.timeout_s:
+            return None
+        return {
+            "rank": self.rank,
+            "last_step": self._step,
+            "phase": self._phase,
+            "waited_s": round(waited, 1),
+            "timeout_s": self.timeout_s,
+            "summary": f"rank {self.rank} hung: {self._phase} after step {self._step} took "
+            f"more than train.step_timeout_s={self.timeout_s:g}s",
+        }
+
+    def fire(self, reason: dict) -> None:
+        """Record the hang, then end the process so the launcher restarts the group."""
+        log.error("%s; exiting so the run restarts from its last checkpoint", reason["summary"])
+        try:
+            self._on_hang(reason)
+        finally:
+            logging.shutdown()
+            self._exit(EXIT_HUNG)
 
     def stop(self) -> None:
         """Stop watching."""
         self._stopped.set()
 
+    def _enter(self, step: int, name: str) -> None:
+        self._since, self._step, self._phase = self._clock(), step, name
+
     def _watch(self) -> None:
         while not self._stopped.wait(min(1.0, self.timeout_s / 4)):
-            waited = time.monotonic() - self._last
-            if waited > self.timeout_s:
-                reason = {
-                    "rank": self.rank,
-                    "last_step": self._step,
-                    "phase": self._phase,
-                    "waited_s": round(waited, 1),
-                    "timeout_s": self.timeout_s,
-                    "summary": f"rank {self.rank} hung: {self._phase} after step {self._step} took "
-                    f"more than train.step_timeout_s={self.timeout_s:g}s",
-                }
-                log.error("%s; exiting so the run restarts from its last checkpoint", reason["summary"])
-                try:
-                    self._on_hang(reason)
-                finally:
-                    logging.shutdown()
-                    self._exit(EXIT_HUNG)
+            reason = self.overdue()
+            if reason is not None:
+                self.fire(reason)
                 return

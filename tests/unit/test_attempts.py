@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 from orchestrator.attempts import apply_event, describe_worker_failure
 from orchestrator.registry import RunRecord
-from trainers.watchdog import EXIT_HUNG, StepWatchdog
 
 
 def fold(*events: dict) -> RunRecord:
@@ -62,27 +58,6 @@ def test_ray_worker_death_message_is_read_for_rank_node_and_pid():
     assert cause["summary"].startswith("rank 1's worker process died")
     raised = describe_worker_failure(0, ValueError("line one\nloss is nan at step 3"))
     assert raised["summary"] == "ValueError: loss is nan at step 3 (rank 0)"
-
-
-def test_watchdog_names_the_rank_and_step_then_exits():
-    hung, exits = [], []
-    done = threading.Event()
-    dog = StepWatchdog(0.4, rank=3, on_hang=hung.append, exit=lambda code: (exits.append(code), done.set()))
-    dog.start()
-    dog.beat(7, "train step")
-    assert done.wait(5)
-    assert exits == [EXIT_HUNG] and hung[0]["rank"] == 3 and hung[0]["last_step"] == 7
-    assert "train.step_timeout_s=0.4" in hung[0]["summary"]
-
-
-def test_watchdog_stays_quiet_while_steps_keep_coming():
-    exits = []
-    dog = StepWatchdog(0.5, rank=0, on_hang=lambda r: None, exit=exits.append).start()
-    for step in range(10):
-        dog.beat(step, "train step")
-        time.sleep(0.1)
-    dog.stop()
-    assert exits == []
 
 
 def test_a_dead_process_is_the_cause_even_when_its_peer_reported_first():
