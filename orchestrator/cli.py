@@ -1,4 +1,4 @@
-"""The `kiln` command: train, runs, status."""
+"""The `kiln` command: train, prepare, runs, status, resume, stop, export; thin wrappers over orchestrator/."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from data_pipeline.config import DEFAULT_STORAGE_ROOT, STORAGE_ROOT_ENV, default_storage_root
 from trainers.run_folder import TOKENIZER_DIR
+from trainers.run_state import RunState, is_terminal
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -26,11 +28,6 @@ class RedactingConsole(Console):
         from data_pipeline.redaction import redact_text
 
         super().print(*(redact_text(o) if isinstance(o, str) else o for o in objects), **kwargs)
-
-
-def default_root() -> str:
-    """Where runs are looked up when no --storage-root is given."""
-    return os.environ.get("KILN_STORAGE_ROOT", "./kiln-runs")
 
 
 def cmd_train(args: argparse.Namespace, console: Console) -> int:
@@ -49,7 +46,7 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
 
 def print_outcome(outcome, console: Console) -> int:
     """The end-of-run summary; returns the exit code."""
-    color = "yellow" if outcome.state == "PREEMPTED" else "green"
+    color = "yellow" if outcome.state == RunState.PREEMPTED else "green"
     console.print(
         f"[{color}]{outcome.state}[/{color}] run {outcome.run_id}: step {outcome.step} in {outcome.wall_s:.0f}s"
     )
@@ -63,7 +60,7 @@ def print_outcome(outcome, console: Console) -> int:
     console.print(f"run folder: {outcome.run_dir} (metrics.jsonl, config.yaml, logs/, wandb/)")
     root = outcome.run_dir[: -len(outcome.run_id)].rstrip("/")
     console.print(f"inspect:    kiln status {outcome.run_id} --storage-root {root}")
-    if outcome.state == "PREEMPTED":
+    if outcome.state == RunState.PREEMPTED:
         console.print(f"resume:     kiln resume {outcome.run_id} --storage-root {root}")
         return EXIT_PREEMPTED
     return 0
@@ -87,7 +84,7 @@ def resume_root(storage_root: str | None, overrides: list[str]) -> tuple[str, li
     given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("storage.root=")]
     rest = [o for o in overrides if not o.lstrip("+").startswith("storage.root=")]
     if not given:
-        return storage_root or default_root(), rest
+        return storage_root or default_storage_root(), rest
     if storage_root and storage_root != given[-1]:
         raise UsageError(
             f"storage.root={given[-1]} and --storage-root {storage_root} disagree; the run is "
@@ -102,11 +99,12 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.attempts import driver_identity
     from orchestrator.config import UsageError, absolute_url
     from orchestrator.registry import RunRegistry
-    from trainers.events import record_event, request_stop
+    from trainers.events import record_event
+    from trainers.preemption import request_stop
 
     registry = RunRegistry(absolute_url(args.storage_root))
     record = registry.load(args.run)
-    if record.state not in ("RUNNING", "PENDING"):
+    if is_terminal(record.state):
         raise UsageError(f"run {args.run} is {record.state}, not running; nothing to stop")
     who = driver_identity("kiln stop")
     reason = f"stop requested by `kiln stop` ({who['user']}@{who['host']})"
@@ -119,7 +117,7 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     deadline = time.monotonic() + args.wait
     while args.wait and time.monotonic() < deadline:
         record = registry.load(args.run)
-        if record.state not in ("RUNNING", "PENDING"):
+        if is_terminal(record.state):
             console.print(f"run {args.run} is {record.state} at step {record.step}")
             return 0
         time.sleep(2)
@@ -213,12 +211,12 @@ def describe_attempt(attempt: dict) -> str:
     cause = attempt.get("cause") or {}
     if cause.get("summary"):
         line += f": {cause['summary']}"
-    where = [
+    details = [
         f"{name} {cause[key]}"
         for name, key in (("node", "node"), ("pid", "pid"), ("exit code", "exit_code"))
         if cause.get(key) is not None
     ]
-    return line + (f" [{', '.join(where)}]" if where else "")
+    return line + (f" [{', '.join(details)}]" if details else "")
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
@@ -265,12 +263,12 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--list-keys", action="store_true", help="print config groups and every key, then exit")
     train.set_defaults(func=cmd_train)
     runs = sub.add_parser("runs", help="list runs")
-    runs.add_argument("--storage-root", default=default_root())
+    runs.add_argument("--storage-root", default=default_storage_root())
     runs.set_defaults(func=cmd_runs)
     status = sub.add_parser("status", help="show one run")
     status.add_argument("run")
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    status.add_argument("--storage-root", default=default_root())
+    status.add_argument("--storage-root", default=default_storage_root())
     status.set_defaults(func=cmd_status)
     resume = sub.add_parser(
         "resume",
@@ -280,13 +278,15 @@ def parser() -> argparse.ArgumentParser:
     resume.add_argument("run")
     resume.add_argument("overrides", nargs="*", help="resume-safe overrides only (e.g. cluster.num_workers=4)")
     resume.add_argument(
-        "--storage-root", default=None, help="where the run lives (default: $KILN_STORAGE_ROOT or ./kiln-runs)"
+        "--storage-root",
+        default=None,
+        help=f"where the run lives (default: ${STORAGE_ROOT_ENV} or {DEFAULT_STORAGE_ROOT})",
     )
     resume.add_argument("--force", action="store_true", help="resume even if the run looks alive")
     resume.set_defaults(func=cmd_resume)
     stop = sub.add_parser("stop", help="ask a running run to commit a checkpoint and stop (PREEMPTED)")
     stop.add_argument("run")
-    stop.add_argument("--storage-root", default=default_root())
+    stop.add_argument("--storage-root", default=default_storage_root())
     stop.add_argument("--wait", type=float, default=0, help="seconds to wait for it to stop (default: return now)")
     stop.set_defaults(func=cmd_stop)
     export = sub.add_parser("export", help="write a Hugging Face folder from a run's checkpoint")
@@ -294,7 +294,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest committed)")
     export.add_argument("--out", required=True, help="output folder (new or empty)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder whole")
-    export.add_argument("--storage-root", default=default_root())
+    export.add_argument("--storage-root", default=default_storage_root())
     export.set_defaults(func=cmd_export)
     prep = sub.add_parser(
         "prepare", help="tokenize raw files into a prepared dataset: kiln prepare input=... output=..."
@@ -371,7 +371,7 @@ def check_no_credentials(args: argparse.Namespace) -> None:
 
     for name, value in (
         ("--storage-root", getattr(args, "storage_root", None)),
-        ("KILN_STORAGE_ROOT", os.environ.get("KILN_STORAGE_ROOT")),
+        (STORAGE_ROOT_ENV, os.environ.get(STORAGE_ROOT_ENV)),
     ):
         if value and URL_CREDENTIALS.search(value):
             raise UsageError(

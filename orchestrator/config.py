@@ -24,44 +24,17 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.config import DataConfig, StorageConfig
+from data_pipeline.config import default_storage_root
 from data_pipeline.redaction import URL_CREDENTIALS
-from trainers.config import (
-    CheckpointConfig,
-    ModelConfig,
-    OptimConfig,
-    StrategyConfig,
-    TaskConfig,
-    TrackerConfig,
-    TrainConfig,
-    require,
-)
+from trainers.config import WorkerConfig, require
 
 CONF_DIR = Path(os.environ.get("KILN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` admits a trailing newline
+# What users type -> the schema's field, where Python cannot spell the key (`async` is reserved).
+KEY_ALIASES = {"checkpoint.async": "checkpoint.async_upload"}
 
 
 class UsageError(Exception):
     """Bad user input: the CLI prints the message on one line and exits with code 2."""
-
-
-@dataclass
-class RunSection:
-    """Identity of a run: `run.id` names it (a readable unique id is made when unset)."""
-
-    id: str | None = None
-    name: str = "run"  # experiments set it; the prefix of generated ids
-
-    def __post_init__(self) -> None:
-        require(
-            self.id is None or bool(RUN_ID_PATTERN.fullmatch(self.id)),
-            f"run.id must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit); got {self.id!r}",
-        )
-        require(
-            bool(RUN_ID_PATTERN.fullmatch(self.name)),
-            f"run.name must be 1-64 letters, digits, '.', '_' or '-' "
-            f"(starting with a letter or digit); got {self.name!r}",
-        )
 
 
 @dataclass
@@ -81,66 +54,42 @@ class ClusterConfig:
 
 
 @dataclass
-class KilnConfig:
-    """A complete, validated training run."""
+class KilnConfig(WorkerConfig):
+    """A complete, validated training run: what the workers run on, and where they run."""
 
-    run: RunSection = field(default_factory=RunSection)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    tracker: TrackerConfig = field(default_factory=TrackerConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        check_batch(self.train.global_batch, self.train.micro_batch, self.cluster.num_workers)
+        super().__post_init__()
+        self.train.grad_accum(self.cluster.num_workers)
         require(
             self.strategy.precision != "fp16" or self.cluster.use_gpu,
             "strategy.precision=fp16 needs GPUs (cluster.use_gpu=true) for loss scaling; "
             "on CPU use strategy.precision=bf16 or fp32",
         )
-        require(
-            self.data.seq_len <= self.model.n_positions,
-            f"data.seq_len ({self.data.seq_len}) must be <= model.n_positions ({self.model.n_positions})",
-        )
 
     @property
     def grad_accum(self) -> int:
         """Micro-batches each worker accumulates per optimizer step."""
-        return self.train.global_batch // (self.train.micro_batch * self.cluster.num_workers)
-
-
-def check_batch(global_batch: int, micro_batch: int, data_parallel: int) -> int:
-    """Return gradient accumulation steps, or fail naming the mismatch."""
-    per_pass = micro_batch * data_parallel
-    if global_batch % per_pass:
-        lower = max(per_pass, global_batch - global_batch % per_pass)
-        raise UsageError(
-            f"train.global_batch={global_batch} is not divisible by train.micro_batch ({micro_batch}) x "
-            f"cluster.num_workers ({data_parallel}) = {per_pass}; use a multiple of {per_pass} "
-            f"(e.g. {lower} or {lower + per_pass})"
-        )
-    return global_batch // per_pass
+        return self.train.grad_accum(self.cluster.num_workers)
 
 
 ConfigStore.instance().store(name="kiln_schema", node=KilnConfig)
+# conf/storage/local.yaml reads its default through this, so the yaml and the CLI share one definition.
+OmegaConf.register_new_resolver("kiln.default_storage_root", default_storage_root, replace=True)
 
 
 def compose_config(overrides: list[str]) -> KilnConfig:
     """Compose conf/config.yaml with Hydra-style overrides and validate it; UsageError on bad input."""
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="kiln"):
-            composed = compose(config_name="config", overrides=list(overrides))
+            composed = compose(config_name="config", overrides=[schema_override(o) for o in overrides])
         check_values(OmegaConf.to_container(composed, resolve=True))
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise UsageError(explain_composition_error(exc, overrides)) from None
+        raise UsageError(user_spelling(explain_composition_error(exc, overrides))) from None
     except (ValueError, UsageError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(user_spelling(str(exc))) from None
     assert isinstance(cfg, KilnConfig)
     check_no_ignored_settings(cfg)
     return cfg
@@ -158,7 +107,7 @@ def leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix.rstrip("."), obj
 
 
-def check_values(config: dict) -> None:
+def check_values(config: Any) -> None:
     """Values no section catches alone (non-finite numbers, credentials written into URLs), checked first."""
     for key, value in leaves(config):
         if isinstance(value, float) and not math.isfinite(value):
@@ -218,21 +167,23 @@ RESUME_SAFE_KEYS = (
 def load_saved_config(config_yaml: str, overrides: list[str], source: str) -> KilnConfig:
     """A run's saved config.yaml with only resume-safe overrides applied, validated again."""
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
+        key = user_spelling(schema_override(override).split("=", 1)[0].lstrip("+~"))
         if "=" not in override or key not in RESUME_SAFE_KEYS:
             raise UsageError(
                 f"cannot override '{key}' when resuming {source}; only {', '.join(RESUME_SAFE_KEYS)} may change"
             )
     try:
         merged = OmegaConf.merge(
-            OmegaConf.structured(KilnConfig), OmegaConf.create(config_yaml), OmegaConf.from_dotlist(list(overrides))
+            OmegaConf.structured(KilnConfig),
+            OmegaConf.create(schema_tree(OmegaConf.to_container(OmegaConf.create(config_yaml)))),
+            OmegaConf.from_dotlist([schema_override(o) for o in overrides]),
         )
         check_values(OmegaConf.to_container(merged, resolve=True))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise UsageError(f"{source}: {explain_composition_error(exc, overrides)}") from None
+        raise UsageError(user_spelling(f"{source}: {explain_composition_error(exc, overrides)}")) from None
     except (ValueError, UsageError) as exc:
-        raise UsageError(f"{source}: {exc}") from None
+        raise UsageError(user_spelling(f"{source}: {exc}")) from None
     assert isinstance(cfg, KilnConfig)
     return cfg
 
@@ -261,8 +212,35 @@ def absolute_url(url: str) -> str:
 
 
 def to_yaml(cfg: KilnConfig) -> str:
-    """The resolved config as YAML (callers redact secrets first)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML, keys spelled as users type them (callers redact secrets first)."""
+    return OmegaConf.to_yaml(schema_tree(OmegaConf.to_container(OmegaConf.structured(cfg)), to_user=True))
+
+
+def schema_override(override: str) -> str:
+    """An override with its key in the schema's spelling (`checkpoint.async=true` -> `checkpoint.async_upload=true`)."""
+    body = override.lstrip("+~")
+    key, equals, value = body.partition("=")
+    return override[: len(override) - len(body)] + KEY_ALIASES.get(key, key) + equals + value
+
+
+def user_spelling(text: str) -> str:
+    """Text (a key, an error message) with schema field names spelled as users type them."""
+    for typed, field_name in KEY_ALIASES.items():
+        text = re.sub(rf"{re.escape(field_name)}\b", typed, text)
+    return text
+
+
+def schema_tree(tree: Any, to_user: bool = False) -> Any:
+    """A config as nested dicts with the aliased keys renamed to the schema's (or, to_user, the users') spelling."""
+    for typed, field_name in KEY_ALIASES.items():
+        source, target = (field_name, typed) if to_user else (typed, field_name)
+        *path, leaf = source.split(".")
+        node = tree
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[target.rpartition(".")[2]] = node.pop(leaf)
+    return tree
 
 
 def config_keys() -> list[str]:
@@ -276,7 +254,7 @@ def config_keys() -> list[str]:
             if OmegaConf.is_dict(value):
                 walk(value, full + ".")
             else:
-                keys.append(full)
+                keys.append(user_spelling(full))
 
     walk(OmegaConf.structured(KilnConfig), "")
     return keys
@@ -361,4 +339,4 @@ def unknown_key_message(key: str) -> str:
         same_section = [k for k in known if k.startswith(section + ".")]
         hint = difflib.get_close_matches(key, same_section, n=1, cutoff=0.3)
     suggestion = f"; did you mean {hint[0]}?" if hint else ""
-    return f"unknown config key '{key}'{suggestion} (run `kiln train --help` to list keys)"
+    return f"unknown config key '{key}'{suggestion} (run `kiln train --list-keys` to list them)"

@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,8 +23,9 @@ from orchestrator.placement import placement_problem
 from orchestrator.progress import MetricsTail, ProgressView
 from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
 from orchestrator.runs import refresh, start_run
-from trainers.events import clear_stop_request, record_event, request_stop
-from trainers.run_folder import run_url
+from trainers.events import record_event
+from trainers.preemption import clear_stop_request, request_stop
+from trainers.run_state import RunState
 
 # How long fit() may take to return after the workers recorded that they finished (normally 1-3 s).
 WORKERS_DONE_GRACE_S = 20
@@ -80,18 +82,20 @@ def ray_processes_in_their_own_session(embedded: bool):
     if not (embedded and sys.platform.startswith("linux") and utils.detect_fate_sharing_support()):
         yield
         return
-    popen = services.ConsolePopen  # Ray starts every process of a local node through this class
+    # Ray starts every process of a local node through this class
+    popen: type[services.ConsolePopen] = services.ConsolePopen
 
-    class OwnSessionPopen(popen):
+    class OwnSessionPopen(services.ConsolePopen):  # the class just read into popen
         def __init__(self, *args, **kwargs):
             kwargs["start_new_session"] = True
             super().__init__(*args, **kwargs)
 
-    services.ConsolePopen = OwnSessionPopen
+    # setattr: swapping a module's class for a subclass (and back) is a monkeypatch, not an assignment mypy allows
+    setattr(services, "ConsolePopen", OwnSessionPopen)  # noqa: B010
     try:
         yield
     finally:
-        services.ConsolePopen = popen
+        setattr(services, "ConsolePopen", popen)  # noqa: B010
 
 
 def local_resources() -> dict[str, float]:
@@ -135,9 +139,11 @@ def check_placement(cfg: KilnConfig, console: Console) -> None:
 
 def ray_storage_path(cfg: KilnConfig) -> str:
     """Ray Train's own bookkeeping folder (ours lives beside it in the run folder)."""
-    url = run_url(cfg.storage.root, cfg.run.id)
+    url = cfg.run_url
     if storage.is_local(url):
         return storage.join(url, "ray")
+    if cfg.data.cache_dir is None:  # finalize() sets it
+        raise UsageError("data.cache_dir is unset: the config was not finalized")
     return os.path.join(cfg.data.cache_dir, "ray")
 
 
@@ -172,7 +178,7 @@ def fit(cfg: KilnConfig) -> None:
             name=cfg.run.id,
             storage_path=ray_storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-            callbacks=[attempt_callback(run_url(cfg.storage.root, cfg.run.id))],
+            callbacks=[attempt_callback(cfg.run_url)],
         ),
     )
     trainer.fit()
@@ -228,7 +234,7 @@ def summarize_failure(exc: BaseException, run_dir: str) -> str:
 
 def end_unplaced(registry: RunRegistry, record: RunRecord, problem: str) -> None:
     """A run whose workers can never be placed ends FAILED with the reason, its attempt closed."""
-    record.state, record.error = "FAILED", problem
+    record.state, record.error = RunState.FAILED, problem
     if current(record) is not None:
         record.attempts[-1].update(ended=now(), outcome="FAILED", cause={"summary": problem})
     registry.save(record)
@@ -252,36 +258,87 @@ def train(
     `resumed` continues an existing run (`kiln resume`) instead of registering a new one.
     """
     started = time.perf_counter()
-    if cfg.cluster.address is None and not _ray_running():
-        # The embedded Ray will have this machine's CPUs and GPUs: a group that can never fit fails
-        # before a run is registered (the check after ray.init below is for what Ray actually reports).
-        problem = placement_problem(
-            cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu, [local_resources()]
-        )
-        if problem:
-            raise UsageError(problem)
-    if resumed is None:
-        registry, record = start_run(cfg, log=lambda m: console.print(f"[dim]{m}[/dim]"))
-    else:
-        registry, record = resumed
+    check_embedded_fits(cfg)
+    registry, record = resumed or start_run(cfg, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     run_dir = registry.run_url(record.run_id)
     console.print(f"run [bold]{record.run_id}[/bold] -> {run_dir}")
     command = "kiln resume" if resumed else "kiln train"
     record_event(run_dir, "launched", launcher="ray", driver=driver_identity(command))
     # Recorded so that `kiln resume` can tell at once whether this process still drives the run.
-    record.state, record.error, record.driver = "RUNNING", None, this_driver(command)
+    record.state, record.error, record.driver = RunState.RUNNING, None, this_driver(command)
     refresh(registry, record, cfg)
+    try:
+        with ray_for(cfg, console, on_unplaced=lambda problem: end_unplaced(registry, record, problem)):
+            failure, view = watch(cfg, registry, record, console)
+    except KeyboardInterrupt:
+        record.state, record.error = RunState.STOPPED, "aborted by the user (Ctrl-C twice) without a final checkpoint"
+        refresh(registry, record, cfg)
+        raise
+    finally:
+        forget_stop_request(run_dir)
+    refresh(registry, record, cfg)
+    record.state = end_state(finished_state(record), failure is not None, record.step, cfg.train.max_steps)
+    if record.state == RunState.FAILED:
+        record_failure(registry, record, failure, run_dir)
+        raise RunFailed(f"run {record.run_id} failed: {record.error}")
+    registry.save(record)
+    wall_s = time.perf_counter() - started
+    return TrainOutcome(
+        record.run_id,
+        record.state,
+        record.step,
+        wall_s,
+        view.first_val_ppl,
+        view.last_val_ppl,
+        record.checkpoint,
+        run_dir,
+    )
+
+
+def end_state(workers_said: RunState | None, fit_failed: bool, step: int, max_steps: int) -> RunState:
+    """How a run ends: what its workers recorded, else FAILED if Ray Train raised, else by the step reached."""
+    if workers_said is not None:
+        return workers_said
+    if fit_failed:
+        return RunState.FAILED
+    return RunState.SUCCEEDED if step >= max_steps else RunState.STOPPED
+
+
+def check_embedded_fits(cfg: KilnConfig) -> None:
+    """An embedded Ray gets this machine's CPUs and GPUs: a group that can never fit fails before a run exists."""
+    if cfg.cluster.address is None and not _ray_running():
+        problem = placement_problem(
+            cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu, [local_resources()]
+        )
+        if problem:
+            raise UsageError(problem)
+
+
+@contextmanager
+def ray_for(cfg: KilnConfig, console: Console, on_unplaced: Callable[[str], None]) -> Iterator[None]:
+    """Ray for this run: started (and shut down after) or joined; the worker group's placement checked."""
     we_started_ray = start_ray(cfg)
     try:
-        check_placement(cfg, console)
-    except UsageError as exc:
-        end_unplaced(registry, record, str(exc))
+        try:
+            check_placement(cfg, console)  # what Ray actually reports, after check_embedded_fits' estimate
+        except UsageError as exc:
+            on_unplaced(str(exc))
+            raise
+        yield
+    finally:
         if we_started_ray:
             import ray
 
             ray.shutdown()
-        raise
 
+
+def watch(
+    cfg: KilnConfig, registry: RunRegistry, record: RunRecord, console: Console
+) -> tuple[BaseException | None, ProgressView]:
+    """Run Ray Train in a thread while this one shows progress and keeps run.json fresh.
+
+    Returns what fit() raised (None if it returned) and the progress view (first and last perplexity).
+    """
     failure: list[BaseException] = []
 
     def target() -> None:
@@ -290,63 +347,40 @@ def train(
         except BaseException as exc:  # reported by the driver thread below
             failure.append(exc)
 
+    run_dir = registry.run_url(record.run_id)
     worker = threading.Thread(target=target, name="kiln-fit", daemon=True)
     tail = MetricsTail(storage.join(run_dir, METRICS_FILE))
     last_refresh, workers_done = 0.0, None
-    try:
-        with GracefulStop(run_dir, console), ProgressView(console, cfg.train.max_steps) as view:
-            worker.start()
-            while worker.is_alive():
-                worker.join(timeout=0.5)
-                view.update(tail.new_rows())
-                if time.monotonic() - last_refresh > 5:
-                    refresh(registry, record, cfg, step=tail.last_step)
-                    last_refresh = time.monotonic()
-                    if workers_done is None and finished_state(record):
-                        workers_done = last_refresh
-                if workers_done and time.monotonic() - workers_done > WORKERS_DONE_GRACE_S:
-                    # Ray lost its control processes (killed with the driver's cgroup, the OOM killer) and
-                    # would end this process with the run still RUNNING: the workers' word is the outcome.
-                    console.print(
-                        f"[yellow]the workers ended the run {finished_state(record)} but Ray did not "
-                        f"return in {WORKERS_DONE_GRACE_S}s; recording their outcome[/yellow]"
-                    )
-                    break
+    with GracefulStop(run_dir, console), ProgressView(console, cfg.train.max_steps) as view:
+        worker.start()
+        while worker.is_alive():
+            worker.join(timeout=0.5)
             view.update(tail.new_rows())
-    except KeyboardInterrupt:
-        record.state, record.error = "STOPPED", "aborted by the user (Ctrl-C twice) without a final checkpoint"
-        refresh(registry, record, cfg)
-        raise
-    finally:
-        if we_started_ray:
-            import ray
+            if time.monotonic() - last_refresh > 5:
+                refresh(registry, record, cfg, step=tail.last_step)
+                last_refresh = time.monotonic()
+                if workers_done is None and finished_state(record):
+                    workers_done = last_refresh
+            if workers_done and time.monotonic() - workers_done > WORKERS_DONE_GRACE_S:
+                # Ray lost its control processes (killed with the driver's cgroup, the OOM killer) and
+                # would end this process with the run still RUNNING: the workers' word is the outcome.
+                console.print(
+                    f"[yellow]the workers ended the run {finished_state(record)} but Ray did not "
+                    f"return in {WORKERS_DONE_GRACE_S}s; recording their outcome[/yellow]"
+                )
+                break
+        view.update(tail.new_rows())
+    return (failure[0] if failure else None), view
 
-            ray.shutdown()
-        forget_stop_request(run_dir)
-    refresh(registry, record, cfg)
-    ended = finished_state(record)
-    if failure and ended is None:
-        record.state = "FAILED"
-        last = record.attempts[-1] if record.attempts else {}
-        cause = (last.get("cause") or {}).get("summary")
-        record.error = (
-            f"{cause} (worker logs: {storage.join(run_dir, 'logs')})"
-            if cause
-            else summarize_failure(failure[0], run_dir)
-        )
-        if current(record) is not None:
-            record.attempts[-1].update(ended=record.updated, outcome="FAILED", cause={"summary": record.error})
-        registry.save(record)
-        raise RunFailed(f"run {record.run_id} failed: {record.error}")
-    record.state = ended or ("SUCCEEDED" if record.step >= cfg.train.max_steps else "STOPPED")
+
+def record_failure(registry: RunRegistry, record: RunRecord, failure: BaseException | None, run_dir: str) -> None:
+    """Save a FAILED run with one line of cause: the attempt's recorded cause, else Ray's root error."""
+    last = record.attempts[-1] if record.attempts else {}
+    cause = (last.get("cause") or {}).get("summary")
+    if cause or failure is None:
+        record.error = f"{cause} (worker logs: {storage.join(run_dir, 'logs')})"
+    else:
+        record.error = summarize_failure(failure, run_dir)
+    if current(record) is not None:
+        record.attempts[-1].update(ended=record.updated, outcome="FAILED", cause={"summary": record.error})
     registry.save(record)
-    return TrainOutcome(
-        record.run_id,
-        record.state,
-        record.step,
-        time.perf_counter() - started,
-        view.first_val_ppl,
-        view.last_val_ppl,
-        record.checkpoint,
-        run_dir,
-    )

@@ -17,10 +17,11 @@ from data_pipeline import storage
 from data_pipeline.redaction import redact_logging, redact_text
 from trainers import loop
 from trainers.periodic import Periodic
-from trainers.run_folder import LOGS_DIR, run_url
+from trainers.preemption import StopFlag
+from trainers.run_folder import LOGS_DIR
 
 # Set by the SIGTERM handler below; read by the training thread between steps.
-PREEMPTED: dict = {}
+STOP = StopFlag()
 TRAINING = threading.Event()  # a training loop is running in this process
 _ray_sigterm_handler: list = []
 
@@ -28,7 +29,7 @@ _ray_sigterm_handler: list = []
 def on_sigterm(signum, frame) -> None:
     """Preemption: while training, ask the loop to checkpoint and stop instead of exiting at once."""
     if TRAINING.is_set():
-        PREEMPTED.setdefault("reason", f"SIGTERM received by a worker (pid {os.getpid()}): preempted")
+        STOP.request(f"SIGTERM received by a worker (pid {os.getpid()}): preempted")
         return
     previous = _ray_sigterm_handler[0] if _ray_sigterm_handler else signal.SIG_DFL
     if callable(previous):
@@ -85,12 +86,12 @@ class RayWorkerContext:
         return None
 
     def should_stop(self) -> bool:
-        return bool(PREEMPTED)
+        return STOP.requested
 
     @property
     def stop_reason(self) -> str | None:
         """Why this worker was asked to stop."""
-        return PREEMPTED.get("reason")
+        return STOP.reason
 
 
 class LogMirror:
@@ -144,7 +145,7 @@ def train_worker(config: dict) -> None:
     """Entry point of each Ray Train worker."""
     cfg = config["cfg"]
     context = RayWorkerContext()
-    url = run_url(cfg.storage.root, cfg.run.id)
+    url = cfg.run_url
     local_logs = os.path.join(cfg.data.cache_dir, LOGS_DIR, cfg.run.id)
     path = redirect_output(url, context.rank, local_logs)
     mirror = (

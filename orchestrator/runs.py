@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 
 from data_pipeline import storage
+from data_pipeline.config import default_storage_root
 from data_pipeline.dataset import DatasetError, open_dataset, open_training_data
 from data_pipeline.redaction import redact_text
 from data_pipeline.stdlib_corpus import prepare_stdlib
 from orchestrator.attempts import merge_events
 from orchestrator.config import KilnConfig, UsageError, absolute_url, finalize, load_saved_config, to_yaml
-from orchestrator.registry import CONFIG_FILE, RESUMABLE, RunRecord, RunRegistry
+from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
-from trainers.events import clear_stop_request
-from trainers.run_folder import CHECKPOINTS_DIR, TOKENIZER_DIR, run_url
+from trainers.preemption import clear_stop_request
+from trainers.run_folder import CHECKPOINTS_DIR, TOKENIZER_DIR
+from trainers.run_state import RESUMABLE, RunState
 from trainers.tracking import wandb_mode
 
 
 def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
     """Point cfg.data.path at a prepared dataset, preparing the built-in corpus if that is the source."""
     if cfg.data.source == "stdlib":
+        if cfg.data.cache_dir is None:  # finalize() sets it
+            raise UsageError("data.cache_dir is unset: the config was not finalized")
         cfg.data.path = prepare_stdlib(cfg.data, cfg.data.cache_dir, log=log)
     if cfg.data.source == "mixture":
         for entry in cfg.data.mixture:
@@ -52,7 +55,7 @@ def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunR
     registry.check_root()
     resolve_data(cfg, log)
     record = RunRecord(
-        run_id=cfg.run.id,
+        run_id=cfg.run_id,
         experiment=cfg.run.name,
         max_steps=cfg.train.max_steps,
         strategy=cfg.strategy.name,
@@ -61,14 +64,16 @@ def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunR
             {
                 "mode": wandb_mode(cfg.tracker),
                 "run_id": cfg.run.id,
-                "dir": storage.join(run_url(cfg.storage.root, cfg.run.id), "wandb"),
+                "dir": storage.join(cfg.run_url, "wandb"),
             }
             if cfg.tracker.name == "wandb"
             else None
         ),
     )
     registry.create(record, redact_text(to_yaml(cfg)))
-    copy_tokenizer(cfg.data.path, storage.join(run_url(cfg.storage.root, cfg.run.id), TOKENIZER_DIR))
+    if cfg.data.path is None:  # resolve_data sets it
+        raise UsageError("data.path is unset after resolving the data")
+    copy_tokenizer(cfg.data.path, storage.join(cfg.run_url, TOKENIZER_DIR))
     return registry, record
 
 
@@ -113,7 +118,7 @@ def prepare_resume(
 ) -> tuple[RunRegistry, RunRecord, KilnConfig]:
     """Check that run_id can be resumed and load it: its saved config with safe overrides applied."""
     registry, record, cfg = reopen_run(root, run_id, overrides)
-    if record.state == "RUNNING" and not force:
+    if record.state == RunState.RUNNING and not force:
         verdict = driver_verdict(record)
         if verdict.alive:
             raise UsageError(
@@ -141,7 +146,7 @@ def copy_tokenizer(dataset_url: str, target_url: str) -> None:
 def checkpoint_store(cfg: KilnConfig) -> CheckpointStore:
     """The run's checkpoints, seen from the driver (which lists and verifies, never saves)."""
     return CheckpointStore(
-        storage.join(run_url(cfg.storage.root, cfg.run.id), CHECKPOINTS_DIR),
+        storage.join(cfg.run_url, CHECKPOINTS_DIR),
         rank=0,
         world_size=1,
         strategy=cfg.strategy.name,
@@ -189,11 +194,11 @@ def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: int | None) ->
 
 def resume_command(registry: RunRegistry, record: RunRecord) -> str | None:
     """The command that continues this run, if it can be continued."""
-    if record.state == "SUCCEEDED":
+    if record.state == RunState.SUCCEEDED:
         return None
     root = registry.root
     return f"kiln resume {record.run_id}" + (
-        "" if root == absolute_url(os.environ.get("KILN_STORAGE_ROOT", "./kiln-runs")) else f" --storage-root {root}"
+        "" if root == absolute_url(default_storage_root()) else f" --storage-root {root}"
     )
 
 

@@ -11,15 +11,44 @@ import logging
 import os
 import sys
 
+from data_pipeline.config import default_storage_root
 from data_pipeline.redaction import redact_logging, redact_text
 from orchestrator.attempts import driver_identity
 from orchestrator.config import UsageError, absolute_url, compose_config
 from orchestrator.registry import UnknownRun
 from orchestrator.runs import prepare_resume, refresh, start_run
 from trainers import loop
-from trainers.context import TorchrunContext
 from trainers.distributed import broadcast_from_rank0, ensure_process_group
 from trainers.events import record_event
+from trainers.preemption import StopFlag
+from trainers.run_state import RunState
+
+log = logging.getLogger("kiln.worker")
+
+
+class TorchrunContext:
+    """A worker started by `torchrun`: identity from its environment, reports go to the log."""
+
+    launcher = "torchrun"
+
+    def __init__(self) -> None:
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self._stop = StopFlag()
+        self._stop.install()
+
+    def report(self, metrics: dict[str, float], step: int, checkpoint: str | None = None) -> None:
+        if self.rank == 0:
+            log.info("step %d %s", step, " ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
+
+    def should_stop(self) -> bool:
+        return self._stop.requested
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why this worker was asked to stop."""
+        return self._stop.reason
 
 
 def prepare(argv: list[str], world_size: int):
@@ -28,7 +57,7 @@ def prepare(argv: list[str], world_size: int):
         if len(argv) < 2:
             raise UsageError("--resume needs a run id")
         run_id, rest = argv[1], argv[2:]
-        root = os.environ.get("KILN_STORAGE_ROOT", "./kiln-runs")
+        root = default_storage_root()
         if rest[:1] == ["--storage-root"] and len(rest) > 1:
             root, rest = rest[1], rest[2:]
         registry, record, cfg = prepare_resume(
@@ -43,7 +72,7 @@ def prepare(argv: list[str], world_size: int):
         launcher="torchrun",
         driver=driver_identity("torchrun -m orchestrator.torchrun"),
     )
-    record.state, record.error = "RUNNING", None
+    record.state, record.error = RunState.RUNNING, None
     refresh(registry, record, cfg)
     return registry, record, cfg
 

@@ -1,14 +1,21 @@
-"""Typed config sections owned by the training workers.
+"""The typed config a training worker runs on: its sections and `WorkerConfig`, the whole of them.
 
 Each section validates itself in ``__post_init__`` (OmegaConf calls it when the composed config is
 turned into objects), so a bad value fails on the driver before any worker starts. Errors name the
-field as a user types it on the command line.
+field as a user types it on the command line. The orchestrator's root schema (`KilnConfig`) is a
+`WorkerConfig` plus where the workers run (`cluster`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from data_pipeline.config import DataConfig, StorageConfig
+from trainers import run_folder
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` admits a trailing newline
 
 
 class ConfigError(ValueError):
@@ -24,6 +31,41 @@ def require(ok: bool, message: str) -> None:
 def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     """Fail unless value is one of allowed, naming the field and the choices."""
     require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def check_batch(global_batch: int, micro_batch: int, data_parallel: int) -> int:
+    """Micro-batches each worker accumulates per optimizer step, or fail naming the mismatch.
+
+    global_batch = micro_batch x gradient accumulation x data-parallel workers; the one place it is checked.
+    """
+    per_pass = micro_batch * data_parallel
+    if global_batch % per_pass:
+        lower = max(per_pass, global_batch - global_batch % per_pass)
+        raise ConfigError(
+            f"train.global_batch={global_batch} is not divisible by train.micro_batch ({micro_batch}) x "
+            f"cluster.num_workers ({data_parallel}) = {per_pass}; use a multiple of {per_pass} "
+            f"(e.g. {lower} or {lower + per_pass})"
+        )
+    return global_batch // per_pass
+
+
+@dataclass
+class RunSection:
+    """Identity of a run: `run.id` names it (a readable unique id is made when unset)."""
+
+    id: str | None = None
+    name: str = "run"  # experiments set it; the prefix of generated ids
+
+    def __post_init__(self) -> None:
+        require(
+            self.id is None or bool(RUN_ID_PATTERN.fullmatch(self.id)),
+            f"run.id must be 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit); got {self.id!r}",
+        )
+        require(
+            bool(RUN_ID_PATTERN.fullmatch(self.name)),
+            f"run.name must be 1-64 letters, digits, '.', '_' or '-' "
+            f"(starting with a letter or digit); got {self.name!r}",
+        )
 
 
 @dataclass
@@ -175,14 +217,18 @@ class TrainConfig:
             self.step_timeout_s >= 0, f"train.step_timeout_s must be >= 0 (0: no watchdog), got {self.step_timeout_s}"
         )
 
+    def grad_accum(self, data_parallel: int) -> int:
+        """Micro-batches each of `data_parallel` workers accumulates per optimizer step (checked)."""
+        return check_batch(self.global_batch, self.micro_batch, data_parallel)
+
 
 @dataclass
 class CheckpointConfig:
     """How checkpoints are written and kept (how often: train.checkpoint_every).
 
-    `checkpoint.async=true` uploads in the background while training continues (at most one upload in
-    flight; the run never ends with one pending). Python reserves `async`, so the field is declared
-    below without an __init__ parameter: OmegaConf sets it by name and code reads `async_upload`.
+    `async_upload` is the key users type as `checkpoint.async` (Python reserves the word `async`;
+    orchestrator/config.py translates the spelling at the edge): uploads run in the background while
+    training continues, at most one in flight, and the run never ends with one pending.
     """
 
     # Keep the newest N committed checkpoints (0: keep all) ...
@@ -191,18 +237,12 @@ class CheckpointConfig:
     keep_every: int = 0
     # After SIGTERM (preemption) or `kiln stop`, the checkpoint must be committed within this time.
     preempt_grace_s: float = 120.0
-    __annotations__["async"] = bool
-    locals()["async"] = field(default=False, init=False, repr=False, compare=False)
+    async_upload: bool = False
 
     def __post_init__(self) -> None:
         require(self.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0: keep all), got {self.keep_last}")
         require(self.keep_every >= 0, f"checkpoint.keep_every must be >= 0, got {self.keep_every}")
         require(self.preempt_grace_s > 0, f"checkpoint.preempt_grace_s must be > 0, got {self.preempt_grace_s}")
-
-    @property
-    def async_upload(self) -> bool:
-        """The `checkpoint.async` setting."""
-        return bool(getattr(self, "async"))
 
 
 @dataclass
@@ -220,3 +260,36 @@ class TrackerConfig:
         one_of("tracker.name", self.name, ("wandb", "none"))
         if self.mode is not None:
             one_of("tracker.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a training worker reads: what to train, on what data, how, and where to keep it."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        require(
+            self.data.seq_len <= self.model.n_positions,
+            f"data.seq_len ({self.data.seq_len}) must be <= model.n_positions ({self.model.n_positions})",
+        )
+
+    @property
+    def run_id(self) -> str:
+        """The run's id (the driver always sets it before a worker starts)."""
+        require(self.run.id is not None, "run.id is unset: the driver names the run before workers start")
+        return str(self.run.id)
+
+    @property
+    def run_url(self) -> str:
+        """The run's folder on storage."""
+        return run_folder.run_url(self.storage.root, self.run_id)

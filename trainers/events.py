@@ -11,7 +11,6 @@ Kinds: `started` (a worker group began: restored step, skipped checkpoints, rank
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -20,8 +19,7 @@ from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-from trainers.periodic import Periodic
-from trainers.run_folder import EVENTS_DIR, STOP_REQUEST
+from trainers.run_folder import EVENTS_DIR
 
 
 def record_event(run_url: str, kind: str, **fields: Any) -> dict:
@@ -49,44 +47,3 @@ def read_events(run_url: str, after: str = "") -> list[tuple[str, dict]]:
             except (FileNotFoundError, json.JSONDecodeError):
                 continue
     return found
-
-
-def request_stop(run_url: str, reason: str) -> None:
-    """Ask a running run to checkpoint and stop (read by its rank 0 between steps)."""
-    storage.write_atomic(storage.join(run_url, STOP_REQUEST), json.dumps({"reason": reason, "time": time.time()}))
-
-
-def stop_requested(run_url: str) -> dict | None:
-    """The pending stop request of a run, if any."""
-    try:
-        return json.loads(storage.read_text(storage.join(run_url, STOP_REQUEST)))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def clear_stop_request(run_url: str) -> None:
-    """Forget a served stop request, so the resumed run keeps going."""
-    storage.remove(storage.join(run_url, STOP_REQUEST))
-
-
-class StopRequestWatcher:
-    """Rank 0 polls the run's STOP request in the background, so the loop never waits on storage."""
-
-    def __init__(self, run_url: str, every_s: float = 0.5):
-        self.run_url = run_url
-        self.request: dict | None = None
-        self._poller = Periodic(self._poll, every_s, "kiln-stop-poll")
-
-    def start(self) -> StopRequestWatcher:
-        """Begin polling."""
-        self._poller.start()
-        return self
-
-    def close(self) -> None:
-        """Stop polling."""
-        self._poller.close()
-
-    def _poll(self) -> None:
-        if self.request is None:
-            with contextlib.suppress(OSError):  # a store hiccup: ask again next round
-                self.request = stop_requested(self.run_url)

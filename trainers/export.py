@@ -17,7 +17,7 @@ from trainers import safe_load
 from trainers.errors import CheckpointError
 from trainers.model_shapes import check_fits, checkpoint_shapes, shapes_of
 from trainers.strategies.dcp_io import load_model_only
-from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG, local_folder
+from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG
 
 
 def load_consolidated(model: nn.Module, shards_url: str, strategy: str) -> None:
@@ -28,7 +28,7 @@ def load_consolidated(model: nn.Module, shards_url: str, strategy: str) -> None:
         return
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with local_folder(shards_url) as folder, safe_load.deepspeed_reads(shards_url):
+    with storage.local_folder(shards_url) as folder, safe_load.deepspeed_reads(shards_url):
         state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=CHECKPOINT_TAG)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name, _ in _tied_names(model)}

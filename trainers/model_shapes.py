@@ -7,10 +7,11 @@ import os
 
 from torch import nn
 
+from data_pipeline import storage
 from trainers import safe_load
 from trainers.errors import CheckpointError
 from trainers.strategies.dcp_io import read_metadata
-from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG, local_folder
+from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG
 
 MODEL_PREFIX = "model."
 
@@ -18,7 +19,7 @@ MODEL_PREFIX = "model."
 def checkpoint_shapes(shards_url: str, strategy: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape, as stored in a checkpoint's shards."""
     if strategy.startswith("zero"):
-        with local_folder(shards_url) as folder:
+        with storage.local_folder(shards_url) as folder:
             # ZeRO-1/2 name it mp_rank_00_model_states.pt, ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt.
             found = sorted(glob.glob(os.path.join(folder, CHECKPOINT_TAG, "*mp_rank_00_model_states.pt")))
             if not found:

@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import time
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact
 from trainers.config import TrackerConfig
 from trainers.run_folder import METRICS_FILE
+from trainers.run_state import RunState
 
 log = logging.getLogger("kiln.tracking")
 
@@ -105,7 +106,8 @@ class WandbTracker:
             id=run_id,
             name=redact(run_name),
             dir=local_dir,
-            mode=wandb_mode(cfg),
+            # a str, not wandb's Literal: $WANDB_MODE may hold any value, and wandb.init checks it
+            mode=cast(Any, wandb_mode(cfg)),
             resume="allow",
             tags=redact(list(cfg.tags)),
             config=redact(config),
@@ -121,7 +123,12 @@ class WandbTracker:
         pass  # W&B's own process persists what was logged
 
     def finish(self, state: str) -> None:
-        self._run.finish(exit_code=0 if state in ("SUCCEEDED", "STOPPED", "PREEMPTED") else 1)
+        import wandb
+
+        self._run.finish(exit_code=0 if state in (RunState.SUCCEEDED, RunState.STOPPED, RunState.PREEMPTED) else 1)
+        # finish() can return before W&B's service has written the run file (often only its 7-byte header
+        # is there yet); shutting the service down waits for it, so the upload below copies a whole run.
+        wandb.teardown()
         if self.upload_to:  # a run on object storage keeps its W&B files there too
             try:
                 storage.put_folder(os.path.join(self.local_dir, "wandb"), self.upload_to)
@@ -149,7 +156,7 @@ class CompositeTracker:
 
 
 def build_tracker(
-    cfg: TrackerConfig, *, rank: int, run_id: str, run_name: str, run_url: str, scratch_dir: str, config: dict
+    cfg: TrackerConfig, *, rank: int, run_id: str, run_name: str, run_url: str, scratch_dir: str | None, config: dict
 ) -> Tracker:
     """Rank 0: metrics.jsonl plus W&B unless `tracker=none`; other ranks: nothing.
 
@@ -161,12 +168,18 @@ def build_tracker(
     trackers: list[Tracker] = [JsonlTracker(storage.join(run_url, METRICS_FILE))]
     if cfg.name == "wandb":
         local = storage.is_local(run_url)
+        if local:
+            local_dir = run_url
+        elif scratch_dir is not None:
+            local_dir = os.path.join(scratch_dir, "wandb", run_id)
+        else:
+            raise ValueError(f"W&B for a run on object storage ({run_url}) needs a scratch_dir for its local files")
         trackers.append(
             WandbTracker(
                 cfg,
                 run_id=run_id,
                 run_name=run_name,
-                local_dir=run_url if local else os.path.join(scratch_dir, "wandb", run_id),
+                local_dir=local_dir,
                 config=config,
                 upload_to=None if local else storage.join(run_url, "wandb"),
             )

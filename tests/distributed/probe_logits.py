@@ -13,7 +13,7 @@ import sys
 import torch
 
 from orchestrator.runs import reopen_run
-from trainers.context import TorchrunContext
+from orchestrator.torchrun import TorchrunContext
 from trainers.distributed import ensure_process_group
 from trainers.loop import Trainer
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from trainers.config import StrategyConfig
@@ -10,7 +12,7 @@ from trainers.strategies.ddp import DDPStrategy
 from trainers.strategies.deepspeed_zero import DeepSpeedStrategy
 from trainers.strategies.fsdp2 import FSDP2Strategy
 
-STRATEGIES = {
+STRATEGIES: dict[str, Callable[[StrategyConfig, torch.device], Strategy]] = {
     "ddp": DDPStrategy,
     "fsdp": FSDP2Strategy,
     "zero1": DeepSpeedStrategy,

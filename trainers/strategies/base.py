@@ -20,7 +20,10 @@ class Strategy(Protocol):
 
     name: str
     precision: str
-    model: nn.Module  # what the loop calls forward on
+
+    @property
+    def model(self) -> nn.Module:  # read-only here, so a strategy may hold a subclass (DDP's wrapper)
+        """What the loop calls forward on."""
 
     def wrap(
         self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int, grad_accum: int
@@ -127,6 +130,7 @@ class TorchStrategy(ScheduledStrategy):
     """Shared by strategies whose optimizer is a plain torch AdamW stepped by us (DDP, FSDP2)."""
 
     name = "base"
+    model: nn.Module  # set by each subclass's wrap()
 
     def __init__(self, cfg: StrategyConfig, device: torch.device):
         self.cfg, self.device = cfg, device

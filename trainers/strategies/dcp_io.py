@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from typing import IO, Any, cast
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -22,6 +23,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -87,18 +89,20 @@ def writer(url: str):
         # Several files per rank, uploaded by parallel threads: one stream per rank leaves most of an
         # object store's bandwidth unused.
         made = FsspecWriter(url, thread_count=UPLOAD_THREADS)
-    made.fs = HashingFileSystem(made.fs)
+    # a duck-typed stand-in: HashingFileSystem forwards all but create_stream to the file system it wraps
+    made.fs = cast(FileSystem, HashingFileSystem(made.fs))
     return made
 
 
-class SafeMetadataReading:
+class SafeMetadataReading(dcp.FileSystemReader):
     """Mixin for DCP's readers: .metadata through Kiln's restricted unpickler instead of plain pickle."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         """The checkpoint's Metadata; CheckpointError if it is damaged or holds anything but DCP metadata."""
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
-            metadata = safe_load.read_dcp_metadata(stream, os.fspath(path))
+            # torch types the stream as IOBase; opened "rb", it is a binary file object
+            metadata = safe_load.read_dcp_metadata(cast(IO[bytes], stream), os.fspath(path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -165,9 +169,9 @@ def save_dcp_async(model: nn.Module, optimizer, url: str, group: dist.ProcessGro
     model_state, optim_state = get_state_dict(model, optimizer)
     storage.makedirs(url)
     out = writer(url)
-    future: Future = dcp.async_save(
-        {"model": model_state, "optim": optim_state}, storage_writer=out, process_group=group
-    )
+    saving = dcp.async_save({"model": model_state, "optim": optim_state}, storage_writer=out, process_group=group)
+    # a plain Future without an async stager (none is passed); else the AsyncSaveResponse's upload future
+    future: Future = saving if isinstance(saving, Future) else saving.upload_completion
 
     def finish() -> FileRecords:
         future.result()
@@ -179,7 +183,7 @@ def save_dcp_async(model: nn.Module, optimizer, url: str, group: dist.ProcessGro
 def load_dcp(model: nn.Module, optimizer, url: str) -> None:
     """Collective: load what save_dcp wrote into model and optimizer, resharding as needed."""
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     with refusals_unwrapped():
         dcp.load(state, storage_reader=reader(url), planner=SafeLoadPlanner(url))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -16,6 +16,7 @@ class DDPStrategy(TorchStrategy):
     """torch DistributedDataParallel with AdamW and a warmup + cosine schedule."""
 
     name = "ddp"
+    model: DistributedDataParallel  # set by wrap()
 
     def wrap(
         self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1, grad_accum: int = 1

@@ -8,17 +8,12 @@ other strategies use, handed to `deepspeed.initialize`, so every strategy follow
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import hashlib
-import io
 import os
 import shutil
-import socket
 import tempfile
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -29,11 +24,11 @@ from data_pipeline import storage
 from trainers import safe_load
 from trainers.config import OptimConfig
 from trainers.optim import build_optimizer, build_scheduler
+from trainers.resharding import repair_zero3_universal_load, universal_checkpoint
 from trainers.strategies.base import ScheduledStrategy, resolve_precision, tensor_bytes
 from trainers.strategies.dcp_io import FileRecords
 
 CHECKPOINT_TAG = "zero"
-CONVERTED = "CONVERTED"  # written last into a universal checkpoint's folder: the conversion finished
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -82,134 +77,17 @@ def deepspeed_config(
     return deep_merge(config, overrides)
 
 
-@contextlib.contextmanager
-def local_folder(url: str) -> Iterator[str]:
-    """url itself when local; otherwise a temporary local copy of it (downloaded with retries)."""
-    if storage.is_local(url):
-        os.makedirs(url, exist_ok=True)
-        yield url
-        return
-    with tempfile.TemporaryDirectory(prefix="kiln-ds-") as tmp:
-        storage.get_folder(url, tmp)
-        yield tmp
-
-
 def hash_folder(folder: str) -> FileRecords:
     """(size, sha256) of every file under a local folder, keyed by relative path."""
     records = {}
     for base, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(base, name)
-            digest = hashlib.sha256()
+            # A plain open, not storage.sha256_file: a local scratch file has no store errors to retry.
             with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            records[os.path.relpath(path, folder).replace(os.sep, "/")] = (os.path.getsize(path), digest.hexdigest())
+                digest = storage.sha256_stream(handle)
+            records[os.path.relpath(path, folder).replace(os.sep, "/")] = (os.path.getsize(path), digest)
     return records
-
-
-def convert_to_universal(checkpoint_dir: str, output_dir: str) -> None:
-    """Write DeepSpeed's world-size-independent (universal) form of the ZeRO checkpoint in checkpoint_dir."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    args = argparse.Namespace(
-        input_folder=checkpoint_dir,
-        output_folder=output_dir,
-        # In-process and serial: worker pools would fork a process that holds the process group.
-        num_extract_workers=1,
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        # Only Megatron-DeepSpeed records UNIVERSAL_CHECKPOINT_INFO (its TP/PP patterns); ZeRO-1/2
-        # conversion refuses without it, and plain data parallelism needs none of those patterns.
-        inject_missing_state=True,
-    )
-    with contextlib.redirect_stdout(io.StringIO()):  # progress chatter, one line per phase
-        ds_to_universal.main(args)
-
-
-@contextlib.contextmanager
-def universal_checkpoint(shards_url: str) -> Iterator[str]:
-    """Collective: a local folder holding shards_url's checkpoint in universal form, as tag CHECKPOINT_TAG.
-
-    The first rank of each host converts into a folder under the host's temp dir that the host's other
-    ranks share (one conversion per machine, not per rank: it holds three fp32 copies of the model). A
-    rank that cannot see its host's folder (same host name, separate file systems) converts on its own.
-    """
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
-    identities = [None] * dist.get_world_size()
-    dist.all_gather_object(identities, (socket.gethostname(), uuid.uuid4().hex))
-    hosts = [host for host, _ in identities]
-    name = f"kiln-ds-universal-{identities[0][1]}"  # rank 0's, so a host's ranks agree on the folder
-    shared = os.path.join(tempfile.gettempdir(), name)
-    own = os.path.join(tempfile.gettempdir(), f"{name}-rank{rank}")
-    converts = hosts.index(hosts[rank]) == rank
-    owned = [shared] if converts else []
-    try:
-        collective_attempt(lambda: _convert_url(shards_url, shared), run=converts)
-        folder = shared
-        if not os.path.exists(os.path.join(shared, CONVERTED)):
-            folder = own
-            owned.append(own)
-        collective_attempt(lambda: _convert_url(shards_url, own), run=folder == own)
-        yield folder
-        dist.barrier()  # the host's other ranks are done reading the shared folder
-    finally:
-        for path in owned:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _convert_url(shards_url: str, folder: str) -> None:
-    """Convert shards_url's checkpoint into folder/CHECKPOINT_TAG, then mark folder complete."""
-    os.makedirs(folder, exist_ok=True)
-    with local_folder(shards_url) as source, safe_load.deepspeed_reads(shards_url):
-        convert_to_universal(os.path.join(source, CHECKPOINT_TAG), os.path.join(folder, CHECKPOINT_TAG))
-    with open(os.path.join(folder, CONVERTED), "w"):
-        pass
-
-
-def collective_attempt(work, *, run: bool) -> None:
-    """Collective: run work() where run is true; if it failed on any rank, raise on every rank."""
-    import torch.distributed as dist
-
-    error = None
-    if run:
-        try:
-            work()
-        except Exception as exc:  # re-raised below, after the other ranks have heard of it
-            error = exc
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if failed:
-        # Failing here instead of in the next collective, where the other ranks would wait forever.
-        rank, message = failed[0]
-        raise RuntimeError(f"rank {rank} failed to convert a checkpoint to universal form: {message}")
-
-
-def repair_zero3_universal_load(zero_optimizer, universal_dir: str) -> None:
-    """Undo two slips of DeepSpeed's ZeRO-3 universal load: shared step counters, group 0's options."""
-    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, PARAM_GROUPS
-
-    # It hands one `step` tensor to every param group's state, and torch's Adam increments it in
-    # place, so each step would advance it once per group and skew every later bias correction.
-    for state in zero_optimizer.optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-    # It copies param group 0's options onto every group, which would give the undecayed group
-    # (biases, norms) the decayed group's weight_decay.
-    path = os.path.join(universal_dir, "zero", "optimizer_state.pt")
-    universal = safe_load.load_torch(path, path, allow=safe_load.deepspeed_globals())
-    saved = universal[OPTIMIZER_STATE_DICT][PARAM_GROUPS]
-    groups = zero_optimizer.optimizer.param_groups
-    if len(saved) != len(groups):
-        raise ValueError(f"checkpoint has {len(saved)} optimizer param groups, the model has {len(groups)}")
-    for group, options in zip(groups, saved, strict=False):
-        group.update({key: value for key, value in options.items() if key != "params"})
 
 
 class DeepSpeedStrategy(ScheduledStrategy):
@@ -297,7 +175,7 @@ class DeepSpeedStrategy(ScheduledStrategy):
         import torch.distributed as dist
 
         if saved_world_size is None or saved_world_size == dist.get_world_size():
-            with local_folder(shards_url) as folder, safe_load.deepspeed_reads(shards_url):
+            with storage.local_folder(shards_url) as folder, safe_load.deepspeed_reads(shards_url):
                 path, _ = self.engine.load_checkpoint(
                     folder, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
                 )
@@ -308,7 +186,7 @@ class DeepSpeedStrategy(ScheduledStrategy):
 
     def _load_resharded(self, shards_url: str) -> str | None:
         """Load a checkpoint of another data-parallel size through DeepSpeed's universal checkpoint format."""
-        with universal_checkpoint(shards_url) as folder:
+        with universal_checkpoint(shards_url, CHECKPOINT_TAG) as folder:
             # `checkpoint.load_universal` is read only inside load_checkpoint (which files to open, and
             # whether the ZeRO optimizer re-slices full per-parameter tensors instead of taking its own
             # partition file), never at initialize time, so switching it on for this one call is enough

@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from typing import cast
 
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from trainers.config import OptimConfig
 from trainers.strategies.base import TorchStrategy
@@ -44,7 +45,10 @@ class FSDP2Strategy(TorchStrategy):
         )
         for block in transformer_blocks(model):
             fully_shard(block, mp_policy=policy, reshard_after_forward=self.cfg.reshard_after_forward)
-        self.model = fully_shard(model, mp_policy=policy, reshard_after_forward=self.cfg.reshard_after_forward)
+        sharded = fully_shard(model, mp_policy=policy, reshard_after_forward=self.cfg.reshard_after_forward)
+        # fully_shard returns model itself, its class swapped for one deriving from both FSDPModule and the
+        # model's own class; torch types it as FSDPModule alone (see _fsdp for the other view)
+        self.model = cast(nn.Module, sharded)
         self.build_optimizer(self.model, optim_cfg, max_steps)
         return self.model
 
@@ -54,14 +58,21 @@ class FSDP2Strategy(TorchStrategy):
             return contextlib.nullcontext()
         return super().autocast()
 
+    @property
+    def _fsdp(self) -> FSDPModule:
+        """self.model as the FSDPModule that wrap() made it."""
+        return cast(FSDPModule, self.model)
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        self.model.set_requires_gradient_sync(False)
+        self._fsdp.set_requires_gradient_sync(False)
         try:
             yield
         finally:
-            self.model.set_requires_gradient_sync(True)
+            self._fsdp.set_requires_gradient_sync(True)
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {k: v.detach() for k, v in get_model_state_dict(self.model, options=options).items()}
+        # a full (unsharded) model state dict holds only tensors; torch types its values as any state value
+        state = cast("dict[str, torch.Tensor]", get_model_state_dict(self.model, options=options))
+        return {k: v.detach() for k, v in state.items()}

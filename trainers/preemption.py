@@ -1,0 +1,145 @@
+"""Stopping early without losing work: every way a run is asked to stop, and how the workers obey.
+
+A run stops early when
+- `kiln stop RUN`, or the `kiln train` driver on SIGTERM / a first Ctrl-C, writes the run's STOP
+  request (`request_stop`); rank 0 polls it in the background (`StopRequestWatcher`);
+- a worker process gets SIGTERM (a preempted node): the launcher's handler sets the process's
+  `StopFlag` (torchrun: `StopFlag.install`; Ray: orchestrator/ray_worker.py, which must replace
+  Ray's own handler on the actor's main thread).
+
+Between steps every rank votes (`StopAgreement.agreed`), so all stop at the same step; then the loop
+commits a checkpoint of that step within `checkpoint.preempt_grace_s` (`commit_before_stopping`) and
+the run ends PREEMPTED, resumable with `kiln resume RUN`. The served request is removed when the
+driver ends or the run is resumed (`clear_stop_request`), so it never stops the next attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import torch
+
+from data_pipeline import storage
+from trainers.context import WorkerContext
+from trainers.distributed import any_rank, gather_to_rank0
+from trainers.periodic import Periodic
+from trainers.run_folder import STOP_REQUEST
+
+log = logging.getLogger("kiln.worker")
+
+
+def request_stop(run_url: str, reason: str) -> None:
+    """Ask a running run to checkpoint and stop (read by its rank 0 between steps)."""
+    storage.write_atomic(storage.join(run_url, STOP_REQUEST), json.dumps({"reason": reason, "time": time.time()}))
+
+
+def stop_requested(run_url: str) -> dict | None:
+    """The pending stop request of a run, if any."""
+    try:
+        return json.loads(storage.read_text(storage.join(run_url, STOP_REQUEST)))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def clear_stop_request(run_url: str) -> None:
+    """Forget a served stop request, so the resumed run keeps going."""
+    storage.remove(storage.join(run_url, STOP_REQUEST))
+
+
+class StopRequestWatcher:
+    """Rank 0 polls the run's STOP request in the background, so the loop never waits on storage."""
+
+    def __init__(self, run_url: str, every_s: float = 0.5):
+        self.run_url = run_url
+        self.request: dict | None = None
+        self._poller = Periodic(self._poll, every_s, "kiln-stop-poll")
+
+    def start(self) -> StopRequestWatcher:
+        """Begin polling."""
+        self._poller.start()
+        return self
+
+    def close(self) -> None:
+        """Stop polling."""
+        self._poller.close()
+
+    def _poll(self) -> None:
+        if self.request is None:
+            with contextlib.suppress(OSError):  # a store hiccup: ask again next round
+                self.request = stop_requested(self.run_url)
+
+
+class StopFlag:
+    """This process was asked to stop (a signal); the loop reads it between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        """Ask the loop to checkpoint and leave at the next step boundary (the first reason is kept)."""
+        self.requested = True
+        self.reason = self.reason or reason
+
+    def install(self) -> None:
+        """Catch SIGTERM (and SIGINT) in this process; only possible from the main thread."""
+        try:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        except ValueError:  # not the main thread: the launcher delivers stop requests itself
+            pass
+
+    def _on_signal(self, signum, frame) -> None:
+        self.request(f"{signal.Signals(signum).name} received by a worker (pid {os.getpid()})")
+
+
+class StopAgreement:
+    """All ranks decide together, between steps, whether to stop now; rank 0 says why."""
+
+    def __init__(self, ctx: WorkerContext, run_url: str, device: torch.device):
+        self.ctx, self.device = ctx, device
+        self.requests = StopRequestWatcher(run_url).start() if ctx.rank == 0 else None
+        self.reason: str | None = None
+
+    def agreed(self) -> bool:
+        """True on every rank as soon as any rank was asked to stop (a collective: call on all ranks)."""
+        asked = self.ctx.should_stop() or (self.requests is not None and self.requests.request is not None)
+        if not any_rank(asked, self.device):
+            return False
+        signalled = gather_to_rank0(getattr(self.ctx, "stop_reason", None) if self.ctx.should_stop() else None)
+        self.reason = self._describe(signalled)
+        return True
+
+    def close(self) -> None:
+        """Stop watching the run's STOP request."""
+        if self.requests is not None:
+            self.requests.close()
+
+    def _describe(self, signalled: list) -> str | None:
+        if self.ctx.rank != 0:
+            return None
+        if self.requests is not None and self.requests.request is not None:
+            return str(self.requests.request.get("reason", "stop requested"))
+        named = [(rank, reason) for rank, reason in enumerate(signalled) if reason]
+        if named:
+            rank, reason = named[0]
+            return f"rank {rank}: {reason}"
+        return "a worker was asked to stop (preemption)"
+
+
+def commit_before_stopping(step: int, reason: str | None, save: Callable[[], list[str]], grace_s: float) -> list[str]:
+    """Commit a checkpoint of `step` now, saying whether it beat checkpoint.preempt_grace_s."""
+    started = time.perf_counter()
+    log.warning("stopping at step %d: %s; committing a checkpoint", step, reason)
+    committed = save()
+    took = time.perf_counter() - started
+    (log.info if took <= grace_s else log.error)(
+        "preemption checkpoint at step %d committed in %.2fs (checkpoint.preempt_grace_s=%g)", step, took, grace_s
+    )
+    return committed
