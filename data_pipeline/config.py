@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+# Where runs live when neither storage.root nor $KILN_STORAGE_ROOT says otherwise. The CLI, the torchrun
+# launcher and conf/storage/local.yaml all take it from here, so they cannot disagree.
+DEFAULT_STORAGE_ROOT = "./kiln-runs"
+STORAGE_ROOT_ENV = "KILN_STORAGE_ROOT"
+
+
+def default_storage_root() -> str:
+    """$KILN_STORAGE_ROOT if set (even to ""), else DEFAULT_STORAGE_ROOT; read at each call, not at import."""
+    return os.environ.get(STORAGE_ROOT_ENV, DEFAULT_STORAGE_ROOT)
 
 
 class DataConfigError(ValueError):
@@ -61,10 +72,10 @@ class DataConfig:
 class StorageConfig:
     """Where runs live: a local folder or an fsspec URL (s3://bucket/prefix)."""
 
-    root: str = "./kiln-runs"
+    root: str = DEFAULT_STORAGE_ROOT
 
     def __post_init__(self) -> None:
         if not self.root:
             raise DataConfigError(
-                "storage.root must not be empty (default ./kiln-runs; KILN_STORAGE_ROOT overrides it)"
+                f"storage.root must not be empty (default {DEFAULT_STORAGE_ROOT}; {STORAGE_ROOT_ENV} overrides it)"
             )

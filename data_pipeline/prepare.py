@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
@@ -34,6 +36,7 @@ from data_pipeline.examples import (
     label_map,
 )
 from data_pipeline.sources import FORMATS, detect_format, expand, read_records
+from data_pipeline.split import in_validation
 from data_pipeline.staging import replace_folder
 
 KINDS = ("pretrain", "chat", "classification")
@@ -99,6 +102,9 @@ class PrepareSummary:
     shards: int = 0
     wall_s: float = 0.0
     bad_examples: list[str] = field(default_factory=list)
+    # split name -> its manifest entry; set once the splits are written. Kept out of repr and ==, and
+    # out of the manifest's "summary" (the manifest holds it under "splits").
+    splits: dict[str, dict] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def tokens_per_s(self) -> float:
@@ -108,8 +114,9 @@ class PrepareSummary:
 
 def split_of(text: str, val_fraction: float) -> str:
     """train or val, by a hash of the document's text: stable across runs, machines and file order."""
-    digest = hashlib.sha256(text.encode("utf-8", errors="replace")).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+    # errors="replace": a lone surrogate (from a JSON escape) must not fail the split; these are the bytes
+    # every existing prepared dataset was split by.
+    return "val" if in_validation(text.encode("utf-8", errors="replace"), val_fraction) else "train"
 
 
 def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: str | None) -> str:
@@ -173,12 +180,16 @@ def tokenize_batch(
         "split": [split_of(t, val_fraction) for t in texts],
     }
     for text, error, source, line in zip(texts, batch["error"], batch["source"], batch["line"], strict=False):
-        ids, mask, label = [], [], -1
+        ids: list[int] = []
+        mask: list[int] = []
+        label = -1
         if not error and text.strip():
             try:
                 if kind == "chat":
                     ids, mask = encode_chat(tokenizer, json.loads(text))
                 elif kind == "classification":
+                    if labels is None:
+                        raise ValueError("tokenize_batch: kind=classification needs the label map (labels=)")
                     sample, name = classification_example(json.loads(text), text_field)
                     ids, label = tokenizer.encode(sample).ids, labels[name]
                 else:
@@ -412,13 +423,15 @@ def _read(files: list[str], formats: list[str], cfg: PrepareConfig):
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same output whatever the parallelism
     context.enable_progress_bars = False
     items = [{"url": u, "format": f} for u, f in zip(files, formats, strict=False)]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return dataset.flat_map(_records_of, fn_kwargs={"text_field": cfg.text_field, "kind": cfg.kind}).materialize()
+    # Ray's annotation of flat_map's fn cannot express the arguments fn_kwargs supplies
+    records_of = cast("Callable[[dict[str, Any]], list[dict[str, Any]]]", _records_of)
+    return dataset.flat_map(records_of, fn_kwargs={"text_field": cfg.text_field, "kind": cfg.kind}).materialize()
 
 
 def _usable_rows(dataset, cfg: PrepareConfig) -> Iterator[str]:
@@ -504,12 +517,13 @@ def _tokenize_and_pack(
             if empty:
                 summary.empty_documents += 1
                 continue
-            if cfg.kind == "classification":
-                writers[split].add(list(ids), int(label))
+            writer = writers[split]
+            if isinstance(writer, ExampleWriter):  # kind=classification
+                writer.add(list(ids), int(label))
             elif cfg.kind == "chat":
-                writers[split].add(list(ids), list(mask))
+                writer.add(list(ids), list(mask))
             else:
-                writers[split].add(list(ids))
+                writer.add(list(ids))
             summary.documents += 1
             summary.tokens += len(ids) + (cfg.kind == "pretrain")
         if progress:

@@ -20,6 +20,7 @@ from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from data_pipeline.config import DataConfig
 from data_pipeline.dataset import MANIFEST, ShardWriter, token_dtype, write_manifest
+from data_pipeline.split import in_validation, split_digest
 
 SKIPPED_DIRS = {
     "test",
@@ -43,18 +44,12 @@ def stdlib_files(max_files: int | None = None) -> tuple[Path, list[Path]]:
     return root, files
 
 
-def is_validation(relative_path: str, val_fraction: float) -> bool:
-    """Deterministic split by a hash of the file's relative path."""
-    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
-
-
 def split_files(root: Path, files: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
     """(train, val) files; val gets at least one file so evaluation always has data."""
     rel = {f: f.relative_to(root).as_posix() for f in files}
-    val = [f for f in files if is_validation(rel[f], val_fraction)]
+    val = [f for f in files if in_validation(rel[f].encode("utf-8"), val_fraction)]
     if not val:
-        val = [min(files, key=lambda f: hashlib.sha256(rel[f].encode()).digest())]
+        val = [min(files, key=lambda f: split_digest(rel[f].encode("utf-8")))]
     chosen = set(val)
     return [f for f in files if f not in chosen], val
 
@@ -99,6 +94,8 @@ def prepare_stdlib(cfg: DataConfig, cache_dir: str, log: Callable[[str], None] =
     tokenizer = bpe.train_bpe((read_source(f) for f in train_files), cfg.vocab_size)
     tokenizer_sha = bpe.save(tokenizer, storage.join(url, "tokenizer"))
     eos_id = tokenizer.token_to_id(bpe.EOS_TOKEN)
+    if eos_id is None:  # train_bpe always adds it
+        raise ValueError(f"the trained tokenizer has no {bpe.EOS_TOKEN} token")
     vocab_size = tokenizer.get_vocab_size()
     splits = {}
     for split, split_files_ in (("train", train_files), ("val", val_files)):

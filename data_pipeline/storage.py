@@ -12,12 +12,14 @@ file stays a FileNotFoundError.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import posixpath
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import IO
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -35,6 +37,7 @@ from data_pipeline.store_retry import (
 __all__ = ["StorageError", "retry_attempts", "retrying"]  # re-exported: callers reach retries through here
 
 log = logging.getLogger("kiln.storage")
+HASH_BLOCK_BYTES = 8 << 20  # read size when hashing a stream
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -79,6 +82,31 @@ def read_bytes(url: str) -> bytes:
 def read_text(url: str) -> str:
     """A file's content as UTF-8 text."""
     return read_bytes(url).decode("utf-8")
+
+
+def sha256_stream(handle: IO[bytes], copy_to: IO[bytes] | None = None) -> str:
+    """sha256 (hex) of a binary stream read to its end in blocks, each also written to copy_to if given."""
+    digest = hashlib.sha256()
+    # Blocks, not one read: checkpoint shards are gigabytes and must not be held in memory whole.
+    for block in iter(lambda: handle.read(HASH_BLOCK_BYTES), b""):
+        digest.update(block)
+        if copy_to is not None:
+            copy_to.write(block)
+    return digest.hexdigest()
+
+
+def sha256_file(url: str, copy_to: str | None = None) -> str:
+    """sha256 of a file, streamed (and copied to the local path copy_to); retried whole on a store error."""
+
+    def digest_file() -> str:
+        fs, path = filesystem(url)
+        if copy_to:
+            os.makedirs(os.path.dirname(copy_to), exist_ok=True)
+        with fs.open(path, "rb") as handle, open(copy_to, "wb") if copy_to else contextlib.nullcontext() as out:
+            return sha256_stream(handle, out)
+
+    # A retry starts over from the first byte (and rewrites copy_to), so no half-hashed state survives.
+    return retrying("read", url, digest_file)
 
 
 def write_atomic(url: str, data: bytes | str) -> None:
@@ -174,6 +202,18 @@ def remove(url: str, recursive: bool = False) -> None:
     fs, path = filesystem(url)
     with contextlib.suppress(FileNotFoundError):
         retrying("remove", url, fs.rm, path, recursive=recursive)
+
+
+@contextlib.contextmanager
+def local_folder(url: str) -> Iterator[str]:
+    """A local folder holding url's files: url itself when local, else a temporary copy (downloaded with retries)."""
+    if is_local(url):
+        os.makedirs(url, exist_ok=True)
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="kiln-copy-") as tmp:
+        get_folder(url, tmp)
+        yield tmp
 
 
 def put_folder(local_dir: str, url: str, workers: int = 8) -> list[str]:
