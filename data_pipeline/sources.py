@@ -110,9 +110,9 @@ def _text(url: str) -> Iterator[Record]:
     yield Record(text or "", url, 0, error)
 
 
-def _jsonl(url: str, text_field: str) -> Iterator[Record]:
+def _jsonl(url: str, text_field: str | None) -> Iterator[Record]:
     raw, error = _decode(url, storage.read_bytes(url))
-    if error:
+    if error or raw is None:  # _decode gives exactly one of the two
         yield Record("", url, 0, error)
         return
     for number, line in enumerate(raw.splitlines(), start=1):
@@ -169,7 +169,7 @@ def _arrow_batches(url: str):
             yield from pa.ipc.open_stream(handle)
 
 
-def _rows(url: str, batches, text_field: str) -> Iterator[Record]:
+def _rows(url: str, batches, text_field: str | None) -> Iterator[Record]:
     number = 0
     for batch in batches:
         for row in batch.to_pylist():

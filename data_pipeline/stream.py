@@ -18,6 +18,7 @@ import bisect
 import queue
 import threading
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -38,7 +39,7 @@ class SplitReader:
         if self.num_sequences == 0:
             raise ValueError(f"split {split!r} of {dataset.url} holds no whole sequence of {dataset.seq_len} tokens")
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
-        self._handles: dict[int, object] = {}
+        self._handles: dict[int, BinaryIO] = {}
 
     def sequence(self, position: int) -> np.ndarray:
         """The sequence at this reader's own position (epochs reshuffle), as int64."""
@@ -111,7 +112,7 @@ class TokenStream:
         )
         self.position = 0  # global: sequences consumed by all ranks together
         self.prefetch = prefetch  # batches a background thread reads ahead (0: read on demand)
-        self._ahead: queue.Queue | None = None
+        self._ahead: queue.Queue[tuple[int, np.ndarray | BaseException]] | None = None
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
 
@@ -128,7 +129,10 @@ class TokenStream:
         if self.prefetch:
             if self._reader is None:
                 self._start_reader()
-            position, batch = self._ahead.get()
+            ahead = self._ahead
+            if ahead is None:  # _start_reader sets it, _stop_reader clears it with the thread
+                raise RuntimeError("token stream: read-ahead thread has no queue")
+            position, batch = ahead.get()
             if isinstance(batch, BaseException):
                 raise batch
             assert position == self.position
@@ -192,14 +196,18 @@ class TokenStream:
         self._reader.start()
 
     def _read_ahead(self, position: int) -> None:
+        ahead = self._ahead  # set before this thread starts, cleared only after it is joined
+        if ahead is None:
+            raise RuntimeError("token stream: read-ahead thread started without its queue")
         while not self._stop.is_set():
+            item: tuple[int, np.ndarray | BaseException]
             try:
                 item = (position, self._batch_at(position))
             except BaseException as exc:  # surfaced to the consumer on its next call
                 item = (position, exc)
             while not self._stop.is_set():
                 try:
-                    self._ahead.put(item, timeout=0.1)
+                    ahead.put(item, timeout=0.1)
                     break
                 except queue.Full:
                     continue

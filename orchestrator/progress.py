@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -78,7 +79,7 @@ class ProgressView:
     def update(self, rows: list[dict]) -> None:
         """Fold new metric rows into the line."""
         for row in rows:
-            fields = {}
+            fields: dict[str, Any] = {}  # custom task fields, passed on as **kwargs
             if "train/loss" in row:
                 fields["loss"] = f"{row['train/loss']:.3f}"
             if "perf/tokens_per_s" in row:

@@ -44,9 +44,9 @@ def barrier(group: Any = None) -> None:
 def gather_to_rank0(obj: Any, group: Any = None) -> list[Any]:
     """Every rank's obj, in rank order, on rank 0 (others get an empty list)."""
     rank = dist.get_rank()
-    gathered = [None] * dist.get_world_size() if rank == 0 else None
+    gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(obj, gathered, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    return gathered if rank == 0 else []
+    return gathered if gathered is not None else []  # set on rank 0 only
 
 
 def new_checkpoint_group() -> Any:

@@ -12,7 +12,8 @@ from trainers.config import OptimConfig
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices (weights, embeddings); leave biases and norm gains undecayed, as GPT-2 did."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
