@@ -120,7 +120,7 @@ def save_and_load(root: str, layers: int, width: int) -> dict:
 
 def restart_time(root: str) -> dict:
     """Measurement 3: SIGKILL rank 1 of a running `kiln train`, time until a step is logged again."""
-    from tests.conftest import TINY
+    from tests.helpers import TINY
     from tests.integration.ft_harness import committed_steps, events, finish, metrics, start_kiln, wait_for, worker_pid
 
     log = Path(tempfile.mkdtemp(prefix="kiln-bench-")) / "train.log"

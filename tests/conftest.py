@@ -1,51 +1,22 @@
-"""Shared fixtures: a small cached stdlib corpus, isolated storage roots, offline W&B."""
+"""Shared fixtures: a small cached stdlib corpus, offline W&B, the session's S3 server, a gloo group.
+
+Shared helpers (run settings, `kiln`, `torchrun`) live in tests/helpers.py.
+"""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import STRATEGY_RUN, torchrun
 from tests.s3_server import aws_env, start_moto, stop
-
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-
-# Small enough for seconds per run on 2 CPU cores, big enough that loss visibly falls.
-TINY = [
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=64",
-    "model.n_positions=64",
-    "data.seq_len=64",
-    "data.vocab_size=512",
-    "data.max_files=60",
-    "train.global_batch=8",
-    "train.micro_batch=4",
-    "train.eval_batches=2",
-    "optim.warmup_steps=2",
-]
-
-
-# The reference run of each strategy: 2 workers, fp32, dropout on (so RNG restore matters).
-STRATEGY_RUN = [
-    *TINY,
-    "tracker=none",
-    "model.dropout=0.1",
-    "train.max_steps=20",
-    "train.checkpoint_every=10",
-    "train.eval_every=10",
-]
 
 
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory, cache_dir):
     """strategy name -> folder of its finished 20-step torchrun run (each trained once per session)."""
-    from tests.distributed.test_torchrun import torchrun
-
     root = tmp_path_factory.mktemp("strategies")
     done: dict[str, Path] = {}
 
@@ -104,9 +75,22 @@ def s3(tmp_path_factory):
         s3fs.S3FileSystem.clear_instance_cache()
 
 
-def kiln(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
-    """Run the installed `kiln` command; returns the CompletedProcess."""
-    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    return subprocess.run(
-        [str(BIN / "kiln"), *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO
-    )
+@pytest.fixture
+def fresh_s3fs():
+    """s3fs clients made in a test see its environment, and none outlive it."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory):
+    """A one-process gloo group, for code that uses collectives (DCP, DDP)."""
+    import torch.distributed as dist
+
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

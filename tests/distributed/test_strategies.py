@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, kiln
-from tests.conftest import STRATEGY_RUN as RUN
-from tests.distributed.test_torchrun import rows, torchrun
+from tests.helpers import REPO, kiln, rows, torchrun
+from tests.helpers import STRATEGY_RUN as RUN
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The loop runs under plain torchrun (no Ray): the helpers every torchrun test uses, and the import rule.
+"""The loop runs under plain torchrun (no Ray): the trainers never import Ray.
 
 Exact restarts are shown under Ray in tests/integration/test_fault_tolerance.py against torchrun runs,
 and `--resume` under torchrun in tests/distributed/test_strategies.py.
@@ -6,40 +6,14 @@ and `--resume` under torchrun in tests/distributed/test_strategies.py.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
-
-
-def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 -m orchestrator.torchrun ARGS`."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "orchestrator.torchrun",
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_trainers_never_import_ray():

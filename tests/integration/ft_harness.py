@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.conftest import BIN, REPO
+from tests.helpers import BIN, REPO
 
 
 def s3_root(bucket: str) -> str:

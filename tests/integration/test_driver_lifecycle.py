@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import TINY, kiln
+from tests.helpers import TINY, kiln
 from tests.integration.ft_harness import finish, kill_tree, start_kiln, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]

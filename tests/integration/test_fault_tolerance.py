@@ -16,7 +16,7 @@ import time
 import pytest
 
 from orchestrator.cli import main as cli_main
-from tests.conftest import STRATEGY_RUN, kiln
+from tests.helpers import STRATEGY_RUN, kiln
 from tests.integration.ft_harness import (
     committed_steps,
     events,

@@ -12,8 +12,7 @@ import pytest
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
 from data_pipeline.stream import TokenStream
-from tests.conftest import kiln
-from tests.distributed.test_torchrun import rows, torchrun
+from tests.helpers import kiln, rows, torchrun
 
 pytestmark = pytest.mark.slow
 WORDS = ["alpha", "beta", "gamma", "delta", "kiln", "ray", "token", "shard"]
@@ -212,7 +211,7 @@ def test_a_second_dataset_with_the_first_ones_tokenizer_trains_as_a_mixture(tmp_
     assert f"{tmp_path}/code" in saved and "weight: 1.0" in saved
 
 
-def test_chat_rows_are_templated_and_only_assistant_tokens_are_learned(tmp_path):
+def test_chat_rows_are_templated_and_the_stored_loss_mask_covers_exactly_the_assistant_replies(tmp_path):
     rows = [{"prompt": f"what is {i} plus {i}?", "response": f"it is {2 * i}."} for i in range(120)]
     rows.append(
         {
@@ -263,8 +262,14 @@ def test_chat_rows_are_templated_and_only_assistant_tokens_are_learned(tmp_path)
             learned.append(tokenizer.decode(current[:-1]))
             prompt_side.append(tokenizer.decode(shown))
             current, shown = [], []
-    assert learned[:3] == [f"it is {2 * i}." for i in train_rows[:3]]
-    assert f"what is {train_rows[1]} plus {train_rows[1]}?" in prompt_side[1] and "it is" not in prompt_side[1]
+    # Every whole conversation in the train shards (the last may be cut): the masked-in tokens are its
+    # reply and the end of text, the rest is its templated prompt.
+    replies = [f"it is {2 * i}." for i in train_rows]
+    if split_of(json.dumps(rows[120]), 0.1) == "train":
+        replies.append("hello there")
+    assert len(learned) >= len(replies) - 1 and learned == replies[: len(learned)]
+    for i, shown_text in zip(train_rows, prompt_side, strict=False):
+        assert f"what is {i} plus {i}?" in shown_text and "it is" not in shown_text
     assert tokenizer.token_to_id("<|assistant|>") is not None
 
 

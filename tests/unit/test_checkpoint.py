@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from tests.unit.checkpoint_helpers import save_two, store_at, strategy, train_one_step, weights
-from trainers.checkpoint import CheckpointError, capture_rng, restore_rng, verify
+from tests.helpers import save_two, store_at, strategy, train_one_step, weights
+from trainers.checkpoint import CheckpointError, verify
+from trainers.rng import capture_rng, restore_rng
 
 pytestmark = pytest.mark.usefixtures("process_group")
 

@@ -6,7 +6,7 @@ import pytest
 
 from orchestrator.config import compose_config, finalize
 from orchestrator.runs import resolve_data
-from tests.conftest import TINY
+from tests.helpers import TINY
 from trainers.config import OptimConfig
 from trainers.loop import Trainer
 from trainers.optim import lr_multiplier

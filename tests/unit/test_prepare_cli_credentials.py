@@ -10,9 +10,9 @@ SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 
 
 @pytest.mark.parametrize("key", ["input", "output", "tokenizer"])
-def test_credentials_in_a_prepare_url_exit_2_in_one_line_without_the_secret(s3, tmp_path, capsys, key):
+def test_credentials_in_a_prepare_url_exit_2_in_one_line_without_the_secret(no_store, tmp_path, capsys, key):
     urls = {"input": f"{tmp_path}/raw.jsonl", "output": f"{tmp_path}/out", "tokenizer": "train"}
-    urls[key] = f"s3://AKIAEXAMPLE:{SECRET}@{s3}/x"
+    urls[key] = f"s3://AKIAEXAMPLE:{SECRET}@bucket/x"
     code = main(["prepare", *(f"{k}={v}" for k, v in urls.items())])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err

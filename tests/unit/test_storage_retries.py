@@ -1,206 +1,26 @@
-"""Storage survives a flaky object store (503 SlowDown, dropped connections) and fails fast on what
-retrying cannot fix. The store is the session's moto server, behind a FaultyProxy where faults are wanted."""
+"""Kiln's storage retries, without a store: which errors are retried and how that is logged, which fail
+at once, and the patient retry settings every S3 client gets. Against a real, flaky store (moto behind a
+FaultyProxy): tests/integration/test_storage_faults.py."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
-import os
 import re
-import subprocess
-import sys
-import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import pytest
 import s3fs
-from botocore.exceptions import ClientError, NoCredentialsError
+from botocore.exceptions import NoCredentialsError
 
 from data_pipeline import storage, store_retry
 from data_pipeline.storage import StorageError
-from tests.conftest import REPO
-from tests.faulty_proxy import FaultyProxy
-
-MISSING_BUCKET = "kiln-no-such-bucket"
+from tests.helpers import client_error, failing, storage_warnings
 
 
-@pytest.fixture
-def flaky(s3, monkeypatch, fresh_s3fs):
-    """The moto server behind a proxy answering ~20% of requests 503 SlowDown and dropping ~10%."""
-    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], fail_rate=0.2, drop_rate=0.1, seed=7) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        yield proxy
-
-
-@pytest.fixture
-def root(s3) -> str:
-    """A fresh folder in the test bucket."""
-    return f"s3://{s3}/retries-{uuid.uuid4().hex[:8]}"
-
-
-def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "kiln.storage" and r.levelno == logging.WARNING]
-
-
-def round_trip(root: str, count: int = 40, workers: int = 1) -> None:
-    """Write, read back, list, walk and remove `count` small objects, checking every answer."""
-    names = [f"d{i % 4}/f{i:02d}.txt" for i in range(count)]
-    payload = {name: f"{name} {'x' * (i * 50)}" for i, name in enumerate(names)}
-
-    def write(name):
-        storage.write_atomic(storage.join(root, name), payload[name])
-
-    def check(name):
-        assert storage.read_text(storage.join(root, name)) == payload[name]
-        assert storage.exists(storage.join(root, name))
-
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(write, names))
-        list(pool.map(check, names))
-    assert storage.list_names(root) == ["d0", "d1", "d2", "d3"]
-    assert dict(storage.walk_files(root)) == {name: len(payload[name]) for name in names}
-    storage.remove(root, recursive=True)
-    assert list(storage.walk_files(root)) == []
-    assert not storage.exists(storage.join(root, names[0]))
-
-
-def test_kiln_retries_alone_carry_every_operation_through_faults(flaky, root, monkeypatch, caplog):
-    # botocore and s3fs retry too; switched off here so that our own layer is what gets tested
-    conf = fsspec.config.conf["s3"]
-    monkeypatch.setitem(
-        fsspec.config.conf,
-        "s3",
-        {**conf, "config_kwargs": {**conf["config_kwargs"], "retries": {"mode": "standard", "total_max_attempts": 1}}},
-    )
-    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
-    monkeypatch.setattr(store_retry, "RETRY_BASE_S", 0.01)
-    monkeypatch.setenv(store_retry.RETRIES_ENV, "12")
-
-    round_trip(root, workers=4)
-
-    assert flaky.counts.failed > 0 and flaky.counts.dropped > 0
-    line = re.compile(
-        rf"retrying (write|read|check|list|remove) {re.escape(root)}\S* after "
-        r"(SlowDown 503|503|\w+Error: .+) \(attempt \d+/12, waiting \d+\.\d\ds\)$"
-    )
-    ours = [m for m in warnings_of(caplog) if line.match(m)]
-    assert ours, warnings_of(caplog)
-    assert any("after SlowDown 503" in m for m in ours)
-
-
-def test_default_layers_carry_folder_transfers_through_faults(flaky, root, tmp_path, caplog):
-    # botocore backs off 0-1 s, 0-2 s, 0-4 s... per throttled try: gentler faults keep this test short
-    flaky.fail_rate, flaky.drop_rate = 0.1, 0.05
-    local = tmp_path / "ckpt"
-    files = {f"shards/rank_{i:02d}/part_{j}.bin": os.urandom(1000 + i * 37 + j) for i in range(8) for j in range(4)}
-    for rel, data in files.items():
-        (local / rel).parent.mkdir(parents=True, exist_ok=True)
-        (local / rel).write_bytes(data)
-    assert storage.put_folder(str(local), root + "/ckpt") == sorted(files)
-    back = tmp_path / "back"
-    assert storage.get_folder(root + "/ckpt", str(back)) == sorted(files)
-    assert {rel: (back / rel).read_bytes() for rel in files} == files
-
-    assert flaky.counts.failed > 0 and flaky.counts.dropped > 0
-    # botocore's own retries (its DEBUG notices) show up as kiln.storage warnings
-    assert any(m.startswith("retrying an S3 request after a transient error (botocore") for m in warnings_of(caplog))
-
-
-@pytest.mark.parametrize("block_size", [None, 5 << 20], ids=["one-put", "multipart"])
-def test_big_file_opened_directly_like_dcp_survives_faults(s3, root, monkeypatch, fresh_s3fs, block_size):
-    tries: dict[tuple[str, str], int] = {}
-
-    def first_try_fails(method: str, path: str):
-        # every distinct request fails once: dropped or throttled, by turns
-        key = (method, path)
-        tries[key] = tries.get(key, 0) + 1
-        return ("drop", "fail")[len(tries) % 2] if tries[key] == 1 else None
-
-    data = os.urandom(12 << 20)
-    url = f"{root}/model.distcp"
-    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], on_request=first_try_fails) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        options = {} if block_size is None else {"block_size": block_size}
-        fs, path = fsspec.core.url_to_fs(url)
-        with fs.open(path, "wb", **options) as handle:  # what torch DCP's FsspecWriter does
-            for start in range(0, len(data), 1 << 20):
-                handle.write(data[start : start + (1 << 20)])
-        with fsspec.open(url, "rb") as handle:
-            assert handle.read() == data
-    assert proxy.counts.dropped > 0 and proxy.counts.failed > 0
-    if block_size:
-        assert any("uploadId=" in path for _, path in tries)
-
-
-@pytest.mark.parametrize(
-    "call",
-    [
-        storage.read_bytes,
-        storage.exists,
-        storage.list_names,
-        lambda url: list(storage.walk_files(url)),
-        lambda url: storage.write_atomic(url, b"x"),
-        lambda url: storage.remove(url, recursive=True),
-    ],
-    ids=["read_bytes", "exists", "list_names", "walk_files", "write_atomic", "remove"],
-)
-def test_missing_bucket_fails_fast_naming_the_url(s3, call):
-    url = f"s3://{MISSING_BUCKET}/runs/x/run.json"
-    started = time.monotonic()
-    with pytest.raises(
-        StorageError,
-        match=rf"^s3://{MISSING_BUCKET}/runs/x/run.json: bucket '{MISSING_BUCKET}' "
-        r"does not exist; create it or fix storage.root",
-    ):
-        call(url)
-    assert time.monotonic() - started < 5
-
-
-def test_exists_on_a_missing_bucket_itself_raises(s3):
-    with pytest.raises(StorageError, match=f"bucket '{MISSING_BUCKET}' does not exist"):
-        storage.exists(f"s3://{MISSING_BUCKET}")
-    assert storage.exists(f"s3://{s3}")
-
-
-def test_missing_key_is_still_file_not_found(s3, root, tmp_path):
-    with pytest.raises(FileNotFoundError) as raised:
-        storage.read_bytes(f"{root}/nothing.json")
-    assert not isinstance(raised.value, StorageError)
-    assert storage.exists(f"{root}/nothing.json") is False
-    assert storage.list_names(f"{root}/nothing") == []
-    storage.remove(f"{root}/nothing.json")
-    with pytest.raises(FileNotFoundError):
-        storage.get_folder(f"{root}/nothing", str(tmp_path))
-
-
-def client_error(code: str, status: int, message: str = "boom") -> ClientError:
-    return ClientError(
-        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
-    )
-
-
-def failing(*errors: BaseException):
-    """A function raising errors one call at a time, then returning 'done'; .calls counts calls."""
-
-    def fn():
-        fn.calls += 1
-        if fn.calls <= len(errors):
-            raise errors[fn.calls - 1]
-        return "done"
-
-    fn.calls = 0
-    return fn
-
-
-def test_transient_errors_are_retried_and_logged(monkeypatch, caplog):
-    monkeypatch.setattr(store_retry, "RETRY_BASE_S", 0.001)
-    monkeypatch.delenv(store_retry.RETRIES_ENV, raising=False)
+def test_transient_errors_are_retried_and_logged(waits, caplog):
     fn = failing(client_error("ServiceUnavailable", 503), ConnectionResetError("reset by peer"))
     assert storage.retrying("write", "s3://b/k", fn) == "done" and fn.calls == 3
-    first, second = warnings_of(caplog)
+    first, second = storage_warnings(caplog)
     assert re.fullmatch(
         r"retrying write s3://b/k after ServiceUnavailable 503 "
         r"\(attempt 2/8, waiting 0\.\d\ds\)",
@@ -213,8 +33,7 @@ def test_transient_errors_are_retried_and_logged(monkeypatch, caplog):
     )
 
 
-def test_retrying_gives_up_after_the_configured_attempts(monkeypatch):
-    monkeypatch.setattr(store_retry, "RETRY_BASE_S", 0.001)
+def test_retrying_gives_up_after_the_configured_attempts(waits, monkeypatch):
     monkeypatch.setenv(store_retry.RETRIES_ENV, "3")
     fn = failing(*[client_error("SlowDown", 503)] * 5)
     with pytest.raises(StorageError, match=r"^s3://b/k: read failed 3 times, last with SlowDown 503"):
@@ -246,12 +65,11 @@ def test_permanent_errors_fail_at_once(error, expected, monkeypatch):
         assert re.match(expected, str(raised.value)) and "sup3r-secret-value" not in str(raised.value)
 
 
-def test_credentials_never_reach_the_log(monkeypatch, caplog):
-    monkeypatch.setattr(store_retry, "RETRY_BASE_S", 0.001)
+def test_credentials_never_reach_the_log(waits, monkeypatch, caplog):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sup3r-secret-value")
     fn = failing(ConnectionError("to http://AKIA:sup3r-secret-value@host failed"))
     storage.retrying("read", "s3://b/k", fn)
-    assert warnings_of(caplog) and not any("sup3r-secret-value" in m for m in warnings_of(caplog))
+    assert storage_warnings(caplog) and not any("sup3r-secret-value" in m for m in storage_warnings(caplog))
 
 
 def test_library_retry_notices_become_warnings_and_nothing_else_gets_louder(caplog):
@@ -263,7 +81,7 @@ def test_library_retry_notices_become_warnings_and_nothing_else_gets_louder(capl
     ]
 
 
-def test_s3_clients_get_patient_retry_defaults(s3, monkeypatch):
+def test_s3_clients_get_patient_retry_defaults(no_store, monkeypatch):
     config = s3fs.S3FileSystem().s3.meta.config
     assert config.retries == {"mode": "standard", "total_max_attempts": store_retry.BOTOCORE_ATTEMPTS}
     assert (config.connect_timeout, config.read_timeout) == (store_retry.CONNECT_TIMEOUT_S, store_retry.READ_TIMEOUT_S)
@@ -276,75 +94,3 @@ def test_s3_clients_get_patient_retry_defaults(s3, monkeypatch):
         "connect_timeout": 10,
         "retries": {"mode": "standard"},
     }
-
-
-def test_proxy_relays_chunked_bodies_and_delays_matching_paths(s3, root):
-    data = b"hello chunked world"
-    trailer = b"%x\r\n%s\r\n0\r\nx-amz-checksum-crc32:VSRWPg==\r\n\r\n" % (len(data), data)
-    seen = []
-    with FaultyProxy(
-        os.environ["AWS_ENDPOINT_URL"],
-        delay_path=r"/slow",
-        delay_s=0.3,
-        on_request=lambda method, path: seen.append((method, path)),
-    ) as proxy:
-        conn = http.client.HTTPConnection(*proxy.endpoint[len("http://") :].split(":"))
-        key = root.split("/", 3)[3]
-        conn.request(
-            "PUT",
-            f"/{s3}/{key}/chunked",
-            body=iter([b"hello ", b"chunked ", b"world"]),
-            encode_chunked=True,
-            headers={"Transfer-Encoding": "chunked"},
-        )
-        assert conn.getresponse().read() is not None
-        started = time.monotonic()
-        conn.request(
-            "PUT",
-            f"/{s3}/{key}/slow/aws-chunked",
-            body=trailer,
-            headers={
-                "Content-Encoding": "aws-chunked",
-                "x-amz-decoded-content-length": str(len(data)),
-                "x-amz-trailer": "x-amz-checksum-crc32",
-                "X-Amz-Content-Sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER",
-            },
-        )
-        response = conn.getresponse()
-        response.read()
-        assert response.status == 200 and time.monotonic() - started >= 0.3
-        conn.close()
-    assert storage.read_bytes(f"{root}/chunked") == data
-    assert storage.read_bytes(f"{root}/slow/aws-chunked") == data
-    assert seen == [("PUT", f"/{s3}/{key}/chunked"), ("PUT", f"/{s3}/{key}/slow/aws-chunked")]
-    assert (proxy.counts.forwarded, proxy.counts.delayed) == (2, 1)
-
-
-def test_proxy_runs_as_a_process(s3):
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.faulty_proxy",
-            "--target",
-            os.environ["AWS_ENDPOINT_URL"],
-            "--port",
-            "0",
-            "--fail-rate",
-            "1",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        endpoint = proc.stdout.readline().strip()
-        conn = http.client.HTTPConnection(*endpoint[len("http://") :].split(":"), timeout=10)
-        conn.request("GET", f"/{s3}/anything")
-        response = conn.getresponse()
-        assert response.status == 503 and b"<Code>SlowDown</Code>" in response.read()
-        conn.close()
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=10)
-    assert json.loads(out.strip().splitlines()[-1])["failed"] == 1

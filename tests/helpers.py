@@ -1,0 +1,271 @@
+"""What several test files share: run settings, the CLI and torchrun as processes, tiny checkpointed
+models, a planted checkpoint payload, and the contract every Tracker keeps.
+
+Test files import from here, never from each other (a test_*.py module is pytest's to collect, not a
+library). torch and the trainers load inside the functions that need them: tests/conftest.py imports
+this module in every pytest run, and a CLI or config test should not pay for torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# Small enough for seconds per run on 2 CPU cores, big enough that loss visibly falls.
+TINY = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "model.n_positions=64",
+    "data.seq_len=64",
+    "data.vocab_size=512",
+    "data.max_files=60",
+    "train.global_batch=8",
+    "train.micro_batch=4",
+    "train.eval_batches=2",
+    "optim.warmup_steps=2",
+]
+
+# The reference run of each strategy: 2 workers, fp32, dropout on (so RNG restore matters).
+STRATEGY_RUN = [
+    *TINY,
+    "tracker=none",
+    "model.dropout=0.1",
+    "train.max_steps=20",
+    "train.checkpoint_every=10",
+    "train.eval_every=10",
+]
+
+
+def kiln(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
+    """Run the installed `kiln` command; returns the CompletedProcess."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [str(BIN / "kiln"), *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO
+    )
+
+
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 -m orchestrator.torchrun ARGS`, which must succeed."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "orchestrator.torchrun",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def rows(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl, one dict a line."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def storage_warnings(caplog) -> list[str]:
+    """The warnings (and worse) Kiln's storage layer logged: its retries and their reasons."""
+    return [r.getMessage() for r in caplog.records if r.name == "kiln.storage" and r.levelno >= logging.WARNING]
+
+
+# A tiny model under a strategy, stepped and checkpointed: what the checkpoint tests build on.
+
+ZERO = {"zero1": (1, False), "zero3_offload": (3, True)}
+
+
+def strategy(name: str = "ddp"):
+    """A seeded two-layer model wrapped by the named strategy (fp32, CPU)."""
+    import torch
+    from torch import nn
+
+    from trainers.config import OptimConfig, StrategyConfig
+    from trainers.strategies import build_strategy
+
+    torch.manual_seed(0)
+    stage, offload = ZERO.get(name, (0, False))
+    s = build_strategy(
+        StrategyConfig(
+            name=name, precision="fp32", zero_stage=stage, offload_optimizer=offload, offload_params=offload
+        ),
+        torch.device("cpu"),
+    )
+    s.wrap(
+        nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)),
+        OptimConfig(warmup_steps=0),
+        max_steps=10,
+        micro_batch=3,
+        grad_accum=1,
+    )
+    return s
+
+
+def train_one_step(s) -> None:
+    """One optimizer step on a random batch."""
+    import torch
+
+    loss = s.model(torch.randn(3, 4)).pow(2).mean()
+    s.backward(loss)
+    s.step()
+
+
+def weights(s) -> dict:
+    """A copy of the full model state."""
+    return {k: v.clone() for k, v in s.full_model_state().items()}
+
+
+def store_at(tmp_path, name: str = "ddp", **options):
+    """A one-rank CheckpointStore under tmp_path/checkpoints."""
+    from trainers.checkpoint import CheckpointStore
+
+    return CheckpointStore(
+        str(tmp_path / "checkpoints"), rank=0, world_size=1, strategy=name, config_hash="h", **options
+    )
+
+
+def save_steps(s, store, steps=(1, 2)) -> dict:
+    """Train and save each step in turn; step -> the weights its checkpoint holds."""
+    saved = {}
+    for step in steps:
+        train_one_step(s)
+        store.save(step, s, {"step": step})
+        saved[step] = weights(s)
+    return saved
+
+
+def save_two(tmp_path, name: str = "ddp"):
+    """Two committed checkpoints (steps 1 and 2) and the weights each holds."""
+    store = store_at(tmp_path, name)
+    return store, save_steps(strategy(name), store)
+
+
+# Someone who can write the bucket plants a pickle payload in a checkpoint and makes MANIFEST.json agree.
+
+REFUSED = "holds objects Kiln will not load"
+
+
+class Payload:
+    """What an attacker plants: unpickling it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def plant(checkpoint: Path, rel: str, data: bytes) -> None:
+    """Replace a checkpoint file and make MANIFEST.json agree, as an attacker with write access would."""
+    (checkpoint / rel).write_bytes(data)
+    manifest_path = checkpoint / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == rel:
+            entry["size"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def torch_bytes(obj) -> bytes:
+    """obj as torch.save writes it."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def assert_falls_back_to_step_1(store, saved, name: str, rel: str) -> None:
+    """Restore skips the planted step 2, naming the file, and loads step 1's weights."""
+    import torch
+
+    fresh = strategy(name)
+    restored = store.restore(fresh)
+    assert restored.committed.step == 1 and restored.extra == {"step": 1}
+    assert rel in restored.skipped[0] and REFUSED in restored.skipped[0]
+    for key, value in weights(fresh).items():
+        assert torch.equal(value, saved[1][key]), key
+
+
+# The Tracker protocol (trainers/tracking.py), kept by every implementation.
+
+# The loop reports train metrics and then eval metrics at the same step; both must come back there.
+REPORTS = [
+    (1, {"train/loss": 2.5, "train/lr": 0.001}),
+    (2, {"train/loss": 2.0}),
+    (2, {"val/loss": 2.25}),
+]
+AT_STEPS = {1: {"train/loss": 2.5, "train/lr": 0.001}, 2: {"train/loss": 2.0, "val/loss": 2.25}}
+
+
+class TrackerContract:
+    """What every Tracker promises. A test file subclasses it as Test<Implementation> and defines:
+
+    tracker(folder): a fresh tracker that writes under folder;
+    logged(folder): {step: metrics} as the implementation stored them, read back from its files.
+    """
+
+    def tracker(self, folder: Path):
+        raise NotImplementedError
+
+    def logged(self, folder: Path) -> dict[int, dict]:
+        raise NotImplementedError
+
+    @pytest.mark.parametrize("state", ["SUCCEEDED", "FAILED"])
+    def test_what_was_logged_comes_back_at_its_steps_however_the_run_ends(self, tmp_path, state):
+        tracker = self.tracker(tmp_path)
+        for step, metrics in REPORTS:
+            tracker.log(metrics, step)
+        tracker.finish(state)
+        assert self.logged(tmp_path) == AT_STEPS
+
+    def test_flush_makes_what_was_logged_durable_before_the_run_ends(self, tmp_path):
+        tracker = self.tracker(tmp_path)
+        for step, metrics in REPORTS:
+            tracker.log(metrics, step)
+        tracker.flush()  # what a checkpoint does: a crash after it must not lose these steps
+        try:
+            assert self.logged(tmp_path) == AT_STEPS
+        finally:
+            tracker.finish("SUCCEEDED")
+
+
+# Store errors, as botocore raises them, and functions that fail on cue: for the retry tests.
+
+
+def client_error(code: str, status: int, message: str = "boom"):
+    """A botocore ClientError with this code and HTTP status."""
+    from botocore.exceptions import ClientError
+
+    return ClientError(
+        {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
+
+
+def failing(*errors: BaseException):
+    """A function raising errors one call at a time, then returning 'done'; .calls counts calls."""
+
+    def fn():
+        fn.calls += 1
+        if fn.calls <= len(errors):
+            raise errors[fn.calls - 1]
+        return "done"
+
+    fn.calls = 0
+    return fn
