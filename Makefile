@@ -4,13 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 
-.PHONY: quickstart test install clean
+.PHONY: quickstart test lint install clean
 
 quickstart: $(STAMP)
 	$(BIN)/kiln train experiment=quickstart
 
-test: $(STAMP)
+# Style and types first (seconds), then the suite: CI runs both through `make test`.
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 install: $(STAMP)
 
