@@ -4,21 +4,16 @@ Reading and tokenizing run as a Ray Data pipeline over the cluster's CPUs (`flat
 files, `map_batches` with the tokenizer). The driver consumes the tokenized documents in input order
 and packs them into fixed-length sequences, so the output is the same whatever the parallelism.
 
-Preparing again into an existing output never touches it until the new dataset is complete: a local
-output is built in a staging folder beside it and swapped in with renames (data_pipeline/staging.py);
-an object-store output, which has no rename, gets the new data under a fresh `v-<fingerprint>/`
-prefix, then the root manifest.json that points at it (one PUT: the commit), and only then loses the
-old files. A failure before the commit leaves every old file as it was; its leftovers go next time.
+Preparing again into an existing output never touches it until the new dataset is complete
+(data_pipeline/prepare_output.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -26,7 +21,7 @@ from typing import Any, cast
 
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
-from data_pipeline.dataset import MANIFEST, ExampleWriter, ShardWriter, token_dtype, write_manifest
+from data_pipeline.dataset import ExampleWriter, ShardWriter, token_dtype
 from data_pipeline.examples import (
     CHAT_SPECIAL_TOKENS,
     ExampleError,
@@ -35,15 +30,12 @@ from data_pipeline.examples import (
     encode_chat,
     label_map,
 )
+from data_pipeline.prepare_output import existing_manifest, replace_problem, write_dataset
 from data_pipeline.sources import FORMATS, detect_format, expand, read_records
 from data_pipeline.split import in_validation
-from data_pipeline.staging import replace_folder
 
 KINDS = ("pretrain", "chat", "classification")
 MAX_REPORTED_BAD = 20
-# What a prepared output may hold; anything else means output= points at someone else's folder.
-DATASET_ENTRIES = {MANIFEST, "tokenizer", "train", "val", "label_map.json"}
-VERSION = re.compile(r"v-[0-9a-f]{20}")  # an object-store output's data folder: v-<fingerprint>
 
 
 class PrepareError(ValueError):
@@ -214,11 +206,13 @@ def prepare(
     given_tokenizer = None if cfg.tokenizer == "train" else bpe.load(_tokenizer_folder(cfg.tokenizer))
     given_sha = hashlib.sha256(given_tokenizer.to_str().encode()).hexdigest() if given_tokenizer else None
     key = fingerprint(files, cfg, given_sha)
-    existing = _existing_manifest(cfg.output)
+    existing = existing_manifest(cfg.output)
     if existing is not None and existing.get("source", {}).get("fingerprint") == key:
         log(f"prepare: inputs, settings and tokenizer unchanged: reusing {cfg.output}")
         return PrepareSummary(cfg.output, True, **existing["summary"])
-    _check_replaceable(cfg.output)
+    problem = replace_problem(cfg.output)
+    if problem:
+        raise PrepareError(problem)
     if existing is not None:
         log(
             f"prepare: {cfg.output} was prepared from other inputs or settings: preparing it again "
@@ -231,24 +225,10 @@ def prepare(
     def build(folder: str) -> tuple[PrepareSummary, dict]:
         return _build(folder, ray_dataset, given_tokenizer, files, formats, key, cfg, log, progress, started)
 
-    if storage.is_local(cfg.output):
-        summary = replace_folder(storage.filesystem(cfg.output)[1], _committing(build), overwrite=True)
-    else:
-        summary = _replace_versioned(cfg.output, key, build)
+    summary = write_dataset(cfg.output, key, build)
     summary.output = cfg.output
     summary.wall_s = time.perf_counter() - started
     return summary
-
-
-def _committing(build: Callable[[str], tuple[PrepareSummary, dict]]) -> Callable[[str], PrepareSummary]:
-    """build, then its manifest written into the same (staging) folder."""
-
-    def run(folder: str) -> PrepareSummary:
-        summary, manifest = build(folder)
-        write_manifest(folder, manifest)
-        return summary
-
-    return run
 
 
 def _build(
@@ -302,80 +282,6 @@ def _build(
     }
 
 
-def _existing_manifest(output: str) -> dict | None:
-    """The manifest of a dataset already at output; None if there is none (or it is unreadable)."""
-    try:
-        manifest = json.loads(storage.read_text(storage.join(output, MANIFEST)))
-    except (FileNotFoundError, NotADirectoryError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def _check_replaceable(output: str) -> None:
-    """Refuse an output that holds anything besides a prepared dataset: replacing it would lose that."""
-    if storage.is_local(output) and os.path.isfile(storage.filesystem(output)[1]):
-        raise PrepareError(f"output={output} is a file; give a folder (new, empty or a prepared dataset)")
-    foreign = [
-        name
-        for name in storage.list_names(output)
-        if name not in DATASET_ENTRIES and not VERSION.fullmatch(name) and not name.startswith(".tmp-")
-    ]
-    if foreign:
-        raise PrepareError(
-            f"output={output} holds files that are not part of a prepared dataset "
-            f"({', '.join(foreign[:4])}); give a new or empty folder, or a prepared dataset to replace"
-        )
-
-
-def _replace_versioned(output: str, key: str, build: Callable[[str], tuple[PrepareSummary, dict]]) -> PrepareSummary:
-    """Object stores: write under output/v-<key>, commit by writing the root manifest, then drop the old files."""
-    version = f"v-{key}"
-    current = _version_of(_existing_manifest(output))
-    for name in storage.list_names(output):  # an earlier prepare that crashed before its commit
-        if VERSION.fullmatch(name) and name != current:
-            storage.remove(storage.join(output, name), recursive=True)
-    try:
-        summary, manifest = build(storage.join(output, version))
-    except BaseException:
-        _remove_quietly(storage.join(output, version))
-        raise
-    write_manifest(output, _under(version, manifest))  # the commit: one PUT, whole or not at all
-    for name in storage.list_names(output):
-        if name not in (MANIFEST, version):
-            storage.remove(storage.join(output, name), recursive=True)
-    return summary
-
-
-def _version_of(manifest: dict | None) -> str | None:
-    """The v-<fingerprint> folder a root manifest points into (None: the files lie at the root)."""
-    path = str(((manifest or {}).get("tokenizer") or {}).get("path", ""))
-    first = path.split("/", 1)[0]
-    return first if VERSION.fullmatch(first) else None
-
-
-def _under(prefix: str, manifest: dict) -> dict:
-    """manifest with every file path (tokenizer, shards, masks, labels) made relative to its parent folder."""
-
-    def entry(item: dict) -> dict:
-        moved = {**item, "path": f"{prefix}/{item['path']}"}
-        for side in ("mask", "labels"):
-            if isinstance(item.get(side), dict):
-                moved[side] = {**item[side], "path": f"{prefix}/{item[side]['path']}"}
-        return moved
-
-    splits = {
-        name: {**split, "shards": [entry(shard) for shard in split["shards"]]}
-        for name, split in manifest["splits"].items()
-    }
-    return {**manifest, "splits": splits, "tokenizer": entry(manifest["tokenizer"])}
-
-
-def _remove_quietly(url: str) -> None:
-    """Best effort: a leftover that cannot be removed now is removed by the next prepare."""
-    with contextlib.suppress(OSError):
-        storage.remove(url, recursive=True)
-
-
 def _check_splits(summary: PrepareSummary, cfg: PrepareConfig) -> None:
     """Training needs a whole sequence in each split: say which is empty and what to change."""
     for split, what in (("val", "validation"), ("train", "training")):
@@ -407,7 +313,7 @@ def _tokenizer_folder(path: str) -> str:
     trimmed = path.rstrip("/")
     parent = trimmed.rsplit("/", 1)[0] if trimmed.endswith("/tokenizer") else None
     for dataset in filter(None, (trimmed, parent)):
-        manifest = _existing_manifest(dataset)
+        manifest = existing_manifest(dataset)
         if manifest is not None:
             folder = storage.join(dataset, str((manifest.get("tokenizer") or {}).get("path", "tokenizer")))
             if storage.exists(storage.join(folder, bpe.TOKENIZER_FILE)):

@@ -25,9 +25,9 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from data_pipeline.redaction import redact_text
+from data_pipeline.s3_clients import configure_object_stores
 from data_pipeline.store_retry import (
     StorageError,
-    configure_object_stores,
     exception_chain,
     no_such_bucket,
     retry_attempts,

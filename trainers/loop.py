@@ -162,6 +162,10 @@ class Trainer:
             last_step=train.max_steps,
         )
 
+    def record_hang(self, reason: dict) -> None:
+        """The watchdog's report of a hang, as a `hung` event naming this rank and where it runs."""
+        record_event(self.url, "hung", **{**identity(self.ctx), **reason})
+
     def restore(self) -> dict:
         """Continue from the newest committed checkpoint, if any; returns what happened, for the run's events."""
         self.step, restored = self.checkpoints.restore()
@@ -237,11 +241,7 @@ def identity(ctx: WorkerContext) -> dict:
 def run(cfg: WorkerConfig, ctx: WorkerContext) -> LoopResult:
     """Train (or continue training) the run described by cfg on this worker."""
     trainer = Trainer(cfg, ctx)
-    watchdog = StepWatchdog(
-        cfg.train.step_timeout_s,
-        ctx.rank,
-        on_hang=lambda reason: record_event(trainer.url, "hung", **{**identity(ctx), **reason}),
-    ).start()
+    watchdog = StepWatchdog(cfg.train.step_timeout_s, ctx.rank, on_hang=trainer.record_hang).start()
     restored = announce_start(trainer, ctx)
     stops = StopAgreement(ctx, trainer.url, trainer.device)
     tracker = open_tracker(cfg, ctx, trainer.url)
@@ -285,11 +285,15 @@ def run(cfg: WorkerConfig, ctx: WorkerContext) -> LoopResult:
         stops.close()
     checkpoints.finish()
     tracker.finish(result.state)
+    return announce_end(trainer, result, stops.reason if result.state == RunState.PREEMPTED else None)
+
+
+def announce_end(trainer: Trainer, result: LoopResult, reason: str | None) -> LoopResult:
+    """Rank 0 records the `finished` event (state, step, why it stopped early, newest checkpoint)."""
     result.step = trainer.step
-    if ctx.rank == 0:
-        reason = stops.reason if result.state == RunState.PREEMPTED else None
+    if trainer.ctx.rank == 0:
         record_event(
-            trainer.url, "finished", state=result.state, step=trainer.step, reason=reason, checkpoint=result.checkpoint
+            trainer.url, "finished", state=result.state, step=result.step, reason=reason, checkpoint=result.checkpoint
         )
     return result
 

@@ -22,14 +22,15 @@ import os
 import signal
 import time
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from data_pipeline import storage
 from trainers.context import WorkerContext
-from trainers.distributed import any_rank, gather_to_rank0
 from trainers.periodic import Periodic
 from trainers.run_folder import STOP_REQUEST
+
+if TYPE_CHECKING:  # `kiln stop` imports this module to write a request: torch stays out of its start-up
+    import torch
 
 log = logging.getLogger("kiln.worker")
 
@@ -109,6 +110,8 @@ class StopAgreement:
 
     def agreed(self) -> bool:
         """True on every rank as soon as any rank was asked to stop (a collective: call on all ranks)."""
+        from trainers.distributed import any_rank, gather_to_rank0
+
         asked = self.ctx.should_stop() or (self.requests is not None and self.requests.request is not None)
         if not any_rank(asked, self.device):
             return False

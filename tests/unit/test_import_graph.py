@@ -101,6 +101,62 @@ def shortest_path_back(edges: dict[str, set[str]], start: str) -> list[str] | No
     return None
 
 
+def loaded_at_import(name: str, files: dict[str, Path]) -> set[str]:
+    """Top-level package names that importing module `name` loads (imports inside functions and
+    `if TYPE_CHECKING:` blocks excluded), following our own modules."""
+    seen, outside, todo = set(), set(), [name]
+    while todo:
+        module = todo.pop()
+        if module in seen or module not in files:
+            continue
+        seen.add(module)
+        for imported in module_level_imports(files[module], module):
+            if imported in files:
+                todo.append(imported)
+            elif imported.split(".")[0] not in LAYERS:
+                outside.add(imported.split(".")[0])
+        parent = module.rpartition(".")[0]
+        if parent:
+            todo.append(parent)  # a package's __init__ runs first
+    return outside
+
+
+def module_level_imports(path: Path, name: str) -> set[str]:
+    """What a module imports when it is imported: statements at its top level, try/if blocks included."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(statements) -> None:
+        for node in statements:
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, base] if base else anchor)
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+                visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+
+    visit(ast.parse(path.read_text(), str(path)).body)
+    return found
+
+
+def test_kiln_stop_and_the_event_log_load_no_torch():
+    # `kiln stop` must land between two steps of a fast run: torch's seconds of import would not.
+    files = {module_name(f): f for package in LAYERS for f in (ROOT / package).rglob("*.py")}
+    for module in ("orchestrator.cli", "trainers.preemption", "trainers.events", "orchestrator.registry"):
+        assert "torch" not in loaded_at_import(module, files), module
+    assert "torch" in loaded_at_import("trainers.loop", files), "the check must see torch where it is loaded"
+
+
 def test_the_three_packages_import_only_downwards_without_cycles():
     graph = import_graph()
     assert len(graph) > 40, "the scan found too few modules to be looking at the packages"

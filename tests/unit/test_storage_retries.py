@@ -12,7 +12,7 @@ import pytest
 import s3fs
 from botocore.exceptions import NoCredentialsError
 
-from data_pipeline import storage, store_retry
+from data_pipeline import s3_clients, storage, store_retry
 from data_pipeline.storage import StorageError
 from tests.helpers import client_error, failing, storage_warnings
 
@@ -83,12 +83,12 @@ def test_library_retry_notices_become_warnings_and_nothing_else_gets_louder(capl
 
 def test_s3_clients_get_patient_retry_defaults(no_store, monkeypatch):
     config = s3fs.S3FileSystem().s3.meta.config
-    assert config.retries == {"mode": "standard", "total_max_attempts": store_retry.BOTOCORE_ATTEMPTS}
-    assert (config.connect_timeout, config.read_timeout) == (store_retry.CONNECT_TIMEOUT_S, store_retry.READ_TIMEOUT_S)
+    assert config.retries == {"mode": "standard", "total_max_attempts": s3_clients.BOTOCORE_ATTEMPTS}
+    assert (config.connect_timeout, config.read_timeout) == (s3_clients.CONNECT_TIMEOUT_S, s3_clients.READ_TIMEOUT_S)
     # what the user set wins: AWS_MAX_ATTEMPTS, and anything already in fsspec's config
     monkeypatch.setattr(fsspec.config, "conf", {"s3": {"config_kwargs": {"read_timeout": 5}}})
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
-    store_retry._configure_s3()
+    s3_clients._configure_s3()
     assert fsspec.config.conf["s3"]["config_kwargs"] == {
         "read_timeout": 5,
         "connect_timeout": 10,
