@@ -8,6 +8,7 @@ this module in every pytest run, and a CLI or config test should not pay for tor
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import logging
@@ -55,19 +56,14 @@ def kiln(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | 
     )
 
 
+def torchrun_command(*target: str, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc-per-node N TARGET...` with this interpreter (a script, or -m MODULE)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target]
+
+
 def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 -m orchestrator.torchrun ARGS`, which must succeed."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "orchestrator.torchrun",
-        *args,
-    ]
+    cmd = torchrun_command("-m", "orchestrator.torchrun", *args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -214,18 +210,20 @@ REPORTS = [
 AT_STEPS = {1: {"train/loss": 2.5, "train/lr": 0.001}, 2: {"train/loss": 2.0, "val/loss": 2.25}}
 
 
-class TrackerContract:
+class TrackerContract(abc.ABC):
     """What every Tracker promises. A test file subclasses it as Test<Implementation> and defines:
 
     tracker(folder): a fresh tracker that writes under folder;
     logged(folder): {step: metrics} as the implementation stored them, read back from its files.
     """
 
+    @abc.abstractmethod
     def tracker(self, folder: Path):
-        raise NotImplementedError
+        """A fresh tracker writing under folder."""
 
+    @abc.abstractmethod
     def logged(self, folder: Path) -> dict[int, dict]:
-        raise NotImplementedError
+        """{step: metrics} as the implementation stored them."""
 
     @pytest.mark.parametrize("state", ["SUCCEEDED", "FAILED"])
     def test_what_was_logged_comes_back_at_its_steps_however_the_run_ends(self, tmp_path, state):

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import REPO, kiln, rows, torchrun
+from tests.helpers import REPO, kiln, rows, torchrun, torchrun_command
 from tests.helpers import STRATEGY_RUN as RUN
 
 pytestmark = pytest.mark.slow
@@ -65,18 +64,9 @@ def test_export_loads_in_transformers_with_the_trained_logits(trained, strategy,
 
     run_dir = trained(strategy)
     probe = tmp_path / "probe.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        str(REPO / "tests" / "distributed" / "probe_logits.py"),
-        str(run_dir.parent),
-        strategy,
-        str(probe),
-    ]
+    cmd = torchrun_command(
+        str(REPO / "tests" / "distributed" / "probe_logits.py"), str(run_dir.parent), strategy, str(probe)
+    )
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     trained_logits = torch.load(probe, weights_only=True)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import REPO
+from tests.helpers import REPO, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -25,18 +24,7 @@ STRATEGIES = ["zero1", "zero2", "zero3", "zero3_offload"]
 
 def probe(nproc: int, out: Path, actions: str) -> None:
     """Run the probe for every strategy on nproc ranks."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        str(PROBE),
-        str(out),
-        ",".join(STRATEGIES),
-        actions,
-    ]
+    cmd = torchrun_command(str(PROBE), str(out), ",".join(STRATEGIES), actions, nproc=nproc)
     # TMPDIR: the universal conversion's scratch folders land where the test can see they are gone.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(out / "tmp")}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)

@@ -23,21 +23,28 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def package_of(path: Path, name: str) -> str:
+    """The package relative imports in module `name` (at path) start from."""
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def targets(node: ast.AST, package: str) -> set[str]:
+    """The module names one import statement may load (nothing for other statements)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if not isinstance(node, ast.ImportFrom):
+        return set()
+    base = node.module or ""
+    if node.level:
+        anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join([*anchor, base] if base else anchor)
+    return {base} | {f"{base}.{alias.name}" for alias in node.names}
+
+
 def imported_names(path: Path, name: str) -> set[str]:
     """Every module name a file imports, anywhere in it (relative imports resolved)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*anchor, base] if base else anchor)
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-    return found
+    package = package_of(path, name)
+    return {t for node in ast.walk(ast.parse(path.read_text(), str(path))) for t in targets(node, package)}
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -123,21 +130,13 @@ def loaded_at_import(name: str, files: dict[str, Path]) -> set[str]:
 
 def module_level_imports(path: Path, name: str) -> set[str]:
     """What a module imports when it is imported: statements at its top level, try/if blocks included."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    package = package_of(path, name)
     found: set[str] = set()
 
     def visit(statements) -> None:
         for node in statements:
-            if isinstance(node, ast.Import):
-                found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join([*anchor, base] if base else anchor)
-                found.add(base)
-                found.update(f"{base}.{alias.name}" for alias in node.names)
-            elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+            found.update(targets(node, package))
+            if isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
                 visit(node.body)
                 visit(node.orelse)
             elif isinstance(node, ast.Try):
