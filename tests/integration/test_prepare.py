@@ -17,6 +17,21 @@ from tests.helpers import kiln, rows, torchrun
 pytestmark = pytest.mark.slow
 WORDS = ["alpha", "beta", "gamma", "delta", "kiln", "ray", "token", "shard"]
 
+# A 4-step run of a tiny model on 32-token sequences: enough to prove a dataset trains.
+SMALL_RUN = [
+    "data.seq_len=32",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "model.n_positions=64",
+    "train.global_batch=8",
+    "train.micro_batch=4",
+    "train.max_steps=4",
+    "train.eval_every=4",
+    "train.eval_batches=1",
+    "tracker=none",
+]
+
 
 def documents(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
@@ -142,17 +157,7 @@ def test_prepare_on_s3_then_train_streaming_from_s3(s3, tmp_path, cache_dir):
     torchrun(
         "data=prepared",
         f"data.path={out}",
-        "data.seq_len=32",
-        "model.n_layer=2",
-        "model.n_head=2",
-        "model.n_embd=64",
-        "model.n_positions=64",
-        "train.global_batch=8",
-        "train.micro_batch=4",
-        "train.max_steps=4",
-        "train.eval_every=4",
-        "train.eval_batches=1",
-        "tracker=none",
+        *SMALL_RUN,
         "run.id=s3data",
         f"storage.root={tmp_path / 'runs'}",
     )
@@ -191,17 +196,7 @@ def test_a_second_dataset_with_the_first_ones_tokenizer_trains_as_a_mixture(tmp_
     torchrun(
         "data=mixture",
         mixture,
-        "data.seq_len=32",
-        "model.n_layer=2",
-        "model.n_head=2",
-        "model.n_embd=64",
-        "model.n_positions=64",
-        "train.global_batch=8",
-        "train.micro_batch=4",
-        "train.max_steps=4",
-        "train.eval_every=4",
-        "train.eval_batches=1",
-        "tracker=none",
+        *SMALL_RUN,
         "run.id=mix",
         f"storage.root={tmp_path / 'runs'}",
     )
