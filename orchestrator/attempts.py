@@ -44,13 +44,23 @@ def close(attempt: dict, outcome: str, cause: dict | None, when: str) -> None:
         attempt["cause"] = cause
 
 
+CAUSE_FIELDS = (
+    "summary",
+    "rank",
+    "node",
+    "node_id",
+    "lost_node",
+    "pid",
+    "exit_type",
+    "exit_code",
+    "last_step",
+    "phase",
+)
+
+
 def cause_of(event: dict) -> dict:
     """The fields of a failed/hung event that explain it."""
-    return {
-        k: event[k]
-        for k in ("summary", "rank", "node", "pid", "exit_type", "exit_code", "last_step", "phase")
-        if event.get(k) is not None
-    }
+    return {k: event[k] for k in CAUSE_FIELDS if event.get(k) is not None}
 
 
 def apply_event(record: RunRecord, event: dict) -> None:
@@ -79,6 +89,7 @@ def apply_event(record: RunRecord, event: dict) -> None:
                 f"and loaded step {event.get('restored_step')} instead: " + "; ".join(event["skipped"])
             )
     elif kind in ("failed", "hung"):
+        event = with_node_id(event, attempt or (record.attempts[-1] if record.attempts else None))
         if attempt is not None:
             close(attempt, "HUNG" if kind == "hung" else "FAILED", cause_of(event), when)
         elif record.attempts:  # another rank's failure in the same incident
@@ -100,6 +111,14 @@ def apply_event(record: RunRecord, event: dict) -> None:
         record.notes.append(f"{when}: stop requested: {event.get('reason')}")
 
 
+def with_node_id(event: dict, attempt: dict | None) -> dict:
+    """The event, with the Ray node id its rank ran on (from the attempt's ranks) when it names none."""
+    if event.get("node_id") or event.get("rank") is None or not attempt:
+        return event
+    node_id = next((r.get("node_id") for r in attempt.get("ranks") or [] if r.get("rank") == event["rank"]), None)
+    return {**event, "node_id": node_id} if node_id else event
+
+
 def merge_events(record: RunRecord, run_url: str) -> bool:
     """Fold events written since the last merge into record; True if any were new."""
     new = read_events(run_url, after=record.events_cursor)
@@ -107,6 +126,15 @@ def merge_events(record: RunRecord, run_url: str) -> bool:
         apply_event(record, event)
         record.events_cursor = name
     return bool(new)
+
+
+def describe_ranks(attempt: dict) -> list[str]:
+    """One line per rank of an attempt: the node it ran on (Ray's full node id and address) and its pid."""
+    lines = []
+    for rank in attempt.get("ranks") or []:
+        node = f"{rank['node_id']} ({rank.get('node_address') or '?'})" if rank.get("node_id") else rank.get("node")
+        lines.append(f"rank {rank.get('rank', '?')}: node {node or '?'}, pid {rank.get('pid', '?')}")
+    return lines
 
 
 def finished_state(record: RunRecord) -> RunState | None:
@@ -118,6 +146,7 @@ def finished_state(record: RunRecord) -> RunState | None:
 
 HEALTH = re.compile(r"hostname='([^']*)'.*?node_ip='([^']*)'.*?pid=(\d+)", re.S)
 EXIT = re.compile(r"Worker exit type: (\w+) Worker exit detail: ([^.]*\.)")
+NODE_DIED = re.compile(r"its node has died\. Node Id: ([0-9a-f]+)")
 
 
 def describe_worker_failure(rank: int, exc: BaseException) -> dict[str, Any]:
@@ -128,8 +157,10 @@ def describe_worker_failure(rank: int, exc: BaseException) -> dict[str, Any]:
     if health:
         cause["node"] = f"{health.group(2)} ({health.group(1)})"
         cause["pid"] = int(health.group(3))
-    exited = EXIT.search(text)
-    if exited or "actor died" in text or "worker process has died" in text:
+    exited, node_died = EXIT.search(text), NODE_DIED.search(text)
+    if node_died:
+        cause.update(lost_node_cause(rank, node_died.group(1)))
+    elif exited or "actor died" in text or "worker process has died" in text:
         cause["exit_type"] = exited.group(1) if exited else "DIED"
         detail = exited.group(2) if exited else "its process died"
         cause["summary"] = (
@@ -144,6 +175,41 @@ def describe_worker_failure(rank: int, exc: BaseException) -> dict[str, Any]:
         cause["summary"] = f"{type(root).__name__}: {lines[-1] if lines else ''} (rank {rank})"
     cause["summary"] = redact_text(cause["summary"])
     return cause
+
+
+def lost_node_cause(rank: int | None, node_id: str) -> dict[str, Any]:
+    """The cause of a rank whose Ray node died under it."""
+    return {
+        "exit_type": "NODE_DIED",
+        "node_id": node_id,
+        "lost_node": node_id,
+        "summary": f"rank {rank}'s node {node_id} was lost (its raylet died: the machine failed, was preempted "
+        "or was removed); Ray Train restarts the group on the nodes left",
+    }
+
+
+def mark_lost_nodes(record: RunRecord, dead: set[str]) -> bool:
+    """Name a dead Ray node as the cause of the failures of the ranks that ran on it; True if any changed.
+
+    Ray's worker errors say only that a worker stopped answering; whether its node died is known from
+    Ray's node table a few seconds later, which the driver passes in as `dead` (node ids).
+    """
+    changed = False
+    for attempt in record.attempts:
+        cause = attempt.get("cause") or {}
+        entries = [cause, *attempt.get("also", [])]
+        lost = [e for e in entries if e.get("node_id") in dead and not e.get("lost_node")]
+        for entry in lost:
+            entry.update(lost_node_cause(entry.get("rank"), entry["node_id"]))
+        if lost and not cause.get("lost_node"):
+            # The lost node is the root; what the other ranks raised (a broken collective) is its fallout.
+            root = lost[0]
+            attempt["cause"] = root
+            attempt["also"] = [e for e in entries if e is not root and e]
+            if not attempt["also"]:
+                del attempt["also"]
+        changed = changed or bool(lost)
+    return changed
 
 
 def record_worker_failures(run_url: str, worker_exceptions: dict[int, BaseException]) -> None:

@@ -1,4 +1,4 @@
-"""The `kiln` command: train, prepare, runs, status, resume, stop, export; thin wrappers over orchestrator/."""
+"""The `kiln` command: train, submit, prepare, runs, status, logs, resume, stop, export; thin wrappers."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def print_outcome(outcome, console: Console) -> int:
     root = outcome.run_dir[: -len(outcome.run_id)].rstrip("/")
     console.print(f"inspect:    kiln status {outcome.run_id} --storage-root {root}")
     if outcome.state == RunState.PREEMPTED:
-        console.print(f"resume:     kiln resume {outcome.run_id} --storage-root {root}")
+        where = f" --address {outcome.cluster_address}" if outcome.cluster_address else ""
+        console.print(f"resume:     kiln resume {outcome.run_id}{where} --storage-root {root}")
         return EXIT_PREEMPTED
     return 0
 
@@ -72,9 +73,31 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.runs import prepare_resume
 
     root, overrides = resume_root(args.storage_root, args.overrides)
+    if args.address:
+        from orchestrator.cluster_cli import resubmit
+
+        return resubmit(args, console, absolute_url(root), overrides)
     registry, record, cfg = prepare_resume(absolute_url(root), args.run, overrides, args.force)
     console.print(f"resuming {record.run_id} ({record.state} at step {record.step}) from its last committed checkpoint")
     return print_outcome(train(cfg, console, resumed=(registry, record)), console)
+
+
+def cmd_start(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.cluster_cli import never_started
+    from orchestrator.config import absolute_url
+    from orchestrator.launcher import train
+    from orchestrator.registry import RunRegistry
+    from orchestrator.runs import start_registered
+
+    root = absolute_url(args.storage_root)
+    try:
+        registry, record, cfg = start_registered(
+            root, args.run, args.overrides, log=lambda m: console.print(f"[dim]{m}[/dim]")
+        )
+    except Exception as exc:
+        never_started(RunRegistry(root), args.run, exc)
+        raise
+    return print_outcome(train(cfg, console, resumed=(registry, record), command="kiln start"), console)
 
 
 def resume_root(storage_root: str | None, overrides: list[str]) -> tuple[str, list[str]]:
@@ -106,13 +129,19 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     record = registry.load(args.run)
     if is_terminal(record.state):
         raise UsageError(f"run {args.run} is {record.state}, not running; nothing to stop")
+    if args.now:
+        from orchestrator.cluster_cli import stop_now
+
+        return stop_now(registry, record, console)
     who = driver_identity("kiln stop")
     reason = f"stop requested by `kiln stop` ({who['user']}@{who['host']})"
     request_stop(registry.run_url(args.run), reason)
     record_event(registry.run_url(args.run), "stop_requested", reason=reason, driver=who)
     console.print(
         f"asked run {args.run} to commit a checkpoint and stop; it will end PREEMPTED "
-        f"(resume: kiln resume {args.run} --storage-root {registry.root})"
+        f"(resume: kiln resume {args.run}"
+        + (f" --address {record.cluster_address}" if record.cluster_address else "")
+        + f" --storage-root {registry.root})"
     )
     deadline = time.monotonic() + args.wait
     while args.wait and time.monotonic() < deadline:
@@ -129,12 +158,16 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_runs(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.registry import RunRegistry
+    from orchestrator.submit import displayed_state
 
     registry = RunRegistry(args.storage_root)
     records, damaged = registry.list()
     if not records and not damaged:
         console.print(f"no runs under {args.storage_root}")
         return 0
+    submitted = [r for r in records if r.job_id and r.cluster_address]
+    jobs = job_statuses_by_address({str(r.cluster_address) for r in submitted})
+    extra = ("ray job", "job status", "cluster") if submitted else ()
     table = Table(
         "run",
         "state",
@@ -142,6 +175,7 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
         "strategy",
         "ckpt",
         "updated (UTC)",
+        *extra,
         box=box.SIMPLE_HEAD,
         title=f"runs under {args.storage_root}",
         pad_edge=False,
@@ -149,23 +183,36 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
     for column in table.columns:
         column.no_wrap = True
     for r in records:
+        job_cells: tuple[str, ...] = ()
+        if extra:
+            status = jobs.get(str(r.cluster_address), {}).get(str(r.job_id), "?") if r.job_id else ""
+            job_cells = (r.job_id or "-", status or "-", r.cluster_address or "-")
         table.add_row(
             r.run_id,
-            r.state,
+            displayed_state(r.state, job_cells[1] if job_cells else None),
             f"{r.step}/{r.max_steps}",
             f"{r.strategy} x{r.num_workers}",
             str(r.checkpoint["step"]) if r.checkpoint else "-",
             r.updated[5:16].replace("T", " "),
+            *job_cells,
         )
     for entry in damaged:
-        table.add_row(entry.run_id, "[red]DAMAGED[/red]", "-", "-", "-", "-")
+        table.add_row(entry.run_id, "[red]DAMAGED[/red]", "-", "-", "-", "-", *(["-"] * len(extra)))
     console.print(table)
     for entry in damaged:
         console.print(f"[red]damaged:[/red] {entry.problem}", highlight=False)
     return 0
 
 
+def job_statuses_by_address(addresses: set[str]) -> dict[str, dict[str, str]]:
+    """address -> {job id -> Ray job status}: one request per cluster the listed runs were submitted to."""
+    from orchestrator.submit import job_statuses
+
+    return {address: job_statuses(address) for address in addresses}
+
+
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.attempts import describe_ranks
     from orchestrator.registry import RunRegistry
     from orchestrator.runs import dumps, status_json
 
@@ -178,6 +225,8 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         f"{status['max_steps']}  ({status['strategy']}, {status['num_workers']} workers)"
     )
     console.print(f"  created {status['created']}, updated {status['updated']}")
+    if status["job"]:
+        describe_job(status, console)
     ckpt = status["checkpoint"]
     console.print(
         f"  last committed checkpoint: {ckpt['uri'] + ' (step ' + str(ckpt['step']) + ')' if ckpt else 'none'}"
@@ -191,6 +240,8 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         console.print(f"  error: {status['error']}", markup=False, highlight=False)
     for attempt in status["attempts"]:
         console.print("  " + describe_attempt(attempt), markup=False, highlight=False)
+    for line in describe_ranks(status["attempts"][-1]) if status["attempts"] else []:  # where the latest ran
+        console.print("    " + line, markup=False, highlight=False)
     for note in status["notes"]:
         console.print(f"  note: {note}", markup=False, highlight=False)
     console.print(f"  folder: {status['run_dir']}")
@@ -213,10 +264,26 @@ def describe_attempt(attempt: dict) -> str:
         line += f": {cause['summary']}"
     details = [
         f"{name} {cause[key]}"
-        for name, key in (("node", "node"), ("pid", "pid"), ("exit code", "exit_code"))
+        for name, key in (("node", "node"), ("ray node", "node_id"), ("pid", "pid"), ("exit code", "exit_code"))
         if cause.get(key) is not None
     ]
     return line + (f" [{', '.join(details)}]" if details else "")
+
+
+def describe_job(status: dict, console: Console) -> None:
+    """The Ray job of a submitted run: its id, status and cluster; what a lost driver means."""
+    job = status["job"]
+    console.print(f"  ray job {job['job_id']}: {job['status']} on {job['address']}", markup=False, highlight=False)
+    if status["state"] == "DRIVER_LOST":
+        console.print(
+            f"  the run's record says {status['recorded_state']} but its Ray job ended "
+            f"({job['message'] or 'no message'}): its driver is gone; the resume command below continues it "
+            "from its last committed checkpoint",
+            markup=False,
+            highlight=False,
+        )
+    elif job["status"] == "UNREACHABLE":
+        console.print(f"  (cannot ask the cluster: {job['message']})", markup=False, highlight=False)
 
 
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
@@ -283,12 +350,21 @@ def parser() -> argparse.ArgumentParser:
         help=f"where the run lives (default: ${STORAGE_ROOT_ENV} or {DEFAULT_STORAGE_ROOT})",
     )
     resume.add_argument("--force", action="store_true", help="resume even if the run looks alive")
+    resume.add_argument(
+        "--address", default=None, help="resubmit it as a Ray job to this cluster (the Jobs API, http://HEAD:8265)"
+    )
+    resume.add_argument("--follow", action="store_true", help="with --address: stream the driver's log to the end")
+    resume.add_argument("--working-dir", default=None, help="with --address: ship this Kiln checkout with the job")
     resume.set_defaults(func=cmd_resume)
     stop = sub.add_parser("stop", help="ask a running run to commit a checkpoint and stop (PREEMPTED)")
     stop.add_argument("run")
     stop.add_argument("--storage-root", default=default_storage_root())
     stop.add_argument("--wait", type=float, default=0, help="seconds to wait for it to stop (default: return now)")
+    stop.add_argument(
+        "--now", action="store_true", help="a submitted run: stop its Ray job at once, without a final checkpoint"
+    )
     stop.set_defaults(func=cmd_stop)
+    add_cluster_commands(sub)
     export = sub.add_parser("export", help="write a Hugging Face folder from a run's checkpoint")
     export.add_argument("run")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest committed)")
@@ -307,6 +383,37 @@ def parser() -> argparse.ArgumentParser:
     )
     prep.set_defaults(func=cmd_prepare)
     return top
+
+
+def add_cluster_commands(sub) -> None:
+    """`kiln submit`, `kiln start` and `kiln logs`: runs driven by a Ray job on a cluster."""
+    from orchestrator.cluster_cli import cmd_logs, cmd_submit
+
+    submit = sub.add_parser(
+        "submit", help="run a training job on a Ray cluster as a Ray job: kiln submit --address URL key=value ..."
+    )
+    submit.add_argument("overrides", nargs="*", help="Hydra overrides, as for kiln train")
+    submit.add_argument(
+        "--address",
+        default=None,
+        help="the cluster's Jobs API, http://HEAD:8265 (else $RAY_ADDRESS, else cluster.address)",
+    )
+    submit.add_argument("--follow", action="store_true", help="stream the driver's log; exit with the run's exit code")
+    submit.add_argument(
+        "--working-dir", default=None, help="ship this Kiln checkout with the job (default: the Kiln in the image)"
+    )
+    submit.set_defaults(func=cmd_submit)
+    start = sub.add_parser("start", help="start a registered (PENDING) run here: what a submitted Ray job runs")
+    start.add_argument("run")
+    start.add_argument("overrides", nargs="*", help="resume-safe overrides only (e.g. cluster.address=auto)")
+    start.add_argument("--storage-root", default=default_storage_root())
+    start.set_defaults(func=cmd_start)
+    logs = sub.add_parser("logs", help="a run's driver log (a submitted run's, from Ray Jobs) or a worker's log")
+    logs.add_argument("run")
+    logs.add_argument("--rank", type=int, default=None, help="this worker's log, from the run folder")
+    logs.add_argument("--follow", action="store_true", help="keep printing until the run ends")
+    logs.add_argument("--storage-root", default=default_storage_root())
+    logs.set_defaults(func=cmd_logs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import default_storage_root
 from data_pipeline.redaction import URL_CREDENTIALS
-from trainers.config import WorkerConfig, require
+from trainers.config import WorkerConfig, one_of, require
 
 CONF_DIR = Path(os.environ.get("KILN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 # What users type -> the schema's field, where Python cannot spell the key (`async` is reserved).
@@ -35,6 +35,14 @@ KEY_ALIASES = {"checkpoint.async": "checkpoint.async_upload"}
 
 class UsageError(Exception):
     """Bad user input: the CLI prints the message on one line and exits with code 2."""
+
+
+# cluster.placement -> Ray Train's ScalingConfig.placement_strategy is the upper-case spelling.
+PLACEMENTS = ("pack", "spread", "strict_pack", "strict_spread")
+# Dicts whose keys the user chooses, with an example of their override spelling. Hydra's grammar takes
+# a ':' in a dict key only escaped with a backslash (quoted keys do not parse).
+FREE_FORM_DICTS = {"cluster.resources_per_worker": r"cluster.resources_per_worker={GPU:1,accelerator_type\:H100:0.001}"}
+QUOTED_DICT_KEY = re.compile(r"""[{,]\s*['"]""")
 
 
 @dataclass
@@ -46,11 +54,37 @@ class ClusterConfig:
     cpus_per_worker: int = 1
     use_gpu: bool = False
     max_failures: int = 2  # worker-group restarts from the last committed checkpoint
+    # How Ray Train spreads the workers over nodes: Ray's PACK/SPREAD (soft: best effort) or
+    # STRICT_PACK (all on one node) / STRICT_SPREAD (each on its own node), in lower case.
+    placement: str = "pack"
+    # Extra Ray resources each worker needs beyond cluster.cpus_per_worker (and the GPU of use_gpu), e.g.
+    # `cluster.resources_per_worker={GPU:2}`, `cluster.resources_per_worker.my_resource=1`. Hydra takes a
+    # ':' in a key only after a backslash (quoted keys do not parse), so in a shell:
+    #   kiln train 'cluster.resources_per_worker={GPU:1,accelerator_type\:H100:0.001}'
+    # An override adds to (merges into) the dict, as Hydra does with dicts.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         require(self.num_workers > 0, f"cluster.num_workers must be > 0, got {self.num_workers}")
         require(self.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         require(self.max_failures >= -1, f"cluster.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+        one_of("cluster.placement", self.placement, PLACEMENTS)
+        self.check_resources()
+
+    def check_resources(self) -> None:
+        """resources_per_worker: positive amounts, and no key that another cluster setting owns."""
+        for name, amount in self.resources_per_worker.items():
+            key = f"cluster.resources_per_worker.{name}"
+            number = isinstance(amount, (int, float)) and not isinstance(amount, bool)
+            require(number and amount > 0, f"{key} must be a number > 0 (fractions are allowed), got {amount!r}")
+            require(
+                name != "CPU",
+                f"{key} conflicts with cluster.cpus_per_worker: set cluster.cpus_per_worker={amount:g} instead",
+            )
+            require(
+                name != "GPU" or self.use_gpu,
+                f"{key} is ignored with cluster.use_gpu=false: add cluster.use_gpu=true or remove it",
+            )
 
 
 @dataclass
@@ -83,7 +117,7 @@ def compose_config(overrides: list[str]) -> KilnConfig:
     """Compose conf/config.yaml with Hydra-style overrides and validate it; UsageError on bad input."""
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="kiln"):
-            composed = compose(config_name="config", overrides=[schema_override(o) for o in overrides])
+            composed = compose(config_name="config", overrides=[add_free_keys(schema_override(o)) for o in overrides])
         check_values(OmegaConf.to_container(composed, resolve=True))
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as exc:
@@ -153,6 +187,7 @@ RESUME_SAFE_KEYS = (
     "cluster.max_failures",
     "cluster.cpus_per_worker",
     "cluster.use_gpu",
+    "cluster.placement",
     "storage.root",
     "train.step_timeout_s",
     "train.checkpoint_every",
@@ -223,6 +258,17 @@ def schema_override(override: str) -> str:
     return override[: len(override) - len(body)] + KEY_ALIASES.get(key, key) + equals + value
 
 
+def add_free_keys(override: str) -> str:
+    """A plain override of a free-form dict (or of one of its keys) made `++`, so new keys may be added.
+
+    Hydra merges `key={...}` into the existing dict and, in struct mode, refuses any key not there yet.
+    """
+    key = override.partition("=")[0]
+    if any(key == name or key.startswith(name + ".") for name in FREE_FORM_DICTS):
+        return "++" + override
+    return override
+
+
 def user_spelling(text: str) -> str:
     """Text (a key, an error message) with schema field names spelled as users type them."""
     for typed, field_name in KEY_ALIASES.items():
@@ -251,7 +297,7 @@ def config_keys() -> list[str]:
         for key in node:
             value = node._get_node(key)
             full = f"{prefix}{key}"
-            if OmegaConf.is_dict(value):
+            if OmegaConf.is_dict(value) and OmegaConf.get_type(value) is not dict:
                 walk(value, full + ".")
             else:
                 keys.append(user_spelling(full))
@@ -289,6 +335,9 @@ def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
     invalid = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", text)
     if key and invalid:
         return f"{key}: invalid value {invalid.group(1)!r}; expected one of {invalid.group(2)}"
+    free_form = free_form_problem(key, text, overrides)
+    if free_form:
+        return free_form
     if "LexerNoViableAltException" in text or "mismatched input" in text or "no viable alternative" in text:
         return unparsable_override_message(text, overrides)
     parse = re.search(r"Error parsing override '([^']*)'", text)
@@ -296,6 +345,19 @@ def explain_composition_error(exc: Exception, overrides: list[str]) -> str:
         return f"could not parse override '{parse.group(1)}': write key=value (e.g. train.max_steps=100)"
     first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)
     return f"invalid config: {first}" + (f" (key: {key})" if key else "")
+
+
+def free_form_problem(key: str | None, text: str, overrides: list[str]) -> str | None:
+    """A free-form dict given something other than name:amount pairs, or a quoted key, with its spelling."""
+    for name, example in FREE_FORM_DICTS.items():
+        mine = [o for o in overrides if o.lstrip("+").startswith(name)]
+        parse_error = "Error merging override" not in text and "Could not override" not in text
+        if parse_error and any(QUOTED_DICT_KEY.search(o.partition("=")[2]) for o in mine):
+            return f"{name}: write a key with ':' with a backslash before the ':', not in quotes: {example}"
+        if key and (key == name or key.startswith(name + ".")):
+            given = next((o.partition("=")[2] for o in mine), "")
+            return f"{name} maps resource names to amounts > 0, e.g. {example}; got {given!r}"
+    return None
 
 
 def unparsable_override_message(text: str, overrides: list[str]) -> str:

@@ -11,21 +11,25 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-from orchestrator.attempts import current, driver_identity, finished_state, record_worker_failures
-from orchestrator.config import KilnConfig, UsageError
+from orchestrator.attempts import current, driver_identity, finished_state, mark_lost_nodes, record_worker_failures
+from orchestrator.config import ClusterConfig, KilnConfig, UsageError
 from orchestrator.liveness import this_driver
-from orchestrator.placement import placement_problem
+from orchestrator.placement import placement_problem, worker_shape
 from orchestrator.progress import MetricsTail, ProgressView
 from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
 from orchestrator.runs import refresh, start_run
 from trainers.events import record_event
 from trainers.preemption import clear_stop_request, request_stop
 from trainers.run_state import RunState
+
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
 
 # How long fit() may take to return after the workers recorded that they finished (normally 1-3 s).
 WORKERS_DONE_GRACE_S = 20
@@ -47,6 +51,7 @@ class TrainOutcome:
     last_val_ppl: float | None
     checkpoint: dict | None
     run_dir: str
+    cluster_address: str | None = None  # the Ray Jobs API a submitted run was submitted to
 
 
 def start_ray(cfg: KilnConfig) -> bool:
@@ -57,7 +62,9 @@ def start_ray(cfg: KilnConfig) -> bool:
         return False
     with ray_processes_in_their_own_session(embedded=cfg.cluster.address is None):
         ray.init(
-            address=cfg.cluster.address,
+            # "local", not None: None joins the last `ray start` cluster named in /tmp/ray (or RAY_ADDRESS),
+            # and waits forever when that cluster is gone.
+            address=cfg.cluster.address or "local",
             include_dashboard=False,
             log_to_driver=False,
             logging_level=logging.ERROR,
@@ -118,14 +125,27 @@ def cluster_nodes() -> list[dict]:
     return [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
 
 
+def dead_nodes() -> set[str]:
+    """Ids of the connected cluster's nodes that Ray has declared dead."""
+    import ray
+
+    return {node["NodeID"] for node in ray.nodes() if not node.get("Alive")}
+
+
 def check_placement(cfg: KilnConfig, console: Console) -> None:
     """Fail (UsageError) if the embedded Ray can never place the worker group; warn for a cluster that may grow.
 
     A cluster at cluster.address may have an autoscaler that adds nodes for pending workers, so its
     shortfall is said but waited out (Ray Train waits for the placement); the embedded Ray never grows.
     """
+    cluster = cfg.cluster
     problem = placement_problem(
-        cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu, cluster_nodes()
+        cluster.num_workers,
+        cluster.cpus_per_worker,
+        cluster.use_gpu,
+        cluster_nodes(),
+        extra=cluster.resources_per_worker,
+        placement=cluster.placement,
     )
     if problem is None:
         return
@@ -158,9 +178,21 @@ def attempt_callback(run_dir: str):
     return AttemptCallback()
 
 
+def scaling_config(cluster: ClusterConfig) -> ScalingConfig:
+    """Ray Train's ScalingConfig for the cluster settings: workers, each one's resources, their placement."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=cluster.num_workers,
+        use_gpu=cluster.use_gpu,
+        resources_per_worker=worker_shape(cluster.cpus_per_worker, cluster.use_gpu, cluster.resources_per_worker),
+        placement_strategy=cluster.placement.upper(),
+    )
+
+
 def fit(cfg: KilnConfig) -> None:
     """Run the worker group to completion (blocking); raises what Ray Train raises."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.ray_worker import KilnTorchConfig, train_worker
@@ -169,11 +201,7 @@ def fit(cfg: KilnConfig) -> None:
         train_worker,
         train_loop_config={"cfg": cfg},
         torch_config=KilnTorchConfig(timeout_s=int(max(cfg.train.step_timeout_s * 2, 600))),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.cluster.num_workers,
-            use_gpu=cfg.cluster.use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(cfg.cluster),
         run_config=RunConfig(
             name=cfg.run.id,
             storage_path=ray_storage_path(cfg),
@@ -252,17 +280,19 @@ def train(
     cfg: KilnConfig,
     console: Console,
     resumed: tuple[RunRegistry, RunRecord] | None = None,
+    command: str | None = None,
 ) -> TrainOutcome:
     """Run a training job end to end on Ray; the run record tracks it from PENDING to its end.
 
-    `resumed` continues an existing run (`kiln resume`) instead of registering a new one.
+    `resumed` drives an already registered run (`kiln resume`, `kiln start`) instead of registering a new
+    one; `command` is what the run's record says drives it.
     """
     started = time.perf_counter()
     check_embedded_fits(cfg)
     registry, record = resumed or start_run(cfg, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     run_dir = registry.run_url(record.run_id)
     console.print(f"run [bold]{record.run_id}[/bold] -> {run_dir}")
-    command = "kiln resume" if resumed else "kiln train"
+    command = command or ("kiln resume" if resumed else "kiln train")
     record_event(run_dir, "launched", launcher="ray", driver=driver_identity(command))
     # Recorded so that `kiln resume` can tell at once whether this process still drives the run.
     record.state, record.error, record.driver = RunState.RUNNING, None, this_driver(command)
@@ -292,6 +322,7 @@ def train(
         view.last_val_ppl,
         record.checkpoint,
         run_dir,
+        record.cluster_address,
     )
 
 
@@ -305,10 +336,20 @@ def end_state(workers_said: RunState | None, fit_failed: bool, step: int, max_st
 
 
 def check_embedded_fits(cfg: KilnConfig) -> None:
-    """An embedded Ray gets this machine's CPUs and GPUs: a group that can never fit fails before a run exists."""
-    if cfg.cluster.address is None and not _ray_running():
+    """An embedded Ray gets this machine's CPUs and GPUs: a group that can never fit fails before a run exists.
+
+    Other resources (Ray's own accelerator_type:*, say) are Ray's to detect: check_placement sees them.
+    """
+    cluster = cfg.cluster
+    if cluster.address is None and not _ray_running():
+        known = {name: amount for name, amount in cluster.resources_per_worker.items() if name == "GPU"}
         problem = placement_problem(
-            cfg.cluster.num_workers, cfg.cluster.cpus_per_worker, cfg.cluster.use_gpu, [local_resources()]
+            cluster.num_workers,
+            cluster.cpus_per_worker,
+            cluster.use_gpu,
+            [local_resources()],
+            extra=known,
+            placement=cluster.placement,
         )
         if problem:
             raise UsageError(problem)
@@ -358,6 +399,8 @@ def watch(
             view.update(tail.new_rows())
             if time.monotonic() - last_refresh > 5:
                 refresh(registry, record, cfg, step=tail.last_step)
+                if mark_lost_nodes(record, dead_nodes()):
+                    registry.save(record)
                 last_refresh = time.monotonic()
                 if workers_done is None and finished_state(record):
                     workers_done = last_refresh
@@ -370,6 +413,8 @@ def watch(
                 )
                 break
         view.update(tail.new_rows())
+    if mark_lost_nodes(record, dead_nodes()):
+        registry.save(record)
     return (failure[0] if failure else None), view
 
 

@@ -76,8 +76,9 @@ class RayWorkerContext:
         self.rank = context.get_world_rank()
         self.local_rank = context.get_local_rank()
         self.world_size = context.get_world_size()
-        runtime = ray.get_runtime_context()
-        self.node = f"{ray.util.get_node_ip_address()} ({runtime.get_node_id()[:12]})"
+        self.node_id = ray.get_runtime_context().get_node_id()  # full hex: `ray list nodes` matches it
+        self.node_address = ray.util.get_node_ip_address()
+        self.node = f"{self.node_address} ({self.node_id[:12]})"
 
     def report(self, metrics: dict[str, float], step: int, checkpoint: str | None = None) -> None:
         # Nothing goes to Ray: ray.train.report is a collective barrier costing ~1-2 s in Ray Train v2,

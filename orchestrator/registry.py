@@ -69,6 +69,8 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)  # recoveries worth knowing (skipped checkpoints, stops)
     events_cursor: str = ""  # the last events/ entry folded into attempts
     driver: dict | None = None  # {"host", "pid_ns", "pid", "started", "command"} of the driver now or last
+    job_id: str | None = None  # the Ray job (submission id) driving a `kiln submit` run now or last
+    cluster_address: str | None = None  # the Ray Jobs API address it was submitted to
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -112,6 +114,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "events_cursor": (str,),
     "format_version": (int,),
     "driver": (dict, type(None)),
+    "job_id": (str, type(None)),
+    "cluster_address": (str, type(None)),
 }
 
 

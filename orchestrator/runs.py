@@ -54,7 +54,52 @@ def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunR
     # leaves nothing behind that blocks the run id.
     registry.check_root()
     resolve_data(cfg, log)
-    record = RunRecord(
+    record = registry.create(new_record(cfg), redact_text(to_yaml(cfg)))
+    save_tokenizer(cfg)
+    return registry, record
+
+
+def register_submission(
+    cfg: KilnConfig, job_id: str, address: str, log: Callable[[str], None] = print
+) -> tuple[RunRegistry, RunRecord]:
+    """Register a run that a Ray job will start (`kiln start`): PENDING, with its job id and cluster.
+
+    Storage and a given dataset are checked from here, so bad input fails before anything is submitted.
+    The built-in corpus is prepared where the run starts, in that machine's cache.
+    """
+    cache_dir = cfg.data.cache_dir  # the cluster's own cache unless the user chose one
+    finalize(cfg)
+    cfg.data.cache_dir = cache_dir
+    registry = RunRegistry(cfg.storage.root)
+    registry.check_root()
+    if cfg.data.source != "stdlib":
+        resolve_data(cfg, log)
+    record = new_record(cfg)
+    record.job_id, record.cluster_address = job_id, address
+    return registry, registry.create(record, redact_text(to_yaml(cfg)))
+
+
+def start_registered(
+    root: str, run_id: str, overrides: list[str], log: Callable[[str], None] = print
+) -> tuple[RunRegistry, RunRecord, KilnConfig]:
+    """Ready a registered (PENDING) run for its first attempt here: its data resolved, its tokenizer saved."""
+    registry, record, cfg = reopen_run(root, run_id, overrides)
+    if record.state != RunState.PENDING:
+        raise UsageError(
+            f"run {run_id} is {record.state}, not PENDING: `kiln start` starts a submitted run once; "
+            f"continue it with `kiln resume {run_id}`"
+        )
+    finalize(cfg)
+    resolve_data(cfg, log)
+    # Saved again with the data as resolved here, so that `kiln resume` finds what this attempt used.
+    registry.write_config(run_id, redact_text(to_yaml(cfg)))
+    save_tokenizer(cfg)
+    return registry, record, cfg
+
+
+def new_record(cfg: KilnConfig) -> RunRecord:
+    """A new run's record (PENDING) from its finalized config."""
+    return RunRecord(
         run_id=cfg.run_id,
         experiment=cfg.run.name,
         max_steps=cfg.train.max_steps,
@@ -70,11 +115,13 @@ def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunR
             else None
         ),
     )
-    registry.create(record, redact_text(to_yaml(cfg)))
+
+
+def save_tokenizer(cfg: KilnConfig) -> None:
+    """Copy the resolved dataset's tokenizer into the run folder."""
     if cfg.data.path is None:  # resolve_data sets it
         raise UsageError("data.path is unset after resolving the data")
     copy_tokenizer(cfg.data.path, storage.join(cfg.run_url, TOKENIZER_DIR))
-    return registry, record
 
 
 def reopen_run(root: str, run_id: str, overrides: list[str]) -> tuple[RunRegistry, RunRecord, KilnConfig]:
@@ -193,21 +240,29 @@ def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: int | None) ->
 
 
 def resume_command(registry: RunRegistry, record: RunRecord) -> str | None:
-    """The command that continues this run, if it can be continued."""
+    """The command that continues this run, if it can be continued (on its cluster, for a submitted run)."""
     if record.state == RunState.SUCCEEDED:
         return None
     root = registry.root
-    return f"kiln resume {record.run_id}" + (
-        "" if root == absolute_url(default_storage_root()) else f" --storage-root {root}"
+    return (
+        f"kiln resume {record.run_id}"
+        + (f" --address {record.cluster_address}" if record.cluster_address else "")
+        + ("" if root == absolute_url(default_storage_root()) else f" --storage-root {root}")
     )
 
 
 def status_json(registry: RunRegistry, run_id: str) -> dict:
-    """What `kiln status RUN --json` prints."""
+    """What `kiln status RUN --json` prints; for a submitted run, its Ray job as Ray reports it now."""
+    from orchestrator.submit import displayed_state, job_view
+
     record = registry.load(run_id)
+    job = job_view(record.cluster_address, record.job_id) if record.job_id and record.cluster_address else None
     return {
         "run_id": record.run_id,
-        "state": record.state,
+        "state": displayed_state(record.state, job.status if job else None),
+        "recorded_state": record.state,
+        "job": job.as_json() if job else None,
+        "cluster_address": record.cluster_address,
         "step": record.step,
         "max_steps": record.max_steps,
         "checkpoint": record.checkpoint,

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import STRATEGY_RUN, torchrun
+from tests.ray_cluster import LocalRayCluster
 from tests.s3_server import aws_env, start_moto, stop
 
 
@@ -73,6 +74,25 @@ def s3(tmp_path_factory):
             else:
                 os.environ[key] = value
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3, cache_dir, tmp_path_factory):
+    """A real Ray cluster on this machine: a head (1 CPU) and two worker nodes `node_a`, `node_b` (1 CPU each).
+
+    Token authentication is on. Its nodes hold the S3 credentials (as a real cluster's nodes would,
+    from their environment); clients get only the token, through `ray_cluster.client_env(...)`.
+    Started once per session, after the S3 server, and stopped (every process of it) at the end.
+    """
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cluster = LocalRayCluster(tmp_path_factory.mktemp("ray-cluster"), base)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        assert not cluster.leftovers(), f"Ray processes left behind: {cluster.leftovers()}"
 
 
 @pytest.fixture

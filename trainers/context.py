@@ -8,7 +8,8 @@ from typing import Protocol
 class WorkerContext(Protocol):
     """The launcher's side of a worker (Ray Train or torchrun).
 
-    Launchers may also set `launcher` (its name), `node` (where this rank runs) and `stop_reason`
+    Launchers may also set `launcher` (its name), `node` (where this rank runs, in words), `node_id`
+    and `node_address` (the cluster's id and IP of that node, where it has them) and `stop_reason`
     (why should_stop() turned true); the loop records them in the run's events.
     """
 

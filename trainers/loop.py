@@ -234,8 +234,12 @@ class Trainer:
 
 
 def identity(ctx: WorkerContext) -> dict:
-    """Where this rank runs, for the run's events (node, pid)."""
-    return {"rank": ctx.rank, "node": getattr(ctx, "node", None) or socket.gethostname(), "pid": os.getpid()}
+    """Where this rank runs, for the run's events: node (and Ray's node_id, node_address where known), pid."""
+    where = {"rank": ctx.rank, "node": getattr(ctx, "node", None) or socket.gethostname(), "pid": os.getpid()}
+    for name in ("node_id", "node_address"):  # a Ray worker's; torchrun has only the hostname
+        if getattr(ctx, name, None):
+            where[name] = getattr(ctx, name)
+    return where
 
 
 def run(cfg: WorkerConfig, ctx: WorkerContext) -> LoopResult:

@@ -23,7 +23,9 @@ class RunState(StrEnum):
 
 # Where each state may move. Staying put is always allowed (the driver rewrites run.json often).
 TRANSITIONS: dict[RunState, frozenset[RunState]] = {
-    RunState.PENDING: frozenset({RunState.RUNNING}),
+    # A submitted run is PENDING until its Ray job's driver starts it; it can fail there (data missing on
+    # the cluster) or be stopped (`kiln stop --now`) before it ever runs.
+    RunState.PENDING: frozenset({RunState.RUNNING, RunState.FAILED, RunState.STOPPED}),
     RunState.RUNNING: frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED, RunState.PREEMPTED}),
     # `kiln resume`: a SUCCEEDED run goes on only with a raised train.max_steps (prepare_resume checks that).
     RunState.SUCCEEDED: frozenset({RunState.RUNNING}),

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import psutil
 
-from tests.helpers import BIN, REPO
+from tests.helpers import BIN, REPO, STRATEGY_RUN
+
+# The reference config (2 workers), checkpointed every step: slow enough for a kill to land where a story
+# says (an S3 round trip a step), and the same math, so losses compare with the uninterrupted run's.
+EVERY_STEP = [o for o in STRATEGY_RUN if not o.startswith("train.checkpoint_every")] + [
+    "train.checkpoint_every=1",
+    "checkpoint.keep_last=3",
+    "checkpoint.keep_every=10",
+    "cluster.max_failures=2",
+]
 
 
 def s3_root(bucket: str) -> str:
@@ -132,3 +141,17 @@ def losses(rows: list[dict]) -> dict[int, list[float]]:
         if "train/loss" in row:
             found.setdefault(row["step"], []).append(row["train/loss"])
     return found
+
+
+def assert_same_losses(rows: list[dict], reference: list[dict], steps=range(1, 21)) -> None:
+    """Every loss logged for each step (first try and re-runs alike) equals the uninterrupted run's."""
+    logged, expected = losses(rows), {s: v[0] for s, v in losses(reference).items()}
+    assert sorted(logged) == list(steps), sorted(logged)
+    for step, values in logged.items():
+        assert values == [expected[step]] * len(values), (step, values, expected[step])
+
+
+def reference_rows(trained_runs, strategy: str) -> list[dict]:
+    """The metrics of the strategy's uninterrupted 20-step torchrun run (the session's trained_runs)."""
+    path = trained_runs(strategy) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]

@@ -8,7 +8,6 @@ run's losses are compared bit for bit with the same strategy's uninterrupted tor
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -16,8 +15,10 @@ import time
 import pytest
 
 from orchestrator.cli import main as cli_main
-from tests.helpers import STRATEGY_RUN, kiln
+from tests.helpers import kiln
 from tests.integration.ft_harness import (
+    EVERY_STEP,
+    assert_same_losses,
     committed_steps,
     events,
     finish,
@@ -25,6 +26,7 @@ from tests.integration.ft_harness import (
     losses,
     metrics,
     read_json,
+    reference_rows,
     s3_client,
     s3_root,
     start_kiln,
@@ -33,26 +35,6 @@ from tests.integration.ft_harness import (
 )
 
 pytestmark = pytest.mark.slow
-
-EVERY_STEP = [o for o in STRATEGY_RUN if not o.startswith("train.checkpoint_every")] + [
-    "train.checkpoint_every=1",
-    "checkpoint.keep_last=3",
-    "checkpoint.keep_every=10",
-    "cluster.max_failures=2",
-]
-
-
-def assert_same_losses(rows: list[dict], reference: list[dict], steps=range(1, 21)) -> None:
-    """Every loss logged for each step (first try and re-runs alike) equals the uninterrupted run's."""
-    logged, expected = losses(rows), {s: v[0] for s, v in losses(reference).items()}
-    assert sorted(logged) == list(steps), sorted(logged)
-    for step, values in logged.items():
-        assert values == [expected[step]] * len(values), (step, values, expected[step])
-
-
-def reference_rows(trained_runs, strategy: str) -> list[dict]:
-    path = trained_runs(strategy) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_a_ddp_run_on_a_flaky_store_survives_a_kill_mid_save_exactly(s3, trained_runs, tmp_path):

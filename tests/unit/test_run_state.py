@@ -59,7 +59,9 @@ def test_the_table_is_what_the_drivers_do():
     assert {before for before, after in LEGAL if after == RunState.RUNNING} == set(RunState) - {RunState.RUNNING}
     # nothing goes back to PENDING, and an ended run never turns into another ending
     assert ("SUCCEEDED", "FAILED") in ILLEGAL and ("RUNNING", "PENDING") in ILLEGAL
-    assert ("PENDING", "SUCCEEDED") in ILLEGAL
+    assert ("PENDING", "SUCCEEDED") in ILLEGAL and ("PENDING", "PREEMPTED") in ILLEGAL
+    # a submitted run can fail on the cluster, or be stopped with `kiln stop --now`, before it starts
+    assert ("PENDING", "FAILED") in LEGAL and ("PENDING", "STOPPED") in LEGAL
 
 
 def test_unknown_states_are_named():

@@ -1,0 +1,239 @@
+"""The `kiln` commands for runs on a Ray cluster: submit and logs, and the cluster side of start, stop and
+resume. Thin wrappers over orchestrator/submit.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from rich.console import Console
+
+from data_pipeline import storage
+from data_pipeline.redaction import redact_text
+from orchestrator.config import UsageError, absolute_url
+from orchestrator.registry import RunRecord, RunRegistry, now
+from orchestrator.submit import (
+    ADDRESS_ENV,
+    TERMINAL_JOB_STATUSES,
+    UNREACHABLE,
+    client,
+    entrypoint,
+    exit_code_of,
+    follow_job_logs,
+    job_logs,
+    job_view,
+    jobs_address,
+    next_job_id,
+    shared_root_warning,
+    stop_job,
+    submit_job,
+)
+from trainers.run_folder import LOGS_DIR
+from trainers.run_state import RunState, is_terminal
+
+# The job's driver connects to the cluster it runs on (Ray sets RAY_ADDRESS for a job's entrypoint).
+ON_THE_CLUSTER = "cluster.address=auto"
+STOP_NOW_WAIT_S = 60  # Ray SIGTERMs the driver, then SIGKILLs it a few seconds later
+FOLLOW_POLL_S = 1.0
+
+
+def write_out(text: str) -> None:
+    """Stream text to stdout through the redaction."""
+    sys.stdout.write(redact_text(text))
+    sys.stdout.flush()
+
+
+def cmd_submit(args: argparse.Namespace, console: Console) -> int:
+    from orchestrator.config import compose_config, new_run_id
+    from orchestrator.runs import register_submission
+
+    cfg = compose_config(args.overrides)  # bad input fails here: nothing is registered or submitted
+    address = jobs_address(args.address, os.environ.get(ADDRESS_ENV), cfg.cluster.address)
+    warning = shared_root_warning(cfg.storage.root)
+    working_dir = shipped_code(args.working_dir)
+    client(address)  # reachable and authorised, before a run exists that no job would ever start
+    cfg.run.id = cfg.run.id or new_run_id(cfg.run.name)
+    job_id = next_job_id(cfg.run.id, None)
+    registry, record = register_submission(cfg, job_id, address, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    if warning:
+        console.print(f"[yellow]warning: {warning}[/yellow]")
+    command = entrypoint(["start", record.run_id, ON_THE_CLUSTER, "--storage-root", registry.root], bool(working_dir))
+    submit(registry, record, address, command, working_dir)
+    return announce(registry, record, address, args.follow, console)
+
+
+def shipped_code(working_dir: str | None) -> str | None:
+    """--working-dir as an absolute folder (the code Ray uploads with the job), or None."""
+    if working_dir is None:
+        return None
+    path = os.path.abspath(working_dir)
+    if not os.path.isdir(os.path.join(path, "orchestrator")):
+        raise UsageError(
+            f"--working-dir {working_dir}: not a Kiln checkout (no orchestrator/ in {path}); give the folder "
+            "holding pyproject.toml, or leave it out when Kiln is installed in the cluster's image"
+        )
+    return path
+
+
+def submit(registry: RunRegistry, record: RunRecord, address: str, command: str, working_dir: str | None) -> None:
+    """Submit the run's job; a refused submission ends the registered run FAILED, saying why."""
+    metadata = {"kiln_run_id": record.run_id, "kiln_storage_root": registry.root}
+    try:
+        submit_job(address, str(record.job_id), command, metadata, working_dir)
+    except BaseException as exc:
+        if record.state == RunState.PENDING:
+            record.state = RunState.FAILED
+        record.error = f"the Ray job could not be submitted to {address}: {exc}"
+        registry.save(record)
+        raise
+
+
+def announce(registry: RunRegistry, record: RunRecord, address: str, follow: bool, console: Console) -> int:
+    """Say what was submitted and how to watch it; with follow, stream its log and return the run's exit code."""
+    root = registry.root
+    console.print(f"run [bold]{record.run_id}[/bold] submitted to {address} as Ray job [bold]{record.job_id}[/bold]")
+    console.print(f"follow:  kiln logs {record.run_id} --follow --storage-root {root}")
+    console.print(f"status:  kiln status {record.run_id} --storage-root {root}")
+    console.print(f"stop:    kiln stop {record.run_id} --storage-root {root}")
+    if not follow:
+        return 0
+    follow_job_logs(address, str(record.job_id), write_out)
+    return finished(registry, record.run_id, address, str(record.job_id), console)
+
+
+def finished(registry: RunRegistry, run_id: str, address: str, job_id: str, console: Console) -> int:
+    """After the job ended: the run's exit code, as `kiln train` would have returned it."""
+    view = job_view(address, job_id)
+    record = registry.load(run_id)
+    if record.state in (RunState.PENDING, RunState.RUNNING):
+        console.print(
+            f"[red]Ray job {job_id} ended {view.status} ({view.message or 'no message'}) but run {run_id} "
+            f"is still {record.state}: its driver was lost; continue it with "
+            f"kiln resume {run_id} --address {address} --storage-root {registry.root}[/red]"
+        )
+        return 1
+    return exit_code_of(view.driver_exit_code, record.state)
+
+
+def never_started(registry: RunRegistry, run_id: str, exc: BaseException) -> None:
+    """A submitted run that could not start on the cluster ends FAILED with the reason (not PENDING forever)."""
+    try:
+        record = registry.load(run_id)
+    except Exception:  # no record to mark: the error itself is what the job's log shows
+        return
+    if record.state == RunState.PENDING:
+        record.state, record.error = RunState.FAILED, redact_text(f"could not start on the cluster: {exc}")
+        registry.save(record)
+
+
+def cmd_logs(args: argparse.Namespace, console: Console) -> int:
+    registry = RunRegistry(absolute_url(args.storage_root))
+    record = registry.load(args.run)
+    if args.rank is not None:
+        return worker_log(registry, record, args.rank, args.follow)
+    if not record.job_id or not record.cluster_address:
+        driver = record.driver or {}
+        raise UsageError(
+            f"run {args.run} was not submitted to a cluster: its driver's log is the output of "
+            f"`{driver.get('command', 'kiln train')}` on {driver.get('host', 'its machine')}; its workers' "
+            f"logs: kiln logs {args.run} --rank N (N from 0 to {max(record.num_workers - 1, 0)})"
+        )
+    if args.follow:
+        follow_job_logs(record.cluster_address, record.job_id, write_out)
+    else:
+        write_out(job_logs(record.cluster_address, record.job_id))
+    return 0
+
+
+def worker_log(registry: RunRegistry, record: RunRecord, rank: int, follow: bool) -> int:
+    """Print rank's log from the run folder; with follow, keep printing what is added until the run ends."""
+    url = storage.join(registry.run_url(record.run_id), LOGS_DIR, f"worker_{rank}.log")
+    shown = 0
+    while True:
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            if not follow:
+                logs = storage.list_names(storage.join(registry.run_url(record.run_id), LOGS_DIR))
+                raise UsageError(
+                    f"run {record.run_id} has no log for rank {rank} at {url}; it has: {', '.join(logs) or 'none'}"
+                ) from None
+            data = b""
+        if len(data) > shown:
+            write_out(data[shown:].decode("utf-8", errors="replace"))
+            shown = len(data)
+        elif not follow or is_terminal(registry.load(record.run_id).state):
+            return 0
+        time.sleep(FOLLOW_POLL_S)
+
+
+def stop_now(registry: RunRegistry, record: RunRecord, console: Console) -> int:
+    """`kiln stop RUN --now`: stop the run's Ray job at once and record the run STOPPED."""
+    from orchestrator.attempts import close, current, driver_identity
+
+    if not record.job_id or not record.cluster_address:
+        raise UsageError(
+            f"--now stops a submitted run's Ray job; run {record.run_id} was started by `kiln train`: "
+            "`kiln stop` it gracefully, or press Ctrl-C twice in its terminal"
+        )
+    stop_job(record.cluster_address, record.job_id)
+    deadline = time.monotonic() + STOP_NOW_WAIT_S
+    while (view := job_view(record.cluster_address, record.job_id)).status not in TERMINAL_JOB_STATUSES:
+        if time.monotonic() > deadline:
+            raise UsageError(f"Ray job {record.job_id} is still {view.status} {STOP_NOW_WAIT_S}s after the stop")
+        time.sleep(1)
+    record = registry.load(record.run_id)  # what the driver wrote last
+    if not is_terminal(record.state):
+        who = driver_identity("kiln stop --now")
+        reason = (
+            f"stopped at once by `kiln stop --now` ({who['user']}@{who['host']}): Ray job {record.job_id} "
+            "ended without a final checkpoint"
+        )
+        record.state, record.error = RunState.STOPPED, reason
+        attempt = current(record)
+        if attempt is not None:
+            close(attempt, RunState.STOPPED, {"summary": reason}, now())
+        registry.save(record)
+    console.print(
+        f"Ray job {record.job_id} is {view.status}; run {record.run_id} is {record.state} at step {record.step} "
+        f"(resume: kiln resume {record.run_id} --address {record.cluster_address} --storage-root {registry.root})"
+    )
+    return 0
+
+
+def resubmit(args: argparse.Namespace, console: Console, root: str, overrides: list[str]) -> int:
+    """`kiln resume RUN --address URL`: continue the run from its last committed checkpoint as a new Ray job."""
+    from orchestrator.runs import prepare_resume
+
+    registry = RunRegistry(root)
+    force = args.force or driver_job_ended(registry.load(args.run))
+    registry, record, _cfg = prepare_resume(root, args.run, overrides, force)
+    working_dir = shipped_code(args.working_dir)
+    client(args.address)
+    record.job_id, record.cluster_address = next_job_id(record.run_id, record.job_id), args.address
+    registry.save(record)
+    arguments = ["resume", record.run_id, *overrides, ON_THE_CLUSTER, "--storage-root", root, "--force"]
+    command = entrypoint(arguments, bool(working_dir))
+    console.print(f"resuming {record.run_id} ({record.state} at step {record.step}) on {args.address}")
+    submit(registry, record, args.address, command, working_dir)
+    return announce(registry, record, args.address, args.follow, console)
+
+
+def driver_job_ended(record: RunRecord) -> bool:
+    """Whether a RUNNING submitted run's Ray job has ended (its driver is gone); UsageError while it runs."""
+    if record.state != RunState.RUNNING or not record.job_id or not record.cluster_address:
+        return False
+    view = job_view(record.cluster_address, record.job_id)
+    if view.status in TERMINAL_JOB_STATUSES:
+        return True
+    if view.status == UNREACHABLE:
+        raise UsageError(
+            f"run {record.run_id} is RUNNING and its Ray job {record.job_id} cannot be asked ({view.message}); "
+            "pass --force if you know its driver is gone"
+        )
+    raise UsageError(
+        f"run {record.run_id} is running: its Ray job {record.job_id} is {view.status} on {record.cluster_address}; "
+        f"stop it with `kiln stop {record.run_id}` first"
+    )

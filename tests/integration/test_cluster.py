@@ -1,0 +1,232 @@
+"""Kiln on a real Ray cluster: submitted from outside, on several nodes, losing nodes and drivers.
+
+The session's `ray_cluster` is a head and two worker nodes (`node_a`, `node_b`) started with the
+`ray` CLI on this machine, with token authentication on. Runs live on the local S3 server; the
+cluster's nodes hold its credentials, the submitting "laptop" (these tests) holds only the token.
+Every run checkpoints each step (slow enough for a kill to land mid-run, the math unchanged), so its
+losses are compared bit for bit with the uninterrupted torchrun run of the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from tests.helpers import BIN, REPO
+from tests.integration.ft_harness import (
+    EVERY_STEP,
+    assert_same_losses,
+    committed_steps,
+    events,
+    metrics,
+    read_json,
+    reference_rows,
+    s3_root,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+# The submitter's own credentials: real enough for the S3 server, and recognisable if they ever leak.
+LAPTOP_SECRETS = {"AWS_SECRET_ACCESS_KEY": "laptop-secret-7f3c91", "WANDB_API_KEY": "wandb-secret-0b5e27"}
+
+
+def kiln_at(cluster, *args: str, timeout: float = 420, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`kiln ARGS` as a user with the cluster's token in their environment."""
+    env = {**cluster.client_env({**os.environ, "COLUMNS": "200", **LAPTOP_SECRETS}), **(extra_env or {})}
+    return subprocess.run(
+        [str(BIN / "kiln"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def ray_cli(cluster, *args: str) -> subprocess.CompletedProcess:
+    """Ray's own `ray job ...` against the cluster, with the token."""
+    env = cluster.client_env({**os.environ, "RAY_API_SERVER_ADDRESS": cluster.address})
+    return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def submit(cluster, root: str, run: str, *overrides: str, follow: bool = False) -> subprocess.CompletedProcess:
+    """kiln submit of the 2-worker reference config (ddp) as run `run` under root."""
+    args = ["submit", "--address", cluster.address, *EVERY_STEP, f"run.id={run}", f"storage.root={root}", *overrides]
+    return kiln_at(cluster, *args, *(["--follow"] if follow else []))
+
+
+def status(cluster, root: str, run: str) -> dict:
+    """`kiln status RUN --json`."""
+    result = kiln_at(cluster, "status", run, "--json", "--storage-root", root)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def rank_nodes(attempt: dict) -> dict[int, str]:
+    """rank -> Ray node id, from an attempt of `kiln status --json`."""
+    return {r["rank"]: r["node_id"] for r in attempt["ranks"]}
+
+
+def test_a_spread_run_submitted_to_the_cluster_trains_on_two_nodes_exactly(ray_cluster, s3, trained_runs):
+    """Story (a): kiln submit --follow returns the run's exit code; no secret travels with the job."""
+    root, run = s3_root(s3), "spread"
+    done = submit(ray_cluster, root, run, "cluster.placement=spread", follow=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert f"run {run} submitted to {ray_cluster.address} as Ray job kiln-{run}" in done.stdout
+    assert f"SUCCEEDED run {run}: step 20" in done.stdout  # the driver's log, streamed
+    assert_same_losses(metrics(root, run), reference_rows(trained_runs, "ddp"))
+
+    state = status(ray_cluster, root, run)
+    assert state["state"] == "SUCCEEDED" and state["cluster_address"] == ray_cluster.address
+    assert state["job"]["job_id"] == f"kiln-{run}" and state["job"]["status"] == "SUCCEEDED"
+    (attempt,) = state["attempts"]
+    worker_nodes = {ray_cluster.nodes[n].node_id for n in ("node_a", "node_b")}
+    assert len(set(rank_nodes(attempt).values())) == 2, attempt["ranks"]  # spread: two nodes
+    assert set(rank_nodes(attempt).values()) <= worker_nodes | {ray_cluster.nodes["head"].node_id}
+    record = read_json(f"{root}/{run}/run.json")
+    assert record["job_id"] == f"kiln-{run}" and record["cluster_address"] == ray_cluster.address
+
+    # Ray's own tools see the same job; nothing secret was sent with it.
+    listed = ray_cli(ray_cluster, "job", "list")
+    assert f"kiln-{run}" in listed.stdout, listed.stderr
+    logs = ray_cli(ray_cluster, "job", "logs", f"kiln-{run}")
+    assert f"kiln start {run}" in logs.stdout and "SUCCEEDED" in logs.stdout
+    info = ray_cli(ray_cluster, "job", "status", f"kiln-{run}", "-v")
+    job_info = ray_job_info(ray_cluster, f"kiln-{run}")
+    for secret in (*LAPTOP_SECRETS.values(), "testing", ray_cluster.token):
+        assert secret not in job_info and secret not in logs.stdout and secret not in info.stdout, secret
+    assert json.loads(job_info)["metadata"] == {"kiln_run_id": run, "kiln_storage_root": root}
+
+    driver_log = kiln_at(ray_cluster, "logs", run, "--storage-root", root)
+    assert driver_log.returncode == 0 and f"SUCCEEDED run {run}" in driver_log.stdout
+    worker_log = kiln_at(ray_cluster, "logs", run, "--rank", "1", "--storage-root", root)
+    assert worker_log.returncode == 0 and "checkpoint step 20 committed" in worker_log.stdout
+
+
+def ray_job_info(cluster, job_id: str) -> str:
+    """The job's record as Ray's Jobs API returns it (entrypoint, runtime env, metadata), as JSON text."""
+    request = urllib.request.Request(
+        f"{cluster.address}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {cluster.token}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read().decode()
+
+
+def test_the_jobs_api_refuses_a_request_without_the_token_and_kiln_says_what_to_do(ray_cluster, s3, tmp_path):
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{ray_cluster.address}/api/jobs/", timeout=30)
+    assert refused.value.code == 401
+
+    root = s3_root(s3)
+    result = kiln_at(
+        ray_cluster,
+        "submit",
+        "--address",
+        ray_cluster.address,
+        f"storage.root={root}",
+        extra_env={"RAY_AUTH_TOKEN": "not-the-token"},
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "refused the request" in result.stderr and "RAY_AUTH_TOKEN" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "not-the-token" not in result.stderr
+    unregistered = kiln_at(ray_cluster, "runs", "--storage-root", root)
+    assert "no runs under" in unregistered.stdout  # nothing was registered for a job never submitted
+
+    typo = kiln_at(ray_cluster, "submit", "--address", ray_cluster.address, f"storage.root={root}", "optim.lrr=1")
+    assert typo.returncode == 2 and "optim.lrr" in typo.stderr and len(typo.stderr.strip().splitlines()) == 1
+    relative = kiln_at(ray_cluster, "submit", "--address", ray_cluster.address, "storage.root=runs")
+    assert relative.returncode == 2 and "relative local path" in relative.stderr
+    listed = ray_cli(ray_cluster, "job", "list")
+    assert "optim.lrr" not in listed.stdout and "storage.root=runs" not in listed.stdout
+
+
+def test_losing_a_worker_node_mid_run_restarts_on_the_nodes_left_and_names_the_node(ray_cluster, s3, trained_runs):
+    """Story (b): SIGKILL a worker node's raylet and workers (found by node id); the run finishes exactly."""
+    root, run = s3_root(s3), f"nodeloss-{uuid.uuid4().hex[:4]}"
+    assert submit(ray_cluster, root, run, "cluster.placement=spread").returncode == 0
+    wait_for("step 8 committed", lambda: max(committed_steps(root, run), default=0) >= 8)
+    started = events(root, run, "started")[0]
+    by_id = {node.node_id: name for name, node in ray_cluster.nodes.items() if name != "head"}
+    victim_id = next(r["node_id"] for r in started["ranks"] if r["node_id"] in by_id)
+    name = by_id[victim_id]
+    try:
+        ray_cluster.kill_node(name)
+        wait_for("the run to succeed", lambda: read_json(f"{root}/{run}/run.json")["state"] == "SUCCEEDED", 400)
+    finally:
+        ray_cluster.add_node(name)  # the next test gets its two worker nodes back
+    assert_same_losses(metrics(root, run), reference_rows(trained_runs, "ddp"))
+    state = status(ray_cluster, root, run)
+    first, second = state["attempts"][:2]
+    assert first["outcome"] == "FAILED" and first["cause"]["node_id"] == victim_id, first
+    assert first["cause"].get("lost_node") == victim_id and "was lost" in first["cause"]["summary"], first
+    assert victim_id not in rank_nodes(second).values() and second["restored_step"] >= 8
+    assert state["state"] == "SUCCEEDED"
+    text = kiln_at(ray_cluster, "status", run, "--storage-root", root).stdout
+    assert f"node {victim_id} was lost" in text, text
+
+
+def test_a_killed_driver_shows_driver_lost_and_kiln_resume_address_finishes_it_exactly(ray_cluster, s3, trained_runs):
+    """Story (c): SIGKILL the Ray job's driver process; `kiln resume RUN --address` continues it."""
+    root, run = s3_root(s3), "driverloss"
+    assert submit(ray_cluster, root, run).returncode == 0
+    wait_for("step 8 committed", lambda: max(committed_steps(root, run), default=0) >= 8)
+    job = json.loads(ray_job_info(ray_cluster, f"kiln-{run}"))
+    os.kill(int(job["driver_info"]["pid"]), signal.SIGKILL)
+    wait_for("the job to fail", lambda: status(ray_cluster, root, run)["job"]["status"] == "FAILED", 120)
+    lost = status(ray_cluster, root, run)
+    assert lost["state"] == "DRIVER_LOST" and lost["recorded_state"] == "RUNNING"
+    assert lost["resume_command"].startswith(f"kiln resume {run} --address {ray_cluster.address}")
+    text = kiln_at(ray_cluster, "status", run, "--storage-root", root).stdout
+    assert "DRIVER_LOST" in text and "its driver is gone" in text
+
+    resumed = kiln_at(ray_cluster, "resume", run, "--address", ray_cluster.address, "--storage-root", root, "--follow")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert f"as Ray job kiln-{run}-2" in resumed.stdout
+    assert_same_losses(metrics(root, run), reference_rows(trained_runs, "ddp"))
+    done = status(ray_cluster, root, run)
+    assert done["state"] == "SUCCEEDED" and done["job"]["job_id"] == f"kiln-{run}-2"
+    assert done["attempts"][0]["outcome"] == "DRIVER_LOST"
+
+
+def test_kiln_stop_on_a_submitted_run_preempts_it_and_kiln_resume_continues_it_on_the_cluster(
+    ray_cluster, s3, trained_runs
+):
+    """Story (d): a graceful stop commits a checkpoint (PREEMPTED, exit 3); resume finishes it exactly."""
+    root, run = s3_root(s3), "stopped"
+    assert submit(ray_cluster, root, run).returncode == 0
+    wait_for("step 5 committed", lambda: max(committed_steps(root, run), default=0) >= 5)
+    stop = kiln_at(ray_cluster, "stop", run, "--storage-root", root, "--wait", "180")
+    assert stop.returncode == 0 and "PREEMPTED" in stop.stdout, stop.stdout + stop.stderr
+    preempted = status(ray_cluster, root, run)
+    # The driver exits 3 as `kiln train` does when preempted, which Ray counts as a FAILED job.
+    assert preempted["state"] == "PREEMPTED" and preempted["job"]["driver_exit_code"] == 3
+    assert preempted["checkpoint"]["step"] == preempted["step"] < 20
+
+    resumed = kiln_at(ray_cluster, "resume", run, "--address", ray_cluster.address, "--storage-root", root, "--follow")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert_same_losses(metrics(root, run), reference_rows(trained_runs, "ddp"))
+    assert status(ray_cluster, root, run)["state"] == "SUCCEEDED"
+
+
+def test_ray_job_stop_and_kiln_stop_now_end_a_submitted_run_at_once(ray_cluster, s3):
+    """Ray's `ray job stop` and `kiln stop --now` both stop the job; the run is resumable, never stuck RUNNING."""
+    root, run = s3_root(s3), "stopnow"
+    assert submit(ray_cluster, root, run, "train.max_steps=1000").returncode == 0
+    wait_for("step 2 committed", lambda: max(committed_steps(root, run), default=0) >= 2)
+    stopped = ray_cli(ray_cluster, "job", "stop", f"kiln-{run}")
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for("DRIVER_LOST", lambda: status(ray_cluster, root, run)["state"] == "DRIVER_LOST", 120)
+
+    again = kiln_at(ray_cluster, "resume", run, "--address", ray_cluster.address, "--storage-root", root)
+    assert again.returncode == 0, again.stderr
+    wait_for("the resumed attempt", lambda: len(events(root, run, "started")) >= 2, 240)
+    now = kiln_at(ray_cluster, "stop", run, "--now", "--storage-root", root)
+    assert now.returncode == 0, now.stderr
+    final = status(ray_cluster, root, run)
+    assert final["state"] == "STOPPED" and final["job"]["status"] == "STOPPED"
+    assert "kiln stop --now" in final["error"] and final["resume_command"]
+    assert "was stopped" in ray_cli(ray_cluster, "job", "status", f"kiln-{run}-2").stdout
