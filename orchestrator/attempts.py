@@ -73,9 +73,12 @@ def apply_event(record: RunRecord, event: dict) -> None:
         open_attempt(record, when, launcher=event.get("launcher"), driver=event.get("driver"))
     elif kind == "started":
         if attempt is None or "world_size" in attempt:  # Ray restarted the group, or a new launcher
+            previous = record.attempts[-1].get("world_size") if record.attempts else None
             if attempt is not None:
-                close(attempt, "RESTARTED", None, when)
+                close(attempt, "RESTARTED", resize_cause(previous, event.get("world_size")), when)
             attempt = open_attempt(record, when, launcher=event.get("launcher"))
+            if previous and event.get("world_size") and previous != event["world_size"]:
+                attempt["resized_from"] = previous
         attempt.update(
             world_size=event.get("world_size"),
             ranks=event.get("ranks"),
@@ -109,6 +112,14 @@ def apply_event(record: RunRecord, event: dict) -> None:
         )
     elif kind == "stop_requested":
         record.notes.append(f"{when}: stop requested: {event.get('reason')}")
+
+
+def resize_cause(before: int | None, after: int | None) -> dict | None:
+    """Why a group that did not fail was replaced: an elastic run growing (or shrinking) to another size."""
+    if not before or not after or before == after:
+        return None
+    verb = "grew" if after > before else "shrank"
+    return {"summary": f"Ray Train's elastic scaling {verb} the group from {before} to {after} workers"}
 
 
 def with_node_id(event: dict, attempt: dict | None) -> dict:

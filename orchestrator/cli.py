@@ -253,6 +253,8 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
 def describe_attempt(attempt: dict) -> str:
     """One line per attempt: when, on what, from which step, how it ended and why."""
     where = f"{attempt.get('world_size', '?')} workers via {attempt.get('launcher') or '?'}"
+    if attempt.get("resized_from"):
+        where += f" (resized from {attempt['resized_from']} workers)"
     restored = attempt.get("restored_step")
     origin = f"from step {restored}" if restored is not None else "from scratch"
     if attempt.get("resharded_from"):

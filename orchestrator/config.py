@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import default_storage_root
-from data_pipeline.redaction import URL_CREDENTIALS
+from data_pipeline.redaction import URL_CREDENTIALS, redact_text
 from trainers.config import WorkerConfig, one_of, require
 
 CONF_DIR = Path(os.environ.get("KILN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
@@ -50,7 +50,12 @@ class ClusterConfig:
     """Where workers run: an embedded local Ray (address unset) or an existing cluster."""
 
     address: str | None = None
-    num_workers: int = 2
+    # N workers, or [MIN, MAX]: Ray Train's elastic training (starts with what it can get from MIN up,
+    # goes on with fewer when a node is lost, grows back when nodes return). The math does not change
+    # with the count: the global batch is kept by gradient accumulation and the data cursor is global.
+    num_workers: Any = 2
+    # Elastic runs only: how often Ray Train looks for room to grow the group (Ray's default: 60 s).
+    resize_check_s: float | None = None
     cpus_per_worker: int = 1
     use_gpu: bool = False
     max_failures: int = 2  # worker-group restarts from the last committed checkpoint
@@ -65,11 +70,35 @@ class ClusterConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        require(self.num_workers > 0, f"cluster.num_workers must be > 0, got {self.num_workers}")
+        self.num_workers = worker_count(self.num_workers)
+        require(
+            self.resize_check_s is None or self.elastic,
+            f"cluster.resize_check_s={self.resize_check_s} is ignored with a fixed cluster.num_workers="
+            f"{self.num_workers}: give cluster.num_workers=[MIN,MAX] for an elastic run, or remove it",
+        )
+        require(
+            self.resize_check_s is None or self.resize_check_s > 0,
+            f"cluster.resize_check_s must be > 0 seconds, got {self.resize_check_s}",
+        )
         require(self.cpus_per_worker > 0, f"cluster.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         require(self.max_failures >= -1, f"cluster.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
         one_of("cluster.placement", self.placement, PLACEMENTS)
         self.check_resources()
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count may change while the run goes on (cluster.num_workers=[MIN,MAX])."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains with."""
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains with."""
+        return self.num_workers[-1] if isinstance(self.num_workers, list) else self.num_workers
 
     def check_resources(self) -> None:
         """resources_per_worker: positive amounts, and no key that another cluster setting owns."""
@@ -87,6 +116,24 @@ class ClusterConfig:
             )
 
 
+def worker_count(value: Any) -> int | list[int]:
+    """cluster.num_workers as given: N > 0, or [MIN, MAX] with 0 < MIN <= MAX (MIN == MAX is just N)."""
+    if not isinstance(value, str) and hasattr(value, "__iter__"):
+        bounds = list(value)
+        usable = len(bounds) == 2 and all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+        require(
+            usable and 0 < bounds[0] <= bounds[1],
+            f"cluster.num_workers={bounds} must be N or [MIN,MAX] with 0 < MIN <= MAX (an elastic run), "
+            "e.g. cluster.num_workers=[2,8]",
+        )
+        return bounds[0] if bounds[0] == bounds[1] else bounds
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"cluster.num_workers must be > 0 (or [MIN,MAX] for an elastic run), got {value!r}",
+    )
+    return value
+
+
 @dataclass
 class KilnConfig(WorkerConfig):
     """A complete, validated training run: what the workers run on, and where they run."""
@@ -95,7 +142,16 @@ class KilnConfig(WorkerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.train.grad_accum(self.cluster.num_workers)
+        for workers in range(self.cluster.min_workers, self.cluster.max_workers + 1):
+            try:
+                self.train.grad_accum(workers)  # every count an elastic run may train with keeps the global batch
+            except ValueError as exc:
+                if not self.cluster.elastic:
+                    raise
+                raise ValueError(
+                    f"{exc} (an elastic run with cluster.num_workers={self.cluster.num_workers} may train with "
+                    f"any count from {self.cluster.min_workers} to {self.cluster.max_workers})"
+                ) from None
         require(
             self.strategy.precision != "fp16" or self.cluster.use_gpu,
             "strategy.precision=fp16 needs GPUs (cluster.use_gpu=true) for loss scaling; "
@@ -104,8 +160,8 @@ class KilnConfig(WorkerConfig):
 
     @property
     def grad_accum(self) -> int:
-        """Micro-batches each worker accumulates per optimizer step."""
-        return self.train.grad_accum(self.cluster.num_workers)
+        """Micro-batches each worker accumulates per optimizer step (at the largest worker count)."""
+        return self.train.grad_accum(self.cluster.max_workers)
 
 
 ConfigStore.instance().store(name="kiln_schema", node=KilnConfig)
@@ -121,9 +177,9 @@ def compose_config(overrides: list[str]) -> KilnConfig:
         check_values(OmegaConf.to_container(composed, resolve=True))
         cfg = OmegaConf.to_object(composed)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise UsageError(user_spelling(explain_composition_error(exc, overrides))) from None
+        raise UsageError(redact_text(user_spelling(explain_composition_error(exc, overrides)))) from None
     except (ValueError, UsageError) as exc:
-        raise UsageError(user_spelling(str(exc))) from None
+        raise UsageError(redact_text(user_spelling(str(exc)))) from None
     assert isinstance(cfg, KilnConfig)
     check_no_ignored_settings(cfg)
     return cfg
@@ -216,9 +272,9 @@ def load_saved_config(config_yaml: str, overrides: list[str], source: str) -> Ki
         check_values(OmegaConf.to_container(merged, resolve=True))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise UsageError(user_spelling(f"{source}: {explain_composition_error(exc, overrides)}")) from None
+        raise UsageError(redact_text(user_spelling(f"{source}: {explain_composition_error(exc, overrides)}"))) from None
     except (ValueError, UsageError) as exc:
-        raise UsageError(user_spelling(f"{source}: {exc}")) from None
+        raise UsageError(redact_text(user_spelling(f"{source}: {exc}"))) from None
     assert isinstance(cfg, KilnConfig)
     return cfg
 

@@ -140,7 +140,7 @@ def check_placement(cfg: KilnConfig, console: Console) -> None:
     """
     cluster = cfg.cluster
     problem = placement_problem(
-        cluster.num_workers,
+        cluster.min_workers,  # an elastic run starts with what it gets from MIN up
         cluster.cpus_per_worker,
         cluster.use_gpu,
         cluster_nodes(),
@@ -152,7 +152,7 @@ def check_placement(cfg: KilnConfig, console: Console) -> None:
     if cfg.cluster.address is None:
         raise UsageError(problem)
     console.print(
-        f"[yellow]waiting for {cfg.cluster.num_workers} workers: {problem}; an autoscaler may add "
+        f"[yellow]waiting for {cfg.cluster.min_workers} workers: {problem}; an autoscaler may add "
         "nodes, otherwise stop with Ctrl-C[/yellow]"
     )
 
@@ -182,11 +182,13 @@ def scaling_config(cluster: ClusterConfig) -> ScalingConfig:
     """Ray Train's ScalingConfig for the cluster settings: workers, each one's resources, their placement."""
     from ray.train import ScalingConfig
 
+    elastic = {"elastic_resize_monitor_interval_s": cluster.resize_check_s} if cluster.resize_check_s else {}
     return ScalingConfig(
-        num_workers=cluster.num_workers,
+        num_workers=(cluster.min_workers, cluster.max_workers) if cluster.elastic else cluster.num_workers,
         use_gpu=cluster.use_gpu,
         resources_per_worker=worker_shape(cluster.cpus_per_worker, cluster.use_gpu, cluster.resources_per_worker),
         placement_strategy=cluster.placement.upper(),
+        **elastic,
     )
 
 
@@ -344,7 +346,7 @@ def check_embedded_fits(cfg: KilnConfig) -> None:
     if cluster.address is None and not _ray_running():
         known = {name: amount for name, amount in cluster.resources_per_worker.items() if name == "GPU"}
         problem = placement_problem(
-            cluster.num_workers,
+            cluster.min_workers,
             cluster.cpus_per_worker,
             cluster.use_gpu,
             [local_resources()],

@@ -104,7 +104,7 @@ def new_record(cfg: KilnConfig) -> RunRecord:
         experiment=cfg.run.name,
         max_steps=cfg.train.max_steps,
         strategy=cfg.strategy.name,
-        num_workers=cfg.cluster.num_workers,
+        num_workers=cfg.cluster.max_workers,
         wandb=(
             {
                 "mode": wandb_mode(cfg.tracker),
@@ -144,7 +144,7 @@ def reopen_run(root: str, run_id: str, overrides: list[str]) -> tuple[RunRegistr
         ) from None
     cfg = load_saved_config(saved, overrides, source)
     cfg.storage.root = root  # where the run is found now is where it lives (folders get moved)
-    record.max_steps, record.num_workers = cfg.train.max_steps, cfg.cluster.num_workers
+    record.max_steps, record.num_workers = cfg.train.max_steps, cfg.cluster.max_workers
     return registry, record, cfg
 
 

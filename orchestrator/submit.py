@@ -20,14 +20,19 @@ from trainers.run_state import RunState
 
 JOB_PREFIX = "kiln-"
 ADDRESS_ENV = "RAY_ADDRESS"
-TERMINAL_JOB_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+# NOT_FOUND: the cluster does not know the job (its head was replaced): nothing there drives the run.
+TERMINAL_JOB_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED", "NOT_FOUND"})
 UNREACHABLE = "UNREACHABLE"
+NOT_FOUND = "NOT_FOUND"
 DRIVER_LOST = "DRIVER_LOST"  # shown for a run whose record says it runs while its Ray job has ended
 # Installed code runs as `kiln`; code shipped with --working-dir must be imported from the job's folder.
 INSTALLED_ENTRYPOINT = ("kiln",)
 WORKING_DIR_ENTRYPOINT = ("python", "-m", "orchestrator.cli")
 # Never uploaded with --working-dir: environments, run folders and git history are large and local.
-WORKING_DIR_EXCLUDES = [".venv", ".git", "kiln-runs", "**/__pycache__", "*.egg-info"]
+WORKING_DIR_EXCLUDES = [
+    *(".venv", ".git", "kiln-runs", "**/__pycache__", "*.egg-info"),
+    *(".mypy_cache", ".ruff_cache", ".pytest_cache", ".hypothesis", "wandb"),
+]
 
 
 @dataclass(frozen=True)
@@ -147,8 +152,9 @@ def client(address: str):
     """A JobSubmissionClient for address (the token comes from Ray's usual environment)."""
     from ray.job_submission import JobSubmissionClient
 
-    # The SDK logs each websocket open/close at INFO to stderr, after the run's own last line.
-    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
+    # The SDK logs each websocket open/close, and --working-dir packaging each file it skips, at INFO.
+    for name in ("ray.dashboard.modules.job.sdk", "ray._private.runtime_env.packaging", "ray.dashboard.modules"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     with talking_to(address):
         return JobSubmissionClient(address)
 
@@ -172,7 +178,8 @@ def job_view(address: str, job_id: str) -> JobView:
         with talking_to(address):
             info = jobs.get_job_info(job_id)
     except UsageError as exc:
-        return JobView(job_id, address, UNREACHABLE, str(exc))
+        status = NOT_FOUND if "does not exist" in str(exc) else UNREACHABLE
+        return JobView(job_id, address, status, str(exc))
     driver = getattr(info, "driver_info", None)
     pid = getattr(driver, "pid", None)
     return JobView(

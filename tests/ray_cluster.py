@@ -28,6 +28,7 @@ from tests.s3_server import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 OBJECT_STORE_BYTES = 100 * 1024 * 1024  # Ray's minimum is 75 MiB; tests move tiny objects
+WORKER_NODE = "worker_node"  # a resource only the worker nodes offer
 NODES_SCRIPT = """
 import json, sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
@@ -64,9 +65,17 @@ class LocalRayCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
             "RAY_USAGE_STATS_ENABLED": "0",
+            # A lost node is declared dead in seconds, not Ray's default half minute (the GCS pings each
+            # raylet every second and gives up after three missed pings), and a worker group that cannot
+            # be placed is given up on after 30 s instead of 60: the stories here lose nodes on purpose.
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_timeout_ms": "5000",
+            "RAY_health_check_failure_threshold": "3",
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{base_env.get('PATH', '')}",
         }
         self.nodes: dict[str, Node] = {}
+        self.node_dirs: list[str] = []  # each worker node's own --temp-dir
 
     @property
     def address(self) -> str:
@@ -106,8 +115,17 @@ class LocalRayCluster:
         return self
 
     def add_node(self, name: str) -> None:
-        """Join a worker node with one CPU and the custom resource `name`; wait until the cluster sees it."""
-        self._launch(name, [f"--address={self.gcs_address}", "--num-cpus=1", f"--resources={json.dumps({name: 1})}"])
+        """Join a worker node with one CPU, the custom resource `name` and `worker_node` (every worker node has
+        it, so `cluster.resources_per_worker={worker_node:1}` keeps workers off the head); wait until it is seen."""
+        resources = json.dumps({name: 1, WORKER_NODE: 1})
+        # A folder of its own, as a machine of its own has: nodes sharing one would share one runtime-env
+        # cache, and one node's cleanup would delete a job's working_dir from under another node's driver.
+        temp_dir = tempfile.mkdtemp(prefix="kr", dir="/tmp")
+        self.node_dirs.append(temp_dir)
+        self._launch(
+            name,
+            [f"--address={self.gcs_address}", "--num-cpus=1", f"--resources={resources}", f"--temp-dir={temp_dir}"],
+        )
         self.nodes[name].node_id = self.wait_for_node(name)
 
     def _launch(self, name: str, args: list[str]) -> None:
@@ -225,18 +243,18 @@ class LocalRayCluster:
             with _gone_ok():
                 proc.kill()
         psutil.wait_procs(list(tree.values()), timeout=10)
-        for proc in psutil.process_iter(["cmdline"]):  # anything started with this cluster's temp dir
-            if any(self.temp_dir in arg for arg in proc.info["cmdline"] or []):
-                with _gone_ok():
-                    proc.kill()
+        for pid in self.leftovers():  # anything started with one of this cluster's temp dirs
+            with _gone_ok():
+                psutil.Process(pid).kill()
         self.nodes.clear()
 
     def leftovers(self) -> list[int]:
-        """Pids of processes still running with this cluster's temp dir (none, after stop())."""
+        """Pids of processes still running with one of this cluster's temp dirs (none, after stop())."""
+        dirs = [self.temp_dir, *self.node_dirs]
         return [
             proc.pid
             for proc in psutil.process_iter(["cmdline"])
-            if any(self.temp_dir in arg for arg in proc.info["cmdline"] or [])
+            if any(d in arg for d in dirs for arg in proc.info["cmdline"] or [])
         ]
 
 

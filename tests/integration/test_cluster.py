@@ -25,6 +25,7 @@ from tests.integration.ft_harness import (
     assert_same_losses,
     committed_steps,
     events,
+    losses,
     metrics,
     read_json,
     reference_rows,
@@ -206,8 +207,21 @@ def test_kiln_stop_on_a_submitted_run_preempts_it_and_kiln_resume_continues_it_o
     assert preempted["state"] == "PREEMPTED" and preempted["job"]["driver_exit_code"] == 3
     assert preempted["checkpoint"]["step"] == preempted["step"] < 20
 
-    resumed = kiln_at(ray_cluster, "resume", run, "--address", ray_cluster.address, "--storage-root", root, "--follow")
+    # This time the code travels with the job (--working-dir), as for a cluster without Kiln in its image.
+    resumed = kiln_at(
+        ray_cluster,
+        "resume",
+        run,
+        "--address",
+        ray_cluster.address,
+        "--storage-root",
+        root,
+        "--follow",
+        "--working-dir",
+        str(REPO),
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert f"python -m orchestrator.cli resume {run}" in resumed.stdout  # the entrypoint Ray ran
     assert_same_losses(metrics(root, run), reference_rows(trained_runs, "ddp"))
     assert status(ray_cluster, root, run)["state"] == "SUCCEEDED"
 
@@ -230,3 +244,49 @@ def test_ray_job_stop_and_kiln_stop_now_end_a_submitted_run_at_once(ray_cluster,
     assert final["state"] == "STOPPED" and final["job"]["status"] == "STOPPED"
     assert "kiln stop --now" in final["error"] and final["resume_command"]
     assert "was stopped" in ray_cli(ray_cluster, "job", "status", f"kiln-{run}-2").stdout
+
+
+def test_an_elastic_run_shrinks_on_node_loss_grows_back_and_keeps_the_math_of_a_fixed_size_run(
+    ray_cluster, s3, tmp_path
+):
+    """cluster.num_workers=[1,2]: lose a node (2 -> 1 worker), get it back (1 -> 2); losses as a 2-worker run's."""
+    from tests.helpers import torchrun
+
+    settings = [o for o in EVERY_STEP if not o.startswith(("model.dropout", "train.max_steps"))]
+    # No dropout: one worker draws other dropout masks than two (the rest of the math is the same).
+    settings += ["model.dropout=0.0", "train.max_steps=120"]
+    torchrun(*settings, "run.id=fixed", f"storage.root={tmp_path}")
+    reference = [json.loads(line) for line in (tmp_path / "fixed" / "metrics.jsonl").read_text().splitlines()]
+
+    root, run = s3_root(s3), "elastic"
+    elastic = ["cluster.num_workers=[1,2]", "cluster.resize_check_s=3", "cluster.resources_per_worker={worker_node:1}"]
+    args = ["submit", "--address", ray_cluster.address, *settings, *elastic, f"run.id={run}", f"storage.root={root}"]
+    assert kiln_at(ray_cluster, *args).returncode == 0
+    wait_for("step 5 committed on 2 workers", lambda: max(committed_steps(root, run), default=0) >= 5)
+    assert events(root, run, "started")[0]["world_size"] == 2
+    lost = ray_cluster.nodes["node_a"].node_id
+    try:
+        ray_cluster.kill_node("node_a")
+        wait_for("a 1-worker group", lambda: [e["world_size"] for e in events(root, run, "started")][-1] == 1, 240)
+        step_on_one = max(committed_steps(root, run))
+        wait_for("a step on 1 worker", lambda: max(committed_steps(root, run)) > step_on_one + 1, 120)
+    finally:
+        ray_cluster.add_node("node_a")
+    # Ray's resource view refreshes every 20 s, and the group is checked for room every 3 s (resize_check_s).
+    wait_for("the group to grow back", lambda: events(root, run, "started")[-1]["world_size"] == 2, 120)
+    assert read_json(f"{root}/{run}/run.json")["state"] == "RUNNING", "the run ended before it could grow"
+    wait_for("the run to succeed", lambda: read_json(f"{root}/{run}/run.json")["state"] == "SUCCEEDED", 400)
+
+    expected = {s: v[0] for s, v in losses(reference).items()}
+    logged = losses(metrics(root, run))
+    assert sorted(logged) == list(range(1, 121))
+    for step, values in logged.items():
+        assert values == pytest.approx([expected[step]] * len(values), rel=1e-4), step
+    state = status(ray_cluster, root, run)
+    sizes = [(a.get("resized_from"), a["world_size"]) for a in state["attempts"]]
+    assert sizes[:3] == [(None, 2), (2, 1), (1, 2)], state["attempts"]
+    shrink, grow = state["attempts"][0], state["attempts"][1]
+    assert shrink["outcome"] == "FAILED" and shrink["cause"]["lost_node"] == lost, shrink
+    assert grow["outcome"] == "RESTARTED" and "grew the group from 1 to 2 workers" in grow["cause"]["summary"]
+    text = kiln_at(ray_cluster, "status", run, "--storage-root", root).stdout
+    assert "1 workers via ray (resized from 2 workers)" in text and "2 workers via ray (resized from 1 workers)" in text

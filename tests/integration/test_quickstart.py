@@ -125,6 +125,21 @@ def test_run_folder_layout_and_worker_logs(finished_run):
     assert "rank 1/2" not in result.stdout + result.stderr
 
 
+def test_kiln_logs_prints_a_workers_log_and_says_where_a_local_drivers_log_is(finished_run):
+    run_dir, _ = finished_run
+    root = str(run_dir.parent)
+    worker = kiln("logs", "qs", "--rank", "1", "--storage-root", root)
+    assert worker.returncode == 0 and worker.stdout == (run_dir / "logs" / "worker_1.log").read_text()
+    missing = kiln("logs", "qs", "--rank", "7", "--storage-root", root)
+    assert missing.returncode == 2 and "no log for rank 7" in missing.stderr and "worker_0.log" in missing.stderr
+    driver = kiln("logs", "qs", "--storage-root", root)
+    assert driver.returncode == 2 and "was not submitted to a cluster" in driver.stderr
+    assert "kiln logs qs --rank N (N from 0 to 1)" in driver.stderr
+    # --follow of a run that has ended prints the log once and returns
+    followed = kiln("logs", "qs", "--rank", "0", "--follow", "--storage-root", root, timeout=60)
+    assert followed.returncode == 0 and followed.stdout == (run_dir / "logs" / "worker_0.log").read_text()
+
+
 def test_secrets_in_the_environment_reach_no_file_the_run_wrote(finished_run):
     run_dir, _ = finished_run
     checked = 0

@@ -108,3 +108,31 @@ def test_placement_may_change_on_resume_and_resources_survive_the_saved_config()
     resumed = load_saved_config(saved, ["cluster.placement=spread"], "run r").cluster
     assert resumed.placement == "spread"
     assert resumed.resources_per_worker == {"GPU": 1.0, "accelerator_type:H100": 0.001}
+
+
+def test_an_elastic_worker_range_reaches_ray_train_as_min_max_and_keeps_the_global_batch():
+    elastic = cluster("cluster.num_workers=[1,2]", "cluster.resize_check_s=5")
+    assert (elastic.elastic, elastic.min_workers, elastic.max_workers) == (True, 1, 2)
+    scaling = scaling_config(elastic)
+    assert scaling.num_workers == (1, 2) and scaling.elastic_resize_monitor_interval_s == 5
+    fixed = cluster("cluster.num_workers=2")
+    assert not fixed.elastic and scaling_config(fixed).num_workers == 2
+    assert cluster("cluster.num_workers=[2,2]").num_workers == 2  # a range of one count is that count
+    # Every count in the range must keep train.global_batch exact by accumulation.
+    message = refused("train.global_batch=16", "train.micro_batch=8", "cluster.num_workers=[1,3]")
+    assert "cluster.num_workers (3)" in message and "from 1 to 3" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["cluster.num_workers=[2,1]"], "0 < MIN <= MAX"),
+        (["cluster.num_workers=[0,2]"], "0 < MIN <= MAX"),
+        (["cluster.num_workers=[1,2,4]"], "N or [MIN,MAX]"),
+        (["cluster.num_workers=0"], "cluster.num_workers must be > 0"),
+        (["cluster.resize_check_s=5"], "is ignored with a fixed cluster.num_workers=2"),
+        (["cluster.num_workers=[1,2]", "cluster.resize_check_s=0"], "cluster.resize_check_s must be > 0"),
+    ],
+)
+def test_a_bad_elastic_setting_is_refused_naming_it(overrides, expected):
+    assert expected in refused(*overrides)

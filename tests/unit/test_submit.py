@@ -59,6 +59,7 @@ def test_the_entrypoint_quotes_every_argument_and_ships_no_secret():
         ("RUNNING", "RUNNING", "RUNNING"),
         ("RUNNING", "FAILED", DRIVER_LOST),
         ("RUNNING", "STOPPED", DRIVER_LOST),
+        ("RUNNING", "NOT_FOUND", DRIVER_LOST),  # the cluster's head was replaced and forgot the job
         ("PENDING", "FAILED", DRIVER_LOST),
         ("PREEMPTED", "FAILED", "PREEMPTED"),  # the driver exits 3 when preempted, which Ray calls FAILED
         ("RUNNING", "UNREACHABLE", "RUNNING"),  # cannot tell: show what the record says
@@ -92,3 +93,17 @@ def test_a_dead_node_becomes_the_cause_and_the_ranks_errors_its_fallout():
     assert [e["rank"] for e in attempt["also"]] == [1]
     assert mark_lost_nodes(record, {"aa"}) is False  # once
     assert mark_lost_nodes(RunRecord(run_id="x"), {"aa"}) is False
+
+
+def test_each_resize_of_an_elastic_run_is_an_attempt_saying_from_how_many_workers_and_why():
+    record = RunRecord(run_id="r")
+    apply_event(record, {"kind": "launched", "utc": "t0"})
+    apply_event(record, {"kind": "started", "utc": "t1", "world_size": 2, "ranks": []})
+    apply_event(record, {"kind": "failed", "utc": "t2", "rank": 1, "summary": "node lost"})
+    apply_event(record, {"kind": "started", "utc": "t3", "world_size": 1, "ranks": []})  # shrank after the loss
+    apply_event(record, {"kind": "started", "utc": "t4", "world_size": 2, "ranks": []})  # grew: no failure
+    first, shrunk, grown = record.attempts
+    assert first["outcome"] == "FAILED" and shrunk["resized_from"] == 2 and grown["resized_from"] == 1
+    assert shrunk["outcome"] == "RESTARTED"
+    assert shrunk["cause"]["summary"] == "Ray Train's elastic scaling grew the group from 1 to 2 workers"
+    assert "resized_from" not in first
