@@ -76,7 +76,7 @@ def main() -> None:
 
         import ray
 
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")  # not timed
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")  # not timed
         summary = prepare(
             PrepareConfig(
                 input=str(tmp_path / "*.jsonl"),

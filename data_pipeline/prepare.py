@@ -329,7 +329,9 @@ def _read(files: list[str], formats: list[str], cfg: PrepareConfig):
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        # "local": a bare ray.init() joins whatever `ray start` cluster /tmp/ray last recorded (or
+        # RAY_ADDRESS), and waits forever when that cluster is gone; preparing runs on this machine.
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # same output whatever the parallelism
     context.enable_progress_bars = False

@@ -82,7 +82,8 @@ def test_prepare_packs_every_good_document_in_order_and_reports_bad_ones(tmp_pat
     expected = make_inputs(tmp_path / "raw")
     out = tmp_path / "prepared"
     args = ["prepare", f"input={tmp_path}/raw/*", f"output={out}", "seq_len=32", "vocab_size=400", "val_fraction=0.2"]
-    result = kiln(*args)
+    # A cluster address left in the environment (a dead one here) is not where a local prepare runs.
+    result = kiln(*args, env={"RAY_ADDRESS": "127.0.0.1:9"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "3 bad records, 1 empty documents dropped" in result.stdout
     assert f"{tmp_path}/raw/a.jsonl:61: malformed JSON" in result.stdout

@@ -38,6 +38,8 @@ def finished_run(tmp_path_factory, cache_dir) -> tuple[Path, object]:
             "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEDONOTLEAK",
             "WANDB_API_KEY": WANDB_KEY,
             "WANDB_MODE": "offline",
+            # A cluster address left in the environment (a dead one): an embedded run starts its own Ray.
+            "RAY_ADDRESS": "127.0.0.1:9",
         },
         timeout=600,
     )
