@@ -227,13 +227,18 @@ def test_kiln_stop_on_a_submitted_run_preempts_it_and_kiln_resume_continues_it_o
 
 
 def test_ray_job_stop_and_kiln_stop_now_end_a_submitted_run_at_once(ray_cluster, s3):
-    """Ray's `ray job stop` and `kiln stop --now` both stop the job; the run is resumable, never stuck RUNNING."""
+    """Ray's `ray job stop` and `kiln stop --now` both stop the job; the run is resumable, never stuck RUNNING.
+
+    Ray SIGTERMs the driver and SIGKILLs it a few seconds later: a driver that commits a checkpoint in
+    that grace ends the run PREEMPTED, one that cannot is lost (DRIVER_LOST, or STOPPED by --now).
+    """
     root, run = s3_root(s3), "stopnow"
     assert submit(ray_cluster, root, run, "train.max_steps=1000").returncode == 0
     wait_for("step 2 committed", lambda: max(committed_steps(root, run), default=0) >= 2)
     stopped = ray_cli(ray_cluster, "job", "stop", f"kiln-{run}")
     assert stopped.returncode == 0, stopped.stderr
-    wait_for("DRIVER_LOST", lambda: status(ray_cluster, root, run)["state"] == "DRIVER_LOST", 120)
+    ended = ("DRIVER_LOST", "PREEMPTED")
+    wait_for("the run to end", lambda: status(ray_cluster, root, run)["state"] in ended, 120)
 
     again = kiln_at(ray_cluster, "resume", run, "--address", ray_cluster.address, "--storage-root", root)
     assert again.returncode == 0, again.stderr
@@ -241,8 +246,10 @@ def test_ray_job_stop_and_kiln_stop_now_end_a_submitted_run_at_once(ray_cluster,
     now = kiln_at(ray_cluster, "stop", run, "--now", "--storage-root", root)
     assert now.returncode == 0, now.stderr
     final = status(ray_cluster, root, run)
-    assert final["state"] == "STOPPED" and final["job"]["status"] == "STOPPED"
-    assert "kiln stop --now" in final["error"] and final["resume_command"]
+    assert final["state"] in ("STOPPED", "PREEMPTED") and final["job"]["status"] in ("STOPPED", "FAILED"), final
+    if final["state"] == "STOPPED":
+        assert "kiln stop --now" in final["error"]
+    assert final["resume_command"] and final["job"]["job_id"] == f"kiln-{run}-2"
     assert "was stopped" in ray_cli(ray_cluster, "job", "status", f"kiln-{run}-2").stdout
 
 
