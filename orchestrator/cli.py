@@ -34,8 +34,13 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.config import compose_config, config_keys, group_names
 
     if args.list_keys:
+        from orchestrator.sweep.settings import sweep_keys
+
         console.print("groups: " + ", ".join(group_names()))
         for key in config_keys():
+            console.print(f"  {key}")
+        console.print("sweep settings (kiln sweep, kiln train -m):")
+        for key in sweep_keys():
             console.print(f"  {key}")
         return 0
     cfg = compose_config(args.overrides)  # bad input fails here, before Ray starts
@@ -330,6 +335,12 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train from a Hydra config: kiln train experiment=quickstart key=value ...")
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=100 strategy=ddp")
     train.add_argument("--list-keys", action="store_true", help="print config groups and every key, then exit")
+    train.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="sweep: the same as `kiln sweep OVERRIDES` (Hydra's spelling)",
+    )
     train.set_defaults(func=cmd_train)
     runs = sub.add_parser("runs", help="list runs")
     runs.add_argument("--storage-root", default=default_storage_root())
@@ -367,6 +378,9 @@ def parser() -> argparse.ArgumentParser:
     )
     stop.set_defaults(func=cmd_stop)
     add_cluster_commands(sub)
+    from orchestrator.sweep.cli import add_sweep_commands
+
+    add_sweep_commands(sub, default_storage_root())
     export = sub.add_parser("export", help="write a Hugging Face folder from a run's checkpoint")
     export.add_argument("run")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest committed)")
@@ -428,9 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.storage import StorageError
     from orchestrator.config import UsageError
     from orchestrator.registry import DamagedRun, RunExists, UnknownRun
+    from orchestrator.sweep.cli import sweep_argv
+    from orchestrator.sweep.record import UnknownSweep
     from trainers.errors import CheckpointError
 
-    args = parser().parse_args(argv)
+    args = parser().parse_args(sweep_argv(sys.argv[1:] if argv is None else argv))
+    args.command = args.command.replace("sweep-", "sweep ")
     console = RedactingConsole(soft_wrap=True)
     if not console.is_terminal:  # piped or captured: never truncate ids and paths to 80 columns
         console = RedactingConsole(soft_wrap=True, width=240)
@@ -440,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         UsageError,
         UnknownRun,
+        UnknownSweep,
         RunExists,
         DamagedRun,
         DataConfigError,

@@ -255,6 +255,7 @@ class TrackerConfig:
     # None: $WANDB_MODE if set, else offline. Set "online" to sync (needs WANDB_API_KEY).
     mode: str | None = None
     tags: list[str] = field(default_factory=list)
+    group: str | None = None  # W&B's run group; a sweep's trials are grouped by sweep id
 
     def __post_init__(self) -> None:
         one_of("tracker.name", self.name, ("wandb", "none"))

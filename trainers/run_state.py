@@ -19,6 +19,7 @@ class RunState(StrEnum):
     FAILED = "FAILED"
     STOPPED = "STOPPED"  # ended early, possibly without a final checkpoint (Ctrl-C twice)
     PREEMPTED = "PREEMPTED"  # stopped early with a committed checkpoint (SIGTERM, `kiln stop`)
+    PRUNED = "PRUNED"  # a sweep's early stopping (ASHA) ended this trial, with a committed checkpoint
 
 
 # Where each state may move. Staying put is always allowed (the driver rewrites run.json often).
@@ -26,16 +27,20 @@ TRANSITIONS: dict[RunState, frozenset[RunState]] = {
     # A submitted run is PENDING until its Ray job's driver starts it; it can fail there (data missing on
     # the cluster) or be stopped (`kiln stop --now`) before it ever runs.
     RunState.PENDING: frozenset({RunState.RUNNING, RunState.FAILED, RunState.STOPPED}),
-    RunState.RUNNING: frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED, RunState.PREEMPTED}),
+    RunState.RUNNING: frozenset(
+        {RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED, RunState.PREEMPTED, RunState.PRUNED}
+    ),
     # `kiln resume`: a SUCCEEDED run goes on only with a raised train.max_steps (prepare_resume checks that).
     RunState.SUCCEEDED: frozenset({RunState.RUNNING}),
     RunState.FAILED: frozenset({RunState.RUNNING}),
     RunState.STOPPED: frozenset({RunState.RUNNING}),
-    RunState.PREEMPTED: frozenset({RunState.RUNNING}),
+    # A pruned trial's workers commit and stop as for any stop request (PREEMPTED); its sweep then says why.
+    RunState.PREEMPTED: frozenset({RunState.RUNNING, RunState.PRUNED}),
+    RunState.PRUNED: frozenset({RunState.RUNNING}),
 }
 # States `kiln resume` continues without asking for more steps (RUNNING: its driver is gone, or --force).
-RESUMABLE = frozenset({RunState.RUNNING, RunState.FAILED, RunState.STOPPED, RunState.PREEMPTED})
-TERMINAL = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED, RunState.PREEMPTED})
+RESUMABLE = frozenset({RunState.RUNNING, RunState.FAILED, RunState.STOPPED, RunState.PREEMPTED, RunState.PRUNED})
+TERMINAL = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED, RunState.PREEMPTED, RunState.PRUNED})
 
 
 class IllegalTransition(ValueError):

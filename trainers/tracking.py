@@ -110,6 +110,7 @@ class WandbTracker:
             mode=cast(Any, wandb_mode(cfg)),
             resume="allow",
             tags=redact(list(cfg.tags)),
+            group=redact(cfg.group),
             config=redact(config),
             settings=wandb.Settings(
                 silent=True, console="off", save_code=False, disable_git=True, x_disable_stats=True

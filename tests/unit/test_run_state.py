@@ -28,7 +28,15 @@ ILLEGAL = [
 
 def test_every_state_has_its_moves_listed_and_the_values_are_the_run_json_strings():
     assert set(TRANSITIONS) == set(RunState)
-    assert [s.value for s in RunState] == ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED", "PREEMPTED"]
+    assert [s.value for s in RunState] == [
+        "PENDING",
+        "RUNNING",
+        "SUCCEEDED",
+        "FAILED",
+        "STOPPED",
+        "PREEMPTED",
+        "PRUNED",
+    ]
     assert RunState.RUNNING == "RUNNING" and f"{RunState.PREEMPTED}" == "PREEMPTED"
 
 

@@ -1,0 +1,237 @@
+"""Hydra's sweep grammar -> the points a sweep trains, every one composed and validated up front.
+
+Hydra's own override parser reads the command line (comma lists, `range`, `choice`, `interval`, `glob`,
+`tag(log, ...)`); this module only decides what each parsed sweep means for grid, random and Optuna.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from orchestrator.config import KilnConfig, UsageError, compose_config
+from orchestrator.sweep.settings import SweepConfig, is_sweep_setting, parse_settings
+
+# Keys a sweep sets on each trial itself.
+TRIAL_OWNED = {"run.id": "a sweep names its trials <sweep.id>-<n>: set sweep.id=NAME instead"}
+LOG_TAG = "log"
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One swept key: a list of values, or an interval (random and Optuna only)."""
+
+    key: str  # as typed, with any +/++ prefix and @package
+    values: tuple[str, ...] = ()
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False  # an interval over an int setting draws ints
+    typed: str = ""  # the override as the user typed it
+
+    @property
+    def is_interval(self) -> bool:
+        return self.low is not None
+
+    def assign(self, value: Any) -> str:
+        """The override that gives this key one value."""
+        return f"{self.key}={format_value(value, self.integer)}"
+
+    def draw(self, rng: random.Random) -> str:
+        """A random value (for sweep.search=random)."""
+        if not self.is_interval:
+            return self.assign(rng.choice(self.values))
+        low, high = float(self.low or 0), float(self.high or 0)
+        if self.log:
+            import math
+
+            value: float = math.exp(rng.uniform(math.log(low), math.log(high)))
+        else:
+            value = rng.uniform(low, high)
+        return self.assign(round(value) if self.integer else value)
+
+    def probes(self) -> list[str]:
+        """The values validated up front: every listed value, an interval's two ends."""
+        if self.is_interval:
+            return [self.assign(self.low), self.assign(self.high)]
+        return [self.assign(v) for v in self.values]
+
+
+def format_value(value: Any, integer: bool = False) -> str:
+    """A value as an override writes it (floats with 6 significant digits: what the trial really used)."""
+    if integer:
+        return str(round(float(value)))
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+@dataclass
+class SweepSpace:
+    """What a sweep trains: overrides every trial gets, the swept dimensions, and the sweep's settings."""
+
+    fixed: list[str]
+    dimensions: list[Dimension]
+    settings: SweepConfig
+    typed: list[str] = field(default_factory=list)  # the whole command line as given
+
+    def grid(self) -> list[list[str]]:
+        """Every combination, in Hydra's order (the last key varies fastest)."""
+        intervals = [d.typed for d in self.dimensions if d.is_interval]
+        if intervals:
+            raise UsageError(
+                f"{intervals[0]}: an interval has no grid points; set sweep.search=random or optuna "
+                "(with sweep.num_trials=N), or list the values (a,b,c)"
+            )
+        return [list(point) for point in itertools.product(*[d.probes() for d in self.dimensions])]
+
+    def draws(self, count: int, seed: int) -> list[list[str]]:
+        """count random points (sweep.search=random), the same ones for the same seed."""
+        rng = random.Random(seed)
+        return [[d.draw(rng) for d in self.dimensions] for _ in range(count)]
+
+    def probe_points(self) -> list[list[str]]:
+        """Points that put every value (an interval's ends) of every key in front of the validation once."""
+        first = [d.probes()[0] for d in self.dimensions]
+        points = [first]
+        for i, dimension in enumerate(self.dimensions):
+            for probe in dimension.probes()[1:]:
+                points.append([*first[:i], probe, *first[i + 1 :]])
+        return points
+
+    def optuna_space(self) -> dict[str, Any]:
+        """Optuna distributions keyed by the swept key, for Ray Tune's OptunaSearch."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        space: dict[str, Any] = {}
+        for d in self.dimensions:
+            if not d.is_interval:
+                space[d.key] = CategoricalDistribution(list(d.values))
+            elif d.integer:
+                space[d.key] = IntDistribution(int(d.low or 0), int(d.high or 0), log=d.log)
+            else:
+                space[d.key] = FloatDistribution(float(d.low or 0), float(d.high or 0), log=d.log)
+        return space
+
+    def point_from(self, params: dict[str, Any]) -> list[str]:
+        """The overrides of one Optuna suggestion, in the order the keys were given."""
+        return [d.assign(params[d.key]) for d in self.dimensions]
+
+
+def parse_space(overrides: list[str]) -> SweepSpace:
+    """Split a sweep's command line into sweep settings, fixed overrides and swept dimensions (Hydra's parser)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import IntervalSweep
+    from hydra.errors import HydraException
+
+    from orchestrator.config import CONF_DIR, explain_composition_error
+
+    fixed, dimensions, settings = [], [], []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="kiln-sweep"):
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        for typed in overrides:
+            try:
+                (parsed,) = parser.parse_overrides([typed])
+                if is_sweep_setting(typed):
+                    if parsed.is_sweep_override():
+                        raise UsageError(f"{typed}: sweep.* settings describe the sweep and cannot be swept")
+                    settings.append((parsed.key_or_group, parsed.value()))
+                    continue
+                owned = TRIAL_OWNED.get(parsed.key_or_group)
+                if owned:
+                    raise UsageError(f"{typed}: {owned}")
+                if not parsed.is_sweep_override():
+                    fixed.append(typed)
+                    continue
+                value = parsed.value()
+                key = parsed.get_key_element()
+                if isinstance(value, IntervalSweep):
+                    dimensions.append(
+                        Dimension(key, low=value.start, high=value.end, log=LOG_TAG in value.tags, typed=typed)
+                    )
+                else:
+                    values = tuple(parsed.sweep_string_iterator())
+                    if not values:
+                        raise UsageError(f"{typed}: this sweep has no values (a glob that matches no option?)")
+                    dimensions.append(Dimension(key, values=values, typed=typed))
+            except HydraException as exc:
+                raise UsageError(explain_composition_error(exc, [typed])) from None
+    keys = [d.key.lstrip("+") for d in dimensions]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise UsageError(f"{twice[0]} is swept twice; give each key one sweep")
+    if not dimensions:
+        raise UsageError(
+            "nothing to sweep: give a key several values, e.g. optim.lr=1e-4,3e-4, range(1,4), choice(a,b), "
+            "interval(1e-5,1e-3) or glob(zero*)"
+        )
+    return SweepSpace(fixed, dimensions, settings_from(settings), typed=list(overrides))
+
+
+def settings_from(pairs: list[tuple[str, Any]]) -> SweepConfig:
+    """The SweepConfig the `sweep.*` overrides set."""
+    return parse_settings(pairs)
+
+
+def with_int_intervals(space: SweepSpace, base: KilnConfig) -> SweepSpace:
+    """Intervals over int settings (model.n_layer=interval(1,4)) draw ints: the schema says which are ints."""
+    tree = OmegaConf.structured(base)
+    dims = []
+    for d in space.dimensions:
+        if d.is_interval:
+            current = OmegaConf.select(tree, d.key.lstrip("+").split("@")[0], default=None)
+            if isinstance(current, int) and not isinstance(current, bool):
+                d = Dimension(d.key, low=d.low, high=d.high, log=d.log, integer=True, typed=d.typed)
+        dims.append(d)
+    return SweepSpace(space.fixed, dims, space.settings, space.typed)
+
+
+@dataclass
+class SweepPlan:
+    """A validated sweep: its space, and its points (every one for grid and random; none yet for Optuna)."""
+
+    space: SweepSpace
+    points: list[list[str]]
+    base: KilnConfig  # the config of the first point: batch math, steps, what a trial needs
+
+    @property
+    def settings(self) -> SweepConfig:
+        return self.space.settings
+
+
+def plan_sweep(overrides: list[str], compose: Callable[[list[str]], KilnConfig] = compose_config) -> SweepPlan:
+    """Parse, expand and validate a sweep; UsageError naming the first bad point before anything runs."""
+    space = parse_space(overrides)
+    settings = space.settings
+    if settings.search == "grid":
+        space.grid()  # an interval in a grid is named before any point is composed
+    first = compose_point(compose, space.fixed, [d.probes()[0] for d in space.dimensions], 1)
+    space = with_int_intervals(space, first)
+    if settings.search == "grid":
+        points = space.grid()
+        to_check = points
+    elif settings.search == "random":
+        points = space.draws(settings.num_trials or 0, settings.seed or 0)
+        to_check = points
+    else:
+        points, to_check = [], space.probe_points()
+    for n, point in enumerate(to_check, start=1):
+        compose_point(compose, space.fixed, point, n, label="point" if points else "value")
+    return SweepPlan(space, points, first)
+
+
+def compose_point(
+    compose: Callable[[list[str]], KilnConfig], fixed: list[str], point: list[str], n: int, label: str = "point"
+) -> KilnConfig:
+    """One point's config, or UsageError naming the point and what is wrong with it."""
+    try:
+        return compose(fixed + point)
+    except UsageError as exc:
+        raise UsageError(f"{label} {n} ({' '.join(point)}): {exc}; nothing was started") from None

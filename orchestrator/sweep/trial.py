@@ -1,0 +1,164 @@
+"""One trial of a sweep: a Ray Tune trainable that drives one ordinary Kiln run (its own TorchTrainer).
+
+Ray documents this shape for Tune with Train v2: each Tune trial is a driver that starts a Ray Train run.
+The Kiln driver (`launcher.train`) runs in a thread of the trial's actor; the trainable reports the
+run's evaluations to Tune as they land in its metrics.jsonl, so Tune's schedulers see them at once.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+from data_pipeline import storage
+from data_pipeline.redaction import redact_text
+from orchestrator.config import KilnConfig, compose_config
+from orchestrator.progress import MetricsTail
+from orchestrator.registry import METRICS_FILE, RunRegistry
+from orchestrator.sweep.record import NOT_STARTED, sweep_stop_requested, trial_run_id
+from trainers.events import read_events
+from trainers.preemption import request_stop
+from trainers.run_state import RunState
+
+POLL_S = 0.5
+# How long a trial's actor waits, when Tune ends it early, for its run to commit and stop.
+STOP_WAIT_S = 300
+PRUNED_EVENT = "pruned"
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of one sweep shares."""
+
+    root: str
+    sweep_id: str
+    fixed: list[str]  # overrides every trial gets
+    metric: str
+    on_cluster: bool = False  # the sweep's driver runs as a Ray job: trials wait for a cluster that may grow
+
+    def run_id(self, n: int) -> str:
+        return trial_run_id(self.sweep_id, n)
+
+
+def trial_config(ctx: SweepContext, n: int, point: list[str]) -> KilnConfig:
+    """A new trial's run config: the sweep's fixed overrides, its point, its run id and W&B group."""
+    extra = [f"run.id={ctx.run_id(n)}", f"storage.root={ctx.root}"]
+    if ctx.on_cluster:
+        extra.append("cluster.address=auto")
+    cfg = compose_config(ctx.fixed + point + extra)
+    if cfg.tracker.name == "wandb":
+        cfg.tracker.group = ctx.sweep_id
+    return cfg
+
+
+def was_pruned(events: list[dict], since: float) -> bool:
+    """Whether the newest stop asked of a run since `since` (epoch s) was the sweep's pruning."""
+    stops = [e for e in events if e.get("kind") in (PRUNED_EVENT, "stop_requested") and e.get("time", 0) >= since]
+    return bool(stops) and stops[-1]["kind"] == PRUNED_EVENT
+
+
+def drive_trial(ctx: SweepContext, n: int, point: list[str], console: Console) -> tuple[str, str | None]:
+    """Run (or continue) trial n to its end here; returns (its run's state, one line of error or None)."""
+    import time
+
+    from orchestrator.launcher import RunFailed, train
+    from orchestrator.runs import prepare_resume
+
+    registry = RunRegistry(ctx.root)
+    run_id = ctx.run_id(n)
+    started = time.time()
+    command = f"kiln sweep {ctx.sweep_id} (trial {n})"
+    try:
+        if run_id in registry.run_ids():
+            overrides = ["cluster.address=auto"] if ctx.on_cluster else []
+            registry, record, cfg = prepare_resume(ctx.root, run_id, overrides)
+            outcome = train(cfg, console, resumed=(registry, record), command=command)
+        else:
+            outcome = train(trial_config(ctx, n, point), console, command=command)
+    except RunFailed as exc:
+        return RunState.FAILED, redact_text(str(exc))
+    except Exception as exc:  # a trial that cannot run ends FAILED; the others go on
+        return RunState.FAILED, redact_text(f"{type(exc).__name__}: {exc}")
+    state = outcome.state
+    if state == RunState.PREEMPTED and was_pruned([e for _, e in read_events(registry.run_url(run_id))], started):
+        record = registry.load(run_id)
+        record.state = RunState.PRUNED
+        registry.save(record)
+        state = RunState.PRUNED
+    return state, None
+
+
+def trainable_class():
+    """The Tune trainable (built here so that importing this module does not import Ray Tune)."""
+    from ray import tune
+
+    class KilnTrial(tune.Trainable):
+        """Drives trial `config["trial"]` (its point `config["point"]`) and reports each evaluation."""
+
+        def setup(self, config: dict[str, Any], context: SweepContext) -> None:
+            self.ctx, self.n = context, int(config["trial"])
+            self.run_url = RunRegistry(context.root).run_url(context.run_id(self.n))
+            self.tail = MetricsTail(storage.join(self.run_url, METRICS_FILE))
+            self.last_step: int = -1
+            self.last_value: float | None = None
+            self.pending: list[dict[str, Any]] = []
+            self.outcome: tuple[str, str | None] = (NOT_STARTED, None)
+            self.ended = threading.Event()
+            if sweep_stop_requested(context.root, context.sweep_id):
+                self.ended.set()  # stopped before it began: it stays NOT_STARTED for `kiln sweep resume`
+                self.thread = None
+                return
+            console = Console(file=sys.stdout, width=200, force_terminal=False, soft_wrap=True)
+            point = list(config["point"])
+            self.thread = threading.Thread(
+                target=self._drive, args=(point, console), name=f"kiln-trial-{self.n}", daemon=True
+            )
+            self.thread.start()
+
+        def _drive(self, point: list[str], console: Console) -> None:
+            try:
+                self.outcome = drive_trial(self.ctx, self.n, point, console)
+            finally:
+                self.ended.set()
+
+        def step(self) -> dict[str, Any]:
+            while True:
+                self._read_rows()
+                if self.pending:
+                    return self.pending.pop(0)
+                if self.ended.is_set():
+                    self._read_rows()
+                    if self.pending:
+                        return self.pending.pop(0)
+                    state, error = self.outcome
+                    final = {"step": max(self.last_step, 0), "state": state, "error": error, "done": True}
+                    if self.last_value is not None:
+                        final[self.ctx.metric] = self.last_value
+                    return final
+                self.ended.wait(POLL_S)
+
+        def _read_rows(self) -> None:
+            for row in self.tail.new_rows():
+                step, value = row.get("step"), row.get(self.ctx.metric)
+                # A restored run repeats the steps after its checkpoint: each evaluation is reported once.
+                if isinstance(step, int) and isinstance(value, (int, float)) and step > self.last_step:
+                    self.last_step, self.last_value = step, float(value)
+                    self.pending.append({"step": step, self.ctx.metric: float(value), "state": RunState.RUNNING})
+
+        def save_checkpoint(self, checkpoint_dir: str) -> dict:
+            # What Tune would restore is the run: `kiln sweep resume` continues it from its own checkpoint.
+            return {"run_id": self.ctx.run_id(self.n)}
+
+        def load_checkpoint(self, checkpoint: dict) -> None:
+            pass  # never called: Kiln does not restore Tune experiments (see save_checkpoint)
+
+        def cleanup(self) -> None:
+            if self.thread is not None and self.thread.is_alive():
+                request_stop(self.run_url, "the sweep ended this trial early")
+                self.thread.join(STOP_WAIT_S)
+
+    return KilnTrial
