@@ -16,6 +16,7 @@ from rich.console import Console
 
 from data_pipeline import storage
 from orchestrator.config import KilnConfig, UsageError, absolute_url
+from orchestrator.placement import fits_on, worker_shape
 from orchestrator.registry import RunRegistry, UnknownRun
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.record import NOT_STARTED, SweepRecord, SweepState, TrialEntry, best_trial, refresh_entry
@@ -32,19 +33,15 @@ HEARTBEAT_S = 5  # as a run's driver rewrites run.json (orchestrator/liveness.py
 
 
 def fitting_trials(nodes: list[dict[str, float]], cfg: KilnConfig) -> int:
-    """How many trials' worker groups the cluster's resources hold at once (at least 1)."""
+    """How many trials' worker groups the cluster's resources hold at once (at least 1), counted as Ray counts."""
     cluster = cfg.cluster
-    demand: dict[str, float] = {"CPU": float(cluster.cpus_per_worker * cluster.min_workers)}
-    if cluster.use_gpu:
-        demand["GPU"] = float(cluster.min_workers)
-    for name, amount in cluster.resources_per_worker.items():
-        demand[name] = demand.get(name, 0.0) + amount * cluster.min_workers
+    shape = worker_shape(cluster.cpus_per_worker, cluster.use_gpu, cluster.resources_per_worker)
+    group = {name: amount * cluster.min_workers for name, amount in shape.items()}
     totals: dict[str, float] = {}
     for node in nodes:
         for name, amount in node.items():
             totals[name] = totals.get(name, 0.0) + amount
-    fits = [int(totals.get(name, 0.0) // need) for name, need in demand.items() if need > 0]
-    return max(1, min(fits, default=1))
+    return max(1, fits_on(group, totals))
 
 
 def asha_scheduler(settings: Any, metric: str, mode: str, max_t: int, grace: int, on_prune: Callable):
@@ -324,7 +321,9 @@ class SweepDriver:
     def trial_ended(self, n: int, result: dict) -> None:
         entry = self.entry(n)
         self.refresh(entry)  # the run's own record says how it ended
-        if entry.state == NOT_STARTED and result.get("state") == NOT_STARTED:
+        if result.get("state") == NOT_STARTED and not run_exists(self.registry, entry.run_id):
+            entry.state = NOT_STARTED  # the sweep was stopped before this trial's run began
+            self.save()
             return
         if entry.state in (NOT_STARTED, RunState.RUNNING) and result.get("state") == RunState.FAILED:
             entry.state = RunState.FAILED  # it could not start (or its driver died) without saying so in run.json
@@ -341,10 +340,9 @@ class SweepDriver:
             self.refresh(entry)
         best = best_trial(self.record.trials, self.space.settings.mode)
         self.record.best = best.run_id if best else None
-        stop = sweeps.sweep_stop_requested(self.root, self.record.sweep_id)
         expected = len(self.record.points) if self.record.search != "optuna" else self.space.settings.num_trials or 0
         states = [t.state for t in self.record.trials] + [NOT_STARTED] * max(0, expected - len(self.record.trials))
-        self.record.state = sweeps.ended_state(states, stop or bool(self.signalled))
+        self.record.state = sweeps.ended_state(states)
         self.save()
         return self.record.state
 
@@ -398,6 +396,15 @@ def stop_sweep(root: str, record: SweepRecord, reason: str) -> list[str]:
             record_event(url, "stop_requested", reason=reason)
             asked.append(entry.run_id)
     return asked
+
+
+def run_exists(registry: RunRegistry, run_id: str) -> bool:
+    """Whether the run has a record."""
+    try:
+        registry.load(run_id)
+    except UnknownRun:
+        return False
+    return True
 
 
 def cluster_nodes() -> list[dict[str, float]]:

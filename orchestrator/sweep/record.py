@@ -13,7 +13,7 @@ from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-from orchestrator.registry import RunRegistry, UnknownRun, now
+from orchestrator.registry import DamagedRun, RunRegistry, UnknownRun, now
 from trainers.run_state import RunState
 
 SWEEPS_DIR = "sweeps"
@@ -193,12 +193,14 @@ def best_trial(trials: list[TrialEntry], mode: str) -> TrialEntry | None:
     return pick(scored, key=lambda t: float(t.last_metric or 0.0))
 
 
-def ended_state(trial_states: list[str], stop_requested: bool) -> str:
-    """How a sweep's driver ends it: STOPPED if asked to and a trial is left unfinished, else FINISHED."""
+def ended_state(trial_states: list[str]) -> str:
+    """How a sweep's driver ends it: FINISHED once every trial ended, else STOPPED (`kiln sweep resume` goes on).
+
+    Unfinished trials without a stop request mean trials the driver could not finish (a trial's driver
+    died with its actor): stopped, so that a resume finishes them.
+    """
     unfinished = [s for s in trial_states if s not in FINISHED_TRIAL_STATES | {RunState.FAILED}]
-    if stop_requested and unfinished:
-        return SweepState.STOPPED
-    return SweepState.FINISHED if not unfinished else SweepState.STOPPED
+    return SweepState.STOPPED if unfinished else SweepState.FINISHED
 
 
 def trial_summary(rows: list[dict], metric: str) -> tuple[float | None, float | None]:
@@ -213,6 +215,9 @@ def refresh_entry(registry: RunRegistry, entry: TrialEntry, metric: str) -> None
     try:
         run = registry.load(entry.run_id)
     except UnknownRun:
+        return
+    except DamagedRun as exc:  # one damaged run.json must not hide the rest of the sweep
+        entry.error = str(exc)
         return
     entry.state, entry.step = run.state, run.step
     entry.best_val_loss, last = trial_summary(registry.metrics(entry.run_id), metric)

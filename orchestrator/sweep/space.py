@@ -6,13 +6,14 @@ Hydra's own override parser reads the command line (comma lists, `range`, `choic
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import random
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-from omegaconf import OmegaConf
 
 from orchestrator.config import KilnConfig, UsageError, compose_config
 from orchestrator.sweep.settings import SweepConfig, is_sweep_setting, parse_settings
@@ -47,13 +48,15 @@ class Dimension:
         if not self.is_interval:
             return self.assign(rng.choice(self.values))
         low, high = float(self.low or 0), float(self.high or 0)
+        if self.integer:
+            # Each int equally likely (as Optuna's IntDistribution draws them); log: uniform in log(int).
+            if not self.log:
+                return self.assign(rng.randint(int(low), int(high)))
+            value = math.exp(rng.uniform(math.log(low), math.log(high + 1)))
+            return self.assign(min(int(high), math.floor(value)))
         if self.log:
-            import math
-
-            value: float = math.exp(rng.uniform(math.log(low), math.log(high)))
-        else:
-            value = rng.uniform(low, high)
-        return self.assign(round(value) if self.integer else value)
+            return self.assign(math.exp(rng.uniform(math.log(low), math.log(high))))
+        return self.assign(rng.uniform(low, high))
 
     def probes(self) -> list[str]:
         """The values validated up front: every listed value, an interval's two ends."""
@@ -153,9 +156,9 @@ def parse_space(overrides: list[str]) -> SweepSpace:
                 value = parsed.value()
                 key = parsed.get_key_element()
                 if isinstance(value, IntervalSweep):
-                    dimensions.append(
-                        Dimension(key, low=value.start, high=value.end, log=LOG_TAG in value.tags, typed=typed)
-                    )
+                    if value.start is None or value.end is None:
+                        raise UsageError(f"{typed}: an interval needs both ends, e.g. interval(1e-5,1e-3)")
+                    dimensions.append(interval_dimension(key, value.start, value.end, LOG_TAG in value.tags, typed))
                 else:
                     values = tuple(parsed.sweep_string_iterator())
                     if not values:
@@ -167,6 +170,9 @@ def parse_space(overrides: list[str]) -> SweepSpace:
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
         raise UsageError(f"{twice[0]} is swept twice; give each key one sweep")
+    both = [o for o in fixed if o.lstrip("+~").partition("=")[0] in keys]
+    if both:
+        raise UsageError(f"{both[0]}: that key is also swept; give it either one value or a sweep")
     if not dimensions:
         raise UsageError(
             "nothing to sweep: give a key several values, e.g. optim.lr=1e-4,3e-4, range(1,4), choice(a,b), "
@@ -175,22 +181,32 @@ def parse_space(overrides: list[str]) -> SweepSpace:
     return SweepSpace(fixed, dimensions, settings_from(settings), typed=list(overrides))
 
 
+def interval_dimension(key: str, low: float, high: float, log: bool, typed: str) -> Dimension:
+    """An interval's dimension; UsageError for one no search can draw from. Over an int setting it draws ints."""
+    if not low < high:
+        raise UsageError(f"{typed}: an interval needs its low end below its high end")
+    if log and low <= 0:
+        raise UsageError(f"{typed}: a log interval needs a low end above 0")
+    integer = schema_type(key.lstrip("+").split("@")[0]) is int
+    return Dimension(key, low=low, high=high, log=log, integer=integer, typed=typed)
+
+
+def schema_type(key: str) -> Any:
+    """The type the config schema gives a dotted key (int, float, ...), None if it names no typed field."""
+    node: Any = KilnConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+    return node
+
+
 def settings_from(pairs: list[tuple[str, Any]]) -> SweepConfig:
     """The SweepConfig the `sweep.*` overrides set."""
     return parse_settings(pairs)
-
-
-def with_int_intervals(space: SweepSpace, base: KilnConfig) -> SweepSpace:
-    """Intervals over int settings (model.n_layer=interval(1,4)) draw ints: the schema says which are ints."""
-    tree = OmegaConf.structured(base)
-    dims = []
-    for d in space.dimensions:
-        if d.is_interval:
-            current = OmegaConf.select(tree, d.key.lstrip("+").split("@")[0], default=None)
-            if isinstance(current, int) and not isinstance(current, bool):
-                d = Dimension(d.key, low=d.low, high=d.high, log=d.log, integer=True, typed=d.typed)
-        dims.append(d)
-    return SweepSpace(space.fixed, dims, space.settings, space.typed)
 
 
 @dataclass
@@ -207,31 +223,27 @@ class SweepPlan:
 
 
 def plan_sweep(overrides: list[str], compose: Callable[[list[str]], KilnConfig] = compose_config) -> SweepPlan:
-    """Parse, expand and validate a sweep; UsageError naming the first bad point before anything runs."""
+    """Parse, expand and validate a sweep; UsageError naming the first bad point before anything runs.
+
+    Grid and random points are the trials, each composed as it will run; Optuna's points are not known
+    yet, so every value of every key (an interval's ends) is composed once instead.
+    """
     space = parse_space(overrides)
     settings = space.settings
-    if settings.search == "grid":
-        space.grid()  # an interval in a grid is named before any point is composed
-    first = compose_point(compose, space.fixed, [d.probes()[0] for d in space.dimensions], 1)
-    space = with_int_intervals(space, first)
-    if settings.search == "grid":
-        points = space.grid()
-        to_check = points
-    elif settings.search == "random":
-        points = space.draws(settings.num_trials or 0, settings.seed or 0)
-        to_check = points
-    else:
-        points, to_check = [], space.probe_points()
-    for n, point in enumerate(to_check, start=1):
-        compose_point(compose, space.fixed, point, n, label="point" if points else "value")
-    return SweepPlan(space, points, first)
+    if settings.search == "optuna":
+        probes = space.probe_points()
+        configs = [compose_point(compose, space.fixed, point, "value") for point in probes]
+        return SweepPlan(space, [], configs[0])
+    points = space.grid() if settings.search == "grid" else space.draws(settings.num_trials or 0, settings.seed or 0)
+    configs = [compose_point(compose, space.fixed, point, f"point {n}") for n, point in enumerate(points, 1)]
+    return SweepPlan(space, points, configs[0])
 
 
 def compose_point(
-    compose: Callable[[list[str]], KilnConfig], fixed: list[str], point: list[str], n: int, label: str = "point"
+    compose: Callable[[list[str]], KilnConfig], fixed: list[str], point: list[str], label: str
 ) -> KilnConfig:
     """One point's config, or UsageError naming the point and what is wrong with it."""
     try:
         return compose(fixed + point)
     except UsageError as exc:
-        raise UsageError(f"{label} {n} ({' '.join(point)}): {exc}; nothing was started") from None
+        raise UsageError(f"{label} ({' '.join(point)}): {exc}; nothing was started") from None

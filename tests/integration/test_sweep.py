@@ -1,0 +1,229 @@
+"""Sweeps as users run them: a grid on the embedded Ray, its driver killed and resumed, Optuna with ASHA,
+`kiln sweep stop`, and a bad point refused before anything starts.
+
+Each trial is a 1-worker tiny run; the embedded Ray has this machine's 2 CPUs, so 2 trials run at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY, kiln
+from tests.integration.ft_harness import finish, kill_tree, output, start_kiln, wait_for
+
+pytestmark = pytest.mark.timeout(900)
+
+# 1-worker trials, checkpointed every step (a kill lands midway, and a resume restores an exact step).
+TRIAL = [
+    *TINY,
+    "model.n_layer=1",
+    "train.max_steps=40",
+    "train.eval_every=10",
+    "train.checkpoint_every=1",
+    "checkpoint.keep_last=2",
+    "checkpoint.keep_every=0",
+    "cluster.num_workers=1",
+]
+GRID = ["optim.lr=1e-3,3e-3", "model.n_layer=1,2"]  # trial 3 is optim.lr=0.003 model.n_layer=1
+
+
+def read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def metrics(root: Path, run: str) -> list[dict]:
+    return [json.loads(line) for line in (root / run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(rows: list[dict]) -> dict[int, list[float]]:
+    """step -> every train/loss logged for it (a step re-run after a restore is logged again)."""
+    found: dict[int, list[float]] = {}
+    for row in rows:
+        if "train/loss" in row:
+            found.setdefault(row["step"], []).append(row["train/loss"])
+    return found
+
+
+def committed_steps(run_dir: Path) -> list[int]:
+    """Steps whose checkpoint folder holds a MANIFEST.json, oldest first."""
+    folders = (run_dir / "checkpoints").glob("step_*/MANIFEST.json")
+    return sorted(int(path.parent.name.removeprefix("step_")) for path in folders)
+
+
+def status(root: Path, sweep: str) -> dict:
+    result = kiln("sweep", "status", sweep, "--json", "--storage-root", str(root))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, cache_dir):
+    """The uninterrupted 4-point grid, spelled the Hydra way (`kiln train -m`), W&B offline."""
+    root = tmp_path_factory.mktemp("sweep-grid")
+    result = kiln("train", "-m", *TRIAL, *GRID, "tracker=wandb", "sweep.id=grid", f"storage.root={root}", timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
+    return root, result
+
+
+def test_a_grid_runs_two_trials_at_a_time_and_marks_the_trial_with_the_lowest_final_val_loss(grid):
+    root, result = grid
+    view = status(root, "grid")
+    assert view["sweep_id"] == "grid" and view["state"] == "FINISHED"
+    assert [t["run_id"] for t in view["trials"]] == ["grid-1", "grid-2", "grid-3", "grid-4"]
+    assert [t["overrides"] for t in view["trials"]] == [
+        ["optim.lr=0.001", "model.n_layer=1"],
+        ["optim.lr=0.001", "model.n_layer=2"],
+        ["optim.lr=0.003", "model.n_layer=1"],
+        ["optim.lr=0.003", "model.n_layer=2"],
+    ]
+    assert {t["state"] for t in view["trials"]} == {"SUCCEEDED"} and {t["step"] for t in view["trials"]} == {40}
+    evaluations = {
+        t["run_id"]: [r["val/loss"] for r in metrics(root, t["run_id"]) if "val/loss" in r] for t in view["trials"]
+    }
+    final = {run: values[-1] for run, values in evaluations.items()}
+    assert view["best"] == min(final, key=final.get)
+    for trial in view["trials"]:
+        every = [r["val/loss"] for r in metrics(root, trial["run_id"]) if "val/loss" in r]
+        assert trial["best_val_loss"] == pytest.approx(min(every))
+    # Each trial is an ordinary run: its config says its point, and it trained with its own overrides.
+    config = (root / "grid-3" / "config.yaml").read_text()
+    assert "lr: 0.003" in config and "n_layer: 1" in config
+    # 2 trials at a time on 2 CPUs: the sweep said so and trial 3 started only after one of 1, 2 ended.
+    assert "4 trial(s) to run, 2 at a time (grid)" in result.stdout
+    sweep = read(root / "sweeps" / "grid" / "sweep.json")
+    assert sweep is not None and sweep["max_concurrent"] == 2 and sweep["points"] == view_points(view)
+    text = result.stdout
+    assert text.index("trial 3 started") > min(text.index("trial 1 SUCCEEDED"), text.index("trial 2 SUCCEEDED"))
+    # The table marks the best trial.
+    table = kiln("sweep", "status", "grid", "--storage-root", str(root)).stdout
+    best_line = next(line for line in table.splitlines() if view["best"] in line)
+    assert best_line.lstrip().startswith("*")
+
+
+def view_points(view: dict) -> list[list[str]]:
+    return [t["overrides"] for t in view["trials"]]
+
+
+def test_each_trial_is_a_wandb_run_in_the_sweeps_group(grid):
+    from tests.wandb_reader import records
+
+    root, _ = grid
+    files = list((root / "grid-2" / "wandb").glob("offline-run-*/run-grid-2.wandb"))
+    assert len(files) == 1
+    runs = [r.run for r in records(files[0]) if r.HasField("run")]
+    assert runs and runs[0].run_group == "grid"
+
+
+def test_a_killed_sweep_driver_resumes_finished_trials_untouched_and_the_midway_trial_from_its_checkpoint(
+    grid, tmp_path
+):
+    reference_root, _ = grid
+    root = tmp_path / "runs"
+    args = ["sweep", *TRIAL, *GRID, "tracker=none", "sweep.id=killed", f"storage.root={root}"]
+    driver = start_kiln(*args, log=tmp_path / "sweep.log")
+
+    def two_done_and_trial_3_midway():
+        done = [read(root / f"killed-{n}" / "run.json") for n in (1, 2)]
+        if not all(d and d["state"] == "SUCCEEDED" for d in done):
+            return False
+        committed = committed_steps(root / "killed-3")  # the folder, not run.json: that is refreshed every 5 s
+        return committed and 3 <= committed[-1] <= 30
+
+    wait_for("trials 1 and 2 to finish and trial 3 to commit a checkpoint", two_done_and_trial_3_midway, proc=driver)
+    kill_tree(driver.pid)  # the driver's machine dies: the driver and the Ray it started
+    finished_before = {n: read(root / f"killed-{n}" / "run.json") for n in (1, 2)}
+    killed_at = committed_steps(root / "killed-3")[-1]
+    assert killed_at < 40
+
+    lost = status(root, "killed")
+    assert lost["state"] == "DRIVER_LOST" and "kiln sweep resume killed" in lost["resume_command"]
+    resumed = kiln("sweep", "resume", "killed", "--storage-root", str(root), timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-2000:]
+    assert "2 trial(s) ended (left as they are)" in resumed.stdout
+
+    view = status(root, "killed")
+    assert view["state"] == "FINISHED" and {t["state"] for t in view["trials"]} == {"SUCCEEDED"}
+    for n in (1, 2):  # finished trials were not run again
+        assert read(root / f"killed-{n}" / "run.json") == finished_before[n]
+    third = read(root / "killed-3" / "run.json")
+    assert len(third["attempts"]) == 2
+    restored = third["attempts"][1].get("restored_step")
+    assert restored is not None and restored >= killed_at - 1, third["attempts"][1]
+    # Trial 3's losses, first try and re-run steps alike, equal the uninterrupted sweep's trial 3 (same point).
+    logged = train_losses(metrics(root, "killed-3"))
+    expected = {s: v[0] for s, v in train_losses(metrics(reference_root, "grid-3")).items()}
+    assert sorted(logged) == list(range(1, 41))
+    for step, values in logged.items():
+        assert values == [expected[step]] * len(values), (step, values, expected[step])
+
+
+def test_optuna_with_asha_prunes_trials_that_end_pruned_with_a_committed_checkpoint(tmp_path, cache_dir):
+    root = tmp_path / "runs"
+    result = kiln(
+        "sweep",
+        *TINY,
+        "model.n_layer=1",
+        "train.max_steps=30",
+        "train.eval_every=5",
+        "train.checkpoint_every=10",
+        "cluster.num_workers=1",
+        "tracker=none",
+        "optim.lr=tag(log,interval(1e-5,1e-2))",
+        "sweep.search=optuna",
+        "sweep.num_trials=6",
+        "sweep.early_stop=asha",
+        "sweep.id=opt",
+        f"storage.root={root}",
+        timeout=800,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    view = status(root, "opt")
+    assert [t["run_id"] for t in view["trials"]] == [f"opt-{n}" for n in range(1, 7)]
+    pruned = [t for t in view["trials"] if t["state"] == "PRUNED"]
+    assert pruned, view["trials"]
+    for trial in pruned:
+        run = read(root / trial["run_id"] / "run.json")
+        assert run["step"] < 30 and run["checkpoint"]["step"] == run["step"]
+        assert (root / trial["run_id"] / "checkpoints" / f"step_{run['step']:06d}" / "MANIFEST.json").exists()
+        assert "pruned by the sweep's ASHA scheduler" in result.stdout
+    assert {t["state"] for t in view["trials"]} <= {"SUCCEEDED", "PRUNED"}
+    assert view["best"] in {t["run_id"] for t in view["trials"] if t["state"] == "SUCCEEDED"}
+    lrs = [float(t["overrides"][0].split("=")[1]) for t in view["trials"]]
+    assert all(1e-5 <= lr <= 1e-2 for lr in lrs) and len(set(lrs)) == 6
+
+
+def test_kiln_sweep_stop_commits_running_trials_and_resume_finishes_the_sweep(tmp_path, cache_dir):
+    root = tmp_path / "runs"
+    # One tiny trial alone trains ~80 steps/s: 1000 steps leave `kiln sweep stop` time to land midway.
+    longer = [o for o in TRIAL if not o.startswith(("train.max_steps", "train.checkpoint_every", "train.eval_every"))]
+    longer += ["train.max_steps=1000", "train.checkpoint_every=50", "train.eval_every=250"]
+    args = ["sweep", *longer, "optim.lr=1e-3,3e-3", "sweep.max_concurrent=1", "tracker=none", "sweep.id=halt"]
+    driver = start_kiln(*args, f"storage.root={root}", log=tmp_path / "sweep.log")
+    wait_for("trial 1 to train", lambda: (root / "halt-1" / "metrics.jsonl").exists(), proc=driver)
+    stop = kiln("sweep", "stop", "halt", "--storage-root", str(root))
+    assert stop.returncode == 0 and "halt-1" in stop.stdout, stop.stdout + stop.stderr
+    assert finish(driver) == 3, output(driver)
+    view = status(root, "halt")
+    assert view["state"] == "STOPPED"
+    assert [t["state"] for t in view["trials"]] == ["PREEMPTED", "NOT_STARTED"]
+    first = read(root / "halt-1" / "run.json")
+    assert first["checkpoint"]["step"] == first["step"] < 1000
+    resumed = kiln("sweep", "resume", "halt", "--storage-root", str(root), timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert [t["state"] for t in status(root, "halt")["trials"]] == ["SUCCEEDED", "SUCCEEDED"]
+
+
+def test_a_bad_point_is_named_and_nothing_runs(tmp_path):
+    root = tmp_path / "runs"
+    result = kiln("sweep", "train.max_steps=4", "optim.lr=0.1,-1", f"storage.root={root}")
+    assert result.returncode == 2
+    assert "point 2 (optim.lr=-1): optim.lr must be > 0" in result.stderr and "nothing was started" in result.stderr
+    assert not root.exists() or not any(root.iterdir())
+    multirun = kiln("train", "--multirun", "train.max_steps=4", "optim.lr=0.1,-1", f"storage.root={root}")
+    assert multirun.returncode == 2 and "point 2 (optim.lr=-1)" in multirun.stderr
