@@ -36,7 +36,6 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
     base = finalize(plan.base)
     root = base.storage.root
     RunRegistry(root).check_root()
-    prepare_data(plan, console)
     settings = plan.settings
     sweep_id = settings.id or new_run_id(f"{base.run.name[:24]}-sweep")
     settings.id = sweep_id
@@ -67,7 +66,7 @@ def prepare_data(plan: SweepPlan, console: Console) -> None:
 
     seen: set[str] = set()
     for point in plan.points or [[]]:
-        cfg = finalize(compose_config(plan.space.fixed + point)) if point else plan.base
+        cfg = finalize(compose_config(plan.space.fixed + point)) if point else finalize(plan.base)
         key = repr(cfg.data)
         if key not in seen:
             seen.add(key)
@@ -81,6 +80,7 @@ def run_here(record: SweepRecord, plan: SweepPlan, console: Console, retry_faile
 
     root = record.storage_root
     registry = RunRegistry(root)
+    prepare_data(plan, console)  # here: where the trials run (a submitted sweep's job prepares on the cluster)
     run_states = {t.n: run_state(registry, t.run_id) for t in record.trials}
     steps = plan_resume(run_states, retry_failed)
     queue = [(n, record.trial(n).overrides) for n in sorted(steps.resume + steps.start)]  # type: ignore[union-attr]

@@ -170,9 +170,18 @@ def parse_space(overrides: list[str]) -> SweepSpace:
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
         raise UsageError(f"{twice[0]} is swept twice; give each key one sweep")
-    both = [o for o in fixed if o.lstrip("+~").partition("=")[0] in keys]
-    if both:
-        raise UsageError(f"{both[0]}: that key is also swept; give it either one value or a sweep")
+    # As in Hydra, the later override of a key wins: a value typed before the key's sweep is replaced by
+    # it; one typed after would replace every point of the sweep, which is surely a mistake.
+    order = {typed: i for i, typed in enumerate(overrides)}
+    swept_at = {d.key.lstrip("+"): order[d.typed] for d in dimensions}
+    kept = []
+    for typed in fixed:
+        key = typed.lstrip("+~").partition("=")[0]
+        if key in swept_at and order[typed] > swept_at[key]:
+            raise UsageError(f"{typed} comes after the sweep of {key} and would replace every point of it; remove one")
+        if key not in swept_at:
+            kept.append(typed)
+    fixed = kept
     if not dimensions:
         raise UsageError(
             "nothing to sweep: give a key several values, e.g. optim.lr=1e-4,3e-4, range(1,4), choice(a,b), "

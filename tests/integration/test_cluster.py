@@ -300,3 +300,28 @@ def test_an_elastic_run_shrinks_on_node_loss_grows_back_and_keeps_the_math_of_a_
     assert grow["outcome"] == "RESTARTED" and "grew the group from 1 to 2 workers" in grow["cause"]["summary"]
     text = kiln_at(ray_cluster, "status", run, "--storage-root", root).stdout
     assert "1 workers via ray (resized from 2 workers)" in text and "2 workers via ray (resized from 1 workers)" in text
+
+
+def test_a_sweep_submitted_to_the_cluster_runs_its_driver_as_a_ray_job_and_its_trials_at_once(ray_cluster, s3):
+    """`kiln sweep --address`: the sweep's driver is Ray job kiln-<sweep>; its trials are ordinary runs on S3."""
+    from tests.helpers import TINY
+
+    root, sweep = s3_root(s3), f"sw-{uuid.uuid4().hex[:6]}"
+    trial = [*TINY, "model.n_layer=1", "train.max_steps=10", "train.eval_every=5", "cluster.num_workers=1"]
+    args = ["sweep", "--address", ray_cluster.address, *trial, "tracker=none", "optim.lr=1e-3,3e-3"]
+    done = kiln_at(ray_cluster, *args, f"sweep.id={sweep}", f"storage.root={root}", "--follow")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert f"sweep {sweep} submitted to {ray_cluster.address} as Ray job kiln-{sweep}" in done.stdout
+    assert "2 trial(s) to run, 2 at a time (grid)" in done.stdout  # the driver's log, streamed
+    result = kiln_at(ray_cluster, "sweep", "status", sweep, "--json", "--storage-root", root)
+    assert result.returncode == 0, result.stderr
+    view = json.loads(result.stdout)
+    assert view["state"] == "FINISHED" and view["job_id"] == f"kiln-{sweep}"
+    assert [(t["run_id"], t["state"], t["step"]) for t in view["trials"]] == [
+        (f"{sweep}-1", "SUCCEEDED", 10),
+        (f"{sweep}-2", "SUCCEEDED", 10),
+    ]
+    assert view["best"] in {f"{sweep}-1", f"{sweep}-2"}
+    assert read_json(f"{root}/sweeps/{sweep}/sweep.json")["cluster_address"] == ray_cluster.address
+    # Each trial ran on the cluster: its worker recorded a cluster node, not this test's machine alone.
+    assert events(root, f"{sweep}-1", "started")[0]["ranks"][0]["node_id"]

@@ -200,9 +200,9 @@ def test_optuna_with_asha_prunes_trials_that_end_pruned_with_a_committed_checkpo
 
 def test_kiln_sweep_stop_commits_running_trials_and_resume_finishes_the_sweep(tmp_path, cache_dir):
     root = tmp_path / "runs"
-    # One tiny trial alone trains ~80 steps/s: 1000 steps leave `kiln sweep stop` time to land midway.
+    # One tiny trial alone trains ~80 steps/s: 600 steps leave `kiln sweep stop` time to land midway.
     longer = [o for o in TRIAL if not o.startswith(("train.max_steps", "train.checkpoint_every", "train.eval_every"))]
-    longer += ["train.max_steps=1000", "train.checkpoint_every=50", "train.eval_every=250"]
+    longer += ["train.max_steps=600", "train.checkpoint_every=50", "train.eval_every=200"]
     args = ["sweep", *longer, "optim.lr=1e-3,3e-3", "sweep.max_concurrent=1", "tracker=none", "sweep.id=halt"]
     driver = start_kiln(*args, f"storage.root={root}", log=tmp_path / "sweep.log")
     wait_for("trial 1 to train", lambda: (root / "halt-1" / "metrics.jsonl").exists(), proc=driver)
@@ -213,7 +213,7 @@ def test_kiln_sweep_stop_commits_running_trials_and_resume_finishes_the_sweep(tm
     assert view["state"] == "STOPPED"
     assert [t["state"] for t in view["trials"]] == ["PREEMPTED", "NOT_STARTED"]
     first = read(root / "halt-1" / "run.json")
-    assert first["checkpoint"]["step"] == first["step"] < 1000
+    assert first["checkpoint"]["step"] == first["step"] < 600
     resumed = kiln("sweep", "resume", "halt", "--storage-root", str(root), timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
     assert [t["state"] for t in status(root, "halt")["trials"]] == ["SUCCEEDED", "SUCCEEDED"]

@@ -359,3 +359,12 @@ def test_parse_space_keeps_the_typed_key_and_the_log_tag():
     )
     drawn = lr.draw(random.Random(0))
     assert drawn.startswith("+optim.lr=") and 1e-5 <= float(drawn.split("=")[1]) <= 1e-3
+
+
+def test_a_value_typed_before_a_keys_sweep_gives_way_to_it_and_one_typed_after_is_refused():
+    # An experiment's base value, then the sweep of the same key: the later override wins, as in Hydra.
+    swept = plan("model.n_layer=2", "model.n_layer=1,3")
+    assert "model.n_layer=2" not in swept.space.fixed
+    assert swept.points == [["model.n_layer=1"], ["model.n_layer=3"]]
+    message = refused("model.n_layer=1,3", "model.n_layer=2")
+    assert "model.n_layer=2 comes after the sweep of model.n_layer" in message
