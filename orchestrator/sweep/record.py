@@ -185,8 +185,11 @@ def plan_resume(run_states: dict[int, str | None], retry_failed: bool = False) -
 
 
 def best_trial(trials: list[TrialEntry], mode: str) -> TrialEntry | None:
-    """The trial with the best sweep.metric at its last evaluation (Ray Tune's scope="last"); None if none has one."""
-    scored = [t for t in trials if t.last_metric is not None]
+    """The trial with the best sweep.metric at its last evaluation (Ray Tune's scope="last"); None if none has one.
+
+    A FAILED trial is no candidate: its last evaluation may be from before it diverged.
+    """
+    scored = [t for t in trials if t.last_metric is not None and t.state != RunState.FAILED]
     if not scored:
         return None
     pick = min if mode == "min" else max

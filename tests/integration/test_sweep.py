@@ -227,3 +227,16 @@ def test_a_bad_point_is_named_and_nothing_runs(tmp_path):
     assert not root.exists() or not any(root.iterdir())
     multirun = kiln("train", "--multirun", "train.max_steps=4", "optim.lr=0.1,-1", f"storage.root={root}")
     assert multirun.returncode == 2 and "point 2 (optim.lr=-1)" in multirun.stderr
+
+
+def test_a_trial_that_fails_does_not_stop_the_others_and_is_never_the_best(tmp_path, cache_dir):
+    root = tmp_path / "runs"
+    short = [*TINY, "model.n_layer=1", "train.max_steps=10", "train.eval_every=5", "cluster.num_workers=1"]
+    diverging = ["optim.lr=1e-3,1e6", "cluster.max_failures=0", "tracker=none", "sweep.id=div"]
+    result = kiln("sweep", *short, *diverging, f"storage.root={root}", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "FloatingPointError: loss is nan" in result.stdout
+    view = status(root, "div")
+    assert view["state"] == "FINISHED"
+    assert [(t["run_id"], t["state"]) for t in view["trials"]] == [("div-1", "SUCCEEDED"), ("div-2", "FAILED")]
+    assert view["best"] == "div-1"
