@@ -116,8 +116,7 @@ def run_here(record: SweepRecord, plan: SweepPlan, console: Console, retry_faile
     console.print()
     print_status(status_json(root, record.sweep_id), console)
     if state == SweepState.STOPPED:
-        console.print(f"resume:  kiln sweep resume {record.sweep_id}{root_flag(root)}")
-        return EXIT_STOPPED
+        return EXIT_STOPPED  # the status above says how to resume it
     ended = [t.state for t in sweeps.load(root, record.sweep_id).trials]
     return 0 if any(s in FINISHED_TRIAL_STATES for s in ended) else EXIT_FAILED
 
