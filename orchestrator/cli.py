@@ -398,6 +398,7 @@ def parser() -> argparse.ArgumentParser:
         "[vocab_size=] [seq_len=] [val_fraction=] [on_bad_record=] [kind=]",
     )
     prep.set_defaults(func=cmd_prepare)
+    sub.metavar = "{" + ",".join(name for name in sub.choices if not name.startswith("sweep-")) + "}"
     return top
 
 

@@ -180,8 +180,7 @@ def cmd_sweep_start(args: argparse.Namespace, console: Console) -> int:
     """`kiln sweep start SWEEP`: what a submitted sweep's Ray job runs: the sweep's driver, on the cluster."""
     root = absolute_url(args.storage_root)
     record = sweeps.load(root, args.sweep)
-    plan = replan(record, on_cluster=True)
-    sweeps.clear_sweep_stop(root, record.sweep_id)
+    plan = replan(record, on_cluster=True)  # a stop asked while the job was PENDING holds: no clear_sweep_stop
     record.driver = this_driver(f"kiln sweep start {record.sweep_id}")
     return run_here(record, plan, console, retry_failed=args.retry_failed)
 
@@ -315,13 +314,14 @@ def add_sweep_commands(sub, default_root: str) -> None:
     sweep.add_argument("--follow", action="store_true", help="with --address: stream the driver's log to the end")
     sweep.add_argument("--working-dir", default=None, help="with --address: ship this Kiln checkout with the job")
     sweep.set_defaults(func=cmd_sweep)
-    for action, func, _help_text in (
+    for action, func, help_text in (
         ("status", cmd_sweep_status, "a sweep's trials, the best one marked"),
         ("resume", cmd_sweep_resume, "finish a sweep's unfinished trials and start the rest"),
         ("stop", cmd_sweep_stop, "stop every running trial with a committed checkpoint"),
         ("start", cmd_sweep_start, "run a recorded sweep's driver here (what a submitted sweep's Ray job runs)"),
     ):
-        parser = sub.add_parser(f"sweep-{action}", prog=f"kiln sweep {action}", help=argparse.SUPPRESS)
+        # No help=: `kiln --help` lists `sweep` only (these are reached as `kiln sweep ACTION`, see sweep_argv).
+        parser = sub.add_parser(f"sweep-{action}", prog=f"kiln sweep {action}", description=help_text)
         parser.add_argument("sweep")
         parser.add_argument("--storage-root", default=default_root)
         if action == "status":

@@ -53,6 +53,7 @@ def resubmit_sweep(record: SweepRecord, args: argparse.Namespace, console: Conso
     client(args.address)
     record.job_id, record.cluster_address = next_job_id(record.sweep_id, record.job_id), args.address
     record.state = SweepState.PENDING
+    sweeps.clear_sweep_stop(record.storage_root, record.sweep_id)  # the stop this resume undoes
     sweeps.save(record.storage_root, record)
     return launch(record, args.address, working_dir, args.follow, console, retry_failed=args.retry_failed)
 

@@ -75,7 +75,12 @@ def drive_trial(ctx: SweepContext, n: int, point: list[str], console: Console) -
     try:
         if run_id in registry.run_ids():
             overrides = ["cluster.address=auto"] if ctx.on_cluster else []
-            registry, record, cfg = prepare_resume(ctx.root, run_id, overrides)
+            # Its last driver was an actor of this sweep's driver, which is gone (`kiln sweep resume` checked):
+            # no need to wait out the heartbeat of a driver on another node.
+            ours = str((registry.load(run_id).driver or {}).get("command", "")).startswith(
+                f"kiln sweep {ctx.sweep_id} "
+            )
+            registry, record, cfg = prepare_resume(ctx.root, run_id, overrides, force=ours)
             outcome = train(cfg, console, resumed=(registry, record), command=command)
         else:
             outcome = train(trial_config(ctx, n, point), console, command=command)
