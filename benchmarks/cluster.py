@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -47,10 +46,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import base_env, paragraph, publish, seconds  # noqa: E402
 from tests.helpers import BIN, TINY  # noqa: E402
 
 HEADING = "## Cluster: submit and node loss (benchmarks/cluster.py)"
-DOCS = REPO / "docs" / "benchmarks.md"
 BUCKET = "kiln-bench"
 POLL_S = 0.1
 CLOCK_SKEW = [0.0]  # set by main(): see measure_clock_skew
@@ -338,10 +337,6 @@ def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
 
 
-def seconds(values: list[float]) -> str:
-    return ", ".join(f"{v:.1f}" for v in values)
-
-
 def render(results: dict) -> str:
     rounds, warmup, skew = results["rounds"], results["warmup"], results.get("clock_skew_s", 0.0)
     store = "moto's S3 server (loopback)" if results["s3"] else "one absolute local folder (every node shares it here)"
@@ -416,26 +411,9 @@ def loads(rounds: list[dict]) -> str:
     return ", ".join(f"{v:.1f}" for v in values)
 
 
-def paragraph(text: str) -> str:
-    return textwrap.fill(text, width=105, break_long_words=False, break_on_hyphens=False)
-
-
 def median(values: list[dict], key: str) -> str:
     known = [v[key] for v in values if v.get(key) is not None]
     return f"{statistics.median(known):.1f} s" if known else "-"
-
-
-def write_docs(body: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md, leaving the others as they are."""
-    text = DOCS.read_text()
-    section = f"{HEADING}\n\n{body}\n"
-    start = text.find(HEADING)
-    if start < 0:
-        DOCS.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = text.find("\n## ", start + len(HEADING))
-    rest = text[end + 1 :] if end >= 0 else ""
-    DOCS.write_text(text[:start] + section + ("\n" + rest if rest else ""))
 
 
 # Setup.
@@ -443,20 +421,6 @@ def write_docs(body: str) -> None:
 
 def rounded(values: dict) -> str:
     return json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in values.items()})
-
-
-def base_env(cache_dir: str) -> dict[str, str]:
-    """What every process gets: no RAY_* of the caller, offline W&B and hub, one corpus cache."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        KILN_CACHE_DIR=cache_dir,
-        COLUMNS="200",
-    )
-    return env
 
 
 def main() -> None:
@@ -532,12 +496,7 @@ def main() -> None:
     assert not left, f"Ray processes left behind: {left}"
     shutil.rmtree(cluster.temp_dir, ignore_errors=True)
     results["load"] = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    (work / "results.json").write_text(json.dumps(results, indent=2))
-    body = render(results)
-    print("\n" + body)
-    if not args.no_docs:
-        write_docs(body)
-        print(f"\nwritten to {DOCS.relative_to(REPO)}")
+    publish(work, results, render, HEADING, docs=not args.no_docs)
     if not args.keep:
         shutil.rmtree(work / "runs", ignore_errors=True)  # logs and results.json stay
 

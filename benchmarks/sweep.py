@@ -43,7 +43,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -51,10 +50,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import base_env, paragraph, publish, seconds  # noqa: E402
 from tests.helpers import BIN, TINY  # noqa: E402
 
 HEADING = "## Sweeps: concurrent trials against one after another (benchmarks/sweep.py)"
-DOCS = REPO / "docs" / "benchmarks.md"
 GRID = ["optim.lr=1e-3,3e-3", "model.n_layer=1,2"]
 TIMEOUT_S = 1800  # one command; at the defaults each takes a minute or two
 
@@ -169,14 +168,6 @@ def machine() -> str:
     )
 
 
-def seconds(values: list[float]) -> str:
-    return ", ".join(f"{v:.1f}" for v in values)
-
-
-def paragraph(text: str) -> str:
-    return textwrap.fill(text, width=105, break_long_words=False, break_on_hyphens=False)
-
-
 def loss_diff(rounds: list[dict]) -> float | None:
     """The largest |sweep - sequential| final val/loss over every point of every round (None: one is missing)."""
     diffs = []
@@ -250,34 +241,7 @@ def loss(value: float | None) -> str:
     return "-" if value is None else f"{value:.6f}"
 
 
-def write_docs(body: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md, leaving the others as they are."""
-    text = DOCS.read_text()
-    section = f"{HEADING}\n\n{body}\n"
-    start = text.find(HEADING)
-    if start < 0:
-        DOCS.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = text.find("\n## ", start + len(HEADING))
-    rest = text[end + 1 :] if end >= 0 else ""
-    DOCS.write_text(text[:start] + section + ("\n" + rest if rest else ""))
-
-
 # Setup.
-
-
-def base_env(cache_dir: str) -> dict[str, str]:
-    """What every process gets: no RAY_* of the caller, offline W&B and hub, one corpus cache."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        KILN_CACHE_DIR=cache_dir,
-        COLUMNS="200",
-    )
-    return env
 
 
 def plan_and_prepare(base: list[str], cache_dir: str) -> list[list[str]]:
@@ -359,12 +323,7 @@ def main() -> None:
         print(f"(logs and run folders left in {work})", file=sys.stderr)
         sys.exit(1)
     results["load"] = f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
-    (work / "results.json").write_text(json.dumps(results, indent=2))
-    body = render(results)
-    print("\n" + body)
-    if not args.no_docs:
-        write_docs(body)
-        print(f"\nwritten to {DOCS.relative_to(REPO)}")
+    publish(work, results, render, HEADING, docs=not args.no_docs)
     if not args.keep:
         for i in range(1, args.rounds + 1):
             shutil.rmtree(work / f"round-{i}", ignore_errors=True)  # logs and results.json stay

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import TINY, kiln
-from tests.integration.ft_harness import finish, kill_tree, output, start_kiln, wait_for
+from tests.integration.ft_harness import finish, kill_tree, losses, output, start_kiln, wait_for
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -39,15 +39,6 @@ def read(path: Path) -> dict | None:
 
 def metrics(root: Path, run: str) -> list[dict]:
     return [json.loads(line) for line in (root / run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def train_losses(rows: list[dict]) -> dict[int, list[float]]:
-    """step -> every train/loss logged for it (a step re-run after a restore is logged again)."""
-    found: dict[int, list[float]] = {}
-    for row in rows:
-        if "train/loss" in row:
-            found.setdefault(row["step"], []).append(row["train/loss"])
-    return found
 
 
 def committed_steps(run_dir: Path) -> list[int]:
@@ -156,8 +147,8 @@ def test_a_killed_sweep_driver_resumes_finished_trials_untouched_and_the_midway_
     restored = third["attempts"][1].get("restored_step")
     assert restored is not None and restored >= killed_at - 1, third["attempts"][1]
     # Trial 3's losses, first try and re-run steps alike, equal the uninterrupted sweep's trial 3 (same point).
-    logged = train_losses(metrics(root, "killed-3"))
-    expected = {s: v[0] for s, v in train_losses(metrics(reference_root, "grid-3")).items()}
+    logged = losses(metrics(root, "killed-3"))
+    expected = {s: v[0] for s, v in losses(metrics(reference_root, "grid-3")).items()}
     assert sorted(logged) == list(range(1, 41))
     for step, values in logged.items():
         assert values == [expected[step]] * len(values), (step, values, expected[step])

@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmark scripts: the processes' environment, formatting and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "benchmarks.md"
+
+
+def base_env(cache_dir: str) -> dict[str, str]:
+    """What every process gets: no RAY_* of the caller, offline W&B and hub, one corpus cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        KILN_CACHE_DIR=cache_dir,
+        COLUMNS="200",
+    )
+    return env
+
+
+def seconds(values: list[float]) -> str:
+    """Durations in seconds, one decimal, comma-separated."""
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+def paragraph(text: str) -> str:
+    """Text wrapped at 105 columns, words and hyphenated words kept whole."""
+    return textwrap.fill(text, width=105, break_long_words=False, break_on_hyphens=False)
+
+
+def write_docs(heading: str, body: str) -> None:
+    """Replace (or append) the section `heading` of docs/benchmarks.md, leaving the others as they are."""
+    text = DOCS.read_text()
+    section = f"{heading}\n\n{body}\n"
+    start = text.find(heading)
+    if start < 0:
+        DOCS.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = text.find("\n## ", start + len(heading))
+    rest = text[end + 1 :] if end >= 0 else ""
+    DOCS.write_text(text[:start] + section + ("\n" + rest if rest else ""))
+
+
+def publish(work: Path, results: dict, render: Callable[[dict], str], heading: str, docs: bool) -> None:
+    """Save results.json in work, print render(results) and, if docs, write it as the section `heading`."""
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    body = render(results)
+    print("\n" + body)
+    if docs:
+        write_docs(heading, body)
+        print(f"\nwritten to {DOCS.relative_to(REPO)}")
