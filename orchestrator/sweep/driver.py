@@ -192,6 +192,8 @@ class SweepDriver:
         """Run the queued trials and `new_trials` Optuna ones; returns the sweep's end state."""
         from ray import tune
 
+        from orchestrator.launcher import cluster_nodes
+
         settings = self.space.settings
         total = len(queue) + new_trials
         concurrent = settings.max_concurrent or fitting_trials(cluster_nodes(), self.base)
@@ -346,10 +348,6 @@ class SweepDriver:
         self.save()
         return self.record.state
 
-    def stop_trials(self, reason: str) -> None:
-        """Ask every running trial to commit and stop, and the sweep to start no more (`kiln sweep stop`)."""
-        stop_sweep(self.root, self.record, reason)
-
     def signals(self):
         """SIGTERM or a first Ctrl-C stops the sweep gracefully; a second Ctrl-C aborts."""
         from contextlib import contextmanager
@@ -368,7 +366,7 @@ class SweepDriver:
                     f"[yellow]{signal.Signals(signum).name}: stopping every trial with a committed checkpoint "
                     "(Ctrl-C again aborts)[/yellow]"
                 )
-                self.stop_trials(self.signalled)
+                stop_sweep(self.root, self.record, self.signalled)
 
             previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
             try:
@@ -405,13 +403,6 @@ def run_exists(registry: RunRegistry, run_id: str) -> bool:
     except UnknownRun:
         return False
     return True
-
-
-def cluster_nodes() -> list[dict[str, float]]:
-    """The resources of each live node of the connected Ray cluster."""
-    from orchestrator.launcher import cluster_nodes as nodes
-
-    return nodes()
 
 
 def tune_storage(root: str, sweep_id: str, base: KilnConfig) -> str:

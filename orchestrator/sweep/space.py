@@ -187,7 +187,7 @@ def parse_space(overrides: list[str]) -> SweepSpace:
             "nothing to sweep: give a key several values, e.g. optim.lr=1e-4,3e-4, range(1,4), choice(a,b), "
             "interval(1e-5,1e-3) or glob(zero*)"
         )
-    return SweepSpace(fixed, dimensions, settings_from(settings), typed=list(overrides))
+    return SweepSpace(fixed, dimensions, parse_settings(settings), typed=list(overrides))
 
 
 def interval_dimension(key: str, low: float, high: float, log: bool, typed: str) -> Dimension:
@@ -211,11 +211,6 @@ def schema_type(key: str) -> Any:
             return None
         node = hints[part]
     return node
-
-
-def settings_from(pairs: list[tuple[str, Any]]) -> SweepConfig:
-    """The SweepConfig the `sweep.*` overrides set."""
-    return parse_settings(pairs)
 
 
 @dataclass
