@@ -1,9 +1,11 @@
 """A prepared dataset on storage: fixed-length token sequences in binary shards, described by manifest.json.
 
 Layout (format_version 1):
-    <dataset>/manifest.json        written last: splits, shards (tokens, sequences, sha256), tokenizer hash
+    <dataset>/manifest.json        written last: kind, splits, shards (tokens, sequences, sha256), tokenizer hash
     <dataset>/tokenizer/tokenizer.json
     <dataset>/<split>/shard_00000.bin   little-endian uint16 or uint32 tokens, seq_len per sequence
+    <dataset>/<split>/shard_00000.mask  kind=chat: uint8 loss mask, one per token (1 = learn it)
+    <dataset>/<split>/shard_00000.labels  kind=classification: little-endian int32 class id per sequence
 
 Every file is found through its path in the manifest, relative to the dataset's folder: an object-store
 dataset keeps them under `v-<fingerprint>/` (see data_pipeline/prepare.py), a local one at the top.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_pipeline import storage
+from data_pipeline.batch import LABELS, LOSS_MASK
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -35,10 +38,12 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass(frozen=True)
 class Shard:
-    """One binary file of whole sequences."""
+    """One binary file of whole sequences, and the files of what is stored beside its tokens."""
 
     url: str
     sequences: int
+    mask_url: str | None = None  # uint8 per token (kind=chat)
+    labels_url: str | None = None  # int32 per sequence (kind=classification)
 
 
 class Dataset:
@@ -78,7 +83,27 @@ class Dataset:
             raise DatasetError(
                 f"dataset {self.url} has no split {split!r}; it has {', '.join(self.manifest['splits'])}"
             ) from None
-        return [Shard(storage.join(self.url, e["path"]), e["sequences"]) for e in entries]
+        return [
+            Shard(
+                storage.join(self.url, e["path"]),
+                e["sequences"],
+                mask_url=storage.join(self.url, e["mask"]["path"]) if "mask" in e else None,
+                labels_url=storage.join(self.url, e["labels"]["path"]) if "labels" in e else None,
+            )
+            for e in entries
+        ]
+
+    @property
+    def kind(self) -> str:
+        """What `kiln prepare kind=` made: pretrain, chat or classification (datasets older than kinds: pretrain)."""
+        return str(self.manifest.get("kind", "pretrain"))
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """What every shard stores besides tokens: `loss_mask` (chat), `labels` (classification), or nothing."""
+        entries = [e for split in self.manifest["splits"].values() for e in split["shards"]]
+        stored = {LOSS_MASK: "mask", LABELS: "labels"}
+        return tuple(f for f, key in stored.items() if entries and all(key in e for e in entries))
 
     def check_trainable(self) -> None:
         """Fail naming the split and the fix if train or val holds no whole sequence (training reads both)."""
@@ -218,7 +243,7 @@ def write_manifest(dataset_url: str, manifest: dict) -> None:
 
 
 def open_training_data(source: str, path: str | None, mixture) -> tuple[list[Dataset], list[float]]:
-    """The datasets a run trains on and their weights; a mixture must share seq_len and tokenizer."""
+    """The datasets a run trains on and their weights; a mixture must share seq_len, tokenizer and kind."""
     if source != "mixture":
         return [open_dataset(path)], [1.0]
     datasets = [open_dataset(entry.path) for entry in mixture]
@@ -227,11 +252,12 @@ def open_training_data(source: str, path: str | None, mixture) -> tuple[list[Dat
         for what, a, b in (
             ("seq_len", first.seq_len, other.seq_len),
             ("tokenizer", first.manifest["tokenizer"]["sha256"], other.manifest["tokenizer"]["sha256"]),
+            ("kind", first.kind, other.kind),  # every batch carries the same fields (e.g. a loss mask)
         ):
             if a != b:
                 raise DatasetError(
                     f"data.mixture: {other.url} has a different {what} than {first.url} "
-                    f"({b} vs {a}); prepare every part with the same tokenizer= and seq_len="
+                    f"({b} vs {a}); prepare every part with the same tokenizer=, seq_len= and kind="
                 )
     return datasets, [float(entry.weight) for entry in mixture]
 

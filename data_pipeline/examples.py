@@ -4,6 +4,10 @@ Chat template (one conversation; the model learns only the assistant's tokens an
 
     <|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{assistant}\\n ... <|endoftext|>
 
+`render_chat` is its one definition: `kiln prepare kind=chat` encodes its pieces for training and `kiln chat`
+for prompting (ending in `<|assistant|>\\n` instead of EOS). `chat_template_jinja` says the same in Jinja,
+for the tokenizer `kiln export` writes (other tools call apply_chat_template); a unit test compares the two.
+
 A row is either {"prompt": ..., "response": ...} or {"messages": [{"role": ..., "content": ...}, ...]}
 with roles system, user and assistant.
 """
@@ -44,23 +48,47 @@ def chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
+def render_chat(messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """A conversation in the chat template, as (text, learn) pieces in order.
+
+    Each piece is tokenized on its own (so a prompt tokenizes exactly as the training data did); learn is
+    True on the assistant's text and the final EOS. A complete conversation ends with EOS; with
+    add_generation_prompt it ends with the assistant's role line instead, for the model to continue.
+    """
+    pieces: list[tuple[str, bool]] = []
+    for message in messages:
+        pieces.append((f"{ROLE_TOKENS[message['role']]}\n", False))
+        pieces.append((message["content"], message["role"] == "assistant"))
+        pieces.append(("\n", False))
+    if add_generation_prompt:
+        pieces.append((f"{ROLE_TOKENS['assistant']}\n", False))
+    else:
+        pieces.append((EOS_TOKEN, True))  # learn to end the conversation
+    return pieces
+
+
 def encode_chat(tokenizer, row: dict[str, Any]) -> tuple[list[int], list[int]]:
     """Token ids of a conversation in the chat template, and a mask that is 1 only on what to learn."""
     ids: list[int] = []
     mask: list[int] = []
-
-    def add(text: str, learn: bool) -> None:
-        piece = tokenizer.encode(text).ids
+    for text, learn in render_chat(chat_messages(row)):
+        piece = [tokenizer.token_to_id(EOS_TOKEN)] if text == EOS_TOKEN else tokenizer.encode(text).ids
         ids.extend(piece)
         mask.extend([LEARN if learn else IGNORE] * len(piece))
-
-    for message in chat_messages(row):
-        add(f"{ROLE_TOKENS[message['role']]}\n", False)
-        add(message["content"], message["role"] == "assistant")
-        add("\n", False)
-    ids.append(tokenizer.token_to_id(EOS_TOKEN))
-    mask.append(LEARN)  # learn to end the conversation
     return ids, mask
+
+
+def chat_template_jinja() -> str:
+    """render_chat as a Hugging Face `chat_template` (Jinja), for tools that call apply_chat_template.
+
+    The same text as render_chat joined; tests/unit/test_chat.py renders both and compares.
+    """
+    roles = "{" + ", ".join(f"'{role}': '{token}'" for role, token in ROLE_TOKENS.items()) + "}"
+    return (
+        f"{{% set roles = {roles} %}}"
+        "{% for message in messages %}{{ roles[message['role']] }}\n{{ message['content'] }}\n{% endfor %}"
+        f"{{% if add_generation_prompt %}}{ROLE_TOKENS['assistant']}\n{{% else %}}{EOS_TOKEN}{{% endif %}}"
+    )
 
 
 def classification_example(row: dict[str, Any], text_field: str) -> tuple[str, str]:

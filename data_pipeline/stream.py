@@ -10,6 +10,10 @@ A mixture of datasets keeps that property: a seeded pattern of PERIOD slots, eac
 share of slots proportional to its weight, says which dataset global position p draws from, and the
 dataset's own position is how many earlier positions drew from it: a closed form, so any cursor maps
 to every dataset's cursor without replaying the stream.
+
+Each position yields a `Batch` row: the sequence's tokens and, for fine-tuning data, its stored loss
+mask (chat) or class id (classification), read from the files beside the shard at the same index, so
+the cursor that resumes the tokens resumes them too.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ from typing import BinaryIO
 import numpy as np
 
 from data_pipeline import storage
+from data_pipeline.batch import LABELS, LOSS_MASK, Batch
 from data_pipeline.dataset import Dataset
 
 PERIOD = 1000  # mixture slots per pattern repetition: weights are honoured to 0.1%
+LABEL_DTYPE = np.dtype("<i4")
+
+# One sequence: its tokens (int64), loss mask (uint8) and class id, the last two None unless stored.
+Row = tuple[np.ndarray, np.ndarray | None, int | None]
 
 
 class SplitReader:
@@ -34,15 +43,16 @@ class SplitReader:
     def __init__(self, dataset: Dataset, split: str, seed: int, shuffle: bool):
         self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
         self.shards = dataset.shards(split)
+        self.fields = dataset.fields
         self._starts = np.cumsum([0] + [s.sequences for s in self.shards]).tolist()
         self.num_sequences = self._starts[-1]
         if self.num_sequences == 0:
             raise ValueError(f"split {split!r} of {dataset.url} holds no whole sequence of {dataset.seq_len} tokens")
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
-        self._handles: dict[int, BinaryIO] = {}
+        self._handles: dict[str, BinaryIO] = {}  # by file URL
 
-    def sequence(self, position: int) -> np.ndarray:
-        """The sequence at this reader's own position (epochs reshuffle), as int64."""
+    def sequence(self, position: int) -> Row:
+        """The sequence at this reader's own position (epochs reshuffle): int64 tokens, mask, class id."""
         epoch, offset = divmod(position, self.num_sequences)
         if epoch != self._order_epoch:
             if self.shuffle:
@@ -58,16 +68,31 @@ class SplitReader:
             handle.close()
         self._handles.clear()
 
-    def _read(self, index: int) -> np.ndarray:
+    def _read(self, index: int) -> Row:
         shard_no = bisect.bisect_right(self._starts, index) - 1
         local = index - self._starts[shard_no]
-        seq_bytes = self.dataset.seq_len * self.dataset.dtype.itemsize
-        handle = self._handles.get(shard_no)
+        shard, seq_len = self.shards[shard_no], self.dataset.seq_len
+        tokens = np.frombuffer(self._range(shard.url, local, seq_len, self.dataset.dtype), self.dataset.dtype)
+        mask: np.ndarray | None = None
+        label: int | None = None
+        if shard.mask_url and LOSS_MASK in self.fields:
+            mask = np.frombuffer(self._range(shard.mask_url, local, seq_len, np.dtype(np.uint8)), np.uint8)
+        if shard.labels_url and LABELS in self.fields:
+            label = int(np.frombuffer(self._range(shard.labels_url, local, 1, LABEL_DTYPE), LABEL_DTYPE)[0])
+        return tokens.astype(np.int64), mask, label
+
+    def _range(self, url: str, item: int, items: int, dtype: np.dtype) -> bytes:
+        """The bytes of item number `item` (of `items` values each) of one of a shard's files."""
+        handle = self._handles.get(url)
         if handle is None:  # opened on first use; object stores serve just the ranges read
-            fs, path = storage.filesystem(self.shards[shard_no].url)
-            handle = self._handles[shard_no] = fs.open(path, "rb")
-        handle.seek(local * seq_bytes)
-        return np.frombuffer(handle.read(seq_bytes), dtype=self.dataset.dtype).astype(np.int64)
+            fs, path = storage.filesystem(url)
+            handle = self._handles[url] = fs.open(path, "rb")
+        size = items * dtype.itemsize
+        handle.seek(item * size)
+        data = handle.read(size)
+        if len(data) != size:
+            raise ValueError(f"{url} ends early: sequence {item} needs {size} bytes at offset {item * size}")
+        return data
 
 
 def mixture_pattern(weights: Sequence[float], seed: int) -> np.ndarray:
@@ -105,6 +130,9 @@ class TokenStream:
         self.split, self.seed, self.shuffle, self.weights = split, seed, shuffle, weights
         self.rank, self.world_size, self.micro_batch = rank, world_size, micro_batch
         self.readers = [SplitReader(d, split, seed + 104729 * i, shuffle) for i, d in enumerate(datasets)]
+        self.fields = self.readers[0].fields  # what each Batch carries besides tokens
+        if any(r.fields != self.fields for r in self.readers):
+            raise ValueError("a mixture's datasets must store the same fields (prepare them with the same kind=)")
         self.num_sequences = sum(r.num_sequences for r in self.readers)
         self._pattern = mixture_pattern(weights, seed)
         self._slots_before = np.stack(
@@ -112,7 +140,7 @@ class TokenStream:
         )
         self.position = 0  # global: sequences consumed by all ranks together
         self.prefetch = prefetch  # batches a background thread reads ahead (0: read on demand)
-        self._ahead: queue.Queue[tuple[int, np.ndarray | BaseException]] | None = None
+        self._ahead: queue.Queue[tuple[int, Batch[np.ndarray] | BaseException]] | None = None
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
 
@@ -121,11 +149,11 @@ class TokenStream:
         """The (first) dataset: its tokenizer and sequence length describe the whole stream."""
         return self.readers[0].dataset
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[Batch[np.ndarray]]:
         return self
 
-    def __next__(self) -> np.ndarray:
-        """This rank's next micro-batch, shape (micro_batch, seq_len), int64."""
+    def __next__(self) -> Batch[np.ndarray]:
+        """This rank's next micro-batch: int64 tokens (micro_batch, seq_len), and its mask or labels if stored."""
         if self.prefetch:
             if self._reader is None:
                 self._start_reader()
@@ -180,13 +208,23 @@ class TokenStream:
         for reader in self.readers:
             reader.close()
 
-    def _sequence_at(self, position: int) -> np.ndarray:
+    def _sequence_at(self, position: int) -> Row:
         source = int(self._pattern[position % PERIOD])
         return self.readers[source].sequence(self.source_positions(position)[source])
 
-    def _batch_at(self, position: int) -> np.ndarray:
+    def _batch_at(self, position: int) -> Batch[np.ndarray]:
         first = position + self.rank * self.micro_batch
-        return np.stack([self._sequence_at(p) for p in range(first, first + self.micro_batch)])
+        rows = [self._sequence_at(p) for p in range(first, first + self.micro_batch)]
+        tokens = np.stack([row[0] for row in rows])
+        if not self.fields:  # pretraining data: tokens only
+            return Batch(tokens)
+        masks = [row[1] for row in rows if row[1] is not None]  # every row has one when the field is stored
+        labels = [row[2] for row in rows]
+        return Batch(
+            tokens,
+            loss_mask=np.stack(masks) if LOSS_MASK in self.fields else None,
+            labels=np.asarray(labels, dtype=np.int64) if LABELS in self.fields else None,
+        )
 
     def _start_reader(self) -> None:
         self._ahead, self._stop = queue.Queue(maxsize=self.prefetch), threading.Event()
@@ -200,7 +238,7 @@ class TokenStream:
         if ahead is None:
             raise RuntimeError("token stream: read-ahead thread started without its queue")
         while not self._stop.is_set():
-            item: tuple[int, np.ndarray | BaseException]
+            item: tuple[int, Batch[np.ndarray] | BaseException]
             try:
                 item = (position, self._batch_at(position))
             except BaseException as exc:  # surfaced to the consumer on its next call

@@ -1,4 +1,4 @@
-"""The `kiln` command: train, submit, prepare, runs, status, logs, resume, stop, export; thin wrappers."""
+"""The `kiln` command: train, submit, prepare, runs, status, logs, resume, stop, export, eval, generate, chat."""
 
 from __future__ import annotations
 
@@ -388,6 +388,9 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder whole")
     export.add_argument("--storage-root", default=default_storage_root())
     export.set_defaults(func=cmd_export)
+    from orchestrator.inference_cli import add_inference_commands
+
+    add_inference_commands(sub, default_storage_root())
     prep = sub.add_parser(
         "prepare", help="tokenize raw files into a prepared dataset: kiln prepare input=... output=..."
     )

@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import default_storage_root
 from data_pipeline.redaction import URL_CREDENTIALS, redact_text
-from trainers.config import WorkerConfig, one_of, require
+from trainers.config import FOLDER_DECIDED, WorkerConfig, one_of, require
 
 CONF_DIR = Path(os.environ.get("KILN_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
 # What users type -> the schema's field, where Python cannot spell the key (`async` is reserved).
@@ -182,7 +182,22 @@ def compose_config(overrides: list[str]) -> KilnConfig:
         raise UsageError(redact_text(user_spelling(str(exc)))) from None
     assert isinstance(cfg, KilnConfig)
     check_no_ignored_settings(cfg)
+    check_init_from_overrides(cfg, overrides)
     return cfg
+
+
+def check_init_from_overrides(cfg: KilnConfig, overrides: list[str]) -> None:
+    """With model.init_from, a model shape set on the command line (even to its default) or a model=...
+    choice is ignored (the folder decides it): an error. ModelConfig catches values that differ."""
+    if cfg.model.init_from is None:
+        return
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key == "model" or (key.startswith("model.") and key[len("model.") :] in FOLDER_DECIDED):
+            raise UsageError(
+                f"{override} is ignored with model.init_from={cfg.model.init_from} (the model's own config decides "
+                "its architecture); remove it"
+            )
 
 
 def leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

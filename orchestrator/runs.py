@@ -12,16 +12,19 @@ from data_pipeline.redaction import redact_text
 from data_pipeline.stdlib_corpus import prepare_stdlib
 from orchestrator.attempts import merge_events
 from orchestrator.config import KilnConfig, UsageError, absolute_url, finalize, load_saved_config, to_yaml
+from orchestrator.init_source import init_source
 from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
 from trainers.preemption import clear_stop_request
 from trainers.run_folder import CHECKPOINTS_DIR, TOKENIZER_DIR
 from trainers.run_state import RESUMABLE, RunState
+from trainers.task_data import check_task_data
 from trainers.tracking import wandb_mode
 
 
 def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
-    """Point cfg.data.path at a prepared dataset, preparing the built-in corpus if that is the source."""
+    """Point cfg.data.path at a prepared dataset (preparing the built-in corpus if that is the source) and
+    check that it fits the run: whole train and val splits, seq_len, vocabulary, and what the task needs."""
     if cfg.data.source == "stdlib":
         if cfg.data.cache_dir is None:  # finalize() sets it
             raise UsageError("data.cache_dir is unset: the config was not finalized")
@@ -44,6 +47,7 @@ def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
             f"vocabulary ({dataset.vocab_size}) of {cfg.data.path}; raise it or leave it unset"
         )
+    check_task_data(cfg.task.name, datasets, log)  # e.g. task=sft on data without a loss mask
 
 
 def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunRegistry, RunRecord]:
@@ -54,7 +58,11 @@ def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunR
     # leaves nothing behind that blocks the run id.
     registry.check_root()
     resolve_data(cfg, log)
-    record = registry.create(new_record(cfg), redact_text(to_yaml(cfg)))
+    with init_source(cfg, run_checkpoint, log) as source:  # model.init_from checked against the data; run:RUN exported
+        record = new_record(cfg)
+        record.notes.extend(source.notes)
+        record = registry.create(record, redact_text(to_yaml(cfg)))
+        source.install()
     save_tokenizer(cfg)
     return registry, record
 
@@ -91,8 +99,11 @@ def start_registered(
         )
     finalize(cfg)
     resolve_data(cfg, log)
-    # Saved again with the data as resolved here, so that `kiln resume` finds what this attempt used.
-    registry.write_config(run_id, redact_text(to_yaml(cfg)))
+    with init_source(cfg, run_checkpoint, log) as source:
+        # Saved again with the data (and model.init_from) as resolved here, so `kiln resume` finds what it used.
+        registry.write_config(run_id, redact_text(to_yaml(cfg)))
+        source.install()
+    record.notes.extend(source.notes)
     save_tokenizer(cfg)
     return registry, record, cfg
 
@@ -237,6 +248,12 @@ def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: int | None) ->
             f"run {cfg.run.id} has no checkpoint at step {step}; it has {sorted(store.steps_on_storage()) or 'none'}"
         )
     return Committed(step, store.url(step), verify(store.url(step)))
+
+
+def run_checkpoint(root: str, run_id: str, step: int | None) -> tuple[KilnConfig, Committed]:
+    """A run's saved config and its verified checkpoint (the given step, or the newest committed one)."""
+    registry, _record, cfg = reopen_run(root, run_id, [])
+    return cfg, find_checkpoint(registry, cfg, step)
 
 
 def resume_command(registry: RunRegistry, record: RunRecord) -> str | None:

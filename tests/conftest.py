@@ -5,12 +5,14 @@ Shared helpers (run settings, `kiln`, `torchrun`) live in tests/helpers.py.
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import STRATEGY_RUN, torchrun
+from tests.helpers import SFT_RUN, STRATEGY_RUN, kiln, torchrun
 from tests.ray_cluster import LocalRayCluster
 from tests.s3_server import aws_env, start_moto, stop
 
@@ -28,6 +30,52 @@ def trained_runs(tmp_path_factory, cache_dir):
         return done[strategy]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    """400 "what is A plus B?" conversations, prepared with the chat template and its loss mask."""
+    folder = tmp_path_factory.mktemp("chat")
+    rng = random.Random(0)
+    with open(folder / "chat.jsonl", "w") as out:
+        for _ in range(400):
+            a, b = rng.randint(0, 49), rng.randint(0, 49)
+            out.write(json.dumps({"prompt": f"what is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}) + "\n")
+    result = kiln(
+        "prepare",
+        f"input={folder / 'chat.jsonl'}",
+        f"output={folder / 'prepared'}",
+        "kind=chat",
+        "seq_len=64",
+        "vocab_size=300",
+        "val_fraction=0.1",
+        env={"RAY_ADDRESS": "127.0.0.1:9"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return folder / "prepared"
+
+
+@pytest.fixture(scope="session")
+def sft_run(chat_data, tmp_path_factory) -> Path:
+    """Folder of run `sft`: task=sft on chat_data, 30 steps on 2 embedded-Ray workers, evaluated at 0/15/30,
+    checkpointed at 30. Trained once per session: test_sft checks what it learned, test_chat talks to it."""
+    root = tmp_path_factory.mktemp("sft")
+    result = kiln(
+        "train",
+        *SFT_RUN,
+        f"data.path={chat_data}",
+        "cluster.num_workers=2",
+        "cluster.max_failures=0",
+        "train.max_steps=30",
+        "train.eval_every=15",
+        "train.checkpoint_every=30",
+        "run.id=sft",
+        f"storage.root={root}",
+        env={"RAY_ADDRESS": "127.0.0.1:9"},  # a stale cluster address: an embedded run starts its own Ray
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root / "sft"
 
 
 @pytest.fixture(scope="session")

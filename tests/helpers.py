@@ -47,6 +47,23 @@ STRATEGY_RUN = [
     "train.eval_every=10",
 ]
 
+# Supervised fine-tuning of a tiny model on `kiln prepare kind=chat` data (with data.path=...).
+SFT_RUN = [
+    "task=sft",
+    "data=prepared",
+    "data.seq_len=64",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=64",
+    "model.n_positions=64",
+    "train.global_batch=8",
+    "train.micro_batch=4",
+    "train.eval_batches=2",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=2",
+    "tracker=none",
+]
+
 
 def kiln(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
     """Run the installed `kiln` command; returns the CompletedProcess."""
@@ -61,9 +78,9 @@ def torchrun_command(*target: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target]
 
 
-def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node 2 -m orchestrator.torchrun ARGS`, which must succeed."""
-    cmd = torchrun_command("-m", "orchestrator.torchrun", *args)
+def torchrun(*args: str, timeout: float = 300, nproc: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m orchestrator.torchrun ARGS` (N=2 unless told); must succeed."""
+    cmd = torchrun_command("-m", "orchestrator.torchrun", *args, nproc=nproc)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

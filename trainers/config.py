@@ -14,6 +14,7 @@ from typing import Any
 
 from data_pipeline.config import DataConfig, StorageConfig
 from trainers import run_folder
+from trainers.task_data import TASK_NEEDS
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` admits a trailing newline
 
@@ -68,9 +69,34 @@ class RunSection:
         )
 
 
+# The model.* settings a `model.init_from` folder decides (its config.json): setting one with it is an error.
+FOLDER_DECIDED = ("arch", "n_layer", "n_head", "n_embd", "n_positions", "dropout", "vocab_size")
+INIT_FROM_RUN = "run:"  # model.init_from=run:RUN[@STEP]: a Kiln run's committed checkpoint
+INIT_FROM_RUN_PATTERN = re.compile(r"run:(?P<run>[^@]*)(?:@(?P<step>.*))?", re.DOTALL)
+
+
+def parse_init_run(value: str) -> tuple[str, int | None] | None:
+    """(run id, step or None) of `run:RUN[@STEP]`, None for a folder path; ConfigError when misspelled."""
+    if not value.startswith(INIT_FROM_RUN):
+        return None
+    match = INIT_FROM_RUN_PATTERN.fullmatch(value)
+    assert match is not None  # the pattern takes anything after run:
+    run, step = match.group("run"), match.group("step")
+    require(
+        bool(RUN_ID_PATTERN.fullmatch(run)) and (step is None or step.isdigit()),
+        f"model.init_from={value!r}: write run:RUN or run:RUN@STEP (a run id and a checkpoint step number)",
+    )
+    return run, None if step is None else int(step)
+
+
 @dataclass
 class ModelConfig:
-    """A GPT-2-style transformer built from config (never downloaded)."""
+    """A GPT-2-style transformer built from config (never downloaded), or one loaded from `init_from`.
+
+    `init_from` is a local Hugging Face model folder (architecture, weights and tokenizer come from it) or
+    `run:RUN[@STEP]`, a Kiln run's committed checkpoint (newest, or STEP) under the same storage.root.
+    The driver turns `run:` into a folder inside the new run before workers start (orchestrator/init_source.py).
+    """
 
     arch: str = "gpt2"
     n_layer: int = 4
@@ -82,9 +108,12 @@ class ModelConfig:
     vocab_size: int | None = None
     attn_implementation: str = "sdpa"
     activation_checkpointing: bool = False
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         one_of("model.arch", self.arch, ("gpt2",))
+        if self.init_from is not None:
+            self.check_init_from()
         for name in ("n_layer", "n_head", "n_embd", "n_positions"):
             require(getattr(self, name) > 0, f"model.{name} must be > 0, got {getattr(self, name)}")
         require(
@@ -98,6 +127,19 @@ class ModelConfig:
         )
         one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
 
+    def check_init_from(self) -> None:
+        """A well-formed init_from, and none of the settings its folder decides given a value of their own."""
+        value = str(self.init_from)
+        require(bool(value.strip()), "model.init_from must be a Hugging Face model folder or run:RUN[@STEP], got ''")
+        parse_init_run(value)
+        default = ModelConfig()
+        for name in FOLDER_DECIDED:
+            require(
+                getattr(self, name) == getattr(default, name),
+                f"model.{name}={getattr(self, name)} is ignored with model.init_from={value} (the model's own "
+                f"config decides it); remove it (and any model=... choice)",
+            )
+
 
 @dataclass
 class TaskConfig:
@@ -106,7 +148,7 @@ class TaskConfig:
     name: str = "causal_lm"
 
     def __post_init__(self) -> None:
-        one_of("task.name", self.name, ("causal_lm",))
+        one_of("task.name", self.name, tuple(TASK_NEEDS))
 
 
 @dataclass
@@ -279,8 +321,9 @@ class WorkerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
+        # With model.init_from the folder decides the positions; the driver checks seq_len against it.
         require(
-            self.data.seq_len <= self.model.n_positions,
+            self.model.init_from is not None or self.data.seq_len <= self.model.n_positions,
             f"data.seq_len ({self.data.seq_len}) must be <= model.n_positions ({self.model.n_positions})",
         )
 

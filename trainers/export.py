@@ -13,6 +13,7 @@ from torch import nn
 
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
+from data_pipeline.examples import CHAT_SPECIAL_TOKENS, chat_template_jinja
 from trainers import safe_load
 from trainers.errors import CheckpointError
 from trainers.model_shapes import check_fits, checkpoint_shapes, shapes_of
@@ -49,12 +50,20 @@ def _tied_names(model: nn.Module):
 
 def save_hugging_face(model: Any, tokenizer_url: str, out_dir: str) -> list[str]:
     """Write config.json, model.safetensors and tokenizer files; returns the file names."""
-    from transformers import PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
+    hf_tokenizer(tokenizer_url).save_pretrained(out_dir)
+    return sorted(os.listdir(out_dir))
+
+
+def hf_tokenizer(tokenizer_url: str) -> Any:
+    """A run's tokenizer (its tokenizer/ folder) as a transformers PreTrainedTokenizerFast, with the chat
+    template when the run trained on chat data."""
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe.load(tokenizer_url),
         eos_token=bpe.EOS_TOKEN,
@@ -62,16 +71,26 @@ def save_hugging_face(model: Any, tokenizer_url: str, out_dir: str) -> list[str]
         unk_token=bpe.EOS_TOKEN,
         pad_token=bpe.EOS_TOKEN,
     )
-    tokenizer.save_pretrained(out_dir)
-    return sorted(os.listdir(out_dir))
+    vocab = tokenizer.get_vocab()
+    if all(token in vocab for token in CHAT_SPECIAL_TOKENS):  # trained on `kiln prepare kind=chat` data
+        tokenizer.chat_template = chat_template_jinja()  # saved with it: an exported folder chats like the run
+    return tokenizer
 
 
 def export_checkpoint(
     task, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str, out_dir: str
 ) -> list[str]:
     """Build the run's model, load a checkpoint into it, and write a Hugging Face folder."""
-    tokenizer = bpe.load(tokenizer_url)
-    model = task.build_model(model_cfg, tokenizer.get_vocab_size(), tokenizer.token_to_id(bpe.EOS_TOKEN))
-    load_consolidated(model, storage.join(checkpoint_url, "shards"), strategy)
-    model.eval()
+    model = model_from_checkpoint(task, model_cfg, checkpoint_url, strategy, tokenizer_url)
     return save_hugging_face(model, tokenizer_url, out_dir)
+
+
+def model_from_checkpoint(task, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str) -> nn.Module:
+    """The run's model (built by its task, on CPU, in eval mode) holding a checkpoint's weights."""
+    from trainers.tasks import build_model
+
+    tokenizer = bpe.load(tokenizer_url)
+    eos_id: Any = tokenizer.token_to_id(bpe.EOS_TOKEN)  # a Kiln tokenizer always has it
+    model = build_model(task, model_cfg, tokenizer.get_vocab_size(), eos_id)
+    load_consolidated(model, storage.join(checkpoint_url, "shards"), strategy)
+    return model.eval()

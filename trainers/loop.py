@@ -38,7 +38,8 @@ from trainers.rng import rank_seed, seed_everything
 from trainers.run_folder import CHECKPOINTS_DIR
 from trainers.run_state import RunState
 from trainers.strategies import Strategy, build_strategy
-from trainers.tasks import Task, build_task
+from trainers.task_data import check_task_data
+from trainers.tasks import Task, build_model, build_task, on_device
 from trainers.tracking import Tracker, build_tracker
 from trainers.watchdog import StepWatchdog
 
@@ -59,6 +60,14 @@ def config_hash(cfg: WorkerConfig) -> str:
     """Hash of what a checkpoint's tensors depend on (model and task), to catch mismatched loads."""
     shape = json.dumps({"model": asdict(cfg.model), "task": asdict(cfg.task)}, sort_keys=True)
     return hashlib.sha256(shape.encode()).hexdigest()[:16]
+
+
+def model_size(model: torch.nn.Module, cfg: WorkerConfig) -> tuple[int, int]:
+    """(layers, hidden width) of the model: its own config's (a model.init_from folder decides them), else ours."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None) or cfg.model.n_layer
+    width = getattr(config, "hidden_size", None) or cfg.model.n_embd
+    return int(layers), int(width)
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -96,9 +105,13 @@ class Trainer:
         self.url = cfg.run_url
         self.datasets, self.weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
         self.dataset: Dataset = self.datasets[0]  # vocabulary and sequence length of them all
+        check_task_data(cfg.task.name, self.datasets, log.info)  # the driver checked; a direct caller gets it too
         self.task: Task = build_task(cfg.task.name)
         seed_everything(train.seed)  # identical initial weights on every rank
-        model = self.task.build_model(cfg.model, self.dataset.vocab_size, self.dataset.eos_id)
+        # Built (or, with model.init_from, loaded) on every rank before the strategy wraps it: identical weights.
+        model = build_model(self.task, cfg.model, self.dataset.vocab_size, self.dataset.eos_id)
+        if cfg.model.init_from is not None:
+            log.info("rank %d: model from %s (%s)", ctx.rank, cfg.model.init_from, type(model).__name__)
         self.num_params = parameter_count(model)
         self.micro_batch = train.micro_batch
         self.grad_accum = train.grad_accum(ctx.world_size)
@@ -119,9 +132,8 @@ class Trainer:
         self.evaluator = self._evaluator()
         self.tokens_per_step = train.global_batch * self.dataset.seq_len
         embedding_params = model.get_parameter("transformer.wpe.weight").numel() if hasattr(model, "transformer") else 0
-        self.flops_per_token = flops_per_token(
-            self.num_params - embedding_params, cfg.model.n_layer, cfg.model.n_embd, self.dataset.seq_len
-        )
+        layers, width = model_size(model, cfg)
+        self.flops_per_token = flops_per_token(self.num_params - embedding_params, layers, width, self.dataset.seq_len)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.step = 0
 
@@ -181,7 +193,7 @@ class Trainer:
         data_wait, losses = 0.0, []
         for micro in range(self.grad_accum):
             fetch = time.perf_counter()
-            batch = torch.from_numpy(next(self.stream)).to(self.device, non_blocking=True)
+            batch = on_device(next(self.stream), self.device)
             data_wait += time.perf_counter() - fetch
             last = micro == self.grad_accum - 1
             with contextlib.nullcontext() if last else self.strategy.no_sync():

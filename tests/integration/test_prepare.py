@@ -153,7 +153,7 @@ def test_prepare_on_s3_then_train_streaming_from_s3(s3, tmp_path, cache_dir):
     remote_stream = TokenStream(Dataset(out), "train", rank=1, world_size=2, micro_batch=4, seed=3)
     local_stream = TokenStream(Dataset(str(local)), "train", rank=1, world_size=2, micro_batch=4, seed=3)
     for _ in range(5):
-        assert np.array_equal(next(remote_stream), next(local_stream))
+        assert np.array_equal(next(remote_stream).tokens, next(local_stream).tokens)
 
     torchrun(
         "data=prepared",

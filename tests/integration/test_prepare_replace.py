@@ -50,7 +50,9 @@ def hashes(url: str) -> dict[str, str]:
 
 
 def first_batch(url: str) -> np.ndarray:
-    return next(TokenStream(open_dataset(url), "val", rank=0, world_size=1, micro_batch=2, seed=0, shuffle=False))
+    return next(
+        TokenStream(open_dataset(url), "val", rank=0, world_size=1, micro_batch=2, seed=0, shuffle=False)
+    ).tokens
 
 
 def settings(raw: Path, out: str, **more) -> PrepareConfig:

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from data_pipeline.batch import Batch
 from data_pipeline.dataset import Dataset, ShardWriter, write_manifest
 from data_pipeline.stream import TokenStream
 
@@ -54,8 +55,8 @@ def other(tmp_path_factory) -> Dataset:
     return numbered_dataset(str(tmp_path_factory.mktemp("other")), range(500, 561))
 
 
-def ids(batch: np.ndarray) -> list[int]:
-    return batch[:, 0].tolist()
+def ids(batch: Batch[np.ndarray]) -> list[int]:
+    return batch.tokens[:, 0].tolist()
 
 
 def test_ranks_get_disjoint_slices_of_one_global_order(dataset):

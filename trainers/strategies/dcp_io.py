@@ -192,6 +192,6 @@ def load_dcp(model: nn.Module, optimizer, url: str) -> None:
 def load_model_only(model: nn.Module, url: str) -> None:
     """One process, no process group: fill a plain model from a DCP checkpoint of any world size."""
     state = {"model": model.state_dict()}
-    with refusals_unwrapped():
-        dcp.load(state, storage_reader=reader(url), planner=SafeLoadPlanner(url))
+    with refusals_unwrapped():  # no_dist: a driver that is also torchrun's rank 0 has a group; this read is its own
+        dcp.load(state, storage_reader=reader(url), planner=SafeLoadPlanner(url), no_dist=True)
     model.load_state_dict(state["model"])

@@ -1,14 +1,18 @@
-"""The Task interface shared by every task."""
+"""The Task interface shared by every task, and the batches it reads."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
+from data_pipeline.batch import Batch
 from trainers.config import ModelConfig
+
+IGNORE_INDEX = -100  # a target position that has no loss (transformers' and torch's convention)
 
 
 class Task(Protocol):
@@ -17,11 +21,16 @@ class Task(Protocol):
     def build_model(self, model_cfg: ModelConfig, vocab_size: int, eos_id: int) -> nn.Module:
         """A freshly initialised model for this task."""
 
-    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: Batch[torch.Tensor]) -> torch.Tensor:
         """Mean loss of one micro-batch."""
 
-    def evaluate(self, model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch[torch.Tensor]]) -> dict[str, float]:
         """This rank's summed validation statistics (callers sum them across ranks)."""
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         """Validation metrics (`val/...`) from statistics summed over all ranks."""
+
+
+def on_device(batch: Batch[np.ndarray], device: torch.device) -> Batch[torch.Tensor]:
+    """A stream's batch as tensors on this worker's device."""
+    return batch.map(lambda array: torch.from_numpy(array).to(device, non_blocking=True))

@@ -1,0 +1,36 @@
+"""Batch: one micro-batch of token sequences and, for fine-tuning data, what was stored beside them.
+
+Pretraining data is tokens alone. `kiln prepare kind=chat` stores a per-token loss mask (1 = learn this
+token: the assistant's replies and the final EOS), `kind=classification` one class id per sequence.
+The same container carries numpy arrays out of the `TokenStream` and tensors into a `Task`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+LOSS_MASK = "loss_mask"
+LABELS = "labels"
+FIELDS = (LOSS_MASK, LABELS)  # what a dataset may store besides tokens
+
+
+@dataclass(frozen=True)
+class Batch(Generic[A]):
+    """Token ids (rows, seq_len); a loss mask (rows, seq_len, 1 = learn) or class ids (rows,) when stored."""
+
+    tokens: A
+    loss_mask: A | None = None
+    labels: A | None = None
+
+    def map(self, fn: Callable[[A], B]) -> Batch[B]:
+        """The same batch with fn applied to every array it holds (e.g. numpy -> tensor on a device)."""
+        return Batch(
+            fn(self.tokens),
+            None if self.loss_mask is None else fn(self.loss_mask),
+            None if self.labels is None else fn(self.labels),
+        )

@@ -1,0 +1,371 @@
+"""`kiln eval`, `kiln generate` and `kiln chat`: find the model (a run's checkpoint or an exported folder) and
+the data, then hand them to trainers/inference.py and trainers/chat.py. Everything runs in this one process,
+on CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+from data_pipeline.redaction import redact_text
+from orchestrator.config import KilnConfig, UsageError
+
+DEFAULT_MAX_NEW_TOKENS = 32
+FOLDER_MICRO_BATCH = 8  # an exported folder has no run config: its default evaluation batch
+
+
+@dataclass
+class Source:
+    """The model to use and where it came from."""
+
+    loaded: Any  # trainers.inference.LoadedModel
+    label: str  # "run qs step 20" or "folder ./out"
+    task_name: str
+    cfg: KilnConfig | None = None  # the run's config, when the model is a run's checkpoint
+    run_id: str | None = None
+    step: int | None = None
+    world_size: int = 1  # how many workers trained the checkpoint (and evaluated at its step)
+
+
+def add_inference_commands(sub, default_root: str) -> None:
+    """`kiln eval`, `kiln generate` and `kiln chat`."""
+    target_help = "a run id (its newest committed checkpoint, or --step) or a Hugging Face folder (kiln export)"
+    generate = sub.add_parser("generate", help="complete prompts with a run's checkpoint or an exported model")
+    generate.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
+    generate.add_argument("--prompt", required=True, help="the prompt; '-' reads prompts from stdin, one a line")
+    add_sampling_arguments(generate)
+    generate.add_argument("--json", action="store_true", help='one {"prompt", "completion"} object a line')
+    generate.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: newest)")
+    generate.add_argument("--storage-root", default=default_root)
+    generate.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser(
+        "chat",
+        help="talk to a chat (task=sft) model; piped stdin: one user turn a line, one reply a line",
+        description="Type a message and Enter; /reset clears the history, /exit or Ctrl-D ends.",
+    )
+    chat.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
+    chat.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: newest)")
+    add_sampling_arguments(chat, what="per reply")
+    chat.add_argument("--storage-root", default=default_root)
+    chat.set_defaults(func=cmd_chat)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="a checkpoint's validation metrics (as its run logged them), or BLEU/chrF of prompt/reference pairs",
+    )
+    evaluate.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
+    evaluate.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: newest)")
+    evaluate.add_argument(
+        "--data",
+        default=None,
+        help="a prepared dataset (its val split) or a JSONL file of {prompt, reference} rows (BLEU, chrF); "
+        "default: the run's own validation slice",
+    )
+    evaluate.add_argument("--micro-batch", type=int, default=None, help="with --data DATASET: sequences a batch")
+    evaluate.add_argument("--batches", type=int, default=None, help="with --data DATASET: batches to evaluate")
+    evaluate.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"with --data FILE.jsonl: tokens generated (greedily) per prompt (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--storage-root", default=default_root)
+    evaluate.set_defaults(func=cmd_eval)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, what: str = "per prompt") -> None:
+    """Decoding settings: greedy unless --temperature > 0, --top-k or --top-p."""
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help=f"tokens to generate {what} (default {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    parser.add_argument("--temperature", type=float, default=None, help="sample at this temperature (0: greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="sample from the smallest set holding this mass")
+    parser.add_argument("--seed", type=int, default=None, help="makes sampling reproducible (each prompt from it)")
+
+
+def cmd_generate(args: argparse.Namespace, console: Console) -> int:
+    from trainers.inference import Sampling, generate
+
+    sampling = user_error(lambda: Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
+    source = open_model(args)
+    read: list[str] = []  # generate reads one prompt per completion: read[-1] is the current one
+
+    def prompts() -> Iterator[str]:
+        for prompt in stdin_prompts() if args.prompt == "-" else [args.prompt]:
+            read.append(prompt)
+            yield prompt
+
+    for completion in user_errors(generate(source.loaded, prompts(), sampling, note=note)):
+        if args.json:
+            write_line(json.dumps({"prompt": read[-1], "completion": completion}, ensure_ascii=False))
+        elif args.prompt == "-":  # one line per prompt: newlines inside a completion written as \\n
+            write_line(completion.replace("\\", "\\\\").replace("\n", "\\n"))
+        else:
+            write_line(completion)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, console: Console) -> int:
+    """A conversation on the terminal; with piped stdin, one user turn a line and one reply a line."""
+    from trainers.chat import ChatSession
+    from trainers.inference import Sampling
+
+    sampling = user_error(lambda: Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
+    source = open_model(args)
+    session = user_error(lambda: ChatSession(source.loaded, sampling, note=note))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {source.label}: /reset clears the history, /exit or Ctrl-D ends", file=sys.stderr)
+
+    def write(text: str) -> None:  # piped: a reply stays on one line, its newlines written as \\n
+        if not interactive:
+            text = text.replace("\\", "\\\\").replace("\n", "\\n")
+        sys.stdout.write(redact_text(text))
+        sys.stdout.flush()
+
+    for line in chat_turns(interactive):
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            note("history cleared")
+            continue
+        if text.startswith("/") and " " not in text:
+            note(f"unknown command {text}: /reset clears the history, /exit ends")
+            continue
+        try:  # piped: a line for every turn, empty when the turn could not be answered (said on stderr)
+            if session.reply(text, write) is not None or not interactive:
+                write_line("")
+        except KeyboardInterrupt:  # Ctrl-C stops this reply; the conversation goes on without it
+            write_line("")
+            note("reply interrupted; it is not kept in the history")
+    return 0
+
+
+def chat_turns(interactive: bool) -> Iterator[str]:
+    """The user's messages: typed at a prompt (Ctrl-D or Ctrl-C there ends), or stdin's lines as they come."""
+    if not interactive:
+        yield from stdin_prompts()
+        return
+    while True:
+        try:
+            yield input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+
+
+def cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from trainers.inference import read_pairs
+
+    data = args.data
+    if data is not None and (data.endswith(".jsonl") or os.path.isfile(data)):
+        pairs = user_error(lambda: read_pairs(data))  # a bad file fails before the model loads
+        result = eval_pairs(open_model(args), data, pairs, args.max_new_tokens)
+    else:
+        result = eval_split(open_model(args), data, args.micro_batch, args.batches)
+    if args.json:
+        from orchestrator.runs import dumps
+
+        print(dumps(result))
+        return 0
+    console.print(f"{result['model']}: {result['what']}", markup=False, highlight=False)
+    logged = result.get("logged") or {}
+    for name, value in sorted(result["metrics"].items()):
+        also = f"(logged at step {result['step']}: {logged[name]:.6g})" if name in logged else ""
+        console.print(f"  {name:<22} {value:<12.6g} {also}".rstrip(), markup=False, highlight=False)
+    if result.get("note"):
+        console.print(f"  note: {result['note']}", markup=False, highlight=False)
+    return 0
+
+
+def eval_split(source: Source, data: str | None, micro_batch: int | None, batches: int | None) -> dict:
+    """The task's validation metrics: the run's own evaluation slice, or the val split of a prepared dataset."""
+    from data_pipeline.dataset import open_dataset, open_training_data
+    from trainers.inference import check_vocabulary, validation_metrics
+    from trainers.tasks import build_task
+
+    cfg = source.cfg
+    if data is None:
+        if cfg is None:
+            raise UsageError(
+                f"{source.label} has no validation split of its own: pass --data DATASET (a prepared dataset "
+                "folder) or --data FILE.jsonl (prompt/reference pairs)"
+            )
+        if micro_batch is not None or batches is not None:
+            raise UsageError(
+                "--micro-batch/--batches choose a slice of --data; without --data kiln eval uses the run's own "
+                "evaluation slice"
+            )
+        datasets, weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
+        world_size, micro_batch, batches = source.world_size, cfg.train.micro_batch, cfg.train.eval_batches
+        seed = cfg.train.seed
+        what = (
+            f"validation slice of the run ({world_size} worker{'s' if world_size > 1 else ''} x {batches} "
+            f"batches x {micro_batch} sequences, every worker's slice evaluated in turn and summed as the run did)"
+        )
+    else:
+        dataset = open_dataset(data)
+        user_error(lambda: check_vocabulary(source.loaded, dataset))
+        datasets, weights, world_size, seed = [dataset], None, 1, cfg.train.seed if cfg else 0
+        available = sum(shard.sequences for shard in dataset.shards("val"))
+        if micro_batch is None:
+            micro_batch = cfg.train.micro_batch if cfg else min(FOLDER_MICRO_BATCH, max(available, 1))
+        if batches is None:  # a run: as many sequences as its own evaluation read; a folder: the whole split
+            batches = cfg.train.eval_batches * source.world_size if cfg else max(available // micro_batch, 1)
+        for name, value in (("--micro-batch", micro_batch), ("--batches", batches)):
+            if value < 1:
+                raise UsageError(f"{name} must be >= 1, got {value}")
+        what = f"val split of {data} (first {batches} batches x {micro_batch} sequences, of {available})"
+    metrics = user_error(
+        lambda: validation_metrics(
+            build_task(source.task_name),
+            source.loaded.model,
+            datasets,
+            weights,
+            micro_batch=micro_batch,
+            batches=batches,
+            seed=seed,
+            world_size=world_size,
+        )
+    )
+    result = {
+        "model": source.label,
+        "run": source.run_id,
+        "step": source.step,
+        "data": data if data is not None else cfg.data.path if cfg else None,
+        "split": "val",
+        "world_size": world_size,
+        "micro_batch": micro_batch,
+        "batches": batches,
+        "sequences": world_size * micro_batch * batches,
+        "metrics": metrics,
+        "what": what,
+    }
+    if data is None and cfg is not None:
+        result["logged"] = logged_metrics(cfg, source)
+        if cfg.strategy.precision not in ("auto", "fp32"):
+            result["note"] = (
+                f"computed in fp32 on CPU; the run trained in {cfg.strategy.precision}, so its logged numbers "
+                "carry that precision's rounding"
+            )
+    return result
+
+
+def eval_pairs(source: Source, data: str, pairs: list, max_new_tokens: int) -> dict:
+    """Greedy completions of each prompt, scored against the references with sacrebleu's BLEU and chrF."""
+    from trainers.inference import Sampling, generate, text_metrics
+
+    sampling = user_error(lambda: Sampling(max_new_tokens=max_new_tokens))
+    outputs = user_error(lambda: list(generate(source.loaded, (p.prompt for p in pairs), sampling)))
+    return {
+        "model": source.label,
+        "run": source.run_id,
+        "step": source.step,
+        "data": data,
+        "examples": len(pairs),
+        "max_new_tokens": max_new_tokens,
+        "metrics": text_metrics(outputs, [p.reference for p in pairs]),
+        "what": f"{len(pairs)} prompts of {data}, greedy, up to {max_new_tokens} new tokens each (sacrebleu)",
+    }
+
+
+def open_model(args: argparse.Namespace) -> Source:
+    """The model args.target names: a Hugging Face folder, or a run's checkpoint (newest, or --step)."""
+    from data_pipeline import storage
+    from orchestrator.config import absolute_url
+    from orchestrator.runs import find_checkpoint, reopen_run
+    from trainers.inference import load_checkpoint, load_folder
+    from trainers.run_folder import TOKENIZER_DIR
+    from trainers.tasks import build_task
+
+    target = args.target
+    if looks_like_folder(target):
+        if args.step is not None:
+            raise UsageError(
+                f"--step picks a run's checkpoint, but {target} is a folder: export that step "
+                "(kiln export RUN --step N --out DIR) or pass the run id"
+            )
+        return Source(user_error(lambda: load_folder(target)), f"folder {target}", "causal_lm")
+    registry, _record, cfg = reopen_run(absolute_url(args.storage_root), target, [])
+    checkpoint = find_checkpoint(registry, cfg, args.step)
+    strategy, world_size = checkpoint.manifest["strategy"], int(checkpoint.manifest["world_size"])
+    loaded = load_checkpoint(
+        build_task(cfg.task.name),
+        cfg.model,
+        checkpoint.url,
+        strategy,
+        storage.join(registry.run_url(target), TOKENIZER_DIR),
+    )
+    loaded.name = f"run {target} step {checkpoint.step}"
+    label = f"run {target} step {checkpoint.step} ({strategy}, {world_size} worker{'s' if world_size > 1 else ''})"
+    return Source(loaded, label, cfg.task.name, cfg, target, checkpoint.step, world_size)
+
+
+def looks_like_folder(target: str) -> bool:
+    """A path (it exists, or is spelled like one), not a run id."""
+    return os.path.exists(target) or os.sep in target or target.startswith((".", "~"))
+
+
+def logged_metrics(cfg: KilnConfig, source: Source) -> dict[str, float] | None:
+    """The val/* metrics the run logged at the checkpoint's step (the last such line), if it evaluated there."""
+    from orchestrator.registry import RunRegistry
+
+    logged = None
+    for row in RunRegistry(cfg.storage.root).metrics(str(source.run_id)):
+        if row.get("step") == source.step and any(k.startswith("val/") for k in row):
+            logged = {k: v for k, v in row.items() if k.startswith("val/")}
+    return logged
+
+
+def stdin_prompts() -> Iterator[str]:
+    """One prompt a line from stdin (the newline stripped), read as they come."""
+    for line in sys.stdin:
+        yield line.rstrip("\r\n")
+
+
+def write_line(text: str) -> None:
+    """A line of model output on stdout, through the one redaction (never rich markup or wrapping)."""
+    sys.stdout.write(redact_text(text) + "\n")
+    sys.stdout.flush()
+
+
+def note(message: str) -> None:
+    """A remark about the input, on stderr, so that stdout holds only completions."""
+    print(redact_text(f"note: {message}"), file=sys.stderr)
+
+
+def user_error(call: Callable[[], Any]) -> Any:
+    """call(), with trainers' InferenceError turned into the CLI's one-line UsageError."""
+    from trainers.inference import InferenceError
+
+    try:
+        return call()
+    except InferenceError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def user_errors(items: Iterable[Any]) -> Iterator[Any]:
+    """The items, with trainers' InferenceError raised while producing them turned into UsageError."""
+    from trainers.inference import InferenceError
+
+    try:
+        yield from items
+    except InferenceError as exc:
+        raise UsageError(str(exc)) from None

@@ -1,0 +1,114 @@
+"""Pretrain -> export -> start again from it: `model.init_from=DIR` and `model.init_from=run:RUN[@STEP]`.
+
+A new run that starts from a model evaluates, at its step 0, exactly what its source logged last: the same
+weights on every rank (here 2 workers, DDP and FSDP2), the same validation tokens. Bad sources fail in one
+line before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import TINY, kiln, rows, torchrun
+
+pytestmark = pytest.mark.slow
+
+DATA = [o for o in TINY if not o.startswith("model.")]  # the model's shape comes from the source
+# 2 workers x 1 evaluation batch read the same 8 validation sequences as 1 worker x 2 batches.
+FINE_TUNE = [*DATA, "tracker=none", "train.max_steps=1", "train.eval_batches=1", "train.checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, cache_dir) -> Path:
+    """Storage root holding run `pre` (1 worker, 10 steps, evaluated and checkpointed at 5 and 10) and its export."""
+    root = tmp_path_factory.mktemp("init-from")
+    overrides = [*TINY, "tracker=none", "optim.lr=3e-3", "train.max_steps=10", "train.eval_every=5"]
+    overrides += ["train.checkpoint_every=5", "run.id=pre", f"storage.root={root}"]
+    torchrun(*overrides, nproc=1)
+    exported = kiln("export", "pre", "--out", str(root / "hf"), "--storage-root", str(root))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    return root
+
+
+def val_loss(run_dir: Path, step: int) -> float:
+    (value,) = [r["val/loss"] for r in rows(run_dir) if r["step"] == step and "val/loss" in r]
+    return value
+
+
+def train_loss(run_dir: Path, step: int) -> float:
+    (value,) = [r["train/loss"] for r in rows(run_dir) if r["step"] == step and "train/loss" in r]
+    return value
+
+
+def test_fine_tuning_an_exported_folder_and_a_run_starts_where_the_source_ended(pretrained):
+    root, final = pretrained, val_loss(pretrained / "pre", 10)
+    torchrun(*FINE_TUNE, f"model.init_from={root / 'hf'}", "run.id=from-dir", f"storage.root={root}")
+    torchrun(*FINE_TUNE, "model.init_from=run:pre", "strategy=fsdp", "run.id=from-run", f"storage.root={root}")
+    for run in ("from-dir", "from-run"):
+        assert val_loss(root / run, 0) == pytest.approx(final, abs=1e-5), run  # a new run, not a resume
+        assert [r["step"] for r in rows(root / run) if "train/loss" in r] == [1]
+    # DDP and FSDP2 ranks all started from the same weights: the same first step.
+    assert train_loss(root / "from-run", 1) == pytest.approx(train_loss(root / "from-dir", 1), rel=1e-5)
+    assert f"init_from: {root / 'hf'}" in (root / "from-dir" / "config.yaml").read_text()
+    # run:RUN was exported into the new run, so the run stands on its own (export, eval, resume).
+    copied = root / "from-run" / "init_model"
+    assert (copied / "model.safetensors").is_file() and f"init_from: {copied}" in (
+        root / "from-run" / "config.yaml"
+    ).read_text()
+    record = json.loads((root / "from-run" / "run.json").read_text())
+    assert any("run pre step 10 (ddp)" in note for note in record["notes"])
+
+
+def test_a_run_at_a_step_starts_from_that_checkpoint(pretrained):
+    """run:RUN@STEP on the driver (in this process): the staged model evaluates as the run logged at STEP."""
+    from data_pipeline.dataset import open_training_data
+    from orchestrator.config import compose_config
+    from orchestrator.runs import start_run
+    from trainers.inference import load_folder, validation_metrics
+    from trainers.tasks import build_task
+
+    root = pretrained
+    cfg = compose_config([*FINE_TUNE, "model.init_from=run:pre@5", "run.id=at-5", f"storage.root={root}"])
+    start_run(cfg, log=lambda _: None)
+    assert cfg.model.init_from == str(root / "at-5" / "init_model")
+    datasets, weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
+    model = load_folder(cfg.model.init_from).model
+    metrics = validation_metrics(build_task("causal_lm"), model, datasets, weights, micro_batch=4, batches=2, seed=1234)
+    assert metrics["val/loss"] == pytest.approx(val_loss(root / "pre", 5), abs=1e-5)
+
+
+def test_bad_sources_fail_in_one_line_before_anything_starts(pretrained, tmp_path):
+    from data_pipeline import tokenizer as bpe
+    from orchestrator.config import UsageError, compose_config
+    from orchestrator.registry import UnknownRun
+    from orchestrator.runs import start_run
+
+    root = pretrained
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(root / "hf", other)
+    bpe.save(bpe.train_bpe(["a b c d e f"] * 10, vocab_size=300), str(other))  # replaces tokenizer.json
+    (tmp_path / "not-a-model").mkdir()
+    cases = {
+        str(tmp_path / "missing"): "no such folder",
+        str(tmp_path / "not-a-model"): "is not a Hugging Face model folder (no config.json)",
+        str(other): "is not the one the data at",
+        "run:nope": "unknown run 'nope'",
+        "run:pre@7": "run pre has no checkpoint at step 7; it has [5, 10]",
+    }
+    for source, expected in cases.items():
+        cfg = compose_config([*FINE_TUNE, f"model.init_from={source}", f"storage.root={root}"])
+        with pytest.raises((UsageError, UnknownRun)) as raised:
+            start_run(cfg, log=lambda _: None)
+        message = str(raised.value)
+        assert expected in message and "\n" not in message, message
+        assert f"model.init_from={source}" in message, message
+        assert not (root / str(cfg.run.id)).exists(), source  # nothing left behind
+    # The data's vocabulary and the folder's are both named; the CLI says it in one line, exit 2.
+    result = kiln("train", *FINE_TUNE, f"model.init_from={other}", "cluster.num_workers=1", f"storage.root={root}")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert f"the tokenizer of model.init_from={other} (vocabulary of " in result.stderr, result.stderr
+    assert "was prepared with (vocabulary of " in result.stderr and "kiln prepare tokenizer=" in result.stderr

@@ -1,0 +1,114 @@
+"""`model.init_from`: its spelling, the settings it makes ignored, the folder checks the driver runs, and
+every rank's load (built here from a tiny GPT-2 saved locally; nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.config import UsageError, compose_config
+from trainers.config import ConfigError, ModelConfig, parse_init_run
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"] * 20
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny GPT-2 Hugging Face folder (config, safetensors, tokenizer) and its tokenizer's vocabulary."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from data_pipeline import tokenizer as bpe
+    from trainers.export import hf_tokenizer
+
+    path = tmp_path_factory.mktemp("hf")
+    tokenizer = bpe.train_bpe(TEXTS, vocab_size=300)
+    bpe.save(tokenizer, str(path / "tok"))
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=320, n_positions=32, n_embd=16, n_layer=1, n_head=2, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(path / "model")
+    hf_tokenizer(str(path / "tok")).save_pretrained(path / "model")
+    return path / "model", dict(tokenizer.get_vocab())
+
+
+def test_run_sources_parse_and_misspellings_name_the_field():
+    assert parse_init_run("run:pre") == ("pre", None)
+    assert parse_init_run("run:pre@20") == ("pre", 20)
+    assert parse_init_run("./out") is None
+    for bad in ("run:", "run:pre@", "run:pre@x", "run:a b"):
+        with pytest.raises(ConfigError, match="model.init_from=.*run:RUN or run:RUN@STEP"):
+            ModelConfig(init_from=bad)
+
+
+def test_a_shape_the_folder_decides_is_an_ignored_setting():
+    with pytest.raises(ConfigError, match=r"model.n_layer=2 is ignored with model.init_from=/m"):
+        ModelConfig(init_from="/m", n_layer=2)
+    ModelConfig(init_from="/m", attn_implementation="eager", activation_checkpointing=True)  # still apply
+
+
+@pytest.mark.parametrize(
+    "override", ["model.n_layer=4", "model=gpt2_small", "model.vocab_size=512", "model.n_positions=256"]
+)
+def test_command_line_shapes_with_init_from_are_refused_even_at_their_default(override):
+    with pytest.raises(UsageError, match="ignored with model.init_from"):
+        compose_config(["model.init_from=/some/folder", override])
+
+
+def test_the_folder_decides_positions_so_a_long_seq_len_is_checked_against_it_later():
+    cfg = compose_config(["model.init_from=/some/folder", "data.seq_len=512"])  # > gpt2_tiny's 256: not ours
+    assert cfg.model.init_from == "/some/folder"
+
+
+def test_folder_checks_name_the_folder_and_the_fix(folder, tmp_path):
+    from transformers import BertConfig
+
+    from trainers.pretrained import PretrainedError, inspect_folder
+
+    def fails(path, match):
+        with pytest.raises(PretrainedError, match=match) as raised:
+            inspect_folder(str(path), "AutoModelForCausalLM", "causal_lm")
+        assert "\n" not in str(raised.value)
+
+    fails(tmp_path / "nope", r"model.init_from=.*/nope: no such folder")
+    fails(tmp_path, r"is not a Hugging Face model folder \(no config.json\)")
+    BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, architectures=["BertForMaskedLM"]
+    ).save_pretrained(tmp_path / "bert")
+    fails(tmp_path / "bert", r"holds a BertForMaskedLM model, which task=causal_lm cannot train")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((folder[0] / "config.json").read_text())
+    fails(tmp_path / "noweights", "has no safetensors weights")
+    model = inspect_folder(str(folder[0]), "AutoModelForCausalLM", "causal_lm")
+    assert (model.architecture, model.vocab_size, model.positions) == ("GPT2LMHeadModel", 320, 32)
+    assert model.tokenizer_vocab == folder[1]
+
+
+def test_data_with_another_tokenizer_or_longer_sequences_is_refused(folder):
+    from trainers.pretrained import PretrainedError, check_data, inspect_folder
+
+    model = inspect_folder(str(folder[0]), "AutoModelForCausalLM", "causal_lm")
+    check_data(model, "M", "/data", folder[1], 32)
+    other = {f"t{i}": i for i in range(512)}
+    size = len(folder[1])
+    with pytest.raises(
+        PretrainedError, match=rf"the tokenizer of M \(vocabulary of {size} tokens\).*/data.*512 tokens"
+    ) as raised:
+        check_data(model, "M", "/data", other, 32)
+    assert f"kiln prepare tokenizer={folder[0]} " in str(raised.value)
+    with pytest.raises(PretrainedError, match=r"data.seq_len=64 is longer than M takes \(32 positions\)"):
+        check_data(model, "M", "/data", folder[1], 64)
+
+
+def test_every_rank_loads_the_folder_s_weights_in_training_mode(folder):
+    import torch
+    from safetensors.torch import load_file
+
+    from trainers.tasks import build_model, build_task
+
+    saved = load_file(str(folder[0] / "model.safetensors"))
+    for name in ("causal_lm", "sft"):  # torch's RNG does not matter: the weights are the folder's
+        torch.manual_seed(len(name))
+        model = build_model(build_task(name), ModelConfig(init_from=str(folder[0])), 300, 0)
+        assert model.training and not model.config.use_cache
+        state = model.state_dict()
+        for key, tensor in saved.items():
+            assert torch.equal(state[key], tensor), key

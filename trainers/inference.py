@@ -1,0 +1,287 @@
+"""Using a trained model in one CPU process: validation metrics, text generation, BLEU and chrF.
+
+`kiln eval` and `kiln generate` (orchestrator/inference_cli.py) are thin wrappers over this module: they
+find the model (a run's checkpoint or a Hugging Face folder) and the data; everything here works on a
+loaded model and knows nothing about runs or their registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from data_pipeline import storage
+from data_pipeline import tokenizer as bpe
+from data_pipeline.dataset import Dataset
+from data_pipeline.stream import TokenStream
+from trainers.tasks import Task, on_device
+
+CPU = torch.device("cpu")
+
+
+class InferenceError(ValueError):
+    """Input `kiln eval`/`kiln generate` cannot use; the message names it and says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for inference on CPU, its tokenizer, and what to call it in messages."""
+
+    model: nn.Module
+    tokenizer: Any  # a transformers PreTrainedTokenizerFast
+    name: str
+
+    @property
+    def context(self) -> int | None:
+        """The longest sequence the model takes (positions), if its config says."""
+        config = getattr(self.model, "config", None)
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    @property
+    def eos_id(self) -> int:
+        """The end-of-text token id: generation stops there and pads with it."""
+        eos = self.tokenizer.eos_token_id
+        config: Any = self.model.config
+        return int(eos if eos is not None else config.eos_token_id)
+
+
+def load_folder(path: str) -> LoadedModel:
+    """A causal LM and its tokenizer from a local Hugging Face folder (as `kiln export` writes); no hub."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    if not os.path.isdir(path):
+        raise InferenceError(f"no folder at {path}: give a run id or a Hugging Face model folder (kiln export)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise InferenceError(
+            f"{path} is not a Hugging Face model folder (no config.json): give a folder written by "
+            "`kiln export RUN --out DIR` or a run id"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        architectures = getattr(config, "architectures", None) or []
+        if not any(name.endswith("ForCausalLM") or name.endswith("LMHeadModel") for name in architectures):
+            raise InferenceError(
+                f"{path} holds a {', '.join(architectures) or config.model_type} model, not a causal LM: "
+                "kiln eval/generate handle causal LMs (task=causal_lm)"
+            )
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except InferenceError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        message = " ".join(str(exc).split())[:300]
+        raise InferenceError(f"cannot load the model in {path} ({message}): is it a complete `kiln export`?") from None
+    return LoadedModel(model.float().eval(), tokenizer, path)
+
+
+def load_checkpoint(task: Task, model_cfg: Any, checkpoint_url: str, strategy: str, tokenizer_url: str) -> LoadedModel:
+    """A run's model from any strategy's checkpoint (the export code path, kept in memory) and its tokenizer."""
+    from trainers.export import hf_tokenizer, model_from_checkpoint
+
+    quiet_transformers()
+    with warnings.catch_warnings():  # DCP's note that it reads in one process: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        model = model_from_checkpoint(task, model_cfg, checkpoint_url, strategy, tokenizer_url)
+    return LoadedModel(model, hf_tokenizer(tokenizer_url), checkpoint_url)
+
+
+def quiet_transformers() -> None:
+    """Only transformers' errors on the terminal: its progress bars and config notes are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def check_vocabulary(loaded: LoadedModel, dataset: Dataset) -> None:
+    """The dataset must have been tokenized with the model's tokenizer, else its ids mean other tokens."""
+    data_vocab = bpe.load(dataset.tokenizer_url).get_vocab()
+    model_vocab = loaded.tokenizer.get_vocab()
+    if data_vocab != model_vocab:
+        raise InferenceError(
+            f"the dataset at {dataset.url} was prepared with a different tokenizer (vocabulary of "
+            f"{len(data_vocab)}) than {loaded.name} (vocabulary of {len(model_vocab)}): prepare it with the "
+            "model's tokenizer (kiln prepare tokenizer=...)"
+        )
+
+
+def validation_metrics(
+    task: Task,
+    model: nn.Module,
+    datasets: Sequence[Dataset],
+    weights: Sequence[float] | None,
+    *,
+    micro_batch: int,
+    batches: int,
+    seed: int,
+    world_size: int = 1,
+) -> dict[str, float]:
+    """The task's val/* metrics over the first `batches` micro-batches of every rank's slice of the split.
+
+    The same slices, order and summation as trainers/evaluation.py's Evaluator: rank r of world_size
+    reads its own micro-batches of the unshuffled validation stream. Here one process evaluates each
+    rank's slice in turn and sums the statistics, as the run's all-reduce did, so the numbers equal
+    what a run of world_size workers logged (in fp32; a bf16/fp16 run's logged numbers carry its
+    rounding).
+    """
+    sums: dict[str, float] = {}
+    for rank in range(world_size):
+        stream = TokenStream(
+            datasets,
+            "val",
+            rank=rank,
+            world_size=world_size,
+            micro_batch=micro_batch,
+            seed=seed,
+            shuffle=False,
+            weights=weights,
+        )
+        try:
+            rank_sums = task.evaluate(model, (on_device(next(stream), CPU) for _ in range(batches)))
+        finally:
+            stream.close()
+        for key, value in rank_sums.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return task.summarize(sums)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each next token: greedy unless a temperature > 0, top-k or top-p asks for sampling."""
+
+    max_new_tokens: int = 32
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InferenceError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature is not None and self.temperature < 0:
+            raise InferenceError(f"--temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise InferenceError(f"--top-k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise InferenceError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.temperature == 0 and (self.top_k is not None or self.top_p is not None):
+            raise InferenceError(
+                "--temperature 0 means greedy decoding: drop --top-k/--top-p or give a temperature > 0"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        """Whether decoding takes the most likely token every time."""
+        return not self.temperature and self.top_k is None and self.top_p is None
+
+    def generation_config(self, eos_id: int) -> Any:
+        """The transformers GenerationConfig for these settings (every sampling knob explicit)."""
+        from transformers import GenerationConfig
+
+        common: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "eos_token_id": eos_id,
+            "pad_token_id": eos_id,
+            "use_cache": True,
+        }
+        if self.greedy:
+            return GenerationConfig(do_sample=False, **common)
+        return GenerationConfig(
+            do_sample=True,
+            temperature=self.temperature or 1.0,
+            top_k=self.top_k or 0,  # 0: no top-k filter
+            top_p=self.top_p if self.top_p is not None else 1.0,
+            **common,
+        )
+
+
+def generate(
+    loaded: LoadedModel,
+    prompts: Iterable[str],
+    sampling: Sampling,
+    note: Callable[[str], None] = lambda _: None,
+) -> Iterable[str]:
+    """Each prompt's completion (the new text only), through transformers' `generate`, one at a time.
+
+    With a seed, each prompt's sampling starts from that seed, so a completion depends only on its
+    prompt and the settings, not on the prompts before it.
+    """
+    can_generate = getattr(loaded.model, "can_generate", None)
+    if can_generate is None or not can_generate():
+        raise InferenceError(
+            f"{loaded.name} is not a causal LM ({type(loaded.model).__name__}): it cannot generate text"
+        )
+    config = sampling.generation_config(loaded.eos_id)
+    context = loaded.context
+    if context is not None and sampling.max_new_tokens >= context:
+        raise InferenceError(
+            f"--max-new-tokens {sampling.max_new_tokens} leaves no room for a prompt: {loaded.name} "
+            f"takes {context} tokens in all"
+        )
+    if not sampling.greedy and sampling.seed is None:
+        torch.seed()  # a fresh draw each call, not torch's fixed default seed
+    for number, prompt in enumerate(prompts, 1):
+        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [loaded.eos_id]
+        if context is not None and len(ids) + sampling.max_new_tokens > context:
+            keep = context - sampling.max_new_tokens
+            note(f"prompt {number}: {len(ids)} tokens, kept the last {keep} (the model takes {context} in all)")
+            ids = ids[-keep:]
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with torch.no_grad():
+            output = loaded.model.generate(  # type: ignore[operator]
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+            )
+        yield loaded.tokenizer.decode(output[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One row of a prompt/reference file."""
+
+    prompt: str
+    reference: str
+
+
+def read_pairs(url: str) -> list[Pair]:
+    """The {"prompt", "reference"} rows of a JSONL file; a bad line is an error naming its number."""
+    try:
+        text = storage.read_text(url)
+    except FileNotFoundError:
+        raise InferenceError(f'no file at {url}: give a JSONL file of {{"prompt", "reference"}} rows') from None
+    pairs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InferenceError(f"{url} line {number}: not JSON ({exc.msg}); write one object a line") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "reference")):
+            raise InferenceError(
+                f'{url} line {number}: needs string "prompt" and "reference" fields, got '
+                f"{sorted(row) if isinstance(row, dict) else type(row).__name__}"
+            )
+        pairs.append(Pair(row["prompt"], row["reference"]))
+    if not pairs:
+        raise InferenceError(f'{url} holds no rows: write one {{"prompt", "reference"}} object a line')
+    return pairs
+
+
+def text_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu's defaults) of the generated texts against one reference each."""
+    import sacrebleu
+
+    return {
+        "bleu": float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score),
+        "chrf": float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score),
+    }

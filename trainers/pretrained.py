@@ -1,0 +1,175 @@
+"""Models that start from a Hugging Face folder (`model.init_from`): checked on the driver, loaded on every rank.
+
+The driver calls `inspect_folder` and `check_data` before any worker starts, so a missing folder, a folder
+that is not a model of the task's kind, or a tokenizer the data was not prepared with fails as one line.
+Every rank then calls `load_pretrained` on the same files before its strategy wraps the model, so all
+ranks start from identical weights. Nothing is downloaded (local_files_only), and only safetensors are
+read (no pickles).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from data_pipeline import storage
+from data_pipeline import tokenizer as bpe
+
+CONFIG_FILE = "config.json"
+
+
+class PretrainedError(ValueError):
+    """A model.init_from source that cannot be used; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class FolderModel:
+    """What the driver needs to know of a Hugging Face model folder, read without loading its weights."""
+
+    path: str
+    architecture: str  # e.g. GPT2LMHeadModel
+    vocab_size: int | None  # rows of its token embedding
+    positions: int | None  # the longest sequence it takes, if its config says
+    tokenizer_vocab: dict[str, int]
+
+
+def model_classes(auto_class: str) -> dict[str, tuple[str, ...]]:
+    """model_type -> the class names `auto_class` builds for it (transformers' own table, no import of torch)."""
+    from transformers.models.auto import modeling_auto
+
+    tables = {
+        "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "AutoModelForMaskedLM": modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        "AutoModelForSequenceClassification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    }
+    return {kind: (names,) if isinstance(names, str) else tuple(names) for kind, names in tables[auto_class].items()}
+
+
+def inspect_folder(path: str, auto_class: str, task: str, name: str | None = None) -> FolderModel:
+    """Check that path is a Hugging Face folder `auto_class` loads for `task`, with weights and a tokenizer."""
+    name = name or f"model.init_from={path}"
+    hint = "give a local Hugging Face model folder (e.g. from `kiln export RUN --out DIR`) or run:RUN[@STEP]"
+    if not os.path.isdir(path):
+        raise PretrainedError(f"{name}: no such folder; {hint}")
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise PretrainedError(f"{name} is not a Hugging Face model folder (no {CONFIG_FILE}); {hint}")
+    config = read_config(path, name)
+    kinds = model_classes(auto_class)
+    architectures = list(getattr(config, "architectures", None) or [])
+    builds = kinds.get(config.model_type, ())
+    if not builds or (architectures and not set(architectures) & set(builds)):
+        held = ", ".join(architectures) or f"model_type={config.model_type}"
+        raise PretrainedError(
+            f"{name} holds a {held} model, which task={task} cannot train: it needs a model {auto_class} loads "
+            f"(e.g. {', '.join(sorted({n for names in list(kinds.values())[:3] for n in names}))})"
+        )
+    if not weight_files(path):
+        raise PretrainedError(
+            f"{name} has no safetensors weights (model.safetensors, or shards with model.safetensors.index.json); "
+            "Kiln reads weights only from safetensors: save the model with safe_serialization=True"
+        )
+    return FolderModel(
+        path=path,
+        architecture=(architectures or list(builds))[0],
+        vocab_size=getattr(config, "vocab_size", None),
+        positions=getattr(config, "max_position_embeddings", None),
+        tokenizer_vocab=tokenizer_vocab(path, name),
+    )
+
+
+def read_config(path: str, name: str) -> Any:
+    """The folder's transformers config (config.json), or PretrainedError naming what is wrong with it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise PretrainedError(f"{name}: cannot read its {CONFIG_FILE} ({one_line(exc)})") from None
+
+
+def weight_files(path: str) -> list[str]:
+    """The folder's safetensors weights (one file, or shards)."""
+    return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+
+
+def tokenizer_vocab(path: str, name: str) -> dict[str, int]:
+    """The vocabulary of the folder's tokenizer (tokenizer.json, or any tokenizer transformers reads there)."""
+    if os.path.isfile(os.path.join(path, bpe.TOKENIZER_FILE)):
+        return dict(bpe.load(path).get_vocab())
+    from transformers import AutoTokenizer
+
+    try:
+        return dict(AutoTokenizer.from_pretrained(path, local_files_only=True).get_vocab())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PretrainedError(
+            f"{name} has no tokenizer Kiln can read ({bpe.TOKENIZER_FILE}; {one_line(exc)}): the data must be "
+            "prepared with the model's own tokenizer"
+        ) from None
+
+
+def check_vocabulary(
+    name: str, model_vocab: dict[str, int], data_url: str, data_vocab: dict[str, int], tokenizer_at: str
+) -> None:
+    """The data must have been tokenized with the model's tokenizer (in folder tokenizer_at), else its ids
+    mean other tokens."""
+    if model_vocab == data_vocab:
+        return
+    detail = "the same size, other tokens" if len(model_vocab) == len(data_vocab) else f"{len(data_vocab)} tokens"
+    raise PretrainedError(
+        f"the tokenizer of {name} (vocabulary of {len(model_vocab)} tokens) is not the one the data at {data_url} was "
+        f"prepared with (vocabulary of {detail}): prepare the data with the model's tokenizer "
+        f"(kiln prepare tokenizer={tokenizer_at} ...)"
+    )
+
+
+def check_data(model: FolderModel, name: str, data_url: str, data_vocab: dict[str, int], seq_len: int) -> None:
+    """The folder's model fits the data: the same tokenizer, room for every token id and for data.seq_len."""
+    check_vocabulary(name, model.tokenizer_vocab, data_url, data_vocab, model.path)
+    if model.vocab_size is not None and model.vocab_size < len(data_vocab):
+        raise PretrainedError(
+            f"{name} embeds {model.vocab_size} tokens but its tokenizer has {len(data_vocab)}: "
+            "the folder is inconsistent"
+        )
+    if model.positions is not None and seq_len > model.positions:
+        raise PretrainedError(
+            f"data.seq_len={seq_len} is longer than {name} takes ({model.positions} positions); prepare and train "
+            f"with data.seq_len<={model.positions}"
+        )
+
+
+def load_pretrained(url: str, auto_class: str, cfg: Any) -> Any:
+    """The folder's model with its weights, in fp32 and training mode (every rank loads the same files).
+
+    cfg is the ModelConfig: its attn_implementation and activation_checkpointing still apply.
+    """
+    import torch
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if not storage.is_local(url):
+        with storage.local_folder(url) as folder:
+            return load_pretrained(folder, auto_class, cfg)
+    if not os.path.isdir(url):
+        raise PretrainedError(f"model.init_from={url}: no such folder (it was checked when the run started)")
+    try:
+        model = getattr(transformers, auto_class).from_pretrained(
+            url,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=torch.float32,
+            attn_implementation=cfg.attn_implementation,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise PretrainedError(f"model.init_from={url}: cannot load the model ({one_line(exc)})") from None
+    model.config.use_cache = False  # training: no generation cache
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()  # from_pretrained returns eval mode: dropout must be on as in a model built from config
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line, cut to a readable length."""
+    return " ".join(str(exc).split())[:300]
