@@ -449,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.sweep.cli import sweep_argv
     from orchestrator.sweep.record import UnknownSweep
     from trainers.errors import CheckpointError
+    from trainers.pretrained import PretrainedError
 
     args = parser().parse_args(sweep_argv(sys.argv[1:] if argv is None else argv))
     args.command = args.command.replace("sweep-", "sweep ")
@@ -462,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         UsageError,
         UnknownRun,
         UnknownSweep,
+        PretrainedError,
         RunExists,
         DamagedRun,
         DataConfigError,

@@ -221,10 +221,25 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
             f"batches x {micro_batch} sequences, every worker's slice evaluated in turn and summed as the run did)"
         )
     else:
+        from trainers.task_data import check_task_data
+
         dataset = open_dataset(data)
         user_error(lambda: check_vocabulary(source.loaded, dataset))
+        context = source.loaded.context
+        if context is not None and dataset.seq_len > context:
+            raise UsageError(
+                f"{data} holds {dataset.seq_len}-token sequences but {source.label} takes at most {context}: "
+                f"prepare it again with seq_len={context} or less"
+            )
+        check_task_data(source.task_name, [dataset], lambda _note: None)  # e.g. an SFT model on data without masks
         datasets, weights, world_size, seed = [dataset], None, 1, cfg.train.seed if cfg else 0
         available = sum(shard.sequences for shard in dataset.shards("val"))
+        wanted = (micro_batch or 1) * (batches or 1)
+        if batches is not None and wanted > available:
+            raise UsageError(
+                f"--batches {batches} x --micro-batch {micro_batch or 1} = {wanted} sequences, but the val split of "
+                f"{data} has {available}; ask for fewer"
+            )
         if micro_batch is None:
             micro_batch = cfg.train.micro_batch if cfg else min(FOLDER_MICRO_BATCH, max(available, 1))
         if batches is None:  # a run: as many sequences as its own evaluation read; a folder: the whole split

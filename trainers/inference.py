@@ -72,7 +72,8 @@ def load_folder(path: str) -> LoadedModel:
                 f"{path} holds a {', '.join(architectures) or config.model_type} model, not a causal LM: "
                 "kiln eval/generate handle causal LMs (task=causal_lm)"
             )
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        # safetensors only: never unpickle weights read from storage (a pytorch_model.bin folder is refused)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except InferenceError:
         raise

@@ -51,13 +51,25 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
         points=plan.points,
         trials=[TrialEntry(n, sweeps.trial_run_id(sweep_id, n), point) for n, point in enumerate(plan.points, 1)],
     )
+    check_trial_ids_free(RunRegistry(root), sweep_id, len(plan.points) or settings.num_trials or 0)
     if getattr(args, "address", None):
         from orchestrator.sweep.jobs import submit_sweep
 
         return submit_sweep(record, args, console)
+    prepare_data(plan, console)  # a missing dataset fails here, before the sweep is recorded
     record.driver = this_driver(f"kiln sweep {sweep_id}")
     sweeps.create(root, record)
-    return run_here(record, plan, console)
+    return run_here(record, plan, console, prepared=True)
+
+
+def check_trial_ids_free(registry: RunRegistry, sweep_id: str, trials: int) -> None:
+    """UsageError if a run already has a trial's id: the sweep would take it for its own trial."""
+    taken = sorted(set(registry.run_ids()) & {sweeps.trial_run_id(sweep_id, n) for n in range(1, trials + 1)})
+    if taken:
+        raise UsageError(
+            f"run {taken[0]} already exists under {registry.root}, and sweep {sweep_id} would name a trial so; "
+            "choose another sweep.id"
+        )
 
 
 def prepare_data(plan: SweepPlan, console: Console) -> None:
@@ -67,20 +79,23 @@ def prepare_data(plan: SweepPlan, console: Console) -> None:
     seen: set[str] = set()
     for point in plan.points or [[]]:
         cfg = finalize(compose_config(plan.space.fixed + point)) if point else finalize(plan.base)
-        key = repr(cfg.data)
+        key = repr((cfg.data, cfg.task.name))
         if key not in seen:
             seen.add(key)
             resolve_data(cfg, log=lambda m: console.print(f"[dim]{m}[/dim]"))
 
 
-def run_here(record: SweepRecord, plan: SweepPlan, console: Console, retry_failed: bool = False) -> int:
+def run_here(
+    record: SweepRecord, plan: SweepPlan, console: Console, retry_failed: bool = False, prepared: bool = False
+) -> int:
     """Run the sweep's unfinished trials with this process as its driver; returns the exit code."""
     from orchestrator.launcher import check_placement, ray_processes_in_their_own_session, start_ray
     from orchestrator.sweep.driver import SweepDriver
 
     root = record.storage_root
     registry = RunRegistry(root)
-    prepare_data(plan, console)  # here: where the trials run (a submitted sweep's job prepares on the cluster)
+    if not prepared:
+        prepare_data(plan, console)  # here: where the trials run (a submitted sweep's job prepares on the cluster)
     run_states = {t.n: run_state(registry, t.run_id) for t in record.trials}
     steps = plan_resume(run_states, retry_failed)
     queue = [(n, record.trial(n).overrides) for n in sorted(steps.resume + steps.start)]  # type: ignore[union-attr]
@@ -88,7 +103,11 @@ def run_here(record: SweepRecord, plan: SweepPlan, console: Console, retry_faile
     evaluated: list[tuple[dict, float]] = []
     if record.search == "optuna":
         new_trials = max(0, (plan.settings.num_trials or 0) - len(record.trials))
-        evaluated = [(t.params, t.last_metric) for t in record.trials if t.params and t.last_metric is not None]
+        evaluated = [
+            (t.params, t.last_metric)
+            for t in record.trials
+            if t.params and t.last_metric is not None and run_states.get(t.n) in FINISHED_TRIAL_STATES
+        ]
     if steps.resume or steps.done:
         console.print(
             f"sweep {record.sweep_id}: {len(steps.done)} trial(s) ended (left as they are), {len(steps.resume)} to "
@@ -166,6 +185,10 @@ def cmd_sweep_resume(args: argparse.Namespace, console: Console) -> int:
     root = absolute_url(args.storage_root)
     record = sweeps.load(root, args.sweep)
     check_not_running(record, args.force)
+    if not args.force and record.job_id and record.cluster_address:
+        from orchestrator.sweep.jobs import check_job_ended
+
+        check_job_ended(record)
     if getattr(args, "address", None):
         from orchestrator.sweep.jobs import resubmit_sweep
 
@@ -180,6 +203,11 @@ def cmd_sweep_start(args: argparse.Namespace, console: Console) -> int:
     """`kiln sweep start SWEEP`: what a submitted sweep's Ray job runs: the sweep's driver, on the cluster."""
     root = absolute_url(args.storage_root)
     record = sweeps.load(root, args.sweep)
+    if record.state != SweepState.PENDING:
+        raise UsageError(
+            f"sweep {args.sweep} is {record.state}: `kiln sweep start` runs a submitted (PENDING) sweep's driver "
+            f"once; continue it with `kiln sweep resume {args.sweep}`"
+        )
     plan = replan(record, on_cluster=True)  # a stop asked while the job was PENDING holds: no clear_sweep_stop
     record.driver = this_driver(f"kiln sweep start {record.sweep_id}")
     return run_here(record, plan, console, retry_failed=args.retry_failed)

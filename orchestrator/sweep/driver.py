@@ -155,7 +155,8 @@ class SweepDriver:
             space.settings.metric,
             on_cluster=base.cluster.address is not None,
         )
-        self.lock = threading.Lock()
+        # The heartbeat thread writes the record while Tune's callbacks change it: both hold this lock.
+        self.lock = threading.RLock()
         self.signalled: str | None = None
 
     def __getstate__(self) -> dict:
@@ -168,25 +169,26 @@ class SweepDriver:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self.lock, self.console = threading.Lock(), Console()
+        self.lock, self.console = threading.RLock(), Console()
 
     def entry(self, n: int, point: list[str] | None = None, params: dict | None = None) -> TrialEntry:
         """Trial n's entry, added if the sweep has none yet."""
-        found = self.record.trial(n)
-        if found is None:
-            found = TrialEntry(n, self.ctx.run_id(n), list(point or []), params=dict(params or {}))
-            self.record.trials.append(found)
-            self.record.trials.sort(key=lambda t: t.n)
-            if point is not None and point not in self.record.points:
-                self.record.points.append(list(point))
-        return found
+        with self.lock:
+            found = self.record.trial(n)
+            if found is None:
+                found = TrialEntry(n, self.ctx.run_id(n), list(point or []), params=dict(params or {}))
+                self.record.trials = sorted([*self.record.trials, found], key=lambda t: t.n)
+                if point is not None and point not in self.record.points:
+                    self.record.points.append(list(point))
+            return found
 
     def save(self) -> None:
         with self.lock:
             sweeps.save(self.root, self.record)
 
     def refresh(self, entry: TrialEntry) -> None:
-        refresh_entry(self.registry, entry, self.space.settings.metric)
+        with self.lock:
+            refresh_entry(self.registry, entry, self.space.settings.metric)
 
     def run(self, queue: list[tuple[int, list[str]]], new_trials: int, evaluated: list[tuple[dict, float]]) -> str:
         """Run the queued trials and `new_trials` Optuna ones; returns the sweep's end state."""
@@ -302,9 +304,10 @@ class SweepDriver:
 
         class SweepRecorder(Callback):
             def on_trial_start(self, iteration, trials, trial, **info) -> None:
-                entry = driver.entry(trial.config["trial"], trial.config["point"])
-                entry.state = RunState.RUNNING
-                driver.save()
+                with driver.lock:
+                    entry = driver.entry(trial.config["trial"], trial.config["point"])
+                    entry.state = RunState.RUNNING
+                    driver.save()
                 driver.console.print(f"trial {entry.n} started: {entry.run_id} {' '.join(entry.overrides)}")
 
             def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -321,16 +324,17 @@ class SweepDriver:
         return SweepRecorder()
 
     def trial_ended(self, n: int, result: dict) -> None:
-        entry = self.entry(n)
-        self.refresh(entry)  # the run's own record says how it ended
-        if result.get("state") == NOT_STARTED and not run_exists(self.registry, entry.run_id):
-            entry.state = NOT_STARTED  # the sweep was stopped before this trial's run began
+        with self.lock:
+            entry = self.entry(n)
+            self.refresh(entry)  # the run's own record says how it ended
+            if result.get("state") == NOT_STARTED and not run_exists(self.registry, entry.run_id):
+                entry.state = NOT_STARTED  # the sweep was stopped before this trial's run began
+                self.save()
+                return
+            if entry.state in (NOT_STARTED, RunState.RUNNING) and result.get("state") == RunState.FAILED:
+                entry.state = RunState.FAILED  # it could not start (or its driver died) without saying so
+            entry.error = result.get("error") or entry.error
             self.save()
-            return
-        if entry.state in (NOT_STARTED, RunState.RUNNING) and result.get("state") == RunState.FAILED:
-            entry.state = RunState.FAILED  # it could not start (or its driver died) without saying so in run.json
-        entry.error = result.get("error") or entry.error
-        self.save()
         metric = self.space.settings.metric
         shown = f", {metric} {entry.last_metric:.4f}" if entry.last_metric is not None else ""
         error = f": {result['error']}" if result.get("error") else ""
@@ -338,15 +342,17 @@ class SweepDriver:
 
     def finish(self) -> str:
         """Every entry refreshed, the best marked, the sweep's end state saved."""
-        for entry in self.record.trials:
-            self.refresh(entry)
-        best = best_trial(self.record.trials, self.space.settings.mode)
-        self.record.best = best.run_id if best else None
-        expected = len(self.record.points) if self.record.search != "optuna" else self.space.settings.num_trials or 0
-        states = [t.state for t in self.record.trials] + [NOT_STARTED] * max(0, expected - len(self.record.trials))
-        self.record.state = sweeps.ended_state(states)
-        self.save()
-        return self.record.state
+        with self.lock:
+            for entry in self.record.trials:
+                self.refresh(entry)
+            best = best_trial(self.record.trials, self.space.settings.mode)
+            self.record.best = best.run_id if best else None
+            optuna = self.record.search == "optuna"
+            expected = (self.space.settings.num_trials or 0) if optuna else len(self.record.points)
+            states = [t.state for t in self.record.trials] + [NOT_STARTED] * max(0, expected - len(self.record.trials))
+            self.record.state = sweeps.ended_state(states)
+            self.save()
+            return self.record.state
 
     def signals(self):
         """SIGTERM or a first Ctrl-C stops the sweep gracefully; a second Ctrl-C aborts."""

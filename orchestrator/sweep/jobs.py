@@ -42,13 +42,7 @@ def submit_sweep(record: SweepRecord, args: argparse.Namespace, console: Console
 
 def resubmit_sweep(record: SweepRecord, args: argparse.Namespace, console: Console) -> int:
     """`kiln sweep resume SWEEP --address URL`: the sweep's driver again, as a new Ray job."""
-    if record.job_id and record.cluster_address and record.state in (SweepState.RUNNING, SweepState.PENDING):
-        view = job_view(record.cluster_address, record.job_id)
-        if view.status in ("PENDING", "RUNNING"):
-            raise UsageError(
-                f"sweep {record.sweep_id} is running: its Ray job {record.job_id} is {view.status}; stop it with "
-                f"`kiln sweep stop {record.sweep_id}` first"
-            )
+    check_job_ended(record)
     working_dir = shipped_code(args.working_dir)
     client(args.address)
     record.job_id, record.cluster_address = next_job_id(record.sweep_id, record.job_id), args.address
@@ -56,6 +50,17 @@ def resubmit_sweep(record: SweepRecord, args: argparse.Namespace, console: Conso
     sweeps.clear_sweep_stop(record.storage_root, record.sweep_id)  # the stop this resume undoes
     sweeps.save(record.storage_root, record)
     return launch(record, args.address, working_dir, args.follow, console, retry_failed=args.retry_failed)
+
+
+def check_job_ended(record: SweepRecord) -> None:
+    """UsageError while a submitted sweep's Ray job may still drive it (it would be driven twice)."""
+    if record.job_id and record.cluster_address and record.state in (SweepState.RUNNING, SweepState.PENDING):
+        view = job_view(record.cluster_address, record.job_id)
+        if view.status in ("PENDING", "RUNNING"):
+            raise UsageError(
+                f"sweep {record.sweep_id} is running: its Ray job {record.job_id} is {view.status}; stop it with "
+                f"`kiln sweep stop {record.sweep_id}` first"
+            )
 
 
 def launch(

@@ -21,6 +21,7 @@ from orchestrator.sweep.settings import SweepConfig, is_sweep_setting, parse_set
 # Keys a sweep sets on each trial itself.
 TRIAL_OWNED = {"run.id": "a sweep names its trials <sweep.id>-<n>: set sweep.id=NAME instead"}
 LOG_TAG = "log"
+ASHA_SCALE = ("train.max_steps", "train.eval_every")  # what sets ASHA's max_t and its default grace period
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,8 @@ def interval_dimension(key: str, low: float, high: float, log: bool, typed: str)
     if log and low <= 0:
         raise UsageError(f"{typed}: a log interval needs a low end above 0")
     integer = schema_type(key.lstrip("+").split("@")[0]) is int
+    if integer and not (float(low).is_integer() and float(high).is_integer()):
+        raise UsageError(f"{typed}: {key.lstrip('+')} is an int setting; give the interval whole-number ends")
     return Dimension(key, low=low, high=high, log=log, integer=integer, typed=typed)
 
 
@@ -234,6 +237,12 @@ def plan_sweep(overrides: list[str], compose: Callable[[list[str]], KilnConfig] 
     """
     space = parse_space(overrides)
     settings = space.settings
+    scheduled = [d.typed for d in space.dimensions if d.key.lstrip("+") in ASHA_SCALE]
+    if settings.early_stop == "asha" and scheduled:
+        raise UsageError(
+            f"{scheduled[0]}: ASHA measures every trial in the same training steps, so with sweep.early_stop=asha "
+            "train.max_steps and train.eval_every cannot be swept"
+        )
     if settings.search == "optuna":
         probes = space.probe_points()
         configs = [compose_point(compose, space.fixed, point, "value") for point in probes]

@@ -150,3 +150,10 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys):
     for manifest in (bare / "inf" / "checkpoints").glob("*/MANIFEST.json"):
         manifest.unlink()
     assert "run inf has no committed checkpoint" in error_of(capsys, "eval", "inf", "--storage-root", str(bare))
+
+
+def test_eval_refuses_a_slice_larger_than_the_datasets_val_split(run, capsys):
+    root = str(run.parent)
+    dataset = json.loads(ok(at(run, "eval", "inf", "--json")))["data"]
+    message = error_of(capsys, "eval", "inf", "--data", dataset, "--batches", "100000", "--storage-root", root)
+    assert "--batches 100000" in message and "ask for fewer" in message

@@ -471,3 +471,24 @@ def test_status_of_an_unknown_sweep_names_the_sweeps_there(tmp_path):
     write_sweep_json(tmp_path, "wd")
     with pytest.raises(UnknownSweep, match=r"unknown sweep 'lr' under .*; sweeps there: wd$"):
         status_json(str(tmp_path), "lr")
+
+
+def test_a_new_sweep_never_adopts_an_existing_run_named_like_one_of_its_trials(tmp_path):
+    from orchestrator.sweep.cli import check_trial_ids_free
+
+    registry = RunRegistry(str(tmp_path))
+    registry.create(RunRecord(run_id="lr-3", experiment="x", max_steps=4, strategy="ddp", num_workers=1), "x: 1")
+    check_trial_ids_free(registry, "lr", 2)  # trials lr-1, lr-2: free
+    with pytest.raises(UsageError, match="run lr-3 already exists .* choose another sweep.id"):
+        check_trial_ids_free(registry, "lr", 4)
+
+
+def test_kiln_sweep_start_runs_only_a_submitted_sweep_that_has_not_started(tmp_path):
+    import argparse
+
+    from orchestrator.sweep.cli import cmd_sweep_start
+
+    sweeps.create(str(tmp_path), a_sweep(str(tmp_path), state=SweepState.FINISHED))
+    args = argparse.Namespace(sweep="lr", storage_root=str(tmp_path), retry_failed=False)
+    with pytest.raises(UsageError, match="sweep lr is FINISHED: .* `kiln sweep resume lr`"):
+        cmd_sweep_start(args, Console())

@@ -368,3 +368,13 @@ def test_a_value_typed_before_a_keys_sweep_gives_way_to_it_and_one_typed_after_i
     assert swept.points == [["model.n_layer=1"], ["model.n_layer=3"]]
     message = refused("model.n_layer=1,3", "model.n_layer=2")
     assert "model.n_layer=2 comes after the sweep of model.n_layer" in message
+
+
+def test_an_int_setting_takes_an_interval_with_whole_number_ends_only():
+    message = refused("model.n_layer=interval(1.5,3.5)", "sweep.search=random", "sweep.num_trials=2")
+    assert "model.n_layer is an int setting; give the interval whole-number ends" in message
+
+
+def test_asha_refuses_a_sweep_of_the_steps_it_measures_trials_in():
+    message = refused("train.max_steps=4,8", "sweep.early_stop=asha")
+    assert "cannot be swept" in message and "train.max_steps" in message
