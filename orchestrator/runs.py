@@ -12,7 +12,7 @@ from data_pipeline.redaction import redact_text
 from data_pipeline.stdlib_corpus import prepare_stdlib
 from orchestrator.attempts import merge_events
 from orchestrator.config import KilnConfig, UsageError, absolute_url, finalize, load_saved_config, to_yaml
-from orchestrator.init_source import init_source
+from orchestrator.init_source import check_submitted, init_source
 from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
 from trainers.preemption import clear_stop_request
@@ -58,7 +58,8 @@ def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunR
     # leaves nothing behind that blocks the run id.
     registry.check_root()
     resolve_data(cfg, log)
-    with init_source(cfg, run_checkpoint, log) as source:  # model.init_from checked against the data; run:RUN exported
+    # model.init_from checked against the data (run:RUN exported), then copied into the run's folder
+    with init_source(cfg, run_checkpoint, log) as source:
         record = new_record(cfg)
         record.notes.extend(source.notes)
         record = registry.create(record, redact_text(to_yaml(cfg)))
@@ -72,16 +73,18 @@ def register_submission(
 ) -> tuple[RunRegistry, RunRecord]:
     """Register a run that a Ray job will start (`kiln start`): PENDING, with its job id and cluster.
 
-    Storage and a given dataset are checked from here, so bad input fails before anything is submitted.
-    The built-in corpus is prepared where the run starts, in that machine's cache.
+    Storage, a given dataset and model.init_from are checked from here, so bad input fails before anything is
+    submitted. The built-in corpus is prepared, and model.init_from copied into the run, where the run starts.
     """
     cache_dir = cfg.data.cache_dir  # the cluster's own cache unless the user chose one
     finalize(cfg)
     cfg.data.cache_dir = cache_dir
     registry = RunRegistry(cfg.storage.root)
     registry.check_root()
-    if cfg.data.source != "stdlib":
+    data_known = cfg.data.source != "stdlib"
+    if data_known:
         resolve_data(cfg, log)
+    check_submitted(cfg, run_checkpoint, data_known)
     record = new_record(cfg)
     record.job_id, record.cluster_address = job_id, address
     return registry, registry.create(record, redact_text(to_yaml(cfg)))
@@ -100,9 +103,9 @@ def start_registered(
     finalize(cfg)
     resolve_data(cfg, log)
     with init_source(cfg, run_checkpoint, log) as source:
+        source.install()  # the run's own copy of model.init_from, before its config names it
         # Saved again with the data (and model.init_from) as resolved here, so `kiln resume` finds what it used.
         registry.write_config(run_id, redact_text(to_yaml(cfg)))
-        source.install()
     record.notes.extend(source.notes)
     save_tokenizer(cfg)
     return registry, record, cfg

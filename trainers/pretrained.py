@@ -18,6 +18,24 @@ from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 
 CONFIG_FILE = "config.json"
+# The files besides *.safetensors that a model folder is loaded from (config, tokenizer, generation).
+MODEL_FILES = frozenset(
+    {
+        CONFIG_FILE,
+        "generation_config.json",
+        bpe.TOKENIZER_FILE,
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "tokenizer.model",
+        "spiece.model",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
 
 
 class PretrainedError(ValueError):
@@ -87,6 +105,17 @@ def read_config(path: str, name: str) -> Any:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise PretrainedError(f"{name}: cannot read its {CONFIG_FILE} ({one_line(exc)})") from None
+
+
+def model_files(path: str) -> list[str]:
+    """Names of the folder's files a model is loaded from: config, safetensors weights (and shard index),
+    tokenizer and generation config. Anything else (pickled weights, optimizer state, notes) is left out."""
+    return sorted(
+        name
+        for name in os.listdir(path)
+        if os.path.isfile(os.path.join(path, name))
+        and (name in MODEL_FILES or name.endswith(".safetensors") or name.endswith(".safetensors.index.json"))
+    )
 
 
 def weight_files(path: str) -> list[str]:

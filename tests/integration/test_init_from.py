@@ -8,6 +8,7 @@ line before any worker starts.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -44,23 +45,30 @@ def train_loss(run_dir: Path, step: int) -> float:
     return value
 
 
-def test_fine_tuning_an_exported_folder_and_a_run_starts_where_the_source_ended(pretrained):
+def test_fine_tuning_an_exported_folder_and_a_run_starts_where_the_source_ended(pretrained, tmp_path):
     root, final = pretrained, val_loss(pretrained / "pre", 10)
-    torchrun(*FINE_TUNE, f"model.init_from={root / 'hf'}", "run.id=from-dir", f"storage.root={root}")
+    source = tmp_path / "source"  # a folder with more than a model in it, deleted once the run has started
+    shutil.copytree(root / "hf", source)
+    (source / "notes.txt").write_text("not a model file")
+    torchrun(*FINE_TUNE, f"model.init_from={source}", "run.id=from-dir", f"storage.root={root}")
     torchrun(*FINE_TUNE, "model.init_from=run:pre", "strategy=fsdp", "run.id=from-run", f"storage.root={root}")
     for run in ("from-dir", "from-run"):
         assert val_loss(root / run, 0) == pytest.approx(final, abs=1e-5), run  # a new run, not a resume
         assert [r["step"] for r in rows(root / run) if "train/loss" in r] == [1]
     # DDP and FSDP2 ranks all started from the same weights: the same first step.
     assert train_loss(root / "from-run", 1) == pytest.approx(train_loss(root / "from-dir", 1), rel=1e-5)
-    assert f"init_from: {root / 'hf'}" in (root / "from-dir" / "config.yaml").read_text()
-    # run:RUN was exported into the new run, so the run stands on its own (export, eval, resume).
-    copied = root / "from-run" / "init_model"
-    assert (copied / "model.safetensors").is_file() and f"init_from: {copied}" in (
-        root / "from-run" / "config.yaml"
-    ).read_text()
+    # Both sources were copied into the new run (only the model's files), and its config names the copy, so
+    # the run stands on its own (export, eval, resume) when its source is gone.
+    for run in ("from-dir", "from-run"):
+        copied = root / run / "init_model"
+        assert (copied / "model.safetensors").is_file() and not (copied / "notes.txt").exists(), run
+        assert f"init_from: {copied}" in (root / run / "config.yaml").read_text(), run
     record = json.loads((root / "from-run" / "run.json").read_text())
     assert any("run pre step 10 (ddp)" in note for note in record["notes"])
+    shutil.rmtree(source)
+    exported = kiln("export", "from-dir", "--out", str(tmp_path / "out"), "--storage-root", str(root))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_a_run_at_a_step_starts_from_that_checkpoint(pretrained):
@@ -83,9 +91,10 @@ def test_a_run_at_a_step_starts_from_that_checkpoint(pretrained):
 
 def test_bad_sources_fail_in_one_line_before_anything_starts(pretrained, tmp_path):
     from data_pipeline import tokenizer as bpe
-    from orchestrator.config import UsageError, compose_config
+    from orchestrator.config import UsageError, compose_config, finalize
+    from orchestrator.init_source import check_submitted
     from orchestrator.registry import UnknownRun
-    from orchestrator.runs import start_run
+    from orchestrator.runs import resolve_data, run_checkpoint, start_run
 
     root = pretrained
     other = tmp_path / "other-tokenizer"
@@ -107,6 +116,21 @@ def test_bad_sources_fail_in_one_line_before_anything_starts(pretrained, tmp_pat
         assert expected in message and "\n" not in message, message
         assert f"model.init_from={source}" in message, message
         assert not (root / str(cfg.run.id)).exists(), source  # nothing left behind
+    # `kiln submit` checks the same from here, the data being known (nothing staged or registered).
+    cases = {**cases, "hf": "is not an absolute path", "run:pre@7": "run pre has no checkpoint at step 7"}
+    for source, expected in cases.items():
+        cfg = compose_config([*FINE_TUNE, f"model.init_from={source}", f"storage.root={root}"])
+        finalize(cfg)
+        resolve_data(cfg, log=lambda _: None)
+        with pytest.raises(UsageError, match=re.escape(expected)) as raised:
+            check_submitted(cfg, run_checkpoint, data_known=True)
+        assert "\n" not in str(raised.value) and f"model.init_from={source}" in str(raised.value)
+    for good in (str(root / "hf"), "run:pre@5"):
+        cfg = compose_config([*FINE_TUNE, f"model.init_from={good}", f"storage.root={root}"])
+        finalize(cfg)
+        resolve_data(cfg, log=lambda _: None)
+        check_submitted(cfg, run_checkpoint, data_known=True)
+        assert cfg.model.init_from == good
     # The data's vocabulary and the folder's are both named; the CLI says it in one line, exit 2.
     result = kiln("train", *FINE_TUNE, f"model.init_from={other}", "cluster.num_workers=1", f"storage.root={root}")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]

@@ -112,3 +112,63 @@ def test_every_rank_loads_the_folder_s_weights_in_training_mode(folder):
         state = model.state_dict()
         for key, tensor in saved.items():
             assert torch.equal(state[key], tensor), key
+
+
+def test_a_run_copies_only_the_model_files_of_its_source(folder, tmp_path):
+    import shutil
+
+    from orchestrator.init_source import InitSource
+
+    source = tmp_path / "source"
+    shutil.copytree(folder[0], source)
+    (source / "notes.txt").write_text("not a model file")
+    (source / "pytorch_model.bin").write_bytes(b"a pickle")
+    (source / "optimizer").mkdir()
+    InitSource(folder=str(source), target=str(tmp_path / "run" / "init_model")).install()
+    copied = sorted(p.name for p in (tmp_path / "run" / "init_model").iterdir())
+    assert "config.json" in copied and "model.safetensors" in copied and "tokenizer.json" in copied
+    assert not {"notes.txt", "pytorch_model.bin", "optimizer"} & set(copied)
+    assert not any((tmp_path / "run" / "init_model" / name).is_symlink() for name in copied)
+
+
+def test_a_submission_checks_init_from_from_here_without_copying_it(folder, tmp_path, monkeypatch):
+    """kiln submit's check (orchestrator/runs.py register_submission), with data prepared on the cluster."""
+    from orchestrator.init_source import check_submitted
+    from orchestrator.registry import UnknownRun
+    from trainers.errors import CheckpointError
+
+    def find(root, run_id, step):
+        if run_id != "pre":
+            raise UnknownRun(f"unknown run {run_id!r}")
+        raise CheckpointError(f"run pre has no checkpoint at step {step}; it has [5, 10]")
+
+    def fails(source, match):
+        cfg = compose_config([f"model.init_from={source}", f"storage.root={tmp_path}"])
+        with pytest.raises(UsageError, match=match) as raised:
+            check_submitted(cfg, find, data_known=False)
+        assert "\n" not in str(raised.value) and f"model.init_from={source}" in str(raised.value)
+
+    monkeypatch.chdir(folder[0].parent)
+    fails("model", rf"is not an absolute path.*starts on the cluster.*model.init_from={folder[0]}\)")
+    fails(tmp_path / "missing", "no such folder")
+    fails("run:nope", "unknown run 'nope'")
+    fails("run:pre@7", "run pre has no checkpoint at step 7")
+    cfg = compose_config([f"model.init_from={folder[0]}", f"storage.root={tmp_path}"])
+    check_submitted(cfg, find, data_known=False)
+    assert cfg.model.init_from == str(folder[0]) and list(tmp_path.iterdir()) == []  # nothing copied
+
+
+def test_workers_load_the_copy_from_remote_storage(folder):
+    """A run on object storage (memory:// stands in for s3://): the copy is uploaded and every rank loads it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from orchestrator.init_source import InitSource
+    from trainers.tasks import build_model, build_task
+
+    target = "memory://kiln-init-from-test/run/init_model"
+    InitSource(folder=str(folder[0]), target=target).install()
+    model = build_model(build_task("causal_lm"), ModelConfig(init_from=target), 300, 0)
+    state = model.state_dict()
+    for key, tensor in load_file(str(folder[0] / "model.safetensors")).items():
+        assert torch.equal(state[key], tensor), key
