@@ -22,17 +22,22 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-# Small enough for seconds per run on 2 CPU cores, big enough that loss visibly falls.
-TINY = [
+# The tests' tiny GPT-2 and its batch: seconds per run on 2 CPU cores, big enough that loss visibly falls.
+TINY_MODEL = [
     "model.n_layer=2",
     "model.n_head=2",
     "model.n_embd=64",
     "model.n_positions=64",
+    "train.global_batch=8",
+    "train.micro_batch=4",
+]
+
+# TINY_MODEL on the built-in corpus.
+TINY = [
+    *TINY_MODEL,
     "data.seq_len=64",
     "data.vocab_size=512",
     "data.max_files=60",
-    "train.global_batch=8",
-    "train.micro_batch=4",
     "train.eval_batches=2",
     "optim.warmup_steps=2",
 ]
@@ -52,12 +57,7 @@ SFT_RUN = [
     "task=sft",
     "data=prepared",
     "data.seq_len=64",
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=64",
-    "model.n_positions=64",
-    "train.global_batch=8",
-    "train.micro_batch=4",
+    *TINY_MODEL,
     "train.eval_batches=2",
     "optim.lr=3e-3",
     "optim.warmup_steps=2",

@@ -12,7 +12,7 @@ import pytest
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
 from data_pipeline.stream import TokenStream
-from tests.helpers import kiln, rows, torchrun
+from tests.helpers import TINY_MODEL, kiln, rows, torchrun
 
 pytestmark = pytest.mark.slow
 WORDS = ["alpha", "beta", "gamma", "delta", "kiln", "ray", "token", "shard"]
@@ -20,12 +20,7 @@ WORDS = ["alpha", "beta", "gamma", "delta", "kiln", "ray", "token", "shard"]
 # A 4-step run of a tiny model on 32-token sequences: enough to prove a dataset trains.
 SMALL_RUN = [
     "data.seq_len=32",
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.n_embd=64",
-    "model.n_positions=64",
-    "train.global_batch=8",
-    "train.micro_batch=4",
+    *TINY_MODEL,
     "train.max_steps=4",
     "train.eval_every=4",
     "train.eval_batches=1",
