@@ -29,13 +29,6 @@ def mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
-def max_across_ranks(value: float, device: torch.device) -> float:
-    """The largest of each rank's value."""
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())
-
-
 def barrier(group: Any = None) -> None:
     """Wait for every rank (of group, default: all)."""
     dist.barrier(group=group)
@@ -52,10 +45,3 @@ def gather_to_rank0(obj: Any, group: Any = None) -> list[Any]:
 def new_checkpoint_group() -> Any:
     """Collective: a gloo group over all ranks for checkpoint traffic, apart from training collectives."""
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=1800))
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if flag is true on any (a consensus for stopping at the same step)."""
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())

@@ -39,3 +39,8 @@ def peak_flops(device_name: str) -> float | None:
 def mfu(tokens_per_s: float, flops_per_token_: float, peak_per_device: float, devices: int) -> float:
     """Fraction of the devices' peak FLOPs that the model's math used."""
     return tokens_per_s * flops_per_token_ / (peak_per_device * devices)
+
+
+def tflops_per_device(tokens_per_s: float, flops_per_token_: float, devices: int) -> float:
+    """Model TFLOP/s each device achieved (the MFU numerator; known without a peak, so logged on CPUs too)."""
+    return tokens_per_s * flops_per_token_ / devices / 1e12

@@ -2,8 +2,9 @@
 
 `run(cfg, ctx)` is all a launcher calls: Ray Train's worker function and plain `torchrun` both end up
 here, with a WorkerContext that tells the loop who it is and where to report. The components decide
-when they act (`evaluator.due(step)`, `checkpoints.due(step)`, `stops.agreed()`), so `run` is the
-schedule of one step and nothing else.
+when they act (`evaluator.due(step)`, `checkpoints.due(step)`, `stops.settle(...)`), so `run` is the
+schedule of one step and nothing else. Only sync steps (logged, evaluated or checkpointed) read anything
+back from the device or talk to the other ranks (trainers/step_window.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import socket
 import time
@@ -27,16 +27,17 @@ from trainers.checkpoint import CheckpointStore
 from trainers.checkpointing import Checkpointing
 from trainers.config import WorkerConfig
 from trainers.context import WorkerContext
-from trainers.distributed import ensure_process_group, gather_to_rank0, max_across_ranks, mean_across_ranks
+from trainers.distributed import ensure_process_group, gather_to_rank0
 from trainers.evaluation import Evaluator
 from trainers.events import record_event
-from trainers.flops import flops_per_token, mfu, peak_flops
+from trainers.flops import flops_per_token, mfu, peak_flops, tflops_per_device
 from trainers.model_shapes import shapes_of
 from trainers.models import parameter_count
 from trainers.preemption import StopAgreement, commit_before_stopping
 from trainers.rng import rank_seed, seed_everything
 from trainers.run_folder import CHECKPOINTS_DIR
 from trainers.run_state import RunState
+from trainers.step_window import StepWindow, WindowSummary, summarize
 from trainers.strategies import Strategy, build_strategy
 from trainers.task_data import check_task_data
 from trainers.tasks import Task, build_model, build_task, on_device
@@ -76,15 +77,6 @@ def pick_device(local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of this worker: CUDA allocations on a GPU, the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class Trainer:
@@ -136,6 +128,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.num_params - embedding_params, layers, width, self.dataset.seq_len)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.step = 0
+        self.window = StepWindow(self.device)
 
     def _checkpointing(self, model_shapes: dict[str, tuple[int, ...]]) -> Checkpointing:
         """This worker's checkpoints: the run's store, saved every train.checkpoint_every steps and at the end."""
@@ -187,52 +180,55 @@ class Trainer:
         """Whether step `step`'s training metrics are logged."""
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; returns this rank's raw numbers."""
-        started = time.perf_counter()
-        data_wait, losses = 0.0, []
+    def train_step(self) -> None:
+        """One optimizer step over grad_accum micro-batches; its loss and grad norm stay on the device (`window`)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(self.grad_accum):
             fetch = time.perf_counter()
             batch = on_device(next(self.stream), self.device)
-            data_wait += time.perf_counter() - fetch
+            self.window.data_wait += time.perf_counter() - fetch
             last = micro == self.grad_accum - 1
             with contextlib.nullcontext() if last else self.strategy.no_sync():
                 with self.strategy.autocast():
                     loss = self.task.loss(self.model, batch)
                 self.strategy.backward(loss / self.grad_accum)
-            losses.append(float(loss.detach()))
+            loss_sum += loss.detach()  # on the device: reading it here would stall a GPU every micro-batch
         grad_norm = self.strategy.step()
         self.step += 1
-        mean_loss = sum(losses) / len(losses)
-        if not math.isfinite(mean_loss):
+        self.window.add(loss_sum / self.grad_accum, grad_norm)
+
+    def sync_due(self, step: int) -> bool:
+        """Whether step `step` reads its window back: a logged, evaluated or checkpointed step."""
+        return self.log_due(step) or self.evaluator.due(step) or self.checkpoints.due(step)
+
+    def sync(self, stop_asked: bool) -> WindowSummary:
+        """Collective (one all_gather): the ranks' agreed window; fails on every rank if any saw a non-finite loss."""
+        summary = summarize(self.window.gather(stop_asked))
+        if summary.bad is not None:
+            rank, value = summary.bad
+            first = self.step - self.window.steps + 1
             raise FloatingPointError(
-                f"loss is {mean_loss} at step {self.step} on rank {self.ctx.rank}; lower optim.lr or check the data"
+                f"loss is {value} at a step in {first}..{self.step} on rank {rank}; lower optim.lr or check the data"
             )
-        return {
-            "loss": mean_loss,
-            "grad_norm": grad_norm,
-            "step_time": time.perf_counter() - started,
-            "data_wait": data_wait,
-        }
+        return summary
 
     def evaluate(self) -> dict[str, float]:
         """The task's validation metrics now (a collective)."""
         return self.evaluator(self.model)
 
-    def metrics_for(self, raw: dict[str, float]) -> dict[str, float]:
-        """The logged metrics of a step, averaged over ranks."""
-        loss, grad_norm, step_time, data_wait = mean_across_ranks(
-            [raw["loss"], raw["grad_norm"], raw["step_time"], raw["data_wait"]], self.device
-        )
+    def metrics_for(self, summary: WindowSummary) -> dict[str, float]:
+        """The logged training metrics of a sync step, from the ranks' agreed window."""
         metrics = {
-            "train/loss": loss,
+            "train/loss": summary.loss,
             "train/lr": self.strategy.current_lr(),
-            "train/grad_norm": grad_norm,
-            "perf/tokens_per_s": self.tokens_per_step / step_time,
-            "perf/step_time_s": step_time,
-            "perf/data_wait_frac": data_wait / step_time,
+            "train/grad_norm": summary.grad_norm,
+            "perf/tokens_per_s": self.tokens_per_step / summary.step_time,
+            "perf/step_time_s": summary.step_time,
+            "perf/data_wait_frac": summary.data_wait_frac,
             "train/epoch": float(self.stream.epoch),
         }
+        tokens_per_s = metrics["perf/tokens_per_s"]
+        metrics["perf/tflops"] = tflops_per_device(tokens_per_s, self.flops_per_token, self.ctx.world_size)
         if self.peak_flops:
             metrics["perf/mfu"] = mfu(
                 metrics["perf/tokens_per_s"], self.flops_per_token, self.peak_flops, self.ctx.world_size
@@ -241,7 +237,7 @@ class Trainer:
         metrics["perf/param_bytes"] = float(held["params"])  # this rank's, rank 0 reports
         metrics["perf/optim_bytes"] = float(held["optim"])
         metrics["perf/master_bytes"] = float(held["master"])
-        metrics["perf/peak_mem_mb"] = max_across_ranks(peak_memory_mb(self.device), self.device)
+        metrics["perf/peak_mem_mb"] = summary.peak_mem_mb
         return metrics
 
 
@@ -268,11 +264,16 @@ def run(cfg: WorkerConfig, ctx: WorkerContext) -> LoopResult:
             result.metrics = trainer.evaluate()
             tracker.log(result.metrics, 0)
             ctx.report(result.metrics, 0)
-        while trainer.step < cfg.train.max_steps and not stops.agreed():  # every rank stops at the same step
+        trainer.window.open()
+        while trainer.step < cfg.train.max_steps:
             with watchdog.phase(trainer.step, "train step"):
-                raw = trainer.train_step()
+                trainer.train_step()
             step = trainer.step
-            metrics = trainer.metrics_for(raw) if trainer.log_due(step) else {}
+            if not trainer.sync_due(step):
+                continue  # no host sync and no collective beyond the gradients' own
+            with watchdog.phase(step, "sync"):
+                summary = trainer.sync(stops.asked())
+            metrics = trainer.metrics_for(summary) if trainer.log_due(step) else {}
             if evaluator.due(step):
                 with watchdog.phase(step, "evaluation"):
                     metrics.update(trainer.evaluate())
@@ -288,6 +289,9 @@ def run(cfg: WorkerConfig, ctx: WorkerContext) -> LoopResult:
             if metrics or committed:
                 ctx.report(metrics, step, checkpoint=committed[-1] if committed else None)
             result.metrics = metrics or result.metrics
+            trainer.window.open()
+            if stops.settle(summary.stop):  # every rank stops at the same step
+                break
         if trainer.step < cfg.train.max_steps:
             with watchdog.phase(trainer.step, "preemption checkpoint"):
                 result.checkpoint = stop_with_checkpoint(trainer, stops.reason) or result.checkpoint

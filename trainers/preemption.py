@@ -108,12 +108,18 @@ class StopAgreement:
         self.requests = StopRequestWatcher(run_url).start() if ctx.rank == 0 else None
         self.reason: str | None = None
 
-    def agreed(self) -> bool:
-        """True on every rank as soon as any rank was asked to stop (a collective: call on all ranks)."""
-        from trainers.distributed import any_rank, gather_to_rank0
+    def asked(self) -> bool:
+        """Whether this rank was asked to stop (a signal, or rank 0 seeing `kiln stop`): local, no collective."""
+        return self.ctx.should_stop() or (self.requests is not None and self.requests.request is not None)
 
-        asked = self.ctx.should_stop() or (self.requests is not None and self.requests.request is not None)
-        if not any_rank(asked, self.device):
+    def settle(self, any_asked: bool) -> bool:
+        """Given whether any rank asked (agreed in the step's one collective): stop now? Call on all ranks.
+
+        Only a stop costs a further collective: rank 0 gathers what each rank was told, to say why.
+        """
+        from trainers.distributed import gather_to_rank0
+
+        if not any_asked:
             return False
         signalled = gather_to_rank0(getattr(self.ctx, "stop_reason", None) if self.ctx.should_stop() else None)
         self.reason = self._describe(signalled)

@@ -9,7 +9,7 @@ import torch
 
 from orchestrator.config import UsageError, compose_config
 from trainers.config import StrategyConfig
-from trainers.flops import flops_per_token, mfu, peak_flops
+from trainers.flops import flops_per_token, mfu, peak_flops, tflops_per_device
 from trainers.strategies.base import resolve_precision
 from trainers.strategies.deepspeed_zero import deepspeed_config
 
@@ -85,6 +85,8 @@ def test_flops_per_token_and_mfu():
     assert per_token == pytest.approx(6 * n + 12 * 12 * 768 * 1024)
     assert per_token == pytest.approx(8.55e8, rel=0.01)
     assert mfu(400_000, per_token, 989e12, 1) == pytest.approx(0.346, rel=0.01)
+    # 8 GPUs at 3.2M tokens/s together: each does 342 TFLOP/s of model math, the same 0.346 of an H100.
+    assert tflops_per_device(3_200_000, per_token, 8) == pytest.approx(342, rel=0.01)
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("cpu") is None

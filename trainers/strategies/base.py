@@ -39,8 +39,9 @@ class Strategy(Protocol):
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate one micro-batch's loss (already divided by grad_accum)."""
 
-    def step(self) -> float:
-        """Clip, step optimizer and schedule, zero grads; returns the pre-clip global grad norm."""
+    def step(self) -> torch.Tensor | float:
+        """Clip, step optimizer and schedule, zero grads; returns the pre-clip global grad norm (a tensor left
+        on the device where the strategy allows, so the loop reads it only at sync steps)."""
 
     def current_lr(self) -> float:
         """The learning rate the next step uses."""
@@ -152,17 +153,17 @@ class TorchStrategy(ScheduledStrategy):
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def clip(self) -> float:
-        """Clip gradients to optim.grad_clip (0: no clipping); returns the total norm before clipping."""
+    def clip(self) -> torch.Tensor:
+        """Clip gradients to optim.grad_clip (0: no clipping); returns the total norm before clipping, on the device."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.optim_cfg.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        return float(norm)
+        return norm.detach()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         norm = self.clip()
         if self.scaler:
             self.scaler.step(self.optimizer)
