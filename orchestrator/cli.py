@@ -389,8 +389,10 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--storage-root", default=default_storage_root())
     export.set_defaults(func=cmd_export)
     from orchestrator.inference_cli import add_inference_commands
+    from orchestrator.report_cli import add_report_commands
 
     add_inference_commands(sub, default_storage_root())
+    add_report_commands(sub, default_storage_root())
     prep = sub.add_parser(
         "prepare", help="tokenize raw files into a prepared dataset: kiln prepare input=... output=..."
     )

@@ -174,3 +174,37 @@ def test_a_failing_worker_fails_the_run_with_one_clear_line(tmp_path, cache_dir)
     assert "lower optim.lr" in result.stderr and str(tmp_path / "boom" / "logs") in result.stderr
     record = json.loads((tmp_path / "boom" / "run.json").read_text())
     assert record["state"] == "FAILED" and "FloatingPointError" in record["error"]
+
+
+def test_kiln_plot_draws_the_runs_curves_and_kiln_compare_tabulates_them(finished_run, tmp_path):
+    from PIL import Image
+
+    run_dir, _ = finished_run
+    out = tmp_path / "plots"
+    result = kiln("plot", "qs", "--out", str(out), "--storage-root", str(run_dir.parent))
+    assert result.returncode == 0, result.stderr
+    drawn = {}
+    for path in sorted(out.iterdir()):
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.size[0] >= 600
+            description = json.loads(image.text["Description"])
+        drawn[path.name] = {(s["metric"], s["points"]) for s in description["series"]}
+    # On CPU there is no peak FLOPs figure, so no MFU chart; an accuracy chart from val/accuracy.
+    assert drawn == {
+        "loss.png": {("train/loss", 30), ("val/loss", 3)},
+        "lr.png": {("train/lr", 30)},
+        "throughput.png": {("perf/tokens_per_s", 30)},
+        "accuracy.png": {("val/accuracy", 3)},
+    }
+
+    compared = kiln("compare", "qs", "--json", "--storage-root", str(run_dir.parent))
+    table = json.loads(compared.stdout)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val_losses = [r["val/loss"] for r in rows if "val/loss" in r]
+    assert table["val/loss"]["qs"]["final"] == val_losses[-1] and table["val/loss"]["qs"]["best"] == min(val_losses)
+    assert "perf/mfu" not in table
+    text = kiln("compare", "qs", "--storage-root", str(run_dir.parent)).stdout
+    assert "val/loss" in text and "@30" in text
+
+    unknown = kiln("plot", "nosuchrun", "--storage-root", str(run_dir.parent))
+    assert unknown.returncode == 2 and "nosuchrun" in unknown.stderr and unknown.stderr.count("\n") == 1
