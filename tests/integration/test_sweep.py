@@ -97,6 +97,22 @@ def test_a_grid_runs_two_trials_at_a_time_and_marks_the_trial_with_the_lowest_fi
     assert best_line.lstrip().startswith("*")
 
 
+def test_kiln_plot_of_a_sweep_overlays_its_trials_and_kiln_compare_sets_them_side_by_side(grid, tmp_path):
+    from PIL import Image
+
+    root, _ = grid
+    result = kiln("plot", "grid", "--out", str(tmp_path), "--storage-root", str(root))
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "loss.png") as image:
+        series = json.loads(image.text["Description"])["series"]
+    trials = [f"grid-{n}" for n in range(1, 5)]
+    assert [(s["run"], s["metric"]) for s in series if s["metric"] == "val/loss"] == [(t, "val/loss") for t in trials]
+    compared = json.loads(kiln("compare", "grid", "--json", "--storage-root", str(root)).stdout)
+    for trial in trials:
+        every = [r["val/loss"] for r in metrics(root, trial) if "val/loss" in r]
+        assert compared["val/loss"][trial]["best"] == min(every)
+
+
 def view_points(view: dict) -> list[list[str]]:
     return [t["overrides"] for t in view["trials"]]
 
