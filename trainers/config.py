@@ -146,9 +146,19 @@ class TaskConfig:
     """What the model learns; chosen by the `task` config group."""
 
     name: str = "causal_lm"
+    # task=classification: the class names in class-id order. The driver fills them in from the data's label
+    # map (a value given here must equal it), so the run's saved config carries them to eval, predict and export.
+    labels: list[str] | None = None
 
     def __post_init__(self) -> None:
         one_of("task.name", self.name, tuple(TASK_NEEDS))
+        if self.labels is not None:
+            require(
+                self.name == "classification",
+                f"task.labels is read only by task=classification, not task={self.name}; remove it",
+            )
+            require(len(self.labels) > 0, "task.labels must name at least one class (or be left unset)")
+            require(len(set(self.labels)) == len(self.labels), f"task.labels must not repeat a name, got {self.labels}")
 
 
 @dataclass

@@ -6,6 +6,9 @@ driver and the config can name the tasks and check a dataset cheaply.
 - `causal_lm` learns every token of any dataset. On chat data it ignores the stored loss mask (the
   prompts are learned too; a note says so); on classification data it ignores the labels.
 - `sft` learns only the tokens a chat loss mask marks (`kiln prepare kind=chat`): other data fails.
+- `classification` learns the label of each sequence (`kiln prepare kind=classification`): other data fails.
+  Its classes are the dataset's label map; the driver writes them into the run's config (`task.labels`), so a
+  checkpoint's class names travel with the run (eval, predict, export) without the data.
 """
 
 from __future__ import annotations
@@ -16,17 +19,38 @@ from data_pipeline.batch import LABELS, LOSS_MASK
 from data_pipeline.dataset import Dataset, DatasetError
 
 # task name -> the fields every batch must carry besides tokens
-TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,)}
+TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,), "classification": (LABELS,)}
 
 # task name -> the transformers Auto class a `model.init_from` folder is loaded with (trainers/pretrained.py);
 # a masked-LM or classification task adds AutoModelForMaskedLM / AutoModelForSequenceClassification here.
-PRETRAINED_CLASS: dict[str, str] = {"causal_lm": "AutoModelForCausalLM", "sft": "AutoModelForCausalLM"}
+PRETRAINED_CLASS: dict[str, str] = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sft": "AutoModelForCausalLM",
+    # a sequence-classification folder, or a causal/masked LM one (its head is then new): see pretrained_head_ok
+    "classification": "AutoModelForSequenceClassification",
+}
+
+# how a transformers class name ends -> the task its head is for (a Hugging Face folder's config.json
+# `architectures`, e.g. one `kiln export` wrote); the first match wins
+ARCHITECTURE_TASKS: tuple[tuple[str, str], ...] = (
+    ("ForSequenceClassification", "classification"),
+    ("ForCausalLM", "causal_lm"),
+    ("LMHeadModel", "causal_lm"),
+)
 
 # field -> (what it is, the `kiln prepare` kind that stores it)
 FIELD_SOURCES = {
     LOSS_MASK: ("a per-token loss mask", "kind=chat"),
     LABELS: ("a label per sequence", "kind=classification"),
 }
+
+
+def task_for_architectures(architectures: Sequence[str]) -> str | None:
+    """The task a model of these architectures (config.json) was trained for, or None if Kiln has none for it."""
+    for ending, task in ARCHITECTURE_TASKS:
+        if any(name.endswith(ending) for name in architectures):
+            return task
+    return None
 
 
 def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str], None]) -> None:
@@ -47,3 +71,34 @@ def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str],
                 f"task={task} ignores {' and '.join(ignored)} stored in {dataset.url} (kind={dataset.kind}) "
                 f"and learns every token{hint}"
             )
+
+
+def class_names(label_map: dict[str, int]) -> list[str]:
+    """A label map's names in class-id order (ids are 0..n-1, as `kiln prepare` makes them)."""
+    names = sorted(label_map, key=label_map.__getitem__)
+    if [label_map[name] for name in names] != list(range(len(names))):
+        raise DatasetError(f"label map {label_map} does not number its labels 0..{len(names) - 1}")
+    return names
+
+
+def data_labels(datasets: Sequence[Dataset]) -> list[str]:
+    """The class names (in class-id order) of classification data; a mixture's parts share one map (checked
+    when it is opened)."""
+    labels = datasets[0].label_map
+    if not labels:
+        raise DatasetError(
+            f"the dataset at {datasets[0].url} (kind={datasets[0].kind}) has no label map; "
+            "prepare it with `kiln prepare kind=classification ...`"
+        )
+    return class_names(labels)
+
+
+def run_labels(configured: Sequence[str] | None, datasets: Sequence[Dataset]) -> list[str]:
+    """task=classification's classes: the data's, which task.labels (the run's saved config) must equal if set."""
+    labels = data_labels(datasets)
+    if configured is not None and list(configured) != labels:
+        raise DatasetError(
+            f"task.labels={list(configured)} but the dataset at {datasets[0].url} labels its classes {labels}: "
+            "a run's classes are its data's; remove task.labels or train on data with those labels"
+        )
+    return labels

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import UsageError, compose_config
-from trainers.config import ConfigError, ModelConfig, parse_init_run
+from trainers.config import ConfigError, ModelConfig, TaskConfig, parse_init_run
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"] * 20
 
@@ -107,7 +107,7 @@ def test_every_rank_loads_the_folder_s_weights_in_training_mode(folder):
     saved = load_file(str(folder[0] / "model.safetensors"))
     for name in ("causal_lm", "sft"):  # torch's RNG does not matter: the weights are the folder's
         torch.manual_seed(len(name))
-        model = build_model(build_task(name), ModelConfig(init_from=str(folder[0])), 300, 0)
+        model = build_model(build_task(TaskConfig(name), 0), ModelConfig(init_from=str(folder[0])), 300, 0)
         assert model.training and not model.config.use_cache
         state = model.state_dict()
         for key, tensor in saved.items():
@@ -168,7 +168,7 @@ def test_workers_load_the_copy_from_remote_storage(folder):
 
     target = "memory://kiln-init-from-test/run/init_model"
     InitSource(folder=str(folder[0]), target=target).install()
-    model = build_model(build_task("causal_lm"), ModelConfig(init_from=target), 300, 0)
+    model = build_model(build_task(TaskConfig("causal_lm"), 0), ModelConfig(init_from=target), 300, 0)
     state = model.state_dict()
     for key, tensor in load_file(str(folder[0] / "model.safetensors")).items():
         assert torch.equal(state[key], tensor), key
