@@ -6,6 +6,9 @@ driver and the config can name the tasks and check a dataset cheaply.
 - `causal_lm` learns every token of any dataset. On chat data it ignores the stored loss mask (the
   prompts are learned too; a note says so); on classification data it ignores the labels.
 - `sft` learns only the tokens a chat loss mask marks (`kiln prepare kind=chat`): other data fails.
+
+It also says which model architectures (`model.arch`) each task trains, checked when the config is built, and
+which task a Hugging Face folder's model is for (`task_for_architectures`, read from its config.json).
 """
 
 from __future__ import annotations
@@ -20,13 +23,51 @@ TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,)}
 
 # task name -> the transformers Auto class a `model.init_from` folder is loaded with (trainers/pretrained.py);
 # a masked-LM or classification task adds AutoModelForMaskedLM / AutoModelForSequenceClassification here.
-PRETRAINED_CLASS: dict[str, str] = {"causal_lm": "AutoModelForCausalLM", "sft": "AutoModelForCausalLM"}
+PRETRAINED_CLASS: dict[str, str] = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sft": "AutoModelForCausalLM",
+    "mlm": "AutoModelForMaskedLM",
+}
+
+# the ending of a Hugging Face model class name (config.json `architectures`) -> the task that scores it
+ARCHITECTURE_TASKS: tuple[tuple[str, str], ...] = (
+    ("ForMaskedLM", "mlm"),
+    ("ForCausalLM", "causal_lm"),
+    ("LMHeadModel", "causal_lm"),
+)
+
+# task name -> the model.arch values it trains (a model.init_from folder is checked by PRETRAINED_CLASS instead)
+TASK_ARCHS: dict[str, tuple[str, ...]] = {"causal_lm": ("gpt2",), "sft": ("gpt2",), "mlm": ("bert",)}
+
+# model.arch -> the model=... config entries of that architecture (conf/model/), named in errors
+ARCH_MODELS: dict[str, tuple[str, ...]] = {"gpt2": ("gpt2_tiny", "gpt2_small"), "bert": ("bert_tiny", "bert_small")}
 
 # field -> (what it is, the `kiln prepare` kind that stores it)
 FIELD_SOURCES = {
     LOSS_MASK: ("a per-token loss mask", "kind=chat"),
     LABELS: ("a label per sequence", "kind=classification"),
 }
+
+
+def task_for_architectures(architectures: Sequence[str]) -> str | None:
+    """The task a Hugging Face folder's model is for, from its config's `architectures` (None: none Kiln knows)."""
+    for architecture in architectures:
+        for ending, task in ARCHITECTURE_TASKS:
+            if architecture.endswith(ending):
+                return task
+    return None
+
+
+def arch_error(task: str, arch: str) -> str | None:
+    """Why task cannot train a model.arch=arch model built from config (with the fix), or None if it can."""
+    archs = TASK_ARCHS.get(task, ())
+    if arch in archs:
+        return None
+    choices = " or ".join(f"model={m}" for a in archs for m in ARCH_MODELS.get(a, ()))
+    return (
+        f"task.name={task} does not train model.arch={arch} models; it trains model.arch={'|'.join(archs)}: "
+        f"choose {choices} (or model.init_from a folder of that kind)"
+    )
 
 
 def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str], None]) -> None:
