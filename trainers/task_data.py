@@ -9,6 +9,9 @@ driver and the config can name the tasks and check a dataset cheaply.
 - `classification` learns the label of each sequence (`kiln prepare kind=classification`): other data fails.
   Its classes are the dataset's label map; the driver writes them into the run's config (`task.labels`), so a
   checkpoint's class names travel with the run (eval, predict, export) without the data.
+
+It also says which model architectures (`model.arch`) each task trains, checked when the config is built, and
+which task a Hugging Face folder's model is for (`task_for_architectures`, read from its config.json).
 """
 
 from __future__ import annotations
@@ -21,22 +24,33 @@ from data_pipeline.dataset import Dataset, DatasetError
 # task name -> the fields every batch must carry besides tokens
 TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,), "classification": (LABELS,)}
 
-# task name -> the transformers Auto class a `model.init_from` folder is loaded with (trainers/pretrained.py);
-# a masked-LM or classification task adds AutoModelForMaskedLM / AutoModelForSequenceClassification here.
+# task name -> the transformers Auto class a `model.init_from` folder is loaded with (trainers/pretrained.py)
 PRETRAINED_CLASS: dict[str, str] = {
     "causal_lm": "AutoModelForCausalLM",
     "sft": "AutoModelForCausalLM",
-    # a sequence-classification folder, or a causal/masked LM one (its head is then new): see pretrained_head_ok
+    "mlm": "AutoModelForMaskedLM",
+    # a sequence-classification folder, or a language model's (its head is then new: pretrained.NEW_HEAD_CLASSES)
     "classification": "AutoModelForSequenceClassification",
 }
 
-# how a transformers class name ends -> the task its head is for (a Hugging Face folder's config.json
-# `architectures`, e.g. one `kiln export` wrote); the first match wins
+# the ending of a Hugging Face model class name (config.json `architectures`) -> the task that scores it
 ARCHITECTURE_TASKS: tuple[tuple[str, str], ...] = (
     ("ForSequenceClassification", "classification"),
+    ("ForMaskedLM", "mlm"),
     ("ForCausalLM", "causal_lm"),
     ("LMHeadModel", "causal_lm"),
 )
+
+# task name -> the model.arch values it trains (a model.init_from folder is checked by PRETRAINED_CLASS instead)
+TASK_ARCHS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("gpt2",),
+    "sft": ("gpt2",),
+    "mlm": ("bert",),
+    "classification": ("gpt2", "bert"),  # a decoder's last text token, or an encoder's pooled first position
+}
+
+# model.arch -> the model=... config entries of that architecture (conf/model/), named in errors
+ARCH_MODELS: dict[str, tuple[str, ...]] = {"gpt2": ("gpt2_tiny", "gpt2_small"), "bert": ("bert_tiny", "bert_small")}
 
 # field -> (what it is, the `kiln prepare` kind that stores it)
 FIELD_SOURCES = {
@@ -46,11 +60,24 @@ FIELD_SOURCES = {
 
 
 def task_for_architectures(architectures: Sequence[str]) -> str | None:
-    """The task a model of these architectures (config.json) was trained for, or None if Kiln has none for it."""
-    for ending, task in ARCHITECTURE_TASKS:
-        if any(name.endswith(ending) for name in architectures):
-            return task
+    """The task a Hugging Face folder's model is for, from its config's `architectures` (None: none Kiln knows)."""
+    for architecture in architectures:
+        for ending, task in ARCHITECTURE_TASKS:
+            if architecture.endswith(ending):
+                return task
     return None
+
+
+def arch_error(task: str, arch: str) -> str | None:
+    """Why task cannot train a model.arch=arch model built from config (with the fix), or None if it can."""
+    archs = TASK_ARCHS.get(task, ())
+    if arch in archs:
+        return None
+    choices = " or ".join(f"model={m}" for a in archs for m in ARCH_MODELS.get(a, ()))
+    return (
+        f"task.name={task} does not train model.arch={arch} models; it trains model.arch={'|'.join(archs)}: "
+        f"choose {choices} (or model.init_from a folder of that kind)"
+    )
 
 
 def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str], None]) -> None:

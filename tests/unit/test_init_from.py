@@ -82,6 +82,15 @@ def test_folder_checks_name_the_folder_and_the_fix(folder, tmp_path):
     assert model.tokenizer_vocab == folder[1]
 
 
+def test_a_gpt2_folder_is_refused_for_masked_lm_in_one_line(folder):
+    from trainers.pretrained import PretrainedError, inspect_folder
+    from trainers.task_data import PRETRAINED_CLASS
+
+    with pytest.raises(PretrainedError, match=r"holds a GPT2LMHeadModel model, which task=mlm cannot train") as raised:
+        inspect_folder(str(folder[0]), PRETRAINED_CLASS["mlm"], "mlm")
+    assert "AutoModelForMaskedLM" in str(raised.value) and "\n" not in str(raised.value)
+
+
 def test_data_with_another_tokenizer_or_longer_sequences_is_refused(folder):
     from trainers.pretrained import PretrainedError, check_data, inspect_folder
 
