@@ -88,13 +88,23 @@ def val_examples(data: Path) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
-def json_lines(*args: str, stdin: str | None = None) -> list[dict]:
-    """The JSON objects a kiln command wrote, one a line (it must succeed)."""
+def output(*args: str, stdin: str | None = None) -> str:
+    """What a kiln command wrote on stdout (it must succeed)."""
     result = subprocess.run(
         [str(BIN / "kiln"), *args], input=stdin, capture_output=True, text=True, cwd=REPO, timeout=300
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    return result.stdout
+
+
+def json_lines(*args: str, stdin: str | None = None) -> list[dict]:
+    """`kiln predict --json`: one object a line."""
+    return [json.loads(line) for line in output(*args, stdin=stdin).splitlines()]
+
+
+def evaluate(*args: str) -> dict:
+    """`kiln eval --json`: one object."""
+    return json.loads(output("eval", *args, "--json"))
 
 
 def test_gpt2_learns_the_classes_and_eval_export_and_predict_agree(labelled, tmp_path):
@@ -109,7 +119,7 @@ def test_gpt2_learns_the_classes_and_eval_export_and_predict_agree(labelled, tmp
     assert evaluations[2]["val/f1_macro"] >= 0.9 and evaluations[2]["val/loss"] < evaluations[0]["val/loss"] / 4
 
     # kiln eval of the run: the logged metrics, from the run's saved config alone (its classes included)
-    (evaluated,) = json_lines("eval", "gpt", "--storage-root", str(root), "--json")
+    evaluated = evaluate("gpt", "--storage-root", str(root))
     assert evaluated["metrics"] == pytest.approx({k: evaluations[2][k] for k in evaluated["metrics"]}, rel=1e-6)
 
     # kiln export: the classes as id2label, loadable by transformers' Auto class
@@ -131,10 +141,8 @@ def test_gpt2_learns_the_classes_and_eval_export_and_predict_agree(labelled, tmp
     assert [p["text"] for p in predicted] == texts
     names = config["id2label"]
     predict_accuracy = sum(p["label"] == names[str(t)] for p, t in zip(predicted, truth, strict=True)) / len(truth)
-    (on_split,) = json_lines(
-        "eval", "gpt", "--storage-root", str(root), "--data", str(labelled), "--micro-batch", "1",
-        "--batches", str(len(texts)), "--json",
-    )  # fmt: skip
+    one_each = ["--data", str(labelled), "--micro-batch", "1", "--batches", str(len(texts))]
+    on_split = evaluate("gpt", "--storage-root", str(root), *one_each)
     assert on_split["sequences"] == len(texts)
     assert predict_accuracy == pytest.approx(on_split["metrics"]["val/accuracy"], abs=1e-12)
     assert predict_accuracy >= 0.9
@@ -143,9 +151,7 @@ def test_gpt2_learns_the_classes_and_eval_export_and_predict_agree(labelled, tmp
         assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
 
     # the exported folder evaluates and predicts exactly as the run
-    (folder_split,) = json_lines(
-        "eval", str(export), "--data", str(labelled), "--micro-batch", "1", "--batches", str(len(texts)), "--json"
-    )
+    folder_split = evaluate(str(export), *one_each)
     assert folder_split["metrics"] == pytest.approx(on_split["metrics"], rel=1e-6)
     from_export = json_lines("predict", str(export), "--text", "-", "--json", stdin=stdin)
     assert [p["label"] for p in from_export] == [p["label"] for p in predicted]
@@ -156,12 +162,12 @@ def test_gpt2_learns_the_classes_and_eval_export_and_predict_agree(labelled, tmp
 
 def test_bert_learns_the_classes_under_fsdp(labelled, tmp_path):
     run = train(
-        labelled, tmp_path, "bert", "model=bert_tiny", "strategy=fsdp", "optim.lr=1e-3",
-        "train.max_steps=60", "train.eval_every=60", "train.checkpoint_every=60",
+        labelled, tmp_path, "bert", "model=bert_tiny", "strategy=fsdp", "optim.lr=2e-3",
+        "train.max_steps=100", "train.eval_every=50", "train.checkpoint_every=100",
     )  # fmt: skip
     evaluations = [r for r in rows(run) if "val/accuracy" in r]
     accuracy = [r["val/accuracy"] for r in evaluations]
-    assert [r["step"] for r in evaluations] == [0, 60] and accuracy[1] >= 0.9, accuracy
+    assert [r["step"] for r in evaluations] == [0, 50, 100] and accuracy[2] >= 0.9, accuracy
     predicted = json_lines("predict", "bert", "--storage-root", str(tmp_path), "--text", "piano song the", "--json")
     assert predicted[0]["label"] == "music"
     print(f"bert val/accuracy {accuracy}, f1_macro {[r['val/f1_macro'] for r in evaluations]}")
