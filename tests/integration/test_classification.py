@@ -173,7 +173,9 @@ def test_bert_learns_the_classes_under_fsdp(labelled, tmp_path):
     print(f"bert val/accuracy {accuracy}, f1_macro {[r['val/f1_macro'] for r in evaluations]}")
 
 
-def test_classification_refuses_unlabelled_data_and_predict_a_language_model_in_one_line(tmp_path):
+def test_classification_refuses_unlabelled_data_other_labels_and_predict_a_language_model_in_one_line(
+    labelled, tmp_path
+):
     data = tmp_path / "plain"
     splits = {}
     for split in ("train", "val"):
@@ -208,3 +210,18 @@ def test_classification_refuses_unlabelled_data_and_predict_a_language_model_in_
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     message = result.stderr.strip()
     assert "\n" not in message and "is a task=causal_lm model, not a classifier" in message
+
+    # model.init_from a classifier of other classes (with the data's own tokenizer): refused before any worker
+    from transformers import GPT2ForSequenceClassification
+
+    shape = {"vocab_size": 320, "n_positions": 32, "n_embd": 16, "n_layer": 1, "n_head": 2, "eos_token_id": 0}
+    two = GPT2Config(**shape, bos_token_id=0, pad_token_id=0, num_labels=2)
+    two.id2label, two.label2id = {0: "spam", 1: "ham"}, {"spam": 0, "ham": 1}
+    GPT2ForSequenceClassification(two).save_pretrained(tmp_path / "spam")
+    hf_tokenizer(str(labelled / "tokenizer")).save_pretrained(tmp_path / "spam")
+    init = f"model.init_from={tmp_path / 'spam'}"
+    result = kiln("train", *CLASSIFY[:3], "tracker=none", f"data.path={labelled}", init, f"storage.root={runs}")
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    message = result.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert f"{init} classifies into ['spam', 'ham'] but the data's label map is ['food', 'music', 'sports'," in message
