@@ -100,7 +100,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     from trainers.inference import Sampling, generate
 
     sampling = user_error(lambda: Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
-    source = open_model(args)
+    source = text_model(args, "generate")
     read: list[str] = []  # generate reads one prompt per completion: read[-1] is the current one
 
     def prompts() -> Iterator[str]:
@@ -124,7 +124,7 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> int:
     from trainers.inference import Sampling
 
     sampling = user_error(lambda: Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
-    source = open_model(args)
+    source = text_model(args, "chat")
     session = user_error(lambda: ChatSession(source.loaded, sampling, note=note))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -177,7 +177,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     data = args.data
     if data is not None and (data.endswith(".jsonl") or os.path.isfile(data)):
         pairs = user_error(lambda: read_pairs(data))  # a bad file fails before the model loads
-        result = eval_pairs(open_model(args), data, pairs, args.max_new_tokens)
+        result = eval_pairs(text_model(args, "eval --data PAIRS.jsonl"), data, pairs, args.max_new_tokens)
     else:
         result = eval_split(open_model(args), data, args.micro_batch, args.batches)
     if args.json:
@@ -198,7 +198,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
 def eval_split(source: Source, data: str | None, micro_batch: int | None, batches: int | None) -> dict:
     """The task's validation metrics: the run's own evaluation slice, or the val split of a prepared dataset."""
     from data_pipeline.dataset import open_dataset, open_training_data
-    from trainers.inference import check_vocabulary, validation_metrics
+    from trainers.inference import check_vocabulary, validation_metrics, vocabulary
     from trainers.tasks import build_task
 
     cfg = source.cfg
@@ -250,7 +250,7 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
         what = f"val split of {data} (first {batches} batches x {micro_batch} sequences, of {available})"
     metrics = user_error(
         lambda: validation_metrics(
-            build_task(source.task_name),
+            build_task(source.task_name, seed=seed, vocabulary=vocabulary(source.loaded)),
             source.loaded.model,
             datasets,
             weights,
@@ -317,7 +317,8 @@ def open_model(args: argparse.Namespace) -> Source:
                 f"--step picks a run's checkpoint, but {target} is a folder: export that step "
                 "(kiln export RUN --step N --out DIR) or pass the run id"
             )
-        return Source(user_error(lambda: load_folder(target)), f"folder {target}", "causal_lm")
+        loaded = user_error(lambda: load_folder(target))
+        return Source(loaded, f"folder {target}", loaded.task)
     registry, _record, cfg = reopen_run(absolute_url(args.storage_root), target, [])
     checkpoint = find_checkpoint(registry, cfg, args.step)
     strategy, world_size = checkpoint.manifest["strategy"], int(checkpoint.manifest["world_size"])
@@ -331,6 +332,19 @@ def open_model(args: argparse.Namespace) -> Source:
     loaded.name = f"run {target} step {checkpoint.step}"
     label = f"run {target} step {checkpoint.step} ({strategy}, {world_size} worker{'s' if world_size > 1 else ''})"
     return Source(loaded, label, cfg.task.name, cfg, target, checkpoint.step, world_size)
+
+
+def text_model(args: argparse.Namespace, command: str) -> Source:
+    """open_model's model, refused in one line unless it is a causal LM (only those generate text)."""
+    from trainers.task_data import GENERATIVE_TASKS
+
+    source = open_model(args)
+    if source.task_name not in GENERATIVE_TASKS:
+        raise UsageError(
+            f"kiln {command} is for causal LMs (task={'|'.join(GENERATIVE_TASKS)}), but {source.label} is a "
+            f"task={source.task_name} model: score it with `kiln eval {args.target}`"
+        )
+    return source
 
 
 def looks_like_folder(target: str) -> bool:

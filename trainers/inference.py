@@ -21,6 +21,7 @@ from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
 from data_pipeline.stream import TokenStream
+from trainers.task_data import PRETRAINED_CLASS, task_for_architectures
 from trainers.tasks import Task, on_device
 
 CPU = torch.device("cpu")
@@ -32,11 +33,12 @@ class InferenceError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A causal LM ready for inference on CPU, its tokenizer, and what to call it in messages."""
+    """A model ready for inference on CPU, its tokenizer, and what to call it in messages."""
 
     model: nn.Module
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
     name: str
+    task: str = "causal_lm"  # the task that scores it (a folder's, from its architectures)
 
     @property
     def context(self) -> int | None:
@@ -53,8 +55,10 @@ class LoadedModel:
 
 
 def load_folder(path: str) -> LoadedModel:
-    """A causal LM and its tokenizer from a local Hugging Face folder (as `kiln export` writes); no hub."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """A model and its tokenizer from a local Hugging Face folder (as `kiln export` writes); no hub. Its task
+    (causal LM, masked LM) comes from the config's `architectures`."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     quiet_transformers()
     if not os.path.isdir(path):
@@ -67,31 +71,34 @@ def load_folder(path: str) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         architectures = getattr(config, "architectures", None) or []
-        if not any(name.endswith("ForCausalLM") or name.endswith("LMHeadModel") for name in architectures):
+        task = task_for_architectures(architectures)
+        if task is None:
             raise InferenceError(
-                f"{path} holds a {', '.join(architectures) or config.model_type} model, not a causal LM: "
-                "kiln eval/generate handle causal LMs (task=causal_lm)"
+                f"{path} holds a {', '.join(architectures) or config.model_type} model, which no Kiln task scores: "
+                "kiln eval/generate handle causal LMs (task=causal_lm, sft) and masked LMs (task=mlm)"
             )
         # safetensors only: never unpickle weights read from storage (a pytorch_model.bin folder is refused)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        auto_class = getattr(transformers, PRETRAINED_CLASS[task])
+        model = auto_class.from_pretrained(path, local_files_only=True, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except InferenceError:
         raise
     except (OSError, ValueError, KeyError) as exc:
         message = " ".join(str(exc).split())[:300]
         raise InferenceError(f"cannot load the model in {path} ({message}): is it a complete `kiln export`?") from None
-    return LoadedModel(model.float().eval(), tokenizer, path)
+    return LoadedModel(model.float().eval(), tokenizer, path, task)
 
 
 def load_checkpoint(task: Task, model_cfg: Any, checkpoint_url: str, strategy: str, tokenizer_url: str) -> LoadedModel:
     """A run's model from any strategy's checkpoint (the export code path, kept in memory) and its tokenizer."""
     from trainers.export import hf_tokenizer, model_from_checkpoint
+    from trainers.tasks import task_name
 
     quiet_transformers()
     with warnings.catch_warnings():  # DCP's note that it reads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         model = model_from_checkpoint(task, model_cfg, checkpoint_url, strategy, tokenizer_url)
-    return LoadedModel(model, hf_tokenizer(tokenizer_url), checkpoint_url)
+    return LoadedModel(model, hf_tokenizer(tokenizer_url), checkpoint_url, task_name(task))
 
 
 def quiet_transformers() -> None:
@@ -100,6 +107,11 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def vocabulary(loaded: LoadedModel) -> bpe.Vocabulary:
+    """The ids of the model's tokenizer (task=mlm masks with them, as the run did)."""
+    return bpe.vocabulary(loaded.tokenizer.backend_tokenizer)
 
 
 def check_vocabulary(loaded: LoadedModel, dataset: Dataset) -> None:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from data_pipeline import storage
+from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset, open_training_data
 from data_pipeline.stream import TokenStream
 from trainers.checkpoint import CheckpointStore
@@ -106,7 +107,8 @@ class Trainer:
         self.datasets, self.weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
         self.dataset: Dataset = self.datasets[0]  # vocabulary and sequence length of them all
         check_task_data(cfg.task.name, self.datasets, log.info)  # the driver checked; a direct caller gets it too
-        self.task: Task = build_task(cfg.task.name)
+        vocabulary = bpe.vocabulary(bpe.load(self.dataset.tokenizer_url))
+        self.task: Task = build_task(cfg.task.name, seed=train.seed, vocabulary=vocabulary)
         seed_everything(train.seed)  # identical initial weights on every rank
         # Built (or, with model.init_from, loaded) on every rank before the strategy wraps it: identical weights.
         model = build_model(self.task, cfg.model, self.dataset.vocab_size, self.dataset.eos_id)

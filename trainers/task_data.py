@@ -6,6 +6,7 @@ driver and the config can name the tasks and check a dataset cheaply.
 - `causal_lm` learns every token of any dataset. On chat data it ignores the stored loss mask (the
   prompts are learned too; a note says so); on classification data it ignores the labels.
 - `sft` learns only the tokens a chat loss mask marks (`kiln prepare kind=chat`): other data fails.
+- `mlm` learns from any dataset whose tokenizer has the mask token (every `kiln prepare` since it was added).
 
 It also says which model architectures (`model.arch`) each task trains, checked when the config is built, and
 which task a Hugging Face folder's model is for (`task_for_architectures`, read from its config.json).
@@ -15,11 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from data_pipeline import tokenizer as bpe
 from data_pipeline.batch import LABELS, LOSS_MASK
 from data_pipeline.dataset import Dataset, DatasetError
 
 # task name -> the fields every batch must carry besides tokens
-TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,)}
+TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,), "mlm": ()}
+# the tasks whose models generate text (kiln generate, kiln chat, kiln eval --data pairs.jsonl)
+GENERATIVE_TASKS: tuple[str, ...] = ("causal_lm", "sft")
+# task name -> the special tokens its data's tokenizer must have
+TASK_TOKENS: dict[str, tuple[str, ...]] = {"mlm": (bpe.MASK_TOKEN,)}
 
 # task name -> the transformers Auto class a `model.init_from` folder is loaded with (trainers/pretrained.py);
 # a masked-LM or classification task adds AutoModelForMaskedLM / AutoModelForSequenceClassification here.
@@ -74,6 +80,14 @@ def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str],
     """Fail naming the dataset and the fix if `task` cannot learn from it; note stored fields it ignores."""
     needs = TASK_NEEDS.get(task, ())
     for dataset in datasets:
+        if TASK_TOKENS.get(task):
+            vocab = bpe.load(dataset.tokenizer_url).get_vocab()
+            missing = [token for token in TASK_TOKENS[task] if token not in vocab]
+            if missing:
+                raise DatasetError(
+                    f"task={task} needs the token {' and '.join(missing)} in the tokenizer, but the dataset at "
+                    f"{dataset.url} was prepared without it (by an older Kiln); prepare it again with `kiln prepare`"
+                )
         for field in needs:
             if field not in dataset.fields:
                 what, kind = FIELD_SOURCES[field]

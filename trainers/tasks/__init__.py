@@ -5,26 +5,35 @@ What each task needs from its data is in trainers/task_data.py (checked on the d
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
+from data_pipeline.tokenizer import Vocabulary
 from trainers.config import ModelConfig
 from trainers.pretrained import load_pretrained
 from trainers.task_data import PRETRAINED_CLASS
-from trainers.tasks.base import Task, on_device
+from trainers.tasks.base import Task, TaskBase, on_device
 from trainers.tasks.causal_lm import CausalLM
+from trainers.tasks.mlm import MaskedLM
 from trainers.tasks.sft import SFT
 
-TASKS: dict[str, type[Task]] = {"causal_lm": CausalLM, "sft": SFT}
+TASKS: dict[str, type[TaskBase]] = {"causal_lm": CausalLM, "sft": SFT, "mlm": MaskedLM}
 
 __all__ = ["TASKS", "Task", "build_model", "build_task", "on_device", "task_name"]
 
 
-def build_task(name: str) -> Task:
-    """The task registered under name."""
+def build_task(name: str, *, seed: int = 0, vocabulary: Vocabulary | None = None) -> Task:
+    """The task registered under name, with the run's seed (train.seed) and its tokenizer's ids.
+
+    Callers that only build or load a model (export) may leave both out; callers that train or score (the
+    loop, kiln eval) pass them: task=mlm draws its masks from them.
+    """
     try:
-        return TASKS[name]()
+        kind = TASKS[name]
     except KeyError:
         raise ValueError(f"task.name={name!r} is not a known task; choose one of {', '.join(TASKS)}") from None
+    return cast(Task, kind(seed, vocabulary))
 
 
 def task_name(task: Task) -> str:
