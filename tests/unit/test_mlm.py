@@ -123,3 +123,17 @@ def test_data_prepared_without_the_mask_token_is_refused_in_one_line(tmp_path):
     assert f"task=mlm needs the token <|mask|> in the tokenizer, but the dataset at {tmp_path}" in message
     assert "kiln prepare" in message and "\n" not in message
     check_task_data("causal_lm", [dataset], print)  # other tasks do not need it
+
+
+def test_an_exported_masked_lm_folder_is_scored_as_mlm(tmp_path):
+    from trainers.export import save_hugging_face
+    from trainers.inference import load_folder, vocabulary
+
+    tokenizer = bpe.train_bpe(TEXTS, vocab_size=300)
+    bpe.save(tokenizer, str(tmp_path / "tok"))
+    model = build_masked_lm(ModelConfig(arch="bert", n_layer=1, n_head=2, n_embd=16, n_positions=32), 300, 0)
+    save_hugging_face(model, str(tmp_path / "tok"), str(tmp_path / "out"))
+    loaded = load_folder(str(tmp_path / "out"))
+    assert (loaded.task, type(loaded.model).__name__) == ("mlm", "BertForMaskedLM")
+    assert loaded.tokenizer.mask_token == bpe.MASK_TOKEN
+    assert vocabulary(loaded) == bpe.vocabulary(tokenizer)  # so kiln eval masks as the run did
