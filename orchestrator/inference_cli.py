@@ -109,7 +109,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     from trainers.inference import Sampling, generate
 
     sampling = user_error(lambda: Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
-    source = open_model(args)
+    source = text_model(args, "generate")
     read: list[str] = []  # generate reads one prompt per completion: read[-1] is the current one
 
     def prompts() -> Iterator[str]:
@@ -157,7 +157,7 @@ def cmd_chat(args: argparse.Namespace, console: Console) -> int:
     from trainers.inference import Sampling
 
     sampling = user_error(lambda: Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
-    source = open_model(args)
+    source = text_model(args, "chat")
     session = user_error(lambda: ChatSession(source.loaded, sampling, note=note))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -210,7 +210,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     data = args.data
     if data is not None and (data.endswith(".jsonl") or os.path.isfile(data)):
         pairs = user_error(lambda: read_pairs(data))  # a bad file fails before the model loads
-        result = eval_pairs(open_model(args), data, pairs, args.max_new_tokens)
+        result = eval_pairs(text_model(args, "eval --data PAIRS.jsonl"), data, pairs, args.max_new_tokens)
     else:
         result = eval_split(open_model(args), data, args.micro_batch, args.batches)
     if args.json:
@@ -288,7 +288,7 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
         what = f"val split of {data} (first {batches} batches x {micro_batch} sequences, of {available})"
     metrics = user_error(
         lambda: validation_metrics(
-            source.loaded.build_task(),
+            source.loaded.build_task(seed),
             source.loaded.model,
             datasets,
             weights,
@@ -368,6 +368,20 @@ def open_model(args: argparse.Namespace) -> Source:
     loaded.name = f"run {target} step {checkpoint.step}"
     label = f"run {target} step {checkpoint.step} ({strategy}, {world_size} worker{'s' if world_size > 1 else ''})"
     return Source(loaded, label, cfg, target, checkpoint.step, world_size)
+
+
+def text_model(args: argparse.Namespace, command: str) -> Source:
+    """open_model's model, refused in one line unless it is a causal LM (only those generate text)."""
+    from trainers.task_data import GENERATIVE_TASKS
+
+    source = open_model(args)
+    task = source.loaded.task.name
+    if task not in GENERATIVE_TASKS:
+        raise UsageError(
+            f"kiln {command} is for causal LMs (task={'|'.join(GENERATIVE_TASKS)}), but {source.label} is a "
+            f"task={task} model: score it with `kiln eval {args.target}`"
+        )
+    return source
 
 
 def looks_like_folder(target: str) -> bool:

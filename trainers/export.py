@@ -61,15 +61,18 @@ def save_hugging_face(model: Any, tokenizer_url: str, out_dir: str) -> list[str]
 
 def hf_tokenizer(tokenizer_url: str) -> Any:
     """A run's tokenizer (its tokenizer/ folder) as a transformers PreTrainedTokenizerFast, with the chat
-    template when the run trained on chat data."""
+    template when the run trained on chat data, and the mask token when it has one (fill-mask pipelines)."""
     from transformers import PreTrainedTokenizerFast
 
+    raw = bpe.load(tokenizer_url)
+    has_mask = raw.token_to_id(bpe.MASK_TOKEN) is not None  # data prepared before the mask token lacks it
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe.load(tokenizer_url),
+        tokenizer_object=raw,
         eos_token=bpe.EOS_TOKEN,
         bos_token=bpe.EOS_TOKEN,
         unk_token=bpe.EOS_TOKEN,
         pad_token=bpe.EOS_TOKEN,
+        **({"mask_token": bpe.MASK_TOKEN} if has_mask else {}),
     )
     vocab = tokenizer.get_vocab()
     if all(token in vocab for token in CHAT_SPECIAL_TOKENS):  # trained on `kiln prepare kind=chat` data

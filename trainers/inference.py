@@ -23,7 +23,7 @@ from data_pipeline.dataset import Dataset
 from data_pipeline.stream import TokenStream
 from trainers.config import TaskConfig
 from trainers.pretrained import folder_labels
-from trainers.task_data import ARCHITECTURE_TASKS, PRETRAINED_CLASS, task_for_architectures
+from trainers.task_data import PRETRAINED_CLASS, task_for_architectures
 from trainers.tasks import Task, on_device
 
 CPU = torch.device("cpu")
@@ -55,11 +55,12 @@ class LoadedModel:
         config: Any = self.model.config
         return int(eos if eos is not None else config.eos_token_id)
 
-    def build_task(self) -> Task:
-        """The task the model was trained for, to evaluate or predict with."""
+    def build_task(self, seed: int = 0) -> Task:
+        """The task the model was trained for, to evaluate or predict with (seed: the run's train.seed, which
+        task=mlm draws its masks from)."""
         from trainers.tasks import build_task
 
-        return build_task(self.task, self.eos_id)
+        return build_task(self.task, self.eos_id, seed=seed, vocabulary=vocabulary(self))
 
 
 def load_folder(path: str) -> LoadedModel:
@@ -84,9 +85,9 @@ def load_folder(path: str) -> LoadedModel:
         task = task_for_architectures(architectures)
         if task is None:
             raise InferenceError(
-                f"{path} holds a {', '.join(architectures) or config.model_type} model, which no Kiln task "
-                f"trains: kiln eval/generate/predict handle {', '.join(sorted({t for _, t in ARCHITECTURE_TASKS}))} "
-                "models"
+                f"{path} holds a {', '.join(architectures) or config.model_type} model, which no Kiln task scores: "
+                "kiln eval/generate/predict handle causal LMs (task=causal_lm, sft), masked LMs (task=mlm) and "
+                "sequence classifiers (task=classification)"
             )
         # safetensors only: never unpickle weights read from storage (a pytorch_model.bin folder is refused)
         auto_class = getattr(transformers, PRETRAINED_CLASS[task])
@@ -120,6 +121,11 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def vocabulary(loaded: LoadedModel) -> bpe.Vocabulary:
+    """The ids of the model's tokenizer (task=mlm masks with them, as the run did)."""
+    return bpe.vocabulary(loaded.tokenizer.backend_tokenizer)
 
 
 def check_vocabulary(loaded: LoadedModel, dataset: Dataset) -> None:

@@ -6,6 +6,7 @@ driver and the config can name the tasks and check a dataset cheaply.
 - `causal_lm` learns every token of any dataset. On chat data it ignores the stored loss mask (the
   prompts are learned too; a note says so); on classification data it ignores the labels.
 - `sft` learns only the tokens a chat loss mask marks (`kiln prepare kind=chat`): other data fails.
+- `mlm` learns from any dataset whose tokenizer has the mask token (every `kiln prepare` since it was added).
 - `classification` learns the label of each sequence (`kiln prepare kind=classification`): other data fails.
   Its classes are the dataset's label map; the driver writes them into the run's config (`task.labels`), so a
   checkpoint's class names travel with the run (eval, predict, export) without the data.
@@ -18,11 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from data_pipeline import tokenizer as bpe
 from data_pipeline.batch import LABELS, LOSS_MASK
 from data_pipeline.dataset import Dataset, DatasetError
 
 # task name -> the fields every batch must carry besides tokens
-TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,), "classification": (LABELS,)}
+TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,), "mlm": (), "classification": (LABELS,)}
+# the tasks whose models generate text (kiln generate, kiln chat, kiln eval --data pairs.jsonl)
+GENERATIVE_TASKS: tuple[str, ...] = ("causal_lm", "sft")
+# task name -> the special tokens its data's tokenizer must have
+TASK_TOKENS: dict[str, tuple[str, ...]] = {"mlm": (bpe.MASK_TOKEN,)}
 
 # task name -> the transformers Auto class a `model.init_from` folder is loaded with (trainers/pretrained.py)
 PRETRAINED_CLASS: dict[str, str] = {
@@ -84,6 +90,14 @@ def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str],
     """Fail naming the dataset and the fix if `task` cannot learn from it; note stored fields it ignores."""
     needs = TASK_NEEDS.get(task, ())
     for dataset in datasets:
+        if TASK_TOKENS.get(task):
+            vocab = bpe.load(dataset.tokenizer_url).get_vocab()
+            missing = [token for token in TASK_TOKENS[task] if token not in vocab]
+            if missing:
+                raise DatasetError(
+                    f"task={task} needs the token {' and '.join(missing)} in the tokenizer, but the dataset at "
+                    f"{dataset.url} was prepared without it (by an older Kiln); prepare it again with `kiln prepare`"
+                )
         for field in needs:
             if field not in dataset.fields:
                 what, kind = FIELD_SOURCES[field]

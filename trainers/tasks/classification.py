@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.batch import Batch
+from data_pipeline.tokenizer import Vocabulary
 from trainers.config import ModelConfig
+from trainers.tasks.base import TaskBase
 
 AUTO_CLASS = "AutoModelForSequenceClassification"
 
@@ -69,10 +71,11 @@ def f1_macro(sums: dict[str, float], classes: int) -> float:
     return sum(scores) / len(scores) if scores else 0.0
 
 
-class Classification:
+class Classification(TaskBase):
     """One label per sequence, from an encoder's pooled first position or a decoder's last text token."""
 
-    def __init__(self, labels: Sequence[str], pad_id: int):
+    def __init__(self, labels: Sequence[str], pad_id: int, seed: int = 0, vocabulary: Vocabulary | None = None):
+        super().__init__(seed, vocabulary)
         if not labels:
             raise ValueError("task=classification needs its classes (task.labels, from the data's label map)")
         self.labels, self.pad_id = list(labels), pad_id
