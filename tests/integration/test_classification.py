@@ -157,7 +157,8 @@ def test_gpt2_learns_the_classes_and_eval_export_and_predict_agree(labelled, tmp
     assert [p["label"] for p in from_export] == [p["label"] for p in predicted]
     for a, b in zip(from_export, predicted, strict=True):
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
-    print(f"gpt2 val/accuracy {accuracy}, predict accuracy on {len(texts)} val texts {predict_accuracy:.4f}")
+    f1 = [r["val/f1_macro"] for r in evaluations]
+    print(f"gpt2 val/accuracy {accuracy}, f1_macro {f1}, predict accuracy on {len(texts)} val texts {predict_accuracy}")
 
 
 def test_bert_learns_the_classes_under_fsdp(labelled, tmp_path):
