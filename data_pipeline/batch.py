@@ -2,6 +2,8 @@
 
 Pretraining data is tokens alone. `kiln prepare kind=chat` stores a per-token loss mask (1 = learn this
 token: the assistant's replies and the final EOS), `kind=classification` one class id per sequence.
+Every row also carries its position in the stream's global order (the same at any world size), which
+seeds what a task draws per row (task=mlm's masks), so a resumed run draws exactly as an uninterrupted one.
 The same container carries numpy arrays out of the `TokenStream` and tensors into a `Task`.
 """
 
@@ -21,11 +23,13 @@ FIELDS = (LOSS_MASK, LABELS)  # what a dataset may store besides tokens
 
 @dataclass(frozen=True)
 class Batch(Generic[A]):
-    """Token ids (rows, seq_len); a loss mask (rows, seq_len, 1 = learn) or class ids (rows,) when stored."""
+    """Token ids (rows, seq_len); a loss mask (rows, seq_len, 1 = learn) or class ids (rows,) when stored;
+    each row's global stream position (rows,), set by the TokenStream."""
 
     tokens: A
     loss_mask: A | None = None
     labels: A | None = None
+    positions: A | None = None
 
     def map(self, fn: Callable[[A], B]) -> Batch[B]:
         """The same batch with fn applied to every array it holds (e.g. numpy -> tensor on a device)."""
@@ -33,4 +37,5 @@ class Batch(Generic[A]):
             fn(self.tokens),
             None if self.loss_mask is None else fn(self.loss_mask),
             None if self.labels is None else fn(self.labels),
+            None if self.positions is None else fn(self.positions),
         )

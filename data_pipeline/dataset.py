@@ -94,6 +94,12 @@ class Dataset:
         ]
 
     @property
+    def label_map(self) -> dict[str, int] | None:
+        """kind=classification: label name -> class id, as `kiln prepare` made it (None for other kinds)."""
+        labels = self.manifest.get("label_map")
+        return None if labels is None else {str(name): int(i) for name, i in labels.items()}
+
+    @property
     def kind(self) -> str:
         """What `kiln prepare kind=` made: pretrain, chat or classification (datasets older than kinds: pretrain)."""
         return str(self.manifest.get("kind", "pretrain"))
@@ -185,6 +191,18 @@ class ShardWriter:
         self.entries.append(entry)
 
 
+def example_row(token_ids: list[int], seq_len: int, eos_id: int, dtype: np.dtype | type = np.int64) -> np.ndarray:
+    """One classification example as stored: its first seq_len - 1 tokens, then EOS up to seq_len.
+
+    At least one EOS always follows the text, so a row's text ends where its trailing EOS padding starts.
+    `kiln prepare` (ExampleWriter) and `kiln predict` both build rows here, so a text is scored as it was trained.
+    """
+    row = np.full(seq_len, eos_id, dtype=dtype)
+    kept = token_ids[: seq_len - 1]
+    row[: len(kept)] = kept
+    return row
+
+
 class ExampleWriter:
     """Classification: one example per sequence (truncated, EOS-padded) with an int32 class id each."""
 
@@ -199,10 +217,7 @@ class ExampleWriter:
 
     def add(self, token_ids: list[int], label: int) -> None:
         """Append one example; text past seq_len - 1 tokens is cut, the rest padded with EOS."""
-        row = np.full(self.seq_len, self.eos_id, dtype=self.dtype)
-        kept = token_ids[: self.seq_len - 1]
-        row[: len(kept)] = kept
-        self._rows.append(row)
+        self._rows.append(example_row(token_ids, self.seq_len, self.eos_id, self.dtype))
         self._labels.append(label)
         self.documents += 1
         if len(self._rows) >= self.per_shard:
@@ -243,21 +258,23 @@ def write_manifest(dataset_url: str, manifest: dict) -> None:
 
 
 def open_training_data(source: str, path: str | None, mixture) -> tuple[list[Dataset], list[float]]:
-    """The datasets a run trains on and their weights; a mixture must share seq_len, tokenizer and kind."""
+    """The datasets a run trains on and their weights; a mixture must share seq_len, tokenizer, kind and label map."""
     if source != "mixture":
         return [open_dataset(path)], [1.0]
     datasets = [open_dataset(entry.path) for entry in mixture]
     first = datasets[0]
+    same = "prepare every part with the same tokenizer=, seq_len= and kind="
     for other in datasets[1:]:
-        for what, a, b in (
-            ("seq_len", first.seq_len, other.seq_len),
-            ("tokenizer", first.manifest["tokenizer"]["sha256"], other.manifest["tokenizer"]["sha256"]),
-            ("kind", first.kind, other.kind),  # every batch carries the same fields (e.g. a loss mask)
+        for what, a, b, fix in (
+            ("seq_len", first.seq_len, other.seq_len, same),
+            ("tokenizer", first.manifest["tokenizer"]["sha256"], other.manifest["tokenizer"]["sha256"], same),
+            ("kind", first.kind, other.kind, same),  # every batch carries the same fields (e.g. a loss mask)
+            # a class id must mean one label in every part: the same set of labels gives the same map
+            ("label map", first.label_map, other.label_map, "give every part's rows the same set of labels"),
         ):
             if a != b:
                 raise DatasetError(
-                    f"data.mixture: {other.url} has a different {what} than {first.url} "
-                    f"({b} vs {a}); prepare every part with the same tokenizer=, seq_len= and kind="
+                    f"data.mixture: {other.url} has a different {what} than {first.url} ({b} vs {a}); {fix}"
                 )
     return datasets, [float(entry.weight) for entry in mixture]
 

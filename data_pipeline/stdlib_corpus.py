@@ -64,7 +64,7 @@ def fingerprint(root: Path, files: list[Path], cfg: DataConfig) -> str:
                 "seq_len": cfg.seq_len,
                 "vocab_size": cfg.vocab_size,
                 "val_fraction": cfg.val_fraction,
-                "format": 1,
+                "format": 2,  # 2: the tokenizer has the mask token
             }
         ).encode()
     )

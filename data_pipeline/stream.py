@@ -11,9 +11,9 @@ share of slots proportional to its weight, says which dataset global position p 
 dataset's own position is how many earlier positions drew from it: a closed form, so any cursor maps
 to every dataset's cursor without replaying the stream.
 
-Each position yields a `Batch` row: the sequence's tokens and, for fine-tuning data, its stored loss
-mask (chat) or class id (classification), read from the files beside the shard at the same index, so
-the cursor that resumes the tokens resumes them too.
+Each position yields a `Batch` row: its global position, the sequence's tokens and, for fine-tuning data,
+its stored loss mask (chat) or class id (classification), read from the files beside the shard at the same
+index, so the cursor that resumes the tokens resumes them too.
 """
 
 from __future__ import annotations
@@ -216,14 +216,16 @@ class TokenStream:
         first = position + self.rank * self.micro_batch
         rows = [self._sequence_at(p) for p in range(first, first + self.micro_batch)]
         tokens = np.stack([row[0] for row in rows])
+        positions = np.arange(first, first + self.micro_batch, dtype=np.int64)
         if not self.fields:  # pretraining data: tokens only
-            return Batch(tokens)
+            return Batch(tokens, positions=positions)
         masks = [row[1] for row in rows if row[1] is not None]  # every row has one when the field is stored
         labels = [row[2] for row in rows]
         return Batch(
             tokens,
             loss_mask=np.stack(masks) if LOSS_MASK in self.fields else None,
             labels=np.asarray(labels, dtype=np.int64) if LABELS in self.fields else None,
+            positions=positions,
         )
 
     def _start_reader(self) -> None:

@@ -298,7 +298,6 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from data_pipeline.staging import replace_folder
     from orchestrator.runs import find_checkpoint, reopen_run
     from trainers.export import export_checkpoint
-    from trainers.tasks import build_task
 
     registry, _record, cfg = reopen_run(args.storage_root, args.run, [])
     checkpoint = find_checkpoint(registry, cfg, args.step)
@@ -306,7 +305,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     files = replace_folder(
         args.out,
         lambda staging: export_checkpoint(
-            build_task(cfg.task.name),
+            cfg.task,
             cfg.model,
             checkpoint.url,
             checkpoint.manifest["strategy"],

@@ -1,6 +1,6 @@
-"""`kiln eval`, `kiln generate` and `kiln chat`: find the model (a run's checkpoint or an exported folder) and
-the data, then hand them to trainers/inference.py and trainers/chat.py. Everything runs in this one process,
-on CPU."""
+"""`kiln eval`, `kiln generate`, `kiln chat` and `kiln predict`: find the model (a run's checkpoint or an exported
+folder) and the data, then hand them to trainers/inference.py, trainers/chat.py and trainers/predict.py. Everything
+runs in this one process, on CPU."""
 
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ FOLDER_MICRO_BATCH = 8  # an exported folder has no run config: its default eval
 class Source:
     """The model to use and where it came from."""
 
-    loaded: Any  # trainers.inference.LoadedModel
+    loaded: Any  # trainers.inference.LoadedModel (its task: the run's, or the folder's from config.json)
     label: str  # "run qs step 20" or "folder ./out"
-    task_name: str
     cfg: KilnConfig | None = None  # the run's config, when the model is a run's checkpoint
     run_id: str | None = None
     step: int | None = None
@@ -35,7 +34,7 @@ class Source:
 
 
 def add_inference_commands(sub, default_root: str) -> None:
-    """`kiln eval`, `kiln generate` and `kiln chat`."""
+    """`kiln eval`, `kiln generate`, `kiln chat` and `kiln predict`."""
     target_help = "a run id (its newest committed checkpoint, or --step) or a Hugging Face folder (kiln export)"
     generate = sub.add_parser("generate", help="complete prompts with a run's checkpoint or an exported model")
     generate.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
@@ -81,6 +80,16 @@ def add_inference_commands(sub, default_root: str) -> None:
     evaluate.add_argument("--storage-root", default=default_root)
     evaluate.set_defaults(func=cmd_eval)
 
+    predict = sub.add_parser("predict", help="a classifier's label and class probabilities for each text")
+    predict.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
+    predict.add_argument(
+        "--text", required=True, action="append", help="a text to classify (repeatable); '-' reads stdin, one a line"
+    )
+    predict.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: newest)")
+    predict.add_argument("--json", action="store_true", help='one {"text", "label", "probabilities"} object a line')
+    predict.add_argument("--storage-root", default=default_root)
+    predict.set_defaults(func=cmd_predict)
+
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, what: str = "per prompt") -> None:
     """Decoding settings: greedy unless --temperature > 0, --top-k or --top-p."""
@@ -100,7 +109,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     from trainers.inference import Sampling, generate
 
     sampling = user_error(lambda: Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
-    source = open_model(args)
+    source = text_model(args, "generate")
     read: list[str] = []  # generate reads one prompt per completion: read[-1] is the current one
 
     def prompts() -> Iterator[str]:
@@ -118,13 +127,37 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace, console: Console) -> int:
+    """Each text's label (and, with --json, every class's probability), one line a text."""
+    from trainers.predict import classifier, predict
+
+    source = open_model(args)
+    user_error(lambda: classifier(source.loaded))  # not a classifier: said before stdin is read
+    # a run's rows are its data's length; a folder's: its context (a text longer than that is cut either way)
+    seq_len = source.cfg.data.seq_len if source.cfg is not None else source.loaded.context
+    if seq_len is None:
+        raise UsageError(f"{source.label} does not say how many positions it takes (no max_position_embeddings)")
+
+    def texts() -> Iterator[str]:
+        for text in args.text:
+            yield from stdin_prompts() if text == "-" else [text]
+
+    for prediction in user_errors(predict(source.loaded, texts(), seq_len)):
+        if args.json:
+            write_line(json.dumps(prediction.as_json(), ensure_ascii=False))
+        else:
+            best = prediction.probabilities[prediction.label]
+            write_line(f"{prediction.label}\t{best:.4f}")
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace, console: Console) -> int:
     """A conversation on the terminal; with piped stdin, one user turn a line and one reply a line."""
     from trainers.chat import ChatSession
     from trainers.inference import Sampling
 
     sampling = user_error(lambda: Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
-    source = open_model(args)
+    source = text_model(args, "chat")
     session = user_error(lambda: ChatSession(source.loaded, sampling, note=note))
     interactive = sys.stdin.isatty()
     if interactive:
@@ -177,7 +210,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     data = args.data
     if data is not None and (data.endswith(".jsonl") or os.path.isfile(data)):
         pairs = user_error(lambda: read_pairs(data))  # a bad file fails before the model loads
-        result = eval_pairs(open_model(args), data, pairs, args.max_new_tokens)
+        result = eval_pairs(text_model(args, "eval --data PAIRS.jsonl"), data, pairs, args.max_new_tokens)
     else:
         result = eval_split(open_model(args), data, args.micro_batch, args.batches)
     if args.json:
@@ -199,7 +232,6 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
     """The task's validation metrics: the run's own evaluation slice, or the val split of a prepared dataset."""
     from data_pipeline.dataset import open_dataset, open_training_data
     from trainers.inference import check_vocabulary, validation_metrics
-    from trainers.tasks import build_task
 
     cfg = source.cfg
     if data is None:
@@ -221,7 +253,7 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
             f"batches x {micro_batch} sequences, every worker's slice evaluated in turn and summed as the run did)"
         )
     else:
-        from trainers.task_data import check_task_data
+        from trainers.task_data import check_task_data, data_labels
 
         dataset = open_dataset(data)
         user_error(lambda: check_vocabulary(source.loaded, dataset))
@@ -231,7 +263,13 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
                 f"{data} holds {dataset.seq_len}-token sequences but {source.label} takes at most {context}: "
                 f"prepare it again with seq_len={context} or less"
             )
-        check_task_data(source.task_name, [dataset], lambda _note: None)  # e.g. an SFT model on data without masks
+        task = source.loaded.task
+        check_task_data(task.name, [dataset], lambda _note: None)  # e.g. an SFT model on data without masks
+        if task.name == "classification" and data_labels([dataset]) != task.labels:  # a class id means one label
+            raise UsageError(
+                f"{data} labels its classes {data_labels([dataset])} but {source.label} classifies into "
+                f"{task.labels}: evaluate on data prepared with the same labels"
+            )
         datasets, weights, world_size, seed = [dataset], None, 1, cfg.train.seed if cfg else 0
         available = sum(shard.sequences for shard in dataset.shards("val"))
         wanted = (micro_batch or 1) * (batches or 1)
@@ -250,7 +288,7 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
         what = f"val split of {data} (first {batches} batches x {micro_batch} sequences, of {available})"
     metrics = user_error(
         lambda: validation_metrics(
-            build_task(source.task_name),
+            source.loaded.build_task(seed),
             source.loaded.model,
             datasets,
             weights,
@@ -308,7 +346,6 @@ def open_model(args: argparse.Namespace) -> Source:
     from orchestrator.runs import find_checkpoint, reopen_run
     from trainers.inference import load_checkpoint, load_folder
     from trainers.run_folder import TOKENIZER_DIR
-    from trainers.tasks import build_task
 
     target = args.target
     if looks_like_folder(target):
@@ -317,12 +354,12 @@ def open_model(args: argparse.Namespace) -> Source:
                 f"--step picks a run's checkpoint, but {target} is a folder: export that step "
                 "(kiln export RUN --step N --out DIR) or pass the run id"
             )
-        return Source(user_error(lambda: load_folder(target)), f"folder {target}", "causal_lm")
+        return Source(user_error(lambda: load_folder(target)), f"folder {target}")
     registry, _record, cfg = reopen_run(absolute_url(args.storage_root), target, [])
     checkpoint = find_checkpoint(registry, cfg, args.step)
     strategy, world_size = checkpoint.manifest["strategy"], int(checkpoint.manifest["world_size"])
     loaded = load_checkpoint(
-        build_task(cfg.task.name),
+        cfg.task,
         cfg.model,
         checkpoint.url,
         strategy,
@@ -330,7 +367,21 @@ def open_model(args: argparse.Namespace) -> Source:
     )
     loaded.name = f"run {target} step {checkpoint.step}"
     label = f"run {target} step {checkpoint.step} ({strategy}, {world_size} worker{'s' if world_size > 1 else ''})"
-    return Source(loaded, label, cfg.task.name, cfg, target, checkpoint.step, world_size)
+    return Source(loaded, label, cfg, target, checkpoint.step, world_size)
+
+
+def text_model(args: argparse.Namespace, command: str) -> Source:
+    """open_model's model, refused in one line unless it is a causal LM (only those generate text)."""
+    from trainers.task_data import GENERATIVE_TASKS
+
+    source = open_model(args)
+    task = source.loaded.task.name
+    if task not in GENERATIVE_TASKS:
+        raise UsageError(
+            f"kiln {command} is for causal LMs (task={'|'.join(GENERATIVE_TASKS)}), but {source.label} is a "
+            f"task={task} model: score it with `kiln eval {args.target}`"
+        )
+    return source
 
 
 def looks_like_folder(target: str) -> bool:

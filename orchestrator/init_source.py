@@ -25,7 +25,14 @@ from orchestrator.registry import DamagedRun, RunRegistry, UnknownRun
 from trainers.checkpoint import Committed
 from trainers.config import parse_init_run
 from trainers.errors import CheckpointError
-from trainers.pretrained import PretrainedError, check_data, check_vocabulary, inspect_folder, model_files
+from trainers.pretrained import (
+    PretrainedError,
+    check_data,
+    check_folder_labels,
+    check_vocabulary,
+    inspect_folder,
+    model_files,
+)
 from trainers.run_folder import TOKENIZER_DIR
 from trainers.task_data import PRETRAINED_CLASS
 
@@ -125,6 +132,8 @@ def check_folder(cfg: KilnConfig, path: str, name: str) -> str:
     model = inspect_folder(path, PRETRAINED_CLASS[cfg.task.name], cfg.task.name, name)
     data_url, data_vocab = data_vocabulary(cfg)
     check_data(model, name, data_url, data_vocab, cfg.data.seq_len)
+    if cfg.task.name == "classification":
+        check_folder_labels(path, name, cfg.task.labels or [])
     return path
 
 
@@ -140,7 +149,6 @@ def export_run(cfg: KilnConfig, value: str, find: FindCheckpoint, log: Callable[
     """Export run:RUN[@STEP]'s checkpoint to a temporary local folder, checked as any init_from folder;
     returns (folder, a note for the run's record)."""
     from trainers.export import model_from_checkpoint, save_hugging_face
-    from trainers.tasks import build_task
 
     parsed = parse_init_run(value)
     assert parsed is not None
@@ -157,9 +165,7 @@ def export_run(cfg: KilnConfig, value: str, find: FindCheckpoint, log: Callable[
         log(f"{name}: exporting run {run_id} step {checkpoint.step} ({strategy}) to start from")
         with warnings.catch_warnings():  # DCP's note that it reads in one process: that is the point here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            model = model_from_checkpoint(
-                build_task(source_cfg.task.name), source_cfg.model, checkpoint.url, strategy, tokenizer_url
-            )
+            model = model_from_checkpoint(source_cfg.task, source_cfg.model, checkpoint.url, strategy, tokenizer_url)
         save_hugging_face(model, tokenizer_url, staged)
         check_folder(cfg, staged, name)
     except BaseException:

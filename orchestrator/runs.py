@@ -18,7 +18,7 @@ from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Comm
 from trainers.preemption import clear_stop_request
 from trainers.run_folder import CHECKPOINTS_DIR, TOKENIZER_DIR
 from trainers.run_state import RESUMABLE, RunState
-from trainers.task_data import check_task_data
+from trainers.task_data import check_task_data, run_labels
 from trainers.tracking import wandb_mode
 
 
@@ -48,6 +48,8 @@ def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
             f"vocabulary ({dataset.vocab_size}) of {cfg.data.path}; raise it or leave it unset"
         )
     check_task_data(cfg.task.name, datasets, log)  # e.g. task=sft on data without a loss mask
+    if cfg.task.name == "classification":  # the data's classes, saved with the run's config
+        cfg.task.labels = run_labels(cfg.task.labels, datasets)
 
 
 def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunRegistry, RunRecord]:

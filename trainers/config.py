@@ -14,7 +14,7 @@ from typing import Any
 
 from data_pipeline.config import DataConfig, StorageConfig
 from trainers import run_folder
-from trainers.task_data import TASK_NEEDS
+from trainers.task_data import ARCH_MODELS, TASK_NEEDS, arch_error
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` admits a trailing newline
 
@@ -91,7 +91,7 @@ def parse_init_run(value: str) -> tuple[str, int | None] | None:
 
 @dataclass
 class ModelConfig:
-    """A GPT-2-style transformer built from config (never downloaded), or one loaded from `init_from`.
+    """A GPT-2 (decoder) or BERT (encoder) built from config (never downloaded), or one loaded from `init_from`.
 
     `init_from` is a local Hugging Face model folder (architecture, weights and tokenizer come from it) or
     `run:RUN[@STEP]`, a Kiln run's committed checkpoint (newest, or STEP) under the same storage.root.
@@ -111,7 +111,7 @@ class ModelConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        one_of("model.arch", self.arch, ("gpt2",))
+        one_of("model.arch", self.arch, tuple(ARCH_MODELS))
         if self.init_from is not None:
             self.check_init_from()
         for name in ("n_layer", "n_head", "n_embd", "n_positions"):
@@ -146,9 +146,19 @@ class TaskConfig:
     """What the model learns; chosen by the `task` config group."""
 
     name: str = "causal_lm"
+    # task=classification: the class names in class-id order. The driver fills them in from the data's label
+    # map (a value given here must equal it), so the run's saved config carries them to eval, predict and export.
+    labels: list[str] | None = None
 
     def __post_init__(self) -> None:
         one_of("task.name", self.name, tuple(TASK_NEEDS))
+        if self.labels is not None:
+            require(
+                self.name == "classification",
+                f"task.labels is read only by task=classification, not task={self.name}; remove it",
+            )
+            require(len(self.labels) > 0, "task.labels must name at least one class (or be left unset)")
+            require(len(set(self.labels)) == len(self.labels), f"task.labels must not repeat a name, got {self.labels}")
 
 
 @dataclass
@@ -321,7 +331,11 @@ class WorkerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        # With model.init_from the folder decides the positions; the driver checks seq_len against it.
+        # With model.init_from the folder decides the architecture (the driver checks it fits the task) and the
+        # positions (the driver checks seq_len against them).
+        if self.model.init_from is None:
+            problem = arch_error(self.task.name, self.model.arch)
+            require(problem is None, str(problem))
         require(
             self.model.init_from is not None or self.data.seq_len <= self.model.n_positions,
             f"data.seq_len ({self.data.seq_len}) must be <= model.n_positions ({self.model.n_positions})",

@@ -61,15 +61,18 @@ def save_hugging_face(model: Any, tokenizer_url: str, out_dir: str) -> list[str]
 
 def hf_tokenizer(tokenizer_url: str) -> Any:
     """A run's tokenizer (its tokenizer/ folder) as a transformers PreTrainedTokenizerFast, with the chat
-    template when the run trained on chat data."""
+    template when the run trained on chat data, and the mask token when it has one (fill-mask pipelines)."""
     from transformers import PreTrainedTokenizerFast
 
+    raw = bpe.load(tokenizer_url)
+    has_mask = raw.token_to_id(bpe.MASK_TOKEN) is not None  # data prepared before the mask token lacks it
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe.load(tokenizer_url),
+        tokenizer_object=raw,
         eos_token=bpe.EOS_TOKEN,
         bos_token=bpe.EOS_TOKEN,
         unk_token=bpe.EOS_TOKEN,
         pad_token=bpe.EOS_TOKEN,
+        **({"mask_token": bpe.MASK_TOKEN} if has_mask else {}),
     )
     vocab = tokenizer.get_vocab()
     if all(token in vocab for token in CHAT_SPECIAL_TOKENS):  # trained on `kiln prepare kind=chat` data
@@ -78,19 +81,21 @@ def hf_tokenizer(tokenizer_url: str) -> Any:
 
 
 def export_checkpoint(
-    task, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str, out_dir: str
+    task_cfg, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str, out_dir: str
 ) -> list[str]:
-    """Build the run's model, load a checkpoint into it, and write a Hugging Face folder."""
-    model = model_from_checkpoint(task, model_cfg, checkpoint_url, strategy, tokenizer_url)
+    """Build the run's model, load a checkpoint into it, and write a Hugging Face folder (a classifier's
+    config.json names its classes: id2label, label2id)."""
+    model = model_from_checkpoint(task_cfg, model_cfg, checkpoint_url, strategy, tokenizer_url)
     return save_hugging_face(model, tokenizer_url, out_dir)
 
 
-def model_from_checkpoint(task, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str) -> nn.Module:
-    """The run's model (built by its task, on CPU, in eval mode) holding a checkpoint's weights."""
-    from trainers.tasks import build_model
+def model_from_checkpoint(task_cfg, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str) -> nn.Module:
+    """The run's model (built by its task, task_cfg from the run's config, on CPU, in eval mode) holding a
+    checkpoint's weights."""
+    from trainers.tasks import build_model, build_task
 
     tokenizer = bpe.load(tokenizer_url)
     eos_id: Any = tokenizer.token_to_id(bpe.EOS_TOKEN)  # a Kiln tokenizer always has it
-    model = build_model(task, model_cfg, tokenizer.get_vocab_size(), eos_id)
+    model = build_model(build_task(task_cfg, eos_id), model_cfg, tokenizer.get_vocab_size(), eos_id)
     load_consolidated(model, storage.join(checkpoint_url, "shards"), strategy)
     return model.eval()

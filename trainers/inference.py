@@ -11,7 +11,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,9 @@ from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
 from data_pipeline.stream import TokenStream
+from trainers.config import TaskConfig
+from trainers.pretrained import folder_labels
+from trainers.task_data import PRETRAINED_CLASS, task_for_architectures
 from trainers.tasks import Task, on_device
 
 CPU = torch.device("cpu")
@@ -32,11 +35,12 @@ class InferenceError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A causal LM ready for inference on CPU, its tokenizer, and what to call it in messages."""
+    """A model ready for inference on CPU, its tokenizer, the task it was trained for, and its name in messages."""
 
     model: nn.Module
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
     name: str
+    task: TaskConfig = field(default_factory=TaskConfig)  # a folder's, from its config.json; a run's, its config's
 
     @property
     def context(self) -> int | None:
@@ -51,10 +55,21 @@ class LoadedModel:
         config: Any = self.model.config
         return int(eos if eos is not None else config.eos_token_id)
 
+    def build_task(self, seed: int = 0) -> Task:
+        """The task the model was trained for, to evaluate or predict with (seed: the run's train.seed, which
+        task=mlm draws its masks from)."""
+        from trainers.tasks import build_task
+
+        return build_task(self.task, self.eos_id, seed=seed, vocabulary=vocabulary(self))
+
 
 def load_folder(path: str) -> LoadedModel:
-    """A causal LM and its tokenizer from a local Hugging Face folder (as `kiln export` writes); no hub."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """A model and its tokenizer from a local Hugging Face folder (as `kiln export` writes); no hub.
+
+    Its task comes from config.json's architectures (a classifier's classes from its id2label).
+    """
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
 
     quiet_transformers()
     if not os.path.isdir(path):
@@ -67,31 +82,37 @@ def load_folder(path: str) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         architectures = getattr(config, "architectures", None) or []
-        if not any(name.endswith("ForCausalLM") or name.endswith("LMHeadModel") for name in architectures):
+        task = task_for_architectures(architectures)
+        if task is None:
             raise InferenceError(
-                f"{path} holds a {', '.join(architectures) or config.model_type} model, not a causal LM: "
-                "kiln eval/generate handle causal LMs (task=causal_lm)"
+                f"{path} holds a {', '.join(architectures) or config.model_type} model, which no Kiln task scores: "
+                "kiln eval/generate/predict handle causal LMs (task=causal_lm, sft), masked LMs (task=mlm) and "
+                "sequence classifiers (task=classification)"
             )
         # safetensors only: never unpickle weights read from storage (a pytorch_model.bin folder is refused)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        auto_class = getattr(transformers, PRETRAINED_CLASS[task])
+        model = auto_class.from_pretrained(path, local_files_only=True, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except InferenceError:
         raise
     except (OSError, ValueError, KeyError) as exc:
         message = " ".join(str(exc).split())[:300]
         raise InferenceError(f"cannot load the model in {path} ({message}): is it a complete `kiln export`?") from None
-    return LoadedModel(model.float().eval(), tokenizer, path)
+    return LoadedModel(model.float().eval(), tokenizer, path, TaskConfig(task, labels=folder_labels(config)))
 
 
-def load_checkpoint(task: Task, model_cfg: Any, checkpoint_url: str, strategy: str, tokenizer_url: str) -> LoadedModel:
-    """A run's model from any strategy's checkpoint (the export code path, kept in memory) and its tokenizer."""
+def load_checkpoint(
+    task_cfg: TaskConfig, model_cfg: Any, checkpoint_url: str, strategy: str, tokenizer_url: str
+) -> LoadedModel:
+    """A run's model from any strategy's checkpoint (the export code path, kept in memory) and its tokenizer;
+    task_cfg and model_cfg are the run's."""
     from trainers.export import hf_tokenizer, model_from_checkpoint
 
     quiet_transformers()
     with warnings.catch_warnings():  # DCP's note that it reads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        model = model_from_checkpoint(task, model_cfg, checkpoint_url, strategy, tokenizer_url)
-    return LoadedModel(model, hf_tokenizer(tokenizer_url), checkpoint_url)
+        model = model_from_checkpoint(task_cfg, model_cfg, checkpoint_url, strategy, tokenizer_url)
+    return LoadedModel(model, hf_tokenizer(tokenizer_url), checkpoint_url, task_cfg)
 
 
 def quiet_transformers() -> None:
@@ -100,6 +121,11 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def vocabulary(loaded: LoadedModel) -> bpe.Vocabulary:
+    """The ids of the model's tokenizer (task=mlm masks with them, as the run did)."""
+    return bpe.vocabulary(loaded.tokenizer.backend_tokenizer)
 
 
 def check_vocabulary(loaded: LoadedModel, dataset: Dataset) -> None:

@@ -16,11 +16,12 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from data_pipeline import storage
+from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset, open_training_data
 from data_pipeline.stream import TokenStream
 from trainers.checkpoint import CheckpointStore
@@ -39,7 +40,7 @@ from trainers.run_folder import CHECKPOINTS_DIR
 from trainers.run_state import RunState
 from trainers.step_window import StepWindow, WindowSummary, summarize
 from trainers.strategies import Strategy, build_strategy
-from trainers.task_data import check_task_data
+from trainers.task_data import check_task_data, run_labels
 from trainers.tasks import Task, build_model, build_task, on_device
 from trainers.tracking import Tracker, build_tracker
 from trainers.watchdog import StepWatchdog
@@ -98,7 +99,11 @@ class Trainer:
         self.datasets, self.weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
         self.dataset: Dataset = self.datasets[0]  # vocabulary and sequence length of them all
         check_task_data(cfg.task.name, self.datasets, log.info)  # the driver checked; a direct caller gets it too
-        self.task: Task = build_task(cfg.task.name)
+        vocabulary = bpe.vocabulary(bpe.load(self.dataset.tokenizer_url))
+        task_cfg = cfg.task
+        if task_cfg.name == "classification":  # the data's classes, which the driver wrote into the run's config
+            task_cfg = replace(task_cfg, labels=run_labels(task_cfg.labels, self.datasets))
+        self.task: Task = build_task(task_cfg, self.dataset.eos_id, seed=train.seed, vocabulary=vocabulary)
         seed_everything(train.seed)  # identical initial weights on every rank
         # Built (or, with model.init_from, loaded) on every rank before the strategy wraps it: identical weights.
         model = build_model(self.task, cfg.model, self.dataset.vocab_size, self.dataset.eos_id)

@@ -1,8 +1,15 @@
-"""Models built from config. They know nothing about parallelism or storage."""
+"""Models built from config. They know nothing about parallelism or storage.
+
+`model.arch` picks the transformers config (`gpt2_config`, `bert_config`); a task picks the head by naming
+the transformers Auto class that builds it (`build_from_config`), as a `model.init_from` folder is loaded.
+"""
 
 from __future__ import annotations
 
-from transformers import GPT2Config, GPT2LMHeadModel
+from typing import Any
+
+import transformers
+from transformers import BertConfig, GPT2Config, PretrainedConfig, PreTrainedModel
 
 from trainers.config import ModelConfig
 
@@ -12,8 +19,8 @@ def padded_vocab(tokenizer_vocab: int, multiple: int = 64) -> int:
     return -(-tokenizer_vocab // multiple) * multiple
 
 
-def gpt2_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> GPT2Config:
-    """A transformers GPT2Config from ours."""
+def gpt2_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> GPT2Config:
+    """A transformers GPT2Config from ours (extra: further GPT2Config fields, e.g. num_labels)."""
     return GPT2Config(
         vocab_size=cfg.vocab_size or padded_vocab(vocab_size),
         n_positions=cfg.n_positions,
@@ -26,22 +33,61 @@ def gpt2_config(cfg: ModelConfig, vocab_size: int, eos_id: int) -> GPT2Config:
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         use_cache=False,
+        **extra,
     )
 
 
-def build_gpt2(cfg: ModelConfig, vocab_size: int, eos_id: int) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2 causal LM (weights from the current torch RNG state)."""
+def bert_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> BertConfig:
+    """A transformers BertConfig from ours: n_embd is the hidden size, the feed-forward 4 x n_embd wide."""
+    return BertConfig(
+        vocab_size=cfg.vocab_size or padded_vocab(vocab_size),
+        hidden_size=cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        intermediate_size=4 * cfg.n_embd,
+        max_position_embeddings=cfg.n_positions,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        # BERT's embedding keeps its pad row at zero and never trains it. The default pad id 0 is a real token
+        # in a tokenizer whose EOS is elsewhere; EOS is a separator that is never a target, so it pads.
+        pad_token_id=eos_id,
+        eos_token_id=eos_id,
+        use_cache=False,
+        **extra,
+    )
+
+
+ARCH_CONFIGS = {"gpt2": gpt2_config, "bert": bert_config}
+
+
+def arch_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> PretrainedConfig:
+    """The transformers config of model.arch."""
+    return ARCH_CONFIGS[cfg.arch](cfg, vocab_size, eos_id, **extra)
+
+
+def build_from_config(auto_class: str, cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> PreTrainedModel:
+    """A freshly initialised model of model.arch with the head `auto_class` builds (e.g. AutoModelForMaskedLM),
+    weights from the current torch RNG state; extra: further config fields (e.g. num_labels)."""
     if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
         raise ValueError(
             f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
             f"vocabulary ({vocab_size}); raise it or leave it unset"
         )
-    model = GPT2LMHeadModel._from_config(
-        gpt2_config(cfg, vocab_size, eos_id), attn_implementation=cfg.attn_implementation
-    )
+    config = arch_config(cfg, vocab_size, eos_id, **extra)
+    model = getattr(transformers, auto_class).from_config(config, attn_implementation=cfg.attn_implementation)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def build_gpt2(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PreTrainedModel:
+    """A freshly initialised GPT-2 causal LM (GPT2LMHeadModel)."""
+    return build_from_config("AutoModelForCausalLM", cfg, vocab_size, eos_id)
+
+
+def build_masked_lm(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PreTrainedModel:
+    """A freshly initialised masked LM of model.arch (BertForMaskedLM for arch=bert)."""
+    return build_from_config("AutoModelForMaskedLM", cfg, vocab_size, eos_id)
 
 
 def parameter_count(model) -> int:

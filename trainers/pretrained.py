@@ -38,6 +38,10 @@ MODEL_FILES = frozenset(
 )
 
 
+# Auto classes whose head may be new: loading a language model folder keeps its body and initialises the head.
+NEW_HEAD_CLASSES = frozenset({"AutoModelForSequenceClassification"})
+
+
 class PretrainedError(ValueError):
     """A model.init_from source that cannot be used; the message names it and says what to do."""
 
@@ -77,7 +81,9 @@ def inspect_folder(path: str, auto_class: str, task: str, name: str | None = Non
     kinds = model_classes(auto_class)
     architectures = list(getattr(config, "architectures", None) or [])
     builds = kinds.get(config.model_type, ())
-    if not builds or (architectures and not set(architectures) & set(builds)):
+    # A head Kiln may start new takes any model of a type it builds for (e.g. a classifier on a causal LM's body).
+    new_head_ok = auto_class in NEW_HEAD_CLASSES
+    if not builds or (architectures and not set(architectures) & set(builds) and not new_head_ok):
         held = ", ".join(architectures) or f"model_type={config.model_type}"
         raise PretrainedError(
             f"{name} holds a {held} model, which task={task} cannot train: it needs a model {auto_class} loads "
@@ -168,10 +174,31 @@ def check_data(model: FolderModel, name: str, data_url: str, data_vocab: dict[st
         )
 
 
-def load_pretrained(url: str, auto_class: str, cfg: Any) -> Any:
+def folder_labels(config: Any) -> list[str] | None:
+    """A sequence-classification folder's class names in id order (config.json id2label); None for other models
+    (a language model's config carries transformers' placeholder labels, which mean nothing)."""
+    architectures = getattr(config, "architectures", None) or []
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        return None
+    id2label = {int(i): str(name) for i, name in (config.id2label or {}).items()}
+    return [id2label[i] for i in sorted(id2label)]
+
+
+def check_folder_labels(path: str, name: str, labels: list[str]) -> None:
+    """A sequence-classification folder must classify into the data's classes (a language model gets a new head)."""
+    held = folder_labels(read_config(path, name))
+    if held is not None and held != list(labels):
+        raise PretrainedError(
+            f"{name} classifies into {held} but the data's label map is {list(labels)}: start from a model trained on "
+            "these labels, or from a language model folder (its classification head is then new)"
+        )
+
+
+def load_pretrained(url: str, auto_class: str, cfg: Any, **config: Any) -> Any:
     """The folder's model with its weights, in fp32 and training mode (every rank loads the same files).
 
-    cfg is the ModelConfig: its attn_implementation and activation_checkpointing still apply.
+    cfg is the ModelConfig: its attn_implementation and activation_checkpointing still apply. config: fields
+    set on the model's config (e.g. num_labels and id2label for a new classification head).
     """
     import torch
     import transformers
@@ -180,7 +207,7 @@ def load_pretrained(url: str, auto_class: str, cfg: Any) -> Any:
     hf_logging.disable_progress_bar()
     if not storage.is_local(url):
         with storage.local_folder(url) as folder:
-            return load_pretrained(folder, auto_class, cfg)
+            return load_pretrained(folder, auto_class, cfg, **config)
     if not os.path.isdir(url):
         raise PretrainedError(f"model.init_from={url}: no such folder (it was checked when the run started)")
     try:
@@ -190,6 +217,7 @@ def load_pretrained(url: str, auto_class: str, cfg: Any) -> Any:
             use_safetensors=True,
             dtype=torch.float32,
             attn_implementation=cfg.attn_implementation,
+            **config,
         )
     except (OSError, ValueError, KeyError) as exc:
         raise PretrainedError(f"model.init_from={url}: cannot load the model ({one_line(exc)})") from None

@@ -6,21 +6,57 @@ driver and the config can name the tasks and check a dataset cheaply.
 - `causal_lm` learns every token of any dataset. On chat data it ignores the stored loss mask (the
   prompts are learned too; a note says so); on classification data it ignores the labels.
 - `sft` learns only the tokens a chat loss mask marks (`kiln prepare kind=chat`): other data fails.
+- `mlm` learns from any dataset whose tokenizer has the mask token (every `kiln prepare` since it was added).
+- `classification` learns the label of each sequence (`kiln prepare kind=classification`): other data fails.
+  Its classes are the dataset's label map; the driver writes them into the run's config (`task.labels`), so a
+  checkpoint's class names travel with the run (eval, predict, export) without the data.
+
+It also says which model architectures (`model.arch`) each task trains, checked when the config is built, and
+which task a Hugging Face folder's model is for (`task_for_architectures`, read from its config.json).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from data_pipeline import tokenizer as bpe
 from data_pipeline.batch import LABELS, LOSS_MASK
 from data_pipeline.dataset import Dataset, DatasetError
 
 # task name -> the fields every batch must carry besides tokens
-TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,)}
+TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,), "mlm": (), "classification": (LABELS,)}
+# the tasks whose models generate text (kiln generate, kiln chat, kiln eval --data pairs.jsonl)
+GENERATIVE_TASKS: tuple[str, ...] = ("causal_lm", "sft")
+# task name -> the special tokens its data's tokenizer must have
+TASK_TOKENS: dict[str, tuple[str, ...]] = {"mlm": (bpe.MASK_TOKEN,)}
 
-# task name -> the transformers Auto class a `model.init_from` folder is loaded with (trainers/pretrained.py);
-# a masked-LM or classification task adds AutoModelForMaskedLM / AutoModelForSequenceClassification here.
-PRETRAINED_CLASS: dict[str, str] = {"causal_lm": "AutoModelForCausalLM", "sft": "AutoModelForCausalLM"}
+# task name -> the transformers Auto class a `model.init_from` folder is loaded with (trainers/pretrained.py)
+PRETRAINED_CLASS: dict[str, str] = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sft": "AutoModelForCausalLM",
+    "mlm": "AutoModelForMaskedLM",
+    # a sequence-classification folder, or a language model's (its head is then new: pretrained.NEW_HEAD_CLASSES)
+    "classification": "AutoModelForSequenceClassification",
+}
+
+# the ending of a Hugging Face model class name (config.json `architectures`) -> the task that scores it
+ARCHITECTURE_TASKS: tuple[tuple[str, str], ...] = (
+    ("ForSequenceClassification", "classification"),
+    ("ForMaskedLM", "mlm"),
+    ("ForCausalLM", "causal_lm"),
+    ("LMHeadModel", "causal_lm"),
+)
+
+# task name -> the model.arch values it trains (a model.init_from folder is checked by PRETRAINED_CLASS instead)
+TASK_ARCHS: dict[str, tuple[str, ...]] = {
+    "causal_lm": ("gpt2",),
+    "sft": ("gpt2",),
+    "mlm": ("bert",),
+    "classification": ("gpt2", "bert"),  # a decoder's last text token, or an encoder's pooled first position
+}
+
+# model.arch -> the model=... config entries of that architecture (conf/model/), named in errors
+ARCH_MODELS: dict[str, tuple[str, ...]] = {"gpt2": ("gpt2_tiny", "gpt2_small"), "bert": ("bert_tiny", "bert_small")}
 
 # field -> (what it is, the `kiln prepare` kind that stores it)
 FIELD_SOURCES = {
@@ -29,10 +65,39 @@ FIELD_SOURCES = {
 }
 
 
+def task_for_architectures(architectures: Sequence[str]) -> str | None:
+    """The task a Hugging Face folder's model is for, from its config's `architectures` (None: none Kiln knows)."""
+    for architecture in architectures:
+        for ending, task in ARCHITECTURE_TASKS:
+            if architecture.endswith(ending):
+                return task
+    return None
+
+
+def arch_error(task: str, arch: str) -> str | None:
+    """Why task cannot train a model.arch=arch model built from config (with the fix), or None if it can."""
+    archs = TASK_ARCHS.get(task, ())
+    if arch in archs:
+        return None
+    choices = " or ".join(f"model={m}" for a in archs for m in ARCH_MODELS.get(a, ()))
+    return (
+        f"task.name={task} does not train model.arch={arch} models; it trains model.arch={'|'.join(archs)}: "
+        f"choose {choices} (or model.init_from a folder of that kind)"
+    )
+
+
 def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str], None]) -> None:
     """Fail naming the dataset and the fix if `task` cannot learn from it; note stored fields it ignores."""
     needs = TASK_NEEDS.get(task, ())
     for dataset in datasets:
+        if TASK_TOKENS.get(task):
+            vocab = bpe.load(dataset.tokenizer_url).get_vocab()
+            missing = [token for token in TASK_TOKENS[task] if token not in vocab]
+            if missing:
+                raise DatasetError(
+                    f"task={task} needs the token {' and '.join(missing)} in the tokenizer, but the dataset at "
+                    f"{dataset.url} was prepared without it (by an older Kiln); prepare it again with `kiln prepare`"
+                )
         for field in needs:
             if field not in dataset.fields:
                 what, kind = FIELD_SOURCES[field]
@@ -47,3 +112,34 @@ def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str],
                 f"task={task} ignores {' and '.join(ignored)} stored in {dataset.url} (kind={dataset.kind}) "
                 f"and learns every token{hint}"
             )
+
+
+def class_names(label_map: dict[str, int]) -> list[str]:
+    """A label map's names in class-id order (ids are 0..n-1, as `kiln prepare` makes them)."""
+    names = sorted(label_map, key=label_map.__getitem__)
+    if [label_map[name] for name in names] != list(range(len(names))):
+        raise DatasetError(f"label map {label_map} does not number its labels 0..{len(names) - 1}")
+    return names
+
+
+def data_labels(datasets: Sequence[Dataset]) -> list[str]:
+    """The class names (in class-id order) of classification data; a mixture's parts share one map (checked
+    when it is opened)."""
+    labels = datasets[0].label_map
+    if not labels:
+        raise DatasetError(
+            f"the dataset at {datasets[0].url} (kind={datasets[0].kind}) has no label map; "
+            "prepare it with `kiln prepare kind=classification ...`"
+        )
+    return class_names(labels)
+
+
+def run_labels(configured: Sequence[str] | None, datasets: Sequence[Dataset]) -> list[str]:
+    """task=classification's classes: the data's, which task.labels (the run's saved config) must equal if set."""
+    labels = data_labels(datasets)
+    if configured is not None and list(configured) != labels:
+        raise DatasetError(
+            f"task.labels={list(configured)} but the dataset at {datasets[0].url} labels its classes {labels}: "
+            "a run's classes are its data's; remove task.labels or train on data with those labels"
+        )
+    return labels

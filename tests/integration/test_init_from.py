@@ -77,15 +77,16 @@ def test_a_run_at_a_step_starts_from_that_checkpoint(pretrained):
     from orchestrator.config import compose_config
     from orchestrator.runs import start_run
     from trainers.inference import load_folder, validation_metrics
-    from trainers.tasks import build_task
 
     root = pretrained
     cfg = compose_config([*FINE_TUNE, "model.init_from=run:pre@5", "run.id=at-5", f"storage.root={root}"])
     start_run(cfg, log=lambda _: None)
     assert cfg.model.init_from == str(root / "at-5" / "init_model")
     datasets, weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
-    model = load_folder(cfg.model.init_from).model
-    metrics = validation_metrics(build_task("causal_lm"), model, datasets, weights, micro_batch=4, batches=2, seed=1234)
+    loaded = load_folder(cfg.model.init_from)
+    metrics = validation_metrics(
+        loaded.build_task(), loaded.model, datasets, weights, micro_batch=4, batches=2, seed=1234
+    )
     assert metrics["val/loss"] == pytest.approx(val_loss(root / "pre", 5), abs=1e-5)
 
 

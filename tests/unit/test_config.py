@@ -18,6 +18,7 @@ from orchestrator.config import (
     leaves,
 )
 from trainers.config import check_batch
+from trainers.task_data import ARCH_MODELS, TASK_ARCHS, TASK_NEEDS
 
 
 @pytest.mark.parametrize(
@@ -56,6 +57,23 @@ COMPANIONS = {
 }
 
 
+def companions(choice: str) -> list[str]:
+    """The least that completes an option: a model of an arch the default task cannot train needs a task that
+    can, a task that cannot train the default model (a GPT-2) needs a model it can."""
+    group, option = choice.split("=")
+    if group == "model":
+        arch = option_settings(choice)["model.arch"]
+        if arch in TASK_ARCHS["causal_lm"]:
+            return []
+        task = next((t for t in TASK_NEEDS if arch in TASK_ARCHS.get(t, ())), None)
+        if task is None:
+            pytest.skip(f"no registered task trains model.arch={arch} yet")
+        return [f"task={task}"]
+    if group == "task" and "gpt2" not in TASK_ARCHS[option]:
+        return [f"model={ARCH_MODELS[TASK_ARCHS[option][0]][0]}"]
+    return COMPANIONS.get(choice, [])
+
+
 def options() -> list[str]:
     """`group=option` for every yaml of every config group under conf/."""
     return [f"{group}={path.stem}" for group in group_names() for path in sorted((CONF_DIR / group).glob("*.yaml"))]
@@ -73,10 +91,10 @@ def option_settings(choice: str) -> dict:
 
 @pytest.mark.parametrize("choice", options())
 def test_every_option_of_every_group_composes_and_takes_effect(choice):
-    companions = COMPANIONS.get(choice, [])
-    cfg = compose_config([choice, *companions])
+    completing = companions(choice)
+    cfg = compose_config([choice, *completing])
     composed = dict(leaves(OmegaConf.to_container(OmegaConf.structured(cfg))))
-    completed = {c.split("=", 1)[0] for c in companions}
+    completed = {c.split("=", 1)[0] for c in completing}
     settings = {key: value for key, value in option_settings(choice).items() if key not in completed}
     assert settings and {key: composed[key] for key in settings} == settings
     assert cfg.grad_accum >= 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import UsageError, compose_config
-from trainers.config import ConfigError, ModelConfig, parse_init_run
+from trainers.config import ConfigError, ModelConfig, TaskConfig, parse_init_run
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n"] * 20
 
@@ -82,6 +82,15 @@ def test_folder_checks_name_the_folder_and_the_fix(folder, tmp_path):
     assert model.tokenizer_vocab == folder[1]
 
 
+def test_a_gpt2_folder_is_refused_for_masked_lm_in_one_line(folder):
+    from trainers.pretrained import PretrainedError, inspect_folder
+    from trainers.task_data import PRETRAINED_CLASS
+
+    with pytest.raises(PretrainedError, match=r"holds a GPT2LMHeadModel model, which task=mlm cannot train") as raised:
+        inspect_folder(str(folder[0]), PRETRAINED_CLASS["mlm"], "mlm")
+    assert "AutoModelForMaskedLM" in str(raised.value) and "\n" not in str(raised.value)
+
+
 def test_data_with_another_tokenizer_or_longer_sequences_is_refused(folder):
     from trainers.pretrained import PretrainedError, check_data, inspect_folder
 
@@ -107,7 +116,7 @@ def test_every_rank_loads_the_folder_s_weights_in_training_mode(folder):
     saved = load_file(str(folder[0] / "model.safetensors"))
     for name in ("causal_lm", "sft"):  # torch's RNG does not matter: the weights are the folder's
         torch.manual_seed(len(name))
-        model = build_model(build_task(name), ModelConfig(init_from=str(folder[0])), 300, 0)
+        model = build_model(build_task(TaskConfig(name), 0), ModelConfig(init_from=str(folder[0])), 300, 0)
         assert model.training and not model.config.use_cache
         state = model.state_dict()
         for key, tensor in saved.items():
@@ -168,7 +177,7 @@ def test_workers_load_the_copy_from_remote_storage(folder):
 
     target = "memory://kiln-init-from-test/run/init_model"
     InitSource(folder=str(folder[0]), target=target).install()
-    model = build_model(build_task("causal_lm"), ModelConfig(init_from=target), 300, 0)
+    model = build_model(build_task(TaskConfig("causal_lm"), 0), ModelConfig(init_from=target), 300, 0)
     state = model.state_dict()
     for key, tensor in load_file(str(folder[0] / "model.safetensors")).items():
         assert torch.equal(state[key], tensor), key

@@ -161,3 +161,22 @@ def test_mixture_state_must_match(dataset, other):
     reweighted = TokenStream([dataset, other], "train", rank=0, world_size=1, micro_batch=2, seed=1, weights=[2, 1])
     with pytest.raises(ValueError, match="weights"):
         reweighted.load_state_dict(mixed.state_dict())
+
+
+@pytest.mark.parametrize("world_size, micro_batch", [(1, 6), (2, 3), (3, 2)])
+def test_each_row_carries_its_global_position_whatever_the_world_size(dataset, world_size, micro_batch):
+    """Position p holds the same sequence at any world size, so what a task draws from p resumes exactly."""
+    single = TokenStream(dataset, "train", rank=0, world_size=1, micro_batch=30, seed=7)
+    reference = next(single)
+    assert reference.positions.tolist() == list(range(30))
+    streams = [
+        TokenStream(dataset, "train", rank=r, world_size=world_size, micro_batch=micro_batch, seed=7)
+        for r in range(world_size)
+    ]
+    rows = {}
+    for _ in range(30 // (world_size * micro_batch)):
+        for stream in streams:
+            batch = next(stream)
+            rows.update(zip(batch.positions.tolist(), ids(batch), strict=True))
+    assert rows == dict(zip(range(30), ids(reference), strict=True))
+    assert streams[0].state_dict() == single.state_dict()  # the saved cursor is what it always was

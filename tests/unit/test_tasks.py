@@ -40,18 +40,20 @@ def per_position_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def test_sft_with_a_mask_of_all_ones_is_plain_causal_lm(model, tokens):
-    plain = build_task("causal_lm").loss(model, Batch(tokens))
-    sft = build_task("sft").loss(model, Batch(tokens, loss_mask=torch.ones_like(tokens, dtype=torch.uint8)))
+    plain = build_task(TaskConfig("causal_lm"), 0).loss(model, Batch(tokens))
+    sft = build_task(TaskConfig("sft"), 0).loss(
+        model, Batch(tokens, loss_mask=torch.ones_like(tokens, dtype=torch.uint8))
+    )
     torch.testing.assert_close(sft, plain)
 
 
 def test_sft_ignores_the_prompt_tokens_and_learns_the_reply(model, tokens):
     mask = torch.zeros_like(tokens, dtype=torch.uint8)
     mask[:, 8:] = 1  # the "reply": tokens 8..11 of each row, predicted at positions 7..10
-    loss = build_task("sft").loss(model, Batch(tokens, loss_mask=mask))
+    loss = build_task(TaskConfig("sft"), 0).loss(model, Batch(tokens, loss_mask=mask))
     torch.testing.assert_close(loss, per_position_loss(model, tokens)[:, 7:].mean())
     # A micro-batch with nothing to learn (a long prompt filling it) is a zero loss and no gradient, not NaN.
-    nothing = build_task("sft").loss(model, Batch(tokens, loss_mask=torch.zeros_like(mask)))
+    nothing = build_task(TaskConfig("sft"), 0).loss(model, Batch(tokens, loss_mask=torch.zeros_like(mask)))
     assert float(nothing.detach()) == 0.0
     nothing.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
@@ -62,7 +64,7 @@ def test_sft_validation_is_over_the_learned_tokens_only(model, tokens):
     mask = torch.zeros_like(tokens, dtype=torch.uint8)
     mask[0, 4:] = 1
     mask[2, 10:] = 1
-    sft = build_task("sft")
+    sft = build_task(TaskConfig("sft"), 0)
     sums = sft.evaluate(model, [Batch(tokens, loss_mask=mask)])
     learned = per_position_loss(model, tokens).detach()[mask[:, 1:].bool()]
     assert sums["tokens"] == 8 + 2
@@ -81,7 +83,7 @@ class PlusOne(nn.Module):
 
 
 def test_causal_lm_reports_next_token_accuracy_weighted_by_tokens_across_ranks():
-    task = build_task("causal_lm")
+    task = build_task(TaskConfig("causal_lm"), 0)
     # rank 0: 1 row, 4 of 5 next tokens follow +1; rank 1: 3 rows, 0 of 15 do.
     rank0 = task.evaluate(PlusOne(), [Batch(torch.tensor([[1, 2, 3, 4, 9, 10]]))])
     rank1 = task.evaluate(PlusOne(), [Batch(torch.tensor([[5, 5, 5, 5, 5, 5]] * 3))])

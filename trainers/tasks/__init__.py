@@ -5,26 +5,42 @@ What each task needs from its data is in trainers/task_data.py (checked on the d
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
-from trainers.config import ModelConfig
+from data_pipeline.tokenizer import Vocabulary
+from trainers.config import ModelConfig, TaskConfig
 from trainers.pretrained import load_pretrained
 from trainers.task_data import PRETRAINED_CLASS
-from trainers.tasks.base import Task, on_device
+from trainers.tasks.base import Task, TaskBase, on_device
 from trainers.tasks.causal_lm import CausalLM
+from trainers.tasks.classification import Classification, label_config
+from trainers.tasks.mlm import MaskedLM
 from trainers.tasks.sft import SFT
 
-TASKS: dict[str, type[Task]] = {"causal_lm": CausalLM, "sft": SFT}
+TASKS: dict[str, type[TaskBase]] = {
+    "causal_lm": CausalLM,
+    "sft": SFT,
+    "mlm": MaskedLM,
+    "classification": Classification,
+}
 
 __all__ = ["TASKS", "Task", "build_model", "build_task", "on_device", "task_name"]
 
 
-def build_task(name: str) -> Task:
-    """The task registered under name."""
-    try:
-        return TASKS[name]()
-    except KeyError:
-        raise ValueError(f"task.name={name!r} is not a known task; choose one of {', '.join(TASKS)}") from None
+def build_task(cfg: TaskConfig, eos_id: int, *, seed: int = 0, vocabulary: Vocabulary | None = None) -> Task:
+    """The task cfg.name names, with the tokenizer's end-of-text id (classification rows are padded with it), the
+    run's seed (train.seed) and its tokenizer's ids.
+
+    Callers that only build or load a model (export) may leave seed and vocabulary out; callers that train or
+    score (the loop, kiln eval) pass them: task=mlm draws its masks from them.
+    """
+    if cfg.name not in TASKS:
+        raise ValueError(f"task.name={cfg.name!r} is not a known task; choose one of {', '.join(TASKS)}")
+    if cfg.name == "classification":
+        return Classification(cfg.labels or [], eos_id, seed, vocabulary)
+    return cast(Task, TASKS[cfg.name](seed, vocabulary))
 
 
 def task_name(task: Task) -> str:
@@ -43,4 +59,13 @@ def build_model(task: Task, model_cfg: ModelConfig, vocab_size: int, eos_id: int
     """
     if model_cfg.init_from is None:
         return task.build_model(model_cfg, vocab_size, eos_id)
+    # The data's classes (the driver checked that a classification folder has the same); a new head on a language model.
+    if isinstance(task, Classification):
+        return load_pretrained(
+            model_cfg.init_from,
+            PRETRAINED_CLASS["classification"],
+            model_cfg,
+            pad_token_id=eos_id,
+            **label_config(task.labels),
+        )
     return load_pretrained(model_cfg.init_from, PRETRAINED_CLASS[task_name(task)], model_cfg)

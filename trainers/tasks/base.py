@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from data_pipeline.batch import Batch
+from data_pipeline.tokenizer import Vocabulary
 from trainers.config import ModelConfig
 
 IGNORE_INDEX = -100  # a target position that has no loss (transformers' and torch's convention)
@@ -29,6 +30,14 @@ class Task(Protocol):
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         """Validation metrics (`val/...`) from statistics summed over all ranks."""
+
+
+class TaskBase:
+    """What every task is built with: the run's seed (train.seed) and its tokenizer's ids, for a task that draws
+    per-row randomness (task=mlm's masks) or needs special tokens. Tasks that need neither ignore them."""
+
+    def __init__(self, seed: int = 0, vocabulary: Vocabulary | None = None):
+        self.seed, self.vocabulary = seed, vocabulary
 
 
 def on_device(batch: Batch[np.ndarray], device: torch.device) -> Batch[torch.Tensor]:

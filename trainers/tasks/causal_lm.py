@@ -11,7 +11,7 @@ from torch import nn
 from data_pipeline.batch import Batch
 from trainers.config import ModelConfig
 from trainers.models import build_gpt2
-from trainers.tasks.base import IGNORE_INDEX
+from trainers.tasks.base import IGNORE_INDEX, TaskBase
 
 
 def correct_next_tokens(logits: torch.Tensor, targets: torch.Tensor) -> int:
@@ -27,7 +27,7 @@ def lm_metrics(sums: dict[str, float]) -> dict[str, float]:
     return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0)), "val/accuracy": sums["correct"] / tokens}
 
 
-class CausalLM:
+class CausalLM(TaskBase):
     """Next-token prediction over packed sequences; a stored loss mask or labels are ignored."""
 
     def build_model(self, model_cfg: ModelConfig, vocab_size: int, eos_id: int) -> nn.Module:

@@ -16,7 +16,7 @@ from torch import nn
 from data_pipeline.batch import Batch
 from trainers.config import ModelConfig
 from trainers.models import build_gpt2
-from trainers.tasks.base import IGNORE_INDEX
+from trainers.tasks.base import IGNORE_INDEX, TaskBase
 from trainers.tasks.causal_lm import correct_next_tokens, lm_metrics
 
 
@@ -35,7 +35,7 @@ def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     return total, (wanted != IGNORE_INDEX).sum()
 
 
-class SFT:
+class SFT(TaskBase):
     """Causal LM fine-tuning on chat data, learning only the replies."""
 
     def build_model(self, model_cfg: ModelConfig, vocab_size: int, eos_id: int) -> nn.Module:
