@@ -45,7 +45,11 @@ def losses(tmp_path, micro_batch: int, steps: int = 3) -> list[float]:
     resolve_data(cfg, log=lambda m: None)
     trainer = Trainer(cfg, SoloContext())
     assert trainer.grad_accum == 4 // micro_batch
-    return [trainer.train_step()["loss"] for _ in range(steps)]
+    per_step = []
+    for _ in range(steps):
+        trainer.train_step()
+        per_step.append(float(trainer.window.loss))  # the step's mean loss, left on the device until read
+    return per_step
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, cache_dir):
