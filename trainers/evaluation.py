@@ -10,7 +10,7 @@ from data_pipeline.dataset import Dataset
 from data_pipeline.stream import TokenStream
 from trainers.distributed import mean_across_ranks
 from trainers.strategies import Strategy
-from trainers.tasks import Task, on_device
+from trainers.tasks import Task, task_batch
 
 
 class Evaluator:
@@ -57,7 +57,7 @@ class Evaluator:
             shuffle=False,
             weights=self.weights,
         )
-        batches = (on_device(next(val), self.device) for _ in range(self.batches))
+        batches = (task_batch(self.task, next(val), "val", self.device) for _ in range(self.batches))
         model.eval()
         try:
             with self.strategy.autocast():

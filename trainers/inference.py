@@ -24,7 +24,7 @@ from data_pipeline.stream import TokenStream
 from trainers.config import TaskConfig
 from trainers.pretrained import folder_labels
 from trainers.task_data import PRETRAINED_CLASS, task_for_architectures
-from trainers.tasks import Task, on_device
+from trainers.tasks import Task, task_batch
 
 CPU = torch.device("cpu")
 
@@ -172,7 +172,7 @@ def validation_metrics(
             weights=weights,
         )
         try:
-            rank_sums = task.evaluate(model, (on_device(next(stream), CPU) for _ in range(batches)))
+            rank_sums = task.evaluate(model, (task_batch(task, next(stream), "val", CPU) for _ in range(batches)))
         finally:
             stream.close()
         for key, value in rank_sums.items():

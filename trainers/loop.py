@@ -41,7 +41,7 @@ from trainers.run_state import RunState
 from trainers.step_window import StepWindow, WindowSummary, summarize
 from trainers.strategies import Strategy, build_strategy
 from trainers.task_data import check_task_data, run_labels
-from trainers.tasks import Task, build_model, build_task, on_device
+from trainers.tasks import Task, build_model, build_task, task_batch
 from trainers.tracking import Tracker, build_tracker
 from trainers.watchdog import StepWatchdog
 
@@ -190,7 +190,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(self.grad_accum):
             fetch = time.perf_counter()
-            batch = on_device(next(self.stream), self.device)
+            batch = task_batch(self.task, next(self.stream), "train", self.device)
             self.window.data_wait += time.perf_counter() - fetch
             last = micro == self.grad_accum - 1
             with contextlib.nullcontext() if last else self.strategy.no_sync():

@@ -14,7 +14,7 @@ from data_pipeline.dataset import DatasetError
 from trainers.config import ModelConfig, TaskConfig
 from trainers.models import build_masked_lm
 from trainers.task_data import check_task_data
-from trainers.tasks import build_task
+from trainers.tasks import build_task, task_batch
 from trainers.tasks.base import IGNORE_INDEX
 from trainers.tasks.mlm import mlm_mask
 
@@ -94,19 +94,21 @@ def test_mlm_loss_and_metrics_over_the_masked_tokens_only():
     model = build_masked_lm(ModelConfig(arch="bert", n_layer=1, n_head=2, n_embd=16, n_positions=128), VOCAB, 0)
     vocabulary = bpe.Vocabulary(VOCAB, SPECIALS, MASK)
     task = build_task(TaskConfig("mlm"), 0, seed=1234, vocabulary=vocabulary)
-    batch = Batch(torch.from_numpy(rows(4)), positions=torch.arange(4))
-    loss = task.loss(model.train(), batch)
+    stored = Batch(rows(4), positions=np.arange(4))
+    loss = task.loss(model.train(), task_batch(task, stored, "train", torch.device("cpu")))
     inputs, labels = mask(rows(4), range(4))
     expected = torch.nn.functional.cross_entropy(
         model(input_ids=torch.from_numpy(inputs)).logits.flatten(0, 1), torch.from_numpy(labels).flatten()
     )
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    sums = task.evaluate(model.eval(), [batch])
+    val = task_batch(task, stored, "val", torch.device("cpu"))
+    sums = task.evaluate(model.eval(), [val])
     assert sums["tokens"] == (mask(rows(4), range(4), split="val")[1] != IGNORE_INDEX).sum()
     metrics = task.summarize(sums)
     assert set(metrics) == {"val/loss", "val/perplexity", "val/mlm_accuracy"}
     assert 0 <= metrics["val/mlm_accuracy"] <= 1 and metrics["val/loss"] > 0
-    assert task.evaluate(model, [batch]) == sums  # every evaluation of the same rows masks them the same
+    again = task_batch(task, stored, "val", torch.device("cpu"))
+    assert task.evaluate(model, [again]) == sums  # every evaluation of the same rows masks them the same
 
 
 def test_data_prepared_without_the_mask_token_is_refused_in_one_line(tmp_path):

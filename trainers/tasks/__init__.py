@@ -13,7 +13,7 @@ from data_pipeline.tokenizer import Vocabulary
 from trainers.config import ModelConfig, TaskConfig
 from trainers.pretrained import load_pretrained
 from trainers.task_data import PRETRAINED_CLASS
-from trainers.tasks.base import Task, TaskBase, on_device
+from trainers.tasks.base import Task, TaskBase, on_device, task_batch
 from trainers.tasks.causal_lm import CausalLM
 from trainers.tasks.classification import Classification, label_config
 from trainers.tasks.mlm import MaskedLM
@@ -26,7 +26,7 @@ TASKS: dict[str, type[TaskBase]] = {
     "classification": Classification,
 }
 
-__all__ = ["TASKS", "Task", "build_model", "build_task", "on_device", "task_name"]
+__all__ = ["TASKS", "Task", "build_model", "build_task", "on_device", "task_batch", "task_name"]
 
 
 def build_task(cfg: TaskConfig, eos_id: int, *, seed: int = 0, vocabulary: Vocabulary | None = None) -> Task:

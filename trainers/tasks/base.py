@@ -22,6 +22,9 @@ class Task(Protocol):
     def build_model(self, model_cfg: ModelConfig, vocab_size: int, eos_id: int) -> nn.Module:
         """A freshly initialised model for this task."""
 
+    def host_batch(self, batch: Batch[np.ndarray], split: str) -> Batch[np.ndarray]:
+        """What the task makes of a stream's batch ("train" or "val") on the host, before it goes to the device."""
+
     def loss(self, model: nn.Module, batch: Batch[torch.Tensor]) -> torch.Tensor:
         """Mean loss of one micro-batch."""
 
@@ -39,7 +42,16 @@ class TaskBase:
     def __init__(self, seed: int = 0, vocabulary: Vocabulary | None = None):
         self.seed, self.vocabulary = seed, vocabulary
 
+    def host_batch(self, batch: Batch[np.ndarray], split: str) -> Batch[np.ndarray]:
+        """The batch as stored: most tasks read it unchanged."""
+        return batch
+
 
 def on_device(batch: Batch[np.ndarray], device: torch.device) -> Batch[torch.Tensor]:
     """A stream's batch as tensors on this worker's device."""
     return batch.map(lambda array: torch.from_numpy(array).to(device, non_blocking=True))
+
+
+def task_batch(task: Task, batch: Batch[np.ndarray], split: str, device: torch.device) -> Batch[torch.Tensor]:
+    """A stream's batch as the task reads it, on the device: the task's host-side work first, then one copy."""
+    return on_device(task.host_batch(batch, split), device)

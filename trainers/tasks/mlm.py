@@ -66,39 +66,40 @@ class MaskedLM(TaskBase):
     def build_model(self, model_cfg: ModelConfig, vocab_size: int, eos_id: int) -> nn.Module:
         return build_masked_lm(model_cfg, vocab_size, eos_id)
 
-    def masked(self, batch: Batch[torch.Tensor], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels) of a batch, masked by mlm_mask on the batch's device."""
+    def host_batch(self, batch: Batch[np.ndarray], split: str) -> Batch[np.ndarray]:
+        """The batch masked by mlm_mask: inputs as tokens, each chosen token's id as its label (IGNORE_INDEX elsewhere).
+
+        Done on the host, where the stream's arrays are, so a GPU never waits on a copy back to draw masks.
+        """
         vocabulary = self.vocabulary
         if vocabulary is None or vocabulary.mask_id is None:
             raise ValueError(f"task=mlm needs the tokenizer's {MASK_TOKEN} token (data prepared by `kiln prepare`)")
         if batch.positions is None:
             raise ValueError("task=mlm needs each row's stream position (batches from a TokenStream)")
         inputs, labels = mlm_mask(
-            batch.tokens.cpu().numpy(),
+            batch.tokens,
             seed=self.seed,
             split=split,
-            positions=batch.positions.cpu().numpy(),
+            positions=batch.positions,
             mask_id=vocabulary.mask_id,
             vocab_size=vocabulary.size,
             special_ids=vocabulary.specials,
         )
-        device = batch.tokens.device
-        return torch.from_numpy(inputs).to(device), torch.from_numpy(labels).to(device)
+        return Batch(inputs, labels=labels, positions=batch.positions)
 
     def loss(self, model: nn.Module, batch: Batch[torch.Tensor]) -> torch.Tensor:
         """Mean cross entropy over the micro-batch's chosen tokens."""
-        inputs, labels = self.masked(batch, "train")
         # No attention mask: packed pretraining sequences hold no padding, so every position attends to all.
-        total, count = masked_loss_sum(model(input_ids=inputs).logits, labels)
+        total, count = masked_loss_sum(model(input_ids=batch.tokens).logits, chosen(batch))
         return total / count.clamp(min=1)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch[torch.Tensor]]) -> dict[str, float]:
         """Summed loss, correct top-1 predictions and count of the chosen tokens, for this rank."""
         total, correct, tokens = 0.0, 0, 0
-        for batch in batches:
-            inputs, labels = self.masked(batch, "val")  # the same masks at every evaluation of these rows
-            logits = model(input_ids=inputs).logits
+        for batch in batches:  # masked with split="val": the same masks at every evaluation of these rows
+            labels = chosen(batch)
+            logits = model(input_ids=batch.tokens).logits
             loss_sum, count = masked_loss_sum(logits, labels)
             total += float(loss_sum)
             correct += int(((logits.argmax(dim=-1) == labels) & (labels != IGNORE_INDEX)).sum())
@@ -114,6 +115,13 @@ class MaskedLM(TaskBase):
             "val/perplexity": math.exp(min(loss, 50.0)),
             "val/mlm_accuracy": sums["correct"] / tokens,
         }
+
+
+def chosen(batch: Batch[torch.Tensor]) -> torch.Tensor:
+    """The masked batch's targets (its labels); a batch that skipped host_batch has none."""
+    if batch.labels is None:
+        raise ValueError("task=mlm reads batches masked by its host_batch (labels per token)")
+    return batch.labels
 
 
 def masked_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
