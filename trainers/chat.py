@@ -24,6 +24,16 @@ def speaks_kiln_chat(tokenizer: Any) -> bool:
     return getattr(tokenizer, "chat_template", None) == chat_template_jinja()
 
 
+def check_speaks_chat(loaded: LoadedModel) -> None:
+    """InferenceError unless the model's tokenizer carries the Kiln chat template."""
+    if not speaks_kiln_chat(loaded.tokenizer):
+        raise InferenceError(
+            f"{loaded.name} has no Kiln chat template (its tokenizer has no {ROLE_TOKENS['user']} token or no "
+            "chat_template): chatting needs a model trained with task=sft on `kiln prepare kind=chat` data, "
+            "or a folder `kiln export` wrote from one"
+        )
+
+
 def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
     """Token ids of the conversation so far, ending where the assistant's reply begins.
 
@@ -90,12 +100,7 @@ class ChatSession:
         can_generate = getattr(loaded.model, "can_generate", None)
         if can_generate is None or not can_generate():
             raise InferenceError(f"{loaded.name} is not a causal LM ({type(loaded.model).__name__}): it cannot chat")
-        if not speaks_kiln_chat(loaded.tokenizer):
-            raise InferenceError(
-                f"{loaded.name} has no Kiln chat template (its tokenizer has no {ROLE_TOKENS['user']} token or no "
-                "chat_template): kiln chat needs a model trained with task=sft on `kiln prepare kind=chat` data, "
-                "or a folder `kiln export` wrote from one"
-            )
+        check_speaks_chat(loaded)
         self.loaded = loaded
         self.note = note
         context = loaded.context

@@ -14,6 +14,7 @@ from typing import Any
 
 from data_pipeline.config import DataConfig, StorageConfig
 from trainers import run_folder
+from trainers.lora import LORA_STRATEGIES
 from trainers.task_data import TASK_NEEDS
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` admits a trailing newline
@@ -90,6 +91,45 @@ def parse_init_run(value: str) -> tuple[str, int | None] | None:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on a model.init_from base: only the adapters train; `r` unset or 0 turns LoRA off.
+
+    LoRA adapts a trained model, so it needs model.init_from; the frozen base is read back from the run's
+    copy of it (`<run>/init_model`), and checkpoints hold only the adapters and their optimizer state.
+    """
+
+    r: int | None = None  # the adapters' rank; None or 0: no LoRA
+    alpha: float | None = None  # scaling numerator (the update is scaled by alpha / r); None: 2 * r
+    target_modules: list[str] | None = None  # modules to adapt; None: the architecture's default (trainers/lora.py)
+    dropout: float | None = None  # dropout on the adapters' input; None: 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether LoRA adapters are trained."""
+        return bool(self.r)
+
+    def __post_init__(self) -> None:
+        require(self.r is None or self.r >= 0, f"model.lora.r must be >= 1 (or 0/null: no LoRA), got {self.r}")
+        if not self.enabled:
+            for name in ("alpha", "target_modules", "dropout"):
+                require(
+                    getattr(self, name) is None,
+                    f"model.lora.{name} is ignored without LoRA; set model.lora.r (e.g. model.lora.r=8) or remove it",
+                )
+            return
+        require(self.alpha is None or self.alpha > 0, f"model.lora.alpha must be > 0, got {self.alpha}")
+        require(
+            self.dropout is None or 0.0 <= self.dropout < 1.0,
+            f"model.lora.dropout must be in [0, 1), got {self.dropout}",
+        )
+        require(
+            self.target_modules is None or (len(self.target_modules) > 0 and all(self.target_modules)),
+            f"model.lora.target_modules must name at least one module (or be null for the default), "
+            f"got {self.target_modules}",
+        )
+
+
+@dataclass
 class ModelConfig:
     """A GPT-2-style transformer built from config (never downloaded), or one loaded from `init_from`.
 
@@ -109,9 +149,15 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     activation_checkpointing: bool = False
     init_from: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         one_of("model.arch", self.arch, ("gpt2",))
+        require(
+            not self.lora.enabled or self.init_from is not None,
+            f"model.lora.r={self.lora.r} needs model.init_from: LoRA adapts a trained model (pretrain, `kiln export`, "
+            "then model.init_from=DIR or run:RUN)",
+        )
         if self.init_from is not None:
             self.check_init_from()
         for name in ("n_layer", "n_head", "n_embd", "n_positions"):
@@ -321,6 +367,11 @@ class WorkerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
+        require(
+            not self.model.lora.enabled or self.strategy.name in LORA_STRATEGIES,
+            f"model.lora with strategy={self.strategy.name}: LoRA on a strategy peft cannot shard; use one of "
+            f"{', '.join(LORA_STRATEGIES)}",
+        )
         # With model.init_from the folder decides the positions; the driver checks seq_len against it.
         require(
             self.model.init_from is not None or self.data.seq_len <= self.model.n_positions,

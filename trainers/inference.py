@@ -209,12 +209,18 @@ def generate(
     prompts: Iterable[str],
     sampling: Sampling,
     note: Callable[[str], None] = lambda _: None,
+    chat: bool = False,
 ) -> Iterable[str]:
     """Each prompt's completion (the new text only), through transformers' `generate`, one at a time.
 
     With a seed, each prompt's sampling starts from that seed, so a completion depends only on its
-    prompt and the settings, not on the prompts before it.
+    prompt and the settings, not on the prompts before it. With chat, each prompt is one user message in
+    the model's chat template (trainers/chat.py), and the completion is the assistant's reply.
     """
+    from trainers.chat import check_speaks_chat, prompt_ids
+
+    if chat:
+        check_speaks_chat(loaded)
     can_generate = getattr(loaded.model, "can_generate", None)
     if can_generate is None or not can_generate():
         raise InferenceError(
@@ -230,7 +236,10 @@ def generate(
     if not sampling.greedy and sampling.seed is None:
         torch.seed()  # a fresh draw each call, not torch's fixed default seed
     for number, prompt in enumerate(prompts, 1):
-        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [loaded.eos_id]
+        if chat:
+            ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": prompt}])
+        else:
+            ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [loaded.eos_id]
         if context is not None and len(ids) + sampling.max_new_tokens > context:
             keep = context - sampling.max_new_tokens
             note(f"prompt {number}: {len(ids)} tokens, kept the last {keep} (the model takes {context} in all)")
@@ -242,7 +251,8 @@ def generate(
             output = loaded.model.generate(  # type: ignore[operator]
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
             )
-        yield loaded.tokenizer.decode(output[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True)
+        completion = loaded.tokenizer.decode(output[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True)
+        yield completion.rstrip("\n") if chat else completion  # a reply ends with the template's newline
 
 
 @dataclass(frozen=True)

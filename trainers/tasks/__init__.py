@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from trainers.config import ModelConfig
+from trainers.lora import apply_lora
 from trainers.pretrained import load_pretrained
 from trainers.task_data import PRETRAINED_CLASS
 from trainers.tasks.base import Task, on_device
@@ -39,8 +40,11 @@ def build_model(task: Task, model_cfg: ModelConfig, vocab_size: int, eos_id: int
     """The task's model: from the model.init_from folder (its architecture and weights) when set, else from config.
 
     Every caller that makes a run's model (the loop, export, inference) comes here, so a run that started
-    from a folder is rebuilt with that folder's architecture before its checkpoint is loaded into it.
+    from a folder is rebuilt with that folder's architecture before its checkpoint is loaded into it. With
+    model.lora the folder's weights are the frozen base and LoRA adapters are added here, before any strategy
+    wraps the model.
     """
     if model_cfg.init_from is None:
         return task.build_model(model_cfg, vocab_size, eos_id)
-    return load_pretrained(model_cfg.init_from, PRETRAINED_CLASS[task_name(task)], model_cfg)
+    model = load_pretrained(model_cfg.init_from, PRETRAINED_CLASS[task_name(task)], model_cfg)
+    return apply_lora(model, model_cfg.lora) if model_cfg.lora.enabled else model
