@@ -20,6 +20,7 @@ from torch import nn
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
+from data_pipeline.examples import ROLE_TOKENS, chat_template_jinja, render_chat
 from data_pipeline.stream import TokenStream
 from trainers.tasks import Task, on_device
 
@@ -217,8 +218,6 @@ def generate(
     prompt and the settings, not on the prompts before it. With chat, each prompt is one user message in
     the model's chat template (trainers/chat.py), and the completion is the assistant's reply.
     """
-    from trainers.chat import check_speaks_chat, prompt_ids
-
     if chat:
         check_speaks_chat(loaded)
     can_generate = getattr(loaded.model, "can_generate", None)
@@ -253,6 +252,33 @@ def generate(
             )
         completion = loaded.tokenizer.decode(output[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True)
         yield completion.rstrip("\n") if chat else completion  # a reply ends with the template's newline
+
+
+def speaks_kiln_chat(tokenizer: Any) -> bool:
+    """Whether the model's tokenizer carries the Kiln chat template (a chat run's, or `kiln export` of one)."""
+    return getattr(tokenizer, "chat_template", None) == chat_template_jinja()
+
+
+def check_speaks_chat(loaded: LoadedModel) -> None:
+    """InferenceError unless the model's tokenizer carries the Kiln chat template."""
+    if not speaks_kiln_chat(loaded.tokenizer):
+        raise InferenceError(
+            f"{loaded.name} has no Kiln chat template (its tokenizer has no {ROLE_TOKENS['user']} token or no "
+            "chat_template): chatting needs a model trained with task=sft on `kiln prepare kind=chat` data, "
+            "or a folder `kiln export` wrote from one"
+        )
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the conversation so far, ending where the assistant's reply begins.
+
+    Each piece of the template is tokenized on its own, as `kiln prepare kind=chat` tokenized the
+    training conversations.
+    """
+    ids: list[int] = []
+    for text, _learn in render_chat(messages, add_generation_prompt=True):
+        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+    return ids
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
-"""LoRA through peft: adapters on a model.init_from base, the strategies that train them, merging for export.
+"""LoRA through peft: adapters on a model.init_from base, and merging them for export.
 
 The base model's weights stay frozen and come from the run's copy of its source (`<run>/init_model`), so a
-checkpoint holds only the adapters (and their optimizer state) and the run still stands alone. Torch and
-peft load inside the functions: trainers/config.py imports this module for the strategy table alone.
+checkpoint holds only the adapters (and their optimizer state) and the run still stands alone. The
+strategies LoRA trains with are trainers/config.py's LORA_STRATEGIES, checked when the config is read.
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from trainers.config import LoraConfig
-
-# The strategies LoRA trains with, each proven on CPU with 2 workers (tests/distributed/test_lora.py):
-# training, and a resume from the adapter-only checkpoint with identical losses.
-LORA_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 
 # model_type -> the modules LoRA adapts by default: every linear map of attention and MLP, which learns
 # noticeably more than peft's own default for GPT-2 (c_attn alone) at the same rank.

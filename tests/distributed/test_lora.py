@@ -1,6 +1,6 @@
 """LoRA on every strategy peft's adapters can be sharded by: 2 workers train only the adapters, checkpoints
 hold only them (the frozen base comes from the run's init_from copy), and a resume repeats the uninterrupted
-losses bit for bit. The strategies proven here are trainers/lora.py's LORA_STRATEGIES."""
+losses bit for bit. The strategies proven here are trainers/config.py's LORA_STRATEGIES."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import STRATEGY_RUN, rows, torchrun
-from trainers.lora import LORA_STRATEGIES
+from trainers.config import LORA_STRATEGIES
 
 pytestmark = pytest.mark.slow
 

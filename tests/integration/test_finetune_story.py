@@ -135,3 +135,16 @@ def test_pretrain_export_lora_sft_then_generate_and_chat(tmp_path):
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(adapted(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_on_a_strategy_peft_cannot_shard_is_refused_in_one_line(tmp_path):
+    result = kiln(
+        "train", "model.init_from=/models/base", "model.lora.r=8", "strategy=zero3_offload",
+        f"storage.root={tmp_path}", env=LOCAL,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    message = result.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message, message
+    assert "model.lora with strategy=zero3_offload: LoRA on a strategy peft cannot shard" in message
+    assert "use one of ddp, fsdp, zero1, zero2, zero3" in message
+    assert not list(tmp_path.iterdir())  # nothing registered
