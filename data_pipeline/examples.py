@@ -1,6 +1,7 @@
 """Fine-tuning examples: chat conversations with loss masks, and labelled texts for classification.
 
-Chat template (one conversation; the model learns only the assistant's tokens and the final EOS):
+Chat template (one conversation; the model learns only each assistant reply with its closing newline, and
+the final EOS):
 
     <|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{assistant}\\n ... <|endoftext|>
 
@@ -52,14 +53,15 @@ def render_chat(messages: list[dict[str, str]], *, add_generation_prompt: bool =
     """A conversation in the chat template, as (text, learn) pieces in order.
 
     Each piece is tokenized on its own (so a prompt tokenizes exactly as the training data did); learn is
-    True on the assistant's text and the final EOS. A complete conversation ends with EOS; with
+    True on the assistant's text, the newline closing it, and the final EOS. A complete conversation ends with EOS; with
     add_generation_prompt it ends with the assistant's role line instead, for the model to continue.
     """
     pieces: list[tuple[str, bool]] = []
     for message in messages:
         pieces.append((f"{ROLE_TOKENS[message['role']]}\n", False))
         pieces.append((message["content"], message["role"] == "assistant"))
-        pieces.append(("\n", False))
+        # The newline closing a reply is learned too: a model that never learned to write it cannot end its turn.
+        pieces.append(("\n", message["role"] == "assistant"))
     if add_generation_prompt:
         pieces.append((f"{ROLE_TOKENS['assistant']}\n", False))
     else:

@@ -115,7 +115,8 @@ def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: str | None)
     """Hash of the inputs (names, sizes, modification stamps), the settings and the tokenizer."""
     h = hashlib.sha256()
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "batch_size")}
-    h.update(json.dumps({"settings": settings, "tokenizer": tokenizer_sha, "format": 1}, sort_keys=True).encode())
+    # format 2: chat masks learn each reply's closing newline, and trained tokenizers reserve the chat role tokens
+    h.update(json.dumps({"settings": settings, "tokenizer": tokenizer_sha, "format": 2}, sort_keys=True).encode())
     for url in files:
         fs, path = storage.filesystem(url)
         info = fs.info(path) if not fs.isdir(path) else {"size": 0}
@@ -259,7 +260,7 @@ def _build(
         extra["chat_template"] = {
             "roles": {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"},
             "format": "{role_token}\\n{content}\\n per message, then EOS",
-            "mask": "<shard>.mask: uint8 per token, 1 = loss on this token (assistant + EOS)",
+            "mask": "<shard>.mask: uint8 per token, 1 = loss on this token (each reply, its closing newline, EOS)",
         }
     return summary, {
         **extra,
@@ -359,7 +360,12 @@ def _train_tokenizer(dataset, cfg: PrepareConfig, log: Callable[[str], None]):
 
     log(f"prepare: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the train split")
     special = CHAT_SPECIAL_TOKENS if cfg.kind == "chat" else []
-    return bpe.train_bpe(train_texts(), cfg.vocab_size, special_tokens=special)
+    tokenizer = bpe.train_bpe(train_texts(), cfg.vocab_size, special_tokens=special)
+    if cfg.kind != "chat":
+        # Reserved at the end (the trained ids stay as they are), so a model pretrained on this tokenizer can be
+        # fine-tuned for chat (`kiln prepare kind=chat tokenizer=...`, then `kiln chat`) with the same vocabulary.
+        tokenizer.add_special_tokens(CHAT_SPECIAL_TOKENS)
+    return tokenizer
 
 
 def _stop_at_first_bad_record(dataset, cfg: PrepareConfig) -> None:

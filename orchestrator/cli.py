@@ -296,15 +296,22 @@ def describe_job(status: dict, console: Console) -> None:
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from data_pipeline import storage
     from data_pipeline.staging import replace_folder
+    from orchestrator.config import UsageError
     from orchestrator.runs import find_checkpoint, reopen_run
-    from trainers.export import export_checkpoint
+    from trainers.export import export_adapter, export_checkpoint
 
     registry, _record, cfg = reopen_run(args.storage_root, args.run, [])
+    if args.adapter and not cfg.model.lora.enabled:
+        raise UsageError(
+            f"kiln export {args.run} --adapter: run {args.run} trained no LoRA adapters (model.lora.r unset); "
+            "export the whole model without --adapter"
+        )
     checkpoint = find_checkpoint(registry, cfg, args.step)
+    write = export_adapter if args.adapter else export_checkpoint
     # Built beside --out and swapped in whole: stale weights of an earlier export never survive beside new ones.
     files = replace_folder(
         args.out,
-        lambda staging: export_checkpoint(
+        lambda staging: write(
             cfg.task,
             cfg.model,
             checkpoint.url,
@@ -385,6 +392,12 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest committed)")
     export.add_argument("--out", required=True, help="output folder (new or empty)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder whole")
+    export.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA run: write the adapters alone (peft's adapter_config.json + adapter_model.safetensors), "
+        "not the merged model",
+    )
     export.add_argument("--storage-root", default=default_storage_root())
     export.set_defaults(func=cmd_export)
     from orchestrator.inference_cli import add_inference_commands

@@ -41,6 +41,11 @@ def add_inference_commands(sub, default_root: str) -> None:
     generate.add_argument("--prompt", required=True, help="the prompt; '-' reads prompts from stdin, one a line")
     add_sampling_arguments(generate)
     generate.add_argument("--json", action="store_true", help='one {"prompt", "completion"} object a line')
+    generate.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user's message to a chat (SFT) model: its reply, in the chat template",
+    )
     generate.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: newest)")
     generate.add_argument("--storage-root", default=default_root)
     generate.set_defaults(func=cmd_generate)
@@ -117,7 +122,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
             read.append(prompt)
             yield prompt
 
-    for completion in user_errors(generate(source.loaded, prompts(), sampling, note=note)):
+    for completion in user_errors(generate(source.loaded, prompts(), sampling, note=note, chat=args.chat)):
         if args.json:
             write_line(json.dumps({"prompt": read[-1], "completion": completion}, ensure_ascii=False))
         elif args.prompt == "-":  # one line per prompt: newlines inside a completion written as \\n

@@ -13,27 +13,10 @@ from typing import Any
 
 import torch
 
-from data_pipeline.examples import CHAT_SPECIAL_TOKENS, ROLE_TOKENS, chat_template_jinja, render_chat
-from trainers.inference import InferenceError, LoadedModel, Sampling
+from data_pipeline.examples import CHAT_SPECIAL_TOKENS
+from trainers.inference import InferenceError, LoadedModel, Sampling, check_speaks_chat, prompt_ids
 
 Message = dict[str, str]
-
-
-def speaks_kiln_chat(tokenizer: Any) -> bool:
-    """Whether the model's tokenizer carries the Kiln chat template (a chat run's, or `kiln export` of one)."""
-    return getattr(tokenizer, "chat_template", None) == chat_template_jinja()
-
-
-def prompt_ids(tokenizer: Any, messages: list[Message]) -> list[int]:
-    """Token ids of the conversation so far, ending where the assistant's reply begins.
-
-    Each piece of the template is tokenized on its own, as `kiln prepare kind=chat` tokenized the
-    training conversations.
-    """
-    ids: list[int] = []
-    for text, _learn in render_chat(messages, add_generation_prompt=True):
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
-    return ids
 
 
 def fit_history(
@@ -90,12 +73,7 @@ class ChatSession:
         can_generate = getattr(loaded.model, "can_generate", None)
         if can_generate is None or not can_generate():
             raise InferenceError(f"{loaded.name} is not a causal LM ({type(loaded.model).__name__}): it cannot chat")
-        if not speaks_kiln_chat(loaded.tokenizer):
-            raise InferenceError(
-                f"{loaded.name} has no Kiln chat template (its tokenizer has no {ROLE_TOKENS['user']} token or no "
-                "chat_template): kiln chat needs a model trained with task=sft on `kiln prepare kind=chat` data, "
-                "or a folder `kiln export` wrote from one"
-            )
+        check_speaks_chat(loaded)
         self.loaded = loaded
         self.note = note
         context = loaded.context

@@ -90,6 +90,45 @@ def parse_init_run(value: str) -> tuple[str, int | None] | None:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on a model.init_from base: only the adapters train; `r` unset or 0 turns LoRA off.
+
+    LoRA adapts a trained model, so it needs model.init_from; the frozen base is read back from the run's
+    copy of it (`<run>/init_model`), and checkpoints hold only the adapters and their optimizer state.
+    """
+
+    r: int | None = None  # the adapters' rank; None or 0: no LoRA
+    alpha: float | None = None  # scaling numerator (the update is scaled by alpha / r); None: 2 * r
+    target_modules: list[str] | None = None  # modules to adapt; None: the architecture's default (trainers/lora.py)
+    dropout: float | None = None  # dropout on the adapters' input; None: 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether LoRA adapters are trained."""
+        return bool(self.r)
+
+    def __post_init__(self) -> None:
+        require(self.r is None or self.r >= 0, f"model.lora.r must be >= 1 (or 0/null: no LoRA), got {self.r}")
+        if not self.enabled:
+            for name in ("alpha", "target_modules", "dropout"):
+                require(
+                    getattr(self, name) is None,
+                    f"model.lora.{name} is ignored without LoRA; set model.lora.r (e.g. model.lora.r=8) or remove it",
+                )
+            return
+        require(self.alpha is None or self.alpha > 0, f"model.lora.alpha must be > 0, got {self.alpha}")
+        require(
+            self.dropout is None or 0.0 <= self.dropout < 1.0,
+            f"model.lora.dropout must be in [0, 1), got {self.dropout}",
+        )
+        require(
+            self.target_modules is None or (len(self.target_modules) > 0 and all(self.target_modules)),
+            f"model.lora.target_modules must name at least one module (or be null for the default), "
+            f"got {self.target_modules}",
+        )
+
+
+@dataclass
 class ModelConfig:
     """A GPT-2 (decoder) or BERT (encoder) built from config (never downloaded), or one loaded from `init_from`.
 
@@ -109,9 +148,15 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     activation_checkpointing: bool = False
     init_from: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         one_of("model.arch", self.arch, tuple(ARCH_MODELS))
+        require(
+            not self.lora.enabled or self.init_from is not None,
+            f"model.lora.r={self.lora.r} needs model.init_from: LoRA adapts a trained model (pretrain, `kiln export`, "
+            "then model.init_from=DIR or run:RUN)",
+        )
         if self.init_from is not None:
             self.check_init_from()
         for name in ("n_layer", "n_head", "n_embd", "n_positions"):
@@ -189,6 +234,10 @@ class OptimConfig:
 
 
 STRATEGY_NAMES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
+# The strategies LoRA (model.lora) trains with, each proven on CPU with 2 workers by tests/distributed/test_lora.py:
+# only the adapters train, checkpoints hold only them, and a resume repeats the uninterrupted losses bit for bit.
+# zero3_offload is not proven, so it is refused.
+LORA_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 
 
 @dataclass
@@ -336,6 +385,11 @@ class WorkerConfig:
         if self.model.init_from is None:
             problem = arch_error(self.task.name, self.model.arch)
             require(problem is None, str(problem))
+        require(
+            not self.model.lora.enabled or self.strategy.name in LORA_STRATEGIES,
+            f"model.lora with strategy={self.strategy.name}: LoRA on a strategy peft cannot shard; use one of "
+            f"{', '.join(LORA_STRATEGIES)}",
+        )
         require(
             self.model.init_from is not None or self.data.seq_len <= self.model.n_positions,
             f"data.seq_len ({self.data.seq_len}) must be <= model.n_positions ({self.model.n_positions})",

@@ -16,8 +16,9 @@ from data_pipeline import tokenizer as bpe
 from data_pipeline.examples import CHAT_SPECIAL_TOKENS, chat_template_jinja
 from trainers import safe_load
 from trainers.errors import CheckpointError
+from trainers.lora import is_lora, merged
 from trainers.model_shapes import check_fits, checkpoint_shapes, shapes_of
-from trainers.strategies.dcp_io import load_model_only
+from trainers.strategies.dcp_io import frozen_names, load_model_only
 from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG
 
 
@@ -32,7 +33,8 @@ def load_consolidated(model: nn.Module, shards_url: str, strategy: str) -> None:
     with storage.local_folder(shards_url) as folder, safe_load.deepspeed_reads(shards_url):
         state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=CHECKPOINT_TAG)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {name for name, _ in _tied_names(model)}
+    # tied copies are saved once; frozen parameters (a LoRA base) not at all: they come from model.init_from
+    tied = {name for name, _ in _tied_names(model)} | frozen_names(model)
     if set(missing) - tied or unexpected:
         raise CheckpointError(
             f"{shards_url}: parameters missing {sorted(set(missing) - tied)[:4]}, unexpected {sorted(unexpected)[:4]}"
@@ -83,19 +85,34 @@ def hf_tokenizer(tokenizer_url: str) -> Any:
 def export_checkpoint(
     task_cfg, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str, out_dir: str
 ) -> list[str]:
-    """Build the run's model, load a checkpoint into it, and write a Hugging Face folder (a classifier's
-    config.json names its classes: id2label, label2id)."""
+    """Build the run's model, load a checkpoint into it, and write a Hugging Face folder (LoRA merged in; a
+    classifier's config.json names its classes: id2label, label2id)."""
     model = model_from_checkpoint(task_cfg, model_cfg, checkpoint_url, strategy, tokenizer_url)
     return save_hugging_face(model, tokenizer_url, out_dir)
 
 
-def model_from_checkpoint(task_cfg, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str) -> nn.Module:
+def export_adapter(
+    task_cfg, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str, out_dir: str
+) -> list[str]:
+    """Write a LoRA run's adapters alone (adapter_config.json, adapter_model.safetensors), as peft saves them:
+    `PeftModel.from_pretrained(base, out_dir)` on the run's init_from model restores the trained model."""
+    model = model_from_checkpoint(task_cfg, model_cfg, checkpoint_url, strategy, tokenizer_url, merge=False)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[operator]
+    return sorted(os.listdir(out_dir))
+
+
+def model_from_checkpoint(
+    task_cfg, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str, merge: bool = True
+) -> nn.Module:
     """The run's model (built by its task, task_cfg from the run's config, on CPU, in eval mode) holding a
-    checkpoint's weights."""
+    checkpoint's weights; LoRA adapters are merged into a plain model unless merge is False."""
     from trainers.tasks import build_model, build_task
 
     tokenizer = bpe.load(tokenizer_url)
     eos_id: Any = tokenizer.token_to_id(bpe.EOS_TOKEN)  # a Kiln tokenizer always has it
     model = build_model(build_task(task_cfg, eos_id), model_cfg, tokenizer.get_vocab_size(), eos_id)
     load_consolidated(model, storage.join(checkpoint_url, "shards"), strategy)
+    if merge and is_lora(model):
+        model = merged(model)
     return model.eval()

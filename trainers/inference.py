@@ -20,6 +20,7 @@ from torch import nn
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
+from data_pipeline.examples import ROLE_TOKENS, chat_template_jinja, render_chat
 from data_pipeline.stream import TokenStream
 from trainers.config import TaskConfig
 from trainers.pretrained import folder_labels
@@ -235,12 +236,16 @@ def generate(
     prompts: Iterable[str],
     sampling: Sampling,
     note: Callable[[str], None] = lambda _: None,
+    chat: bool = False,
 ) -> Iterable[str]:
     """Each prompt's completion (the new text only), through transformers' `generate`, one at a time.
 
     With a seed, each prompt's sampling starts from that seed, so a completion depends only on its
-    prompt and the settings, not on the prompts before it.
+    prompt and the settings, not on the prompts before it. With chat, each prompt is one user message in
+    the model's chat template (trainers/chat.py), and the completion is the assistant's reply.
     """
+    if chat:
+        check_speaks_chat(loaded)
     can_generate = getattr(loaded.model, "can_generate", None)
     if can_generate is None or not can_generate():
         raise InferenceError(
@@ -256,7 +261,10 @@ def generate(
     if not sampling.greedy and sampling.seed is None:
         torch.seed()  # a fresh draw each call, not torch's fixed default seed
     for number, prompt in enumerate(prompts, 1):
-        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [loaded.eos_id]
+        if chat:
+            ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": prompt}])
+        else:
+            ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [loaded.eos_id]
         if context is not None and len(ids) + sampling.max_new_tokens > context:
             keep = context - sampling.max_new_tokens
             note(f"prompt {number}: {len(ids)} tokens, kept the last {keep} (the model takes {context} in all)")
@@ -268,7 +276,35 @@ def generate(
             output = loaded.model.generate(  # type: ignore[operator]
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
             )
-        yield loaded.tokenizer.decode(output[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True)
+        completion = loaded.tokenizer.decode(output[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True)
+        yield completion.rstrip("\n") if chat else completion  # a reply ends with the template's newline
+
+
+def speaks_kiln_chat(tokenizer: Any) -> bool:
+    """Whether the model's tokenizer carries the Kiln chat template (a chat run's, or `kiln export` of one)."""
+    return getattr(tokenizer, "chat_template", None) == chat_template_jinja()
+
+
+def check_speaks_chat(loaded: LoadedModel) -> None:
+    """InferenceError unless the model's tokenizer carries the Kiln chat template."""
+    if not speaks_kiln_chat(loaded.tokenizer):
+        raise InferenceError(
+            f"{loaded.name} has no Kiln chat template (its tokenizer has no {ROLE_TOKENS['user']} token or no "
+            "chat_template): chatting needs a model trained with task=sft on `kiln prepare kind=chat` data, "
+            "or a folder `kiln export` wrote from one"
+        )
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the conversation so far, ending where the assistant's reply begins.
+
+    Each piece of the template is tokenized on its own, as `kiln prepare kind=chat` tokenized the
+    training conversations.
+    """
+    ids: list[int] = []
+    for text, _learn in render_chat(messages, add_generation_prompt=True):
+        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+    return ids
 
 
 @dataclass(frozen=True)

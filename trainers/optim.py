@@ -17,7 +17,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # No empty group (LoRA adapters are all matrices): ZeRO-1/2 drop one, leaving the LR schedule a group short.
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

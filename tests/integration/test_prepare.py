@@ -254,10 +254,11 @@ def test_chat_rows_are_templated_and_the_stored_loss_mask_covers_exactly_the_ass
             prompt_side.append(tokenizer.decode(shown))
             current, shown = [], []
     # Every whole conversation in the train shards (the last may be cut): the masked-in tokens are its
-    # reply and the end of text, the rest is its templated prompt.
-    replies = [f"it is {2 * i}." for i in train_rows]
+    # reply with the newline that closes it (so a model learns to end its turn) and the end of text; the
+    # rest is its templated prompt.
+    replies = [f"it is {2 * i}.\n" for i in train_rows]
     if split_of(json.dumps(rows[120]), 0.1) == "train":
-        replies.append("hello there")
+        replies.append("hello there\n")
     assert len(learned) >= len(replies) - 1 and learned == replies[: len(learned)]
     for i, shown_text in zip(train_rows, prompt_side, strict=False):
         assert f"what is {i} plus {i}?" in shown_text and "it is" not in shown_text

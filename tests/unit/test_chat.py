@@ -8,8 +8,8 @@ import pytest
 
 from data_pipeline.examples import CHAT_SPECIAL_TOKENS, encode_chat, render_chat
 from data_pipeline.tokenizer import EOS_TOKEN, save, train_bpe
-from trainers.chat import ChatSession, fit_history, prompt_ids, speaks_kiln_chat
-from trainers.inference import InferenceError, LoadedModel, Sampling
+from trainers.chat import ChatSession, fit_history
+from trainers.inference import InferenceError, LoadedModel, Sampling, prompt_ids, speaks_kiln_chat
 
 TEXTS = ["what is 3 plus 4? 3 plus 4 is 7. hello there, how are you? fine thanks."] * 20
 TWO_TURNS = [

@@ -39,6 +39,11 @@ from trainers.task_data import ARCH_MODELS, TASK_ARCHS, TASK_NEEDS
         (["data.seq_len=512"], "data.seq_len (512) must be <= model.n_positions (256)"),
         (["run.id=bad/id"], "run.id must be"),
         (["train.max_steps"], "could not parse override 'train.max_steps'"),
+        (["model.lora.alpha=16"], "model.lora.alpha is ignored without LoRA; set model.lora.r"),
+        (["model.lora.target_modules=[c_attn]"], "model.lora.target_modules is ignored without LoRA"),
+        (["model.lora.r=8"], "model.lora.r=8 needs model.init_from: LoRA adapts a trained model"),
+        (["model.lora.r=-1"], "model.lora.r must be >= 1 (or 0/null: no LoRA), got -1"),
+        (["model.lora.r=8", "model.init_from=/m", "model.lora.dropout=1.5"], "model.lora.dropout must be in [0, 1)"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from data_pipeline import storage
 from trainers import safe_load
@@ -155,9 +155,21 @@ def read_metadata(url: str) -> Metadata:
     return reader(url).read_metadata()
 
 
+def frozen_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that never train (a LoRA base): checkpoints leave them out, as they come from
+    the run's model.init_from copy."""
+    return {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
+
+
+def state_options(model: nn.Module) -> StateDictOptions:
+    """The model and optimizer state to save and load: without frozen parameters, whose values never change."""
+    frozen = any(not param.requires_grad for param in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def save_dcp(model: nn.Module, optimizer, url: str) -> FileRecords:
     """Collective: save model and optimizer state (FQN keys, no wrapper prefixes); returns what this rank wrote."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=state_options(model))
     storage.makedirs(url)
     out = writer(url)
     dcp.save({"model": model_state, "optim": optim_state}, storage_writer=out)
@@ -166,7 +178,7 @@ def save_dcp(model: nn.Module, optimizer, url: str) -> FileRecords:
 
 def save_dcp_async(model: nn.Module, optimizer, url: str, group: dist.ProcessGroup | None) -> Callable[[], FileRecords]:
     """Collective: copy the state to CPU now and write it in the background; returns a blocking finish()."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=state_options(model))
     storage.makedirs(url)
     out = writer(url)
     saving = dcp.async_save({"model": model_state, "optim": optim_state}, storage_writer=out, process_group=group)
@@ -182,16 +194,19 @@ def save_dcp_async(model: nn.Module, optimizer, url: str, group: dist.ProcessGro
 
 def load_dcp(model: nn.Module, optimizer, url: str) -> None:
     """Collective: load what save_dcp wrote into model and optimizer, resharding as needed."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    options = state_options(model)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     with refusals_unwrapped():
         dcp.load(state, storage_reader=reader(url), planner=SafeLoadPlanner(url))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
 
 
 def load_model_only(model: nn.Module, url: str) -> None:
-    """One process, no process group: fill a plain model from a DCP checkpoint of any world size."""
-    state = {"model": model.state_dict()}
+    """One process, no process group: fill a plain model from a DCP checkpoint of any world size (frozen
+    parameters, which such a checkpoint leaves out, keep the values the model was built with)."""
+    frozen = frozen_names(model)
+    state = {"model": {k: v for k, v in model.state_dict().items() if k not in frozen}}
     with refusals_unwrapped():  # no_dist: a driver that is also torchrun's rank 0 has a group; this read is its own
         dcp.load(state, storage_reader=reader(url), planner=SafeLoadPlanner(url), no_dist=True)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["model"], strict=not frozen)

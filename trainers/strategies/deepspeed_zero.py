@@ -123,6 +123,8 @@ class DeepSpeedStrategy(ScheduledStrategy):
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
         )
         self.model = self.engine
+        # Frozen parameters (a LoRA base) are left out of checkpoints: they come from the run's model.init_from.
+        self.has_frozen = any(not p.requires_grad for p in model.parameters())
         return self.engine
 
     def autocast(self) -> AbstractContextManager:
@@ -151,11 +153,15 @@ class DeepSpeedStrategy(ScheduledStrategy):
         # finish() uploads what this rank wrote, file by file with retries.
         if storage.is_local(shards_url):
             os.makedirs(shards_url, exist_ok=True)
-            self.engine.save_checkpoint(shards_url, tag=CHECKPOINT_TAG, save_latest=False)
+            self.engine.save_checkpoint(
+                shards_url, tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=self.has_frozen
+            )
             return dict  # the commit hashes local files itself, cheaply
         scratch = tempfile.mkdtemp(prefix="kiln-ds-save-")
         try:
-            self.engine.save_checkpoint(scratch, tag=CHECKPOINT_TAG, save_latest=False)
+            self.engine.save_checkpoint(
+                scratch, tag=CHECKPOINT_TAG, save_latest=False, exclude_frozen_parameters=self.has_frozen
+            )
             records = hash_folder(scratch)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -177,7 +183,11 @@ class DeepSpeedStrategy(ScheduledStrategy):
         if saved_world_size is None or saved_world_size == dist.get_world_size():
             with storage.local_folder(shards_url) as folder, safe_load.deepspeed_reads(shards_url):
                 path, _ = self.engine.load_checkpoint(
-                    folder, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                    folder,
+                    tag=CHECKPOINT_TAG,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                    load_module_strict=not self.has_frozen,
                 )
         else:
             path = self._load_resharded(shards_url)
@@ -197,7 +207,11 @@ class DeepSpeedStrategy(ScheduledStrategy):
             try:
                 with safe_load.deepspeed_reads(shards_url):
                     path, _ = self.engine.load_checkpoint(
-                        folder, tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                        folder,
+                        tag=CHECKPOINT_TAG,
+                        load_optimizer_states=True,
+                        load_lr_scheduler_states=True,
+                        load_module_strict=not self.has_frozen,
                     )
             finally:
                 config.load_universal_checkpoint = previous

@@ -11,6 +11,7 @@ from torch import nn
 
 from data_pipeline.tokenizer import Vocabulary
 from trainers.config import ModelConfig, TaskConfig
+from trainers.lora import apply_lora
 from trainers.pretrained import load_pretrained
 from trainers.task_data import PRETRAINED_CLASS
 from trainers.tasks.base import Task, TaskBase, on_device, task_batch
@@ -55,17 +56,21 @@ def build_model(task: Task, model_cfg: ModelConfig, vocab_size: int, eos_id: int
     """The task's model: from the model.init_from folder (its architecture and weights) when set, else from config.
 
     Every caller that makes a run's model (the loop, export, inference) comes here, so a run that started
-    from a folder is rebuilt with that folder's architecture before its checkpoint is loaded into it.
+    from a folder is rebuilt with that folder's architecture before its checkpoint is loaded into it. With
+    model.lora the folder's weights are the frozen base and LoRA adapters are added here, before any strategy
+    wraps the model.
     """
     if model_cfg.init_from is None:
         return task.build_model(model_cfg, vocab_size, eos_id)
     # The data's classes (the driver checked that a classification folder has the same); a new head on a language model.
     if isinstance(task, Classification):
-        return load_pretrained(
+        model = load_pretrained(
             model_cfg.init_from,
             PRETRAINED_CLASS["classification"],
             model_cfg,
             pad_token_id=eos_id,
             **label_config(task.labels),
         )
-    return load_pretrained(model_cfg.init_from, PRETRAINED_CLASS[task_name(task)], model_cfg)
+    else:
+        model = load_pretrained(model_cfg.init_from, PRETRAINED_CLASS[task_name(task)], model_cfg)
+    return apply_lora(model, model_cfg.lora) if model_cfg.lora.enabled else model
