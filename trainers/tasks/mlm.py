@@ -8,7 +8,6 @@ run, or `kiln eval` later) uses the same masks.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -21,6 +20,7 @@ from data_pipeline.tokenizer import MASK_TOKEN
 from trainers.config import ModelConfig
 from trainers.models import build_masked_lm
 from trainers.tasks.base import IGNORE_INDEX, TaskBase
+from trainers.tasks.causal_lm import lm_metrics
 
 MASK_RATE = 0.15  # of the non-special tokens, chosen to predict (BERT's rate) ...
 MASKED, REPLACED = 0.8, 0.1  # ... of which 80% read the mask token, 10% a random token, 10% themselves
@@ -107,14 +107,10 @@ class MaskedLM(TaskBase):
         return {"loss_sum": total, "correct": float(correct), "tokens": float(tokens)}
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
-        """Loss, perplexity and top-1 accuracy over the masked tokens of all ranks."""
-        tokens = max(sums["tokens"], 1.0)
-        loss = sums["loss_sum"] / tokens
-        return {
-            "val/loss": loss,
-            "val/perplexity": math.exp(min(loss, 50.0)),
-            "val/mlm_accuracy": sums["correct"] / tokens,
-        }
+        """Loss, perplexity and top-1 accuracy over the masked tokens of all ranks (accuracy as val/mlm_accuracy)."""
+        metrics = lm_metrics(sums)
+        metrics["val/mlm_accuracy"] = metrics.pop("val/accuracy")
+        return metrics
 
 
 def chosen(batch: Batch[torch.Tensor]) -> torch.Tensor:
