@@ -307,18 +307,20 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
             "export the whole model without --adapter"
         )
     checkpoint = find_checkpoint(registry, cfg, args.step)
-    write = export_adapter if args.adapter else export_checkpoint
+    tokenizer_url = storage.join(registry.run_url(args.run), TOKENIZER_DIR)
+    strategy = checkpoint.manifest["strategy"]
+
+    def write(staging: str) -> list[str]:
+        if args.adapter:
+            return export_adapter(cfg.task, cfg.model, checkpoint.url, strategy, tokenizer_url, staging)
+        return export_checkpoint(
+            cfg.task, cfg.model, checkpoint.url, strategy, tokenizer_url, staging, seq_len=cfg.data.seq_len
+        )
+
     # Built beside --out and swapped in whole: stale weights of an earlier export never survive beside new ones.
     files = replace_folder(
         args.out,
-        lambda staging: write(
-            cfg.task,
-            cfg.model,
-            checkpoint.url,
-            checkpoint.manifest["strategy"],
-            storage.join(registry.run_url(args.run), TOKENIZER_DIR),
-            staging,
-        ),
+        write,
         overwrite=args.overwrite,
     )
     console.print(

@@ -138,8 +138,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
     source = open_model(args)
     user_error(lambda: classifier(source.loaded))  # not a classifier: said before stdin is read
-    # a run's rows are its data's length; a folder's: its context (a text longer than that is cut either way)
-    seq_len = source.cfg.data.seq_len if source.cfg is not None else source.loaded.context
+    # a run's rows are its data's length; a folder's: the length its export recorded, else its context
+    seq_len = source.cfg.data.seq_len if source.cfg is not None else source.loaded.seq_len or source.loaded.context
     if seq_len is None:
         raise UsageError(f"{source.label} does not say how many positions it takes (no max_position_embeddings)")
 

@@ -166,7 +166,7 @@ def export_run(cfg: KilnConfig, value: str, find: FindCheckpoint, log: Callable[
         with warnings.catch_warnings():  # DCP's note that it reads in one process: that is the point here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             model = model_from_checkpoint(source_cfg.task, source_cfg.model, checkpoint.url, strategy, tokenizer_url)
-        save_hugging_face(model, tokenizer_url, staged)
+        save_hugging_face(model, tokenizer_url, staged, task=source_cfg.task.name, seq_len=source_cfg.data.seq_len)
         check_folder(cfg, staged, name)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

@@ -50,12 +50,23 @@ def _tied_names(model: nn.Module):
             seen[id(param)] = name
 
 
-def save_hugging_face(model: Any, tokenizer_url: str, out_dir: str) -> list[str]:
-    """Write config.json, model.safetensors and tokenizer files; returns the file names."""
+def save_hugging_face(
+    model: Any, tokenizer_url: str, out_dir: str, task: str | None = None, seq_len: int | None = None
+) -> list[str]:
+    """Write config.json, model.safetensors and tokenizer files; returns the file names.
+
+    config.json also records the Kiln task the run trained (`kiln_task`: an SFT model is a causal LM to
+    transformers, but `kiln eval` scores it on the replies) and its sequence length (`kiln_seq_len`: the row
+    length `kiln predict` builds, as the run did); transformers keeps such extra fields and ignores them.
+    """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     os.makedirs(out_dir, exist_ok=True)
+    if task is not None:
+        model.config.kiln_task = task
+    if seq_len is not None:
+        model.config.kiln_seq_len = seq_len
     model.save_pretrained(out_dir, safe_serialization=True)
     hf_tokenizer(tokenizer_url).save_pretrained(out_dir)
     return sorted(os.listdir(out_dir))
@@ -83,12 +94,18 @@ def hf_tokenizer(tokenizer_url: str) -> Any:
 
 
 def export_checkpoint(
-    task_cfg, model_cfg, checkpoint_url: str, strategy: str, tokenizer_url: str, out_dir: str
+    task_cfg,
+    model_cfg,
+    checkpoint_url: str,
+    strategy: str,
+    tokenizer_url: str,
+    out_dir: str,
+    seq_len: int | None = None,
 ) -> list[str]:
     """Build the run's model, load a checkpoint into it, and write a Hugging Face folder (LoRA merged in; a
     classifier's config.json names its classes: id2label, label2id)."""
     model = model_from_checkpoint(task_cfg, model_cfg, checkpoint_url, strategy, tokenizer_url)
-    return save_hugging_face(model, tokenizer_url, out_dir)
+    return save_hugging_face(model, tokenizer_url, out_dir, task=task_cfg.name, seq_len=seq_len)
 
 
 def export_adapter(

@@ -42,6 +42,7 @@ class LoadedModel:
     tokenizer: Any  # a transformers PreTrainedTokenizerFast
     name: str
     task: TaskConfig = field(default_factory=TaskConfig)  # a folder's, from its config.json; a run's, its config's
+    seq_len: int | None = None  # the rows the model trained on: a run's data.seq_len, a folder's kiln_seq_len
 
     @property
     def context(self) -> int | None:
@@ -83,7 +84,7 @@ def load_folder(path: str) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         architectures = getattr(config, "architectures", None) or []
-        task = task_for_architectures(architectures)
+        task = folder_task(getattr(config, "kiln_task", None), task_for_architectures(architectures))
         if task is None:
             raise InferenceError(
                 f"{path} holds a {', '.join(architectures) or config.model_type} model, which no Kiln task scores: "
@@ -99,7 +100,17 @@ def load_folder(path: str) -> LoadedModel:
     except (OSError, ValueError, KeyError) as exc:
         message = " ".join(str(exc).split())[:300]
         raise InferenceError(f"cannot load the model in {path} ({message}): is it a complete `kiln export`?") from None
-    return LoadedModel(model.float().eval(), tokenizer, path, TaskConfig(task, labels=folder_labels(config)))
+    task_cfg = TaskConfig(task, labels=folder_labels(config))
+    return LoadedModel(model.float().eval(), tokenizer, path, task_cfg, getattr(config, "kiln_seq_len", None))
+
+
+def folder_task(recorded: str | None, from_architectures: str | None) -> str | None:
+    """The task a folder's model is scored as: the Kiln task its export recorded (config.json `kiln_task`), if
+    the model's class fits it (an SFT export is a causal LM), else the one its architectures name."""
+    fits = recorded in PRETRAINED_CLASS and from_architectures is not None
+    if fits and PRETRAINED_CLASS[str(recorded)] == PRETRAINED_CLASS[str(from_architectures)]:
+        return recorded
+    return from_architectures
 
 
 def load_checkpoint(

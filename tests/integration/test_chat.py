@@ -46,7 +46,7 @@ def test_piped_chat_answers_each_turn_on_its_own_line_and_reset_forgets(conversa
     assert "history cleared" in conversation.stderr
 
 
-def test_an_exported_folder_chats_exactly_like_the_run(sft_run, conversation, tmp_path):
+def test_an_exported_folder_chats_and_evaluates_exactly_like_the_run(sft_run, chat_data, conversation, tmp_path):
     out = tmp_path / "hf"
     kiln_in(sft_run, "export", "sft", "--out", str(out))
     from transformers import AutoTokenizer
@@ -56,6 +56,14 @@ def test_an_exported_folder_chats_exactly_like_the_run(sft_run, conversation, tm
     assert AutoTokenizer.from_pretrained(out).chat_template == chat_template_jinja()  # for other tools too
     again = kiln_in(sft_run, "chat", str(out), "--max-new-tokens", "16", stdin="\n".join(TURNS) + "\n")
     assert again.stdout == conversation.stdout
+    # The export says which Kiln task trained it: kiln eval scores the folder on the replies, as the run.
+    recorded = json.loads((out / "config.json").read_text())
+    assert (recorded["kiln_task"], recorded["kiln_seq_len"]) == ("sft", 64)
+    same_slice = ["--data", str(chat_data), "--micro-batch", "4", "--batches", "2", "--json"]
+    by_run = json.loads(kiln_in(sft_run, "eval", "sft", *same_slice).stdout)
+    by_folder = json.loads(kiln_in(sft_run, "eval", str(out), *same_slice).stdout)
+    for key in ("val/loss", "val/accuracy"):
+        assert by_folder["metrics"][key] == pytest.approx(by_run["metrics"][key], rel=1e-5), key
     # Without its chat template the folder is refused, in one line.
     (out / "chat_template.jinja").unlink(missing_ok=True)  # where transformers 5 keeps it
     config = json.loads((out / "tokenizer_config.json").read_text())

@@ -63,3 +63,12 @@ def test_text_metrics_are_sacrebleus_corpus_scores():
     assert 0 < scores["bleu"] < 100 and 0 < scores["chrf"] < 100
     same = "the same five words here"
     assert text_metrics([same], [same]) == {"bleu": pytest.approx(100.0), "chrf": pytest.approx(100.0)}
+
+
+def test_a_folders_recorded_kiln_task_wins_when_its_model_class_fits():
+    from trainers.inference import folder_task
+
+    assert folder_task("sft", "causal_lm") == "sft"  # an SFT export is a causal LM to transformers
+    assert folder_task(None, "causal_lm") == "causal_lm"  # a folder Kiln did not write
+    assert folder_task("classification", "causal_lm") == "causal_lm"  # a record that does not fit is not trusted
+    assert folder_task("nonsense", "mlm") == "mlm" and folder_task("sft", None) is None
