@@ -5,14 +5,13 @@ Shared helpers (run settings, `kiln`, `torchrun`) live in tests/helpers.py.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import SFT_RUN, STRATEGY_RUN, kiln, torchrun
+from tests.helpers import SFT_RUN, STRATEGY_RUN, kiln, prepare_rows, torchrun
 from tests.ray_cluster import LocalRayCluster
 from tests.s3_server import aws_env, start_moto, stop
 
@@ -35,24 +34,13 @@ def trained_runs(tmp_path_factory, cache_dir):
 @pytest.fixture(scope="session")
 def chat_data(tmp_path_factory) -> Path:
     """400 "what is A plus B?" conversations, prepared with the chat template and its loss mask."""
-    folder = tmp_path_factory.mktemp("chat")
     rng = random.Random(0)
-    with open(folder / "chat.jsonl", "w") as out:
-        for _ in range(400):
-            a, b = rng.randint(0, 49), rng.randint(0, 49)
-            out.write(json.dumps({"prompt": f"what is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}) + "\n")
-    result = kiln(
-        "prepare",
-        f"input={folder / 'chat.jsonl'}",
-        f"output={folder / 'prepared'}",
-        "kind=chat",
-        "seq_len=64",
-        "vocab_size=300",
-        "val_fraction=0.1",
-        env={"RAY_ADDRESS": "127.0.0.1:9"},
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return folder / "prepared"
+    rows = []
+    for _ in range(400):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        rows.append({"prompt": f"what is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."})
+    settings = ["kind=chat", "seq_len=64", "vocab_size=300", "val_fraction=0.1"]
+    return prepare_rows(tmp_path_factory.mktemp("chat"), rows, *settings)
 
 
 @pytest.fixture(scope="session")

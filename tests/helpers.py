@@ -73,6 +73,21 @@ def kiln(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | 
     )
 
 
+def prepare_rows(folder: Path, rows: list[dict], *settings: str) -> Path:
+    """Write rows as folder/rows.jsonl and `kiln prepare` them into folder/prepared (must succeed; no cluster)."""
+    with open(folder / "rows.jsonl", "w") as out:
+        out.writelines(json.dumps(row) + "\n" for row in rows)
+    result = kiln(
+        "prepare",
+        f"input={folder / 'rows.jsonl'}",
+        f"output={folder / 'prepared'}",
+        *settings,
+        env={"RAY_ADDRESS": "127.0.0.1:9"},  # a stale cluster address: prepare starts its own local Ray
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return folder / "prepared"
+
+
 def torchrun_command(*target: str, nproc: int = 2) -> list[str]:
     """`torchrun --standalone --nproc-per-node N TARGET...` with this interpreter (a script, or -m MODULE)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *target]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.dataset import ShardWriter, write_manifest
-from tests.helpers import BIN, REPO, TINY_MODEL, kiln, rows
+from tests.helpers import BIN, REPO, TINY_MODEL, kiln, prepare_rows, rows
 
 pytestmark = pytest.mark.slow
 
@@ -42,26 +42,15 @@ CLASSIFY = [
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
     """400 texts of 3-5 words from one class's vocabulary among filler words, prepared (about 90 in val)."""
-    folder = tmp_path_factory.mktemp("classification")
     rng = random.Random(0)
-    with open(folder / "texts.jsonl", "w") as out:
-        for _ in range(400):
-            label = rng.choice(sorted(VOCABULARIES))
-            words = rng.choices(VOCABULARIES[label], k=rng.randint(3, 5)) + rng.choices(FILLER, k=rng.randint(2, 4))
-            rng.shuffle(words)
-            out.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
-    result = kiln(
-        "prepare",
-        f"input={folder / 'texts.jsonl'}",
-        f"output={folder / 'prepared'}",
-        "kind=classification",
-        "seq_len=32",
-        "vocab_size=300",
-        "val_fraction=0.2",
-        env=STALE_RAY,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return folder / "prepared"
+    rows = []
+    for _ in range(400):
+        label = rng.choice(sorted(VOCABULARIES))
+        words = rng.choices(VOCABULARIES[label], k=rng.randint(3, 5)) + rng.choices(FILLER, k=rng.randint(2, 4))
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    settings = ["kind=classification", "seq_len=32", "vocab_size=300", "val_fraction=0.2"]
+    return prepare_rows(tmp_path_factory.mktemp("classification"), rows, *settings)
 
 
 def train(data: Path, root: Path, run_id: str, *overrides: str) -> Path:

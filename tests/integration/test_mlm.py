@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import kiln, rows
+from tests.helpers import kiln, prepare_rows, rows
 from tests.integration.ft_harness import assert_same_losses, kill_tree, start_kiln, wait_for
 
 pytestmark = pytest.mark.slow
@@ -51,22 +51,9 @@ def document(rng: random.Random) -> str:
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory) -> Path:
     """2,000 documents prepared for pretraining (the tokenizer gets the mask token)."""
-    folder = tmp_path_factory.mktemp("mlm")
     rng = random.Random(0)
-    with open(folder / "text.jsonl", "w") as out:
-        for _ in range(2000):
-            out.write(json.dumps({"text": document(rng)}) + "\n")
-    result = kiln(
-        "prepare",
-        f"input={folder / 'text.jsonl'}",
-        f"output={folder / 'prepared'}",
-        "seq_len=64",
-        "vocab_size=300",
-        "val_fraction=0.1",
-        env=NO_CLUSTER,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    return folder / "prepared"
+    rows = [{"text": document(rng)} for _ in range(2000)]
+    return prepare_rows(tmp_path_factory.mktemp("mlm"), rows, "seq_len=64", "vocab_size=300", "val_fraction=0.1")
 
 
 @pytest.fixture(scope="module")
