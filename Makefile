@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 
-.PHONY: quickstart test lint install clean
+.PHONY: quickstart test lint install clean bench
 
 quickstart: $(STAMP)
 	$(BIN)/kiln train experiment=quickstart
@@ -19,6 +19,11 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 install: $(STAMP)
+
+# Issue 15's benchmarks, one after another, rewriting their tables in docs/benchmarks.md (about 20 min here;
+# BENCH_ARGS="--only throughput --quick" for a smoke run). Never part of `make test`.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

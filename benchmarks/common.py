@@ -57,3 +57,33 @@ def publish(work: Path, results: dict, render: Callable[[dict], str], heading: s
     if docs:
         write_docs(heading, body)
         print(f"\nwritten to {DOCS.relative_to(REPO)}")
+
+
+def machine() -> str:
+    """The machine and the versions a row was measured with: OS, CPU count, memory, Python, torch, Ray, GPU."""
+    import platform
+    from importlib.metadata import version
+
+    import psutil
+
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}; Python {platform.python_version()}, "
+        f"torch {version('torch')}, Ray {version('ray')}, transformers {version('transformers')}, "
+        f"DeepSpeed {version('deepspeed')}"
+    )
+
+
+def today() -> str:
+    """The date a row was measured, UTC, as YYYY-MM-DD."""
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC).date().isoformat()
