@@ -1,9 +1,11 @@
 """A bare torch DDP loop, no Kiln: the baseline Kiln's overhead is measured against.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/bare_ddp.py DATASET_DIR STEPS OUT.json
+    torchrun --standalone --nproc-per-node 2 benchmarks/bare_ddp.py DATASET_DIR STEPS OUT.json [FIRST_STEP]
 
 Same model (GPT-2 from GPT2Config, the quickstart's shape), same prepared data (read straight from
 the shard files with numpy), same batch (8 sequences x 2 workers), AdamW, one thread per worker.
+With FIRST_STEP, rank 0 writes the time.time() at which its first step ended there (benchmarks/startup.py).
+benchmarks/ray_train_plain.py runs main() in Ray Train's workers, which arrive with the process group made.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
-def main(dataset_dir: str, steps: int, out: str, micro_batch: int = 8) -> None:
-    dist.init_process_group("gloo")
+def main(dataset_dir: str, steps: int, out: str, micro_batch: int = 8, first_step: str | None = None) -> None:
+    owned = not dist.is_initialized()  # torchrun's processes make the group; Ray Train's already have it
+    if owned:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -62,12 +66,15 @@ def main(dataset_dir: str, steps: int, out: str, micro_batch: int = 8) -> None:
         optimizer.zero_grad(set_to_none=True)
         float(loss)
         times.append(time.perf_counter() - started)
+        if step == 0 and rank == 0 and first_step:
+            Path(first_step).write_text(repr(time.time()))
     steady = times[len(times) // 5 :]
     tokens_per_s = world * micro_batch * seq_len / statistics.median(steady)
     if rank == 0:
         Path(out).write_text(json.dumps({"tokens_per_s": tokens_per_s, "steps": steps}))
-    dist.destroy_process_group()
+    if owned:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], first_step=sys.argv[4] if len(sys.argv) > 4 else None)

@@ -1,4 +1,10 @@
-"""The Ray Train side of a worker: a WorkerContext over `ray.train`, and the function each worker runs."""
+"""The Ray Train side of a worker: a WorkerContext over `ray.train`, and the function each worker runs.
+
+Ray Train's controller unpickles KilnTorchConfig and train_worker, so it imports this module: the training
+stack (trainers.loop: torch's distributed checkpointing, transformers, the tokenizer) is imported by
+train_worker instead, on the workers only. At the top it cost the controller ~2 s of CPU before it started
+the worker group (benchmarks/startup.py).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,6 @@ from ray.train.torch.config import _TorchBackend
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_logging, redact_text
-from trainers import loop
 from trainers.periodic import Periodic
 from trainers.preemption import StopFlag
 from trainers.run_folder import LOGS_DIR
@@ -155,6 +160,8 @@ def train_worker(config: dict) -> None:
         else LogMirror(path, storage.join(url, LOGS_DIR, f"worker_{context.rank}.log")).start()
     )
     os.environ.setdefault("WANDB_SILENT", "true")
+    from trainers import loop  # here, not at the top: see the module's docstring
+
     TRAINING.set()
     try:
         loop.run(cfg, context)
