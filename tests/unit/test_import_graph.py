@@ -156,6 +156,16 @@ def test_kiln_stop_and_the_event_log_load_no_torch():
     assert "torch" in loaded_at_import("trainers.loop", files), "the check must see torch where it is loaded"
 
 
+def test_ray_trains_controller_loads_no_training_stack():
+    # Ray Train's controller unpickles KilnTorchConfig, train_worker (orchestrator.ray_worker) and the run's
+    # config before it starts the worker group: torch and transformers there delayed kiln train's first
+    # step by ~5 s on 2 CPUs (benchmarks/startup.py). The workers import the loop in train_worker.
+    files = {module_name(f): f for package in LAYERS for f in (ROOT / package).rglob("*.py")}
+    for module in ("orchestrator.ray_worker", "orchestrator.config", "orchestrator.attempts"):
+        assert not loaded_at_import(module, files) & {"torch", "transformers", "deepspeed"}, module
+    assert "transformers" in loaded_at_import("trainers.loop", files), "the check must see transformers where it is"
+
+
 def test_the_three_packages_import_only_downwards_without_cycles():
     graph = import_graph()
     assert len(graph) > 40, "the scan found too few modules to be looking at the packages"
