@@ -10,14 +10,17 @@ from torch import nn
 from data_pipeline import storage
 from trainers import safe_load
 from trainers.errors import CheckpointError
-from trainers.strategies.dcp_io import read_metadata
-from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG
 
 MODEL_PREFIX = "model."
 
 
 def checkpoint_shapes(shards_url: str, strategy: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape, as stored in a checkpoint's shards."""
+    # Here, not at the top: trainers.checkpoint imports this module, and `kiln train`'s driver (which lists
+    # checkpoints, never reads shards) would load torch's distributed checkpointing, ~0.8 s, before Ray starts.
+    from trainers.strategies.dcp_io import read_metadata
+    from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG
+
     if strategy.startswith("zero"):
         with storage.local_folder(shards_url) as folder:
             # ZeRO-1/2 name it mp_rank_00_model_states.pt, ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt.
