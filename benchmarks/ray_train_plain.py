@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/ray_train_plain.py DATASET_DIR STEPS OUT.json [FIRST_STEP]
 
-Starts a local Ray (ray.init(), nothing else set), runs 2 workers of 1 CPU each (gloo, the TorchTrainer's
-default on CPU) and shuts Ray down; the Ray Train run is named after OUT's stem. The baseline of
-benchmarks/startup.py: what Kiln's startup costs beyond Ray Train's own.
+Starts a local Ray (ray.init(), nothing else set: so with the dashboard, which `kiln train` leaves out),
+runs 2 workers of 1 CPU each (gloo, the TorchTrainer's default on CPU) and shuts Ray down; the Ray Train
+run is named after OUT's stem. The baseline of benchmarks/startup.py: what Kiln's startup costs beyond
+Ray Train's own.
 """
 
 from __future__ import annotations

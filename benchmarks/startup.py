@@ -274,7 +274,8 @@ def render(results: dict) -> str:
             "model and prepared corpus, 2 processes x 1 CPU thread, DDP over gloo. `kiln train "
             f"{' '.join(KILN_ARGS)}` against benchmarks/bare_ddp.py under `torchrun --standalone "
             "--nproc-per-node 2` and the same loop in a plain Ray Train TorchTrainer "
-            f"(benchmarks/ray_train_plain.py). Median of {n} rounds after one untimed warm-up of each, "
+            "(benchmarks/ray_train_plain.py: ray.init() with Ray's defaults, so with the dashboard, which "
+            f"Kiln's embedded Ray leaves out). Median of {n} rounds after one untimed warm-up of each, "
             f"the order rotated each round; load average {results['load']}."
         ),
         "",
