@@ -44,6 +44,7 @@ NAMES = {
     "kiln": "`kiln train` (Ray, 2 workers, ddp)",
     "bare": "bare torch DDP loop (torchrun)",
     "hf": "Hugging Face `Trainer` (torchrun)",
+    "kiln_torchrun": "Kiln's loop without Ray (`torchrun -m orchestrator.torchrun`)",
 }
 # (steps per run, first step of the steady range, rounds)
 FULL = (160, 30, 2)
@@ -94,14 +95,16 @@ def plan(cache_dir: str, steps: int) -> dict:
     }
 
 
-def run_kiln(work: Path, tag: str, spec: dict, env: dict) -> dict:
-    """`kiln train experiment=quickstart` for spec's steps; its rows' step timestamps and logged data-wait shares."""
+def run_kiln(work: Path, tag: str, spec: dict, env: dict, ray: bool = True) -> dict:
+    """`kiln train experiment=quickstart` (ray=False: the same loop under torchrun, no Ray) for spec's steps;
+    its rows' step timestamps and logged data-wait shares."""
     root, steps = work / "runs", spec["steps"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec['workers']}"]
+    launcher = [str(BIN / "kiln"), "train"] if ray else [*torchrun, "-m", "orchestrator.torchrun"]
     with open(work / f"{tag}.log", "w") as log:
         subprocess.run(
             [
-                str(BIN / "kiln"),
-                "train",
+                *launcher,
                 "experiment=quickstart",
                 f"run.id={tag}",
                 f"storage.root={root}",
@@ -112,7 +115,7 @@ def run_kiln(work: Path, tag: str, spec: dict, env: dict) -> dict:
             ],
             check=True,
             cwd=REPO,
-            env=env,
+            env=env if ray else {**env, "OMP_NUM_THREADS": "1"},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -158,11 +161,13 @@ def steady_rate(step_end: dict[str, float], first: int, last: int, tokens_per_st
     return (last - first) * tokens_per_step / (step_end[str(last)] - step_end[str(first)])
 
 
-def measure(quick: bool, steps: int | None = None, rounds: int | None = None) -> dict:
-    """Alternate the three systems for some rounds; every run's steady tokens/s, their medians and ratios."""
+def measure(quick: bool, steps: int | None = None, rounds: int | None = None, without_ray: bool = False) -> dict:
+    """Alternate the three systems (and, without_ray, Kiln's loop under torchrun) for some rounds; every run's
+    steady tokens/s, their medians and ratios."""
     default_steps, first, default_rounds = QUICK if quick else FULL
     steps, rounds = steps or default_steps, rounds or default_rounds
     first = min(first, steps // 3)
+    systems = (*SYSTEMS, "kiln_torchrun") if without_ray else SYSTEMS
     last = steps - 1  # Kiln's last step also evaluates and checkpoints before its row is written
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-throughput-"))
     cache_dir = os.path.abspath(os.path.expanduser(os.environ.get("KILN_CACHE_DIR", "~/.cache/kiln")))
@@ -180,10 +185,11 @@ def measure(quick: bool, steps: int | None = None, rounds: int | None = None) ->
         "steady": [first, last],
         "tokens_per_step": tokens_per_step,
         "load_start": os.getloadavg()[0],
+        "systems": list(systems),
         "rounds": [],
     }
     for number in range(rounds):
-        order = SYSTEMS if number % 2 == 0 else tuple(reversed(SYSTEMS))
+        order = systems if number % 2 == 0 else tuple(reversed(systems))
         done: dict = {"order": list(order), "load": {}, "tokens_per_s": {}}
         for system in order:
             tag = f"{system}-{number + 1}"
@@ -194,6 +200,8 @@ def measure(quick: bool, steps: int | None = None, rounds: int | None = None) ->
                 steady = [str(s) for s in range(first + 1, last + 1)]
                 done["data_wait"] = statistics.median(run["data_wait"][s] for s in steady)
                 done["kiln_own_tokens_per_s"] = statistics.median(run["own_tokens_per_s"][s] for s in steady)
+            elif system == "kiln_torchrun":
+                run = run_kiln(work, tag, spec, env, ray=False)
             else:
                 script = "bare_ddp.py" if system == "bare" else "hf_trainer.py"
                 run = run_torchrun(work, tag, script, spec_path, env, spec["workers"])
@@ -201,9 +209,9 @@ def measure(quick: bool, steps: int | None = None, rounds: int | None = None) ->
             print(f"  {done['tokens_per_s'][system]:,.0f} tokens/s", flush=True)
         results["rounds"].append(done)
     results["load_end"] = os.getloadavg()[0]
-    medians = {s: statistics.median(r["tokens_per_s"][s] for r in results["rounds"]) for s in SYSTEMS}
+    medians = {s: statistics.median(r["tokens_per_s"][s] for r in results["rounds"]) for s in systems}
     results["median_tokens_per_s"] = medians
-    results["ratio"] = {"bare": medians["kiln"] / medians["bare"], "hf": medians["kiln"] / medians["hf"]}
+    results["ratio"] = {s: medians["kiln"] / medians[s] for s in systems if s != "kiln"}
     results["data_wait_median"] = statistics.median(r["data_wait"] for r in results["rounds"])
     results["kiln_own_median"] = statistics.median(r["kiln_own_tokens_per_s"] for r in results["rounds"])
     results["work"] = str(work)
@@ -216,7 +224,8 @@ def render(results: dict) -> str:
     when = f"{results['date']} | {results['machine']}"
     rounds = results["rounds"]
     medians, ratio = results["median_tokens_per_s"], results["ratio"]
-    ratios = {"kiln": "-", "bare": f"{ratio['bare']:.3f}", "hf": f"{ratio['hf']:.3f}"}
+    systems = results.get("systems", SYSTEMS)
+    ratios = {"kiln": "-", **{s: f"{value:.3f}" for s, value in ratio.items()}}
     lines = [
         paragraph(
             f"The quickstart's GPT-2 ({spec['model']['n_layer']} layers, d={spec['model']['n_embd']}, "
@@ -234,7 +243,7 @@ def render(results: dict) -> str:
         "| date | machine | system | tokens/s: median (each round) | Kiln / this |",
         "|---|---|---|---|---|",
     ]
-    for system in SYSTEMS:
+    for system in systems:
         each = ", ".join(f"{r['tokens_per_s'][system]:,.0f}" for r in rounds)
         lines.append(f"| {when} | {NAMES[system]} | {medians[system]:,.0f} ({each}) | {ratios[system]} |")
     waits = ", ".join(f"{r['data_wait']:.2%}" for r in rounds)
@@ -244,11 +253,11 @@ def render(results: dict) -> str:
         "|---|---|---|",
         f"| {when} | {results['data_wait_median']:.2%} ({waits}) |",
         "",
-        "| round | order | load (1 min) before each: " + ", ".join(SYSTEMS) + " |",
+        "| round | order | load (1 min) before each: " + ", ".join(systems) + " |",
         "|---|---|---|",
     ]
     for number, r in enumerate(rounds, 1):
-        load = ", ".join(f"{r['load'][s]:.1f}" for s in SYSTEMS)
+        load = ", ".join(f"{r['load'][s]:.1f}" for s in systems)
         lines.append(f"| {number} | {', '.join(r['order'])} | {load} |")
     met = {
         "bare": ratio["bare"] >= GOALS["bare"],
@@ -281,12 +290,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK[2]} round of {QUICK[0]} steps (a smoke run)")
     parser.add_argument("--steps", type=int, default=None, help="steps per run")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of the three systems")
+    parser.add_argument(
+        "--without-ray", action="store_true", help="also time Kiln's loop under torchrun (where Ray's share goes)"
+    )
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
     if (args.steps is not None and args.steps < 10) or (args.rounds is not None and args.rounds < 1):
         parser.error("--steps must be >= 10 and --rounds >= 1")
     started = time.perf_counter()
-    results = measure(args.quick, args.steps, args.rounds)
+    results = measure(args.quick, args.steps, args.rounds, args.without_ray)
     publish(Path(results["work"]), results, render, HEADING, docs=not (args.no_docs or args.quick))
     print(f"\n{time.perf_counter() - started:.0f} s in all")
 
