@@ -1,17 +1,19 @@
-"""A bare torch DDP loop, no Kiln: the baseline Kiln's overhead is measured against.
+"""A bare torch DDP loop, no Kiln: the baseline of benchmarks/throughput.py.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/bare_ddp.py DATASET_DIR STEPS OUT.json [FIRST_STEP]
+    torchrun --standalone --nproc-per-node 2 benchmarks/bare_ddp.py SPEC.json OUT.json
 
-Same model (GPT-2 from GPT2Config, the quickstart's shape), same prepared data (read straight from
-the shard files with numpy), same batch (8 sequences x 2 workers), AdamW, one thread per worker.
-With FIRST_STEP, rank 0 writes the time.time() at which its first step ended there (benchmarks/startup.py).
+SPEC.json (written by benchmarks/throughput.py from the quickstart's composed config) names the prepared
+dataset folder, the GPT-2 shape, the batch, the optimizer's settings and the number of steps. The loop
+reads the train shards straight into memory with numpy, then runs what a hand-written DDP script runs:
+forward, backward, clip, AdamW (decay on matrices only), warmup + cosine LR, zero_grad. Rank 0 writes
+time.time() at the end of every step (after reading the loss back) to OUT.json; nothing else is timed here.
 benchmarks/ray_train_plain.py runs main() in Ray Train's workers, which arrive with the process group made.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,58 +25,74 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import GPT2Config, GPT2LMHeadModel
 
 
-def main(dataset_dir: str, steps: int, out: str, micro_batch: int = 8, first_step: str | None = None) -> None:
+def train_sequences(dataset_dir: str) -> np.ndarray:
+    """Every whole sequence of the dataset's train split, (n, seq_len), in shard order."""
+    manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
+    seq_len = manifest["seq_len"]
+    parts = []
+    for shard in manifest["splits"]["train"]["shards"]:
+        tokens = np.fromfile(Path(dataset_dir) / shard["path"], dtype=manifest["dtype"])
+        parts.append(tokens[: len(tokens) // seq_len * seq_len].reshape(-1, seq_len))
+    return np.concatenate(parts)
+
+
+def lr_lambda(spec: dict):
+    """Linear warmup, then cosine decay to min_lr_ratio at the last step (the quickstart's schedule)."""
+    warmup, steps, floor = spec["warmup_steps"], spec["steps"], spec["min_lr_ratio"]
+
+    def multiplier(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def main(spec_path: str, out: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
     owned = not dist.is_initialized()  # torchrun's processes make the group; Ray Train's already have it
     if owned:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
-    seq_len = manifest["seq_len"]
-    tokens = np.concatenate(
-        [
-            np.fromfile(Path(dataset_dir) / s["path"], dtype=manifest["dtype"])
-            for s in manifest["splits"]["train"]["shards"]
-        ]
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    sequences = train_sequences(spec["dataset"])
+    order = np.random.default_rng(spec["seed"]).permutation(len(sequences))
+    model = DistributedDataParallel(GPT2LMHeadModel(GPT2Config(**spec["model"])))
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": spec["weight_decay"]}, {"params": vectors, "weight_decay": 0.0}],
+        lr=spec["lr"],
+        betas=tuple(spec["betas"]),
+        eps=spec["eps"],
     )
-    sequences = tokens[: len(tokens) // seq_len * seq_len].reshape(-1, seq_len)
-    order = np.random.default_rng(0).permutation(len(sequences))
-    vocab = -(-manifest["vocab_size"] // 64) * 64
-    config = GPT2Config(
-        vocab_size=vocab,
-        n_positions=256,
-        n_embd=128,
-        n_layer=4,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        use_cache=False,
-    )
-    model = DistributedDataParallel(GPT2LMHeadModel(config))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
-    times = []
-    for step in range(steps):
-        started = time.perf_counter()
-        first = (step * world + rank) * micro_batch
-        batch = torch.from_numpy(sequences[order[first : first + micro_batch]].astype(np.int64))
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+    micro = spec["micro_batch"]
+    accum = spec["global_batch"] // (micro * world)
+    stamps = []
+    for step in range(spec["steps"]):
+        for k in range(accum):
+            first = (((step * accum + k) * world + rank) * micro) % (len(order) - micro)
+            batch = torch.from_numpy(sequences[order[first : first + micro]].astype(np.int64))
+            if k < accum - 1:
+                with model.no_sync():
+                    (model(input_ids=batch, labels=batch).loss / accum).backward()
+            else:
+                loss = model(input_ids=batch, labels=batch).loss
+                (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         float(loss)
-        times.append(time.perf_counter() - started)
-        if step == 0 and rank == 0 and first_step:
-            Path(first_step).write_text(repr(time.time()))
-    steady = times[len(times) // 5 :]
-    tokens_per_s = world * micro_batch * seq_len / statistics.median(steady)
+        stamps.append(time.time())
     if rank == 0:
-        Path(out).write_text(json.dumps({"tokens_per_s": tokens_per_s, "steps": steps}))
+        Path(out).write_text(json.dumps({"step_end": {str(s + 1): t for s, t in enumerate(stamps)}}))
     if owned:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], first_step=sys.argv[4] if len(sys.argv) > 4 else None)
+    main(sys.argv[1], sys.argv[2])

@@ -1,8 +1,9 @@
 """The bare DDP loop of benchmarks/bare_ddp.py in a plain Ray Train TorchTrainer: Ray Train without Kiln.
 
-    .venv/bin/python benchmarks/ray_train_plain.py DATASET_DIR STEPS OUT.json [FIRST_STEP]
+    .venv/bin/python benchmarks/ray_train_plain.py SPEC.json OUT.json
 
-Starts a local Ray (ray.init(), nothing else set: so with the dashboard, which `kiln train` leaves out),
+SPEC.json and OUT.json as for benchmarks/bare_ddp.py. Starts a local Ray without its dashboard (as
+`kiln train`'s embedded Ray: the stricter baseline, since the dashboard costs ray.init() seconds here),
 runs 2 workers of 1 CPU each (gloo, the TorchTrainer's default on CPU) and shuts Ray down; the Ray Train
 run is named after OUT's stem. The baseline of benchmarks/startup.py: what Kiln's startup costs beyond
 Ray Train's own.
@@ -22,24 +23,22 @@ def train_loop(config: dict) -> None:
     sys.path.insert(0, config["repo"])
     from benchmarks.bare_ddp import main
 
-    main(config["dataset"], config["steps"], config["out"], first_step=config["first_step"])
+    main(config["spec"], config["out"])
 
 
-def main(dataset_dir: str, steps: int, out: str, first_step: str | None = None) -> None:
+def main(spec: str, out: str) -> None:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray.init()
+    ray.init(include_dashboard=False)
     with tempfile.TemporaryDirectory() as storage:
         TorchTrainer(
             train_loop,
             train_loop_config={
                 "repo": str(REPO),
-                "dataset": dataset_dir,
-                "steps": steps,
+                "spec": spec,
                 "out": out,
-                "first_step": first_step,
             },
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name=Path(out).stem, storage_path=storage),
@@ -48,4 +47,4 @@ def main(dataset_dir: str, steps: int, out: str, first_step: str | None = None) 
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+    main(sys.argv[1], sys.argv[2])

@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import base_env, machine, paragraph, publish, today  # noqa: E402
+from benchmarks.throughput import plan  # noqa: E402
 
 HEADING = "## Startup: command to first step (benchmarks/startup.py)"
 BIN = Path(sys.executable).parent
@@ -88,18 +89,6 @@ class Stamped:
     def first_line(self, text: str) -> float | None:
         """Seconds from invocation to the first output line containing text."""
         return next((moment - self.invoked for moment, line in self.lines if text in line), None)
-
-
-def prepare(cache_dir: str) -> str:
-    """The quickstart's corpus prepared (or found) in cache_dir; returns its folder. Untimed."""
-    os.environ["KILN_CACHE_DIR"] = cache_dir
-    from orchestrator.config import compose_config, finalize
-    from orchestrator.runs import resolve_data
-
-    cfg = finalize(compose_config(KILN_ARGS))
-    resolve_data(cfg, log=lambda message: print(f"  {message}", flush=True))
-    assert cfg.data.path is not None
-    return cfg.data.path
 
 
 def ray_train_moments(run_name: str, invoked: float) -> dict:
@@ -164,10 +153,10 @@ def run_kiln(work: Path, name: str, env: dict, log: Path) -> dict:
     }
 
 
-def run_bare(kind: str, work: Path, name: str, dataset: str, env: dict, log: Path) -> dict:
+def run_bare(kind: str, work: Path, name: str, spec: Path, env: dict, log: Path) -> dict:
     """torchrun or plain Ray Train of benchmarks/bare_ddp.py: invoke -> the end of its first step."""
-    first = work / f"{name}.first"
-    args = [dataset, str(BARE_STEPS), str(work / f"{name}.json"), str(first)]
+    out = work / f"{name}.json"
+    args = [str(spec), str(out)]
     if kind == "torchrun":
         argv = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", str(REPO / "benchmarks/bare_ddp.py")]
     else:
@@ -175,7 +164,7 @@ def run_bare(kind: str, work: Path, name: str, dataset: str, env: dict, log: Pat
     command = Stamped([*argv, *args], {**env, "OMP_NUM_THREADS": "1"}, log)
     command.wait()
     moments = ray_train_moments(name, command.invoked) if kind == "ray_train" else {}
-    return {"first_step_s": float(first.read_text()) - command.invoked, **moments}
+    return {"first_step_s": json.loads(out.read_text())["step_end"]["1"] - command.invoked, **moments}
 
 
 def wall(argv: list[str], env: dict) -> float:
@@ -209,13 +198,14 @@ def measure(quick: bool, rounds: int | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-startup-"))
     log = work / "commands.log"
     print(f"working in {work}; corpus cache {cache_dir}; preparing the corpus (untimed)", flush=True)
-    dataset = prepare(cache_dir)
+    spec = work / "spec.json"
+    spec.write_text(json.dumps(plan(cache_dir, BARE_STEPS)))
     load_start = os.getloadavg()[0]
 
     def one(kind: str, name: str) -> dict:
         if kind == "kiln":
             return run_kiln(work, name, env, log)
-        return run_bare(kind, work, name, dataset, env, log)
+        return run_bare(kind, work, name, spec, env, log)
 
     for kind in COMMANDS:  # warm-up: page cache, bytecode, Ray's first session
         one(kind, f"warmup-{kind}")
@@ -274,8 +264,9 @@ def render(results: dict) -> str:
             "model and prepared corpus, 2 processes x 1 CPU thread, DDP over gloo. `kiln train "
             f"{' '.join(KILN_ARGS)}` against benchmarks/bare_ddp.py under `torchrun --standalone "
             "--nproc-per-node 2` and the same loop in a plain Ray Train TorchTrainer "
-            "(benchmarks/ray_train_plain.py: ray.init() with Ray's defaults, so with the dashboard, which "
-            f"Kiln's embedded Ray leaves out). Median of {n} rounds after one untimed warm-up of each, "
+            "(benchmarks/ray_train_plain.py: ray.init(include_dashboard=False), as Kiln's embedded Ray; "
+            "with the dashboard, Ray's default, the baseline would be a few seconds slower)."
+            f" Median of {n} rounds after one untimed warm-up of each, "
             f"the order rotated each round; load average {results['load']}."
         ),
         "",

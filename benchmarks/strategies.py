@@ -4,8 +4,8 @@
 
 Every strategy runs `kiln train experiment=quickstart strategy=S` on an embedded Ray with 2 CPU workers;
 numbers come from the run's metrics.jsonl (median of steady-state steps, the first fifth skipped).
-The overhead line compares Kiln's DDP run with benchmarks/bare_ddp.py under torchrun on the same
-model, data and batch. Prints a markdown table for docs/benchmarks.md; asserts nothing.
+Kiln against a bare torch loop and Hugging Face Trainer is benchmarks/throughput.py. Prints a markdown
+table for docs/benchmarks.md; asserts nothing.
 """
 
 from __future__ import annotations
@@ -59,32 +59,6 @@ def kiln_run(root: str, strategy: str, steps: int, overrides: list[str]) -> dict
     }
 
 
-def bare_run(dataset_dir: str, steps: int) -> float:
-    """Steady-state tokens/s of the bare torch DDP loop under torchrun."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bare.json"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc-per-node",
-                "2",
-                str(REPO / "benchmarks" / "bare_ddp.py"),
-                dataset_dir,
-                str(steps),
-                str(out),
-            ],
-            check=True,
-            cwd=REPO,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        return json.loads(out.read_text())["tokens_per_s"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -96,8 +70,6 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     with tempfile.TemporaryDirectory() as root:
         results = [kiln_run(root, s, args.steps, args.overrides) for s in args.strategies.split(",")]
-        config = (Path(root) / results[0]["strategy"] / "config.yaml").read_text()
-        dataset_dir = next(line.split(": ", 1)[1] for line in config.splitlines() if line.strip().startswith("path:"))
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {args.steps} steps, 2 Ray workers x 1 CPU, fp32\n")
     print("| strategy | tokens/s | MFU | peak memory per worker (MB) | held by rank 0 (MB) | loss at last step |")
     print("|---|---|---|---|---|---|")
@@ -106,13 +78,6 @@ def main() -> None:
         print(
             f"| {r['strategy']} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_mem_mb']:,.0f} | {r['held_mb']:.2f} | "
             f"{r['final_loss']:.4f} |"
-        )
-    ddp = next((r for r in results if r["strategy"] == "ddp"), None)
-    if ddp and not args.overrides:  # the bare loop has the quickstart's shape only
-        bare = bare_run(dataset_dir.strip(), args.steps)
-        print(
-            f"\nbare torch DDP (torchrun): {bare:,.0f} tokens/s; kiln train (Ray, ddp): "
-            f"{ddp['tokens_per_s']:,.0f} tokens/s; ratio {ddp['tokens_per_s'] / bare:.3f}"
         )
 
 
