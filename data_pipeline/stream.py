@@ -172,7 +172,11 @@ class TokenStream:
     @property
     def epoch(self) -> int:
         """Full passes over the (first) dataset's split so far."""
-        return self.source_positions(self.position)[0] // self.readers[0].num_sequences
+        return self.epoch_at(self.position)
+
+    def epoch_at(self, position: int) -> int:
+        """Full passes over the (first) dataset's split by the first `position` global sequences."""
+        return self.source_positions(position)[0] // self.readers[0].num_sequences
 
     def source_positions(self, position: int) -> list[int]:
         """How many of the first `position` global sequences each dataset supplied."""

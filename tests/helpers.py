@@ -16,8 +16,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from data_pipeline.dataset import Dataset
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -299,3 +303,36 @@ def failing(*errors: BaseException):
 
     fn.calls = 0
     return fn
+
+
+# The data stream's tests: sequences that say where they come from.
+
+
+def numbered_dataset(url: str, first_tokens: range) -> Dataset:
+    """A dataset of 4-token sequences, one per number, whose first token is that number, 10 sequences a shard."""
+    import data_pipeline.dataset as ds
+    from data_pipeline.dataset import Dataset, ShardWriter, write_manifest
+
+    seq = 4
+
+    ds_shard = ds.SHARD_TOKENS
+    ds.SHARD_TOKENS = 10 * seq
+    try:
+        writer = ShardWriter(url, "train", seq_len=seq, vocab_size=1000, eos_id=999)
+        for i in first_tokens:
+            writer.add([i, 1, 2])  # + EOS = exactly one sequence per document
+        entry = writer.close()
+    finally:
+        ds.SHARD_TOKENS = ds_shard
+    write_manifest(
+        url,
+        {
+            "seq_len": seq,
+            "vocab_size": 1000,
+            "eos_id": 999,
+            "dtype": "<u2",
+            "tokenizer": {"sha256": "same"},
+            "splits": {"train": entry},
+        },
+    )
+    return Dataset(url)

@@ -12,6 +12,7 @@ import time
 
 from data_pipeline.stream import TokenStream
 from trainers.checkpoint import CheckpointStore
+from trainers.device_batches import DeviceBatches
 from trainers.rng import capture_rng, rank_seed, restore_rng, seed_everything
 from trainers.strategies import Strategy
 
@@ -25,7 +26,7 @@ class Checkpointing:
         self,
         store: CheckpointStore,
         strategy: Strategy,
-        stream: TokenStream,
+        stream: TokenStream | DeviceBatches,  # whose state_dict is the cursor after the batches trained on
         *,
         every: int,
         last_step: int,

@@ -147,6 +147,8 @@ class ModelConfig:
     vocab_size: int | None = None
     attn_implementation: str = "sdpa"
     activation_checkpointing: bool = False
+    # torch.compile each transformer block (trainers/models.py compile_blocks); the first steps pay the compile time.
+    compile: bool = False
     init_from: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -156,6 +158,11 @@ class ModelConfig:
             not self.lora.enabled or self.init_from is not None,
             f"model.lora.r={self.lora.r} needs model.init_from: LoRA adapts a trained model (pretrain, `kiln export`, "
             "then model.init_from=DIR or run:RUN)",
+        )
+        require(
+            not (self.compile and self.lora.enabled),
+            "model.compile with model.lora: compiled peft adapters are not proven in Kiln; "
+            "train LoRA with model.compile=false",
         )
         if self.init_from is not None:
             self.check_init_from()
@@ -238,6 +245,10 @@ STRATEGY_NAMES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")
 # only the adapters train, checkpoints hold only them, and a resume repeats the uninterrupted losses bit for bit.
 # zero3_offload is not proven, so it is refused.
 LORA_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+# The strategies model.compile works with, proven on CPU with 2 workers by tests/distributed/test_compile.py (zero1
+# runs zero2's DeepSpeedZeroOptimizer at stage 1). ZeRO-3 gathers every layer's parameters in hooks inside the block,
+# which would split each compiled graph apart: refused rather than slower.
+COMPILE_STRATEGIES = ("ddp", "fsdp", "zero1", "zero2")
 
 
 @dataclass
@@ -255,6 +266,9 @@ class StrategyConfig:
     offload_params: bool = False
     # Extra DeepSpeed config keys merged over the generated config, for experts.
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
+    # fp32 on a CUDA GPU: matmuls and convolutions on TF32 tensor cores (10-bit mantissa, ~8x faster on Ampere and
+    # later), as torch.set_float32_matmul_precision("high"); false keeps every fp32 matmul in full fp32.
+    tf32: bool = True
 
     def __post_init__(self) -> None:
         one_of("strategy.name", self.name, STRATEGY_NAMES)
@@ -272,6 +286,11 @@ class StrategyConfig:
         require(
             not self.offload_params or self.zero_stage == 3,
             "strategy.offload_params needs ZeRO stage 3 (strategy=zero3_offload)",
+        )
+        require(
+            self.tf32 or self.precision in ("auto", "fp32"),
+            f"strategy.tf32=false is ignored with strategy.precision={self.precision} (its matmuls are not fp32); "
+            "remove it or use strategy.precision=fp32",
         )
 
     @property
@@ -389,6 +408,12 @@ class WorkerConfig:
             not self.model.lora.enabled or self.strategy.name in LORA_STRATEGIES,
             f"model.lora with strategy={self.strategy.name}: LoRA on a strategy peft cannot shard; use one of "
             f"{', '.join(LORA_STRATEGIES)}",
+        )
+        require(
+            not self.model.compile or self.strategy.name in COMPILE_STRATEGIES,
+            f"model.compile with strategy={self.strategy.name}: ZeRO-3 gathers each layer's parameters in hooks that "
+            f"split every compiled graph; use one of {', '.join(COMPILE_STRATEGIES)} (fsdp also shards parameters) "
+            "or model.compile=false",
         )
         require(
             self.model.init_from is not None or self.data.seq_len <= self.model.n_positions,

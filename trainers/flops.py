@@ -17,12 +17,15 @@ PEAK_FLOPS = {
 
 
 def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * N (forward + backward matmuls) + 12 * L * d * T (attention scores).
+    """Training FLOPs per token: 6 * N + 12 * L * d * T.
 
-    The PaLM paper's estimate (Chowdhery et al. 2022, appendix B): each parameter costs 2 FLOPs per
-    token forward and 4 backward, and self-attention adds 6 * L * d * T forward-and-backward for the
-    QK^T and attention-times-V products, doubled here (12) as PaLM counts both. N should exclude the
-    position embeddings, which are looked up, not multiplied.
+    PaLM's model-FLOPs formula (Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways",
+    appendix B): 6N + 12LHQT for N parameters, L layers, H heads of width Q (H * Q = d, the model width) and
+    sequence length T. 6N is Kaplan et al. 2020's count ("Scaling Laws for Neural Language Models", section
+    2.1): each parameter costs one multiply-add (2 FLOPs) per token forward and two backward. 12LdT adds the
+    attention products QK^T and attention x V, 2 * 2 * d * T FLOPs per token and layer forward, times 3 for
+    forward and backward. Activation recomputation is not counted (model FLOPs, not hardware FLOPs). N should
+    exclude the position embeddings, which are looked up, not multiplied.
     """
     return 6.0 * n_params + 12.0 * n_layer * n_embd * seq_len
 

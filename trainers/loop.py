@@ -28,12 +28,13 @@ from trainers.checkpoint import CheckpointStore
 from trainers.checkpointing import Checkpointing
 from trainers.config import WorkerConfig
 from trainers.context import WorkerContext
+from trainers.device_batches import DeviceBatches
 from trainers.distributed import ensure_process_group, gather_to_rank0
 from trainers.evaluation import Evaluator
 from trainers.events import record_event
 from trainers.flops import flops_per_token, mfu, peak_flops, tflops_per_device
 from trainers.model_shapes import shapes_of
-from trainers.models import parameter_count
+from trainers.models import compile_blocks, parameter_count
 from trainers.preemption import StopAgreement, commit_before_stopping
 from trainers.rng import rank_seed, seed_everything
 from trainers.run_folder import CHECKPOINTS_DIR
@@ -41,7 +42,7 @@ from trainers.run_state import RunState
 from trainers.step_window import StepWindow, WindowSummary, summarize
 from trainers.strategies import Strategy, build_strategy
 from trainers.task_data import check_task_data, run_labels
-from trainers.tasks import Task, build_model, build_task, task_batch
+from trainers.tasks import Task, build_model, build_task
 from trainers.tracking import Tracker, build_tracker
 from trainers.watchdog import StepWatchdog
 
@@ -109,6 +110,8 @@ class Trainer:
         model = build_model(self.task, cfg.model, self.dataset.vocab_size, self.dataset.eos_id)
         if cfg.model.init_from is not None:
             log.info("rank %d: model from %s (%s)", ctx.rank, cfg.model.init_from, type(model).__name__)
+        if cfg.model.compile:
+            compile_blocks(model)  # before the strategy wraps it: FSDP2 shards each compiled block
         self.num_params = parameter_count(model)
         self.micro_batch = train.micro_batch
         self.grad_accum = train.grad_accum(ctx.world_size)
@@ -125,6 +128,7 @@ class Trainer:
             prefetch=2,
             weights=self.weights,
         )
+        self.batches = DeviceBatches(self.stream, self.task, "train", self.device)
         self.checkpoints = self._checkpointing(shapes_of(model))
         self.evaluator = self._evaluator()
         self.tokens_per_step = train.global_batch * self.dataset.seq_len
@@ -151,7 +155,7 @@ class Trainer:
         )
         every, last = cfg.train.checkpoint_every, cfg.train.max_steps
         return Checkpointing(
-            store, self.strategy, self.stream, every=every, last_step=last, seed=cfg.train.seed, rank=ctx.rank
+            store, self.strategy, self.batches, every=every, last_step=last, seed=cfg.train.seed, rank=ctx.rank
         )
 
     def _evaluator(self) -> Evaluator:
@@ -190,7 +194,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for micro in range(self.grad_accum):
             fetch = time.perf_counter()
-            batch = task_batch(self.task, next(self.stream), "train", self.device)
+            batch = next(self.batches)
             self.window.data_wait += time.perf_counter() - fetch
             last = micro == self.grad_accum - 1
             with contextlib.nullcontext() if last else self.strategy.no_sync():
@@ -230,7 +234,7 @@ class Trainer:
             "perf/tokens_per_s": self.tokens_per_step / summary.step_time,
             "perf/step_time_s": summary.step_time,
             "perf/data_wait_frac": summary.data_wait_frac,
-            "train/epoch": float(self.stream.epoch),
+            "train/epoch": float(self.batches.epoch),
         }
         tokens_per_s = metrics["perf/tokens_per_s"]
         metrics["perf/tflops"] = tflops_per_device(tokens_per_s, self.flops_per_token, self.ctx.world_size)
@@ -306,7 +310,7 @@ def run(cfg: WorkerConfig, ctx: WorkerContext) -> LoopResult:
         raise
     finally:
         watchdog.stop()
-        trainer.stream.close()
+        trainer.batches.close()
         stops.close()
     checkpoints.finish()
     tracker.finish(result.state)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import transformers
+from torch import nn
 from transformers import BertConfig, GPT2Config, PretrainedConfig, PreTrainedModel
 
 from trainers.config import ModelConfig
@@ -88,6 +89,42 @@ def build_gpt2(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PreTrainedMode
 def build_masked_lm(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PreTrainedModel:
     """A freshly initialised masked LM of model.arch (BertForMaskedLM for arch=bert)."""
     return build_from_config("AutoModelForMaskedLM", cfg, vocab_size, eos_id)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model: its one list of `num_hidden_layers` modules of one class
+    (GPT-2's transformer.h, BERT's bert.encoder.layer).
+
+    Found by shape rather than by name or `_no_split_modules`, which BERT leaves unset, so any architecture
+    (and a model wrapped by peft) works without a table here.
+    """
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [
+        module
+        for module in model.modules()
+        if isinstance(module, nn.ModuleList) and len(module) == layers and len({type(m) for m in module}) == 1
+    ]
+    if len(lists) != 1:
+        raise ValueError(
+            f"FSDP2 cannot tell the blocks of {type(model).__name__}: it has {len(lists)} lists of "
+            f"config.num_hidden_layers={layers} modules of one class, not 1"
+        )
+    return list(lists[0])
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each transformer block in place (model.compile), before any strategy wraps the model.
+
+    Per block, as torchtitan does (torchtitan/distributed/compile.py): the blocks share one structure, so one
+    compilation serves them all, and FSDP2 wraps each compiled block as its own unit. `Module.compile` keeps the
+    module and its parameter names (no `_orig_mod.` prefix), so checkpoints and exports are the uncompiled model's.
+    Not fullgraph: a block loaded from a folder or wrapped by peft may hold a construct dynamo splits, which costs
+    speed rather than failing the run. With model.activation_checkpointing, transformers checkpoints each block's
+    forward (GradientCheckpointingLayer) inside the compiled call, so the checkpoint is compiled with the block,
+    torchtitan's order (activation checkpointing, then compile, then FSDP).
+    """
+    for block in transformer_blocks(model):
+        block.compile()
 
 
 def parameter_count(model) -> int:

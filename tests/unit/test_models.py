@@ -8,8 +8,14 @@ import torch
 
 from orchestrator.config import UsageError, compose_config
 from trainers.config import ModelConfig
-from trainers.models import bert_config, build_from_config, build_gpt2, build_masked_lm
-from trainers.strategies.fsdp2 import transformer_blocks
+from trainers.models import (
+    bert_config,
+    build_from_config,
+    build_gpt2,
+    build_masked_lm,
+    compile_blocks,
+    transformer_blocks,
+)
 from trainers.task_data import arch_error, task_for_architectures
 
 BERT = ModelConfig(arch="bert", n_layer=2, n_head=2, n_embd=32, n_positions=64)
@@ -86,3 +92,12 @@ def test_the_task_of_a_folder_comes_from_its_architectures():
     assert task_for_architectures(["GPT2LMHeadModel"]) == "causal_lm"
     assert task_for_architectures(["LlamaForCausalLM"]) == "causal_lm"
     assert task_for_architectures(["SomethingElse"]) is None and task_for_architectures([]) is None
+
+
+def test_compiling_marks_every_block_and_keeps_the_parameter_names():
+    model = build_gpt2(GPT2, vocab_size=300, eos_id=0)
+    names = list(model.state_dict())
+    compile_blocks(model)  # compiles lazily, on the first call: nothing is compiled here
+    assert all(block._compiled_call_impl is not None for block in transformer_blocks(model))
+    assert model._compiled_call_impl is None  # the blocks, not the whole model
+    assert list(model.state_dict()) == names  # checkpoints and exports read the uncompiled names

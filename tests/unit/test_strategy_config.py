@@ -10,7 +10,7 @@ import torch
 from orchestrator.config import UsageError, compose_config
 from trainers.config import StrategyConfig
 from trainers.flops import flops_per_token, mfu, peak_flops, tflops_per_device
-from trainers.strategies.base import resolve_precision
+from trainers.strategies.base import resolve_precision, use_tf32
 from trainers.strategies.deepspeed_zero import deepspeed_config
 
 
@@ -90,3 +90,59 @@ def test_flops_per_token_and_mfu():
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("cpu") is None
+
+
+def test_adamw_runs_fused_on_a_gpu_and_as_before_on_cpu():
+    from trainers.config import OptimConfig
+    from trainers.optim import adamw_kernels, build_optimizer
+    from trainers.strategies.deepspeed_zero import optimizer_step_device
+
+    assert adamw_kernels("cuda") == {"fused": True}
+    assert adamw_kernels("cpu") == {"foreach": False}  # torch's CPU default, named so CPU numbers never move
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), OptimConfig(), "cpu")
+    assert optimizer.defaults["foreach"] is False and not optimizer.defaults["fused"]
+    # ZeRO with optimizer offload steps on its CPU copy: CPU kernels even on a GPU machine.
+    assert optimizer_step_device(True, torch.device("cuda", 0)) == "cpu"
+    assert optimizer_step_device(False, torch.device("cuda", 0)) == "cuda"
+
+
+@pytest.mark.parametrize(
+    "tf32, precision, device, expected",
+    [
+        (True, "fp32", "cuda", True),
+        (False, "fp32", "cuda", False),  # the user wants full fp32 matmuls
+        (True, "bf16", "cuda", False),  # its matmuls are bf16 already
+        (True, "fp32", "cpu", False),  # no tensor cores
+    ],
+)
+def test_tf32_serves_fp32_matmuls_on_a_gpu_only(tf32, precision, device, expected):
+    assert use_tf32(StrategyConfig(tf32=tf32), precision, device) is expected
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["strategy.precision=bf16", "strategy.tf32=false"],
+            "strategy.tf32=false is ignored with strategy.precision=bf16",
+        ),
+        (["strategy=zero3", "model.compile=true"], "model.compile with strategy=zero3: ZeRO-3 gathers"),
+        (["strategy=zero3_offload", "model.compile=true"], "use one of ddp, fsdp, zero1, zero2"),
+    ],
+)
+def test_settings_the_gpu_options_would_ignore_or_cannot_serve_fail_in_one_line(overrides, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        compose_config(overrides)
+
+
+def test_compile_and_tf32_compose_with_the_strategies_that_serve_them():
+    for strategy in ("ddp", "fsdp", "zero1", "zero2"):
+        assert compose_config([f"strategy={strategy}", "model.compile=true"]).model.compile
+    assert compose_config(["strategy.precision=fp32", "strategy.tf32=false"]).strategy.tf32 is False
+
+
+def test_lora_is_not_compiled():
+    from trainers.config import ConfigError, LoraConfig, ModelConfig
+
+    with pytest.raises(ConfigError, match=re.escape("model.compile with model.lora: compiled peft adapters")):
+        ModelConfig(init_from="/models/base", lora=LoraConfig(r=8), compile=True)

@@ -8,37 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_pipeline.batch import Batch
-from data_pipeline.dataset import Dataset, ShardWriter, write_manifest
+from data_pipeline.dataset import Dataset
 from data_pipeline.stream import TokenStream
-
-SEQ = 4
-
-
-def numbered_dataset(url: str, first_tokens: range) -> Dataset:
-    """One sequence per number, whose first token is that number, 10 sequences a shard."""
-    import data_pipeline.dataset as ds
-
-    ds_shard = ds.SHARD_TOKENS
-    ds.SHARD_TOKENS = 10 * SEQ
-    try:
-        writer = ShardWriter(url, "train", seq_len=SEQ, vocab_size=1000, eos_id=999)
-        for i in first_tokens:
-            writer.add([i, 1, 2])  # + EOS = exactly one sequence per document
-        entry = writer.close()
-    finally:
-        ds.SHARD_TOKENS = ds_shard
-    write_manifest(
-        url,
-        {
-            "seq_len": SEQ,
-            "vocab_size": 1000,
-            "eos_id": 999,
-            "dtype": "<u2",
-            "tokenizer": {"sha256": "same"},
-            "splits": {"train": entry},
-        },
-    )
-    return Dataset(url)
+from tests.helpers import numbered_dataset
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,21 @@ def resolve_precision(cfg: StrategyConfig, device: torch.device) -> str:
     return cfg.precision
 
 
+def use_tf32(cfg: StrategyConfig, precision: str, device_type: str) -> bool:
+    """Whether fp32 matmuls run on TF32 tensor cores: fp32 training on a CUDA GPU with strategy.tf32 (the default)."""
+    return cfg.tf32 and precision == "fp32" and device_type == "cuda"
+
+
+def setup_precision(cfg: StrategyConfig, device: torch.device) -> str:
+    """The precision this device trains in (`resolve_precision`), with TF32 matmuls switched per `use_tf32`."""
+    precision = resolve_precision(cfg, device)
+    if device.type == "cuda":
+        tf32 = use_tf32(cfg, precision, device.type)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    return precision
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes of the local part of each tensor (a DTensor counts only its local shard)."""
     total = 0
@@ -135,13 +150,13 @@ class TorchStrategy(ScheduledStrategy):
 
     def __init__(self, cfg: StrategyConfig, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.precision = resolve_precision(cfg, device)
+        self.precision = setup_precision(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
 
     def build_optimizer(self, module: nn.Module, optim_cfg: OptimConfig, max_steps: int) -> None:
         """AdamW and its warmup + cosine schedule over module's parameters."""
         self.optim_cfg = optim_cfg
-        self.optimizer = build_optimizer(module, optim_cfg)
+        self.optimizer = build_optimizer(module, optim_cfg, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
 
     def autocast(self) -> AbstractContextManager:

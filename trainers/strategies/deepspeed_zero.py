@@ -25,7 +25,7 @@ from trainers import safe_load
 from trainers.config import OptimConfig
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.resharding import repair_zero3_universal_load, universal_checkpoint
-from trainers.strategies.base import ScheduledStrategy, resolve_precision, tensor_bytes
+from trainers.strategies.base import ScheduledStrategy, setup_precision, tensor_bytes
 from trainers.strategies.dcp_io import FileRecords
 
 CHECKPOINT_TAG = "zero"
@@ -77,6 +77,15 @@ def deepspeed_config(
     return deep_merge(config, overrides)
 
 
+def optimizer_step_device(offload_optimizer: bool, device: torch.device) -> str:
+    """Where ZeRO steps our AdamW: on its CPU copy of the partition with optimizer offload, else on the device.
+
+    ZeRO hands the torch optimizer its own flat fp32 partition tensors (param_groups swapped in) and calls step(),
+    so on a GPU the fused kernel serves them like any CUDA tensors.
+    """
+    return "cpu" if offload_optimizer else device.type
+
+
 def hash_folder(folder: str) -> FileRecords:
     """(size, sha256) of every file under a local folder, keyed by relative path."""
     records = {}
@@ -96,7 +105,7 @@ class DeepSpeedStrategy(ScheduledStrategy):
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.device = cfg, device
         self.name = cfg.name
-        self.precision = resolve_precision(cfg, device)
+        self.precision = setup_precision(cfg, device)
 
     def wrap(
         self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1, grad_accum: int = 1
@@ -106,7 +115,7 @@ class DeepSpeedStrategy(ScheduledStrategy):
 
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
         model.to(self.device)
-        optimizer = build_optimizer(model, optim_cfg)
+        optimizer = build_optimizer(model, optim_cfg, optimizer_step_device(self.cfg.offload_optimizer, self.device))
         scheduler = build_scheduler(optimizer, optim_cfg, max_steps)
         self.ds_config = deepspeed_config(
             stage=self.cfg.zero_stage,

@@ -17,28 +17,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from trainers.config import OptimConfig
+from trainers.models import transformer_blocks
 from trainers.strategies.base import TorchStrategy
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a transformers model: its one list of `num_hidden_layers` modules of one class
-    (GPT-2's transformer.h, BERT's bert.encoder.layer).
-
-    Found by shape rather than by name or `_no_split_modules`, which BERT leaves unset, so any architecture
-    (and a model wrapped by peft) works without a table here.
-    """
-    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    lists = [
-        module
-        for module in model.modules()
-        if isinstance(module, nn.ModuleList) and len(module) == layers and len({type(m) for m in module}) == 1
-    ]
-    if len(lists) != 1:
-        raise ValueError(
-            f"FSDP2 cannot tell the blocks of {type(model).__name__}: it has {len(lists)} lists of "
-            f"config.num_hidden_layers={layers} modules of one class, not 1"
-        )
-    return list(lists[0])
 
 
 class FSDP2Strategy(TorchStrategy):

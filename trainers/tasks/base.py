@@ -48,8 +48,11 @@ class TaskBase:
 
 
 def on_device(batch: Batch[np.ndarray], device: torch.device) -> Batch[torch.Tensor]:
-    """A stream's batch as tensors on this worker's device."""
-    return batch.map(lambda array: torch.from_numpy(array).to(device, non_blocking=True))
+    """A stream's batch as tensors on this worker's device (through pinned memory to a GPU: the copy leaves the
+    host free; training reads through trainers/device_batches.py, which also reads ahead)."""
+    if device.type != "cuda":
+        return batch.map(torch.from_numpy)
+    return batch.map(lambda array: torch.from_numpy(array).pin_memory().to(device, non_blocking=True))
 
 
 def task_batch(task: Task, batch: Batch[np.ndarray], split: str, device: torch.device) -> Batch[torch.Tensor]:
