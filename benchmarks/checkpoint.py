@@ -1,34 +1,43 @@
-"""Checkpoint speed on an S3-compatible store: async vs sync blocking, throughput vs raw s3fs, restart time.
+"""Checkpoint speed on an S3-compatible store: async vs sync blocking, save/load vs raw s3fs, restart time.
 
-    .venv/bin/python benchmarks/checkpoint.py [--layers 8] [--width 512]
+    .venv/bin/python benchmarks/checkpoint.py [--quick] [--layers 8] [--width 512] [--skip-restart]
 
-Starts moto's S3 server on 127.0.0.1 (a free port) and stops it at the end. Three measurements:
+A module of `make bench` (benchmarks/suite.py): HEADING, measure(quick) and render(results). Starts
+moto's S3 server on 127.0.0.1 (a free port; it shares the machine's CPUs with the writer) and stops it
+at the end. Three measurements:
 
-1. Blocking time of one save of the same model + AdamW state, synchronous vs `checkpoint.async`
-   (async blocks while DCP copies the state to CPU; the upload runs in the background).
-2. Save and load throughput (checkpoint bytes / wall time, manifest and sha256 verification included)
-   vs raw s3fs copying the very same files (`put`/`get` of the folder).
-3. Time from SIGKILL of a Ray worker to the first step logged after Ray restarted the group from the
-   last committed checkpoint (`kiln train`, 2 CPU workers, every step checkpointed).
+(d) Blocking time of one save of the same model + AdamW state, synchronous vs `checkpoint.async`
+    (async blocks while DCP copies the state to CPU; the upload runs in the background).
+(e) Save and load wall time (manifest and sha256 verification included) vs a raw s3fs copy of
+    exactly the same files, both the way a user would write it (`put`/`get` of the folder with
+    s3fs's defaults) and with the parallelism Kiln uses (as many files at once, the same part size
+    and parts in flight). Rounds alternate which side goes first; the table gives medians.
+(f) Time from SIGKILL of a Ray worker to the first step logged after Ray restarted the group from the
+    last committed checkpoint (`kiln train`, 2 CPU workers, every step checkpointed).
 
-Prints results; asserts nothing. Goals (issue 6): async blocks < 10% of sync; throughput ratio >= 0.8.
+Asserts nothing. Goals (issue 15): async blocks < 5% of sync; save and load >= 0.8 of raw; restart < 30 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine, paragraph, today  # noqa: E402
+
+HEADING = "## Checkpoints and restarts"
 
 BUCKET = "kiln-bench"
 
@@ -69,8 +78,48 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def save_and_load(root: str, layers: int, width: int) -> dict:
-    """Measurements 1 and 2, in one process with a one-rank gloo group."""
+def raw_put_parallel(fs, local: str, url: str) -> None:
+    """s3fs uploads of local's files with Kiln's parallelism: as many files at once, same parts in flight."""
+    from data_pipeline import transfer
+    from trainers.strategies.dcp_io import UPLOAD_THREADS
+
+    names = sorted(
+        os.path.relpath(os.path.join(folder, name), local) for folder, _, found in os.walk(local) for name in found
+    )
+    with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+        for _ in pool.map(
+            lambda name: fs.put_file(
+                f"{local}/{name}",
+                f"{url}/{name}".removeprefix("s3://"),
+                chunksize=transfer.STREAM_PART_BYTES,
+                max_concurrency=transfer.STREAM_CONCURRENCY,
+            ),
+            names,
+        ):
+            pass
+
+
+def raw_get_parallel(fs, url: str, local: str) -> None:
+    """s3fs downloads of url's files with Kiln's parallelism (files at once, part size, parts in flight)."""
+    from data_pipeline import storage, transfer
+
+    files = list(storage.walk_files(url))
+    os.makedirs(local, exist_ok=True)
+    with ThreadPoolExecutor(4) as pool:  # trainers/checkpoint.py verify(): 4 files at once
+        for _ in pool.map(
+            lambda item: fs.get_file(
+                f"{url}/{item[0]}".removeprefix("s3://"),
+                os.path.join(local, item[0].replace("/", "_")),
+                chunksize=transfer.part_size(item[1]),
+                max_concurrency=transfer.PART_CONCURRENCY,
+            ),
+            files,
+        ):
+            pass
+
+
+def save_and_load(root: str, layers: int, width: int, rounds: int) -> dict:
+    """Measurements (d) and (e), in one process with a one-rank gloo group; seconds of every round."""
     import s3fs
     import torch.distributed as dist
 
@@ -82,39 +131,70 @@ def save_and_load(root: str, layers: int, width: int) -> dict:
     strategy = build_strategy(layers, width)
     extra = {"step": 1, "strategy": strategy.extra_state()}
 
-    def store(name: str, async_upload: bool) -> CheckpointStore:
+    def store(name: str, async_upload: bool = False) -> CheckpointStore:
         return CheckpointStore(
             f"{root}/{name}", rank=0, world_size=1, strategy="ddp", config_hash="bench", async_upload=async_upload
         )
 
-    store("warmup", False).save(1, strategy, extra)  # first-use costs (s3fs client, DCP planner) untimed
-    sync = store("sync", False)
-    sync_s, _ = timed(lambda: sync.save(1, strategy, extra))
-    asynchronous = store("async", True)
-    async_block_s, _ = timed(lambda: asynchronous.save(1, strategy, extra))
-    async_finish_s, _ = timed(asynchronous.wait)
-    asynchronous.close()
-
-    size = sum(size for _, size in storage.walk_files(sync.url(1)))
-    load_s, restored = timed(lambda: sync.restore(strategy))
-    assert restored is not None and restored.committed.step == 1
-
+    warmup = store("warmup")
+    warmup.save(1, strategy, extra)  # first-use costs (s3fs client, DCP planner) untimed
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    local = tempfile.mkdtemp(prefix="kiln-bench-raw-")
+    source = tempfile.mkdtemp(prefix="kiln-bench-raw-")  # the very bytes of a checkpoint, for the raw copies
+    fs.get(f"{warmup.url(1)}/".removeprefix("s3://"), source, recursive=True)
+    size = sum(size for _, size in storage.walk_files(warmup.url(1)))
+    files = sum(len(names) for _, _, names in os.walk(source))
+    storage.remove(warmup.url(1), recursive=True)
+    keys = ["sync", "async_block", "async_finish", "put", "put_parallel", "load", "get", "get_parallel"]
+    times: dict[str, list[float]] = {key: [] for key in keys}
     try:
-        raw_get_s, _ = timed(lambda: fs.get(f"{sync.url(1)}/".removeprefix("s3://"), local, recursive=True))
-        raw_put_s, _ = timed(lambda: fs.put(f"{local}/", f"{root}/raw/".removeprefix("s3://"), recursive=True))
+        for number in range(rounds):
+            sync = store(f"sync{number}")
+            asynchronous = store(f"async{number}", async_upload=True)
+
+            def kiln_save(sync=sync, asynchronous=asynchronous) -> None:
+                times["sync"].append(timed(lambda: sync.save(1, strategy, extra))[0])
+                times["async_block"].append(timed(lambda: asynchronous.save(1, strategy, extra))[0])
+                times["async_finish"].append(timed(asynchronous.wait)[0])
+                asynchronous.close()
+
+            def raw_save(number=number) -> None:
+                times["put"].append(
+                    timed(lambda: fs.put(f"{source}/", f"{root}/raw{number}/".removeprefix("s3://"), recursive=True))[0]
+                )
+                times["put_parallel"].append(timed(lambda: raw_put_parallel(fs, source, f"{root}/rawp{number}"))[0])
+
+            def kiln_load(sync=sync) -> None:
+                took, restored = timed(lambda: sync.restore(strategy))
+                assert restored is not None and restored.committed.step == 1
+                times["load"].append(took)
+
+            def raw_load(sync=sync) -> None:
+                for key, copy in (
+                    ("get", lambda to: fs.get(f"{sync.url(1)}/".removeprefix("s3://"), to, recursive=True)),
+                    ("get_parallel", lambda to: raw_get_parallel(fs, sync.url(1), to)),
+                ):
+                    target = tempfile.mkdtemp(prefix="kiln-bench-get-")
+                    times[key].append(timed(lambda copy=copy, target=target: copy(target))[0])
+                    shutil.rmtree(target, ignore_errors=True)
+
+            # alternate which side goes first, so neither always meets a warmer (or busier) server
+            steps = (
+                [kiln_save, raw_save, kiln_load, raw_load]
+                if number % 2 == 0
+                else [raw_save, kiln_save, raw_load, kiln_load]
+            )
+            for step in steps:
+                step()
+            for name in (f"sync{number}", f"async{number}", f"raw{number}", f"rawp{number}"):
+                storage.remove(f"{root}/{name}", recursive=True)  # moto holds objects in memory
     finally:
-        shutil.rmtree(local, ignore_errors=True)
-    dist.destroy_process_group()
+        shutil.rmtree(source, ignore_errors=True)
+        dist.destroy_process_group()
     return {
         "bytes": size,
-        "sync_s": sync_s,
-        "async_block_s": async_block_s,
-        "async_finish_s": async_finish_s,
-        "load_s": load_s,
-        "raw_put_s": raw_put_s,
-        "raw_get_s": raw_get_s,
+        "files": files,
+        "rounds": times,
+        **{key: statistics.median(values) for key, values in times.items()},
     }
 
 
@@ -150,43 +230,89 @@ def restart_time(root: str) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--skip-restart", action="store_true", help="only measurements 1 and 2")
-    args = parser.parse_args()
+def measure(quick: bool, layers: int | None = None, width: int | None = None, restart: bool | None = None) -> dict:
+    """Run (d), (e) and, unless quick, (f); quick: a 2x256 model and one round (a smoke run)."""
+    layers = layers or (2 if quick else 8)
+    width = width or (256 if quick else 512)
     os.environ.setdefault("KILN_CACHE_DIR", os.path.expanduser("~/.cache/kiln"))
     from tests.s3_server import stop
 
     server, root = start_s3()
     try:
-        io = save_and_load(root, args.layers, args.width)
-        restart = None if args.skip_restart else restart_time(root)
+        io = save_and_load(root, layers, width, rounds=1 if quick else 3)
+        kill = restart_time(root) if (not quick if restart is None else restart) else None
     finally:
         stop(server)
-    mb = io["bytes"] / 2**20
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
-    print(f"checkpoint: GPT-2 {args.layers}x{args.width}, model + AdamW state = {mb:,.1f} MiB on moto S3 (loopback)")
-    print(f"sync save blocks     {io['sync_s']:7.2f} s   ({mb / io['sync_s']:6.1f} MiB/s, manifest + sha256 included)")
-    print(
-        f"async save blocks    {io['async_block_s']:7.2f} s   = {io['async_block_s'] / io['sync_s']:.1%} of sync "
-        f"(goal < 10%); upload finished {io['async_finish_s']:.2f} s later"
-    )
-    print(
-        f"raw s3fs put         {io['raw_put_s']:7.2f} s   ({mb / io['raw_put_s']:6.1f} MiB/s) -> save ratio "
-        f"{io['raw_put_s'] / io['sync_s']:.2f} (goal >= 0.8)"
-    )
-    print(f"load (verify+DCP)    {io['load_s']:7.2f} s   ({mb / io['load_s']:6.1f} MiB/s)")
-    print(
-        f"raw s3fs get         {io['raw_get_s']:7.2f} s   ({mb / io['raw_get_s']:6.1f} MiB/s) -> load ratio "
-        f"{io['raw_get_s'] / io['load_s']:.2f} (goal >= 0.8)"
-    )
-    if restart:
-        print(
-            f"worker SIGKILL -> group restarted (restored step {restart['restored_step']}) "
-            f"{restart['kill_to_group_started_s']:.1f} s -> first step logged {restart['kill_to_first_step_s']:.1f} s"
-        )
+    return {
+        "date": today(),
+        "machine": machine(),
+        "model": f"GPT-2 {layers}x{width}",
+        "quick": quick,
+        **io,
+        "restart": kill,
+    }
+
+
+def render(results: dict) -> str:
+    """The section's markdown: (d) and (e) in one table, (f) in another, and how they were measured."""
+    from data_pipeline import transfer
+
+    r = results
+    mib = r["bytes"] / 2**20
+    rounds = len(r["rounds"]["sync"])
+    where = f"{r['date']} | {r['machine']}"
+    lines = [
+        paragraph(
+            f"One process (gloo group of 1), {r['model']} under DDP after one AdamW step: model + optimizer state = "
+            f"{mib:,.1f} MiB, saved to and loaded from moto's S3 server on 127.0.0.1, which runs on the same CPUs "
+            'as the writer (so every byte costs CPU on both sides). "Save" is `CheckpointStore.save` with the '
+            "manifest (sizes, sha256 of every file) committed: DCP streams each file to the store in "
+            f"{transfer.STREAM_PART_BYTES >> 20} MiB parts that upload threads send while DCP serialises the next "
+            'ones, hashing as it writes; "load" is `restore`: rank 0 downloads every file '
+            'as parallel ranged reads, hashing them in order, then DCP loads from the copy. "Raw" is s3fs '
+            "copying exactly the same files: once as a user would (`put`/`get` of the folder, s3fs's defaults: "
+            "50 MiB parts, 10 in flight), once with Kiln's parallelism (as many files at once, its part size and "
+            f"parts in flight). Medians of {rounds} round(s) that alternate which side goes first; ratio = raw "
+            "time / Kiln time (>= 0.8 is the goal), against the default raw copy and the parallel one."
+        ),
+        "",
+        "| date | machine | sync save | async save blocks | raw put (defaults / parallel) | save ratio | load "
+        "| raw get (defaults / parallel) | load ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| {where} | {r['sync']:.2f} s ({mib / r['sync']:.0f} MiB/s) "
+        f"| {r['async_block']:.2f} s ({r['async_block'] / r['sync']:.1%} of sync; goal < 5%) "
+        f"| {r['put']:.2f} s / {r['put_parallel']:.2f} s "
+        f"| {r['put'] / r['sync']:.2f} / {r['put_parallel'] / r['sync']:.2f} "
+        f"| {r['load']:.2f} s ({mib / r['load']:.0f} MiB/s) | {r['get']:.2f} s / {r['get_parallel']:.2f} s "
+        f"| {r['get'] / r['load']:.2f} / {r['get_parallel'] / r['load']:.2f} |",
+    ]
+    if r.get("restart"):
+        k = r["restart"]
+        lines += [
+            "",
+            paragraph(
+                "Restart: `kiln train` on 2 Ray CPU workers, every step checkpointed to the same S3 server, rank 1 "
+                "SIGKILLed after step 10 was committed; seconds from the kill until Ray Train had restarted the "
+                f"group (restored step {k['restored_step']}) and until the first step after it was logged "
+                "(goal < 30 s)."
+            ),
+            "",
+            "| date | machine | kill -> group restarted | kill -> first step logged |",
+            "|---|---|---|---|",
+            f"| {where} | {k['kill_to_group_started_s']:.1f} s | {k['kill_to_first_step_s']:.1f} s |",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small model, one round, no restart")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--skip-restart", action="store_true", help="only measurements (d) and (e)")
+    args = parser.parse_args()
+    results = measure(args.quick, args.layers, args.width, restart=False if args.skip_restart else None)
+    print(render(results))
 
 
 if __name__ == "__main__":

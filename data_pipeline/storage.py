@@ -24,6 +24,7 @@ from typing import IO
 import fsspec
 from fsspec.core import url_to_fs
 
+from data_pipeline import transfer
 from data_pipeline.redaction import redact_text
 from data_pipeline.s3_clients import configure_object_stores
 from data_pipeline.store_retry import (
@@ -96,12 +97,17 @@ def sha256_stream(handle: IO[bytes], copy_to: IO[bytes] | None = None) -> str:
 
 
 def sha256_file(url: str, copy_to: str | None = None) -> str:
-    """sha256 of a file, streamed (and copied to the local path copy_to); retried whole on a store error."""
+    """sha256 of a file, streamed (and copied to the local path copy_to); retried whole on a store error.
+
+    A copy from an object store is downloaded as parallel ranged reads, hashed as they arrive.
+    """
 
     def digest_file() -> str:
         fs, path = filesystem(url)
         if copy_to:
             os.makedirs(os.path.dirname(copy_to), exist_ok=True)
+            if not is_local(url):
+                return transfer.download_hashed(fs, path, fs.size(path), copy_to)
         with fs.open(path, "rb") as handle, open(copy_to, "wb") if copy_to else contextlib.nullcontext() as out:
             return sha256_stream(handle, out)
 

@@ -130,7 +130,8 @@ def verify(url: str, copy_to: str | None = None) -> dict:
             raise CheckpointError(f"{url}: {path} listed in {MANIFEST} is missing")
         if on_disk[path] != entry["size"]:
             raise CheckpointError(f"{url}: {path} has {on_disk[path]} bytes, manifest says {entry['size']}")
-    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="kiln-verify") as pool:
+    # 4 files at once, each in transfer.PART_CONCURRENCY parts: bounded memory, enough requests in flight
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="kiln-verify") as pool:
         digests = pool.map(
             lambda entry: storage.sha256_file(
                 storage.join(url, entry["path"]), os.path.join(copy_to, entry["path"]) if copy_to else None

@@ -125,3 +125,22 @@ def test_a_checkpoint_verifies_and_restores_exactly(root):
     assert restored.committed.step == 2 and restored.extra == {"step": 2} and restored.skipped == []
     for key, value in weights(fresh).items():
         assert torch.equal(value, saved[2][key]), key
+
+
+def test_an_s3_object_streamed_in_parts_appears_whole_on_close_and_never_after_a_failure(s3):
+    from data_pipeline.transfer import S3PartWriter
+
+    folder = f"s3://{s3}/parts-{uuid.uuid4().hex[:8]}"
+    fs, _ = storage.filesystem(folder)
+    part = 5 << 20  # S3's smallest part
+    payload = bytes(range(256)) * (12 * 4096) + b"tail"  # 12 MiB and a tail: 3 parts, the last short
+    with S3PartWriter(fs, f"{folder}/whole.bin", part_bytes=part, concurrency=2) as stream:
+        for start in range(0, len(payload), (1 << 20) + 1):  # writes that straddle part boundaries
+            stream.write(payload[start : start + (1 << 20) + 1])
+        assert stream.tell() == len(payload)
+    assert storage.read_bytes(f"{folder}/whole.bin") == payload
+    with pytest.raises(RuntimeError), S3PartWriter(fs, f"{folder}/torn.bin", part_bytes=part) as stream:
+        stream.write(payload)  # two parts already sent
+        raise RuntimeError("the writer failed midway")
+    assert not storage.exists(f"{folder}/torn.bin")
+    storage.remove(folder, recursive=True)

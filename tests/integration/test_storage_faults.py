@@ -4,6 +4,7 @@ fix (a missing bucket, an endpoint nobody answers). The proxy itself is checked 
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -131,6 +132,34 @@ def test_big_file_opened_directly_like_dcp_survives_faults(s3, root, monkeypatch
     assert proxy.counts.dropped > 0 and proxy.counts.failed > 0
     if block_size:
         assert any("uploadId=" in path for _, path in tries)
+
+
+def test_a_checkpoint_file_streamed_in_parts_and_copied_back_in_ranges_survives_faults(
+    s3, root, monkeypatch, fresh_s3fs, tmp_path
+):
+    from data_pipeline import transfer
+
+    tries: dict[tuple[str, str], int] = {}
+
+    def first_try_fails(method: str, path: str):
+        key = (method, path)
+        tries[key] = tries.get(key, 0) + 1
+        return ("drop", "fail")[len(tries) % 2] if tries[key] == 1 else None
+
+    monkeypatch.setattr(transfer, "MIN_PART_BYTES", 5 << 20)
+    data = os.urandom(12 << 20)
+    url = f"{root}/model.distcp"
+    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], on_request=first_try_fails) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        fs, path = fsspec.core.url_to_fs(url)
+        with transfer.S3PartWriter(fs, path, part_bytes=5 << 20) as stream:  # how Kiln's DCP writer uploads
+            for start in range(0, len(data), 1 << 20):
+                stream.write(data[start : start + (1 << 20)])
+        copy = tmp_path / "model.distcp"
+        assert storage.sha256_file(url, str(copy)) == hashlib.sha256(data).hexdigest()  # how restore copies
+        assert copy.read_bytes() == data
+    assert proxy.counts.dropped > 0 and proxy.counts.failed > 0
+    assert any("uploadId=" in path for _, path in tries)
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from data_pipeline import storage
+from data_pipeline import storage, transfer
 from trainers import safe_load
 from trainers.errors import CheckpointError
 
@@ -64,7 +64,7 @@ class HashingFileSystem:
 
     @contextlib.contextmanager
     def create_stream(self, path, mode: str) -> Iterator:
-        with self._inner.create_stream(path, mode) as stream:
+        with self._open(path, mode) as stream:
             if "w" not in mode:
                 yield stream
                 return
@@ -74,6 +74,14 @@ class HashingFileSystem:
         name = os.path.basename(os.fspath(path)).removesuffix(".tmp")
         with self._lock:
             self.records[name] = (hashing.size, hashing.hexdigest())
+
+    def _open(self, path, mode: str):
+        """The stream DCP writes a file through: on S3, one that uploads parts while DCP serialises."""
+        fs = getattr(self._inner, "fs", None)
+        protocols = getattr(fs, "protocol", ())
+        if "w" in mode and "s3" in (protocols if isinstance(protocols, (tuple, list)) else (protocols,)):
+            return transfer.S3PartWriter(fs, os.fspath(path))
+        return self._inner.create_stream(path, mode)
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -88,7 +96,8 @@ def writer(url: str):
 
         # Several files per rank, uploaded by parallel threads: one stream per rank leaves most of an
         # object store's bandwidth unused.
-        made = FsspecWriter(url, thread_count=UPLOAD_THREADS)
+        # sync_files=False: an object has no fsync, and DCP's fallback, os.sync(), flushes every disk of the machine.
+        made = FsspecWriter(url, thread_count=UPLOAD_THREADS, sync_files=False)
     # a duck-typed stand-in: HashingFileSystem forwards all but create_stream to the file system it wraps
     made.fs = cast(FileSystem, HashingFileSystem(made.fs))
     return made
