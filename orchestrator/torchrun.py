@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+import torch
+
 from data_pipeline.config import default_storage_root
 from data_pipeline.redaction import redact_logging, redact_text
 from orchestrator.attempts import driver_identity
@@ -18,7 +20,7 @@ from orchestrator.config import UsageError, absolute_url, compose_config
 from orchestrator.registry import UnknownRun
 from orchestrator.runs import prepare_resume, refresh, start_run
 from trainers import loop
-from trainers.distributed import broadcast_from_rank0, ensure_process_group
+from trainers.distributed import broadcast_from_rank0, ensure_process_group, torchrun_backend
 from trainers.events import record_event
 from trainers.preemption import StopFlag
 from trainers.run_state import RunState
@@ -82,7 +84,9 @@ def main(argv: list[str]) -> int:
     ctx = TorchrunContext()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{ctx.rank} %(name)s %(message)s")
     redact_logging()
-    ensure_process_group("nccl" if os.environ.get("KILN_TORCHRUN_NCCL") else "gloo")
+    # The group exists before rank 0 has composed the config, so it serves both: gradients of a GPU run go over
+    # NCCL, the config broadcast over gloo.
+    ensure_process_group(torchrun_backend(torch.cuda.is_available()))
     prepared = None
     if ctx.rank == 0:
         try:

@@ -9,6 +9,12 @@ import torch
 import torch.distributed as dist
 
 
+def torchrun_backend(cuda_available: bool) -> str:
+    """The backend of a group made before the config is known: NCCL for CUDA tensors where a GPU exists, gloo for
+    CPU tensors (the config broadcast, object collectives) always."""
+    return "cpu:gloo,cuda:nccl" if cuda_available else "gloo"
+
+
 def ensure_process_group(backend: str, timeout_s: float = 1800) -> None:
     """Join the default process group from the env (torchrun), unless the launcher already did (Ray)."""
     if not dist.is_initialized():

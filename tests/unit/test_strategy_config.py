@@ -106,6 +106,15 @@ def test_adamw_runs_fused_on_a_gpu_and_as_before_on_cpu():
     assert optimizer_step_device(False, torch.device("cuda", 0)) == "cuda"
 
 
+def test_a_torchrun_group_serves_nccl_to_gpu_tensors_and_gloo_to_the_config_broadcast():
+    from trainers.distributed import torchrun_backend
+
+    # torchrun's group is made before the config exists: one group must serve a GPU run's gradients (NCCL) and
+    # the config's object broadcast (CPU, gloo); torch picks the backend by each tensor's device.
+    assert torchrun_backend(cuda_available=True) == "cpu:gloo,cuda:nccl"
+    assert torchrun_backend(cuda_available=False) == "gloo"
+
+
 @pytest.mark.parametrize(
     "tf32, precision, device, expected",
     [
