@@ -118,7 +118,7 @@ def refusal(strategy: str, compiled: bool) -> str | None:
 
 
 def torchrun(overrides: list[str], env: dict, log: Path, timeout: float | None = None) -> int:
-    """`torchrun --nproc-per-node 1 -m orchestrator.torchrun OVERRIDES` (NCCL for the GPU's tensors); its exit code (-1: timed out)."""
+    """`torchrun --nproc-per-node 1 -m orchestrator.torchrun OVERRIDES`; its exit code (-1: timed out)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
     with open(log, "w") as out:
         try:
