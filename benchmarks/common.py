@@ -87,3 +87,16 @@ def today() -> str:
     import datetime
 
     return datetime.datetime.now(datetime.UTC).date().isoformat()
+
+
+def quickstart_overrides(run_id: str, root: str | Path, steps: int) -> list[str]:
+    """`kiln train` arguments of a benchmark's quickstart run: steps steps, evaluated and saved once, at the end."""
+    return [
+        "experiment=quickstart",
+        f"run.id={run_id}",
+        f"storage.root={root}",
+        f"train.max_steps={steps}",
+        f"train.eval_every={steps}",
+        f"train.checkpoint_every={steps}",
+        "tracker=none",
+    ]

@@ -21,6 +21,10 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import quickstart_overrides  # noqa: E402
+
 BIN = Path(sys.executable).parent
 STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"]
 
@@ -28,19 +32,7 @@ STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload"]
 def kiln_run(root: str, strategy: str, steps: int, overrides: list[str]) -> dict:
     """Train the quickstart model with one strategy; summarise its steady state."""
     subprocess.run(
-        [
-            str(BIN / "kiln"),
-            "train",
-            "experiment=quickstart",
-            f"strategy={strategy}",
-            f"run.id={strategy}",
-            f"storage.root={root}",
-            f"train.max_steps={steps}",
-            f"train.eval_every={steps}",
-            f"train.checkpoint_every={steps}",
-            "tracker=none",
-            *overrides,
-        ],
+        [str(BIN / "kiln"), "train", *quickstart_overrides(strategy, root, steps), f"strategy={strategy}", *overrides],
         check=True,
         cwd=REPO,
         stdout=subprocess.DEVNULL,

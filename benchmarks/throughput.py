@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, base_env, machine, paragraph, publish, today
+from benchmarks.common import REPO, base_env, machine, paragraph, publish, quickstart_overrides, today
 
 HEADING = "## Throughput: `kiln train` against a bare torch loop and Hugging Face Trainer (`benchmarks/throughput.py`)"
 BIN = Path(sys.executable).parent
@@ -103,16 +103,7 @@ def run_kiln(work: Path, tag: str, spec: dict, env: dict, ray: bool = True) -> d
     launcher = [str(BIN / "kiln"), "train"] if ray else [*torchrun, "-m", "orchestrator.torchrun"]
     with open(work / f"{tag}.log", "w") as log:
         subprocess.run(
-            [
-                *launcher,
-                "experiment=quickstart",
-                f"run.id={tag}",
-                f"storage.root={root}",
-                f"train.max_steps={steps}",
-                f"train.eval_every={steps}",
-                f"train.checkpoint_every={steps}",
-                "tracker=none",
-            ],
+            [*launcher, *quickstart_overrides(tag, root, steps)],
             check=True,
             cwd=REPO,
             env=env if ray else {**env, "OMP_NUM_THREADS": "1"},
