@@ -47,7 +47,7 @@ NAMES = {
     "kiln_torchrun": "Kiln's loop without Ray (`torchrun -m orchestrator.torchrun`)",
 }
 # (steps per run, first step of the steady range, rounds)
-FULL = (160, 30, 2)
+FULL = (160, 30, 4)  # rounds on this 2-core machine differ by up to ~7%: four, for a steadier median
 QUICK = (50, 15, 1)
 GOALS = {"bare": 0.97, "hf": 1.0, "data_wait": 0.01}
 
