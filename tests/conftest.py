@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SFT_RUN, STRATEGY_RUN, kiln, prepare_rows, torchrun
+from tests.helpers import SFT_RUN, STRATEGY_RUN, kiln, prepare_rows, runs_per_strategy
 from tests.ray_cluster import LocalRayCluster
 from tests.s3_server import aws_env, start_moto, stop
 
@@ -19,16 +19,7 @@ from tests.s3_server import aws_env, start_moto, stop
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory, cache_dir):
     """strategy name -> folder of its finished 20-step torchrun run (each trained once per session)."""
-    root = tmp_path_factory.mktemp("strategies")
-    done: dict[str, Path] = {}
-
-    def get(strategy: str) -> Path:
-        if strategy not in done:
-            torchrun(*STRATEGY_RUN, f"strategy={strategy}", f"run.id={strategy}", f"storage.root={root}")
-            done[strategy] = root / strategy
-        return done[strategy]
-
-    return get
+    return runs_per_strategy(tmp_path_factory.mktemp("strategies"), *STRATEGY_RUN)
 
 
 @pytest.fixture(scope="session")

@@ -106,6 +106,19 @@ def torchrun(*args: str, timeout: float = 300, nproc: int = 2) -> subprocess.Com
     return result
 
 
+def runs_per_strategy(root: Path, *args: str):
+    """strategy -> folder of its finished torchrun run of ARGS under root, trained the first time it is asked for."""
+    done: dict[str, Path] = {}
+
+    def get(strategy: str) -> Path:
+        if strategy not in done:
+            torchrun(*args, f"strategy={strategy}", f"run.id={strategy}", f"storage.root={root}")
+            done[strategy] = root / strategy
+        return done[strategy]
+
+    return get
+
+
 def rows(run_dir: Path) -> list[dict]:
     """The run's metrics.jsonl, one dict a line."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

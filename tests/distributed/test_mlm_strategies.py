@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, rows, torchrun
+from tests.helpers import TINY, rows, runs_per_strategy, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -23,16 +23,7 @@ STRATEGIES = ["ddp", "fsdp", "zero2"]
 @pytest.fixture(scope="module")
 def mlm_runs(tmp_path_factory, cache_dir):
     """strategy -> folder of its finished 8-step MLM run (each trained once per module)."""
-    root = tmp_path_factory.mktemp("mlm")
-    done: dict[str, Path] = {}
-
-    def get(strategy: str) -> Path:
-        if strategy not in done:
-            torchrun(*MLM, f"strategy={strategy}", f"run.id={strategy}", f"storage.root={root}")
-            done[strategy] = root / strategy
-        return done[strategy]
-
-    return get
+    return runs_per_strategy(tmp_path_factory.mktemp("mlm"), *MLM)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
