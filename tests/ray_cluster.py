@@ -37,6 +37,11 @@ print(json.dumps([
     for n in ray.nodes() if n["Alive"]
 ]))
 """
+FREE_SCRIPT = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(json.dumps(ray.available_resources()))
+"""
 
 
 @dataclass
@@ -171,16 +176,30 @@ class LocalRayCluster:
 
     def alive_nodes(self) -> list[dict]:
         """Ray's view of its alive nodes (id, address, resources), asked by a client holding the token."""
+        return self._ask(NODES_SCRIPT, default=[])
+
+    def _ask(self, script: str, default):
+        """Run `script` as a client of the cluster; the JSON of its last line, or `default` if it failed."""
         result = subprocess.run(
-            [sys.executable, "-c", NODES_SCRIPT, self.gcs_address],
+            [sys.executable, "-c", script, self.gcs_address],
             env=self.node_env,
             capture_output=True,
             text=True,
             timeout=60,
         )
-        if result.returncode != 0:
-            return []
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        return json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else default
+
+    def free_resources(self) -> dict[str, float]:
+        """Ray's view of what no task or actor holds now, summed over the alive nodes."""
+        return self._ask(FREE_SCRIPT, default={})
+
+    def wait_until_free(self, resource: str, amount: float, timeout: float = 120) -> None:
+        """Until `amount` of `resource` is free: an earlier test's stopped job may still hold its workers."""
+        deadline = time.monotonic() + timeout
+        while (free := self.free_resources().get(resource, 0)) < amount:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {free} of {amount} {resource} free after {timeout:.0f}s")
+            time.sleep(1)
 
     def wait_for_node(self, name: str, timeout: float = 90) -> str:
         """The node id of the node offering resource `name`, once it is alive."""

@@ -32,6 +32,7 @@ from tests.integration.ft_harness import (
     s3_root,
     wait_for,
 )
+from tests.ray_cluster import WORKER_NODE
 
 pytestmark = pytest.mark.slow
 
@@ -271,6 +272,8 @@ def test_an_elastic_run_shrinks_on_node_loss_grows_back_and_keeps_the_math_of_a_
     root, run = s3_root(s3), "elastic"
     elastic = ["cluster.num_workers=[1,2]", "cluster.resize_check_s=3", "cluster.resources_per_worker={worker_node:1}"]
     args = ["submit", "--address", ray_cluster.address, *settings, *elastic, f"run.id={run}", f"storage.root={root}"]
+    # An elastic group starts with what is free: the last test's stopped job may still be releasing a node.
+    ray_cluster.wait_until_free(WORKER_NODE, 2)
     assert kiln_at(ray_cluster, *args).returncode == 0
     wait_for("step 5 committed on 2 workers", lambda: max(committed_steps(root, run), default=0) >= 5)
     assert events(root, run, "started")[0]["world_size"] == 2
