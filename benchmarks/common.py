@@ -62,7 +62,7 @@ def publish(work: Path, results: dict, render: Callable[[dict], str], heading: s
 def machine() -> str:
     """The machine and the versions a row was measured with: OS, CPU count, memory, Python, torch, Ray, GPU."""
     import platform
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     import psutil
 
@@ -74,11 +74,18 @@ def machine() -> str:
             gpu = f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
     except ImportError:
         pass
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # a GPU machine running the loop alone has no Ray
+            return "not installed"
+
     return (
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {gpu}; Python {platform.python_version()}, "
-        f"torch {version('torch')}, Ray {version('ray')}, transformers {version('transformers')}, "
-        f"DeepSpeed {version('deepspeed')}"
+        f"torch {installed('torch')}, Ray {installed('ray')}, transformers {installed('transformers')}, "
+        f"DeepSpeed {installed('deepspeed')}"
     )
 
 

@@ -3,15 +3,21 @@ trains with zero3_offload.
 
     .venv/bin/python benchmarks/gpu.py [--quick] [--no-docs]   # needs a CUDA GPU
     .venv/bin/python benchmarks/gpu.py --dry-run                # composes every run's config; trains nothing
+    python3 benchmarks/gpu.py --no-docs --out DIR --budget-s 540 [--only cases|ladder] [--ladder-from 1.5B]
+
+A GPU lease is short and can end mid-run: --out rewrites DIR/results.json after every run (a failed run
+carries the end of its log), and --budget-s gives every run only the time left and skips the runs that
+would start with under a minute of it.
 
 Every run is `torchrun --nproc-per-node 1 -m orchestrator.torchrun` (NCCL, no Ray: the loop alone) training
 `model=gpt2_small` (GPT-2 124M from config, nothing downloaded) on the built-in corpus prepared at seq_len
 1024 (once, untimed), bf16, the batch in CONFIG. Tokens/s is wall clock: the `time` stamps of the
-metrics.jsonl rows rank 0 writes right after each step's sync (train.log_every=1, so every step reads its
-loss back) over the steady steps (compilation and warm-up skipped; the last step, which also evaluates and
-saves, left out). MFU is those tokens/s x trainers/flops.py's FLOPs per token over the GPU's dense bf16
-peak (trainers/flops.py's table). Strategies: ddp (on one GPU: no communication), fsdp and zero3;
-model.compile is refused with zero3 (trainers/config.py COMPILE_STRATEGIES), so that row says so.
+metrics.jsonl rows rank 0 writes right after each logged step's sync (train.log_every=10, as a run would
+log: a logged step reads its loss back and the GPU idles while the host logs it) over the steady steps
+(compilation and warm-up skipped; the last step, which also evaluates and saves, left out). MFU is those
+tokens/s x trainers/flops.py's FLOPs per token over the GPU's dense bf16 peak (trainers/flops.py's table).
+Strategies: ddp (on one GPU: no communication), fsdp and zero3; model.compile is refused with zero3
+(trainers/config.py COMPILE_STRATEGIES), so that row says so.
 
 The offload ladder trains GPT-2-shaped models of growing width and depth for a few steps each with
 strategy=zero3_offload, micro-batch 1, activation checkpointing, and stops at the first that fails (out of
@@ -23,10 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,7 +51,7 @@ CONFIG = [
     "strategy.precision=bf16",
     "train.micro_batch=16",
     "train.global_batch=64",
-    "train.log_every=1",
+    "train.log_every=10",
     "train.eval_batches=2",
     "train.torch_threads=0",
     "optim.warmup_steps=5",
@@ -53,7 +61,7 @@ STRATEGIES = ("ddp", "fsdp", "zero3")
 CASES = [(strategy, compiled) for strategy in STRATEGIES for compiled in (False, True)]
 # (steps per run, steps skipped as warm-up and compilation)
 FULL = (60, 20)
-QUICK = (16, 8)
+QUICK = (30, 10)
 # GPT-2 shapes (name, n_layer, n_head, n_embd), smallest first: the released sizes, then GPT-3's 2.7B and 6.7B shapes.
 LADDER = [
     ("gpt2-medium 350M", 24, 16, 1024),
@@ -64,6 +72,8 @@ LADDER = [
     ("13B", 40, 40, 5120),
 ]
 LADDER_STEPS = 3
+NOT_RUN = "not run: the time budget was spent"
+TOKENS_PER_STEP = 64 * 1024  # train.global_batch x data.seq_len in CONFIG
 LADDER_TIMEOUT_S = 1200
 
 
@@ -117,6 +127,29 @@ def refusal(strategy: str, compiled: bool) -> str | None:
     return compose(case_overrides(strategy, compiled, "/tmp/kiln-bench-gpu", "dry", 10))
 
 
+class Budget:
+    """The seconds a benchmark may still spend: each run gets what is left, none starts with under MIN_RUN_S."""
+
+    MIN_RUN_S = 60.0
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float | None:
+        """Seconds left, or None without a budget."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def allows_a_run(self) -> bool:
+        """Whether another run may start."""
+        left = self.left()
+        return left is None or left >= self.MIN_RUN_S
+
+
+def log_tail(log: Path, lines: int = 25) -> str:
+    """The last lines of a run's log, for a failure that must be read off a machine already given back."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+
 def torchrun(overrides: list[str], env: dict, log: Path, timeout: float | None = None) -> int:
     """`torchrun --nproc-per-node 1 -m orchestrator.torchrun OVERRIDES`; its exit code (-1: timed out)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
@@ -135,10 +168,13 @@ def torchrun(overrides: list[str], env: dict, log: Path, timeout: float | None =
 
 
 def steady(rows: list[dict], skip: int, tokens_per_step: int) -> dict:
-    """Tokens/s between the row times of step `skip` and the last-but-one step; peak memory; the last loss."""
+    """Tokens/s between the row times of the first logged step from `skip` on and the last-but-one logged step
+    (the last also evaluates and checkpoints before its row is written); peak memory; the last loss."""
     train = {r["step"]: r for r in rows if "perf/step_time_s" in r}
-    last = max(train) - 1  # the last step also evaluates and checkpoints before its row is written
-    first = min(skip, last - 1)
+    logged = sorted(train)
+    last = logged[-2]
+    first = next((step for step in logged if step >= skip), last)
+    first = first if first < last else logged[-3]
     seconds = train[last]["time"] - train[first]["time"]
     return {
         "tokens_per_s": (last - first) * tokens_per_step / seconds,
@@ -175,7 +211,13 @@ def prepare_corpus(cache_dir: str) -> None:
     resolve_data(cfg, log=lambda message: print(f"  {message}", flush=True))
 
 
-def measure(quick: bool) -> dict:
+def measure(
+    quick: bool,
+    budget: Budget | None = None,
+    parts: tuple[str, ...] = ("cases", "ladder"),
+    ladder_from: str | None = None,
+    save: Callable[[dict], None] = lambda results: None,
+) -> dict:
     """Every strategy with and without model.compile, then the zero3_offload ladder (quick: two rungs)."""
     import torch
 
@@ -184,47 +226,84 @@ def measure(quick: bool) -> dict:
             "benchmarks/gpu.py needs a CUDA GPU and this machine has none (torch.cuda.is_available() is False); "
             "run it on a GPU machine, or check its configs here with --dry-run"
         )
+    budget = budget or Budget(None)
     steps, skip = QUICK if quick else FULL
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-"))
     cache_dir = os.path.abspath(os.path.expanduser(os.environ.get("KILN_CACHE_DIR", "~/.cache/kiln")))
     print(f"working in {work}; preparing the corpus at seq_len 1024 (untimed)", flush=True)
     prepare_corpus(cache_dir)
     env = base_env(cache_dir)
-    tokens_per_step = 64 * 1024  # train.global_batch x data.seq_len in CONFIG
-    results: dict = {"date": today(), "machine": machine(), "quick": quick, "steps": steps, "cases": []}
-    for strategy, compiled in CASES:
-        case: dict = {"strategy": strategy, "compile": compiled}
-        results["cases"].append(case)
-        refused = refusal(strategy, compiled)
-        if refused:
-            case["refused"] = refused
-            continue
-        run_id = f"{strategy}-{'compiled' if compiled else 'eager'}"
-        print(f"{run_id}: {steps} steps", flush=True)
-        started = time.time()
-        code = torchrun(case_overrides(strategy, compiled, str(work), run_id, steps), env, work / f"{run_id}.log")
-        case["wall_s"] = time.time() - started
-        if code != 0:
-            case["failed"] = f"exit code {code}; see {work / f'{run_id}.log'}"
-            continue
-        rows = [json.loads(line) for line in (work / run_id / "metrics.jsonl").read_text().splitlines()]
-        case.update(steady(rows, skip, tokens_per_step))
-        flops, peak, gpu = flops_and_peak(work / run_id)
-        results.update(flops_per_token=flops, peak_flops=peak, gpu=gpu)
-        case["mfu"] = case["tokens_per_s"] * flops / peak if peak else None
-    results["ladder"] = ladder(work, env, LADDER[:2] if quick else LADDER)
+    log_every = int(next(o for o in CONFIG if o.startswith("train.log_every=")).split("=")[1])
+    results: dict = {
+        "date": today(),
+        "machine": machine(),
+        "quick": quick,
+        "steps": steps,
+        "log_every": log_every,
+        "cases": [],
+    }
+    if "cases" in parts:
+        for strategy, compiled in CASES:
+            results["cases"].append(run_case(strategy, compiled, work, env, (steps, skip), budget, results))
+            save(results)
+    shapes = LADDER[:2] if quick else LADDER
+    if ladder_from:
+        shapes = LADDER[next(i for i, shape in enumerate(LADDER) if ladder_from in shape[0]) :]
+    if "ladder" in parts:
+        results["ladder"] = []
+        ladder(work, env, shapes, budget, results["ladder"], lambda: save(results))
     return results
 
 
-def ladder(work: Path, env: dict, shapes: list[tuple[str, int, int, int]]) -> list[dict]:
-    """Train each shape under zero3_offload for a few steps, smallest first, until one fails."""
-    done = []
-    for name, n_layer, n_head, n_embd in shapes:
+def run_case(
+    strategy: str, compiled: bool, work: Path, env: dict, steps: tuple[int, int], budget: Budget, results: dict
+) -> dict:
+    """One strategy/compile run (steps: run, skipped): tokens/s, MFU, peak memory, last loss; or why not."""
+    case: dict = {"strategy": strategy, "compile": compiled}
+    refused = refusal(strategy, compiled)
+    if refused:
+        return {**case, "refused": refused}
+    if not budget.allows_a_run():
+        return {**case, "failed": NOT_RUN}
+    run_id = f"{strategy}-{'compiled' if compiled else 'eager'}"
+    print(f"{run_id}: {steps[0]} steps", flush=True)
+    started = time.time()
+    log = work / f"{run_id}.log"
+    code = torchrun(case_overrides(strategy, compiled, str(work), run_id, steps[0]), env, log, budget.left())
+    case["wall_s"] = time.time() - started
+    if code != 0:
+        return {**case, "failed": "timed out" if code == -1 else f"exit code {code}", "log_tail": log_tail(log)}
+    rows = [json.loads(line) for line in (work / run_id / "metrics.jsonl").read_text().splitlines()]
+    case.update(steady(rows, steps[1], TOKENS_PER_STEP))
+    flops, peak, gpu = flops_and_peak(work / run_id)
+    results.update(flops_per_token=flops, peak_flops=peak, gpu=gpu)
+    case["mfu"] = case["tokens_per_s"] * flops / peak if peak else None
+    return case
+
+
+def ladder(
+    work: Path,
+    env: dict,
+    shapes: list[tuple[str, int, int, int]],
+    budget: Budget,
+    done: list[dict],
+    saved: Callable[[], None],
+) -> None:
+    """Train each shape under zero3_offload for a few steps, smallest first, until one fails; rungs go to `done`."""
+    for index, (name, n_layer, n_head, n_embd) in enumerate(shapes):
+        if not budget.allows_a_run():
+            for later, *shape in shapes[index:]:
+                print(f"zero3_offload {later}: not run, the time budget was spent", flush=True)
+                done.append({"name": later, "shape": shape, "ok": False, "failed": NOT_RUN, "not_run": True})
+            saved()
+            return
         run_id = f"offload-{n_layer}x{n_embd}"
         print(f"zero3_offload {name}: {LADDER_STEPS} steps", flush=True)
         started = time.time()
-        overrides = ladder_overrides(n_layer, n_head, n_embd, str(work), run_id)
-        code = torchrun(overrides, env, work / f"{run_id}.log", timeout=LADDER_TIMEOUT_S)
+        left = budget.left()
+        log = work / f"{run_id}.log"
+        timeout = LADDER_TIMEOUT_S if left is None else min(left, LADDER_TIMEOUT_S)
+        code = torchrun(ladder_overrides(n_layer, n_head, n_embd, str(work), run_id), env, log, timeout)
         rung = {"name": name, "shape": [n_layer, n_head, n_embd], "wall_s": time.time() - started, "ok": code == 0}
         if code == 0:
             rows = [json.loads(line) for line in (work / run_id / "metrics.jsonl").read_text().splitlines()]
@@ -232,11 +311,13 @@ def ladder(work: Path, env: dict, shapes: list[tuple[str, int, int, int]]) -> li
             rung["peak_mem_mb"] = max(r["perf/peak_mem_mb"] for r in train)
             rung["last_step_s"] = train[-2]["time"] - train[-3]["time"] if len(train) >= 3 else None
         else:
-            rung["failed"] = "timed out" if code == -1 else f"exit code {code}; see {work / f'{run_id}.log'}"
+            rung["failed"] = "timed out" if code == -1 else f"exit code {code}"
+            rung["log_tail"] = log_tail(log)
         done.append(rung)
+        saved()
+        shutil.rmtree(work / run_id, ignore_errors=True)  # a big model's checkpoint would fill the next rung's disk
         if code != 0:
-            break
-    return done
+            return
 
 
 def render(results: dict) -> str:
@@ -245,9 +326,9 @@ def render(results: dict) -> str:
     lines = [
         paragraph(
             f"GPT-2 124M (conf/model/gpt2_small.yaml), seq_len 1024, bf16, micro-batch 16 x 4 accumulated, one "
-            f"{results.get('gpu', 'GPU')}, torchrun with NCCL; {results['steps']} steps a run, tokens/s by wall "
-            f"clock over the steady steps. Measured {stamp}."
-            + (" Quick run: not for publishing." if results["quick"] else "")
+            f"{results.get('gpu', 'GPU')}, torchrun with NCCL; {results['steps']} steps a run, train.log_every="
+            f"{results.get('log_every', 1)}, tokens/s by wall clock between logged rows over the steady steps. "
+            f"Measured {stamp}." + (" Quick run: not for publishing." if results["quick"] else "")
         ),
         "",
         "| strategy | model.compile | tokens/s | MFU | peak memory (MB) | loss at last step |",
@@ -278,8 +359,10 @@ def render(results: dict) -> str:
         peak = f"{rung['peak_mem_mb']:,.0f}" if rung["ok"] else ""
         lines.append(f"| {rung['name']} | {shape} | {outcome} | {peak} |")
     trained = [r for r in results.get("ladder", []) if r["ok"]]
+    untried = [r["name"] for r in results.get("ladder", []) if r.get("not_run")]
     if trained:
-        lines += ["", f"Largest GPT-2 shape trained with zero3_offload on one GPU: {trained[-1]['name']}."]
+        largest = f"Largest GPT-2 shape trained with zero3_offload on one GPU: {trained[-1]['name']}"
+        lines += ["", largest + (f" ({', '.join(untried)} not tried)." if untried else ".")]
     return "\n".join(lines)
 
 
@@ -303,11 +386,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps and two ladder rungs (a smoke run)")
     parser.add_argument("--no-docs", action="store_true", help="print the tables, leave docs/benchmarks.md alone")
     parser.add_argument("--dry-run", action="store_true", help="compose every run's config, train nothing")
+    parser.add_argument("--out", type=Path, help="rewrite OUT/results.json after every run")
+    parser.add_argument("--budget-s", type=float, help="seconds all runs may take together")
+    parser.add_argument("--only", choices=("cases", "ladder"), help="the strategy table or the offload ladder alone")
+    parser.add_argument("--ladder-from", help="start the ladder at the rung whose name contains this (e.g. 1.5B)")
     args = parser.parse_args()
     if args.dry_run:
         sys.exit(dry_run())
-    results = measure(args.quick)
-    publish(Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-out-")), results, render, HEADING, not args.no_docs)
+    out = args.out or Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-out-"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(partial: dict) -> None:
+        (out / "results.json").write_text(json.dumps(partial, indent=2))
+
+    results = measure(
+        args.quick,
+        Budget(args.budget_s),
+        (args.only,) if args.only else ("cases", "ladder"),
+        args.ladder_from,
+        save,
+    )
+    publish(out, results, render, HEADING, not args.no_docs)
 
 
 if __name__ == "__main__":
