@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from data_pipeline.config import default_storage_root
 from data_pipeline.redaction import redact_logging, redact_text
@@ -95,6 +96,7 @@ def main(argv: list[str]) -> int:
             print(redact_text(f"kiln torchrun: error: {exc}"), file=sys.stderr)
     cfg = broadcast_from_rank0(prepared)
     if cfg is None:
+        dist.destroy_process_group()
         return 2
     result = loop.run(cfg, ctx)
     if ctx.rank == 0:
@@ -102,6 +104,8 @@ def main(argv: list[str]) -> int:
         record.state = result.state
         registry.save(record)
         print(f"kiln torchrun: {result.state} run {cfg.run.id} at step {result.step}")
+    # Only on the way out of a finished run: after a failure a peer may never join NCCL's teardown.
+    dist.destroy_process_group()
     return 0
 
 
