@@ -134,6 +134,34 @@ def test_big_file_opened_directly_like_dcp_survives_faults(s3, root, monkeypatch
         assert any("uploadId=" in path for _, path in tries)
 
 
+def test_a_stream_under_two_parts_is_one_put_and_a_longer_one_a_multipart_upload(s3, root, monkeypatch, fresh_s3fs):
+    """As s3fs's own put decides: a multipart upload costs more requests and the store's assembly of the parts."""
+    from data_pipeline import transfer
+
+    seen: list[tuple[str, str]] = []
+    part = 5 << 20
+
+    def record(method: str, path: str) -> None:
+        seen.append((method, path))
+
+    with FaultyProxy(os.environ["AWS_ENDPOINT_URL"], on_request=record) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        fs, folder = fsspec.core.url_to_fs(root)
+        for name, size in (("small.distcp", 2 * part - 1), ("large.distcp", 2 * part)):
+            data = os.urandom(size)
+            seen.clear()
+            with transfer.S3PartWriter(fs, f"{folder}/{name}", part_bytes=part) as stream:
+                for start in range(0, size, 1 << 20):
+                    stream.write(data[start : start + (1 << 20)])
+            assert storage.read_bytes(f"{root}/{name}") == data
+            multipart = [path for method, path in seen if "uploadId=" in path or "?uploads" in path]
+            puts = [path for method, path in seen if method == "PUT" and name in path and "uploadId=" not in path]
+            if name == "small.distcp":
+                assert not multipart and len(puts) == 1, seen
+            else:
+                assert len(multipart) == 4 and not puts, seen  # create, two parts, complete
+
+
 def test_a_checkpoint_file_streamed_in_parts_and_copied_back_in_ranges_survives_faults(
     s3, root, monkeypatch, fresh_s3fs, tmp_path
 ):
