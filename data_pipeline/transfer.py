@@ -11,6 +11,7 @@ and a smaller one goes as one PUT when it closes.
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,6 +68,16 @@ def download_hashed(fs, path: str, size: int, local_path: str, concurrency: int 
     return digest.hexdigest()
 
 
+def request_body(data: bytes) -> io.BytesIO:
+    """data as a request body that is sent in small pieces, as a file's is.
+
+    Given bytes, aiohttp hands the whole body to the socket transport at once, which copies what the
+    socket does not take into its own buffer; against moto on 2 CPUs that cost a checkpoint save about
+    as much CPU as the upload itself. BytesIO(bytes) shares the bytes instead of copying them.
+    """
+    return io.BytesIO(data)
+
+
 class S3PartWriter:
     """A write stream to one S3 object that uploads every full part in the background.
 
@@ -95,8 +106,9 @@ class S3PartWriter:
         if self._upload_id is None and len(self._buffer) < SINGLE_PUT_PARTS * self._part_bytes:
             return view.nbytes  # it may still end as one PUT
         full = len(self._buffer) // self._part_bytes * self._part_bytes
-        for start in range(0, full, self._part_bytes):
-            self._send(bytes(self._buffer[start : start + self._part_bytes]))
+        with memoryview(self._buffer) as buffered:  # one copy per part (a bytearray slice would be a second)
+            for start in range(0, full, self._part_bytes):
+                self._send(bytes(buffered[start : start + self._part_bytes]))
         if full:
             del self._buffer[:full]
         return view.nbytes
@@ -109,13 +121,14 @@ class S3PartWriter:
         """Parts are sent as they fill; nothing else to flush."""
 
     def close(self) -> None:
-        """Send the rest and make the object visible (one PUT if it never filled a part); idempotent."""
+        """Send the rest and make the object visible (one PUT if it never outgrew SINGLE_PUT_PARTS); idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
             if self._upload_id is None:
-                self._fs.pipe_file(self._path, bytes(self._buffer))
+                self._call("put_object", Body=request_body(bytes(self._buffer)))
+                self._fs.invalidate_cache(self._path)
                 return
             if self._buffer:
                 self._send(bytes(self._buffer))
@@ -154,7 +167,7 @@ class S3PartWriter:
 
     def _upload_part(self, number: int, body: bytes) -> dict:
         try:
-            sent = self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=body)
+            sent = self._call("upload_part", UploadId=self._upload_id, PartNumber=number, Body=request_body(body))
             return {"PartNumber": number, "ETag": sent["ETag"]}
         finally:
             self._slots.release()
