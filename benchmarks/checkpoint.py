@@ -256,6 +256,7 @@ def measure(quick: bool, layers: int | None = None, width: int | None = None, re
 def render(results: dict) -> str:
     """The section's markdown: (d) and (e) in one table, (f) in another, and how they were measured."""
     from data_pipeline import transfer
+    from trainers.strategies.dcp_io import UPLOAD_THREADS
 
     r = results
     mib = r["bytes"] / 2**20
@@ -266,9 +267,10 @@ def render(results: dict) -> str:
             f"One process (gloo group of 1), {r['model']} under DDP after one AdamW step: model + optimizer state = "
             f"{mib:,.1f} MiB, saved to and loaded from moto's S3 server on 127.0.0.1, which runs on the same CPUs "
             'as the writer (so every byte costs CPU on both sides). "Save" is `CheckpointStore.save` with the '
-            "manifest (sizes, sha256 of every file) committed: DCP streams each file to the store in "
-            f"{transfer.STREAM_PART_BYTES >> 20} MiB parts that upload threads send while DCP serialises the next "
-            'ones, hashing as it writes; "load" is `restore`: rank 0 downloads every file '
+            f"manifest (sizes, sha256 of every file) committed: DCP writes the state as {UPLOAD_THREADS} files at "
+            f"once, hashing as it writes; a file under {transfer.SINGLE_PUT_PARTS * transfer.STREAM_PART_BYTES >> 20} "
+            f"MiB goes as one PUT (s3fs's rule), a larger one as {transfer.STREAM_PART_BYTES >> 20} MiB parts that "
+            'upload threads send while DCP serialises the next; "load" is `restore`: rank 0 downloads every file '
             'as parallel ranged reads, hashing them in order, then DCP loads from the copy. "Raw" is s3fs '
             "copying exactly the same files: once as a user would (`put`/`get` of the folder, s3fs's defaults: "
             "50 MiB parts, 10 in flight), once with Kiln's parallelism (as many files at once, its part size and "
