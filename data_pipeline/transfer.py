@@ -72,8 +72,8 @@ def request_body(data: bytes) -> io.BytesIO:
     """data as a request body that is sent in small pieces, as a file's is.
 
     Given bytes, aiohttp hands the whole body to the socket transport at once, which copies what the
-    socket does not take into its own buffer; against moto on 2 CPUs that cost a checkpoint save about
-    as much CPU as the upload itself. BytesIO(bytes) shares the bytes instead of copying them.
+    socket does not take into its own buffer: against moto on 2 CPUs a 355 MiB save spent 1.6-1.9 s of
+    client CPU that way and 1.2-1.5 s with BytesIO bodies. BytesIO(bytes) shares the bytes, no copy.
     """
     return io.BytesIO(data)
 
@@ -82,8 +82,8 @@ class S3PartWriter:
     """A write stream to one S3 object that uploads every full part in the background.
 
     The object appears only when close() completes the multipart upload (a file under SINGLE_PUT_PARTS
-    parts is one PUT);
-    a stream left by an exception aborts its upload, so nothing half-written becomes visible.
+    parts is one PUT); a stream left by an exception aborts its upload, so nothing half-written becomes
+    visible.
     """
 
     def __init__(self, fs, path: str, part_bytes: int = STREAM_PART_BYTES, concurrency: int = STREAM_CONCURRENCY):
