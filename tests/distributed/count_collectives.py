@@ -11,6 +11,7 @@ these functions: a count of 0 means "nothing beyond the gradient sync".
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections import Counter
 
@@ -55,7 +56,7 @@ def main(out: str, overrides: list[str]) -> int:
 
     loop.Trainer.train_step = counting_train_step
     code = torchrun.main(overrides)
-    if dist.get_rank() == 0:
+    if int(os.environ["RANK"]) == 0:  # torchrun.main has destroyed the process group by now
         with open(out, "w") as f:
             json.dump({str(step): dict(counts) for step, counts in per_step.items()}, f)
     return code
