@@ -45,7 +45,11 @@ NAMES = {
     "bare": "bare torch DDP loop (torchrun)",
     "hf": "Hugging Face `Trainer` (torchrun)",
     "kiln_torchrun": "Kiln's loop without Ray (`torchrun -m orchestrator.torchrun`)",
+    "kiln_every_step": "`kiln train` logging every step (train.log_every=1, the quickstart's default)",
 }
+# Kiln logs (syncs the ranks' metrics, writes a row, reports to Ray Train) every LOG_EVERY steps, as a run
+# would; the bare loop and HF Trainer log nothing. The steady range starts and ends on logged steps.
+LOG_EVERY = 10
 # (steps per run, first step of the steady range, rounds)
 FULL = (160, 30, 4)  # rounds on this 2-core machine differ by up to ~7%: four, for a steadier median
 QUICK = (50, 15, 1)
@@ -95,15 +99,15 @@ def plan(cache_dir: str, steps: int) -> dict:
     }
 
 
-def run_kiln(work: Path, tag: str, spec: dict, env: dict, ray: bool = True) -> dict:
-    """`kiln train experiment=quickstart` (ray=False: the same loop under torchrun, no Ray) for spec's steps;
-    its rows' step timestamps and logged data-wait shares."""
+def run_kiln(work: Path, tag: str, spec: dict, env: dict, ray: bool = True, log_every: int = LOG_EVERY) -> dict:
+    """`kiln train experiment=quickstart` (ray=False: the same loop under torchrun, no Ray) for spec's steps,
+    logging every log_every steps; its rows' step timestamps and logged data-wait shares."""
     root, steps = work / "runs", spec["steps"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={spec['workers']}"]
     launcher = [str(BIN / "kiln"), "train"] if ray else [*torchrun, "-m", "orchestrator.torchrun"]
     with open(work / f"{tag}.log", "w") as log:
         subprocess.run(
-            [*launcher, *quickstart_overrides(tag, root, steps)],
+            [*launcher, *quickstart_overrides(tag, root, steps), f"train.log_every={log_every}"],
             check=True,
             cwd=REPO,
             env=env if ray else {**env, "OMP_NUM_THREADS": "1"},
@@ -147,6 +151,16 @@ def run_torchrun(work: Path, tag: str, script: str, spec_path: Path, env: dict, 
     return json.loads(out.read_text())
 
 
+def steady_range(steps: int, first: int) -> tuple[int, int]:
+    """The first and last step timed: logged steps (multiples of LOG_EVERY), from `first` (at most a third of
+    the run) on, ending before the last step, which also evaluates and checkpoints before its row is written."""
+    first = -(-min(first, steps // 3) // LOG_EVERY) * LOG_EVERY
+    last = (steps - 1) // LOG_EVERY * LOG_EVERY
+    if last <= first:
+        raise ValueError(f"{steps} steps leave no logged steps to time between; run at least {4 * LOG_EVERY}")
+    return first, last
+
+
 def steady_rate(step_end: dict[str, float], first: int, last: int, tokens_per_step: int) -> float:
     """Tokens/s from the end of step `first` to the end of step `last` (wall clock)."""
     return (last - first) * tokens_per_step / (step_end[str(last)] - step_end[str(first)])
@@ -157,9 +171,8 @@ def measure(quick: bool, steps: int | None = None, rounds: int | None = None, wi
     steady tokens/s, their medians and ratios."""
     default_steps, first, default_rounds = QUICK if quick else FULL
     steps, rounds = steps or default_steps, rounds or default_rounds
-    first = min(first, steps // 3)
-    systems = (*SYSTEMS, "kiln_torchrun") if without_ray else SYSTEMS
-    last = steps - 1  # Kiln's last step also evaluates and checkpoints before its row is written
+    systems = (*SYSTEMS, *([] if quick else ["kiln_every_step"]), *(["kiln_torchrun"] if without_ray else []))
+    first, last = steady_range(steps, first)
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-throughput-"))
     cache_dir = os.path.abspath(os.path.expanduser(os.environ.get("KILN_CACHE_DIR", "~/.cache/kiln")))
     print(f"working in {work}; corpus cache {cache_dir}; preparing the corpus (untimed)", flush=True)
@@ -174,6 +187,7 @@ def measure(quick: bool, steps: int | None = None, rounds: int | None = None, wi
         "quick": quick,
         "spec": spec,
         "steady": [first, last],
+        "log_every": LOG_EVERY,
         "tokens_per_step": tokens_per_step,
         "load_start": os.getloadavg()[0],
         "systems": list(systems),
@@ -188,9 +202,11 @@ def measure(quick: bool, steps: int | None = None, rounds: int | None = None, wi
             print(f"round {number + 1}: {NAMES[system]}, {steps} steps (load {done['load'][system]:.1f})", flush=True)
             if system == "kiln":
                 run = run_kiln(work, tag, spec, env)
-                steady = [str(s) for s in range(first + 1, last + 1)]
+                steady = [s for s in run["data_wait"] if first < int(s) <= last]
                 done["data_wait"] = statistics.median(run["data_wait"][s] for s in steady)
                 done["kiln_own_tokens_per_s"] = statistics.median(run["own_tokens_per_s"][s] for s in steady)
+            elif system == "kiln_every_step":
+                run = run_kiln(work, tag, spec, env, log_every=1)
             elif system == "kiln_torchrun":
                 run = run_kiln(work, tag, spec, env, ray=False)
             else:
@@ -223,7 +239,8 @@ def render(results: dict) -> str:
             f"vocab {spec['model']['vocab_size']:,}), seq {spec['seq_len']}, global batch {spec['global_batch']} "
             f"(micro-batch {spec['micro_batch']}), {spec['workers']} processes x {spec['threads']} thread, fp32, "
             f"DDP over gloo, AdamW and warmup + cosine as conf/optim/adamw.yaml, on the same prepared shards: "
-            f"`kiln train experiment=quickstart` (embedded Ray, default train.log_every=1, tracker=none), "
+            f"`kiln train experiment=quickstart` (embedded Ray, train.log_every={results.get('log_every', 1)}, "
+            "tracker=none), "
             f"benchmarks/bare_ddp.py and benchmarks/hf_trainer.py under `torchrun --nproc-per-node "
             f"{spec['workers']}`. {spec['steps']} steps per run; tokens/s is wall clock between rank 0's "
             f"time.time() at the end of step {first} and of step {last} (bare: after reading the loss back; "
@@ -286,8 +303,8 @@ def main() -> None:
     )
     parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args()
-    if (args.steps is not None and args.steps < 10) or (args.rounds is not None and args.rounds < 1):
-        parser.error("--steps must be >= 10 and --rounds >= 1")
+    if (args.steps is not None and args.steps < 4 * LOG_EVERY) or (args.rounds is not None and args.rounds < 1):
+        parser.error(f"--steps must be >= {4 * LOG_EVERY} and --rounds >= 1")
     started = time.perf_counter()
     results = measure(args.quick, args.steps, args.rounds, args.without_ray)
     publish(Path(results["work"]), results, render, HEADING, docs=not (args.no_docs or args.quick))
