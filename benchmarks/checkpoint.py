@@ -256,6 +256,7 @@ def measure(quick: bool, layers: int | None = None, width: int | None = None, re
 def render(results: dict) -> str:
     """The section's markdown: (d) and (e) in one table, (f) in another, and how they were measured."""
     from data_pipeline import transfer
+    from trainers import restore_copy
     from trainers.strategies.dcp_io import UPLOAD_THREADS
 
     r = results
@@ -271,9 +272,11 @@ def render(results: dict) -> str:
             f"once, hashing as it writes; a file under {transfer.SINGLE_PUT_PARTS * transfer.STREAM_PART_BYTES >> 20} "
             f"MiB goes as one PUT (s3fs's rule), a larger one as {transfer.STREAM_PART_BYTES >> 20} MiB parts that "
             'upload threads send while DCP serialises the next; "load" is `restore`: rank 0 downloads every file '
-            'as parallel ranged reads, hashing them in order, then DCP loads from the copy. "Raw" is s3fs '
-            "copying exactly the same files: once as a user would (`put`/`get` of the folder, s3fs's defaults: "
-            "50 MiB parts, 10 in flight), once with Kiln's parallelism (as many files at once, its part size and "
+            "as parallel ranged reads, hashing them in order, into memory (a local folder when the copy would take "
+            f'over {restore_copy.MEMORY_SHARE:.0%} of free memory), then DCP loads from that copy. "Raw" is s3fs '
+            "copying exactly the same files to local disk: once as a user would (`put`/`get` of the folder, "
+            "s3fs's defaults: 50 MiB parts, 10 in flight), once with Kiln's parallelism (as many files at once, its "
+            "part size and "
             f"parts in flight). Medians of {rounds} round(s) that alternate which side goes first; ratio = raw "
             "time / Kiln time (>= 0.8 is the goal), against the default raw copy and the parallel one."
         ),

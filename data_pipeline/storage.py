@@ -96,23 +96,39 @@ def sha256_stream(handle: IO[bytes], copy_to: IO[bytes] | None = None) -> str:
     return digest.hexdigest()
 
 
-def sha256_file(url: str, copy_to: str | None = None) -> str:
-    """sha256 of a file, streamed (and copied to the local path copy_to); retried whole on a store error.
+def sha256_file(url: str, copy_to: str | None = None, size: int | None = None) -> str:
+    """sha256 of a file, streamed (and copied to copy_to, a local path or e.g. a memory:// URL); retried
+    whole on a store error. size, when known, saves asking the store for it.
 
     A copy from an object store is downloaded as parallel ranged reads, hashed as they arrive.
     """
 
     def digest_file() -> str:
         fs, path = filesystem(url)
-        if copy_to:
-            os.makedirs(os.path.dirname(copy_to), exist_ok=True)
-            if not is_local(url):
-                return transfer.download_hashed(fs, path, fs.size(path), copy_to)
-        with fs.open(path, "rb") as handle, open(copy_to, "wb") if copy_to else contextlib.nullcontext() as out:
+        if copy_to and not is_local(url):
+            length = fs.size(path) if size is None else size
+            if is_local(copy_to):
+                os.makedirs(os.path.dirname(copy_to), exist_ok=True)
+                return transfer.download_hashed(fs, path, length, copy_to)
+            data, digest = transfer.fetch_hashed(fs, path, length)
+            target_fs, target = filesystem(copy_to)
+            target_fs.pipe_file(target, data)
+            return digest
+        with fs.open(path, "rb") as handle, _open_copy(copy_to) as out:
             return sha256_stream(handle, out)
 
     # A retry starts over from the first byte (and rewrites copy_to), so no half-hashed state survives.
     return retrying("read", url, digest_file)
+
+
+def _open_copy(url: str | None):
+    """A binary write stream for a copy at url (a context manager), or a null context for no copy."""
+    if not url:
+        return contextlib.nullcontext()
+    if is_local(url):
+        os.makedirs(os.path.dirname(url), exist_ok=True)
+        return open(url, "wb")
+    return fsspec.open(url, "wb")
 
 
 def write_atomic(url: str, data: bytes | str) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import threading
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 PART_CONCURRENCY = 4  # parts of one file in flight at once (several files move at once too)
@@ -45,15 +46,14 @@ def spans(size: int, part: int) -> list[tuple[int, int]]:
     return [(start, min(start + part, size)) for start in range(0, size, part)]
 
 
-def download_hashed(fs, path: str, size: int, local_path: str, concurrency: int = PART_CONCURRENCY) -> str:
-    """Copy the remote file path (of size bytes) to local_path by ranged GETs in parallel; its sha256.
+def ordered_parts(fs, path: str, size: int, concurrency: int = PART_CONCURRENCY) -> Iterator[bytes]:
+    """The remote file path (of size bytes) as parts in order, fetched by ranged GETs in parallel.
 
-    Parts are hashed and written in order while later parts are still downloading; at most
-    `concurrency` parts are held in memory.
+    At most `concurrency` parts are in flight or held at once, so the consumer's work on one part
+    (hashing, writing) overlaps the download of the next.
     """
-    digest = hashlib.sha256()
     todo = deque(spans(size, part_size(size, concurrency)))
-    with open(local_path, "wb") as out, ThreadPoolExecutor(concurrency, thread_name_prefix="kiln-get") as pool:
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="kiln-get") as pool:
         in_flight: deque[tuple[int, Future]] = deque()
         while todo or in_flight:
             while todo and len(in_flight) < concurrency:
@@ -63,9 +63,27 @@ def download_hashed(fs, path: str, size: int, local_path: str, concurrency: int 
             block = future.result()
             if len(block) != expected:
                 raise OSError(f"{path}: a ranged read returned {len(block)} bytes instead of {expected}")
+            yield block
+
+
+def download_hashed(fs, path: str, size: int, local_path: str, concurrency: int = PART_CONCURRENCY) -> str:
+    """Copy the remote file path (of size bytes) to local_path by ranged GETs in parallel; its sha256."""
+    digest = hashlib.sha256()
+    with open(local_path, "wb") as out:
+        for block in ordered_parts(fs, path, size, concurrency):
             digest.update(block)
             out.write(block)
     return digest.hexdigest()
+
+
+def fetch_hashed(fs, path: str, size: int, concurrency: int = PART_CONCURRENCY) -> tuple[bytes, str]:
+    """The remote file path (of size bytes) and its sha256, fetched by ranged GETs in parallel."""
+    digest = hashlib.sha256()
+    blocks = []
+    for block in ordered_parts(fs, path, size, concurrency):
+        digest.update(block)
+        blocks.append(block)
+    return b"".join(blocks), digest.hexdigest()
 
 
 def request_body(data: bytes) -> io.BytesIO:

@@ -141,3 +141,16 @@ def process_group(tmp_path_factory):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+@pytest.fixture
+def deepspeed_env(monkeypatch):
+    """What a launcher sets for DeepSpeed, here for one process on the existing gloo group."""
+    for key, value in {
+        "LOCAL_RANK": "0",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cpu",
+    }.items():
+        monkeypatch.setenv(key, value)

@@ -199,6 +199,33 @@ def save_two(tmp_path, name: str = "ddp"):
     return store, save_steps(strategy(name), store)
 
 
+def restore_through_copy(store, name: str, monkeypatch) -> str:
+    """Save steps 1 and 2 to an object store, restore step 2 exactly; the URL the strategy loaded shards from.
+
+    Checks that the restore's verified copy (in memory or a local folder) is gone afterwards.
+    """
+    import fsspec
+    import torch
+
+    from data_pipeline import storage
+
+    saved = save_steps(strategy(name), store)
+    fresh = strategy(name)
+    loaded_from: list[str] = []
+    load = type(fresh).load
+    monkeypatch.setattr(
+        type(fresh), "load", lambda self, url, world=None: load(self, loaded_from.append(url) or url, world)
+    )
+    restored = store.restore(fresh)
+    assert restored.committed.step == 2 and restored.extra == {"step": 2}
+    for key, value in weights(fresh).items():
+        assert torch.equal(value, saved[2][key]), key
+    [url] = loaded_from
+    assert not [path for path in fsspec.filesystem("memory").store if "kiln-restore-" in path]
+    assert not url.startswith(store.root) and not storage.exists(url.removesuffix("/shards"))
+    return url
+
+
 # Someone who can write the bucket plants a pickle payload in a checkpoint and makes MANIFEST.json agree.
 
 REFUSED = "holds objects Kiln will not load"

@@ -17,10 +17,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +31,7 @@ from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0,
 from trainers.errors import CheckpointError
 from trainers.model_shapes import check_fits, checkpoint_shapes
 from trainers.resharding import extras_rank, resharded_from
+from trainers.restore_copy import RestoreCopy
 
 log = logging.getLogger("kiln.checkpoint")
 
@@ -114,12 +112,12 @@ def read_manifest(url: str) -> dict:
     return manifest
 
 
-def verify(url: str, copy_to: str | None = None) -> dict:
+def verify(url: str, copy: RestoreCopy | None = None) -> dict:
     """The manifest of a committed checkpoint; CheckpointError if missing or any file does not match.
 
-    With copy_to (a local folder), every file is also written there while it is hashed, so a restore
-    reads an object-store checkpoint once instead of once to verify and once to load. Files that are
-    unpickled on load (DCP metadata, .pt files) are also read through the safe loaders, so one that
+    With a copy, every file is also written to the folder copy.place() gives while it is hashed, so a
+    restore reads an object-store checkpoint once instead of once to verify and once to load. Files that
+    are unpickled on load (DCP metadata, .pt files) are also read through the safe loaders, so one that
     matches a rewritten manifest but would not load safely fails here, and restore falls back.
     """
     manifest = read_manifest(url)
@@ -130,11 +128,14 @@ def verify(url: str, copy_to: str | None = None) -> dict:
             raise CheckpointError(f"{url}: {path} listed in {MANIFEST} is missing")
         if on_disk[path] != entry["size"]:
             raise CheckpointError(f"{url}: {path} has {on_disk[path]} bytes, manifest says {entry['size']}")
+    copy_to = copy.place(manifest) if copy else None
     # 4 files at once, each in transfer.PART_CONCURRENCY parts: bounded memory, enough requests in flight
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="kiln-verify") as pool:
         digests = pool.map(
             lambda entry: storage.sha256_file(
-                storage.join(url, entry["path"]), os.path.join(copy_to, entry["path"]) if copy_to else None
+                storage.join(url, entry["path"]),
+                storage.join(copy_to, entry["path"]) if copy_to else None,
+                size=entry["size"],
             ),
             manifest["files"],
         )
@@ -154,18 +155,15 @@ def check_pickles(url: str, manifest: dict, copy_to: str | None) -> None:
     """
 
     def read(path: str, check):
-        """check(handle, name) on the file at path (the local copy if there is one), retried on store errors."""
+        """check(handle, name) on the file at path (the copy if there is one), retried on store errors."""
         name = storage.join(url, path)
-        if copy_to:
-            with open(os.path.join(copy_to, path), "rb") as handle:
-                return check(handle, name)
-        fs, remote = storage.filesystem(name)
+        fs, remote = storage.filesystem(storage.join(copy_to, path) if copy_to else name)
 
         def attempt():
             with fs.open(remote, "rb") as handle:
                 return check(handle, name)
 
-        return storage.retrying("read", name, attempt)
+        return attempt() if copy_to else storage.retrying("read", name, attempt)
 
     paths = [entry["path"] for entry in manifest["files"]]
     for path in paths:
@@ -320,10 +318,10 @@ class CheckpointStore:
         found = (STEP_DIR.match(name) for name in storage.list_names(self.root))
         return sorted((int(m.group(1)) for m in found if m), reverse=True)
 
-    def latest_committed(self, copy_to: str | None = None) -> tuple[Committed | None, list[str]]:
+    def latest_committed(self, copy: RestoreCopy | None = None) -> tuple[Committed | None, list[str]]:
         """The newest checkpoint that verifies, and why each newer one was skipped (run on one rank).
 
-        copy_to: a local folder that receives the verified checkpoint's files (see verify()).
+        copy: receives the files of each checkpoint verified, and keeps those of the one chosen (see verify()).
         """
         manifests: dict[int, dict] = {}
 
@@ -333,10 +331,8 @@ class CheckpointStore:
                 url = self.url(step)
                 if not storage.exists(storage.join(url, MANIFEST)):
                     continue  # an uncommitted leftover of an interrupted save
-                if copy_to:
-                    shutil.rmtree(copy_to, ignore_errors=True)
                 try:
-                    manifests[step] = verify(url, copy_to)
+                    manifests[step] = verify(url, copy)
                 except CheckpointError as exc:
                     log.warning("skipping checkpoint that fails verification: %s", exc)
                     yield step, str(exc)
@@ -350,14 +346,14 @@ class CheckpointStore:
 
     def restore(self, strategy) -> Restored | None:
         """Collective: load the newest committed checkpoint into the strategy; this rank's extras."""
-        # Rank 0 reads an object-store checkpoint once: verification downloads it, the load reads the copy.
-        local = tempfile.mkdtemp(prefix="kiln-restore-") if self.rank == 0 and not storage.is_local(self.root) else None
+        # Rank 0 reads an object-store checkpoint once: verification copies it, the load reads the copy.
+        copy = RestoreCopy(self.strategy) if self.rank == 0 and not storage.is_local(self.root) else None
         try:
-            decision = self.latest_committed(copy_to=local) if self.rank == 0 else None
+            decision = self.latest_committed(copy) if self.rank == 0 else None
             committed, skipped = broadcast_from_rank0(decision)
             if committed is None:
                 return None
-            source = local or committed.url
+            source = copy.url if copy and copy.url else committed.url
             self._check_compatible(committed, source)
             saved_world = committed.manifest["world_size"]
             strategy.load(storage.join(source, "shards"), saved_world)
@@ -366,8 +362,8 @@ class CheckpointStore:
             extra = safe_load.load_torch(storage.read_bytes(extra_url), extra_url)
             return Restored(committed, extra, skipped, resharded_from(saved_world, self.world_size))
         finally:
-            if local:
-                shutil.rmtree(local, ignore_errors=True)
+            if copy:
+                copy.remove()
 
     def _check_compatible(self, committed: Committed, source: str) -> None:
         if committed.manifest.get("config_hash") != self.config_hash and self.model_shapes is not None:

@@ -1,12 +1,16 @@
 """DeepSpeed's checkpoint files go through the same safe loaders: a ZeRO checkpoint round-trips (on this
 world size and through the universal conversion), and a payload planted in one is refused, names the file,
-runs nothing, and restore falls back to the checkpoint before.
+runs nothing, and restore falls back to the checkpoint before. A restore from S3 loads from the copy it
+verified, which DeepSpeed reads from a local folder.
 
 Not a unit test: DeepSpeed's communication backend probes gcc and runs ninja to JIT-build its shared-memory
 op when it starts, even on a one-process gloo group. The other formats: tests/unit/test_checkpoint_safety.py.
 """
 
 from __future__ import annotations
+
+import os
+import uuid
 
 import pytest
 import torch
@@ -17,27 +21,15 @@ from tests.helpers import (
     Payload,
     assert_falls_back_to_step_1,
     plant,
+    restore_through_copy,
     save_two,
     strategy,
     torch_bytes,
     weights,
 )
-from trainers.checkpoint import CheckpointError, verify
+from trainers.checkpoint import CheckpointError, CheckpointStore, verify
 
 pytestmark = pytest.mark.usefixtures("process_group")
-
-
-@pytest.fixture
-def deepspeed_env(monkeypatch):
-    """What a launcher sets for DeepSpeed, here for one process on the existing gloo group."""
-    for key, value in {
-        "LOCAL_RANK": "0",
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-        "OMP_NUM_THREADS": "1",
-        "DS_ACCELERATOR": "cpu",
-    }.items():
-        monkeypatch.setenv(key, value)
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero3_offload"])
@@ -81,3 +73,11 @@ def test_a_payload_in_a_deepspeed_file_is_refused_and_restore_falls_back(tmp_pat
         with pytest.raises(CheckpointError, match=REFUSED):
             checkpoint_shapes(str(shards), "zero1")
     assert not marker.exists()
+
+
+def test_a_deepspeed_restore_from_s3_loads_its_verified_copy_from_a_local_folder(s3, deepspeed_env, monkeypatch):
+    """DeepSpeed opens files by path, so the bytes verification downloaded wait in a local folder, then go."""
+    store = CheckpointStore(
+        f"s3://{s3}/copies-{uuid.uuid4().hex[:8]}/checkpoints", rank=0, world_size=1, strategy="zero1", config_hash="h"
+    )
+    assert os.path.isabs(restore_through_copy(store, "zero1", monkeypatch))

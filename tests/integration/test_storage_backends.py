@@ -18,7 +18,7 @@ import torch
 from data_pipeline import storage
 from data_pipeline.storage import StorageError
 from orchestrator.registry import RunExists, RunRecord, RunRegistry
-from tests.helpers import save_steps, strategy, weights
+from tests.helpers import restore_through_copy, save_steps, strategy, weights
 from trainers.checkpoint import CheckpointStore, verify
 
 
@@ -125,6 +125,16 @@ def test_a_checkpoint_verifies_and_restores_exactly(root):
     assert restored.committed.step == 2 and restored.extra == {"step": 2} and restored.skipped == []
     for key, value in weights(fresh).items():
         assert torch.equal(value, saved[2][key]), key
+
+
+@pytest.mark.usefixtures("process_group")
+def test_a_restore_from_s3_loads_the_copy_it_verified_from_memory_and_keeps_no_copy(s3, monkeypatch):
+    """Verifying downloads every file; DCP's load then reads those very bytes from memory, not the store."""
+    store = CheckpointStore(
+        f"s3://{s3}/copies-{uuid.uuid4().hex[:8]}/checkpoints", rank=0, world_size=1, strategy="ddp", config_hash="h"
+    )
+    loaded_from = restore_through_copy(store, "ddp", monkeypatch)
+    assert loaded_from.startswith("memory://kiln-restore-"), loaded_from
 
 
 def test_an_s3_object_streamed_in_parts_appears_whole_on_close_and_never_after_a_failure(s3):

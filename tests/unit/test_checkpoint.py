@@ -210,3 +210,31 @@ def test_manifest_problem_names_what_is_wrong():
     assert manifest_problem(without(good, "files")) == 'it has no "files"'
     assert manifest_problem({**good, "world_size": True}) == '"world_size" is true, not int'
     assert manifest_problem({**good, "files": [{"path": "a", "size": 1}]}) == 'files[0] (a) has no usable "sha256"'
+
+
+def test_a_restore_keeps_its_verified_copy_in_memory_only_where_dcp_loads_and_it_fits():
+    from trainers.restore_copy import MEMORY_SHARE, keeps_in_memory
+
+    free = 64 << 30
+    fits = int(MEMORY_SHARE * free)
+    assert keeps_in_memory("ddp", fits, free) and keeps_in_memory("fsdp", 1, free)
+    assert not keeps_in_memory("fsdp", fits + 1, free)  # the model and its optimizer need the rest
+    for name in ("zero1", "zero2", "zero3", "zero3_offload"):  # DeepSpeed opens files by path
+        assert not keeps_in_memory(name, 1, free)
+
+
+def test_a_verified_copy_in_memory_disappears_when_removed(tmp_path):
+    import fsspec
+
+    from trainers.restore_copy import RestoreCopy
+
+    store, _ = save_two(tmp_path)
+    copy = RestoreCopy("ddp")
+    manifest = verify(store.url(2))
+    url = copy.place(manifest)
+    fsspec.filesystem("memory").pipe_file(url.removeprefix("memory://") + "/extra/x", b"1")
+    copy.place(manifest)  # a second checkpoint verified: the first copy goes
+    assert copy.url != url and not fsspec.filesystem("memory").exists(url)
+    copy.remove()
+    copy.remove()
+    assert copy.url is None and not [path for path in fsspec.filesystem("memory").store if "kiln-restore-" in path]
