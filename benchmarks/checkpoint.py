@@ -239,7 +239,7 @@ def measure(quick: bool, layers: int | None = None, width: int | None = None, re
 
     server, root = start_s3()
     try:
-        io = save_and_load(root, layers, width, rounds=1 if quick else 3)
+        io = save_and_load(root, layers, width, rounds=1 if quick else 5)
         kill = restart_time(root) if (not quick if restart is None else restart) else None
     finally:
         stop(server)
