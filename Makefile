@@ -21,7 +21,7 @@ lint: $(STAMP)
 
 install: $(STAMP)
 
-# Issue 15's benchmarks, one after another, rewriting their tables in docs/benchmarks.md (about 16 min here;
+# Issue 15's benchmarks, one after another, rewriting their tables in docs/benchmarks.md (about 17 min here;
 # BENCH_ARGS="--only throughput --quick" for a smoke run). Never part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)

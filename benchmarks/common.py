@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -107,3 +109,51 @@ def quickstart_overrides(run_id: str, root: str | Path, steps: int) -> list[str]
         f"train.checkpoint_every={steps}",
         "tracker=none",
     ]
+
+
+class CpuSampler:
+    """Every process's CPU seconds, sampled on a thread while a run goes on, to say where a window's CPU went.
+
+    A training step on this machine competes with everything else for 2 cores, so a system's other processes
+    (Ray's control processes and helper actors, a launcher) cost its workers time; this shows how much.
+    """
+
+    def __init__(self, every_s: float = 0.5):
+        self.every_s = every_s
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while True:
+            seen: dict[int, tuple[str, float]] = {}
+            for process in psutil.process_iter(["cmdline", "name", "cpu_times"]):
+                times, words = process.info["cpu_times"], process.info["cmdline"] or [process.info["name"] or ""]
+                if times is not None and process.pid != os.getpid():
+                    seen[process.pid] = (" ".join(words), times.user + times.system)
+            self.samples.append((time.time(), seen))
+            if self._stop.wait(self.every_s):
+                return
+
+    def cores(self, start: float, end: float, is_worker: Callable[[str], bool]) -> dict[str, float]:
+        """Cores busy between the wall-clock times start and end (the samples just inside them): the
+        processes is_worker(cmdline) picks, and all the others (this sampler's own process left out)."""
+        inside = [(at, seen) for at, seen in self.samples if start <= at <= end]
+        if len(inside) < 2:
+            raise ValueError(f"fewer than 2 CPU samples between {start:.1f} and {end:.1f}")
+        (first_at, first), (last_at, last) = inside[0], inside[-1]
+        used = {"workers": 0.0, "others": 0.0}
+        for pid, (cmdline, cpu) in last.items():
+            if pid in first and first[pid][0] == cmdline:
+                used["workers" if is_worker(cmdline) else "others"] += cpu - first[pid][1]
+        return {kind: seconds_used / (last_at - first_at) for kind, seconds_used in used.items()}

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import REPO, write_docs
 
-SUITE = ["throughput", "startup", "checkpoint"]
+SUITE = ["throughput", "step_ab", "startup", "checkpoint"]
 RESULTS = REPO / "bench-results"
 
 

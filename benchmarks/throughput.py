@@ -31,11 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, base_env, machine, paragraph, publish, quickstart_overrides, today
+from benchmarks.common import REPO, CpuSampler, base_env, machine, paragraph, publish, quickstart_overrides, today
 
 HEADING = "## Throughput: `kiln train` against a bare torch loop and Hugging Face Trainer (`benchmarks/throughput.py`)"
 BIN = Path(sys.executable).parent
@@ -54,6 +55,19 @@ LOG_EVERY = 10
 FULL = (160, 30, 4)  # rounds on this 2-core machine differ by up to ~7%: four, for a steadier median
 QUICK = (50, 15, 1)
 GOALS = {"bare": 0.97, "hf": 1.0, "data_wait": 0.01}
+# How each system's training processes are told from its other processes (its launcher, Ray's processes).
+WORKER_MARKS = {
+    "kiln": "ray::RayTrainWorker",
+    "kiln_every_step": "ray::RayTrainWorker",
+    "kiln_torchrun": "orchestrator.torchrun",
+    "bare": "bare_ddp.py",
+    "hf": "hf_trainer.py",
+}
+
+
+def is_worker(system: str, cmdline: str) -> bool:
+    """Whether a process (by its command line) is one of system's training processes, not its launcher."""
+    return WORKER_MARKS[system] in cmdline and "torch.distributed.run" not in cmdline
 
 
 def plan(cache_dir: str, steps: int) -> dict:
@@ -151,6 +165,18 @@ def run_torchrun(work: Path, tag: str, script: str, spec_path: Path, env: dict, 
     return json.loads(out.read_text())
 
 
+def run_system(system: str, work: Path, tag: str, spec: dict, spec_path: Path, env: dict) -> dict:
+    """One run of system; its step timestamps (and Kiln's logged data-wait shares)."""
+    if system == "kiln":
+        return run_kiln(work, tag, spec, env)
+    if system == "kiln_every_step":
+        return run_kiln(work, tag, spec, env, log_every=1)
+    if system == "kiln_torchrun":
+        return run_kiln(work, tag, spec, env, ray=False)
+    script = "bare_ddp.py" if system == "bare" else "hf_trainer.py"
+    return run_torchrun(work, tag, script, spec_path, env, spec["workers"])
+
+
 def steady_range(steps: int, first: int) -> tuple[int, int]:
     """The first and last step timed: logged steps (multiples of LOG_EVERY), from `first` (at most a third of
     the run) on, ending before the last step, which also evaluates and checkpoints before its row is written."""
@@ -200,19 +226,15 @@ def measure(quick: bool, steps: int | None = None, rounds: int | None = None, wi
             tag = f"{system}-{number + 1}"
             done["load"][system] = os.getloadavg()[0]
             print(f"round {number + 1}: {NAMES[system]}, {steps} steps (load {done['load'][system]:.1f})", flush=True)
+            with CpuSampler() as cpu:
+                run = run_system(system, work, tag, spec, spec_path, env)
             if system == "kiln":
-                run = run_kiln(work, tag, spec, env)
                 steady = [s for s in run["data_wait"] if first < int(s) <= last]
                 done["data_wait"] = statistics.median(run["data_wait"][s] for s in steady)
                 done["kiln_own_tokens_per_s"] = statistics.median(run["own_tokens_per_s"][s] for s in steady)
-            elif system == "kiln_every_step":
-                run = run_kiln(work, tag, spec, env, log_every=1)
-            elif system == "kiln_torchrun":
-                run = run_kiln(work, tag, spec, env, ray=False)
-            else:
-                script = "bare_ddp.py" if system == "bare" else "hf_trainer.py"
-                run = run_torchrun(work, tag, script, spec_path, env, spec["workers"])
             done["tokens_per_s"][system] = steady_rate(run["step_end"], first, last, tokens_per_step)
+            window = run["step_end"][str(first)], run["step_end"][str(last)]
+            done.setdefault("cpu", {})[system] = cpu.cores(*window, partial(is_worker, system))
             print(f"  {done['tokens_per_s'][system]:,.0f} tokens/s", flush=True)
         results["rounds"].append(done)
     results["load_end"] = os.getloadavg()[0]
@@ -254,6 +276,22 @@ def render(results: dict) -> str:
     for system in systems:
         each = ", ".join(f"{r['tokens_per_s'][system]:,.0f}" for r in rounds)
         lines.append(f"| {when} | {NAMES[system]} | {medians[system]:,.0f} ({each}) | {ratios[system]} |")
+    lines += [
+        "",
+        paragraph(
+            f"Where the CPU went between steps {first} and {last} (psutil, every process on the machine sampled "
+            "every 0.5 s; cores busy, medians over rounds): the system's training processes, and everything else "
+            "(its launcher, Ray's control processes and Ray Train's helper actors, this benchmark's process left "
+            "out). The machine has 2 cores."
+        ),
+        "",
+        "| date | machine | system | training processes (cores) | everything else (cores) |",
+        "|---|---|---|---|---|",
+    ]
+    for system in systems:
+        if all("cpu" in r for r in rounds):
+            busy = {kind: statistics.median(r["cpu"][system][kind] for r in rounds) for kind in ("workers", "others")}
+            lines.append(f"| {when} | {NAMES[system]} | {busy['workers']:.2f} | {busy['others']:.2f} |")
     waits = ", ".join(f"{r['data_wait']:.2%}" for r in rounds)
     lines += [
         "",

@@ -29,3 +29,23 @@ def test_the_machine_line_names_the_versions_a_row_was_measured_with():
     line = common.machine()
     for part in ("CPUs", "GiB", "Python 3.", "torch ", "Ray ", "transformers ", "DeepSpeed "):
         assert part in line
+
+
+def test_cpu_of_a_window_is_split_between_training_processes_and_the_rest():
+    sampler = common.CpuSampler()
+    worker, launcher = "python -u benchmarks/bare_ddp.py spec out", "python -m torch.distributed.run x"
+    raylet = "raylet"
+    sampler.samples = [
+        (9.0, {1: (worker, 0.0)}),
+        (10.0, {1: (worker, 1.0), 2: (launcher, 5.0), 3: (raylet, 1.0)}),
+        (12.0, {1: (worker, 2.8), 2: (launcher, 5.2), 3: (raylet, 1.1), 4: ("born later", 1.0)}),
+        (14.0, {1: (worker, 10.0)}),
+    ]
+    from benchmarks.throughput import is_worker
+
+    busy = sampler.cores(10.0, 13.0, lambda cmdline: is_worker("bare", cmdline))
+    assert busy == pytest.approx({"workers": 0.9, "others": 0.15})
+    assert is_worker("kiln", "ray::RayTrainWorker")
+    assert not is_worker("kiln_torchrun", f"{launcher} -m orchestrator.torchrun")
+    with pytest.raises(ValueError, match="fewer than 2 CPU samples"):
+        sampler.cores(12.5, 13.0, lambda cmdline: True)
