@@ -282,16 +282,26 @@ def render(results: dict) -> str:
             f"Where the CPU went between steps {first} and {last} (psutil, every process on the machine sampled "
             "every 0.5 s; cores busy, medians over rounds): the system's training processes, and everything else "
             "(its launcher, Ray's control processes and Ray Train's helper actors, this benchmark's process left "
-            "out). The machine has 2 cores."
+            "out). The machine has 2 cores. Tokens per core-second = the run's tokens/s / the cores its training "
+            "processes got: how much each system's loop does with the CPU it was given."
         ),
         "",
-        "| date | machine | system | training processes (cores) | everything else (cores) |",
-        "|---|---|---|---|---|",
+        "| date | machine | system | training processes (cores) | everything else (cores) "
+        "| tokens per training core-second | Kiln / this |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for system in systems:
-        if all("cpu" in r for r in rounds):
+    if all("cpu" in r for r in rounds):
+        per_core = {
+            system: statistics.median(r["tokens_per_s"][system] / r["cpu"][system]["workers"] for r in rounds)
+            for system in systems
+        }
+        for system in systems:
             busy = {kind: statistics.median(r["cpu"][system][kind] for r in rounds) for kind in ("workers", "others")}
-            lines.append(f"| {when} | {NAMES[system]} | {busy['workers']:.2f} | {busy['others']:.2f} |")
+            versus = "-" if system == "kiln" else f"{per_core['kiln'] / per_core[system]:.3f}"
+            lines.append(
+                f"| {when} | {NAMES[system]} | {busy['workers']:.2f} | {busy['others']:.2f} "
+                f"| {per_core[system]:,.0f} | {versus} |"
+            )
     waits = ", ".join(f"{r['data_wait']:.2%}" for r in rounds)
     lines += [
         "",
