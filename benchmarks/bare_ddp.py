@@ -49,6 +49,42 @@ def lr_lambda(spec: dict):
     return multiplier
 
 
+def build(spec: dict) -> tuple[DistributedDataParallel, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The DDP-wrapped GPT-2, AdamW (decay on matrices only) and warmup + cosine schedule of the spec."""
+    model = DistributedDataParallel(GPT2LMHeadModel(GPT2Config(**spec["model"])))
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": spec["weight_decay"]}, {"params": vectors, "weight_decay": 0.0}],
+        lr=spec["lr"],
+        betas=tuple(spec["betas"]),
+        eps=spec["eps"],
+    )
+    return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+
+
+def micro_batch(sequences: np.ndarray, order: np.ndarray, index: int, micro: int) -> torch.Tensor:
+    """The micro-batch at position index of the run's shuffled order (all ranks' micro-batches interleaved)."""
+    first = (index * micro) % (len(order) - micro)
+    return torch.from_numpy(sequences[order[first : first + micro]].astype(np.int64))
+
+
+def train_step(model, optimizer, scheduler, batches: list[torch.Tensor], grad_clip: float) -> float:
+    """One optimizer step over the micro-batches (gradients synced on the last); the last one's loss."""
+    for k, batch in enumerate(batches):
+        if k < len(batches) - 1:
+            with model.no_sync():
+                (model(input_ids=batch, labels=batch).loss / len(batches)).backward()
+        else:
+            loss = model(input_ids=batch, labels=batch).loss
+            (loss / len(batches)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def main(spec_path: str, out: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     owned = not dist.is_initialized()  # torchrun's processes make the group; Ray Train's already have it
@@ -59,34 +95,13 @@ def main(spec_path: str, out: str) -> None:
     torch.manual_seed(spec["seed"])
     sequences = train_sequences(spec["dataset"])
     order = np.random.default_rng(spec["seed"]).permutation(len(sequences))
-    model = DistributedDataParallel(GPT2LMHeadModel(GPT2Config(**spec["model"])))
-    matrices = [p for p in model.parameters() if p.ndim >= 2]
-    vectors = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": spec["weight_decay"]}, {"params": vectors, "weight_decay": 0.0}],
-        lr=spec["lr"],
-        betas=tuple(spec["betas"]),
-        eps=spec["eps"],
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+    model, optimizer, scheduler = build(spec)
     micro = spec["micro_batch"]
     accum = spec["global_batch"] // (micro * world)
     stamps = []
     for step in range(spec["steps"]):
-        for k in range(accum):
-            first = (((step * accum + k) * world + rank) * micro) % (len(order) - micro)
-            batch = torch.from_numpy(sequences[order[first : first + micro]].astype(np.int64))
-            if k < accum - 1:
-                with model.no_sync():
-                    (model(input_ids=batch, labels=batch).loss / accum).backward()
-            else:
-                loss = model(input_ids=batch, labels=batch).loss
-                (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        float(loss)
+        batches = [micro_batch(sequences, order, (step * accum + k) * world + rank, micro) for k in range(accum)]
+        train_step(model, optimizer, scheduler, batches, spec["grad_clip"])
         stamps.append(time.time())
     if rank == 0:
         Path(out).write_text(json.dumps({"step_end": {str(s + 1): t for s, t in enumerate(stamps)}}))

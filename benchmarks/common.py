@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import textwrap
@@ -59,6 +60,17 @@ def publish(work: Path, results: dict, render: Callable[[dict], str], heading: s
     if docs:
         write_docs(heading, body)
         print(f"\nwritten to {DOCS.relative_to(REPO)}")
+
+
+def rounds_cli(doc: str, measure: Callable, render: Callable[[dict], str], heading: str, quick_help: str) -> None:
+    """The command line of a benchmark taking --quick, --rounds N and --no-docs: measure, print, publish."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds to run (each benchmark's default if absent)")
+    parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args()
+    results = measure(args.quick, args.rounds)
+    publish(Path(results["work"]), results, render, heading, docs=not (args.no_docs or args.quick))
 
 
 def machine() -> str:

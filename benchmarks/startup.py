@@ -23,7 +23,6 @@ once per round: the imports of `kiln train`'s driver and worker modules, and ray
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -38,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import base_env, machine, paragraph, publish, today  # noqa: E402
+from benchmarks.common import base_env, machine, paragraph, rounds_cli, today  # noqa: E402
 from benchmarks.throughput import plan  # noqa: E402
 
 HEADING = "## Startup: command to first step (benchmarks/startup.py)"
@@ -301,13 +300,7 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one round: check the script, not the numbers")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds after the warm-up (default 3, quick 1)")
-    parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
-    args = parser.parse_args()
-    results = measure(args.quick, args.rounds)
-    publish(Path(results["work"]), results, render, HEADING, docs=not (args.no_docs or args.quick))
+    rounds_cli(__doc__, measure, render, HEADING, "one round: check the script, not the numbers")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ grads, loss read back). Time is rank 0's wall clock per block; medians over bloc
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, base_env, machine, paragraph, publish, today
+from benchmarks.common import REPO, base_env, machine, paragraph, rounds_cli, today
 
 HEADING = "## Kiln's step against the bare step, in the same processes (`benchmarks/step_ab.py`)"
 BLOCK = 20
@@ -54,10 +53,8 @@ def worker(rounds: int, spec_path: str, root: str, out: str) -> None:
     import numpy as np
     import torch
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from benchmarks.bare_ddp import lr_lambda, train_sequences
+    from benchmarks.bare_ddp import build, micro_batch, train_sequences, train_step
     from orchestrator.config import compose_config, finalize
     from orchestrator.runs import resolve_data
     from trainers.loop import Trainer
@@ -77,32 +74,16 @@ def worker(rounds: int, spec_path: str, root: str, out: str) -> None:
     torch.manual_seed(spec["seed"])
     sequences = train_sequences(spec["dataset"])
     order = np.random.default_rng(spec["seed"]).permutation(len(sequences))
-    model = DistributedDataParallel(GPT2LMHeadModel(GPT2Config(**spec["model"])))
-    matrices = [p for p in model.parameters() if p.ndim >= 2]
-    vectors = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": spec["weight_decay"]}, {"params": vectors, "weight_decay": 0.0}],
-        lr=spec["lr"],
-        betas=tuple(spec["betas"]),
-        eps=spec["eps"],
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec))
+    model, optimizer, scheduler = build(spec)
     micro = spec["micro_batch"]
     if spec["global_batch"] != micro * world:
         raise ValueError("step_ab times one micro-batch per rank per step (the quickstart's shape)")
     bare_steps = [0]
 
     def bare_step() -> None:
-        first = ((bare_steps[0] * world + rank) * micro) % (len(order) - micro)
+        batch = micro_batch(sequences, order, bare_steps[0] * world + rank, micro)
         bare_steps[0] += 1
-        batch = torch.from_numpy(sequences[order[first : first + micro]].astype(np.int64))
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        float(loss)
+        train_step(model, optimizer, scheduler, [batch], spec["grad_clip"])
 
     def kiln_step() -> None:
         with watchdog.phase(trainer.step, "train step"):
@@ -211,13 +192,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(int(sys.argv[2]), *sys.argv[3:6])
         return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK} round (a smoke run)")
-    parser.add_argument("--rounds", type=int, default=None, help="blocks of each loop")
-    parser.add_argument("--no-docs", action="store_true", help="print only; leave docs/benchmarks.md alone")
-    args = parser.parse_args()
-    results = measure(args.quick, args.rounds)
-    publish(Path(results["work"]), results, render, HEADING, docs=not (args.no_docs or args.quick))
+    rounds_cli(__doc__, measure, render, HEADING, f"{QUICK} round (a smoke run)")
 
 
 if __name__ == "__main__":
