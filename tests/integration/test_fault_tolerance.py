@@ -263,7 +263,9 @@ def test_a_hang_then_sigterm_twice_and_kiln_stop_through_a_corrupt_checkpoint_st
     assert "skipping checkpoint that fails verification" in log0
 
     run = start_kiln("resume", "p", "--storage-root", root, log=tmp_path / "3.log")
-    reached(run, step + 1)
+    # `kiln stop` as soon as this attempt has started, not after its first new step: the 9 steps left run
+    # in a few seconds, and one CI run finished them before the stop request was seen.
+    wait_for("the third resume to start", lambda: len(events(root, "p", "started")) == 4, proc=run)
     stopper = {}
     # `kiln stop`'s own main(), in this process: a fresh interpreter's start-up (s3fs, hydra) can take
     # longer than the few steps left before step 20 on a loaded machine.
