@@ -213,9 +213,12 @@ def restore_through_copy(store, name: str, monkeypatch) -> str:
     fresh = strategy(name)
     loaded_from: list[str] = []
     load = type(fresh).load
-    monkeypatch.setattr(
-        type(fresh), "load", lambda self, url, world=None: load(self, loaded_from.append(url) or url, world)
-    )
+
+    def recorded_load(self, url: str, saved_world_size=None) -> None:
+        loaded_from.append(url)
+        load(self, url, saved_world_size)
+
+    monkeypatch.setattr(type(fresh), "load", recorded_load)
     restored = store.restore(fresh)
     assert restored.committed.step == 2 and restored.extra == {"step": 2}
     for key, value in weights(fresh).items():
