@@ -279,11 +279,13 @@ def load_saved_config(config_yaml: str, overrides: list[str], source: str) -> Ki
                 f"cannot override '{key}' when resuming {source}; only {', '.join(RESUME_SAFE_KEYS)} may change"
             )
     try:
-        merged = OmegaConf.merge(
+        saved = OmegaConf.merge(
             OmegaConf.structured(KilnConfig),
             OmegaConf.create(schema_tree(OmegaConf.to_container(OmegaConf.create(config_yaml)))),
-            OmegaConf.from_dotlist([schema_override(o) for o in overrides]),
         )
+        if saved.optim.schedule_steps is None:  # saved before optim.schedule_steps: its horizon was its own length
+            saved.optim.schedule_steps = saved.train.max_steps
+        merged = OmegaConf.merge(saved, OmegaConf.from_dotlist([schema_override(o) for o in overrides]))
         check_values(OmegaConf.to_container(merged, resolve=True))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
@@ -295,9 +297,11 @@ def load_saved_config(config_yaml: str, overrides: list[str], source: str) -> Ki
 
 
 def finalize(cfg: KilnConfig) -> KilnConfig:
-    """Fill in what the driver decides: a run id and absolute local paths (workers have another cwd)."""
+    """Fill in what the driver decides: a run id, the LR schedule's horizon, absolute paths (workers' cwd differs)."""
     if cfg.run.id is None:
         cfg.run.id = new_run_id(cfg.run.name)
+    if cfg.optim.schedule_steps is None:  # fixed now and saved with the run: a resume's train.max_steps cannot move it
+        cfg.optim.schedule_steps = cfg.train.max_steps
     cfg.storage.root = absolute_url(cfg.storage.root)
     if cfg.data.path:
         cfg.data.path = absolute_url(cfg.data.path)

@@ -226,6 +226,9 @@ class OptimConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    # The step where warmup + cosine reaches min_lr (and stays). Unset: the run's train.max_steps when it starts,
+    # which the driver writes into the run's config.yaml, so `kiln resume RUN train.max_steps=N` keeps the schedule.
+    schedule_steps: int | None = None
 
     def __post_init__(self) -> None:
         one_of("optim.name", self.name, ("adamw",))
@@ -238,6 +241,10 @@ class OptimConfig:
         require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         require(0.0 <= self.min_lr_ratio <= 1.0, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 turns clipping off), got {self.grad_clip}")
+        require(
+            self.schedule_steps is None or self.schedule_steps > 0,
+            f"optim.schedule_steps must be > 0 (or null: train.max_steps), got {self.schedule_steps}",
+        )
 
 
 STRATEGY_NAMES = ("ddp", "fsdp", "zero1", "zero2", "zero3", "zero3_offload")

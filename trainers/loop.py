@@ -35,6 +35,7 @@ from trainers.events import record_event
 from trainers.flops import flops_per_token, mfu, peak_flops, tflops_per_device
 from trainers.model_shapes import shapes_of
 from trainers.models import compile_blocks, parameter_count
+from trainers.optim import schedule_horizon
 from trainers.preemption import StopAgreement, commit_before_stopping
 from trainers.rng import rank_seed, seed_everything
 from trainers.run_folder import CHECKPOINTS_DIR
@@ -116,7 +117,8 @@ class Trainer:
         self.micro_batch = train.micro_batch
         self.grad_accum = train.grad_accum(ctx.world_size)
         self.strategy: Strategy = build_strategy(cfg.strategy, self.device)
-        self.model = self.strategy.wrap(model, cfg.optim, train.max_steps, self.micro_batch, self.grad_accum)
+        horizon = schedule_horizon(cfg.optim, train.max_steps)  # fixed when the run started, not moved by a resume
+        self.model = self.strategy.wrap(model, cfg.optim, horizon, self.micro_batch, self.grad_accum)
         seed_everything(rank_seed(train.seed, ctx.rank))  # distinct dropout streams per rank
         self.stream = TokenStream(
             self.datasets,

@@ -43,18 +43,31 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, step_device: str) -> tor
     )
 
 
-def lr_multiplier(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio at max_steps."""
+def schedule_horizon(cfg: OptimConfig, max_steps: int) -> int:
+    """The step the schedule reaches min_lr at: optim.schedule_steps, else (unset) train.max_steps.
+
+    The driver sets optim.schedule_steps when it creates a run; a caller of `trainers.loop.run` that never went
+    through the driver (a bare torchrun script, a test) leaves it unset and gets the run's own length.
+    """
+    return cfg.schedule_steps if cfg.schedule_steps is not None else max_steps
+
+
+def lr_multiplier(step: int, cfg: OptimConfig, horizon: int) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr_ratio at `horizon` (`schedule_horizon`).
+
+    Past the horizon the multiplier stays at min_lr_ratio: a run resumed with a larger train.max_steps trains on
+    at min_lr rather than jumping back up a stretched cosine.
+    """
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    decay_steps = max(1, max_steps - cfg.warmup_steps)
+    decay_steps = max(1, horizon - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, max_steps: int
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, horizon: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """The warmup + cosine schedule as a LambdaLR (its state is just the step count)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, max_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg, horizon))

@@ -28,7 +28,10 @@ class Strategy(Protocol):
     def wrap(
         self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int, grad_accum: int
     ) -> nn.Module:
-        """Distribute the model and build its optimizer and schedule; returns the model to call."""
+        """Distribute the model and build its optimizer and schedule; returns the model to call.
+
+        max_steps is the schedule's horizon (`trainers.optim.schedule_horizon`), not necessarily train.max_steps.
+        """
 
     def autocast(self) -> AbstractContextManager:
         """The precision context for forward passes."""
@@ -154,7 +157,7 @@ class TorchStrategy(ScheduledStrategy):
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
 
     def build_optimizer(self, module: nn.Module, optim_cfg: OptimConfig, max_steps: int) -> None:
-        """AdamW and its warmup + cosine schedule over module's parameters."""
+        """AdamW and its warmup + cosine schedule (reaching min_lr at step max_steps) over module's parameters."""
         self.optim_cfg = optim_cfg
         self.optimizer = build_optimizer(module, optim_cfg, self.device.type)
         self.scheduler = build_scheduler(self.optimizer, optim_cfg, max_steps)
