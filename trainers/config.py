@@ -69,8 +69,26 @@ class RunSection:
         )
 
 
+# The model.arch values of the RoPE/RMSNorm/SwiGLU decoders (Llama's family) and of those with mixture-of-experts
+# MLPs, and the model.* keys each reads (GPT-2 and BERT read none of them: a value set there is an error).
+DECODER_ARCHS = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
+MOE_ARCHS = ("qwen3_moe", "mixtral")
+DECODER_KEYS = ("n_kv_head", "head_dim", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings")
+MOE_KEYS = ("n_experts", "experts_per_token", "router_aux_loss_coef")
+
+
 # The model.* settings a `model.init_from` folder decides (its config.json): setting one with it is an error.
-FOLDER_DECIDED = ("arch", "n_layer", "n_head", "n_embd", "n_positions", "dropout", "vocab_size")
+FOLDER_DECIDED = (
+    "arch",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_positions",
+    "dropout",
+    "vocab_size",
+    *DECODER_KEYS,
+    *MOE_KEYS,
+)
 INIT_FROM_RUN = "run:"  # model.init_from=run:RUN[@STEP]: a Kiln run's committed checkpoint
 INIT_FROM_RUN_PATTERN = re.compile(r"run:(?P<run>[^@]*)(?:@(?P<step>.*))?", re.DOTALL)
 
@@ -130,7 +148,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    """A GPT-2 (decoder) or BERT (encoder) built from config (never downloaded), or one loaded from `init_from`.
+    """A decoder (GPT-2, Llama's family, two MoE families) or BERT encoder built from config (never downloaded), or
+    one loaded from `init_from`.
 
     `init_from` is a local Hugging Face model folder (architecture, weights and tokenizer come from it) or
     `run:RUN[@STEP]`, a Kiln run's committed checkpoint (newest, or STEP) under the same storage.root.
@@ -151,6 +170,26 @@ class ModelConfig:
     compile: bool = False
     init_from: str | None = None
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Read by DECODER_ARCHS only (None: the value in the comment; trainers/models.py decoder_config builds them).
+    n_kv_head: int | None = None  # key/value heads, shared by n_head / n_kv_head query heads each (GQA); None: n_head
+    head_dim: int | None = None  # each head's width; None: n_embd / n_head (Qwen3-0.6B's 128 is neither)
+    # The MLP's hidden width (in an MoE arch each expert's); None: LLaMA's SwiGLU width, 2/3 of 4 x n_embd rounded
+    # up to a multiple of 256 (11008 for n_embd=4096, as Llama 2 7B).
+    intermediate_size: int | None = None
+    rope_theta: float | None = None  # RoPE base; None: transformers' default (1e6 for mixtral, else 1e4)
+    norm_eps: float | None = None  # RMSNorm epsilon; None: transformers' default (1e-5 for mixtral, else 1e-6)
+    tie_embeddings: bool | None = None  # the LM head shares the input embedding; None: untied
+    # Read by MOE_ARCHS only.
+    n_experts: int | None = None  # experts per MoE layer; None: 8
+    experts_per_token: int | None = None  # experts each token is routed to; None: 2
+    # weight of the router's load-balancing loss added to the LM loss; None: transformers' default, 0.001
+    router_aux_loss_coef: float | None = None
+
+    @property
+    def experts(self) -> tuple[int, int]:
+        """(experts per MoE layer, experts per token), defaults filled in."""
+        experts, per_token = self.n_experts, self.experts_per_token
+        return 8 if experts is None else experts, 2 if per_token is None else per_token
 
     def __post_init__(self) -> None:
         one_of("model.arch", self.arch, tuple(ARCH_MODELS))
@@ -178,6 +217,49 @@ class ModelConfig:
             f"model.vocab_size must be > 0 or null, got {self.vocab_size}",
         )
         one_of("model.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+        self.check_arch_keys()
+        if self.arch in DECODER_ARCHS:
+            self.check_decoder()
+
+    def check_arch_keys(self) -> None:
+        """No decoder or MoE key set on an arch that ignores it."""
+        for keys, archs in ((DECODER_KEYS, DECODER_ARCHS), (MOE_KEYS, MOE_ARCHS)):
+            for name in keys:
+                require(
+                    getattr(self, name) is None or self.arch in archs,
+                    f"model.{name} is read only by model.arch={'|'.join(archs)}, not {self.arch}; remove it",
+                )
+
+    def check_decoder(self) -> None:
+        """The shape of a Llama-family decoder: whole key/value groups, even RoPE heads, a sane router."""
+        for name in ("n_kv_head", "head_dim", "intermediate_size", "rope_theta", "norm_eps", "n_experts"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"model.{name} must be > 0 (or null for the default), got {value}")
+        kv_heads = self.n_kv_head or self.n_head
+        require(
+            self.n_head % kv_heads == 0,
+            f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({kv_heads}): "
+            "each key/value head serves a whole group of query heads",
+        )
+        # RoPE rotates pairs of a head's dimensions.
+        if self.head_dim is not None:
+            require(self.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        else:
+            width = self.n_embd // self.n_head
+            require(
+                width % 2 == 0,
+                f"model.n_embd / model.n_head ({width}, each head's width) must be even for RoPE; "
+                "change them or set model.head_dim",
+            )
+        if self.arch not in MOE_ARCHS:
+            return
+        experts, per_token = self.experts
+        require(
+            1 <= per_token <= experts,
+            f"model.experts_per_token ({per_token}) must be between 1 and model.n_experts ({experts})",
+        )
+        coef = self.router_aux_loss_coef
+        require(coef is None or coef >= 0, f"model.router_aux_loss_coef must be >= 0, got {coef}")
 
     def check_init_from(self) -> None:
         """A well-formed init_from, and none of the settings its folder decides given a value of their own."""

@@ -1,7 +1,8 @@
 """Models built from config. They know nothing about parallelism or storage.
 
-`model.arch` picks the transformers config (`gpt2_config`, `bert_config`); a task picks the head by naming
-the transformers Auto class that builds it (`build_from_config`), as a `model.init_from` folder is loaded.
+`model.arch` picks the transformers config (`gpt2_config`, `bert_config`, `decoder_config` for Llama's family and
+the two MoE families); a task picks the head by naming the transformers Auto class that builds it
+(`build_from_config`), as a `model.init_from` folder is loaded.
 """
 
 from __future__ import annotations
@@ -10,9 +11,30 @@ from typing import Any
 
 import transformers
 from torch import nn
-from transformers import BertConfig, GPT2Config, PretrainedConfig, PreTrainedModel
+from transformers import (
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
-from trainers.config import ModelConfig
+from trainers.config import MOE_ARCHS, ModelConfig
+
+# model.arch -> the transformers config class of a RoPE / RMSNorm / SwiGLU decoder (trainers/config.py DECODER_ARCHS)
+DECODER_CONFIGS: dict[str, type[PretrainedConfig]] = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+    "mistral": MistralConfig,
+    "qwen3_moe": Qwen3MoeConfig,
+    "mixtral": MixtralConfig,
+}
 
 
 def padded_vocab(tokenizer_vocab: int, multiple: int = 64) -> int:
@@ -58,7 +80,70 @@ def bert_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) ->
     )
 
 
-ARCH_CONFIGS = {"gpt2": gpt2_config, "bert": bert_config}
+def swiglu_width(n_embd: int, multiple: int = 256) -> int:
+    """LLaMA's SwiGLU hidden width: 2/3 of 4 x n_embd (three matrices cost what two 4 x n_embd ones would), rounded
+    up to a multiple (Touvron et al. 2023, "LLaMA", section 2; `multiple_of` in Meta's llama model.py)."""
+    return -(-(8 * n_embd // 3) // multiple) * multiple
+
+
+def decoder_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> PretrainedConfig:
+    """A Llama-family transformers config of model.arch from ours (extra: further config fields, e.g. num_labels).
+
+    Unset keys take the defaults trainers/config.py ModelConfig names. Dropout is attention dropout, the only
+    dropout these decoders have.
+    """
+    fields: dict[str, Any] = {
+        "vocab_size": cfg.vocab_size or padded_vocab(vocab_size),
+        "hidden_size": cfg.n_embd,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head or cfg.n_head,
+        "head_dim": cfg.head_dim or cfg.n_embd // cfg.n_head,
+        "intermediate_size": cfg.intermediate_size or swiglu_width(cfg.n_embd),
+        "max_position_embeddings": cfg.n_positions,
+        "attention_dropout": cfg.dropout,
+        "tie_word_embeddings": bool(cfg.tie_embeddings),
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "use_cache": False,
+    }
+    if cfg.rope_theta is not None:
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.norm_eps is not None:
+        fields["rms_norm_eps"] = cfg.norm_eps
+    if cfg.arch == "mistral":
+        fields["sliding_window"] = None  # full attention (Mistral 7B from v0.2 on), as the FLOPs count assumes
+    if cfg.arch in MOE_ARCHS:
+        fields.update(moe_fields(cfg, fields["intermediate_size"]))
+    return DECODER_CONFIGS[cfg.arch](**fields, **extra)
+
+
+def moe_fields(cfg: ModelConfig, expert_width: int) -> dict[str, Any]:
+    """The config fields of an MoE arch's experts and router, named as its transformers config names them."""
+    experts, per_token = cfg.experts
+    fields: dict[str, Any] = {
+        "num_experts_per_tok": per_token,
+        # transformers then adds router_aux_loss_coef x the load-balancing loss to the loss it computes from labels.
+        "output_router_logits": True,
+    }
+    if cfg.router_aux_loss_coef is not None:
+        fields["router_aux_loss_coef"] = cfg.router_aux_loss_coef
+    if cfg.arch == "mixtral":
+        return {**fields, "num_local_experts": experts}
+    # Every layer sparse, each expert intermediate_size wide; top-k weights renormalised as the published Qwen3 MoE
+    # models do (transformers' default, False, is Qwen2-MoE's).
+    return {
+        **fields,
+        "num_experts": experts,
+        "moe_intermediate_size": expert_width,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "norm_topk_prob": True,
+    }
+
+
+ARCH_CONFIGS = {"gpt2": gpt2_config, "bert": bert_config, **dict.fromkeys(DECODER_CONFIGS, decoder_config)}
 
 
 def arch_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> PretrainedConfig:
@@ -77,7 +162,7 @@ def build_from_config(auto_class: str, cfg: ModelConfig, vocab_size: int, eos_id
     config = arch_config(cfg, vocab_size, eos_id, **extra)
     model = getattr(transformers, auto_class).from_config(config, attn_implementation=cfg.attn_implementation)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -47,16 +47,29 @@ ARCHITECTURE_TASKS: tuple[tuple[str, str], ...] = (
     ("LMHeadModel", "causal_lm"),
 )
 
+# the decoders without experts (qwen3_moe and mixtral have them)
+DENSE_DECODERS = ("gpt2", "llama", "qwen2", "qwen3", "mistral")
 # task name -> the model.arch values it trains (a model.init_from folder is checked by PRETRAINED_CLASS instead)
 TASK_ARCHS: dict[str, tuple[str, ...]] = {
-    "causal_lm": ("gpt2",),
-    "sft": ("gpt2",),
+    "causal_lm": (*DENSE_DECODERS, "qwen3_moe", "mixtral"),
+    "sft": (*DENSE_DECODERS, "qwen3_moe", "mixtral"),
     "mlm": ("bert",),
-    "classification": ("gpt2", "bert"),  # a decoder's last text token, or an encoder's pooled first position
+    # a decoder's last text token, or an encoder's pooled first position. Not the MoE decoders: transformers'
+    # sequence-classification heads drop the router logits, so their experts would train without load balancing.
+    "classification": (*DENSE_DECODERS, "bert"),
 }
 
 # model.arch -> the model=... config entries of that architecture (conf/model/), named in errors
-ARCH_MODELS: dict[str, tuple[str, ...]] = {"gpt2": ("gpt2_tiny", "gpt2_small"), "bert": ("bert_tiny", "bert_small")}
+ARCH_MODELS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("gpt2_tiny", "gpt2_small"),
+    "bert": ("bert_tiny", "bert_small"),
+    "llama": ("llama3_tiny", "llama3_1b", "llama3_8b"),
+    "qwen2": (),
+    "qwen3": ("qwen3_0_6b",),
+    "mistral": (),
+    "qwen3_moe": ("qwen3_moe_tiny",),
+    "mixtral": (),
+}
 
 # field -> (what it is, the `kiln prepare` kind that stores it)
 FIELD_SOURCES = {
