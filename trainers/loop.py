@@ -32,7 +32,7 @@ from trainers.device_batches import DeviceBatches
 from trainers.distributed import ensure_process_group, gather_to_rank0
 from trainers.evaluation import Evaluator
 from trainers.events import record_event
-from trainers.flops import flops_per_token, mfu, peak_flops, tflops_per_device
+from trainers.flops import mfu, model_flops_per_token, peak_flops, tflops_per_device
 from trainers.model_shapes import shapes_of
 from trainers.models import compile_blocks, parameter_count
 from trainers.optim import schedule_horizon
@@ -64,14 +64,6 @@ def config_hash(cfg: WorkerConfig) -> str:
     """Hash of what a checkpoint's tensors depend on (model and task), to catch mismatched loads."""
     shape = json.dumps({"model": asdict(cfg.model), "task": asdict(cfg.task)}, sort_keys=True)
     return hashlib.sha256(shape.encode()).hexdigest()[:16]
-
-
-def model_size(model: torch.nn.Module, cfg: WorkerConfig) -> tuple[int, int]:
-    """(layers, hidden width) of the model: its own config's (a model.init_from folder decides them), else ours."""
-    config = getattr(model, "config", None)
-    layers = getattr(config, "num_hidden_layers", None) or cfg.model.n_layer
-    width = getattr(config, "hidden_size", None) or cfg.model.n_embd
-    return int(layers), int(width)
 
 
 def pick_device(local_rank: int) -> torch.device:
@@ -114,6 +106,8 @@ class Trainer:
         if cfg.model.compile:
             compile_blocks(model)  # before the strategy wraps it: FSDP2 shards each compiled block
         self.num_params = parameter_count(model)
+        # Counted before the strategy wraps it: ZeRO-3 leaves each rank's parameters empty outside a forward.
+        self.flops_per_token = model_flops_per_token(model, self.dataset.seq_len)
         self.micro_batch = train.micro_batch
         self.grad_accum = train.grad_accum(ctx.world_size)
         self.strategy: Strategy = build_strategy(cfg.strategy, self.device)
@@ -134,9 +128,6 @@ class Trainer:
         self.checkpoints = self._checkpointing(shapes_of(model))
         self.evaluator = self._evaluator()
         self.tokens_per_step = train.global_batch * self.dataset.seq_len
-        embedding_params = model.get_parameter("transformer.wpe.weight").numel() if hasattr(model, "transformer") else 0
-        layers, width = model_size(model, cfg)
-        self.flops_per_token = flops_per_token(self.num_params - embedding_params, layers, width, self.dataset.seq_len)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.step = 0
         self.window = StepWindow(self.device)
