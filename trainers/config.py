@@ -118,6 +118,8 @@ class LoraConfig:
     r: int | None = None  # the adapters' rank; None or 0: no LoRA
     alpha: float | None = None  # scaling numerator (the update is scaled by alpha / r); None: 2 * r
     target_modules: list[str] | None = None  # modules to adapt; None: the architecture's default (trainers/lora.py)
+    # `all-linear`: every linear map of the model but its output head (peft's own spelling); instead of target_modules
+    target: str | None = None
     dropout: float | None = None  # dropout on the adapters' input; None: 0
 
     @property
@@ -128,7 +130,7 @@ class LoraConfig:
     def __post_init__(self) -> None:
         require(self.r is None or self.r >= 0, f"model.lora.r must be >= 1 (or 0/null: no LoRA), got {self.r}")
         if not self.enabled:
-            for name in ("alpha", "target_modules", "dropout"):
+            for name in ("alpha", "target_modules", "target", "dropout"):
                 require(
                     getattr(self, name) is None,
                     f"model.lora.{name} is ignored without LoRA; set model.lora.r (e.g. model.lora.r=8) or remove it",
@@ -144,6 +146,12 @@ class LoraConfig:
             f"model.lora.target_modules must name at least one module (or be null for the default), "
             f"got {self.target_modules}",
         )
+        if self.target is not None:
+            one_of("model.lora.target", self.target, ("all-linear",))
+            require(
+                self.target_modules is None,
+                "model.lora.target and model.lora.target_modules both name the modules to adapt; keep one",
+            )
 
 
 @dataclass

@@ -22,8 +22,11 @@ CLASSIFIER_HEADS = ("score", "classifier")  # GPT2ForSequenceClassification, Ber
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {"gpt2": ("c_attn", "c_proj", "c_fc")}
 
 
-def target_modules(cfg: LoraConfig, model_type: str) -> list[str]:
-    """The modules to adapt: model.lora.target_modules, else the architecture's default (ours, then peft's)."""
+def target_modules(cfg: LoraConfig, model_type: str) -> list[str] | str:
+    """The modules to adapt: model.lora.target_modules, or peft's "all-linear" (model.lora.target), else the
+    architecture's default (ours, then peft's: q_proj and v_proj for Llama's family)."""
+    if cfg.target is not None:
+        return cfg.target  # peft matches every linear layer but the output head itself
     if cfg.target_modules is not None:
         return list(cfg.target_modules)
     if model_type in DEFAULT_TARGETS:
@@ -34,7 +37,7 @@ def target_modules(cfg: LoraConfig, model_type: str) -> list[str]:
         return list(PEFT_DEFAULTS[model_type])
     raise ValueError(
         f"model.lora.target_modules has no default for a {model_type} model; name the linear layers to adapt "
-        "(e.g. model.lora.target_modules=[q_proj,v_proj])"
+        "(e.g. model.lora.target_modules=[q_proj,v_proj]) or adapt them all (model.lora.target=all-linear)"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainers.config import LoraConfig, ModelConfig
@@ -52,3 +53,48 @@ def test_a_classifiers_new_head_trains_in_full_beside_the_adapters():
         full = [name for name, p in model.named_parameters() if p.requires_grad and ".lora_" not in name]
         assert full and all(f".{head}.modules_to_save." in name for name in full), (arch, full)
         assert type(merged(model)).__name__.endswith("ForSequenceClassification")
+
+
+def adapted_modules(model) -> set[str]:
+    return {name.split(".lora_")[0].rsplit(".", 1)[-1] for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def test_a_llama_takes_peft_defaults_or_every_linear_map_but_its_head():
+    from trainers.models import build_from_config
+
+    shape = ModelConfig(arch="llama", n_layer=1, n_head=2, n_kv_head=1, n_embd=16, n_positions=32)
+    base = build_from_config("AutoModelForCausalLM", shape, 100, 0)
+    assert adapted_modules(apply_lora(base, LoraConfig(r=4))) == {"q_proj", "v_proj"}  # peft's default
+    everything = apply_lora(
+        build_from_config("AutoModelForCausalLM", shape, 100, 0), LoraConfig(r=4, target="all-linear")
+    )
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted_modules(everything) == projections  # not lm_head
+    assert adapted_modules(tiny_lora(target="all-linear")) == {"c_attn", "c_proj", "c_fc"}  # GPT-2's Conv1D maps too
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.lora.target=all-linear"], "model.lora.target is ignored without LoRA; set model.lora.r"),
+        (
+            ["model.lora.r=8", "model.init_from=/m", "model.lora.target=all"],
+            "model.lora.target must be one of all-linear",
+        ),
+        (
+            [
+                "model.lora.r=8",
+                "model.init_from=/m",
+                "model.lora.target=all-linear",
+                "model.lora.target_modules=[c_fc]",
+            ],
+            "model.lora.target and model.lora.target_modules both name the modules to adapt; keep one",
+        ),
+    ],
+)
+def test_a_lora_target_out_of_place_is_one_line(overrides, expected):
+    from orchestrator.config import UsageError, compose_config
+
+    with pytest.raises(UsageError) as err:
+        compose_config(overrides)
+    assert expected in str(err.value) and "\n" not in str(err.value)
