@@ -34,7 +34,7 @@ from trainers.evaluation import Evaluator
 from trainers.events import record_event
 from trainers.flops import mfu, model_flops_per_token, peak_flops, tflops_per_device
 from trainers.model_shapes import shapes_of
-from trainers.models import compile_blocks, parameter_count
+from trainers.models import compile_blocks, parameter_count, watch_router
 from trainers.optim import schedule_horizon
 from trainers.preemption import StopAgreement, commit_before_stopping
 from trainers.rng import rank_seed, seed_everything
@@ -131,6 +131,7 @@ class Trainer:
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.step = 0
         self.window = StepWindow(self.device)
+        watch_router(model, self.window.add_router)  # an MoE model's router loss and expert load, logged at syncs
 
     def _checkpointing(self, model_shapes: dict[str, tuple[int, ...]]) -> Checkpointing:
         """This worker's checkpoints: the run's store, saved every train.checkpoint_every steps and at the end."""
@@ -205,7 +206,7 @@ class Trainer:
 
     def sync(self, stop_asked: bool) -> WindowSummary:
         """Collective (one all_gather): the ranks' agreed window; fails on every rank if any saw a non-finite loss."""
-        summary = summarize(self.window.gather(stop_asked))
+        summary = summarize(self.window.gather(stop_asked), self.window.experts)
         if summary.bad is not None:
             rank, value = summary.bad
             first = self.step - self.window.steps + 1
@@ -240,6 +241,10 @@ class Trainer:
         metrics["perf/optim_bytes"] = float(held["optim"])
         metrics["perf/master_bytes"] = float(held["master"])
         metrics["perf/peak_mem_mb"] = summary.peak_mem_mb
+        if summary.moe_aux_loss is not None:
+            metrics["train/moe_aux_loss"] = summary.moe_aux_loss
+        if summary.expert_load_max_over_mean is not None:
+            metrics["train/expert_load_max_over_mean"] = summary.expert_load_max_over_mean
         return metrics
 
 

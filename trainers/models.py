@@ -2,15 +2,19 @@
 
 `model.arch` picks the transformers config (`gpt2_config`, `bert_config`, `decoder_config` for Llama's family and
 the two MoE families); a task picks the head by naming the transformers Auto class that builds it
-(`build_from_config`), as a `model.init_from` folder is loaded.
+(`build_from_config`), as a `model.init_from` folder is loaded. An MoE model's router is read back from its
+output: `router_aux_loss` for a task that computes its own loss, `watch_router` for the logged expert load.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers import (
     BertConfig,
     GPT2Config,
@@ -215,3 +219,49 @@ def compile_blocks(model: nn.Module) -> None:
 def parameter_count(model) -> int:
     """Number of parameters (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def router_aux_loss(output: Any, model: nn.Module) -> torch.Tensor | None:
+    """The routers' load-balancing loss times config.router_aux_loss_coef, for a task that computes its loss from the
+    logits to add (transformers adds it only to the loss it computes from labels); None for a dense model's output.
+
+    model may be a strategy's wrapper (DDP and DeepSpeed keep the transformers model as `.module`).
+    """
+    aux = getattr(output, "aux_loss", None)
+    if aux is None:
+        return None
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    return getattr(config, "router_aux_loss_coef", 0.0) * aux
+
+
+def expert_tokens(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """(MoE layers, experts): how many tokens each layer's router sent to each expert, its top_k logits per token.
+
+    Counted on the device (scatter_add, no bincount: nothing is read back), float64 so long windows add exactly.
+    """
+    rows = []
+    for logits in router_logits:
+        chosen = logits.detach().topk(top_k, dim=-1).indices.reshape(-1)
+        counts = torch.zeros(logits.shape[-1], dtype=torch.float64, device=logits.device)
+        rows.append(counts.scatter_add_(0, chosen, torch.ones_like(chosen, dtype=torch.float64)))
+    return torch.stack(rows)
+
+
+def watch_router(model: nn.Module, record: Callable[[torch.Tensor, torch.Tensor], None]) -> RemovableHandle | None:
+    """After each training-mode forward of an MoE model that returns its routers' logits, call record(load-balancing
+    loss, expert_tokens) with device tensors; None (nothing watched) for any other model.
+
+    A hook on the whole model, not on the routers: activation checkpointing reruns each layer's forward (and a
+    router hook with it) during backward, the model's own forward runs once. Evaluation runs in eval mode: skipped.
+    """
+    config = getattr(model, "config", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not top_k or not getattr(config, "output_router_logits", False):
+        return None
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        logits, aux = getattr(output, "router_logits", None), getattr(output, "aux_loss", None)
+        if module.training and logits and aux is not None:
+            record(aux.detach(), expert_tokens(logits, top_k))
+
+    return model.register_forward_hook(hook)

@@ -3,8 +3,9 @@
 A GPU runs ahead of the host only while nothing reads a tensor back. So a step's loss and grad norm stay on
 the device, a non-finite loss is remembered there (`bad_loss`), and the host reads all of it once per sync
 step (a logged, evaluated or checkpointed step) in a single all_gather that also carries the timings, peak
-memory and the stop flag every rank must agree on. `summarize` turns the gathered rows into numbers: a pure
-function, tested without processes.
+memory and the stop flag every rank must agree on. An MoE model's router adds its mean load-balancing loss and the
+tokens each layer sent to each expert (`add_router`, from trainers/models.py watch_router) to the same row.
+`summarize` turns the gathered rows into numbers: a pure function, tested without processes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# One row per rank, in this order.
+# One row per rank, in this order; an MoE model's rows go on with the router's columns (StepWindow.router_columns).
 FIELDS = ("loss", "grad_norm", "bad_loss", "seconds", "data_wait", "steps", "stop", "peak_mem_mb")
 
 
@@ -39,10 +40,21 @@ class WindowSummary:
     peak_mem_mb: float
     stop: bool  # some rank was asked to stop
     bad: tuple[int, float] | None  # (rank, value) of the first rank that saw a non-finite loss
+    # MoE only: the routers' load-balancing loss (before router_aux_loss_coef), mean over the window's forwards and the
+    # ranks, and, in the least balanced layer, the busiest expert's tokens over the mean expert's (1: balanced).
+    moe_aux_loss: float | None = None
+    expert_load_max_over_mean: float | None = None
 
 
-def summarize(rows: list[list[float]]) -> WindowSummary:
-    """Every rank's gathered window (rows ordered as FIELDS) as the numbers the run logs and acts on."""
+def busiest_expert_ratio(tokens: list[float], experts: int) -> float:
+    """Tokens per expert, layer after layer: the largest ratio of a layer's busiest expert to its mean expert."""
+    layers = [tokens[i : i + experts] for i in range(0, len(tokens), experts)]
+    return max((max(layer) * experts / sum(layer) for layer in layers if sum(layer) > 0), default=0.0)
+
+
+def summarize(rows: list[list[float]], experts: int = 0) -> WindowSummary:
+    """Every rank's gathered window (rows ordered as FIELDS, then an MoE model's router columns for its number of
+    experts per layer) as the numbers the run logs and acts on."""
     columns = {name: [row[i] for row in rows] for i, name in enumerate(FIELDS)}
     seconds = sum(columns["seconds"]) / len(rows)
     steps = max(columns["steps"][0], 1.0)
@@ -55,7 +67,20 @@ def summarize(rows: list[list[float]]) -> WindowSummary:
         peak_mem_mb=max(columns["peak_mem_mb"]),
         stop=any(flag > 0 for flag in columns["stop"]),
         bad=bad,
+        **router_summary([row[len(FIELDS) :] for row in rows], experts),
     )
+
+
+def router_summary(rows: list[list[float]], experts: int) -> dict[str, float]:
+    """The logged router numbers from every rank's router columns (mean aux loss, then tokens per layer and expert)."""
+    if not experts:
+        return {}
+    # every rank's tokens, added up per (layer, expert)
+    tokens = [sum(column) for column in zip(*(row[1:] for row in rows), strict=True)]
+    return {
+        "moe_aux_loss": sum(row[0] for row in rows) / len(rows),
+        "expert_load_max_over_mean": busiest_expert_ratio(tokens, experts),
+    }
 
 
 class StepWindow:
@@ -63,13 +88,34 @@ class StepWindow:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.expert_tokens: torch.Tensor | None = None  # (MoE layers, experts), from an MoE model's first forward
         self.open()
+
+    @property
+    def experts(self) -> int:
+        """Experts per MoE layer of the router this window reads; 0 for a dense model."""
+        return 0 if self.expert_tokens is None else self.expert_tokens.shape[1]
 
     def open(self) -> None:
         """Start a new window now: after a sync step's evaluation and checkpoint, so they are not timed as training."""
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss, self.grad_norm, self.bad_loss = zero, zero, zero
         self.started, self.data_wait, self.steps = time.perf_counter(), 0.0, 0
+        self.router_loss, self.router_forwards = zero, 0
+        if self.expert_tokens is not None:
+            self.expert_tokens = torch.zeros_like(self.expert_tokens)
+
+    def add_router(self, aux_loss: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Record one training forward's router load-balancing loss and tokens per (layer, expert), on the device."""
+        self.router_loss = self.router_loss + aux_loss.detach().to(torch.float64)
+        self.router_forwards += 1
+        self.expert_tokens = tokens if self.expert_tokens is None else self.expert_tokens + tokens
+
+    def router_columns(self) -> list[torch.Tensor]:
+        """The row's router columns: the window's mean load-balancing loss, then its tokens per (layer, expert)."""
+        if self.expert_tokens is None:
+            return []
+        return [(self.router_loss / max(self.router_forwards, 1)).reshape(1), self.expert_tokens.flatten()]
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | float) -> None:
         """Record a finished step (its mean loss on the device) without reading anything back."""
@@ -83,7 +129,8 @@ class StepWindow:
         """Collective: every rank's window as rows ordered as FIELDS (the one host sync of the window)."""
         timings = [time.perf_counter() - self.started, self.data_wait, float(self.steps), float(stop_asked)]
         host = torch.tensor([*timings, peak_memory_mb(self.device)], dtype=torch.float64)
-        mine = torch.cat([torch.stack([self.loss, self.grad_norm, self.bad_loss]), host.to(self.device)])
+        losses = torch.stack([self.loss, self.grad_norm, self.bad_loss])
+        mine = torch.cat([losses, host.to(self.device), *self.router_columns()])
         rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, mine)
         return torch.stack(rows).cpu().tolist()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, kiln, rows, torchrun, torchrun_command
+from tests.helpers import REPO, kiln, rows, runs_per_strategy, torchrun, torchrun_command
 from tests.helpers import STRATEGY_RUN as RUN
 
 pytestmark = pytest.mark.slow
@@ -126,12 +126,40 @@ def test_a_checkpoint_from_another_model_names_the_mismatched_shapes(trained, tm
             load_consolidated(other, str(shards), strategy)
 
 
-@pytest.mark.parametrize("strategy", ["fsdp"])  # sharded: recomputation meets gathering
-def test_activation_checkpointing_saves_activations_not_math(trained, strategy, tmp_path):
-    torchrun(
-        *RUN, f"strategy={strategy}", "model.activation_checkpointing=true", "run.id=ac", f"storage.root={tmp_path}"
-    )
-    recomputed, stored = by_step(tmp_path / "ac", "train/loss"), by_step(trained(strategy), "train/loss")
+# The tiny Llama and Qwen3-MoE presets, 6 steps: 4 layers (as many as qwen3_moe_tiny's experts, so FSDP2 must tell the
+# layers from the experts), grouped-query attention (2 query heads, 1 key/value head), attention dropout on.
+DECODER_RUN = ["model.n_layer=4", "model.n_kv_head=1", "train.max_steps=6"]
+
+
+@pytest.fixture(scope="module")
+def uncheckpointed(tmp_path_factory):
+    """model preset -> its DECODER_RUN under ddp without activation checkpointing (trained the first time asked)."""
+    root = tmp_path_factory.mktemp("decoders")
+    runs = {}
+
+    def get(model: str) -> Path:
+        if model not in runs:
+            runs[model] = runs_per_strategy(root / model, *RUN, f"model={model}", *DECODER_RUN)("ddp")
+        return runs[model]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    "strategy, model",
+    [("fsdp", None)] + [(s, m) for m in ("llama3_tiny", "qwen3_moe_tiny") for s in ("ddp", "fsdp", "zero3")],
+    ids=lambda value: value or "gpt2",
+)  # GPT-2 under fsdp, the sharded case where recomputation meets gathering; the new decoders under every kind
+def test_activation_checkpointing_saves_activations_not_math(trained, uncheckpointed, strategy, model, tmp_path):
+    shape = [f"model={model}", *DECODER_RUN] if model else []
+    run = [*RUN, *shape, f"strategy={strategy}", "model.activation_checkpointing=true"]
+    torchrun(*run, "run.id=ac", f"storage.root={tmp_path}")
+    recomputed = by_step(tmp_path / "ac", "train/loss")
+    stored = by_step(uncheckpointed(model) if model else trained(strategy), "train/loss")  # decoders: ddp's
     assert sorted(recomputed) == sorted(stored)
     for step, loss in recomputed.items():
         assert loss == pytest.approx(stored[step], rel=1e-6), step
+    if model == "qwen3_moe_tiny":  # the router's numbers reach the log under every strategy
+        load = by_step(tmp_path / "ac", "train/expert_load_max_over_mean")
+        assert sorted(load) == sorted(recomputed) == sorted(by_step(tmp_path / "ac", "train/moe_aux_loss"))
+        assert all(1.0 <= value <= 4 / 2 for value in load.values())  # 4 experts, 2 per token
