@@ -171,7 +171,7 @@ def build_from_config(auto_class: str, cfg: ModelConfig, vocab_size: int, eos_id
 
 
 def build_gpt2(cfg: ModelConfig, vocab_size: int, eos_id: int) -> PreTrainedModel:
-    """A freshly initialised GPT-2 causal LM (GPT2LMHeadModel)."""
+    """A freshly initialised causal LM of model.arch (GPT2LMHeadModel for arch=gpt2, LlamaForCausalLM for llama)."""
     return build_from_config("AutoModelForCausalLM", cfg, vocab_size, eos_id)
 
 
