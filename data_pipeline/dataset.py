@@ -2,9 +2,11 @@
 
 Layout (format_version 1):
     <dataset>/manifest.json        written last: kind, splits, shards (tokens, sequences, sha256), tokenizer hash
-    <dataset>/tokenizer/tokenizer.json
+    <dataset>/tokenizer/            a transformers tokenizer folder (data_pipeline/tokenizer.py)
     <dataset>/<split>/shard_00000.bin   little-endian uint16 or uint32 tokens, seq_len per sequence
     <dataset>/<split>/shard_00000.mask  kind=chat: uint8 loss mask, one per token (1 = learn it)
+                                        (chat shards hold one conversation per sequence, padded with pad_id;
+                                        datasets prepared before that pack conversations end to end)
     <dataset>/<split>/shard_00000.labels  kind=classification: little-endian int32 class id per sequence
 
 Every file is found through its path in the manifest, relative to the dataset's folder: an object-store
@@ -67,6 +69,11 @@ class Dataset:
             )
         self.seq_len: int = self.manifest["seq_len"]
         self.vocab_size: int = self.manifest["vocab_size"]
+        if self.manifest.get("eos_id") is None:
+            raise DatasetError(
+                f"{manifest_url}: the dataset records no EOS id (an older Kiln prepared it with a tokenizer whose EOS "
+                "it could not find, and ended its documents with token 0): prepare it again with `kiln prepare`"
+            )
         self.eos_id: int = self.manifest["eos_id"]
         self.dtype = np.dtype(self.manifest["dtype"])
 
@@ -143,7 +150,8 @@ class ShardWriter:
         self.documents = 0
 
     def add(self, token_ids: list[int], mask: list[int] | None = None) -> None:
-        """Append one document (dropped if empty); chat documents come with their mask and own EOS."""
+        """Append one document (dropped if empty), ending it with EOS unless it ends with one; masked documents
+        (chat rows) are written as given."""
         if not token_ids:
             return
         self.documents += 1
@@ -151,7 +159,8 @@ class ShardWriter:
             self._tokens.append(np.asarray(token_ids, dtype=self.dtype))
             self._masks.append(np.asarray(mask, dtype=np.uint8))
         else:
-            self._tokens.append(np.asarray([*token_ids, self.eos_id], dtype=self.dtype))
+            ends = [] if token_ids[-1] == self.eos_id else [self.eos_id]
+            self._tokens.append(np.asarray([*token_ids, *ends], dtype=self.dtype))
         self._pending_tokens += len(self._tokens[-1])
         if self._pending_tokens >= self.shard_sequences * self.seq_len:
             self._flush(final=False)
@@ -189,6 +198,47 @@ class ShardWriter:
         if mask is not None:
             entry["mask"] = write_array(self.dataset_url, rel[:-4] + ".mask", mask)
         self.entries.append(entry)
+
+
+OVERFLOW = ("truncate", "drop")  # what kind=chat does with a conversation longer than seq_len
+
+
+class ChatRowWriter:
+    """kind=chat: one conversation per sequence, so no conversation attends to another and no reply is stored
+    without its prompt. A longer conversation is cut at seq_len (its start kept) or dropped (`overflow`); one with
+    nothing left to learn is dropped. Rows are padded with pad_id, which is never learned."""
+
+    def __init__(self, dataset_url: str, split: str, *, seq_len: int, vocab_size: int, pad_id: int, overflow: str):
+        self.rows = ShardWriter(
+            dataset_url, split, seq_len=seq_len, vocab_size=vocab_size, eos_id=pad_id, with_mask=True
+        )
+        self.seq_len, self.pad_id, self.overflow = seq_len, pad_id, overflow
+        self.truncated = self.dropped = self.conversation_tokens = 0
+
+    def add(self, token_ids: list[int], mask: list[int]) -> bool:
+        """Store one conversation (cut or dropped if longer than seq_len); False if it was dropped."""
+        if len(token_ids) > self.seq_len:
+            if self.overflow == "drop" or not any(mask[: self.seq_len]):
+                self.dropped += 1
+                return False
+            token_ids, mask = token_ids[: self.seq_len], mask[: self.seq_len]
+            self.truncated += 1
+        self.conversation_tokens += len(token_ids)
+        padding = self.seq_len - len(token_ids)
+        self.rows.add([*token_ids, *[self.pad_id] * padding], [*mask, *[0] * padding])
+        return True
+
+    def close(self) -> dict:
+        """Write the rows and return this split's manifest entry, with what was cut, dropped and padded."""
+        entry = self.rows.close()
+        stored = entry["sequences"] * self.seq_len
+        entry.update(
+            truncated=self.truncated,
+            dropped=self.dropped,
+            conversation_tokens=self.conversation_tokens,
+            fill=round(self.conversation_tokens / stored, 4) if stored else 0.0,
+        )
+        return entry
 
 
 def example_row(token_ids: list[int], seq_len: int, eos_id: int, dtype: np.dtype | type = np.int64) -> np.ndarray:

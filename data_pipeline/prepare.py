@@ -21,14 +21,15 @@ from typing import Any, cast
 
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
-from data_pipeline.dataset import ExampleWriter, ShardWriter, token_dtype
+from data_pipeline.dataset import OVERFLOW, ChatRowWriter, ExampleWriter, ShardWriter, token_dtype
 from data_pipeline.examples import (
-    CHAT_SPECIAL_TOKENS,
+    ChatRow,
     ExampleError,
     chat_messages,
     classification_example,
     encode_chat,
     label_map,
+    reply_ends,
 )
 from data_pipeline.prepare_output import existing_manifest, replace_problem, write_dataset
 from data_pipeline.sources import FORMATS, detect_format, expand, read_records
@@ -50,13 +51,15 @@ class PrepareConfig:
     output: str = "???"
     format: str = "auto"
     text_field: str = "text"
-    tokenizer: str = "train"  # "train", or a folder holding tokenizer.json
+    tokenizer: str = "train"  # "train", or a transformers tokenizer folder (a model's, or a prepared dataset)
     vocab_size: int = 8192
     seq_len: int = 1024
     val_fraction: float = 0.01
     on_bad_record: str = "skip"
     kind: str = "pretrain"
     batch_size: int = 256  # documents per tokenizer call
+    # kind=chat: a conversation longer than seq_len is cut there (its start kept) or dropped; counted either way
+    overflow: str = "truncate"
 
     def __post_init__(self) -> None:
         for name in ("input", "output"):
@@ -79,6 +82,8 @@ class PrepareConfig:
             )
         if self.batch_size < 1:
             raise PrepareError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.overflow not in OVERFLOW:
+            raise PrepareError(f"overflow must be one of {', '.join(OVERFLOW)}; got {self.overflow!r}")
 
 
 @dataclass
@@ -91,6 +96,8 @@ class PrepareSummary:
     tokens: int = 0
     bad_records: int = 0
     empty_documents: int = 0
+    truncated: int = 0  # kind=chat: conversations cut at seq_len
+    dropped: int = 0  # kind=chat: conversations longer than seq_len left out (overflow=drop, or nothing left to learn)
     shards: int = 0
     wall_s: float = 0.0
     bad_examples: list[str] = field(default_factory=list)
@@ -115,8 +122,8 @@ def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: str | None)
     """Hash of the inputs (names, sizes, modification stamps), the settings and the tokenizer."""
     h = hashlib.sha256()
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "batch_size")}
-    # format 2: chat masks learn each reply's closing newline, and trained tokenizers reserve the chat role tokens
-    h.update(json.dumps({"settings": settings, "tokenizer": tokenizer_sha, "format": 2}, sort_keys=True).encode())
+    # format 3: complete tokenizer folders, chat rendered by the tokenizer's template, one conversation per row
+    h.update(json.dumps({"settings": settings, "tokenizer": tokenizer_sha, "format": 3}, sort_keys=True).encode())
     for url in files:
         fs, path = storage.filesystem(url)
         info = fs.info(path) if not fs.isdir(path) else {"size": 0}
@@ -163,6 +170,7 @@ def tokenize_batch(
     tokenizer = _TOKENIZERS.get(tokenizer_url)
     if tokenizer is None:  # once per worker process, read from storage
         tokenizer = _TOKENIZERS[tokenizer_url] = bpe.load(tokenizer_url)
+    eos = tokenizer.eos_token_id
     texts = [str(t) for t in batch["text"]]
     out: dict[str, list] = {
         "ids": [],
@@ -179,14 +187,16 @@ def tokenize_batch(
         if not error and text.strip():
             try:
                 if kind == "chat":
-                    ids, mask = encode_chat(tokenizer, json.loads(text))
+                    row = encode_chat(tokenizer, json.loads(text))
+                    ids, mask = row.ids, row.mask
                 elif kind == "classification":
                     if labels is None:
                         raise ValueError("tokenize_batch: kind=classification needs the label map (labels=)")
                     sample, name = classification_example(json.loads(text), text_field)
-                    ids, label = tokenizer.encode(sample).ids, labels[name]
+                    ids, label = bpe.text_ids(tokenizer, sample), labels[name]
                 else:
-                    ids = tokenizer.encode(text).ids
+                    ids = bpe.document_ids(tokenizer, text)
+                    assert ids[-1] == eos
             except ExampleError as exc:
                 error = f"{source}:{line}: {exc}"
         out["ids"].append(ids)
@@ -204,9 +214,8 @@ def prepare(
     started = time.perf_counter()
     files = expand(cfg.input)
     formats = [detect_format(url, cfg.format) for url in files]
-    given_tokenizer = None if cfg.tokenizer == "train" else bpe.load(_tokenizer_folder(cfg.tokenizer))
-    given_sha = hashlib.sha256(given_tokenizer.to_str().encode()).hexdigest() if given_tokenizer else None
-    key = fingerprint(files, cfg, given_sha)
+    given = None if cfg.tokenizer == "train" else given_tokenizer(cfg)
+    key = fingerprint(files, cfg, bpe.folder_sha(given.folder) if given else None)
     existing = existing_manifest(cfg.output)
     if existing is not None and existing.get("source", {}).get("fingerprint") == key:
         log(f"prepare: inputs, settings and tokenizer unchanged: reusing {cfg.output}")
@@ -224,7 +233,7 @@ def prepare(
         _stop_at_first_bad_record(ray_dataset, cfg)
 
     def build(folder: str) -> tuple[PrepareSummary, dict]:
-        return _build(folder, ray_dataset, given_tokenizer, files, formats, key, cfg, log, progress, started)
+        return _build(folder, ray_dataset, given, files, formats, key, cfg, log, progress, started)
 
     summary = write_dataset(cfg.output, key, build)
     summary.output = cfg.output
@@ -232,10 +241,40 @@ def prepare(
     return summary
 
 
+@dataclass
+class GivenTokenizer:
+    """A tokenizer folder given with tokenizer=, loaded; `changed` when Kiln completed it (a folder from before
+    complete folders), so the dataset saves it rather than copying its files."""
+
+    folder: str
+    tokenizer: Any
+    changed: bool = False
+
+
+def given_tokenizer(cfg: PrepareConfig) -> GivenTokenizer:
+    """The tokenizer= folder, checked for what cfg.kind needs (PrepareError in one line naming it and the fix)."""
+    folder = _tokenizer_folder(cfg.tokenizer)
+    try:
+        tokenizer = bpe.load(folder)
+        bpe.require_eos(tokenizer, f"tokenizer={cfg.tokenizer}")
+    except bpe.TokenizerError as exc:
+        raise PrepareError(str(exc)) from None
+    legacy = not storage.exists(storage.join(folder, bpe.CONFIG_FILE))
+    if legacy and cfg.kind == "chat" and tokenizer.chat_template is not None:
+        tokenizer.chat_template = bpe.kiln_chat_template()  # Kiln's role tokens: its current template
+    if cfg.kind == "chat" and not tokenizer.chat_template:
+        raise PrepareError(
+            f"tokenizer={cfg.tokenizer} has no chat template (chat_template in its {bpe.CONFIG_FILE} or "
+            "chat_template.jinja), so Kiln cannot know how this model's conversations look: give the folder the "
+            "model's template, or prepare with a tokenizer that has one"
+        )
+    return GivenTokenizer(folder, tokenizer, changed=legacy)
+
+
 def _build(
     folder: str,
     ray_dataset,
-    given_tokenizer,
+    given: GivenTokenizer | None,
     files: list[str],
     formats: list[str],
     key: str,
@@ -245,11 +284,15 @@ def _build(
     started: float,
 ) -> tuple[PrepareSummary, dict]:
     """Tokenizer, shards and label map written into folder; returns the summary and the manifest body."""
-    tokenizer = given_tokenizer or _train_tokenizer(ray_dataset, cfg, log)
     tokenizer_url = storage.join(folder, "tokenizer")
-    tokenizer_sha = bpe.save(tokenizer, tokenizer_url)
+    if given is not None and not given.changed:
+        tokenizer = given.tokenizer
+        tokenizer_sha = bpe.copy_folder(given.folder, tokenizer_url)  # a model's folder, as it is
+    else:
+        tokenizer = given.tokenizer if given is not None else _train_tokenizer(ray_dataset, cfg, log)
+        tokenizer_sha = bpe.save(tokenizer, tokenizer_url)
     labels = _label_map(ray_dataset, cfg) if cfg.kind == "classification" else None
-    summary = _tokenize_and_pack(ray_dataset, tokenizer, tokenizer_url, folder, cfg, progress, labels)
+    summary, chat = _tokenize_and_pack(ray_dataset, tokenizer, tokenizer_url, folder, cfg, progress, labels)
     _check_splits(summary, cfg)
     summary.wall_s = time.perf_counter() - started
     extra: dict = {}
@@ -257,19 +300,17 @@ def _build(
         extra["label_map"] = labels
         storage.write_atomic(storage.join(folder, "label_map.json"), json.dumps(labels, indent=2))
     if cfg.kind == "chat":
-        extra["chat_template"] = {
-            "roles": {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"},
-            "format": "{role_token}\\n{content}\\n per message, then EOS",
-            "mask": "<shard>.mask: uint8 per token, 1 = loss on this token (each reply, its closing newline, EOS)",
-        }
+        extra["chat"] = chat
     return summary, {
         **extra,
         "kind": cfg.kind,
         "seq_len": cfg.seq_len,
-        "vocab_size": tokenizer.get_vocab_size(),
-        "eos_id": tokenizer.token_to_id(bpe.EOS_TOKEN),
-        "dtype": token_dtype(tokenizer.get_vocab_size()).str,
-        "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha, "trained": given_tokenizer is None},
+        "vocab_size": len(tokenizer),
+        "eos_id": tokenizer.eos_token_id,
+        "bos_id": tokenizer.bos_token_id,
+        "pad_id": tokenizer.pad_token_id,
+        "dtype": token_dtype(len(tokenizer)).str,
+        "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha, "trained": given is None},
         "source": {
             "input": cfg.input,
             "files": len(files),
@@ -307,9 +348,9 @@ def _fix(split: str, summary: PrepareSummary, cfg: PrepareConfig) -> str:
 
 
 def _tokenizer_folder(path: str) -> str:
-    """path if it holds tokenizer.json; else the tokenizer of the prepared dataset at path (or at its parent,
+    """path if it holds a tokenizer; else the tokenizer of the prepared dataset at path (or at its parent,
     for `<dataset>/tokenizer` of a dataset that keeps its files under v-<fingerprint>/)."""
-    if storage.exists(storage.join(path, bpe.TOKENIZER_FILE)):
+    if bpe.is_folder(path):
         return path
     trimmed = path.rstrip("/")
     parent = trimmed.rsplit("/", 1)[0] if trimmed.endswith("/tokenizer") else None
@@ -317,11 +358,11 @@ def _tokenizer_folder(path: str) -> str:
         manifest = existing_manifest(dataset)
         if manifest is not None:
             folder = storage.join(dataset, str((manifest.get("tokenizer") or {}).get("path", "tokenizer")))
-            if storage.exists(storage.join(folder, bpe.TOKENIZER_FILE)):
+            if bpe.is_folder(folder):
                 return folder
     raise PrepareError(
-        f"tokenizer={path}: no {bpe.TOKENIZER_FILE} there; give a folder holding one, "
-        "a prepared dataset, or tokenizer=train"
+        f"tokenizer={path}: no tokenizer there ({bpe.TOKENIZER_FILE}, {bpe.CONFIG_FILE}); give a model's "
+        "folder, a tokenizer folder, a prepared dataset, or tokenizer=train"
     )
 
 
@@ -359,13 +400,7 @@ def _train_tokenizer(dataset, cfg: PrepareConfig, log: Callable[[str], None]):
                     continue  # reported when the record is tokenized
 
     log(f"prepare: training a byte-level BPE tokenizer (vocab {cfg.vocab_size}) on the train split")
-    special = CHAT_SPECIAL_TOKENS if cfg.kind == "chat" else []
-    tokenizer = bpe.train_bpe(train_texts(), cfg.vocab_size, special_tokens=special)
-    if cfg.kind != "chat":
-        # Reserved at the end (the trained ids stay as they are), so a model pretrained on this tokenizer can be
-        # fine-tuned for chat (`kiln prepare kind=chat tokenizer=...`, then `kiln chat`) with the same vocabulary.
-        tokenizer.add_special_tokens(CHAT_SPECIAL_TOKENS)
-    return tokenizer
+    return bpe.train_kiln_tokenizer(train_texts(), cfg.vocab_size)
 
 
 def _stop_at_first_bad_record(dataset, cfg: PrepareConfig) -> None:
@@ -395,7 +430,9 @@ def _label_map(dataset, cfg: PrepareConfig) -> dict[str, int]:
 
 def _tokenize_and_pack(
     dataset, tokenizer, tokenizer_url: str, folder: str, cfg: PrepareConfig, progress, labels: dict | None
-) -> PrepareSummary:
+) -> tuple[PrepareSummary, dict]:
+    """Tokenize every record (Ray Data) and write the splits; returns the summary and, for chat, what the
+    manifest says of its rows."""
     tokenized = dataset.map_batches(
         tokenize_batch,
         fn_kwargs={
@@ -408,15 +445,9 @@ def _tokenize_and_pack(
         batch_size=cfg.batch_size,
         batch_format="numpy",
     )
-    eos = tokenizer.token_to_id(bpe.EOS_TOKEN)
-    shape = {"seq_len": cfg.seq_len, "vocab_size": tokenizer.get_vocab_size(), "eos_id": eos}
-    writers = {
-        split: ExampleWriter(folder, split, **shape)
-        if cfg.kind == "classification"
-        else ShardWriter(folder, split, with_mask=cfg.kind == "chat", **shape)
-        for split in ("train", "val")
-    }
+    writers = {split: _writer(folder, split, tokenizer, cfg) for split in ("train", "val")}
     summary = PrepareSummary(cfg.output, False)
+    ends: set[int] = set()  # the ids that end a reply (kind=chat): where generation stops
     for batch in tokenized.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
         for ids, mask, label, split, error, empty in zip(
             batch["ids"], batch["mask"], batch["label"], batch["split"], batch["error"], batch["empty"], strict=False
@@ -434,20 +465,56 @@ def _tokenize_and_pack(
             writer = writers[split]
             if isinstance(writer, ExampleWriter):  # kind=classification
                 writer.add(list(ids), int(label))
-            elif cfg.kind == "chat":
-                writer.add(list(ids), list(mask))
+            elif isinstance(writer, ChatRowWriter):
+                row = ChatRow([int(i) for i in ids], [int(m) for m in mask])
+                ends |= reply_ends(row)
+                if not writer.add(row.ids, row.mask):
+                    continue
             else:
                 writer.add(list(ids))
             summary.documents += 1
-            summary.tokens += len(ids) + (cfg.kind == "pretrain")
+            summary.tokens += len(ids)
         if progress:
             progress(summary.documents, summary.tokens)
+    chat_writers = [w for w in writers.values() if isinstance(w, ChatRowWriter)]
+    summary.truncated = sum(w.truncated for w in chat_writers)
+    summary.dropped = sum(w.dropped for w in chat_writers)
     if summary.documents == 0:
         first = f"; first: {summary.bad_examples[0]}" if summary.bad_examples else ""
+        dropped = f", {summary.dropped} longer than seq_len={cfg.seq_len}" if summary.dropped else ""
         raise PrepareError(
             f"no usable documents in {cfg.input} ({summary.bad_records} bad records, "
-            f"{summary.empty_documents} empty){first}"
+            f"{summary.empty_documents} empty{dropped}){first}"
         )
     summary.splits = {split: writer.close() for split, writer in writers.items()}
     summary.shards = sum(len(s["shards"]) for s in summary.splits.values())
-    return summary
+    return summary, _chat_manifest(tokenizer, cfg, summary, ends) if chat_writers else {}
+
+
+def _writer(folder: str, split: str, tokenizer, cfg: PrepareConfig) -> ShardWriter | ChatRowWriter | ExampleWriter:
+    """The writer of one split for cfg.kind: packed documents, one conversation a row, or one example a row."""
+    vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
+    if cfg.kind == "classification":
+        return ExampleWriter(folder, split, seq_len=cfg.seq_len, vocab_size=vocab_size, eos_id=eos)
+    if cfg.kind == "chat":
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos  # masked: never learned
+        return ChatRowWriter(
+            folder, split, seq_len=cfg.seq_len, vocab_size=vocab_size, pad_id=pad, overflow=cfg.overflow
+        )
+    return ShardWriter(folder, split, seq_len=cfg.seq_len, vocab_size=vocab_size, eos_id=eos)
+
+
+def _chat_manifest(tokenizer, cfg: PrepareConfig, summary: PrepareSummary, ends: set[int]) -> dict:
+    """What a chat dataset's manifest says of its rows: how they were rendered, masked, cut and padded."""
+    specials = set(bpe.vocabulary(tokenizer).specials)
+    return {
+        "template": "kiln" if tokenizer.chat_template == bpe.kiln_chat_template() else "tokenizer",
+        "mask": "generation markers" if bpe.has_generation_markers(tokenizer.chat_template) else "prefix diff",
+        "rows": "one conversation per row, padded with pad_id (mask 0)",
+        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "overflow": cfg.overflow,
+        "truncated": summary.truncated,
+        "dropped": summary.dropped,
+        # the special tokens that end a learned reply: inference stops at them (generation_config)
+        "end_of_turn_ids": sorted(i for i in ends if i in specials),
+    }

@@ -64,7 +64,8 @@ def fingerprint(root: Path, files: list[Path], cfg: DataConfig) -> str:
                 "seq_len": cfg.seq_len,
                 "vocab_size": cfg.vocab_size,
                 "val_fraction": cfg.val_fraction,
-                "format": 2,  # 2: the tokenizer has the mask token
+                # 2: the tokenizer has the mask token; 3: a complete tokenizer folder with the chat role tokens
+                "format": 3,
             }
         ).encode()
     )
@@ -91,18 +92,18 @@ def prepare_stdlib(cfg: DataConfig, cache_dir: str, log: Callable[[str], None] =
         return url
     started = time.perf_counter()
     train_files, val_files = split_files(root, files, cfg.val_fraction)
-    tokenizer = bpe.train_bpe((read_source(f) for f in train_files), cfg.vocab_size)
+    # With the chat role tokens and template: a model pretrained here can be fine-tuned to chat (kind=chat data
+    # prepared with its export's tokenizer) and then chat, with the same vocabulary.
+    tokenizer = bpe.train_kiln_tokenizer((read_source(f) for f in train_files), cfg.vocab_size)
     tokenizer_sha = bpe.save(tokenizer, storage.join(url, "tokenizer"))
-    eos_id = tokenizer.token_to_id(bpe.EOS_TOKEN)
-    if eos_id is None:  # train_bpe always adds it
-        raise ValueError(f"the trained tokenizer has no {bpe.EOS_TOKEN} token")
-    vocab_size = tokenizer.get_vocab_size()
+    eos_id = bpe.require_eos(tokenizer, "the stdlib corpus")
+    vocab_size = len(tokenizer)
     splits = {}
     for split, split_files_ in (("train", train_files), ("val", val_files)):
         writer = ShardWriter(url, split, seq_len=cfg.seq_len, vocab_size=vocab_size, eos_id=eos_id)
         texts = [read_source(f) for f in split_files_]
-        for encoding in tokenizer.encode_batch(texts):
-            writer.add(encoding.ids)
+        for ids in tokenizer(texts)["input_ids"]:
+            writer.add(ids)
         splits[split] = writer.close()
         splits[split]["files"] = len(split_files_)
     write_manifest(
@@ -112,6 +113,8 @@ def prepare_stdlib(cfg: DataConfig, cache_dir: str, log: Callable[[str], None] =
             "seq_len": cfg.seq_len,
             "vocab_size": vocab_size,
             "eos_id": eos_id,
+            "bos_id": tokenizer.bos_token_id,
+            "pad_id": tokenizer.pad_token_id,
             "dtype": token_dtype(vocab_size).str,
             "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha},
             "source": {"name": "python-stdlib", "root": str(root), "fingerprint": key},

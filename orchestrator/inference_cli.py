@@ -327,11 +327,13 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
 
 
 def eval_pairs(source: Source, data: str, pairs: list, max_new_tokens: int) -> dict:
-    """Greedy completions of each prompt, scored against the references with sacrebleu's BLEU and chrF."""
+    """Greedy completions of each prompt, scored against the references with sacrebleu's BLEU and chrF. A chat
+    (task=sft) model reads each prompt as a user message in its chat template, as it was trained."""
     from trainers.inference import Sampling, generate, text_metrics
 
     sampling = user_error(lambda: Sampling(max_new_tokens=max_new_tokens))
-    outputs = user_error(lambda: list(generate(source.loaded, (p.prompt for p in pairs), sampling)))
+    chat = source.loaded.task.name == "sft" and bool(getattr(source.loaded.tokenizer, "chat_template", None))
+    outputs = user_error(lambda: list(generate(source.loaded, (p.prompt for p in pairs), sampling, chat=chat)))
     return {
         "model": source.label,
         "run": source.run_id,
@@ -340,7 +342,8 @@ def eval_pairs(source: Source, data: str, pairs: list, max_new_tokens: int) -> d
         "examples": len(pairs),
         "max_new_tokens": max_new_tokens,
         "metrics": text_metrics(outputs, [p.reference for p in pairs]),
-        "what": f"{len(pairs)} prompts of {data}, greedy, up to {max_new_tokens} new tokens each (sacrebleu)",
+        "what": f"{len(pairs)} prompts of {data}{' in the chat template' if chat else ''}, greedy, up to "
+        f"{max_new_tokens} new tokens each (sacrebleu)",
     }
 
 

@@ -68,6 +68,11 @@ def run(overrides: list[str], console: Console) -> int:
         f"{summary.shards} shards, {summary.bad_records} bad records, {summary.empty_documents} empty "
         f"documents dropped, {summary.wall_s:.1f}s ({summary.tokens_per_s:,.0f} tokens/s)"
     )
+    if cfg.kind == "chat":
+        console.print(
+            f"  one conversation per row of seq_len={cfg.seq_len}: {summary.truncated} longer ones cut there, "
+            f"{summary.dropped} dropped (overflow={cfg.overflow})"
+        )
     for example in summary.bad_examples:
         console.print(f"  skipped: {example}")
     if cfg.kind == "pretrain":

@@ -2,8 +2,9 @@
 the model's context, replies streamed token by token through transformers' `generate` and TextStreamer.
 
 `kiln chat` (orchestrator/inference_cli.py) reads the turns and writes the replies; everything here works
-on a loaded model. The template is data_pipeline/examples.py's `render_chat`, the one definition that
-`kiln prepare kind=chat` also encodes, piece by piece, so a prompt tokenizes exactly as training data did.
+on a loaded model. Prompts are rendered with the tokenizer's own chat template (apply_chat_template), as
+`kiln prepare kind=chat` rendered the training conversations, so a prompt tokenizes exactly as training data did,
+and a reply stops at the template's end-of-turn tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 
 import torch
 
-from data_pipeline.examples import CHAT_SPECIAL_TOKENS
 from trainers.inference import InferenceError, LoadedModel, Sampling, check_speaks_chat, prompt_ids
 
 Message = dict[str, str]
@@ -84,10 +84,7 @@ class ChatSession:
             )
         self.budget = None if context is None else context - sampling.max_new_tokens
         self.context = context
-        # A reply stops at EOS or at a role token (the model starting the next turn itself).
-        stops = [loaded.eos_id, *(loaded.tokenizer.convert_tokens_to_ids(t) for t in CHAT_SPECIAL_TOKENS)]
-        self.config = sampling.generation_config(loaded.eos_id)
-        self.config.eos_token_id = stops
+        self.config = sampling.generation_config(loaded.stop_ids, loaded.pad_id)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)  # once: the same turns give the same conversation
         elif not sampling.greedy:

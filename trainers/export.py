@@ -13,7 +13,7 @@ from torch import nn
 
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
-from data_pipeline.examples import CHAT_SPECIAL_TOKENS, chat_template_jinja
+from data_pipeline.examples import generation_stops
 from trainers import safe_load
 from trainers.errors import CheckpointError
 from trainers.lora import is_lora, merged
@@ -53,44 +53,57 @@ def _tied_names(model: nn.Module):
 def save_hugging_face(
     model: Any, tokenizer_url: str, out_dir: str, task: str | None = None, seq_len: int | None = None
 ) -> list[str]:
-    """Write config.json, model.safetensors and tokenizer files; returns the file names.
+    """Write config.json, generation_config.json, model.safetensors and the run's tokenizer; returns the file names.
 
-    config.json also records the Kiln task the run trained (`kiln_task`: an SFT model is a causal LM to
-    transformers, but `kiln eval` scores it on the replies) and its sequence length (`kiln_seq_len`: the row
-    length `kiln predict` builds, as the run did); transformers keeps such extra fields and ignores them.
+    The tokenizer is the run's own folder, copied unchanged (special tokens, chat template, model_max_length), so
+    the export encodes, chats and stops as the run did. config.json also records the Kiln task the run trained
+    (`kiln_task`: an SFT model is a causal LM to transformers, but `kiln eval` scores it on the replies) and its
+    sequence length (`kiln_seq_len`: the row length `kiln predict` builds, as the run did); transformers keeps such
+    extra fields and ignores them.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     os.makedirs(out_dir, exist_ok=True)
+    tokenizer = bpe.load(tokenizer_url)
+    check_embedding_fits(model, len(tokenizer), tokenizer_url)
     if task is not None:
         model.config.kiln_task = task
     if seq_len is not None:
         model.config.kiln_seq_len = seq_len
+    if getattr(model, "can_generate", lambda: False)():
+        set_special_ids(model, tokenizer)
     model.save_pretrained(out_dir, safe_serialization=True)
-    hf_tokenizer(tokenizer_url).save_pretrained(out_dir)
+    if storage.exists(storage.join(tokenizer_url, bpe.CONFIG_FILE)):
+        bpe.copy_folder(tokenizer_url, out_dir)
+    else:  # a run from before complete tokenizer folders: its tokenizer as Kiln read it, saved complete
+        bpe.save(tokenizer, out_dir)
     return sorted(os.listdir(out_dir))
 
 
-def hf_tokenizer(tokenizer_url: str) -> Any:
-    """A run's tokenizer (its tokenizer/ folder) as a transformers PreTrainedTokenizerFast, with the chat
-    template when the run trained on chat data, and the mask token when it has one (fill-mask pipelines)."""
-    from transformers import PreTrainedTokenizerFast
+def check_embedding_fits(model: Any, tokens: int, tokenizer_url: str) -> None:
+    """Every token id of the tokenizer must have an embedding row, or the export fails on the first padded batch."""
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < tokens:
+        raise CheckpointError(
+            f"the model embeds {rows} tokens but its tokenizer ({tokenizer_url}) has {tokens}: the run's model and "
+            "tokenizer disagree; export a run whose data was prepared with this model's tokenizer"
+        )
 
-    raw = bpe.load(tokenizer_url)
-    has_mask = raw.token_to_id(bpe.MASK_TOKEN) is not None  # data prepared before the mask token lacks it
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        eos_token=bpe.EOS_TOKEN,
-        bos_token=bpe.EOS_TOKEN,
-        unk_token=bpe.EOS_TOKEN,
-        pad_token=bpe.EOS_TOKEN,
-        **({"mask_token": bpe.MASK_TOKEN} if has_mask else {}),
-    )
-    vocab = tokenizer.get_vocab()
-    if all(token in vocab for token in CHAT_SPECIAL_TOKENS):  # trained on `kiln prepare kind=chat` data
-        tokenizer.chat_template = chat_template_jinja()  # saved with it: an exported folder chats like the run
-    return tokenizer
+
+def set_special_ids(model: Any, tokenizer: Any) -> None:
+    """A generative model's config and generation config name the tokenizer's bos/eos/pad, generation stops at EOS
+    and at the chat template's end-of-turn tokens, and the generation cache is on (training turned it off).
+
+    Only for models that generate: a classifier finds each text's last token by the pad id it trained with.
+    """
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    model.config.use_cache = True
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = tokenizer.bos_token_id, eos, pad
+    generation = model.generation_config
+    generation.eos_token_id = generation_stops(tokenizer, generation.eos_token_id)
+    generation.bos_token_id, generation.pad_token_id = tokenizer.bos_token_id, pad
 
 
 def export_checkpoint(
@@ -127,8 +140,8 @@ def model_from_checkpoint(
     from trainers.tasks import build_model, build_task
 
     tokenizer = bpe.load(tokenizer_url)
-    eos_id: Any = tokenizer.token_to_id(bpe.EOS_TOKEN)  # a Kiln tokenizer always has it
-    model = build_model(build_task(task_cfg, eos_id), model_cfg, tokenizer.get_vocab_size(), eos_id)
+    eos_id = bpe.require_eos(tokenizer, tokenizer_url)  # the data was prepared with it, so it has one
+    model = build_model(build_task(task_cfg, eos_id), model_cfg, len(tokenizer), eos_id)
     load_consolidated(model, storage.join(checkpoint_url, "shards"), strategy)
     if merge and is_lora(model):
         model = merged(model)

@@ -20,7 +20,7 @@ from torch import nn
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
-from data_pipeline.examples import ROLE_TOKENS, chat_template_jinja, render_chat
+from data_pipeline.examples import generation_stops
 from data_pipeline.stream import TokenStream
 from trainers.config import TaskConfig
 from trainers.pretrained import folder_labels
@@ -56,6 +56,18 @@ class LoadedModel:
         eos = self.tokenizer.eos_token_id
         config: Any = self.model.config
         return int(eos if eos is not None else config.eos_token_id)
+
+    @property
+    def pad_id(self) -> int:
+        """What generation pads with: the tokenizer's pad, else its EOS."""
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else self.eos_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Where generation stops: EOS, the chat template's end-of-turn tokens and the model's own stop ids."""
+        held = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        return generation_stops(self.tokenizer, held) or [self.eos_id]
 
     def build_task(self, seed: int = 0) -> Task:
         """The task the model was trained for, to evaluate or predict with (seed: the run's train.seed, which
@@ -118,13 +130,13 @@ def load_checkpoint(
 ) -> LoadedModel:
     """A run's model from any strategy's checkpoint (the export code path, kept in memory) and its tokenizer;
     task_cfg and model_cfg are the run's."""
-    from trainers.export import hf_tokenizer, model_from_checkpoint
+    from trainers.export import model_from_checkpoint
 
     quiet_transformers()
     with warnings.catch_warnings():  # DCP's note that it reads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         model = model_from_checkpoint(task_cfg, model_cfg, checkpoint_url, strategy, tokenizer_url)
-    return LoadedModel(model, hf_tokenizer(tokenizer_url), checkpoint_url, task_cfg)
+    return LoadedModel(model, bpe.load(tokenizer_url), checkpoint_url, task_cfg)
 
 
 def quiet_transformers() -> None:
@@ -137,7 +149,7 @@ def quiet_transformers() -> None:
 
 def vocabulary(loaded: LoadedModel) -> bpe.Vocabulary:
     """The ids of the model's tokenizer (task=mlm masks with them, as the run did)."""
-    return bpe.vocabulary(loaded.tokenizer.backend_tokenizer)
+    return bpe.vocabulary(loaded.tokenizer)
 
 
 def check_vocabulary(loaded: LoadedModel, dataset: Dataset) -> None:
@@ -221,14 +233,15 @@ class Sampling:
         """Whether decoding takes the most likely token every time."""
         return not self.temperature and self.top_k is None and self.top_p is None
 
-    def generation_config(self, eos_id: int) -> Any:
-        """The transformers GenerationConfig for these settings (every sampling knob explicit)."""
+    def generation_config(self, stop_ids: list[int], pad_id: int) -> Any:
+        """The transformers GenerationConfig for these settings (every sampling knob explicit), stopping at any of
+        stop_ids."""
         from transformers import GenerationConfig
 
         common: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
-            "eos_token_id": eos_id,
-            "pad_token_id": eos_id,
+            "eos_token_id": stop_ids,
+            "pad_token_id": pad_id,
             "use_cache": True,
         }
         if self.greedy:
@@ -262,7 +275,7 @@ def generate(
         raise InferenceError(
             f"{loaded.name} is not a causal LM ({type(loaded.model).__name__}): it cannot generate text"
         )
-    config = sampling.generation_config(loaded.eos_id)
+    config = sampling.generation_config(loaded.stop_ids, loaded.pad_id)
     context = loaded.context
     if context is not None and sampling.max_new_tokens >= context:
         raise InferenceError(
@@ -275,7 +288,8 @@ def generate(
         if chat:
             ids = prompt_ids(loaded.tokenizer, [{"role": "user", "content": prompt}])
         else:
-            ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] or [loaded.eos_id]
+            # as pretraining documents were encoded: with the tokenizer's own specials (a Llama BOS)
+            ids = bpe.text_ids(loaded.tokenizer, prompt) or [loaded.eos_id]
         if context is not None and len(ids) + sampling.max_new_tokens > context:
             keep = context - sampling.max_new_tokens
             note(f"prompt {number}: {len(ids)} tokens, kept the last {keep} (the model takes {context} in all)")
@@ -291,31 +305,20 @@ def generate(
         yield completion.rstrip("\n") if chat else completion  # a reply ends with the template's newline
 
 
-def speaks_kiln_chat(tokenizer: Any) -> bool:
-    """Whether the model's tokenizer carries the Kiln chat template (a chat run's, or `kiln export` of one)."""
-    return getattr(tokenizer, "chat_template", None) == chat_template_jinja()
-
-
 def check_speaks_chat(loaded: LoadedModel) -> None:
-    """InferenceError unless the model's tokenizer carries the Kiln chat template."""
-    if not speaks_kiln_chat(loaded.tokenizer):
+    """InferenceError unless the model's tokenizer has a chat template."""
+    if not getattr(loaded.tokenizer, "chat_template", None):
         raise InferenceError(
-            f"{loaded.name} has no Kiln chat template (its tokenizer has no {ROLE_TOKENS['user']} token or no "
-            "chat_template): chatting needs a model trained with task=sft on `kiln prepare kind=chat` data, "
-            "or a folder `kiln export` wrote from one"
+            f"{loaded.name} has no chat template (its tokenizer has no chat_template): chatting needs a model whose "
+            "tokenizer has one, e.g. a task=sft run on `kiln prepare kind=chat` data, or a folder `kiln export` "
+            "wrote from one"
         )
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the conversation so far, ending where the assistant's reply begins.
-
-    Each piece of the template is tokenized on its own, as `kiln prepare kind=chat` tokenized the
-    training conversations.
-    """
-    ids: list[int] = []
-    for text, _learn in render_chat(messages, add_generation_prompt=True):
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
-    return ids
+    """Token ids of the conversation so far in the tokenizer's chat template, ending where the assistant's reply
+    begins: what `kiln prepare kind=chat` stored before each reply (both render with apply_chat_template)."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
 
 
 @dataclass(frozen=True)

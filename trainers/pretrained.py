@@ -94,13 +94,26 @@ def inspect_folder(path: str, auto_class: str, task: str, name: str | None = Non
             f"{name} has no safetensors weights (model.safetensors, or shards with model.safetensors.index.json); "
             "Kiln reads weights only from safetensors: save the model with safe_serialization=True"
         )
-    return FolderModel(
+    folder = FolderModel(
         path=path,
         architecture=(architectures or list(builds))[0],
         vocab_size=getattr(config, "vocab_size", None),
         positions=getattr(config, "max_position_embeddings", None),
         tokenizer_vocab=tokenizer_vocab(path, name),
     )
+    check_embedding(folder, name)
+    return folder
+
+
+def check_embedding(model: FolderModel, name: str) -> None:
+    """Every token of the folder's tokenizer needs a row of its model's embedding, or the first batch that holds
+    one fails deep inside the model."""
+    if model.vocab_size is not None and model.vocab_size < len(model.tokenizer_vocab):
+        raise PretrainedError(
+            f"{name} embeds {model.vocab_size} tokens but its tokenizer has {len(model.tokenizer_vocab)}: the folder "
+            "is inconsistent; save the model with embeddings for every token (model.resize_token_embeddings("
+            "len(tokenizer))) or put the tokenizer it was trained with beside it"
+        )
 
 
 def read_config(path: str, name: str) -> Any:
@@ -130,18 +143,11 @@ def weight_files(path: str) -> list[str]:
 
 
 def tokenizer_vocab(path: str, name: str) -> dict[str, int]:
-    """The vocabulary of the folder's tokenizer (tokenizer.json, or any tokenizer transformers reads there)."""
-    if os.path.isfile(os.path.join(path, bpe.TOKENIZER_FILE)):
-        return dict(bpe.load(path).get_vocab())
-    from transformers import AutoTokenizer
-
+    """The vocabulary of the folder's tokenizer, as transformers reads it (added tokens included)."""
     try:
-        return dict(AutoTokenizer.from_pretrained(path, local_files_only=True).get_vocab())
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PretrainedError(
-            f"{name} has no tokenizer Kiln can read ({bpe.TOKENIZER_FILE}; {one_line(exc)}): the data must be "
-            "prepared with the model's own tokenizer"
-        ) from None
+        return dict(bpe.load(path).get_vocab())
+    except bpe.TokenizerError as exc:
+        raise PretrainedError(f"{name}: {exc}; the data must be prepared with the model's own tokenizer") from None
 
 
 def check_vocabulary(
@@ -162,11 +168,6 @@ def check_vocabulary(
 def check_data(model: FolderModel, name: str, data_url: str, data_vocab: dict[str, int], seq_len: int) -> None:
     """The folder's model fits the data: the same tokenizer, room for every token id and for data.seq_len."""
     check_vocabulary(name, model.tokenizer_vocab, data_url, data_vocab, model.path)
-    if model.vocab_size is not None and model.vocab_size < len(data_vocab):
-        raise PretrainedError(
-            f"{name} embeds {model.vocab_size} tokens but its tokenizer has {len(data_vocab)}: "
-            "the folder is inconsistent"
-        )
     if model.positions is not None and seq_len > model.positions:
         raise PretrainedError(
             f"data.seq_len={seq_len} is longer than {name} takes ({model.positions} positions); prepare and train "

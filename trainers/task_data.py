@@ -27,8 +27,8 @@ from data_pipeline.dataset import Dataset, DatasetError
 TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,), "mlm": (), "classification": (LABELS,)}
 # the tasks whose models generate text (kiln generate, kiln chat, kiln eval --data pairs.jsonl)
 GENERATIVE_TASKS: tuple[str, ...] = ("causal_lm", "sft")
-# task name -> the special tokens its data's tokenizer must have
-TASK_TOKENS: dict[str, tuple[str, ...]] = {"mlm": (bpe.MASK_TOKEN,)}
+# task name -> the special tokens its data's tokenizer must have (a tokenizer's own, as its configuration names them)
+TASK_TOKENS: dict[str, tuple[str, ...]] = {"mlm": ("mask_token",)}
 
 # task name -> the transformers Auto class a `model.init_from` folder is loaded with (trainers/pretrained.py)
 PRETRAINED_CLASS: dict[str, str] = {
@@ -104,12 +104,13 @@ def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str],
     needs = TASK_NEEDS.get(task, ())
     for dataset in datasets:
         if TASK_TOKENS.get(task):
-            vocab = bpe.load(dataset.tokenizer_url).get_vocab()
-            missing = [token for token in TASK_TOKENS[task] if token not in vocab]
+            tokenizer = bpe.load(dataset.tokenizer_url)
+            missing = [name for name in TASK_TOKENS[task] if getattr(tokenizer, f"{name}_id", None) is None]
             if missing:
                 raise DatasetError(
-                    f"task={task} needs the token {' and '.join(missing)} in the tokenizer, but the dataset at "
-                    f"{dataset.url} was prepared without it (by an older Kiln); prepare it again with `kiln prepare`"
+                    f"task={task} needs a {' and '.join(missing)} in the tokenizer, but the dataset at "
+                    f"{dataset.url} was prepared with a tokenizer without one (an older Kiln's, or a folder whose "
+                    "tokenizer_config.json names none); prepare it again with `kiln prepare`"
                 )
         for field in needs:
             if field not in dataset.fields:

@@ -51,9 +51,10 @@ def test_an_exported_folder_chats_and_evaluates_exactly_like_the_run(sft_run, ch
     kiln_in(sft_run, "export", "sft", "--out", str(out))
     from transformers import AutoTokenizer
 
-    from data_pipeline.examples import chat_template_jinja
+    from data_pipeline import tokenizer as bpe
 
-    assert AutoTokenizer.from_pretrained(out).chat_template == chat_template_jinja()  # for other tools too
+    # the run's tokenizer folder, unchanged: other tools chat in the same template
+    assert AutoTokenizer.from_pretrained(out).chat_template == bpe.load(str(sft_run / "tokenizer")).chat_template
     again = kiln_in(sft_run, "chat", str(out), "--max-new-tokens", "16", stdin="\n".join(TURNS) + "\n")
     assert again.stdout == conversation.stdout
     # The export says which Kiln task trained it: kiln eval scores the folder on the replies, as the run.
@@ -70,7 +71,7 @@ def test_an_exported_folder_chats_and_evaluates_exactly_like_the_run(sft_run, ch
     config.pop("chat_template", None)
     (out / "tokenizer_config.json").write_text(json.dumps(config))
     refused = subprocess.run([str(BIN / "kiln"), "chat", str(out)], input="hi\n", capture_output=True, text=True)
-    assert refused.returncode == 2 and "no Kiln chat template" in refused.stderr
+    assert refused.returncode == 2 and "has no chat template" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 
 

@@ -188,14 +188,13 @@ def test_classification_refuses_unlabelled_data_other_labels_and_predict_a_langu
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from data_pipeline import tokenizer as bpe
-    from trainers.export import hf_tokenizer
 
     bpe.save(bpe.train_bpe(["a b c"] * 5, vocab_size=280), str(tmp_path / "tok"))
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(
         tmp_path / "lm"
     )
-    hf_tokenizer(str(tmp_path / "tok")).save_pretrained(tmp_path / "lm")
+    bpe.load(str(tmp_path / "tok")).save_pretrained(tmp_path / "lm")
     result = kiln("predict", str(tmp_path / "lm"), "--text", "a b")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     message = result.stderr.strip()
@@ -208,7 +207,7 @@ def test_classification_refuses_unlabelled_data_other_labels_and_predict_a_langu
     two = GPT2Config(**shape, bos_token_id=0, pad_token_id=0, num_labels=2)
     two.id2label, two.label2id = {0: "spam", 1: "ham"}, {"spam": 0, "ham": 1}
     GPT2ForSequenceClassification(two).save_pretrained(tmp_path / "spam")
-    hf_tokenizer(str(labelled / "tokenizer")).save_pretrained(tmp_path / "spam")
+    bpe.load(str(labelled / "tokenizer")).save_pretrained(tmp_path / "spam")
     init = f"model.init_from={tmp_path / 'spam'}"
     result = kiln("train", *CLASSIFY[:3], "tracker=none", f"data.path={labelled}", init, f"storage.root={runs}")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]

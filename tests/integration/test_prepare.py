@@ -232,37 +232,29 @@ def test_chat_rows_are_templated_and_the_stored_loss_mask_covers_exactly_the_ass
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["kind"] == "chat" and manifest["summary"]["documents"] == 121
     tokenizer = bpe.load(str(tmp_path / "out" / "tokenizer"))
-    eos = manifest["eos_id"]
+    assert manifest["chat"]["template"] == "kiln" and manifest["chat"]["mask"] == "generation markers"
     ids = np.concatenate(
         [np.fromfile(tmp_path / "out" / s["path"], dtype="<u2") for s in manifest["splits"]["train"]["shards"]]
-    )
+    ).reshape(-1, 64)
     mask = np.concatenate(
         [
             np.fromfile(tmp_path / "out" / s["mask"]["path"], dtype=np.uint8)
             for s in manifest["splits"]["train"]["shards"]
         ]
-    )
-    assert len(ids) == len(mask) and set(np.unique(mask)) == {0, 1}
-    learned, prompt_side, current, shown = [], [], [], []
-    for token, learn in zip(ids.tolist(), mask.tolist(), strict=False):
-        if learn:
-            current.append(token)
-        else:
-            shown.append(token)
-        if token == eos:
-            learned.append(tokenizer.decode(current[:-1]))
-            prompt_side.append(tokenizer.decode(shown))
-            current, shown = [], []
-    # Every whole conversation in the train shards (the last may be cut): the masked-in tokens are its
-    # reply with the newline that closes it (so a model learns to end its turn) and the end of text; the
-    # rest is its templated prompt.
-    replies = [f"it is {2 * i}.\n" for i in train_rows]
+    ).reshape(-1, 64)
+    assert ids.shape == mask.shape and set(np.unique(mask)) == {0, 1}
+    # One conversation a row, in order: the masked-in tokens are its reply and the EOS that ends the turn (so a
+    # model learns to end it); the rest is its templated prompt, then padding.
+    replies = [f"it is {2 * i}." for i in train_rows]
     if split_of(json.dumps(rows[120]), 0.1) == "train":
-        replies.append("hello there\n")
-    assert len(learned) >= len(replies) - 1 and learned == replies[: len(learned)]
-    for i, shown_text in zip(train_rows, prompt_side, strict=False):
-        assert f"what is {i} plus {i}?" in shown_text and "it is" not in shown_text
-    assert tokenizer.token_to_id("<|assistant|>") is not None
+        replies.append("hello there")
+    assert len(ids) == len(replies)
+    for row, learn, reply, i in zip(ids.tolist(), mask.tolist(), replies, [*train_rows, 120], strict=False):
+        learned = [t for t, m in zip(row, learn, strict=True) if m]
+        assert tokenizer.decode(learned) == reply + tokenizer.eos_token
+        shown = tokenizer.decode([t for t, m in zip(row, learn, strict=True) if not m])
+        assert ("hi" if i == 120 else f"what is {i} plus {i}?") in shown and "it is" not in shown
+    assert tokenizer.convert_tokens_to_ids("<|assistant|>") in ids[0].tolist()  # a real special token
 
 
 def test_classification_rows_get_a_label_map_and_one_example_per_sequence(tmp_path):

@@ -1,15 +1,16 @@
-"""`kiln chat`'s parts without a trained model: the one chat template (training data, prompts, the exported
-Jinja copy), prompts that carry the history, the history cut to the context, and a session on a tiny
-random GPT-2 (streamed pieces, /reset, the truncation said)."""
+"""`kiln chat`'s parts without a trained model: prompts in the tokenizer's own template that continue exactly
+where the training rows' replies start, the history cut to the context, and a session on a tiny random GPT-2
+(streamed pieces, /reset, the truncation said)."""
 
 from __future__ import annotations
 
 import pytest
 
-from data_pipeline.examples import CHAT_SPECIAL_TOKENS, encode_chat, render_chat
-from data_pipeline.tokenizer import EOS_TOKEN, save, train_bpe
+from data_pipeline.examples import encode_chat
+from data_pipeline.tokenizer import kiln_chat_template, train_bpe, train_kiln_tokenizer
+from tests.tokenizer_folders import FAMILIES, build_tokenizer
 from trainers.chat import ChatSession, fit_history
-from trainers.inference import InferenceError, LoadedModel, Sampling, prompt_ids, speaks_kiln_chat
+from trainers.inference import InferenceError, LoadedModel, Sampling, prompt_ids
 
 TEXTS = ["what is 3 plus 4? 3 plus 4 is 7. hello there, how are you? fine thanks."] * 20
 TWO_TURNS = [
@@ -20,14 +21,9 @@ TWO_TURNS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    """(the raw `tokenizers` BPE that prepare uses, the run's transformers tokenizer made from it)."""
-    from trainers.export import hf_tokenizer
-
-    raw = train_bpe(TEXTS, 300, CHAT_SPECIAL_TOKENS)
-    folder = tmp_path_factory.mktemp("tok")
-    save(raw, str(folder))
-    return raw, hf_tokenizer(str(folder))
+def tokenizer():
+    """Kiln's own tokenizer, as `kiln prepare` trains it (chat role tokens and template included)."""
+    return train_kiln_tokenizer(TEXTS, 300)
 
 
 def tiny_model(tokenizer, n_positions: int = 64):
@@ -35,34 +31,29 @@ def tiny_model(tokenizer, n_positions: int = 64):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer.get_vocab()), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=32, n_layer=1, n_head=2)
     return LoadedModel(GPT2LMHeadModel(config).eval(), tokenizer, "tiny")
 
 
-def test_the_exported_jinja_template_renders_exactly_what_render_chat_does(tokenizers):
-    _, tokenizer = tokenizers
-    assert speaks_kiln_chat(tokenizer)
-    complete = [*TWO_TURNS, {"role": "assistant", "content": "2"}]
-    for messages, generation in ((TWO_TURNS, True), (complete, False)):
-        expected = "".join(text for text, _ in render_chat(messages, add_generation_prompt=generation))
-        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-        assert rendered == expected
-    assert expected.endswith(f"\n{EOS_TOKEN}") and "<|assistant|>\n2\n" in expected
-
-
-def test_a_prompt_tokenizes_as_the_training_conversation_did(tokenizers):
-    raw, tokenizer = tokenizers
-    trained, mask = encode_chat(raw, {"messages": [*TWO_TURNS, {"role": "assistant", "content": "1 plus 1 is 2."}]})
+@pytest.mark.parametrize("family", ["kiln", *(f.name for f in FAMILIES)])
+def test_a_prompt_tokenizes_as_the_training_conversation_did(family, tokenizer):
+    """The reply the model learned starts right where `kiln chat`'s prompt ends, in every family's template."""
+    if family != "kiln":
+        tokenizer = build_tokenizer(next(f for f in FAMILIES if f.name == family))
+    reply = {"role": "assistant", "content": "1 plus 1 is 2."}
+    trained = encode_chat(tokenizer, {"messages": [*TWO_TURNS, reply]})
     prompt = prompt_ids(tokenizer, TWO_TURNS)
-    assert trained[: len(prompt)] == prompt  # the reply the model learned starts right where the prompt ends
-    assert mask[len(prompt)] == 1 and not any(mask[: len(prompt)][-3:])
+    assert trained.ids[: len(prompt)] == prompt
+    assert trained.mask[len(prompt)] == 1 and not any(trained.mask[: len(prompt)][-3:])
 
 
-def test_the_second_turns_prompt_holds_the_first_turn(tokenizers):
-    _, tokenizer = tokenizers
+def test_kilns_template_puts_role_tokens_and_an_eos_after_each_reply(tokenizer):
+    assert tokenizer.chat_template == kiln_chat_template()
     text = tokenizer.decode(prompt_ids(tokenizer, TWO_TURNS))
-    first, second = "<|user|>\nwhat is 3 plus 4?\n<|assistant|>\n3 plus 4 is 7.\n", "<|user|>\nand 1 plus 1?\n"
-    assert text == first + second + "<|assistant|>\n"
+    first = "<|user|>\nwhat is 3 plus 4?\n<|assistant|>\n3 plus 4 is 7." + tokenizer.eos_token + "\n"
+    assert text == first + "<|user|>\nand 1 plus 1?\n<|assistant|>\n"
+    role_ids = tokenizer.convert_tokens_to_ids(["<|user|>", "<|assistant|>"])
+    assert all(i in prompt_ids(tokenizer, TWO_TURNS) for i in role_ids)  # real special tokens, not 6-7 pieces
 
 
 def test_history_drops_whole_oldest_exchanges_until_it_fits():
@@ -80,8 +71,7 @@ def test_history_drops_whole_oldest_exchanges_until_it_fits():
     assert fit_history(history, count, 0) == (history[4:], 2)  # the last message stays; the caller says so
 
 
-def test_a_session_streams_keeps_history_resets_and_says_when_it_cuts(tokenizers):
-    _, tokenizer = tokenizers
+def test_a_session_streams_keeps_history_resets_and_says_when_it_cuts(tokenizer):
     notes: list[str] = []
     session = ChatSession(tiny_model(tokenizer), Sampling(max_new_tokens=8), note=notes.append)
     pieces: list[str] = []
@@ -99,13 +89,19 @@ def test_a_session_streams_keeps_history_resets_and_says_when_it_cuts(tokenizers
     assert "shorten it" in notes[-1] and session.history == []
 
 
-def test_a_model_without_the_chat_template_cannot_chat(tokenizers, tmp_path):
-    from trainers.export import hf_tokenizer
+def test_a_session_stops_at_the_templates_end_of_turn_token():
+    """A Llama 3 model's reply ends at <|eot_id|> (its EOS here) and a ChatML one's at <|im_end|>."""
+    for family in FAMILIES:
+        loaded = tiny_model(build_tokenizer(family))
+        assert loaded.tokenizer.convert_tokens_to_ids(family.end_of_turn) in loaded.stop_ids
 
-    plain = train_bpe(TEXTS, 300)
-    save(plain, str(tmp_path))
-    with pytest.raises(InferenceError, match="no Kiln chat template"):
-        ChatSession(tiny_model(hf_tokenizer(str(tmp_path))), Sampling())
-    _, tokenizer = tokenizers
+
+def test_a_model_without_a_chat_template_cannot_chat(tokenizer):
+    from data_pipeline.tokenizer import kiln_tokenizer
+
+    plain = kiln_tokenizer(train_bpe(TEXTS, 300))  # no role tokens: no template
+    assert plain.chat_template is None
+    with pytest.raises(InferenceError, match="has no chat template"):
+        ChatSession(tiny_model(plain), Sampling())
     with pytest.raises(InferenceError, match="leaves no room"):
         ChatSession(tiny_model(tokenizer), Sampling(max_new_tokens=64))

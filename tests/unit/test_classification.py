@@ -133,7 +133,6 @@ def folders(tmp_path_factory):
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     from data_pipeline import tokenizer as bpe
-    from trainers.export import hf_tokenizer
 
     path = tmp_path_factory.mktemp("hf")
     bpe.save(bpe.train_bpe(["good match", "bad rain"] * 10, vocab_size=300), str(path / "tok"))
@@ -143,7 +142,7 @@ def folders(tmp_path_factory):
     labelled = GPT2Config(**shape, pad_token_id=EOS, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
     GPT2ForSequenceClassification(labelled).save_pretrained(path / "classifier")
     for name in ("lm", "classifier"):
-        hf_tokenizer(str(path / "tok")).save_pretrained(path / name)
+        bpe.load(str(path / "tok")).save_pretrained(path / name)
     return path
 
 

@@ -38,9 +38,9 @@ def test_a_missing_pairs_file_is_named(tmp_path):
 def test_decoding_is_greedy_unless_sampling_is_asked_for():
     assert Sampling().greedy and Sampling(temperature=0).greedy and Sampling(seed=3).greedy
     assert not Sampling(temperature=0.7).greedy and not Sampling(top_k=5).greedy and not Sampling(top_p=0.9).greedy
-    config = Sampling(temperature=0.7).generation_config(eos_id=0)
+    config = Sampling(temperature=0.7).generation_config([0], 0)
     assert config.do_sample and config.top_k == 0 and config.top_p == 1.0  # no hidden top-k=50 default
-    assert not Sampling().generation_config(eos_id=0).do_sample
+    assert not Sampling().generation_config([0], 0).do_sample
 
 
 @pytest.mark.parametrize(

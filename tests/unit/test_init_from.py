@@ -18,7 +18,6 @@ def folder(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from data_pipeline import tokenizer as bpe
-    from trainers.export import hf_tokenizer
 
     path = tmp_path_factory.mktemp("hf")
     tokenizer = bpe.train_bpe(TEXTS, vocab_size=300)
@@ -26,7 +25,7 @@ def folder(tmp_path_factory):
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=320, n_positions=32, n_embd=16, n_layer=1, n_head=2, eos_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(path / "model")
-    hf_tokenizer(str(path / "tok")).save_pretrained(path / "model")
+    bpe.load(str(path / "tok")).save_pretrained(path / "model")
     return path / "model", dict(tokenizer.get_vocab())
 
 
@@ -181,3 +180,26 @@ def test_workers_load_the_copy_from_remote_storage(folder):
     state = model.state_dict()
     for key, tensor in load_file(str(folder[0] / "model.safetensors")).items():
         assert torch.equal(state[key], tensor), key
+
+
+def test_a_llama_folder_whose_tokenizer_outgrows_its_embedding_is_refused_in_one_line(tmp_path):
+    """The export bug this guards against added a token past a Llama model's last embedding row."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data_pipeline import tokenizer as bpe
+    from tests.tokenizer_folders import LLAMA3, save_tokenizer
+    from trainers.pretrained import PretrainedError, inspect_folder
+
+    tokenizer = save_tokenizer(LLAMA3, tmp_path / "model")
+    size = len(bpe.load(str(tokenizer)))
+    torch.manual_seed(0)
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    LlamaForCausalLM(LlamaConfig(vocab_size=size - 1, **shape)).save_pretrained(tmp_path / "model")
+    with pytest.raises(PretrainedError) as raised:
+        inspect_folder(str(tmp_path / "model"), "AutoModelForCausalLM", "sft")
+    message = str(raised.value)
+    assert f"embeds {size - 1} tokens but its tokenizer has {size}" in message and "\n" not in message
+    assert "resize_token_embeddings" in message
+    LlamaForCausalLM(LlamaConfig(vocab_size=size, **shape)).save_pretrained(tmp_path / "model")
+    assert inspect_folder(str(tmp_path / "model"), "AutoModelForCausalLM", "sft").architecture == "LlamaForCausalLM"

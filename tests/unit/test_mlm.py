@@ -122,7 +122,7 @@ def test_data_prepared_without_the_mask_token_is_refused_in_one_line(tmp_path):
     with pytest.raises(DatasetError) as refused:
         check_task_data("mlm", [dataset], print)
     message = str(refused.value)
-    assert f"task=mlm needs the token <|mask|> in the tokenizer, but the dataset at {tmp_path}" in message
+    assert f"task=mlm needs a mask_token in the tokenizer, but the dataset at {tmp_path}" in message
     assert "kiln prepare" in message and "\n" not in message
     check_task_data("causal_lm", [dataset], print)  # other tasks do not need it
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from data_pipeline.batch import Batch
 from trainers.config import ModelConfig
-from trainers.models import build_gpt2
+from trainers.models import build_gpt2, router_aux_loss
 from trainers.tasks.base import IGNORE_INDEX, TaskBase
 from trainers.tasks.causal_lm import correct_next_tokens, lm_metrics
 
@@ -42,9 +42,13 @@ class SFT(TaskBase):
         return build_gpt2(model_cfg, vocab_size, eos_id)
 
     def loss(self, model: nn.Module, batch: Batch[torch.Tensor]) -> torch.Tensor:
-        """Mean loss over the micro-batch's learned tokens (0, with no gradient, if it has none)."""
-        total, count = masked_loss_sum(model(input_ids=batch.tokens).logits, masked_targets(batch))
-        return total / count.clamp(min=1)
+        """Mean loss over the micro-batch's learned tokens (0, with no gradient, if it has none), plus a mixture of
+        experts' router load-balancing loss (what transformers adds when it computes the loss itself)."""
+        out = model(input_ids=batch.tokens)
+        total, count = masked_loss_sum(out.logits, masked_targets(batch))
+        aux = router_aux_loss(out, model)
+        loss = total / count.clamp(min=1)
+        return loss if aux is None else loss + aux
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: Iterable[Batch[torch.Tensor]]) -> dict[str, float]:
