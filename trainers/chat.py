@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from trainers.inference import InferenceError, LoadedModel, Sampling, check_speaks_chat, prompt_ids
+from trainers.inference import InferenceError, LoadedModel, Sampling, check_speaks_chat, prompt_ids, shorter
 
 Message = dict[str, str]
 
@@ -99,14 +99,22 @@ class ChatSession:
         """The model's reply to `text`, written piece by piece as it is generated; None if it cannot fit."""
         tokenizer = self.loaded.tokenizer
         messages = [*self.history, {"role": "user", "content": text}]
-        if self.budget is not None:
+        new_tokens = self.config.max_new_tokens
+        if self.budget is not None and self.context is not None:
             alone = len(prompt_ids(tokenizer, messages[-1:]))
-            if alone > self.budget:
+            if alone >= self.context:
                 self.note(
-                    f"that message takes {alone} tokens in the chat template, over the {self.budget} a prompt may "
-                    f"take ({self.context} in all, less --max-new-tokens): shorten it or lower --max-new-tokens"
+                    f"that message takes {alone} tokens in the chat template, and the model takes {self.context} in "
+                    "all: shorten it"
                 )
                 return None
+            if alone > self.budget:  # the message alone, and fewer tokens for the reply than asked
+                messages, new_tokens = messages[-1:], self.context - alone
+                self.note(
+                    f"that message takes {alone} tokens in the chat template: the reply gets the {new_tokens} the "
+                    f"model's context ({self.context}) has left, and the history is set aside; shorten it or lower "
+                    "--max-new-tokens for more"
+                )
             messages, dropped = fit_history(messages, lambda m: len(prompt_ids(tokenizer, m)), self.budget)
             if dropped:
                 self.note(
@@ -119,7 +127,9 @@ class ChatSession:
             output = self.loaded.model.generate(  # type: ignore[operator]
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
-                generation_config=self.config,
+                generation_config=self.config
+                if new_tokens == self.config.max_new_tokens
+                else shorter(self.config, new_tokens),
                 streamer=streamer.streamer,
             )
         answer = tokenizer.decode(output[0, ids.shape[1] :].tolist(), skip_special_tokens=True).rstrip("\n")

@@ -7,6 +7,7 @@ loaded model and knows nothing about runs or their registry.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -290,19 +291,35 @@ def generate(
         else:
             # as pretraining documents were encoded: with the tokenizer's own specials (a Llama BOS)
             ids = bpe.text_ids(loaded.tokenizer, prompt) or [loaded.eos_id]
-        if context is not None and len(ids) + sampling.max_new_tokens > context:
-            keep = context - sampling.max_new_tokens
-            note(f"prompt {number}: {len(ids)} tokens, kept the last {keep} (the model takes {context} in all)")
-            ids = ids[-keep:]
+        new_tokens = sampling.max_new_tokens
+        if context is not None and len(ids) + new_tokens > context:
+            if chat and len(ids) < context:
+                # A conversation cut at its start loses its BOS and header, which no training row lacked:
+                # the reply gets fewer tokens instead.
+                new_tokens = context - len(ids)
+                note(f"prompt {number}: {len(ids)} tokens in the chat template, {new_tokens} left for the reply")
+            else:
+                keep = context - new_tokens
+                note(f"prompt {number}: {len(ids)} tokens, kept the last {keep} (the model takes {context} in all)")
+                ids = ids[-keep:]
         input_ids = torch.tensor([ids], dtype=torch.long)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         with torch.no_grad():
             output = loaded.model.generate(  # type: ignore[operator]
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=config if new_tokens == sampling.max_new_tokens else shorter(config, new_tokens),
             )
         completion = loaded.tokenizer.decode(output[0, input_ids.shape[1] :].tolist(), skip_special_tokens=True)
         yield completion.rstrip("\n") if chat else completion  # a reply ends with the template's newline
+
+
+def shorter(config: Any, max_new_tokens: int) -> Any:
+    """A copy of a GenerationConfig that generates at most max_new_tokens."""
+    copied = copy.deepcopy(config)
+    copied.max_new_tokens = max_new_tokens
+    return copied
 
 
 def check_speaks_chat(loaded: LoadedModel) -> None:

@@ -85,8 +85,13 @@ def test_a_session_streams_keeps_history_resets_and_says_when_it_cuts(tokenizer)
     assert len(prompt_ids(tokenizer, session.history[:-1])) <= 56
     session.reset()
     assert session.history == []
-    assert session.reply("what is 3 plus 4? " * 20, pieces.append) is None  # alone over the budget
+    assert session.reply("what is 3 plus 4? " * 20, pieces.append) is None  # alone over the whole context
     assert "shorten it" in notes[-1] and session.history == []
+    near = "what"  # over the prompt's budget, under the context: a shorter reply, no history
+    while len(prompt_ids(tokenizer, [{"role": "user", "content": near}])) < 58:
+        near += " what"
+    assert session.reply(near, pieces.append) is not None
+    assert "the reply gets the" in notes[-1] and [m["role"] for m in session.history] == ["user", "assistant"]
 
 
 def test_a_session_stops_at_the_templates_end_of_turn_token():
