@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -13,6 +16,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
+# One process on one GPU, as benchmarks/gpu.py and benchmarks/gpu_llama.py start every run.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+NOT_RUN = "not run: the time budget was spent"
 
 
 def base_env(cache_dir: str) -> dict[str, str]:
@@ -71,6 +77,99 @@ def rounds_cli(doc: str, measure: Callable, render: Callable[[dict], str], headi
     args = parser.parse_args()
     results = measure(args.quick, args.rounds)
     publish(Path(results["work"]), results, render, heading, docs=not (args.no_docs or args.quick))
+
+
+class Budget:
+    """The seconds a benchmark may still spend: each run gets what is left, none starts with under MIN_RUN_S (or the
+    seconds a run says it needs)."""
+
+    MIN_RUN_S = 60.0
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float | None:
+        """Seconds left, or None without a budget."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def allows_a_run(self, needs_s: float | None = None) -> bool:
+        """Whether another run (of needs_s seconds, MIN_RUN_S if not said) may start."""
+        left = self.left()
+        return left is None or left >= max(self.MIN_RUN_S, needs_s or 0.0)
+
+
+def log_tail(log: Path, lines: int = 25) -> str:
+    """The last lines of a run's log, for a failure that must be read off a machine already given back."""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+
+def launch(
+    cmd: list[str], env: dict, log: Path, timeout: float | None = None, done: Callable[[], bool] | None = None
+) -> int:
+    """Run cmd in the repository, its output to log; its exit code, -1 if it ran past timeout, 0 once done() holds.
+
+    At the timeout or once done(), the command and every process under it are killed: torchrun starts its workers
+    in sessions of their own, which would otherwise outlive it holding the GPU. done() lets a run stop when what is
+    measured is in (a Kiln run's final evaluation and checkpoint are not; an 8B checkpoint would not fit the disk).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with open(log, "w") as out:
+        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                return process.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+            finished = done is not None and done()
+            if finished or (deadline is not None and time.monotonic() > deadline):
+                kill_tree(process.pid)
+                return 0 if finished else -1
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (found first: once it dies, its children lose their parent), and
+    wait for them to end. SIGKILL, not SIGTERM: a Kiln worker answers SIGTERM with a checkpoint."""
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        processes = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=60)
+
+
+def torchrun(
+    overrides: list[str], env: dict, log: Path, timeout: float | None = None, done: Callable[[], bool] | None = None
+) -> int:
+    """`torchrun --nproc-per-node 1 -m orchestrator.torchrun OVERRIDES` through launch(): its exit code."""
+    return launch([*TORCHRUN, "-m", "orchestrator.torchrun", *overrides], env, log, timeout, done)
+
+
+def compose(overrides: list[str]) -> str | None:
+    """None if `kiln train` overrides compose into a valid config (one process: cluster.num_workers=1), else the
+    error."""
+    from orchestrator.config import UsageError, compose_config
+
+    try:
+        compose_config(["cluster.num_workers=1", *overrides])
+    except UsageError as exc:
+        return str(exc)
+    return None
+
+
+def prepare_corpus(cache_dir: str, overrides: list[str]) -> str:
+    """Prepare the built-in corpus these overrides train on (its seq_len), once, before any timed run; its URL."""
+    os.environ["KILN_CACHE_DIR"] = cache_dir
+    from orchestrator.config import compose_config, finalize
+    from orchestrator.runs import resolve_data
+
+    cfg = finalize(compose_config(["cluster.num_workers=1", *overrides]))
+    resolve_data(cfg, log=lambda message: print(f"  {message}", flush=True))
+    return str(cfg.data.path)
 
 
 def machine() -> str:

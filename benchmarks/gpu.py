@@ -1,9 +1,9 @@
-"""GPT-2 124M on one GPU: tokens/s and MFU per strategy, with and without model.compile; the largest GPT-2 that
-trains with zero3_offload.
+"""GPT-2 124M on one GPU: tokens/s and MFU per strategy, with and without model.compile; Llama 3 1B and 8B beside
+torchtitan (benchmarks/gpu_llama.py); the largest GPT-2 that trains with zero3_offload.
 
     .venv/bin/python benchmarks/gpu.py [--quick] [--no-docs]   # needs a CUDA GPU
     .venv/bin/python benchmarks/gpu.py --dry-run                # composes every run's config; trains nothing
-    python3 benchmarks/gpu.py --no-docs --out DIR --budget-s 540 [--only cases|ladder] [--ladder-from 1.5B]
+    python3 benchmarks/gpu.py --no-docs --out DIR --budget-s 540 [--only cases|llama|ladder] [--ladder-from 1.5B]
 
 A GPU lease is short and can end mid-run: --out rewrites DIR/results.json after every run (a failed run
 carries the end of its log), and --budget-s gives every run only the time left and skips the runs that
@@ -19,6 +19,9 @@ tokens/s x trainers/flops.py's FLOPs per token over the GPU's dense bf16 peak (t
 Strategies: ddp (on one GPU: no communication), fsdp and zero3; model.compile is refused with zero3
 (trainers/config.py COMPILE_STRATEGIES), so that row says so.
 
+The Llama pairs (benchmarks/gpu_llama.py, after the cases): Llama 3 1B and 8B, each trained by Kiln and then by
+torchtitan at the same shape, batch and sequence length; --llama-compile turns model.compile on for both.
+
 The offload ladder trains GPT-2-shaped models of growing width and depth for a few steps each with
 strategy=zero3_offload, micro-batch 1, activation checkpointing, and stops at the first that fails (out of
 GPU or host memory, or over LADDER_TIMEOUT_S); the largest that finished is reported.
@@ -30,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,9 +41,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO, base_env, machine, paragraph, publish, today
+from benchmarks import gpu_llama
+from benchmarks.common import (
+    NOT_RUN,
+    Budget,
+    base_env,
+    compose,
+    log_tail,
+    machine,
+    paragraph,
+    prepare_corpus,
+    publish,
+    today,
+    torchrun,
+)
 
-HEADING = "## GPU: GPT-2 124M on one GPU (`benchmarks/gpu.py`)"
+HEADING = "## GPU: GPT-2 124M and Llama 3 on one GPU (`benchmarks/gpu.py`)"
 GOAL_MFU = 0.45
 # What every run shares: GPT-2 124M at seq_len 1024, bf16, 16 sequences a micro-batch, 4 accumulated.
 CONFIG = [
@@ -57,6 +72,7 @@ CONFIG = [
     "optim.warmup_steps=5",
     "tracker=none",
 ]
+PARTS = ("cases", "llama", "ladder")  # in this order: the open-ended ladder last
 STRATEGIES = ("ddp", "fsdp", "zero3")
 CASES = [(strategy, compiled) for strategy in STRATEGIES for compiled in (False, True)]
 # (steps per run, steps skipped as warm-up and compilation)
@@ -72,7 +88,6 @@ LADDER = [
     ("13B", 40, 40, 5120),
 ]
 LADDER_STEPS = 3
-NOT_RUN = "not run: the time budget was spent"
 TOKENS_PER_STEP = 64 * 1024  # train.global_batch x data.seq_len in CONFIG
 LADDER_TIMEOUT_S = 1200
 
@@ -111,60 +126,9 @@ def ladder_overrides(n_layer: int, n_head: int, n_embd: int, root: str, run_id: 
     ]
 
 
-def compose(overrides: list[str]) -> str | None:
-    """None if the overrides compose into a valid config (one process: cluster.num_workers=1), else the error."""
-    from orchestrator.config import UsageError, compose_config
-
-    try:
-        compose_config(["cluster.num_workers=1", *overrides])
-    except UsageError as exc:
-        return str(exc)
-    return None
-
-
 def refusal(strategy: str, compiled: bool) -> str | None:
     """Why Kiln refuses a case's config (model.compile with zero3), else None."""
     return compose(case_overrides(strategy, compiled, "/tmp/kiln-bench-gpu", "dry", 10))
-
-
-class Budget:
-    """The seconds a benchmark may still spend: each run gets what is left, none starts with under MIN_RUN_S."""
-
-    MIN_RUN_S = 60.0
-
-    def __init__(self, seconds: float | None):
-        self.deadline = None if seconds is None else time.monotonic() + seconds
-
-    def left(self) -> float | None:
-        """Seconds left, or None without a budget."""
-        return None if self.deadline is None else self.deadline - time.monotonic()
-
-    def allows_a_run(self) -> bool:
-        """Whether another run may start."""
-        left = self.left()
-        return left is None or left >= self.MIN_RUN_S
-
-
-def log_tail(log: Path, lines: int = 25) -> str:
-    """The last lines of a run's log, for a failure that must be read off a machine already given back."""
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
-
-
-def torchrun(overrides: list[str], env: dict, log: Path, timeout: float | None = None) -> int:
-    """`torchrun --nproc-per-node 1 -m orchestrator.torchrun OVERRIDES`; its exit code (-1: timed out)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
-    with open(log, "w") as out:
-        try:
-            return subprocess.run(
-                [*cmd, "-m", "orchestrator.torchrun", *overrides],
-                cwd=REPO,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-            ).returncode
-        except subprocess.TimeoutExpired:
-            return -1
 
 
 def steady(rows: list[dict], skip: int, tokens_per_step: int) -> dict:
@@ -201,24 +165,16 @@ def flops_and_peak(run_dir: Path) -> tuple[float, float | None, str]:
     return flops_per_token(params, cfg.model.n_layer, cfg.model.n_embd, cfg.data.seq_len), peak_flops(name), name
 
 
-def prepare_corpus(cache_dir: str) -> None:
-    """Tokenize the built-in corpus at seq_len 1024 once, before any timed run."""
-    os.environ["KILN_CACHE_DIR"] = cache_dir
-    from orchestrator.config import compose_config, finalize
-    from orchestrator.runs import resolve_data
-
-    cfg = finalize(compose_config(["cluster.num_workers=1", *CONFIG]))
-    resolve_data(cfg, log=lambda message: print(f"  {message}", flush=True))
-
-
 def measure(
     quick: bool,
     budget: Budget | None = None,
-    parts: tuple[str, ...] = ("cases", "ladder"),
+    parts: tuple[str, ...] = PARTS,
     ladder_from: str | None = None,
     save: Callable[[dict], None] = lambda results: None,
+    llama_compile: bool = False,
 ) -> dict:
-    """Every strategy with and without model.compile, then the zero3_offload ladder (quick: two rungs)."""
+    """Every strategy with and without model.compile, the Llama pairs (benchmarks/gpu_llama.py), then the
+    zero3_offload ladder (quick: two rungs)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -230,8 +186,10 @@ def measure(
     steps, skip = QUICK if quick else FULL
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-gpu-"))
     cache_dir = os.path.abspath(os.path.expanduser(os.environ.get("KILN_CACHE_DIR", "~/.cache/kiln")))
-    print(f"working in {work}; preparing the corpus at seq_len 1024 (untimed)", flush=True)
-    prepare_corpus(cache_dir)
+    print(f"working in {work}", flush=True)
+    if {"cases", "ladder"} & set(parts):
+        print("preparing the corpus at seq_len 1024 (untimed)", flush=True)
+        prepare_corpus(cache_dir, CONFIG)
     env = base_env(cache_dir)
     log_every = int(next(o for o in CONFIG if o.startswith("train.log_every=")).split("=")[1])
     results: dict = {
@@ -246,6 +204,9 @@ def measure(
         for strategy, compiled in CASES:
             results["cases"].append(run_case(strategy, compiled, work, env, (steps, skip), budget, results))
             save(results)
+    if "llama" in parts:
+        results["llama"] = []
+        gpu_llama.measure(work, env, cache_dir, budget, results["llama"], lambda: save(results), quick, llama_compile)
     shapes = LADDER[:2] if quick else LADDER
     if ladder_from:
         shapes = LADDER[next(i for i, shape in enumerate(LADDER) if ladder_from in shape[0]) :]
@@ -363,6 +324,8 @@ def render(results: dict) -> str:
     if trained:
         largest = f"Largest GPT-2 shape trained with zero3_offload on one GPU: {trained[-1]['name']}"
         lines += ["", largest + (f" ({', '.join(untried)} not tried)." if untried else ".")]
+    if results.get("llama"):
+        lines += ["", *gpu_llama.render(results["llama"])]
     return "\n".join(lines)
 
 
@@ -378,6 +341,7 @@ def dry_run() -> int:
         problem = compose(ladder_overrides(n_layer, n_head, n_embd, "/tmp/kiln-bench-gpu", "dry"))
         print(f"zero3_offload {name}: {problem or 'composes'}")
         bad += bool(problem)
+    bad += gpu_llama.dry_run()
     return 1 if bad else 0
 
 
@@ -388,8 +352,9 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="compose every run's config, train nothing")
     parser.add_argument("--out", type=Path, help="rewrite OUT/results.json after every run")
     parser.add_argument("--budget-s", type=float, help="seconds all runs may take together")
-    parser.add_argument("--only", choices=("cases", "ladder"), help="the strategy table or the offload ladder alone")
+    parser.add_argument("--only", choices=PARTS, help="the strategy table, the Llama pairs or the offload ladder alone")
     parser.add_argument("--ladder-from", help="start the ladder at the rung whose name contains this (e.g. 1.5B)")
+    parser.add_argument("--llama-compile", action="store_true", help="the Llama pairs with model.compile (both)")
     args = parser.parse_args()
     if args.dry_run:
         sys.exit(dry_run())
@@ -399,13 +364,8 @@ def main() -> None:
     def save(partial: dict) -> None:
         (out / "results.json").write_text(json.dumps(partial, indent=2))
 
-    results = measure(
-        args.quick,
-        Budget(args.budget_s),
-        (args.only,) if args.only else ("cases", "ladder"),
-        args.ladder_from,
-        save,
-    )
+    parts = (args.only,) if args.only else PARTS
+    results = measure(args.quick, Budget(args.budget_s), parts, args.ladder_from, save, args.llama_compile)
     publish(out, results, render, HEADING, not args.no_docs)
 
 
