@@ -106,20 +106,3 @@ def test_qwen2_text_is_packed_with_its_own_eos_and_mistral_refuses_a_system_mess
     assert result.returncode == 2, result.stdout + result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "chat template refuses this conversation: Conversation roles must alternate" in line
-
-
-def test_a_tokenizer_without_eos_or_without_a_chat_template_is_refused_in_one_line(tmp_path):
-    from dataclasses import replace
-
-    no_eos = tmp_path / "no-eos"
-    tokenizer = bpe.load(str(save_tokenizer(QWEN2, no_eos)))
-    tokenizer.eos_token = None
-    tokenizer.save_pretrained(no_eos)
-    no_template = save_tokenizer(replace(LLAMA3, template=None), tmp_path / "no-template")
-    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
-    for folder, wanted in ((no_eos, "has no EOS token"), (no_template, "has no chat template")):
-        args = [f"input={tmp_path / 'rows.jsonl'}", f"output={tmp_path / 'out'}", "kind=chat", f"tokenizer={folder}"]
-        result = kiln("prepare", *args, env=NO_CLUSTER)
-        assert result.returncode == 2, result.stdout + result.stderr
-        (line,) = result.stderr.strip().splitlines()
-        assert wanted in line and str(folder) in line, line

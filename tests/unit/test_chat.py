@@ -110,3 +110,18 @@ def test_a_model_without_a_chat_template_cannot_chat(tokenizer):
         ChatSession(tiny_model(plain), Sampling())
     with pytest.raises(InferenceError, match="leaves no room"):
         ChatSession(tiny_model(tokenizer), Sampling(max_new_tokens=64))
+
+
+def test_the_quickstart_corpus_tokenizer_can_chat_so_its_exports_can_be_fine_tuned_to(cache_dir):
+    """The built-in corpus's tokenizer has the chat role tokens (special) and Kiln's template: a quickstart run's
+    export, fine-tuned with task=sft on data prepared with it, can then `kiln chat`."""
+    from data_pipeline.config import DataConfig
+    from data_pipeline.dataset import Dataset
+    from data_pipeline.stdlib_corpus import prepare_stdlib
+    from data_pipeline.tokenizer import load
+
+    url = prepare_stdlib(DataConfig(seq_len=64, vocab_size=512, max_files=60), str(cache_dir), log=lambda _: None)
+    tokenizer = load(Dataset(url).tokenizer_url)
+    assert tokenizer.chat_template == kiln_chat_template() and tokenizer.eos_token_id == Dataset(url).eos_id
+    ids = prompt_ids(tokenizer, TWO_TURNS)
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|user|>")) == 2  # role markers are single special tokens
