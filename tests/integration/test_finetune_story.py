@@ -46,10 +46,11 @@ WORDS = [
 LOCAL = {"RAY_ADDRESS": "127.0.0.1:9"}  # a stale cluster address: kiln starts its own local Ray
 SHAPE = ["data=prepared", "data.seq_len=64", "tracker=none", "train.eval_batches=2", "optim.warmup_steps=10"]
 # Fine-tuning rows hold one conversation each (about 40 of their 64 tokens): twice the rows a step.
-PRETRAIN = [*SHAPE, "train.global_batch=8", "train.micro_batch=8", "model=llama3_tiny", "model.n_layer=2", "model.n_embd=64", "model.intermediate_size=192"]
-PRETRAIN += ["model.n_positions=64"]
+PRETRAIN = [*SHAPE, "train.global_batch=8", "train.micro_batch=8", "model=llama3_tiny", "model.n_layer=2"]
+PRETRAIN += ["model.n_embd=64", "model.intermediate_size=192", "model.n_positions=64"]
 PRETRAIN += ["optim.lr=3e-3", "train.max_steps=2500", "train.eval_every=500", "train.checkpoint_every=2500"]
-LORA = [*SHAPE, "train.global_batch=16", "train.micro_batch=16", "task=sft", "model.lora.r=16", "model.lora.alpha=32", "model.lora.target=all-linear"]
+LORA = [*SHAPE, "train.global_batch=16", "train.micro_batch=16", "task=sft", "model.lora.r=16"]
+LORA += ["model.lora.alpha=32", "model.lora.target=all-linear"]
 LORA += ["optim.lr=1e-2", "train.max_steps=800"]
 LORA += ["train.eval_every=400", "train.checkpoint_every=400", "cluster.num_workers=1"]
 
