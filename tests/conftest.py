@@ -18,7 +18,7 @@ from tests.s3_server import aws_env, start_moto, stop
 
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory, cache_dir):
-    """strategy name -> folder of its finished 20-step torchrun run (each trained once per session)."""
+    """strategy name -> folder of its finished 20-step torchrun run of STRATEGY_RUN (trained once per session)."""
     return runs_per_strategy(tmp_path_factory.mktemp("strategies"), *STRATEGY_RUN)
 
 

@@ -1,7 +1,8 @@
-"""Under torchrun: train, save and reload a tiny GPT-2 with DeepSpeed ZeRO, dumping the full training state.
+"""Under torchrun: train, save and reload a tiny decoder with DeepSpeed ZeRO, dumping the full training state.
 
-    torchrun --standalone --nproc-per-node N tests/distributed/ds_reshard_probe.py OUT STRATEGIES ACTIONS
+    torchrun --standalone --nproc-per-node N tests/distributed/ds_reshard_probe.py OUT STRATEGIES ACTIONS MODEL...
 
+MODEL...: the model's Kiln overrides (e.g. tests/helpers.py LLAMA_SHAPE: model=llama3_tiny model.n_layer=2 ...).
 For each strategy (comma-separated, e.g. zero1,zero3_offload) it runs each action (comma-separated):
 `save` trains SAVE_STEPS steps, saves to OUT/<strategy>/w<N>/shards and trains CONTINUE_STEPS more (the
 uninterrupted reference); `load<W>` loads OUT/<strategy>/w<W>/shards, saved by W ranks, into a
@@ -12,6 +13,7 @@ continuation's losses to OUT/<strategy>/w<N>/saved.pt, or OUT/<strategy>/w<W>/lo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from orchestrator.config import compose_config
 from trainers.config import ModelConfig, OptimConfig, StrategyConfig
 from trainers.distributed import ensure_process_group
 from trainers.models import build_gpt2
@@ -36,11 +39,11 @@ def batch(step: int, rank: int, world: int) -> torch.Tensor:
     return tokens[rank * per_rank : (rank + 1) * per_rank]
 
 
-def build(name: str, seed: int):
-    """A fresh tiny GPT-2 wrapped by the named ZeRO strategy (micro-batch: this rank's share of the batch)."""
+def build(name: str, model_cfg: ModelConfig, seed: int):
+    """A fresh model wrapped by the named ZeRO strategy (micro-batch: this rank's share of the batch)."""
     stage, offload = STAGES[name]
     torch.manual_seed(seed)
-    model = build_gpt2(ModelConfig(n_layer=2, n_head=2, n_embd=64, n_positions=SEQ, vocab_size=VOCAB), VOCAB, 0)
+    model = build_gpt2(model_cfg, VOCAB, 0)
     strategy = build_strategy(
         StrategyConfig(
             name=name, precision="fp32", zero_stage=stage, offload_optimizer=offload, offload_params=offload
@@ -101,21 +104,22 @@ def full_state(strategy) -> dict:
     return state
 
 
-def main(out: str, strategies: str, actions: str) -> None:
+def main(out: str, strategies: str, actions: str, *model: str) -> None:
     ensure_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    model_cfg = dataclasses.replace(compose_config([*model, f"data.seq_len={SEQ}"]).model, vocab_size=VOCAB)
     for name in strategies.split(","):
         for action in actions.split(","):
             if action == "save":
                 folder = Path(out) / name / f"w{world}"
-                strategy = build(name, seed=0)
+                strategy = build(name, model_cfg, seed=0)
                 train(strategy, 0, SAVE_STEPS)
                 strategy.save(str(folder / "shards"))
                 result = folder / "saved.pt"
             else:
                 saved_world = int(action.removeprefix("load"))
                 folder = Path(out) / name / f"w{saved_world}"
-                strategy = build(name, seed=1)  # other initial weights: the load must overwrite them all
+                strategy = build(name, model_cfg, seed=1)  # other initial weights: the load must overwrite them all
                 strategy.load(str(folder / "shards"), saved_world_size=saved_world)
                 result = folder / f"loaded_on_w{world}.pt"
             state = full_state(strategy)
@@ -128,4 +132,4 @@ def main(out: str, strategies: str, actions: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

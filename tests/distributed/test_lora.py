@@ -15,8 +15,8 @@ from trainers.config import LORA_STRATEGIES
 
 pytestmark = pytest.mark.slow
 
-# The strategy runs' data and batch, on the 20-step DDP run as the base (its shape comes from there).
-LORA_RUN = [o for o in STRATEGY_RUN if not o.startswith(("model.", "train."))]
+# The strategy runs' data and batch, on the 20-step DDP run as the base (its tiny Llama: peft adapts q_proj and v_proj).
+LORA_RUN = [o for o in STRATEGY_RUN if not o.startswith(("model", "train."))]
 LORA_RUN += ["train.global_batch=8", "train.micro_batch=4", "train.eval_batches=2", "train.max_steps=4"]
 LORA_RUN += ["train.checkpoint_every=2", "train.eval_every=2", "model.init_from=run:ddp"]
 LORA_RUN += ["model.lora.r=4", "model.lora.dropout=0.1", "optim.lr=1e-2"]  # dropout on: RNG restore matters

@@ -1,11 +1,14 @@
 """One config switch, six ways to shard: same losses as DDP, exact resume, and a faithful HF export.
 
-Each strategy trains the same 20 steps on 2 workers (fp32, dropout on, so RNG restore matters).
+Each strategy trains the same 20 steps of the tests' tiny Llama on 2 workers (fp32, attention dropout on, so RNG
+restore matters).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -60,7 +63,7 @@ def test_resume_from_step_10_is_bit_identical(trained, strategy, tmp_path):
 # DCP (ddp, fsdp) and DeepSpeed (zero*) checkpoints each consolidate through one path.
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_export_loads_in_transformers_with_the_trained_logits(trained, strategy, tmp_path):
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     run_dir = trained(strategy)
     probe = tmp_path / "probe.pt"
@@ -83,12 +86,18 @@ def test_export_loads_in_transformers_with_the_trained_logits(trained, strategy,
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert not (out / "pytorch_model.bin").exists() and not list(tmp_path.glob(".kiln-*"))
-    model = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    model, loading = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(loading.values()), loading  # every weight read from the export, none initialised afresh
+    model.eval()
     with torch.no_grad():
         logits = model(input_ids=trained_logits["input_ids"]).logits
     assert trained_logits["step"] == 20
     torch.testing.assert_close(logits, trained_logits["logits"], rtol=1e-5, atol=1e-5)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+    # The run's tokenizer folder, copied file for file: the export encodes (and stops) as the run did.
+    run_tokenizer = {p.name: p.read_bytes() for p in (run_dir / "tokenizer").iterdir()}
+    assert run_tokenizer and {name: (out / name).read_bytes() for name in run_tokenizer} == run_tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.decode(tokenizer("def f(x):\n    return x")["input_ids"]) == "def f(x):\n    return x"
 
 
@@ -112,50 +121,46 @@ def test_sharded_strategies_hold_a_world_size_share_of_ddp_bytes(trained, strate
 
 
 def test_a_checkpoint_from_another_model_names_the_mismatched_shapes(trained, tmp_path):
+    from data_pipeline import tokenizer as bpe
+    from orchestrator.config import load_saved_config
     from trainers.checkpoint import CheckpointError
-    from trainers.config import ModelConfig
     from trainers.export import load_consolidated
     from trainers.models import build_gpt2
 
-    other = build_gpt2(ModelConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64), vocab_size=512, eos_id=0)
+    # The runs' own model and vocabulary, half as wide: its input embedding is the first parameter that differs.
+    run_model = load_saved_config((trained("ddp") / "config.yaml").read_text(), [], "config.yaml").model
+    width, tokens = run_model.n_embd, len(bpe.load(str(trained("ddp") / "tokenizer")))
+    other = build_gpt2(dataclasses.replace(run_model, n_embd=width // 2), vocab_size=tokens, eos_id=0)
+    embedding = next(n for n, p in other.named_parameters() if p is other.get_input_embeddings().weight)
+    rows = other.get_input_embeddings().num_embeddings
+    mismatch = rf"{re.escape(embedding)}: checkpoint \[{rows}, {width}\] vs model \[{rows}, {width // 2}\]"
     for strategy in ("ddp", "zero3"):
         shards = trained(strategy) / "checkpoints" / "step_000020" / "shards"
-        with pytest.raises(
-            CheckpointError, match=r"transformer.wte.weight: checkpoint \[512, 64\] vs model \[512, 32\]"
-        ):
+        with pytest.raises(CheckpointError, match=mismatch):
             load_consolidated(other, str(shards), strategy)
 
 
-# The tiny Llama and Qwen3-MoE presets, 6 steps: 4 layers (as many as qwen3_moe_tiny's experts, so FSDP2 must tell the
+# The tiny Qwen3-MoE preset in the runs' width, 6 steps: 4 layers (as many as its experts, so FSDP2 must tell the
 # layers from the experts), grouped-query attention (2 query heads, 1 key/value head), attention dropout on.
-DECODER_RUN = ["model.n_layer=4", "model.n_kv_head=1", "train.max_steps=6"]
+MOE_RUN = [*(o for o in RUN if o != "model=llama3_tiny"), "model=qwen3_moe_tiny", "model.n_layer=4"]
+MOE_RUN += ["train.max_steps=6"]
 
 
 @pytest.fixture(scope="module")
-def uncheckpointed(tmp_path_factory):
-    """model preset -> its DECODER_RUN under ddp without activation checkpointing (trained the first time asked)."""
-    root = tmp_path_factory.mktemp("decoders")
-    runs = {}
-
-    def get(model: str) -> Path:
-        if model not in runs:
-            runs[model] = runs_per_strategy(root / model, *RUN, f"model={model}", *DECODER_RUN)("ddp")
-        return runs[model]
-
-    return get
+def uncheckpointed_moe(tmp_path_factory):
+    """strategy -> MOE_RUN's folder under it without activation checkpointing (trained the first time asked)."""
+    return runs_per_strategy(tmp_path_factory.mktemp("moe"), *MOE_RUN)
 
 
 @pytest.mark.parametrize(
-    "strategy, model",
-    [("fsdp", None)] + [(s, m) for m in ("llama3_tiny", "qwen3_moe_tiny") for s in ("ddp", "fsdp", "zero3")],
-    ids=lambda value: value or "gpt2",
-)  # GPT-2 under fsdp, the sharded case where recomputation meets gathering; the new decoders under every kind
-def test_activation_checkpointing_saves_activations_not_math(trained, uncheckpointed, strategy, model, tmp_path):
-    shape = [f"model={model}", *DECODER_RUN] if model else []
-    run = [*RUN, *shape, f"strategy={strategy}", "model.activation_checkpointing=true"]
-    torchrun(*run, "run.id=ac", f"storage.root={tmp_path}")
+    "strategy, model", [(s, m) for m in ("llama", "qwen3_moe_tiny") for s in ("ddp", "fsdp", "zero3")]
+)  # under every kind, sharded ones included (where recomputation meets gathering)
+def test_activation_checkpointing_saves_activations_not_math(trained, uncheckpointed_moe, strategy, model, tmp_path):
+    run = [*(MOE_RUN if model == "qwen3_moe_tiny" else RUN), f"strategy={strategy}"]
+    torchrun(*run, "model.activation_checkpointing=true", "run.id=ac", f"storage.root={tmp_path}")
     recomputed = by_step(tmp_path / "ac", "train/loss")
-    stored = by_step(uncheckpointed(model) if model else trained(strategy), "train/loss")  # decoders: ddp's
+    # The Llama: the strategy's own 20-step run; the MoE: its run under ddp.
+    stored = by_step(trained(strategy) if model == "llama" else uncheckpointed_moe("ddp"), "train/loss")
     assert sorted(recomputed) == sorted(stored)
     for step, loss in recomputed.items():
         assert loss == pytest.approx(stored[step], rel=1e-6), step

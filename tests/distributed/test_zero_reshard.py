@@ -1,7 +1,7 @@
 """A DeepSpeed ZeRO checkpoint resumes on another number of workers with weights, Adam state and schedule.
 
-Under plain torchrun (tests/distributed/ds_reshard_probe.py): every ZeRO strategy trains 3 steps of a
-tiny GPT-2 on 2 ranks and on 1 rank and saves; each checkpoint is loaded on the other world size, into a
+Under plain torchrun (tests/distributed/ds_reshard_probe.py): every ZeRO strategy trains 3 steps of the
+tests' tiny Llama on 2 ranks and on 1 rank and saves; each checkpoint is loaded on the other world size, into a
 differently initialised model, and trained 2 more steps on the same global batches.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, torchrun_command
+from tests.helpers import LLAMA_SHAPE, REPO, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ STRATEGIES = ["zero1", "zero2", "zero3", "zero3_offload"]
 
 def probe(nproc: int, out: Path, actions: str) -> None:
     """Run the probe for every strategy on nproc ranks."""
-    cmd = torchrun_command(str(PROBE), str(out), ",".join(STRATEGIES), actions, nproc=nproc)
+    cmd = torchrun_command(str(PROBE), str(out), ",".join(STRATEGIES), actions, *LLAMA_SHAPE, nproc=nproc)
     # TMPDIR: the universal conversion's scratch folders land where the test can see they are gone.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(out / "tmp")}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)

@@ -14,13 +14,13 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import TINY, kiln
+from tests.helpers import LLAMA_TINY, kiln
 from tests.integration.ft_harness import finish, kill_tree, start_kiln, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 # Long enough that no signal lands after the end; the only checkpoint is the one the stop commits.
-RUN = [*TINY, "tracker=none", "train.max_steps=1000", "train.checkpoint_every=1000", "train.eval_every=1000"]
+RUN = [*LLAMA_TINY, "tracker=none", "train.max_steps=1000", "train.checkpoint_every=1000", "train.eval_every=1000"]
 
 
 def trained_steps(run_dir) -> int:
@@ -77,7 +77,7 @@ def test_more_workers_than_the_embedded_ray_has_cpus_fail_in_one_line_and_regist
     workers = 32 * multiprocessing.cpu_count()
     result = kiln(
         "train",
-        *TINY,
+        *LLAMA_TINY,
         "tracker=none",
         f"cluster.num_workers={workers}",
         f"train.global_batch={4 * workers}",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, TINY, kiln, rows, torchrun_command
+from tests.helpers import LLAMA_TINY, REPO, kiln, rows, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def run(tmp_path_factory, cache_dir) -> Path:
     """A 1-worker torchrun run: 60 steps, checkpoints and evaluations at 30 and 60."""
     root = tmp_path_factory.mktemp("inference")
     overrides = [
-        *TINY,
+        *LLAMA_TINY,
         "tracker=none",
         "model.dropout=0.1",
         "train.max_steps=60",

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, kiln, rows, torchrun
+from tests.helpers import LLAMA_TINY, kiln, rows, torchrun
 
 pytestmark = pytest.mark.slow
 
-DATA = [o for o in TINY if not o.startswith("model.")]  # the model's shape comes from the source
+DATA = [o for o in LLAMA_TINY if not o.startswith("model")]  # the model's arch and shape come from the source
 # 2 workers x 1 evaluation batch read the same 8 validation sequences as 1 worker x 2 batches.
 FINE_TUNE = [*DATA, "tracker=none", "train.max_steps=1", "train.eval_batches=1", "train.checkpoint_every=1"]
 
@@ -27,7 +27,7 @@ FINE_TUNE = [*DATA, "tracker=none", "train.max_steps=1", "train.eval_batches=1",
 def pretrained(tmp_path_factory, cache_dir) -> Path:
     """Storage root holding run `pre` (1 worker, 10 steps, evaluated and checkpointed at 5 and 10) and its export."""
     root = tmp_path_factory.mktemp("init-from")
-    overrides = [*TINY, "tracker=none", "optim.lr=3e-3", "train.max_steps=10", "train.eval_every=5"]
+    overrides = [*LLAMA_TINY, "tracker=none", "optim.lr=3e-3", "train.max_steps=10", "train.eval_every=5"]
     overrides += ["train.checkpoint_every=5", "run.id=pre", f"storage.root={root}"]
     torchrun(*overrides, nproc=1)
     exported = kiln("export", "pre", "--out", str(root / "hf"), "--storage-root", str(root))

@@ -6,7 +6,7 @@ import pytest
 
 from orchestrator.config import compose_config, finalize
 from orchestrator.runs import resolve_data
-from tests.helpers import TINY
+from tests.helpers import LLAMA_TINY
 from trainers.config import OptimConfig
 from trainers.loop import Trainer
 from trainers.optim import lr_multiplier
@@ -32,7 +32,7 @@ def losses(tmp_path, micro_batch: int, steps: int = 3) -> list[float]:
     cfg = finalize(
         compose_config(
             [
-                *TINY,
+                *LLAMA_TINY,
                 "cluster.num_workers=1",
                 "train.global_batch=4",
                 f"train.micro_batch={micro_batch}",
