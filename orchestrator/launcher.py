@@ -19,6 +19,16 @@ from data_pipeline import storage
 from data_pipeline.redaction import redact_text
 from orchestrator.attempts import current, driver_identity, finished_state, mark_lost_nodes, record_worker_failures
 from orchestrator.config import ClusterConfig, KilnConfig, UsageError
+from orchestrator.driver_watch import (
+    POLL_S,
+    WORKERS_DONE_GRACE_S,
+    CauseSource,
+    WatchAction,
+    WatchState,
+    decide_watch,
+    end_state,
+    failure_cause_source,
+)
 from orchestrator.liveness import this_driver
 from orchestrator.placement import placement_problem, worker_shape
 from orchestrator.progress import MetricsTail, ProgressView
@@ -30,9 +40,6 @@ from trainers.run_state import RunState
 
 if TYPE_CHECKING:
     from ray.train import ScalingConfig
-
-# How long fit() may take to return after the workers recorded that they finished (normally 1-3 s).
-WORKERS_DONE_GRACE_S = 20
 
 
 class RunFailed(RuntimeError):
@@ -328,15 +335,6 @@ def train(
     )
 
 
-def end_state(workers_said: RunState | None, fit_failed: bool, step: int, max_steps: int) -> RunState:
-    """How a run ends: what its workers recorded, else FAILED if Ray Train raised, else by the step reached."""
-    if workers_said is not None:
-        return workers_said
-    if fit_failed:
-        return RunState.FAILED
-    return RunState.SUCCEEDED if step >= max_steps else RunState.STOPPED
-
-
 def check_embedded_fits(cfg: KilnConfig) -> None:
     """An embedded Ray gets this machine's CPUs and GPUs: a group that can never fit fails before a run exists.
 
@@ -393,22 +391,19 @@ def watch(
     run_dir = registry.run_url(record.run_id)
     worker = threading.Thread(target=target, name="kiln-fit", daemon=True)
     tail = MetricsTail(storage.join(run_dir, METRICS_FILE))
-    last_refresh, workers_done = 0.0, None
+    state = WatchState()
     with GracefulStop(run_dir, console), ProgressView(console, cfg.train.max_steps) as view:
         worker.start()
         while worker.is_alive():
-            worker.join(timeout=0.5)
+            worker.join(timeout=POLL_S)
             view.update(tail.new_rows())
-            if time.monotonic() - last_refresh > 5:
+            if decide_watch(state, time.monotonic()) == WatchAction.REFRESH:
                 refresh(registry, record, cfg, step=tail.last_step)
                 if mark_lost_nodes(record, dead_nodes()):
                     registry.save(record)
-                last_refresh = time.monotonic()
-                if workers_done is None and finished_state(record):
-                    workers_done = last_refresh
-            if workers_done and time.monotonic() - workers_done > WORKERS_DONE_GRACE_S:
-                # Ray lost its control processes (killed with the driver's cgroup, the OOM killer) and
-                # would end this process with the run still RUNNING: the workers' word is the outcome.
+                state = state.refreshed(time.monotonic(), finished_state(record))
+            # asked again: the refresh just made may be the one that ends the wait
+            if decide_watch(state, time.monotonic()) == WatchAction.STOP_WAITING_FOR_RAY:
                 console.print(
                     f"[yellow]the workers ended the run {finished_state(record)} but Ray did not "
                     f"return in {WORKERS_DONE_GRACE_S}s; recording their outcome[/yellow]"
@@ -424,10 +419,11 @@ def record_failure(registry: RunRegistry, record: RunRecord, failure: BaseExcept
     """Save a FAILED run with one line of cause: the attempt's recorded cause, else Ray's root error."""
     last = record.attempts[-1] if record.attempts else {}
     cause = (last.get("cause") or {}).get("summary")
-    if cause or failure is None:
-        record.error = f"{cause} (worker logs: {storage.join(run_dir, 'logs')})"
-    else:
+    source = failure_cause_source(cause, fit_raised=failure is not None)
+    if source == CauseSource.RAY_ERROR and failure is not None:
         record.error = summarize_failure(failure, run_dir)
+    else:
+        record.error = f"{cause} (worker logs: {storage.join(run_dir, 'logs')})"
     if current(record) is not None:
         record.attempts[-1].update(ended=record.updated, outcome="FAILED", cause={"summary": record.error})
     registry.save(record)
