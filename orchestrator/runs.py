@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 
 from data_pipeline import storage
 from data_pipeline.config import default_storage_root
@@ -14,10 +15,11 @@ from orchestrator.attempts import merge_events
 from orchestrator.config import KilnConfig, UsageError, absolute_url, finalize, load_saved_config, to_yaml
 from orchestrator.init_source import check_submitted, init_source
 from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
+from orchestrator.resume_policy import ResumeAction, ResumeFacts, decide_resume
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
 from trainers.preemption import clear_stop_request
 from trainers.run_folder import CHECKPOINTS_DIR, TOKENIZER_DIR
-from trainers.run_state import RESUMABLE, RunState
+from trainers.run_state import RunState
 from trainers.task_data import check_task_data, run_labels
 from trainers.tracking import wandb_mode
 
@@ -181,20 +183,24 @@ def prepare_resume(
 ) -> tuple[RunRegistry, RunRecord, KilnConfig]:
     """Check that run_id can be resumed and load it: its saved config with safe overrides applied."""
     registry, record, cfg = reopen_run(root, run_id, overrides)
-    if record.state == RunState.RUNNING and not force:
-        verdict = driver_verdict(record)
-        if verdict.alive:
+    facts, driver_said = ResumeFacts(RunState(record.state), force, cfg.train.max_steps), ""
+    while (action := decide_resume(facts)) != ResumeAction.RESUME:
+        if action == ResumeAction.ASK_DRIVER:
+            verdict = driver_verdict(record)
+            facts, driver_said = replace(facts, driver_alive=verdict.alive), verdict.reason
+        elif action == ResumeAction.ASK_CHECKPOINTS:
+            newest = latest_checkpoint(cfg)  # storage is the truth: the record may predate a crash or a cleanup
+            facts = replace(facts, checkpoints_asked=True, newest_step=newest["step"] if newest else None)
+        elif action == ResumeAction.REFUSE_DRIVER_ALIVE:
             raise UsageError(
-                f"run {run_id} is running: {verdict.reason}; stop it with `kiln stop {run_id}` "
+                f"run {run_id} is running: {driver_said}; stop it with `kiln stop {run_id}` "
                 "first, or pass --force if you know its driver is gone"
             )
-    newest = latest_checkpoint(cfg)  # storage is the truth: the record may predate a crash or a cleanup
-    finished = newest is not None and newest["step"] >= cfg.train.max_steps
-    if record.state not in RESUMABLE and finished:
-        raise UsageError(
-            f"run {run_id} is {record.state} at step {record.step}/{record.max_steps}; "
-            f"to train it further pass train.max_steps=N (N > {record.step})"
-        )
+        else:
+            raise UsageError(
+                f"run {run_id} is {record.state} at step {record.step}/{record.max_steps}; "
+                f"to train it further pass train.max_steps=N (N > {record.step})"
+            )
     clear_stop_request(registry.run_url(run_id))  # a served `kiln stop` must not stop the resumed run
     return registry, record, cfg
 
