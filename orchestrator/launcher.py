@@ -34,6 +34,7 @@ from orchestrator.placement import placement_problem, worker_shape
 from orchestrator.progress import MetricsTail, ProgressView
 from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
 from orchestrator.runs import refresh, start_run
+from trainers import failpoints
 from trainers.events import record_event
 from trainers.preemption import clear_stop_request, request_stop
 from trainers.run_state import RunState
@@ -76,7 +77,7 @@ def start_ray(cfg: KilnConfig) -> bool:
             log_to_driver=False,
             logging_level=logging.ERROR,
             configure_logging=True,
-            runtime_env={"env_vars": {"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}},
+            runtime_env={"env_vars": {"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore", **failpoints.environment()}},
         )
     return True
 

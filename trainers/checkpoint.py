@@ -29,6 +29,7 @@ from trainers import safe_load
 from trainers.checkpoint_policy import choose_checkpoint, retention
 from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0, new_checkpoint_group
 from trainers.errors import CheckpointError
+from trainers.failpoints import failpoint
 from trainers.model_shapes import check_fits, checkpoint_shapes
 from trainers.resharding import extras_rank, resharded_from
 from trainers.restore_copy import RestoreCopy
@@ -301,6 +302,7 @@ class CheckpointStore:
             storage.write_atomic(storage.join(url, MANIFEST), json.dumps(manifest, indent=2))
             self.prune(keep=step)
         barrier(group)
+        failpoint("checkpoint.committed", step=step, rank=self.rank)
 
     def prune(self, keep: int) -> list[int]:
         """Rank 0: delete uncommitted leftovers and committed checkpoints retention no longer keeps."""

@@ -32,6 +32,7 @@ from trainers.device_batches import DeviceBatches
 from trainers.distributed import ensure_process_group, gather_to_rank0
 from trainers.evaluation import Evaluator
 from trainers.events import record_event
+from trainers.failpoints import failpoint
 from trainers.flops import mfu, model_flops_per_token, peak_flops, tflops_per_device
 from trainers.model_shapes import shapes_of
 from trainers.models import compile_blocks, parameter_count, watch_router
@@ -276,6 +277,7 @@ def run(cfg: WorkerConfig, ctx: WorkerContext) -> LoopResult:
             with watchdog.phase(trainer.step, "train step"):
                 trainer.train_step()
             step = trainer.step
+            failpoint("loop.after_step", run=cfg.run_id, step=step, rank=ctx.rank)
             if not trainer.sync_due(step):
                 continue  # no host sync and no collective beyond the gradients' own
             with watchdog.phase(step, "sync"):

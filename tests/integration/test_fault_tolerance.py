@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
 from orchestrator.cli import main as cli_main
+from tests.failpoints import Failpoints
 from tests.helpers import kiln
 from tests.integration.ft_harness import (
     EVERY_STEP,
@@ -113,7 +113,9 @@ def test_a_ddp_run_on_a_flaky_store_survives_a_kill_mid_save_exactly(s3, trained
 
 
 def test_zero3_worker_sigkill_with_async_uploads_restarts_with_identical_losses(s3, trained_runs, tmp_path):
+    """Rank 1 is SIGKILLed right after its step-10 checkpoint commits (a failpoint, so always at step 10)."""
     root = s3_root(s3)
+    points = Failpoints(tmp_path / "fp", "checkpoint.committed(step=10,rank=1)=kill")
     run = start_kiln(
         "train",
         *EVERY_STEP,
@@ -122,17 +124,16 @@ def test_zero3_worker_sigkill_with_async_uploads_restarts_with_identical_losses(
         "run.id=z",
         f"storage.root={root}",
         log=tmp_path / "train.log",
+        env=points.env,
     )
-    wait_for("step 10 committed", lambda: max(committed_steps(root, "z"), default=0) >= 10, proc=run)
-    victim = worker_pid(root, "z", rank=1)
-    os.kill(victim, signal.SIGKILL)
     assert finish(run) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    victim = points.arrivals("checkpoint.committed")[0]["pid"]
     assert_same_losses(metrics(root, "z"), reference_rows(trained_runs, "zero3"))
     record = read_json(f"{root}/z/run.json")
     assert record["state"] == "SUCCEEDED" and record["checkpoint"]["step"] == 20  # the last upload finished
     first, second = record["attempts"]
     assert first["cause"]["rank"] == 1 and first["cause"]["pid"] == victim
-    assert second["restored_step"] >= 10 and second["outcome"] == "SUCCEEDED"
+    assert second["restored_step"] == 10 and second["outcome"] == "SUCCEEDED"
     assert committed_steps(root, "z") == [10, 18, 19, 20]
 
 
@@ -142,6 +143,9 @@ def test_fsdp_survives_a_worker_kill_then_the_driver_dies_and_kiln_resume_reshar
     """Async uploads; Ray restarts the group after a SIGKILL; then the driver and its Ray are killed."""
     root = s3_root(s3)
     args = [o for o in EVERY_STEP if o != "tracker=none"]
+    points = Failpoints(
+        tmp_path / "fp", "checkpoint.committed(step=6,rank=1)=kill", "loop.after_step(step=15,rank=0)=pause"
+    )
     run = start_kiln(
         "train",
         *args,
@@ -151,15 +155,13 @@ def test_fsdp_survives_a_worker_kill_then_the_driver_dies_and_kiln_resume_reshar
         "run.id=f",
         f"storage.root={root}",
         log=tmp_path / "train.log",
+        # Rank 1 dies once its step-6 checkpoint commits; the restarted group is held after step 15 (step 13's
+        # async upload is committed by then: each save waits for the one before), and the driver dies there.
+        env=points.env,
     )
-    wait_for("step 6 committed", lambda: max(committed_steps(root, "f"), default=0) >= 6, proc=run)
-    victim = worker_pid(root, "f", rank=1)
-    os.kill(victim, signal.SIGKILL)
-    wait_for(
-        "a restarted group at step 13",
-        lambda: len(events(root, "f", "started")) == 2 and max(committed_steps(root, "f"), default=0) >= 13,
-        proc=run,
-    )
+    held = points.wait("loop.after_step", proc=run)
+    assert held["step"] == 15 and len(events(root, "f", "started")) == 2
+    assert points.arrivals("checkpoint.committed")[0]["step"] == 6
     config_before = s3_client().cat_file(f"{root}/f/config.yaml".removeprefix("s3://"))
     kill_tree(run.pid)  # the driver and the Ray it started
     before = metrics(root, "f")
@@ -204,26 +206,28 @@ def test_a_hang_then_sigterm_twice_and_kiln_stop_through_a_corrupt_checkpoint_st
     root = s3_root(s3)
     grace = 60
 
+    def stop_held(points: Failpoints, ask) -> None:
+        """Ask the held run to stop; release it once its STOP request is on the store (the workers read it)."""
+        ask()
+        wait_for("the STOP request", lambda: s3_client().exists(f"{root}/p/STOP".removeprefix("s3://")))
+        points.release("loop.after_step")
+
     def preempt(proc, interrupt) -> int:
-        sent = time.time()
         interrupt()
         assert finish(proc) == 3, proc.log_path.read_text()[-3000:]  # PREEMPTED, resumable
         record = read_json(f"{root}/p/run.json")
         assert record["state"] == "PREEMPTED", record
         done = events(root, "p", "finished")[-1]
         assert done["state"] == "PREEMPTED" and done["step"] in committed_steps(root, "p")
-        manifest = read_json(f"{root}/p/checkpoints/step_{done['step']:06d}/MANIFEST.json")
-        committed_at = time.mktime(time.strptime(manifest["created"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
-        assert committed_at - sent < grace
+        assert read_json(f"{root}/p/checkpoints/step_{done['step']:06d}/MANIFEST.json")["step"] == done["step"]
         status = kiln("status", "p", "--storage-root", root)
         assert f"resume: kiln resume p --storage-root {root}" in status.stdout
         return done["step"]
 
-    def reached(proc, step: int) -> None:
-        wait_for(f"step {step} committed", lambda: max(committed_steps(root, "p"), default=0) >= step, proc=proc)
-
-    # Rank 1 freezes (SIGSTOP) and rank 0 waits in a collective forever: the step watchdog fails it with
-    # the rank and step named, and Ray restarts the group. Then rank 1 of the new group gets SIGTERM.
+    # Rank 1 hangs after step 3 and rank 0 waits in a collective forever: the step watchdog fails it with the
+    # rank and step named, and Ray restarts the group from step 2. The new group is held after step 6, where
+    # its rank 1 gets SIGTERM. (Failpoints: each fires once, so the restarted group passes step 3.)
+    points = Failpoints(tmp_path / "fp1", "loop.after_step(step=3,rank=1)=hang", "loop.after_step(step=6,rank=1)=pause")
     run = start_kiln(
         "train",
         *EVERY_STEP,
@@ -233,15 +237,20 @@ def test_a_hang_then_sigterm_twice_and_kiln_stop_through_a_corrupt_checkpoint_st
         f"storage.root={root}",
         f"checkpoint.preempt_grace_s={grace}",
         log=tmp_path / "1.log",
+        env=points.env,
     )
-    reached(run, 2)
-    frozen = worker_pid(root, "p", rank=1)
-    os.kill(frozen, signal.SIGSTOP)
+    hung = points.wait("loop.after_step", proc=run, step=3)
     try:
-        wait_for("the restarted group", lambda: len(events(root, "p", "started")) == 2, proc=run)
+        held = points.wait("loop.after_step", proc=run, step=6)
     finally:
-        kill_tree(frozen)
-    step = preempt(run, lambda: os.kill(worker_pid(root, "p", rank=1), signal.SIGTERM))
+        kill_tree(hung["pid"])
+    assert len(events(root, "p", "started")) == 2 and held["pid"] == worker_pid(root, "p", rank=1)
+
+    def sigterm_held_worker() -> None:
+        os.kill(held["pid"], signal.SIGTERM)
+        points.release("loop.after_step")
+
+    step = preempt(run, sigterm_held_worker)
     assert "rank 1: SIGTERM received by a worker" in events(root, "p", "finished")[-1]["reason"]
 
     # Flip bytes in the newest checkpoint: the resume must skip it for the one before, and say so.
@@ -250,9 +259,11 @@ def test_a_hang_then_sigterm_twice_and_kiln_stop_through_a_corrupt_checkpoint_st
     data = bytearray(fs.cat_file(shard))
     data[len(data) // 2] ^= 0xFF
     fs.pipe_file(shard, bytes(data))
-    run = start_kiln("resume", "p", "--storage-root", root, log=tmp_path / "2.log")
-    reached(run, step + 1)
-    corrupted, step = step, preempt(run, lambda: os.kill(run.pid, signal.SIGTERM))
+    # The resume is held after its second step; the driver gets SIGTERM there and writes the STOP request.
+    points = Failpoints(tmp_path / "fp2", f"loop.after_step(step={step + 1},rank=0)=pause")
+    run = start_kiln("resume", "p", "--storage-root", root, log=tmp_path / "2.log", env=points.env)
+    points.wait("loop.after_step", proc=run)
+    corrupted, step = step, preempt(run, lambda: stop_held(points, lambda: os.kill(run.pid, signal.SIGTERM)))
     assert "driver received SIGTERM" in events(root, "p", "finished")[-1]["reason"]
     record = read_json(f"{root}/p/run.json")
     resumed = record["attempts"][2]
@@ -262,14 +273,14 @@ def test_a_hang_then_sigterm_twice_and_kiln_stop_through_a_corrupt_checkpoint_st
     log0 = fs.cat_file(f"{root}/p/logs/worker_0.log".removeprefix("s3://")).decode()
     assert "skipping checkpoint that fails verification" in log0
 
-    run = start_kiln("resume", "p", "--storage-root", root, log=tmp_path / "3.log")
-    # `kiln stop` as soon as this attempt has started, not after its first new step: the 9 steps left run
-    # in a few seconds, and one CI run finished them before the stop request was seen.
-    wait_for("the third resume to start", lambda: len(events(root, "p", "started")) == 4, proc=run)
+    points = Failpoints(tmp_path / "fp3", f"loop.after_step(step={step + 1},rank=0)=pause")
+    run = start_kiln("resume", "p", "--storage-root", root, log=tmp_path / "3.log", env=points.env)
+    points.wait("loop.after_step", proc=run)
     stopper = {}
-    # `kiln stop`'s own main(), in this process: a fresh interpreter's start-up (s3fs, hydra) can take
-    # longer than the few steps left before step 20 on a loaded machine.
-    step = preempt(run, lambda: stopper.update(r=cli_main(["stop", "p", "--storage-root", root])))
+    # `kiln stop`'s own main(), in this process, while the third resume is held after its first step.
+    step = preempt(
+        run, lambda: stop_held(points, lambda: stopper.update(r=cli_main(["stop", "p", "--storage-root", root])))
+    )
     assert stopper["r"] == 0 and "kiln stop" in events(root, "p", "finished")[-1]["reason"]
 
     record = read_json(f"{root}/p/run.json")

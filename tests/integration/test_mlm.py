@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.failpoints import Failpoints
 from tests.helpers import kiln, prepare_rows, rows
-from tests.integration.ft_harness import assert_same_losses, kill_tree, start_kiln, wait_for
+from tests.integration.ft_harness import assert_same_losses, kill_tree, start_kiln
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +88,7 @@ def test_masked_token_accuracy_clearly_rises(mlm_run):
 
 def test_a_run_killed_mid_way_and_resumed_logs_identical_losses(mlm_run, text_data, tmp_path):
     root = tmp_path / "runs"
-    checkpoints = root / "k" / "checkpoints"
+    points = Failpoints(tmp_path / "fp", "loop.after_step(step=33,rank=0)=pause")  # held mid-run, after commit 30
     run = start_kiln(
         "train",
         *MLM_RUN,
@@ -97,12 +98,12 @@ def test_a_run_killed_mid_way_and_resumed_logs_identical_losses(mlm_run, text_da
         f"storage.root={root}",
         "cluster.max_failures=0",
         log=tmp_path / "train.log",
-        env=NO_CLUSTER,
+        env={**NO_CLUSTER, **points.env},
     )
-    wait_for("step 30 committed", lambda: (checkpoints / "step_000030" / "MANIFEST.json").exists(), proc=run)
+    points.wait("loop.after_step", proc=run)
     kill_tree(run.pid)  # the driver and the Ray it started, mid-run
     killed_at = max(r["step"] for r in rows(root / "k"))
-    assert killed_at < STEPS
+    assert 30 <= killed_at < 33 and (root / "k" / "checkpoints" / "step_000030" / "MANIFEST.json").exists()
     resumed = kiln("resume", "k", "--storage-root", str(root), env=NO_CLUSTER, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     print(f"killed after step {killed_at}, resumed from a committed checkpoint")

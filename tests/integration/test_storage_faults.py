@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -262,8 +261,9 @@ def test_proxy_relays_chunked_bodies_and_delays_matching_paths(s3, root):
             encode_chunked=True,
             headers={"Transfer-Encoding": "chunked"},
         )
-        assert conn.getresponse().read() is not None
-        started = time.monotonic()
+        chunked = conn.getresponse()
+        chunked.read()
+        assert chunked.status == 200
         conn.request(
             "PUT",
             f"/{s3}/{key}/slow/aws-chunked",
@@ -277,7 +277,7 @@ def test_proxy_relays_chunked_bodies_and_delays_matching_paths(s3, root):
         )
         response = conn.getresponse()
         response.read()
-        assert response.status == 200 and time.monotonic() - started >= 0.3
+        assert response.status == 200  # and it was held first: counts.delayed below
         conn.close()
     assert storage.read_bytes(f"{root}/chunked") == data
     assert storage.read_bytes(f"{root}/slow/aws-chunked") == data

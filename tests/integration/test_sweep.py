@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.failpoints import Failpoints
 from tests.helpers import TINY, kiln
 from tests.integration.ft_harness import finish, kill_tree, losses, output, start_kiln, wait_for
 
@@ -133,20 +134,20 @@ def test_a_killed_sweep_driver_resumes_finished_trials_untouched_and_the_midway_
     reference_root, _ = grid
     root = tmp_path / "runs"
     args = ["sweep", *TRIAL, *GRID, "tracker=none", "sweep.id=killed", f"storage.root={root}"]
-    driver = start_kiln(*args, log=tmp_path / "sweep.log")
+    # Trial 3 is held after its step 5 (step 4 committed) until trials 1 and 2 have finished; then the driver dies.
+    points = Failpoints(tmp_path / "fp", "loop.after_step(run=killed-3,step=5,rank=0)=pause")
+    driver = start_kiln(*args, log=tmp_path / "sweep.log", env=points.env)
+    points.wait("loop.after_step", proc=driver)
 
-    def two_done_and_trial_3_midway():
+    def trials_1_and_2_done() -> bool:
         done = [read(root / f"killed-{n}" / "run.json") for n in (1, 2)]
-        if not all(d and d["state"] == "SUCCEEDED" for d in done):
-            return False
-        committed = committed_steps(root / "killed-3")  # the folder, not run.json: that is refreshed every 5 s
-        return committed and 3 <= committed[-1] <= 30
+        return all(d and d["state"] == "SUCCEEDED" for d in done)
 
-    wait_for("trials 1 and 2 to finish and trial 3 to commit a checkpoint", two_done_and_trial_3_midway, proc=driver)
+    wait_for("trials 1 and 2 to finish", trials_1_and_2_done, proc=driver)
     kill_tree(driver.pid)  # the driver's machine dies: the driver and the Ray it started
     finished_before = {n: read(root / f"killed-{n}" / "run.json") for n in (1, 2)}
     killed_at = committed_steps(root / "killed-3")[-1]
-    assert killed_at < 40
+    assert killed_at == 4
 
     lost = status(root, "killed")
     assert lost["state"] == "DRIVER_LOST" and "kiln sweep resume killed" in lost["resume_command"]
@@ -213,20 +214,23 @@ def test_optuna_with_asha_prunes_trials_that_end_pruned_with_a_committed_checkpo
 
 def test_kiln_sweep_stop_commits_running_trials_and_resume_finishes_the_sweep(tmp_path, cache_dir):
     root = tmp_path / "runs"
-    # One tiny trial alone trains ~80 steps/s: 600 steps leave `kiln sweep stop` time to land midway.
     longer = [o for o in TRIAL if not o.startswith(("train.max_steps", "train.checkpoint_every", "train.eval_every"))]
-    longer += ["train.max_steps=600", "train.checkpoint_every=50", "train.eval_every=200"]
+    longer += ["train.max_steps=60", "train.checkpoint_every=50", "train.eval_every=30"]
     args = ["sweep", *longer, "optim.lr=1e-3,3e-3", "sweep.max_concurrent=1", "tracker=none", "sweep.id=halt"]
-    driver = start_kiln(*args, f"storage.root={root}", log=tmp_path / "sweep.log")
-    wait_for("trial 1 to train", lambda: (root / "halt-1" / "metrics.jsonl").exists(), proc=driver)
+    # Trial 1 is held after its step 5 while `kiln sweep stop` asks it to stop, and released once it was asked.
+    points = Failpoints(tmp_path / "fp", "loop.after_step(run=halt-1,step=5,rank=0)=pause")
+    driver = start_kiln(*args, f"storage.root={root}", log=tmp_path / "sweep.log", env=points.env)
+    points.wait("loop.after_step", proc=driver)
     stop = kiln("sweep", "stop", "halt", "--storage-root", str(root))
     assert stop.returncode == 0 and "halt-1" in stop.stdout, stop.stdout + stop.stderr
+    wait_for("trial 1's STOP request", lambda: (root / "halt-1" / "STOP").exists(), proc=driver)
+    points.release("loop.after_step")
     assert finish(driver) == 3, output(driver)
     view = status(root, "halt")
     assert view["state"] == "STOPPED"
     assert [t["state"] for t in view["trials"]] == ["PREEMPTED", "NOT_STARTED"]
     first = read(root / "halt-1" / "run.json")
-    assert first["checkpoint"]["step"] == first["step"] < 600
+    assert first["checkpoint"]["step"] == first["step"] < 60
     resumed = kiln("sweep", "resume", "halt", "--storage-root", str(root), timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
     assert [t["state"] for t in status(root, "halt")["trials"]] == ["SUCCEEDED", "SUCCEEDED"]
