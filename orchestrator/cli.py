@@ -163,7 +163,7 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_runs(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.registry import RunRegistry
-    from orchestrator.submit import displayed_state
+    from orchestrator.submitted_run import displayed_state
 
     registry = RunRegistry(args.storage_root)
     records, damaged = registry.list()
@@ -286,6 +286,14 @@ def describe_job(status: dict, console: Console) -> None:
             f"  the run's record says {status['recorded_state']} but its Ray job ended "
             f"({job['message'] or 'no message'}): its driver is gone; the resume command below continues it "
             "from its last committed checkpoint",
+            markup=False,
+            highlight=False,
+        )
+    elif status["state"] == "NEVER_STARTED":  # Ray's message ends with the last lines of the job's log
+        console.print(
+            f"  its Ray job ended before it started the run ({job['message'] or 'no message'}): the run never "
+            f"started on the cluster, and resuming it would fail the same way; fix what the job's log says "
+            f"(kiln logs {status['run_id']}) and submit again",
             markup=False,
             highlight=False,
         )

@@ -7,6 +7,8 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 
 from rich.console import Console
 
@@ -16,8 +18,6 @@ from orchestrator.config import UsageError, absolute_url
 from orchestrator.registry import RunRecord, RunRegistry, now
 from orchestrator.submit import (
     ADDRESS_ENV,
-    TERMINAL_JOB_STATUSES,
-    UNREACHABLE,
     client,
     entrypoint,
     exit_code_of,
@@ -29,6 +29,19 @@ from orchestrator.submit import (
     shared_root_warning,
     stop_job,
     submit_job,
+)
+from orchestrator.submitted_run import (
+    AGENT_WAIT_S,
+    NO_AGENT,
+    TERMINAL_JOB_STATUSES,
+    DriverJobCheck,
+    JobVerdict,
+    SubmitAction,
+    SubmitTry,
+    decide_driver_job,
+    decide_submission,
+    judge_submitted_run,
+    log_tail,
 )
 from trainers.run_folder import LOGS_DIR
 from trainers.run_state import RunState, is_terminal
@@ -60,7 +73,7 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     if warning:
         console.print(f"[yellow]warning: {warning}[/yellow]")
     command = entrypoint(["start", record.run_id, ON_THE_CLUSTER, "--storage-root", registry.root], bool(working_dir))
-    submit(registry, record, address, command, working_dir)
+    submit(registry, record, address, command, working_dir, new_run=True)
     return announce(registry, record, address, args.follow, console)
 
 
@@ -77,17 +90,57 @@ def shipped_code(working_dir: str | None) -> str | None:
     return path
 
 
-def submit(registry: RunRegistry, record: RunRecord, address: str, command: str, working_dir: str | None) -> None:
-    """Submit the run's job; a refused submission ends the registered run FAILED, saying why."""
+def submit(
+    registry: RunRegistry,
+    record: RunRecord,
+    address: str,
+    command: str,
+    working_dir: str | None,
+    new_run: bool = False,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Submit the run's job, waiting (up to AGENT_WAIT_S) for a head's job agent; a refusal is settled."""
     metadata = {"kiln_run_id": record.run_id, "kiln_storage_root": registry.root}
-    try:
-        submit_job(address, str(record.job_id), command, metadata, working_dir)
-    except BaseException as exc:
-        if record.state == RunState.PENDING:
-            record.state = RunState.FAILED
-        record.error = f"the Ray job could not be submitted to {address}: {exc}"
-        registry.save(record)
-        raise
+    started, wait_s = clock(), 0.0
+    while True:
+        try:
+            if wait_s:
+                sleep(wait_s)
+            submit_job(address, str(record.job_id), command, metadata, working_dir)
+            return
+        except BaseException as exc:  # Ctrl-C too: the record must still say what happened
+            tried = SubmitTry(str(exc), clock() - started, new_run)
+            decision = decide_submission(tried)
+            if decision.action != SubmitAction.RETRY:
+                settle_refusal(registry, record, address, tried, exc)
+                return
+            wait_s = decision.wait_s
+
+
+def settle_refusal(
+    registry: RunRegistry, record: RunRecord, address: str, tried: SubmitTry, exc: BaseException
+) -> None:
+    """After the last refused try: go on if Ray holds the job anyway, else forget the new run or record why."""
+    status = job_view(address, str(record.job_id)).status
+    action = decide_submission(replace(tried, job_status=status)).action
+    if action == SubmitAction.ACCEPTED:
+        return
+    if action == SubmitAction.FORGET_RUN:
+        # Nothing reached the cluster: the run's folder holds only what `kiln submit` wrote a moment ago.
+        storage.remove(registry.run_url(record.run_id), recursive=True)
+        if NO_AGENT in (tried.error or ""):
+            raise UsageError(
+                f"the Ray Jobs API at {address} had no job agent to take the job for {AGENT_WAIT_S:.0f}s (the "
+                "head registers it seconds after it starts; `ray status` on the head shows whether it is up): "
+                f"nothing was submitted and run {record.run_id} was not kept; submit again once the head is ready"
+            ) from None
+        raise exc
+    if record.state == RunState.PENDING:
+        record.state = RunState.FAILED
+    record.error = f"the Ray job could not be submitted to {address}: {exc}"
+    registry.save(record)
+    raise exc
 
 
 def announce(registry: RunRegistry, record: RunRecord, address: str, follow: bool, console: Console) -> int:
@@ -99,15 +152,27 @@ def announce(registry: RunRegistry, record: RunRecord, address: str, follow: boo
     console.print(f"stop:    kiln stop {record.run_id} --storage-root {root}")
     if not follow:
         return 0
+    submitted = (record.state, len(record.attempts))  # what the job's driver changes once it runs
     follow_job_logs(address, str(record.job_id), write_out)
-    return finished(registry, record.run_id, address, str(record.job_id), console)
+    return finished(registry, record.run_id, address, str(record.job_id), console, submitted)
 
 
-def finished(registry: RunRegistry, run_id: str, address: str, job_id: str, console: Console) -> int:
-    """After the job ended: the run's exit code, as `kiln train` would have returned it."""
+def finished(
+    registry: RunRegistry, run_id: str, address: str, job_id: str, console: Console, submitted: tuple[str, int]
+) -> int:
+    """After the job ended: the run's exit code, as `kiln train` would have returned it.
+
+    submitted: the run's state and number of attempts when the job was submitted; unchanged, the job's
+    driver never wrote to the run (its entrypoint never ran Kiln).
+    """
     view = job_view(address, job_id)
     record = registry.load(run_id)
-    if record.state in (RunState.PENDING, RunState.RUNNING):
+    heard = (record.state, len(record.attempts)) != submitted
+    verdict = judge_submitted_run(record.state, job_ended=True, heard_from_driver=heard)  # its log has ended
+    if verdict == JobVerdict.NEVER_STARTED:
+        never_ran(address, job_id, view.status, run_id, console)
+        return 1
+    if verdict == JobVerdict.DRIVER_LOST:
         console.print(
             f"[red]Ray job {job_id} ended {view.status} ({view.message or 'no message'}) but run {run_id} "
             f"is still {record.state}: its driver was lost; continue it with "
@@ -115,6 +180,24 @@ def finished(registry: RunRegistry, run_id: str, address: str, job_id: str, cons
         )
         return 1
     return exit_code_of(view.driver_exit_code, record.state)
+
+
+def never_ran(address: str, job_id: str, status: str, run_id: str, console: Console) -> None:
+    """Say that the job ended before it started the run, with the last lines of its log (which say why)."""
+    try:
+        tail = log_tail(job_logs(address, job_id))
+    except UsageError as exc:
+        tail = [f"(its log cannot be read: {exc})"]
+    console.print(
+        f"[red]Ray job {job_id} ended {status} before it started run {run_id}: the run never started on the "
+        "cluster, and resuming it would fail the same way. The job's log ends with:[/red]"
+    )
+    for line in tail:
+        console.print(f"  {redact_text(line)}", markup=False, highlight=False)
+    console.print(
+        "[red]fix what it says (Kiln must be installed on the cluster's nodes, or pass --working-dir to ship "
+        "this checkout with the job) and submit again[/red]"
+    )
 
 
 def never_started(registry: RunRegistry, run_id: str, exc: BaseException) -> None:
@@ -223,17 +306,21 @@ def resubmit(args: argparse.Namespace, console: Console, root: str, overrides: l
 
 def driver_job_ended(record: RunRecord) -> bool:
     """Whether a RUNNING submitted run's Ray job has ended (its driver is gone); UsageError while it runs."""
-    if record.state != RunState.RUNNING or not record.job_id or not record.cluster_address:
+    submitted = bool(record.job_id and record.cluster_address)
+    check, view = decide_driver_job(record.state, submitted, job_status=None), None
+    if check == DriverJobCheck.ASK_JOB:
+        view = job_view(str(record.cluster_address), str(record.job_id))
+        check = decide_driver_job(record.state, submitted, view.status)
+    if check == DriverJobCheck.NOT_NEEDED:
         return False
-    view = job_view(record.cluster_address, record.job_id)
-    if view.status in TERMINAL_JOB_STATUSES:
+    if check == DriverJobCheck.DRIVER_GONE:
         return True
-    if view.status == UNREACHABLE:
+    if check == DriverJobCheck.UNREACHABLE:
         raise UsageError(
-            f"run {record.run_id} is RUNNING and its Ray job {record.job_id} cannot be asked ({view.message}); "
-            "pass --force if you know its driver is gone"
+            f"run {record.run_id} is RUNNING and its Ray job {record.job_id} cannot be asked "
+            f"({view.message if view else None}); pass --force if you know its driver is gone"
         )
     raise UsageError(
-        f"run {record.run_id} is running: its Ray job {record.job_id} is {view.status} on {record.cluster_address}; "
-        f"stop it with `kiln stop {record.run_id}` first"
+        f"run {record.run_id} is running: its Ray job {record.job_id} is {view.status if view else None} on "
+        f"{record.cluster_address}; stop it with `kiln stop {record.run_id}` first"
     )

@@ -281,7 +281,8 @@ def resume_command(registry: RunRegistry, record: RunRecord) -> str | None:
 
 def status_json(registry: RunRegistry, run_id: str) -> dict:
     """What `kiln status RUN --json` prints; for a submitted run, its Ray job as Ray reports it now."""
-    from orchestrator.submit import displayed_state, job_view
+    from orchestrator.submit import job_view
+    from orchestrator.submitted_run import displayed_state
 
     record = registry.load(run_id)
     job = job_view(record.cluster_address, record.job_id) if record.job_id and record.cluster_address else None

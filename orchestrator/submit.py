@@ -1,4 +1,4 @@
-"""Runs driven by a Ray job on a cluster (`kiln submit`): Ray's Jobs SDK, and the decisions around it.
+"""Runs driven by a Ray job on a cluster (`kiln submit`): Ray's Jobs SDK; what to make of it: submitted_run.py.
 
 The run is registered by the submitter and continued by the job's entrypoint (`kiln start RUN`), so
 a submitted run has one id, one folder and one record, like any other. Ray owns the job (its status,
@@ -16,15 +16,11 @@ from dataclasses import dataclass
 
 from data_pipeline import storage
 from orchestrator.config import UsageError
+from orchestrator.submitted_run import NOT_FOUND, UNREACHABLE
 from trainers.run_state import RunState
 
 JOB_PREFIX = "kiln-"
 ADDRESS_ENV = "RAY_ADDRESS"
-# NOT_FOUND: the cluster does not know the job (its head was replaced): nothing there drives the run.
-TERMINAL_JOB_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED", "NOT_FOUND"})
-UNREACHABLE = "UNREACHABLE"
-NOT_FOUND = "NOT_FOUND"
-DRIVER_LOST = "DRIVER_LOST"  # shown for a run whose record says it runs while its Ray job has ended
 # Installed code runs as `kiln`; code shipped with --working-dir must be imported from the job's folder.
 INSTALLED_ENTRYPOINT = ("kiln",)
 WORKING_DIR_ENTRYPOINT = ("python", "-m", "orchestrator.cli")
@@ -105,12 +101,6 @@ def runtime_env(working_dir: str | None) -> dict | None:
     if working_dir is None:
         return None
     return {"working_dir": working_dir, "excludes": WORKING_DIR_EXCLUDES}
-
-
-def displayed_state(recorded: str, job_status: str | None) -> str:
-    """The state to show: DRIVER_LOST when run.json says the run goes on but its Ray job has ended."""
-    running = recorded in (RunState.PENDING, RunState.RUNNING)
-    return DRIVER_LOST if running and job_status in TERMINAL_JOB_STATUSES else recorded
 
 
 def exit_code_of(driver_exit_code: int | None, state: str) -> int:

@@ -10,8 +10,6 @@ from orchestrator.attempts import apply_event, mark_lost_nodes
 from orchestrator.config import UsageError
 from orchestrator.registry import RunRecord
 from orchestrator.submit import (
-    DRIVER_LOST,
-    displayed_state,
     entrypoint,
     exit_code_of,
     jobs_address,
@@ -19,6 +17,7 @@ from orchestrator.submit import (
     runtime_env,
     shared_root_warning,
 )
+from orchestrator.submitted_run import DRIVER_LOST, NEVER_STARTED, displayed_state
 
 
 def test_the_address_comes_from_the_flag_then_ray_address_then_the_config():
@@ -60,7 +59,7 @@ def test_the_entrypoint_quotes_every_argument_and_ships_no_secret():
         ("RUNNING", "FAILED", DRIVER_LOST),
         ("RUNNING", "STOPPED", DRIVER_LOST),
         ("RUNNING", "NOT_FOUND", DRIVER_LOST),  # the cluster's head was replaced and forgot the job
-        ("PENDING", "FAILED", DRIVER_LOST),
+        ("PENDING", "FAILED", NEVER_STARTED),  # its job ended before Kiln ran: `kiln: not found` (issue 27)
         ("PREEMPTED", "FAILED", "PREEMPTED"),  # the driver exits 3 when preempted, which Ray calls FAILED
         ("RUNNING", "UNREACHABLE", "RUNNING"),  # cannot tell: show what the record says
         ("RUNNING", None, "RUNNING"),  # not a submitted run
