@@ -19,6 +19,7 @@ from orchestrator.config import KilnConfig, UsageError, absolute_url
 from orchestrator.placement import fits_on, worker_shape
 from orchestrator.registry import RunRegistry, UnknownRun
 from orchestrator.sweep import record as sweeps
+from orchestrator.sweep.reconcile import AshaStep, decide_asha, reconcile_trial_end
 from orchestrator.sweep.record import NOT_STARTED, SweepRecord, SweepState, TrialEntry, best_trial, refresh_entry
 from orchestrator.sweep.space import SweepSpace
 from orchestrator.sweep.trial import PRUNED_EVENT, SweepContext, trainable_class
@@ -67,9 +68,10 @@ def asha_scheduler(settings: Any, metric: str, mode: str, max_t: int, grace: int
 
         def on_trial_result(self, tune_controller, trial, result: dict) -> str:
             decision = super().on_trial_result(tune_controller, trial, result)
-            if decision != TrialScheduler.STOP or result.get("done"):
+            step = decide_asha(decision == TrialScheduler.STOP, bool(result.get("done")), trial.trial_id in self.pruned)
+            if step == AshaStep.PASS_ON:
                 return decision
-            if trial.trial_id not in self.pruned:
+            if step == AshaStep.PRUNE:
                 self.pruned.add(trial.trial_id)
                 on_prune(trial.config["trial"], result)
             return TrialScheduler.CONTINUE
@@ -324,17 +326,21 @@ class SweepDriver:
         return SweepRecorder()
 
     def trial_ended(self, n: int, result: dict) -> None:
+        """Trial n's entry as its run and Tune's last result say it ended, saved and (mostly) announced."""
         with self.lock:
             entry = self.entry(n)
             self.refresh(entry)  # the run's own record says how it ended
-            if result.get("state") == NOT_STARTED and not run_exists(self.registry, entry.run_id):
-                entry.state = NOT_STARTED  # the sweep was stopped before this trial's run began
-                self.save()
-                return
-            if entry.state in (NOT_STARTED, RunState.RUNNING) and result.get("state") == RunState.FAILED:
-                entry.state = RunState.FAILED  # it could not start (or its driver died) without saying so
-            entry.error = result.get("error") or entry.error
+            end = reconcile_trial_end(
+                entry.state,
+                entry.error,
+                result.get("state"),
+                result.get("error"),
+                run_exists(self.registry, entry.run_id),
+            )
+            entry.state, entry.error = end.state, end.error
             self.save()
+        if not end.announce:
+            return
         metric = self.space.settings.metric
         shown = f", {metric} {entry.last_metric:.4f}" if entry.last_metric is not None else ""
         error = f": {result['error']}" if result.get("error") else ""

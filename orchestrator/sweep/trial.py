@@ -19,6 +19,7 @@ from data_pipeline.redaction import redact_text
 from orchestrator.config import KilnConfig, compose_config
 from orchestrator.progress import MetricsTail
 from orchestrator.registry import METRICS_FILE, RunRegistry
+from orchestrator.sweep.reconcile import RelabelAction, decide_relabel
 from orchestrator.sweep.record import NOT_STARTED, sweep_stop_requested, trial_run_id
 from trainers.events import read_events
 from trainers.preemption import request_stop
@@ -88,13 +89,16 @@ def drive_trial(ctx: SweepContext, n: int, point: list[str], console: Console) -
         return RunState.FAILED, redact_text(str(exc))
     except Exception as exc:  # a trial that cannot run ends FAILED; the others go on
         return RunState.FAILED, redact_text(f"{type(exc).__name__}: {exc}")
-    state = outcome.state
-    if state == RunState.PREEMPTED and was_pruned([e for _, e in read_events(registry.run_url(run_id))], started):
+    action = decide_relabel(outcome.state, pruned_since_start=None)
+    if action == RelabelAction.ASK_EVENTS:
+        pruned = was_pruned([e for _, e in read_events(registry.run_url(run_id))], started)
+        action = decide_relabel(outcome.state, pruned)
+    if action == RelabelAction.RELABEL_PRUNED:
         record = registry.load(run_id)
         record.state = RunState.PRUNED
         registry.save(record)
-        state = RunState.PRUNED
-    return state, None
+        return RunState.PRUNED, None
+    return outcome.state, None
 
 
 def trainable_class():
