@@ -7,17 +7,23 @@ folds them into run.json, so the record has one writer.
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import re
 import socket
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import TypeVar
 
 from data_pipeline.redaction import redact_text
-from orchestrator.registry import RunRecord, now
+from orchestrator.record_codec import decode
+from orchestrator.run_record import RUN_ENDING, Attempt, Cause, Outcome, RankPlace, RunRecord, now
 from trainers.events import read_events, record_event
 from trainers.run_state import RunState
 
 DRIVER_LOST = "the driver stopped recording (the kiln process or its machine died) before the attempt ended"
+
+log = logging.getLogger("kiln.driver")
+T = TypeVar("T")
 
 
 def driver_identity(command: str) -> dict:
@@ -25,108 +31,125 @@ def driver_identity(command: str) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(), "command": command}
 
 
-def current(record: RunRecord) -> dict | None:
+def current(record: RunRecord) -> Attempt | None:
     """The attempt still running, if any."""
-    return record.attempts[-1] if record.attempts and "ended" not in record.attempts[-1] else None
+    return record.attempts[-1] if record.attempts and record.attempts[-1].ended is None else None
 
 
-def open_attempt(record: RunRecord, when: str, **fields: Any) -> dict:
+def open_attempt(record: RunRecord, when: str, launcher: str | None, driver: dict | None = None) -> Attempt:
     """Start a new attempt."""
-    attempt = {"n": len(record.attempts) + 1, "started": when, **fields}
+    attempt = Attempt(n=len(record.attempts) + 1, started=when, launcher=launcher, driver=driver)
     record.attempts.append(attempt)
     return attempt
 
 
-def close(attempt: dict, outcome: str, cause: dict | None, when: str) -> None:
-    """Mark an attempt ended."""
-    attempt.update(ended=when, outcome=outcome)
-    if cause:
-        attempt["cause"] = cause
+@dataclass
+class Launched:
+    """What a `launched` event says: a driver is starting a worker group."""
+
+    launcher: str | None = None
+    driver: dict | None = None
 
 
-CAUSE_FIELDS = (
-    "summary",
-    "rank",
-    "node",
-    "node_id",
-    "lost_node",
-    "pid",
-    "exit_type",
-    "exit_code",
-    "last_step",
-    "phase",
-)
+@dataclass
+class GroupStarted:
+    """What a `started` event says about a worker group (rank 0 writes it once the group restored)."""
+
+    world_size: int | None = None
+    ranks: list[RankPlace] | None = None
+    launcher: str | None = None
+    restored_step: int | None = None
+    skipped: list[str] | None = None  # newer checkpoints that failed verification, with why
+    resharded_from: int | None = None
 
 
-def cause_of(event: dict) -> dict:
+@dataclass
+class Finished:
+    """What a `finished` event says: the workers ended the run (rank 0's word)."""
+
+    state: Outcome | None = None
+    step: int | None = None
+    reason: str | None = None  # why they stopped early (a stop request), if they did
+
+
+def event_as(cls: type[T], event: dict) -> T:
+    """The fields of an event that cls knows, checked against their types (ValueError if one does not fit)."""
+    return decode(cls, {k: v for k, v in event.items() if k in {f.name for f in fields(cls)}})  # type: ignore[arg-type]
+
+
+def cause_of(event: dict) -> Cause:
     """The fields of a failed/hung event that explain it."""
-    return {k: event[k] for k in CAUSE_FIELDS if event.get(k) is not None}
+    return event_as(Cause, {k: v for k, v in event.items() if v is not None})
 
 
 def apply_event(record: RunRecord, event: dict) -> None:
-    """Fold one event into the record's attempts."""
+    """Fold one event into the record's attempts; ValueError if its fields do not fit the record."""
     kind, when = event.get("kind"), event.get("utc", now())
     attempt = current(record)
     if kind == "launched":
+        launched = event_as(Launched, event)
         if attempt is not None:
-            close(attempt, "DRIVER_LOST", {"summary": DRIVER_LOST}, when)
-        open_attempt(record, when, launcher=event.get("launcher"), driver=event.get("driver"))
+            attempt.close(Outcome.DRIVER_LOST, Cause(summary=DRIVER_LOST), when)
+        open_attempt(record, when, launched.launcher, launched.driver)
     elif kind == "started":
-        if attempt is None or "world_size" in attempt:  # Ray restarted the group, or a new launcher
-            previous = record.attempts[-1].get("world_size") if record.attempts else None
-            if attempt is not None:
-                close(attempt, "RESTARTED", resize_cause(previous, event.get("world_size")), when)
-            attempt = open_attempt(record, when, launcher=event.get("launcher"))
-            if previous and event.get("world_size") and previous != event["world_size"]:
-                attempt["resized_from"] = previous
-        attempt.update(
-            world_size=event.get("world_size"),
-            ranks=event.get("ranks"),
-            restored_step=event.get("restored_step"),
-            skipped_checkpoints=event.get("skipped") or [],
-            resharded_from=event.get("resharded_from"),
-        )
-        if event.get("skipped"):
-            record.notes.append(
-                f"{when}: attempt {attempt['n']} found newer checkpoints that fail verification "
-                f"and loaded step {event.get('restored_step')} instead: " + "; ".join(event["skipped"])
-            )
+        group_started(record, event_as(GroupStarted, event), when)
     elif kind in ("failed", "hung"):
-        event = with_node_id(event, attempt or (record.attempts[-1] if record.attempts else None))
-        if attempt is not None:
-            close(attempt, "HUNG" if kind == "hung" else "FAILED", cause_of(event), when)
-        elif record.attempts:  # another rank's failure in the same incident
-            last = record.attempts[-1]
-            cause = cause_of(event)
-            if "exit_type" in cause and "exit_type" not in last.get("cause", {}) and last["outcome"] == "FAILED":
-                # A dead process is the root; the error its peers raised (a broken collective) is fallout.
-                cause, last["cause"] = last.get("cause", {}), cause
-            last.setdefault("also", []).append(cause)
+        rank_failed(record, with_node_id(event, attempt or (record.attempts[-1] if record.attempts else None)), when)
     elif kind == "finished" and attempt is not None:
-        attempt["final_step"] = event.get("step")
-        close(
-            attempt,
-            event.get("state", RunState.SUCCEEDED),
-            {"summary": event["reason"]} if event.get("reason") else None,
-            when,
-        )
+        finished = event_as(Finished, event)
+        attempt.final_step = finished.step
+        reason = Cause(summary=finished.reason) if finished.reason else None
+        attempt.close(finished.state or Outcome.SUCCEEDED, reason, when)
     elif kind == "stop_requested":
         record.notes.append(f"{when}: stop requested: {event.get('reason')}")
 
 
-def resize_cause(before: int | None, after: int | None) -> dict | None:
+def group_started(record: RunRecord, event: GroupStarted, when: str) -> None:
+    """A worker group started: fill the open attempt, or close the one Ray replaced and open the next."""
+    attempt = current(record)
+    if attempt is None or attempt.world_size is not None:  # Ray restarted the group, or a new launcher
+        previous = record.attempts[-1].world_size if record.attempts else None
+        if attempt is not None:
+            attempt.close(Outcome.RESTARTED, resize_cause(previous, event.world_size), when)
+        attempt = open_attempt(record, when, event.launcher)
+        if previous and event.world_size and previous != event.world_size:
+            attempt.resized_from = previous
+    attempt.world_size, attempt.ranks = event.world_size, event.ranks
+    attempt.restored_step, attempt.skipped_checkpoints = event.restored_step, event.skipped or []
+    attempt.resharded_from = event.resharded_from
+    if event.skipped:
+        record.notes.append(
+            f"{when}: attempt {attempt.n} found newer checkpoints that fail verification "
+            f"and loaded step {event.restored_step} instead: " + "; ".join(event.skipped)
+        )
+
+
+def rank_failed(record: RunRecord, event: dict, when: str) -> None:
+    """A rank failed or hung: close the open attempt with it as the cause, or add it to the last one's."""
+    attempt, cause = current(record), cause_of(event)
+    if attempt is not None:
+        attempt.close(Outcome.HUNG if event.get("kind") == "hung" else Outcome.FAILED, cause, when)
+    elif record.attempts:  # another rank's failure in the same incident
+        last = record.attempts[-1]
+        if cause.exit_type and not (last.cause and last.cause.exit_type) and last.outcome == Outcome.FAILED:
+            # A dead process is the root; the error its peers raised (a broken collective) is fallout.
+            cause, last.cause = last.cause or Cause(), cause
+        last.also.append(cause)
+
+
+def resize_cause(before: int | None, after: int | None) -> Cause | None:
     """Why a group that did not fail was replaced: an elastic run growing (or shrinking) to another size."""
     if not before or not after or before == after:
         return None
     verb = "grew" if after > before else "shrank"
-    return {"summary": f"Ray Train's elastic scaling {verb} the group from {before} to {after} workers"}
+    return Cause(summary=f"Ray Train's elastic scaling {verb} the group from {before} to {after} workers")
 
 
-def with_node_id(event: dict, attempt: dict | None) -> dict:
+def with_node_id(event: dict, attempt: Attempt | None) -> dict:
     """The event, with the Ray node id its rank ran on (from the attempt's ranks) when it names none."""
     if event.get("node_id") or event.get("rank") is None or not attempt:
         return event
-    node_id = next((r.get("node_id") for r in attempt.get("ranks") or [] if r.get("rank") == event["rank"]), None)
+    node_id = next((r.node_id for r in attempt.ranks or [] if r.rank == event["rank"]), None)
     return {**event, "node_id": node_id} if node_id else event
 
 
@@ -134,13 +157,16 @@ def merge_events(record: RunRecord, run_url: str) -> bool:
     """Fold events written since the last merge into record; True if any were new."""
     new = read_events(run_url, after=record.events_cursor)
     for name, event in new:
-        apply_event(record, event)
+        try:
+            apply_event(record, event)
+        except ValueError as exc:  # a damaged event must not stop the driver; run.json stays well-formed
+            log.warning("skipped the event %s of run %s: %s", name, record.run_id, exc)
         record.events_cursor = name
     return bool(new)
 
 
 def describe_ranks(attempt: dict) -> list[str]:
-    """One line per rank of an attempt: the node it ran on (Ray's full node id and address) and its pid."""
+    """One line per rank of an attempt as `kiln status --json` shows it: node (Ray's id and address), pid."""
     lines = []
     for rank in attempt.get("ranks") or []:
         node = f"{rank['node_id']} ({rank.get('node_address') or '?'})" if rank.get("node_id") else rank.get("node")
@@ -151,8 +177,7 @@ def describe_ranks(attempt: dict) -> list[str]:
 def finished_state(record: RunRecord) -> RunState | None:
     """SUCCEEDED or PREEMPTED if the last attempt's workers said so."""
     last = record.attempts[-1] if record.attempts else None
-    ended = last.get("outcome") if last else None
-    return RunState(ended) if ended in (RunState.SUCCEEDED, RunState.PREEMPTED) else None
+    return RUN_ENDING.get(last.outcome) if last and last.outcome else None
 
 
 HEALTH = re.compile(r"hostname='([^']*)'.*?node_ip='([^']*)'.*?pid=(\d+)", re.S)
@@ -160,10 +185,10 @@ EXIT = re.compile(r"Worker exit type: (\w+) Worker exit detail: ([^.]*\.)")
 NODE_DIED = re.compile(r"its node has died\. Node Id: ([0-9a-f]+)")
 
 
-def describe_worker_failure(rank: int, exc: BaseException) -> dict[str, Any]:
-    """What Ray says about a failed rank, as a cause: summary, node, pid, exit type."""
+def describe_worker_failure(rank: int, exc: BaseException) -> dict[str, str | int]:
+    """What Ray says about a failed rank, as a `failed` event's cause fields: summary, node, pid, exit type."""
     text = str(exc)
-    cause: dict[str, Any] = {"rank": rank}
+    cause: dict[str, str | int] = {"rank": rank}
     health = HEALTH.search(text)
     if health:
         cause["node"] = f"{health.group(2)} ({health.group(1)})"
@@ -184,11 +209,11 @@ def describe_worker_failure(rank: int, exc: BaseException) -> dict[str, Any]:
             root = root.__cause__
         lines = [line for line in str(root).strip().splitlines() if line.strip()]
         cause["summary"] = f"{type(root).__name__}: {lines[-1] if lines else ''} (rank {rank})"
-    cause["summary"] = redact_text(cause["summary"])
+    cause["summary"] = redact_text(str(cause["summary"]))
     return cause
 
 
-def lost_node_cause(rank: int | None, node_id: str) -> dict[str, Any]:
+def lost_node_cause(rank: int | None, node_id: str) -> dict[str, str]:
     """The cause of a rank whose Ray node died under it."""
     return {
         "exit_type": "NODE_DIED",
@@ -207,18 +232,16 @@ def mark_lost_nodes(record: RunRecord, dead: set[str]) -> bool:
     """
     changed = False
     for attempt in record.attempts:
-        cause = attempt.get("cause") or {}
-        entries = [cause, *attempt.get("also", [])]
-        lost = [e for e in entries if e.get("node_id") in dead and not e.get("lost_node")]
+        cause = attempt.cause or Cause()
+        entries = [cause, *attempt.also]
+        lost = [e for e in entries if e.node_id in dead and not e.lost_node]
         for entry in lost:
-            entry.update(lost_node_cause(entry.get("rank"), entry["node_id"]))
-        if lost and not cause.get("lost_node"):
+            entry.update(decode(Cause, lost_node_cause(entry.rank, entry.node_id or "")))
+        if lost and not cause.lost_node:
             # The lost node is the root; what the other ranks raised (a broken collective) is its fallout.
             root = lost[0]
-            attempt["cause"] = root
-            attempt["also"] = [e for e in entries if e is not root and e]
-            if not attempt["also"]:
-                del attempt["also"]
+            attempt.cause = root
+            attempt.also = [e for e in entries if e is not root and not e.empty()]
         changed = changed or bool(lost)
     return changed
 

@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.config import UsageError
     from orchestrator.registry import DamagedRun, RunExists, UnknownRun
     from orchestrator.sweep.cli import sweep_argv
-    from orchestrator.sweep.record import UnknownSweep
+    from orchestrator.sweep.record import DamagedSweep, UnknownSweep
     from trainers.errors import CheckpointError
     from trainers.pretrained import PretrainedError
 
@@ -487,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         UsageError,
         UnknownRun,
         UnknownSweep,
+        DamagedSweep,
         PretrainedError,
         RunExists,
         DamagedRun,

@@ -254,7 +254,8 @@ def worker_log(registry: RunRegistry, record: RunRecord, rank: int, follow: bool
 
 def stop_now(registry: RunRegistry, record: RunRecord, console: Console) -> int:
     """`kiln stop RUN --now`: stop the run's Ray job at once and record the run STOPPED."""
-    from orchestrator.attempts import close, current, driver_identity
+    from orchestrator.attempts import current, driver_identity
+    from orchestrator.run_record import Cause, Outcome
 
     if not record.job_id or not record.cluster_address:
         raise UsageError(
@@ -277,7 +278,7 @@ def stop_now(registry: RunRegistry, record: RunRecord, console: Console) -> int:
         record.state, record.error = RunState.STOPPED, reason
         attempt = current(record)
         if attempt is not None:
-            close(attempt, RunState.STOPPED, {"summary": reason}, now())
+            attempt.close(Outcome.STOPPED, Cause(summary=reason), now())
         registry.save(record)
     console.print(
         f"Ray job {record.job_id} is {view.status}; run {record.run_id} is {record.state} at step {record.step} "

@@ -33,6 +33,7 @@ from orchestrator.liveness import this_driver
 from orchestrator.placement import placement_problem, worker_shape
 from orchestrator.progress import MetricsTail, ProgressView
 from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
+from orchestrator.run_record import Cause, Outcome
 from orchestrator.runs import refresh, start_run
 from trainers import failpoints
 from trainers.events import record_event
@@ -274,7 +275,7 @@ def end_unplaced(registry: RunRegistry, record: RunRecord, problem: str) -> None
     """A run whose workers can never be placed ends FAILED with the reason, its attempt closed."""
     record.state, record.error = RunState.FAILED, problem
     if current(record) is not None:
-        record.attempts[-1].update(ended=now(), outcome="FAILED", cause={"summary": problem})
+        record.attempts[-1].close(Outcome.FAILED, Cause(summary=problem), now())
     registry.save(record)
 
 
@@ -418,13 +419,13 @@ def watch(
 
 def record_failure(registry: RunRegistry, record: RunRecord, failure: BaseException | None, run_dir: str) -> None:
     """Save a FAILED run with one line of cause: the attempt's recorded cause, else Ray's root error."""
-    last = record.attempts[-1] if record.attempts else {}
-    cause = (last.get("cause") or {}).get("summary")
+    last = record.attempts[-1] if record.attempts else None
+    cause = last.cause.summary if last and last.cause else None
     source = failure_cause_source(cause, fit_raised=failure is not None)
     if source == CauseSource.RAY_ERROR and failure is not None:
         record.error = summarize_failure(failure, run_dir)
     else:
         record.error = f"{cause} (worker logs: {storage.join(run_dir, 'logs')})"
     if current(record) is not None:
-        record.attempts[-1].update(ended=record.updated, outcome="FAILED", cause={"summary": record.error})
+        record.attempts[-1].close(Outcome.FAILED, Cause(summary=record.error), record.updated)
     registry.save(record)

@@ -11,17 +11,16 @@ import difflib
 import json
 import os
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
+from orchestrator.record_codec import NewerFormat
+from orchestrator.run_record import RunRecord, now  # callers import these from here too
 from trainers import run_folder
 from trainers.run_folder import CONFIG_FILE, METRICS_FILE, RUN_FILE
-from trainers.run_state import RunState, transition
-
-FORMAT_VERSION = 1
+from trainers.run_state import transition
 
 
 class UnknownRun(LookupError):
@@ -42,95 +41,6 @@ class DamagedEntry:
 
     run_id: str
     problem: str
-
-
-def now() -> str:
-    """UTC timestamp, ISO 8601."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-@dataclass
-class RunRecord:
-    """What run.json holds."""
-
-    run_id: str
-    state: str = RunState.PENDING  # a RunState; trainers/run_state.py says which changes are legal
-    created: str = field(default_factory=now)
-    updated: str = field(default_factory=now)
-    experiment: str = "run"
-    step: int = 0
-    max_steps: int = 0
-    checkpoint: dict | None = None  # {"step": int, "uri": str} of the last committed checkpoint
-    strategy: str = "ddp"
-    num_workers: int = 0
-    wandb: dict | None = None  # {"mode", "run_id", "dir"}
-    attempts: list[dict] = field(default_factory=list)  # one per worker group, with how it ended
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)  # recoveries worth knowing (skipped checkpoints, stops)
-    events_cursor: str = ""  # the last events/ entry folded into attempts
-    driver: dict | None = None  # {"host", "pid_ns", "pid", "started", "command"} of the driver now or last
-    job_id: str | None = None  # the Ray job (submission id) driving a `kiln submit` run now or last
-    cluster_address: str | None = None  # the Ray Jobs API address it was submitted to
-    format_version: int = FORMAT_VERSION
-
-    def __post_init__(self) -> None:
-        # The state run.json holds (not a field, so never written): save() allows only legal moves from it.
-        self._written_state = self.state
-
-    @classmethod
-    def from_json(cls, text: str) -> RunRecord:
-        """Parse run.json, ignoring fields a newer Kiln added; ValueError says what is wrong with it."""
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}; truncated?)"
-            ) from None
-        if not isinstance(data, dict):
-            raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
-        problem = shape_problem(data)
-        if problem:
-            raise ValueError(problem)
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-
-# The type each run.json field must have (None allowed where the field is Optional).
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "run_id": (str,),
-    "state": (str,),
-    "created": (str,),
-    "updated": (str,),
-    "experiment": (str,),
-    "step": (int,),
-    "max_steps": (int,),
-    "checkpoint": (dict, type(None)),
-    "strategy": (str,),
-    "num_workers": (int,),
-    "wandb": (dict, type(None)),
-    "attempts": (list,),
-    "error": (str, type(None)),
-    "notes": (list,),
-    "events_cursor": (str,),
-    "format_version": (int,),
-    "driver": (dict, type(None)),
-    "job_id": (str, type(None)),
-    "cluster_address": (str, type(None)),
-}
-
-
-def shape_problem(data: dict) -> str | None:
-    """What makes a parsed run.json unusable (a missing run_id, a field of the wrong type), or None."""
-    if "run_id" not in data:
-        return "has no run_id"
-    for name, types in _FIELD_TYPES.items():
-        if name in data and (not isinstance(data[name], types) or isinstance(data[name], bool)):
-            return f"field {name!r} is {type(data[name]).__name__}, expected {types[0].__name__}"
-    if "state" in data and data["state"] not in set(RunState):
-        return f"state {data.get('state')!r} is not one of {', '.join(RunState)}"
-    if not all(isinstance(a, dict) for a in data.get("attempts", [])):
-        return "attempts must be a list of objects"
-    return None
 
 
 class RunRegistry:
@@ -186,7 +96,7 @@ class RunRegistry:
         storage.makedirs(run_dir)
         record.updated = now()
         try:
-            storage.write_new(storage.join(run_dir, RUN_FILE), redact_text(json.dumps(asdict(record), indent=2)))
+            storage.write_new(storage.join(run_dir, RUN_FILE), redact_text(record.to_json()))
         except FileExistsError:
             raise RunExists(
                 f"run {record.run_id!r} was just created under {self.root} by another command; choose another run.id"
@@ -203,9 +113,7 @@ class RunRegistry:
         """Write run.json whole; a changed state must be a legal move (IllegalTransition otherwise)."""
         transition(record._written_state, record.state)
         record.updated = now()
-        storage.write_atomic(
-            storage.join(self.run_url(record.run_id), RUN_FILE), redact_text(json.dumps(asdict(record), indent=2))
-        )
+        storage.write_atomic(storage.join(self.run_url(record.run_id), RUN_FILE), redact_text(record.to_json()))
         record._written_state = record.state
 
     def load(self, run_id: str) -> RunRecord:
@@ -214,6 +122,8 @@ class RunRegistry:
         try:
             text = storage.read_bytes(url).decode("utf-8", errors="replace")
             record = RunRecord.from_json(text)
+        except NewerFormat as exc:
+            raise DamagedRun(f"run {run_id}: {url} {exc}") from None
         except ValueError as exc:
             raise DamagedRun(
                 f"run {run_id}: {url} is damaged ({exc}); restore it from a backup, or move the "

@@ -14,6 +14,7 @@ from data_pipeline.stdlib_corpus import prepare_stdlib
 from orchestrator.attempts import merge_events
 from orchestrator.config import KilnConfig, UsageError, absolute_url, finalize, load_saved_config, to_yaml
 from orchestrator.init_source import check_submitted, init_source
+from orchestrator.record_codec import encode
 from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
 from orchestrator.resume_policy import ResumeAction, ResumeFacts, decide_resume
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
@@ -302,7 +303,7 @@ def status_json(registry: RunRegistry, run_id: str) -> dict:
         "num_workers": record.num_workers,
         "created": record.created,
         "updated": record.updated,
-        "attempts": record.attempts,
+        "attempts": [encode(attempt) for attempt in record.attempts],  # as run.json holds them
         "error": record.error,
         "run_dir": registry.run_url(run_id),
         "notes": record.notes,

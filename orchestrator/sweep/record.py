@@ -7,12 +7,12 @@ trial is best, how a sweep ends) are pure functions over plain data.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
+from orchestrator.record_codec import NewerFormat, from_json, to_json
 from orchestrator.registry import DamagedRun, RunRegistry, UnknownRun, now
 from trainers.run_state import RunState
 
@@ -20,10 +20,16 @@ SWEEPS_DIR = "sweeps"
 SWEEP_FILE = "sweep.json"
 STOP_FILE = "STOP"
 NOT_STARTED = "NOT_STARTED"  # a point whose run does not exist yet
+# sweep.json's format (orchestrator/record_codec.py says when it changes); files from before it was written are 1.
+FORMAT_VERSION = 1
 
 
 class UnknownSweep(LookupError):
     """No sweep of that id under the storage root."""
+
+
+class DamagedSweep(ValueError):
+    """A sweep whose sweep.json cannot be read; the message names the file and what is wrong."""
 
 
 class SweepState:
@@ -78,15 +84,16 @@ class SweepRecord:
     error: str | None = None
     created: str = field(default_factory=now)
     updated: str = field(default_factory=now)
+    format_version: int = FORMAT_VERSION
 
     @classmethod
     def from_json(cls, text: str) -> SweepRecord:
-        data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        record = cls(**{k: v for k, v in data.items() if k in known and k != "trials"})
-        entry_keys = {f.name for f in fields(TrialEntry)}
-        record.trials = [TrialEntry(**{k: v for k, v in t.items() if k in entry_keys}) for t in data.get("trials", [])]
-        return record
+        """Parse sweep.json (keys a newer Kiln added are kept for the next write); ValueError says what is wrong."""
+        return from_json(cls, text)
+
+    def to_json(self) -> str:
+        """sweep.json's text."""
+        return to_json(self)
 
     def trial(self, n: int) -> TrialEntry | None:
         """The entry of trial n, if the sweep has one."""
@@ -108,7 +115,7 @@ def save(root: str, record: SweepRecord) -> None:
     record.updated = now()
     storage.write_atomic(
         storage.join(sweep_url(root, record.sweep_id), SWEEP_FILE),
-        redact_text(json.dumps(asdict(record), indent=2)),
+        redact_text(record.to_json()),
     )
 
 
@@ -119,7 +126,7 @@ def create(root: str, record: SweepRecord) -> None:
     url = storage.join(sweep_url(root, record.sweep_id), SWEEP_FILE)
     record.updated = now()
     try:
-        storage.write_new(url, redact_text(json.dumps(asdict(record), indent=2)))
+        storage.write_new(url, redact_text(record.to_json()))
     except FileExistsError:
         raise UsageError(
             f"sweep {record.sweep_id!r} already exists under {root}; choose another sweep.id, or continue it "
@@ -128,14 +135,18 @@ def create(root: str, record: SweepRecord) -> None:
 
 
 def load(root: str, sweep_id: str) -> SweepRecord:
-    """The sweep's record; UnknownSweep naming the root and the sweeps there."""
+    """The sweep's record; UnknownSweep naming the root and the sweeps there; DamagedSweep if unreadable."""
+    url = storage.join(sweep_url(root, sweep_id), SWEEP_FILE)
     try:
-        text = storage.read_text(storage.join(sweep_url(root, sweep_id), SWEEP_FILE))
+        return SweepRecord.from_json(storage.read_bytes(url).decode("utf-8", errors="replace"))
     except FileNotFoundError:
         known = sweep_ids(root)
         hint = f"; sweeps there: {', '.join(known[:8])}" if known else "; no sweeps there yet"
         raise UnknownSweep(f"unknown sweep {sweep_id!r} under {root}{hint}") from None
-    return SweepRecord.from_json(text)
+    except NewerFormat as exc:
+        raise DamagedSweep(f"sweep {sweep_id}: {url} {exc}") from None
+    except ValueError as exc:
+        raise DamagedSweep(f"sweep {sweep_id}: {url} is damaged ({exc}); restore it from a backup") from None
 
 
 def sweep_ids(root: str) -> list[str]:

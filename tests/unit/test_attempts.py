@@ -23,8 +23,8 @@ def test_a_worker_death_closes_the_attempt_and_ray_restart_opens_the_next():
         {"kind": "finished", "state": "SUCCEEDED", "step": 20, "utc": "t4"},
     )
     first, second = record.attempts
-    assert first["outcome"] == "FAILED" and first["cause"]["pid"] == 42 and first["also"][0]["rank"] == 0
-    assert second["restored_step"] == 10 and second["outcome"] == "SUCCEEDED" and second["final_step"] == 20
+    assert first.outcome == "FAILED" and first.cause.pid == 42 and first.also[0].rank == 0
+    assert second.restored_step == 10 and second.outcome == "SUCCEEDED" and second.final_step == 20
 
 
 def test_a_new_driver_marks_the_unfinished_attempt_as_driver_lost_and_notes_skipped_checkpoints():
@@ -41,8 +41,8 @@ def test_a_new_driver_marks_the_unfinished_attempt_as_driver_lost_and_notes_skip
             "utc": "t3",
         },
     )
-    assert record.attempts[0]["outcome"] == "DRIVER_LOST"
-    assert record.attempts[1]["resharded_from"] == 2 and "ended" not in record.attempts[1]
+    assert record.attempts[0].outcome == "DRIVER_LOST"
+    assert record.attempts[1].resharded_from == 2 and record.attempts[1].ended is None
     assert "loaded step 10" in record.notes[0] and "step_000012" in record.notes[0]
 
 
@@ -74,4 +74,4 @@ def test_a_dead_process_is_the_cause_even_when_its_peer_reported_first():
         },
     )
     attempt = record.attempts[0]
-    assert attempt["cause"]["rank"] == 1 and attempt["also"][0]["rank"] == 0
+    assert attempt.cause.rank == 1 and attempt.also[0].rank == 0

@@ -95,7 +95,7 @@ def test_a_folder_with_another_runs_checkpoints_is_never_written_into(tmp_path):
         ('"r1"', "holds a JSON str, not an object"),
         ('{"state": "RUNNING"}', "has no run_id"),
         ('{"run_id": "r1", "step": "ten"}', "field 'step' is str, expected int"),
-        ('{"run_id": "r1", "attempts": [3]}', "attempts must be a list of objects"),
+        ('{"run_id": "r1", "attempts": [3]}', "is int, expected object"),  # field 'attempts[0]'; a regex here
         ('{"run_id": "r1", "state": "WEIRD"}', "state 'WEIRD' is not one of"),
         (b"\xff\xfe\x00garbage", "not valid JSON"),
     ],

@@ -84,12 +84,12 @@ def test_a_dead_node_becomes_the_cause_and_the_ranks_errors_its_fallout():
     apply_event(record, {"kind": "failed", "utc": "t2", "rank": 1, "summary": "RuntimeError: gloo read error"})
     apply_event(record, {"kind": "failed", "utc": "t2", "rank": 0, "summary": "WorkerHealthCheckFailedError"})
     attempt = record.attempts[0]
-    assert attempt["cause"]["node_id"] == "bb" and attempt["also"][0]["node_id"] == "aa"
+    assert attempt.cause.node_id == "bb" and attempt.also[0].node_id == "aa"
 
     assert mark_lost_nodes(record, {"aa"}) is True
-    assert attempt["cause"]["lost_node"] == "aa" and attempt["cause"]["rank"] == 0
-    assert "rank 0's node aa was lost" in attempt["cause"]["summary"]
-    assert [e["rank"] for e in attempt["also"]] == [1]
+    assert attempt.cause.lost_node == "aa" and attempt.cause.rank == 0
+    assert "rank 0's node aa was lost" in attempt.cause.summary
+    assert [e.rank for e in attempt.also] == [1]
     assert mark_lost_nodes(record, {"aa"}) is False  # once
     assert mark_lost_nodes(RunRecord(run_id="x"), {"aa"}) is False
 
@@ -102,7 +102,7 @@ def test_each_resize_of_an_elastic_run_is_an_attempt_saying_from_how_many_worker
     apply_event(record, {"kind": "started", "utc": "t3", "world_size": 1, "ranks": []})  # shrank after the loss
     apply_event(record, {"kind": "started", "utc": "t4", "world_size": 2, "ranks": []})  # grew: no failure
     first, shrunk, grown = record.attempts
-    assert first["outcome"] == "FAILED" and shrunk["resized_from"] == 2 and grown["resized_from"] == 1
-    assert shrunk["outcome"] == "RESTARTED"
-    assert shrunk["cause"]["summary"] == "Ray Train's elastic scaling grew the group from 1 to 2 workers"
-    assert "resized_from" not in first
+    assert first.outcome == "FAILED" and shrunk.resized_from == 2 and grown.resized_from == 1
+    assert shrunk.outcome == "RESTARTED"
+    assert shrunk.cause.summary == "Ray Train's elastic scaling grew the group from 1 to 2 workers"
+    assert first.resized_from is None
