@@ -33,12 +33,14 @@ from orchestrator.submit import (
 from orchestrator.submitted_run import (
     AGENT_WAIT_S,
     NO_AGENT,
-    TERMINAL_JOB_STATUSES,
+    STOP_NOW_WAIT_S,
     DriverJobCheck,
     JobVerdict,
+    StopWait,
     SubmitAction,
     SubmitTry,
     decide_driver_job,
+    decide_stop_wait,
     decide_submission,
     judge_submitted_run,
     log_tail,
@@ -48,7 +50,6 @@ from trainers.run_state import RunState, is_terminal
 
 # The job's driver connects to the cluster it runs on (Ray sets RAY_ADDRESS for a job's entrypoint).
 ON_THE_CLUSTER = "cluster.address=auto"
-STOP_NOW_WAIT_S = 60  # Ray SIGTERMs the driver, then SIGKILLs it a few seconds later
 FOLLOW_POLL_S = 1.0
 
 
@@ -263,9 +264,13 @@ def stop_now(registry: RunRegistry, record: RunRecord, console: Console) -> int:
             "`kiln stop` it gracefully, or press Ctrl-C twice in its terminal"
         )
     stop_job(record.cluster_address, record.job_id)
-    deadline = time.monotonic() + STOP_NOW_WAIT_S
-    while (view := job_view(record.cluster_address, record.job_id)).status not in TERMINAL_JOB_STATUSES:
-        if time.monotonic() > deadline:
+    asked = time.monotonic()
+    while True:
+        view = job_view(record.cluster_address, record.job_id)
+        step = decide_stop_wait(view.status, time.monotonic() - asked)
+        if step == StopWait.ENDED:
+            break
+        if step == StopWait.GIVE_UP:
             raise UsageError(f"Ray job {record.job_id} is still {view.status} {STOP_NOW_WAIT_S}s after the stop")
         time.sleep(1)
     record = registry.load(record.run_id)  # what the driver wrote last

@@ -25,6 +25,7 @@ AGENT_WAIT_S = 60.0
 AGENT_RETRY_S = 2.0
 NO_AGENT = "No available agent"  # in the Jobs API's refusal while the head's job agent is not up yet
 LOG_TAIL_LINES = 10
+STOP_NOW_WAIT_S = 60  # Ray SIGTERMs the driver, then SIGKILLs it a few seconds later
 
 
 class JobVerdict(StrEnum):
@@ -131,3 +132,18 @@ def decide_submission(tried: SubmitTry, agent_wait_s: float = AGENT_WAIT_S) -> S
     if tried.job_status == UNREACHABLE:
         return SubmitDecision(SubmitAction.RECORD_REFUSAL)  # cannot tell whether it reached the cluster
     return SubmitDecision(SubmitAction.ACCEPTED)  # Ray holds the job though its answer was an error
+
+
+class StopWait(StrEnum):
+    """Where `kiln stop --now` is after asking Ray to stop the run's job."""
+
+    ENDED = "ENDED"  # the job has ended: record the run STOPPED unless its driver said how it ended
+    WAIT = "WAIT"  # ask again in a second
+    GIVE_UP = "GIVE_UP"  # the job outlived Ray's SIGTERM and SIGKILL: say so
+
+
+def decide_stop_wait(job_status: str, waited_s: float, limit_s: float = STOP_NOW_WAIT_S) -> StopWait:
+    """After `ray job stop`: whether the job has ended, is waited for, or took longer than it ever should."""
+    if job_status in TERMINAL_JOB_STATUSES:
+        return StopWait.ENDED
+    return StopWait.GIVE_UP if waited_s > limit_s else StopWait.WAIT

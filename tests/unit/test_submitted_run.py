@@ -10,12 +10,15 @@ from orchestrator.registry import RunRecord, RunRegistry, UnknownRun
 from orchestrator.submitted_run import (
     AGENT_RETRY_S,
     AGENT_WAIT_S,
+    STOP_NOW_WAIT_S,
     DriverJobCheck,
     JobVerdict,
+    StopWait,
     SubmitAction,
     SubmitDecision,
     SubmitTry,
     decide_driver_job,
+    decide_stop_wait,
     decide_submission,
     judge_submitted_run,
     log_tail,
@@ -195,3 +198,18 @@ def test_a_refused_resubmission_keeps_the_run_and_records_why(tmp_path, jobs_api
         kept.state == "PREEMPTED"
         and kept.error == "the Ray job could not be submitted to http://head:8265: status code 400: no"
     )
+
+
+@pytest.mark.parametrize(
+    ("job_status", "waited_s", "expected"),
+    [
+        ("RUNNING", 0.0, StopWait.WAIT),  # Ray SIGTERMs the driver, which checkpoints nothing and exits
+        ("RUNNING", STOP_NOW_WAIT_S, StopWait.WAIT),
+        ("RUNNING", STOP_NOW_WAIT_S + 0.1, StopWait.GIVE_UP),
+        ("STOPPED", 3.0, StopWait.ENDED),
+        ("FAILED", STOP_NOW_WAIT_S + 5, StopWait.ENDED),  # ended: however long it took
+        ("UNREACHABLE", 1.0, StopWait.WAIT),
+    ],
+)
+def test_kiln_stop_now_waits_for_the_job_to_end_a_bounded_time(job_status, waited_s, expected):
+    assert decide_stop_wait(job_status, waited_s) == expected
