@@ -213,3 +213,41 @@ def test_a_refused_resubmission_keeps_the_run_and_records_why(tmp_path, jobs_api
 )
 def test_kiln_stop_now_waits_for_the_job_to_end_a_bounded_time(job_status, waited_s, expected):
     assert decide_stop_wait(job_status, waited_s) == expected
+
+
+def followed_to_the_end(tmp_path, monkeypatch, recorded: str, job_log: str) -> tuple[int, str]:
+    """`kiln submit --follow`'s verdict on run r1 (submitted PENDING) once its job ended FAILED with job_log."""
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.cluster_cli import finished
+    from orchestrator.submit import JobView
+
+    registry = RunRegistry(str(tmp_path))
+    record = registry.create(RunRecord(run_id="r1", job_id="kiln-r1"), "run: {}\n")
+    if recorded != "PENDING":
+        record.state = recorded
+        registry.save(record)
+    monkeypatch.setattr(
+        "orchestrator.cluster_cli.job_view", lambda address, job_id: JobView(job_id, address, "FAILED", "exit 127", 127)
+    )
+    monkeypatch.setattr("orchestrator.cluster_cli.job_logs", lambda address, job_id: job_log)
+    out = io.StringIO()
+    code = finished(registry, "r1", "http://head:8265", "kiln-r1", Console(file=out, width=300), ("PENDING", 0))
+    return code, out.getvalue()
+
+
+def test_a_job_that_never_ran_kiln_says_the_run_never_started_with_the_logs_last_lines(tmp_path, monkeypatch):
+    log = "".join(f"setting up {i}\n" for i in range(20)) + "/bin/sh: 1: kiln: not found\n"
+    code, said = followed_to_the_end(tmp_path, monkeypatch, "PENDING", log)
+    assert code == 1
+    assert "ended FAILED before it started run r1: the run never started on the cluster" in said
+    assert said.rstrip().splitlines()[-2].strip() == "/bin/sh: 1: kiln: not found"  # the tail, then what to do
+    assert "setting up 10" not in said and "setting up 11" in said  # its last 10 lines
+    assert "driver was lost" not in said and "kiln resume" not in said
+
+
+def test_a_launched_run_whose_job_ended_is_still_a_lost_driver_to_resume(tmp_path, monkeypatch):
+    code, said = followed_to_the_end(tmp_path, monkeypatch, "RUNNING", "Killed\n")
+    assert code == 1 and "its driver was lost; continue it with kiln resume r1 --address http://head:8265" in said
