@@ -74,7 +74,9 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     if warning:
         console.print(f"[yellow]warning: {warning}[/yellow]")
     command = entrypoint(["start", record.run_id, ON_THE_CLUSTER, "--storage-root", registry.root], bool(working_dir))
-    submit(registry, record, address, command, working_dir, new_run=True)
+    submit(
+        registry, record, address, command, working_dir, new_run=True, log=lambda m: console.print(f"[dim]{m}[/dim]")
+    )
     return announce(registry, record, address, args.follow, console)
 
 
@@ -100,6 +102,7 @@ def submit(
     new_run: bool = False,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    log: Callable[[str], None] = lambda message: None,
 ) -> None:
     """Submit the run's job, waiting (up to AGENT_WAIT_S) for a head's job agent; a refusal is settled."""
     metadata = {"kiln_run_id": record.run_id, "kiln_storage_root": registry.root}
@@ -116,6 +119,8 @@ def submit(
             if decision.action != SubmitAction.RETRY:
                 settle_refusal(registry, record, address, tried, exc)
                 return
+            if not wait_s:
+                log(f"the Ray head at {address} has no job agent up yet; waiting up to {AGENT_WAIT_S:.0f}s for it")
             wait_s = decision.wait_s
 
 

@@ -134,7 +134,7 @@ def jobs_api(monkeypatch):
     return make
 
 
-def submit_new(root: str, api: FakeJobsAPI, run_id: str = "r1") -> RunRecord:
+def submit_new(root: str, api: FakeJobsAPI, run_id: str = "r1", log=lambda message: None) -> RunRecord:
     from orchestrator.cluster_cli import submit
 
     registry = RunRegistry(root)
@@ -148,13 +148,15 @@ def submit_new(root: str, api: FakeJobsAPI, run_id: str = "r1") -> RunRecord:
         new_run=True,
         clock=lambda: api.now,
         sleep=api.sleep,
+        log=log,
     )
     return record
 
 
 def test_kiln_submit_waits_for_a_starting_heads_job_agent(tmp_path, jobs_api):
-    api = jobs_api(refusals=3)
-    submit_new(str(tmp_path), api)
+    api, said = jobs_api(refusals=3), []
+    submit_new(str(tmp_path), api, log=said.append)
+    assert said == ["the Ray head at http://head:8265 has no job agent up yet; waiting up to 60s for it"]  # once
     assert api.tries == 4 and api.jobs == {"kiln-r1"}
     assert RunRegistry(str(tmp_path)).load("r1").state == "PENDING"
 
