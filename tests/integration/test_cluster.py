@@ -146,6 +146,32 @@ def test_the_jobs_api_refuses_a_request_without_the_token_and_kiln_says_what_to_
     assert "optim.lrr" not in listed.stdout and "storage.root=runs" not in listed.stdout
 
 
+def test_a_job_whose_entrypoint_never_ran_kiln_says_the_run_never_started_with_its_log(ray_cluster, s3, tmp_path):
+    """Issue 27: a job that fails before Kiln runs (a head without `kiln` on its PATH; here, shipped code whose
+    Python exits as that shell does) is not a lost driver that `kiln resume` could continue."""
+    not_kiln = tmp_path / "not-kiln"
+    (not_kiln / "orchestrator").mkdir(parents=True)
+    # Ray puts the shipped folder first on the PYTHONPATH of the job's processes: the entrypoint's Python
+    # (`python -m orchestrator.cli start ...`, argv ['-m', 'start', ...] this early) ends here, before Kiln runs.
+    (not_kiln / "sitecustomize.py").write_text(
+        "import os, sys\nif sys.argv[:2] == ['-m', 'start']:\n"
+        "    os.write(2, b'/bin/sh: 1: kiln: not found\\n')\n    os._exit(127)\n"
+    )
+    root, run = s3_root(s3), f"nostart-{uuid.uuid4().hex[:6]}"
+    result = kiln_at(
+        ray_cluster,
+        *("submit", "--address", ray_cluster.address, "--working-dir", str(not_kiln), "--follow"),
+        *(f"run.id={run}", f"storage.root={root}"),
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the run never started on the cluster" in result.stdout, result.stdout
+    assert "kiln: not found" in result.stdout.split("The job's log ends with:")[-1]
+    assert "its driver was lost" not in result.stdout
+    shown = status(ray_cluster, root, run)
+    assert (shown["state"], shown["recorded_state"], shown["job"]["status"]) == ("NEVER_STARTED", "PENDING", "FAILED")
+
+
 def test_losing_a_worker_node_mid_run_restarts_on_the_nodes_left_and_names_the_node(ray_cluster, s3, trained_runs):
     """Story (b): SIGKILL a worker node's raylet and workers (found by node id); the run finishes exactly."""
     root, run = s3_root(s3), f"nodeloss-{uuid.uuid4().hex[:4]}"
