@@ -6,29 +6,21 @@ folds them into run.json, so the record has one writer.
 
 from __future__ import annotations
 
-import getpass
 import logging
-import os
 import re
-import socket
 from dataclasses import dataclass, fields
 from typing import TypeVar
 
 from data_pipeline.redaction import redact_text
 from orchestrator.record_codec import decode
 from orchestrator.run_record import RUN_ENDING, Attempt, Cause, Outcome, RankPlace, RunRecord, now
-from trainers.events import read_events, record_event
+from trainers.events import STOP_REQUESTED, read_events, record_event
 from trainers.run_state import RunState
 
 DRIVER_LOST = "the driver stopped recording (the kiln process or its machine died) before the attempt ended"
 
 log = logging.getLogger("kiln.driver")
 T = TypeVar("T")
-
-
-def driver_identity(command: str) -> dict:
-    """Who is driving (or stopping) a run, for its record."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "user": getpass.getuser(), "command": command}
 
 
 def current(record: RunRecord) -> Attempt | None:
@@ -100,7 +92,7 @@ def apply_event(record: RunRecord, event: dict) -> None:
         attempt.final_step = finished.step
         reason = Cause(summary=finished.reason) if finished.reason else None
         attempt.close(finished.state or Outcome.SUCCEEDED, reason, when)
-    elif kind == "stop_requested":
+    elif kind == STOP_REQUESTED:
         record.notes.append(f"{when}: stop requested: {event.get('reason')}")
 
 

@@ -124,11 +124,10 @@ def resume_root(storage_root: str | None, overrides: list[str]) -> tuple[str, li
 def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     import time
 
-    from orchestrator.attempts import driver_identity
     from orchestrator.config import UsageError, absolute_url
+    from orchestrator.liveness import DriverIdentity
     from orchestrator.registry import RunRegistry
-    from trainers.events import record_event
-    from trainers.preemption import request_stop
+    from trainers.preemption import ask_to_stop
 
     registry = RunRegistry(absolute_url(args.storage_root))
     record = registry.load(args.run)
@@ -138,10 +137,9 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
         from orchestrator.cluster_cli import stop_now
 
         return stop_now(registry, record, console)
-    who = driver_identity("kiln stop")
-    reason = f"stop requested by `kiln stop` ({who['user']}@{who['host']})"
-    request_stop(registry.run_url(args.run), reason)
-    record_event(registry.run_url(args.run), "stop_requested", reason=reason, driver=who)
+    who = DriverIdentity.here("kiln stop")
+    reason = f"stop requested by `kiln stop` ({who.who})"
+    ask_to_stop(registry.run_url(args.run), reason, driver=who.event_json())
     console.print(
         f"asked run {args.run} to commit a checkpoint and stop; it will end PREEMPTED "
         f"(resume: kiln resume {args.run}"

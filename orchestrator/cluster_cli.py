@@ -45,7 +45,7 @@ from orchestrator.submitted_run import (
     judge_submitted_run,
     log_tail,
 )
-from trainers.run_folder import LOGS_DIR
+from trainers.run_folder import LOGS_DIR, worker_log_name
 from trainers.run_state import RunState, is_terminal
 
 # The job's driver connects to the cluster it runs on (Ray sets RAY_ADDRESS for a job's entrypoint).
@@ -238,7 +238,7 @@ def cmd_logs(args: argparse.Namespace, console: Console) -> int:
 
 def worker_log(registry: RunRegistry, record: RunRecord, rank: int, follow: bool) -> int:
     """Print rank's log from the run folder; with follow, keep printing what is added until the run ends."""
-    url = storage.join(registry.run_url(record.run_id), LOGS_DIR, f"worker_{rank}.log")
+    url = storage.join(registry.run_url(record.run_id), LOGS_DIR, worker_log_name(rank))
     shown = 0
     while True:
         try:
@@ -260,7 +260,8 @@ def worker_log(registry: RunRegistry, record: RunRecord, rank: int, follow: bool
 
 def stop_now(registry: RunRegistry, record: RunRecord, console: Console) -> int:
     """`kiln stop RUN --now`: stop the run's Ray job at once and record the run STOPPED."""
-    from orchestrator.attempts import current, driver_identity
+    from orchestrator.attempts import current
+    from orchestrator.liveness import DriverIdentity
     from orchestrator.run_record import Cause, Outcome
 
     if not record.job_id or not record.cluster_address:
@@ -280,9 +281,9 @@ def stop_now(registry: RunRegistry, record: RunRecord, console: Console) -> int:
         time.sleep(1)
     record = registry.load(record.run_id)  # what the driver wrote last
     if not is_terminal(record.state):
-        who = driver_identity("kiln stop --now")
+        who = DriverIdentity.here("kiln stop --now")
         reason = (
-            f"stopped at once by `kiln stop --now` ({who['user']}@{who['host']}): Ray job {record.job_id} "
+            f"stopped at once by `kiln stop --now` ({who.who}): Ray job {record.job_id} "
             "ended without a final checkpoint"
         )
         record.state, record.error = RunState.STOPPED, reason

@@ -33,10 +33,9 @@ from trainers.pretrained import (
     inspect_folder,
     model_files,
 )
-from trainers.run_folder import TOKENIZER_DIR
+from trainers.run_folder import INIT_MODEL_DIR, TOKENIZER_DIR
 from trainers.task_data import PRETRAINED_CLASS
 
-INIT_MODEL_DIR = "init_model"  # inside the run folder: the copy of the model the run starts from
 # (storage root, run id, step or None) -> that run's saved config and verified checkpoint (orchestrator/runs.py)
 FindCheckpoint = Callable[[str, str, int | None], tuple[KilnConfig, Committed]]
 

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-from orchestrator.attempts import current, driver_identity, finished_state, mark_lost_nodes, record_worker_failures
+from orchestrator.attempts import current, finished_state, mark_lost_nodes, record_worker_failures
 from orchestrator.config import ClusterConfig, KilnConfig, UsageError
 from orchestrator.driver_watch import (
     POLL_S,
@@ -29,7 +29,7 @@ from orchestrator.driver_watch import (
     end_state,
     failure_cause_source,
 )
-from orchestrator.liveness import this_driver
+from orchestrator.liveness import DriverIdentity
 from orchestrator.placement import placement_problem, worker_shape
 from orchestrator.progress import MetricsTail, ProgressView
 from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
@@ -37,7 +37,8 @@ from orchestrator.run_record import Cause, Outcome
 from orchestrator.runs import refresh, start_run
 from trainers import failpoints
 from trainers.events import record_event
-from trainers.preemption import clear_stop_request, request_stop
+from trainers.preemption import ask_to_stop, clear_stop_request
+from trainers.run_folder import LOGS_DIR, RAY_DIR
 from trainers.run_state import RunState
 
 if TYPE_CHECKING:
@@ -170,10 +171,10 @@ def ray_storage_path(cfg: KilnConfig) -> str:
     """Ray Train's own bookkeeping folder (ours lives beside it in the run folder)."""
     url = cfg.run_url
     if storage.is_local(url):
-        return storage.join(url, "ray")
+        return storage.join(url, RAY_DIR)
     if cfg.data.cache_dir is None:  # finalize() sets it
         raise UsageError("data.cache_dir is unset: the config was not finalized")
-    return os.path.join(cfg.data.cache_dir, "ray")
+    return os.path.join(cfg.data.cache_dir, RAY_DIR)
 
 
 def attempt_callback(run_dir: str):
@@ -246,8 +247,7 @@ class GracefulStop:
             raise KeyboardInterrupt
         name = signal.Signals(signum).name
         self.requested = f"the kiln driver received {name}" + (" (preemption)" if signum == signal.SIGTERM else "")
-        request_stop(self.run_dir, self.requested)
-        record_event(self.run_dir, "stop_requested", reason=self.requested)
+        ask_to_stop(self.run_dir, self.requested)
         self.console.print(
             f"[yellow]{name}: asking the workers to commit a checkpoint and stop "
             "(Ctrl-C again aborts without one)[/yellow]"
@@ -268,7 +268,7 @@ def summarize_failure(exc: BaseException, run_dir: str) -> str:
         root, seen = inner, seen + 1
     lines = [line for line in str(root).strip().splitlines() if line.strip()]
     message = lines[-1] if lines else type(root).__name__
-    return redact_text(f"{type(root).__name__}: {message} (worker logs: {storage.join(run_dir, 'logs')})")
+    return redact_text(f"{type(root).__name__}: {message} (worker logs: {storage.join(run_dir, LOGS_DIR)})")
 
 
 def end_unplaced(registry: RunRegistry, record: RunRecord, problem: str) -> None:
@@ -304,9 +304,9 @@ def train(
     run_dir = registry.run_url(record.run_id)
     console.print(f"run [bold]{record.run_id}[/bold] -> {run_dir}")
     command = command or ("kiln resume" if resumed else "kiln train")
-    record_event(run_dir, "launched", launcher="ray", driver=driver_identity(command))
+    record_event(run_dir, "launched", launcher="ray", driver=DriverIdentity.here(command).event_json())
     # Recorded so that `kiln resume` can tell at once whether this process still drives the run.
-    record.state, record.error, record.driver = RunState.RUNNING, None, this_driver(command)
+    record.state, record.error, record.driver = RunState.RUNNING, None, DriverIdentity.here(command).liveness_json()
     refresh(registry, record, cfg)
     try:
         with ray_for(cfg, console, on_unplaced=lambda problem: end_unplaced(registry, record, problem)):
@@ -425,7 +425,7 @@ def record_failure(registry: RunRegistry, record: RunRecord, failure: BaseExcept
     if source == CauseSource.RAY_ERROR and failure is not None:
         record.error = summarize_failure(failure, run_dir)
     else:
-        record.error = f"{cause} (worker logs: {storage.join(run_dir, 'logs')})"
+        record.error = f"{cause} (worker logs: {storage.join(run_dir, LOGS_DIR)})"
     if current(record) is not None:
         record.attempts[-1].close(Outcome.FAILED, Cause(summary=record.error), record.updated)
     registry.save(record)

@@ -9,6 +9,7 @@ has been silent for GONE_AFTER_S, and the verdict says how long that still is.
 from __future__ import annotations
 
 import calendar
+import getpass
 import math
 import os
 import socket
@@ -30,13 +31,16 @@ class Verdict:
     retry_in_s: int | None = None
 
 
-def this_host() -> dict:
+def this_host() -> dict[str, str | None]:
     """This machine as a driver records it: hostname plus pid namespace (containers sharing a hostname)."""
+    return {"host": socket.gethostname(), "pid_ns": _pid_namespace()}
+
+
+def _pid_namespace() -> str | None:
     try:
-        namespace = os.readlink("/proc/self/ns/pid")
+        return os.readlink("/proc/self/ns/pid")
     except OSError:
-        namespace = None
-    return {"host": socket.gethostname(), "pid_ns": namespace}
+        return None
 
 
 def pid_start_time(pid: int) -> float | None:
@@ -49,9 +53,48 @@ def pid_start_time(pid: int) -> float | None:
         return None
 
 
-def this_driver(command: str) -> dict:
-    """What a driver records about itself in run.json so others can tell whether it still runs."""
-    return {**this_host(), "pid": os.getpid(), "started": pid_start_time(os.getpid()), "command": command}
+@dataclass(frozen=True)
+class DriverIdentity:
+    """A Kiln process that drives (or stops) a run or a sweep: which machine, process, user and command."""
+
+    host: str
+    pid: int
+    user: str
+    command: str
+    pid_ns: str | None = None  # the pid namespace: containers may share a hostname
+    started: float | None = None  # the process's start time: a reused pid is another process
+
+    @classmethod
+    def here(cls, command: str) -> DriverIdentity:
+        """This process, running `command`."""
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, _user(), command, _pid_namespace(), pid_start_time(pid))
+
+    def liveness_json(self) -> dict[str, object]:
+        """run.json's and sweep.json's `driver`: what `driver_alive` later reads to tell whether it still runs."""
+        return {
+            "host": self.host,
+            "pid_ns": self.pid_ns,
+            "pid": self.pid,
+            "started": self.started,
+            "command": self.command,
+        }
+
+    def event_json(self) -> dict[str, object]:
+        """An event's (and so an attempt's) `driver`: who acted, for the people reading the record."""
+        return {"host": self.host, "pid": self.pid, "user": self.user, "command": self.command}
+
+    @property
+    def who(self) -> str:
+        """user@host, as stop reasons name who asked."""
+        return f"{self.user}@{self.host}"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container's anonymous uid): the uid still says who
+        return str(os.getuid())
 
 
 def utc_seconds(timestamp: str) -> float:

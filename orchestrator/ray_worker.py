@@ -23,7 +23,7 @@ from data_pipeline import storage
 from data_pipeline.redaction import redact_logging, redact_text
 from trainers.periodic import Periodic
 from trainers.preemption import StopFlag
-from trainers.run_folder import LOGS_DIR
+from trainers.run_folder import LOGS_DIR, worker_log_name
 
 # Set by the SIGTERM handler below; read by the training thread between steps.
 STOP = StopFlag()
@@ -130,7 +130,7 @@ def redirect_output(run_url: str, rank: int, local_dir: str) -> str:
     """Send this worker's stdout, stderr and logging to worker_<rank>.log (the run's logs/ when local)."""
     folder = storage.join(run_url, LOGS_DIR) if storage.is_local(run_url) else local_dir
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"worker_{rank}.log")
+    path = os.path.join(folder, worker_log_name(rank))
     handle = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (stays open: fds 1 and 2 point at it)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -157,14 +157,14 @@ def train_worker(config: dict) -> None:
     mirror = (
         None
         if storage.is_local(url)
-        else LogMirror(path, storage.join(url, LOGS_DIR, f"worker_{context.rank}.log")).start()
+        else LogMirror(path, storage.join(url, LOGS_DIR, worker_log_name(context.rank))).start()
     )
     os.environ.setdefault("WANDB_SILENT", "true")
     from trainers import loop  # here, not at the top: see the module's docstring
 
     TRAINING.set()
     try:
-        loop.run(cfg, context)
+        loop.run(cfg, context, config.get("data"))  # the data as the driver's plan resolved it
     finally:
         TRAINING.clear()
         if mirror is not None:

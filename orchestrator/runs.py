@@ -19,7 +19,7 @@ from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
 from orchestrator.resume_policy import ResumeAction, ResumeFacts, decide_resume
 from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
 from trainers.preemption import clear_stop_request
-from trainers.run_folder import CHECKPOINTS_DIR, TOKENIZER_DIR
+from trainers.run_folder import CHECKPOINTS_DIR, TOKENIZER_DIR, WANDB_DIR
 from trainers.run_state import RunState
 from trainers.task_data import check_task_data, run_labels
 from trainers.tracking import wandb_mode
@@ -128,7 +128,7 @@ def new_record(cfg: KilnConfig) -> RunRecord:
             {
                 "mode": wandb_mode(cfg.tracker),
                 "run_id": cfg.run.id,
-                "dir": storage.join(cfg.run_url, "wandb"),
+                "dir": storage.join(cfg.run_url, WANDB_DIR),
             }
             if cfg.tracker.name == "wandb"
             else None

@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from data_pipeline.config import default_storage_root
 from data_pipeline.redaction import redact_logging, redact_text
-from orchestrator.attempts import driver_identity
 from orchestrator.config import UsageError, absolute_url, compose_config
+from orchestrator.liveness import DriverIdentity
 from orchestrator.registry import UnknownRun
 from orchestrator.runs import prepare_resume, refresh, start_run
 from trainers import loop
@@ -73,7 +73,7 @@ def prepare(argv: list[str], world_size: int):
         registry.run_url(record.run_id),
         "launched",
         launcher="torchrun",
-        driver=driver_identity("torchrun -m orchestrator.torchrun"),
+        driver=DriverIdentity.here("torchrun -m orchestrator.torchrun").event_json(),
     )
     record.state, record.error = RunState.RUNNING, None
     refresh(registry, record, cfg)

@@ -21,6 +21,8 @@ from data_pipeline import storage
 from data_pipeline.redaction import redact_text
 from trainers.run_folder import EVENTS_DIR
 
+STOP_REQUESTED = "stop_requested"  # a stop asked by a person, a signal or a sweep (trainers/preemption.py)
+
 
 def record_event(run_url: str, kind: str, **fields: Any) -> dict:
     """Write one event (a single object) and return it."""

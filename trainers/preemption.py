@@ -1,8 +1,9 @@
 """Stopping early without losing work: every way a run is asked to stop, and how the workers obey.
 
 A run stops early when
-- `kiln stop RUN`, or the `kiln train` driver on SIGTERM / a first Ctrl-C, writes the run's STOP
-  request (`request_stop`); rank 0 polls it in the background (`StopRequestWatcher`);
+- `kiln stop RUN`, the `kiln train` driver on SIGTERM / a first Ctrl-C, `kiln sweep stop` or the
+  sweep's ASHA pruning writes the run's STOP request (`ask_to_stop`, the one writer); rank 0 polls it
+  in the background (`StopRequestWatcher`);
 - a worker process gets SIGTERM (a preempted node): the launcher's handler sets the process's
   `StopFlag` (torchrun: `StopFlag.install`; Ray: orchestrator/ray_worker.py, which must replace
   Ray's own handler on the actor's main thread).
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from data_pipeline import storage
 from trainers.context import WorkerContext
+from trainers.events import STOP_REQUESTED, record_event
 from trainers.periodic import Periodic
 from trainers.run_folder import STOP_REQUEST
 
@@ -35,8 +37,14 @@ if TYPE_CHECKING:  # `kiln stop` imports this module to write a request: torch s
 log = logging.getLogger("kiln.worker")
 
 
-def request_stop(run_url: str, reason: str) -> None:
-    """Ask a running run to checkpoint and stop (read by its rank 0 between steps)."""
+def ask_to_stop(run_url: str, reason: str, *, event: str | None = STOP_REQUESTED, **fields: object) -> None:
+    """Ask a running run to commit a checkpoint and stop: record who asked (`event`), then leave the request.
+
+    The event comes first so that whoever later reads why the run stopped (a sweep telling a prune from
+    a `kiln stop`) finds it before the run can end. `event=None` only re-asks a stop already recorded.
+    """
+    if event is not None:
+        record_event(run_url, event, reason=reason, **fields)
     storage.write_atomic(storage.join(run_url, STOP_REQUEST), json.dumps({"reason": reason, "time": time.time()}))
 
 

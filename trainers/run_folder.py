@@ -14,10 +14,18 @@ METRICS_FILE = "metrics.jsonl"  # one line per logged step, rank 0
 EVENTS_DIR = "events"  # one JSON object per event (trainers/events.py)
 STOP_REQUEST = "STOP"  # present while a stop is requested (trainers/preemption.py)
 CHECKPOINTS_DIR = "checkpoints"
-LOGS_DIR = "logs"  # worker_<rank>.log
+LOGS_DIR = "logs"  # worker_<rank>.log (`worker_log_name`)
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the run trained with
+INIT_MODEL_DIR = "init_model"  # the copy of the model the run starts from (orchestrator/init_source.py)
+RAY_DIR = "ray"  # Ray Train's own bookkeeping (a run in object storage keeps it under data.cache_dir)
+WANDB_DIR = "wandb"  # W&B's files (a run in object storage gets them uploaded here)
 
 
 def run_url(root: str, run_id: str) -> str:
     """The folder of run `run_id` under storage root `root`."""
     return storage.join(root, run_id)
+
+
+def worker_log_name(rank: int) -> str:
+    """The file name of worker `rank`'s log, in the run's LOGS_DIR."""
+    return f"worker_{rank}.log"

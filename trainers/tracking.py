@@ -11,7 +11,7 @@ from typing import Any, Protocol, cast
 from data_pipeline import storage
 from data_pipeline.redaction import redact
 from trainers.config import TrackerConfig
-from trainers.run_folder import METRICS_FILE
+from trainers.run_folder import METRICS_FILE, WANDB_DIR
 from trainers.run_state import RunState
 
 log = logging.getLogger("kiln.tracking")
@@ -132,7 +132,7 @@ class WandbTracker:
         wandb.teardown()
         if self.upload_to:  # a run on object storage keeps its W&B files there too
             try:
-                storage.put_folder(os.path.join(self.local_dir, "wandb"), self.upload_to)
+                storage.put_folder(os.path.join(self.local_dir, WANDB_DIR), self.upload_to)
             except OSError as exc:
                 log.warning("could not copy W&B files to %s: %s", self.upload_to, exc)
 
@@ -172,7 +172,7 @@ def build_tracker(
         if local:
             local_dir = run_url
         elif scratch_dir is not None:
-            local_dir = os.path.join(scratch_dir, "wandb", run_id)
+            local_dir = os.path.join(scratch_dir, WANDB_DIR, run_id)
         else:
             raise ValueError(f"W&B for a run on object storage ({run_url}) needs a scratch_dir for its local files")
         trackers.append(
@@ -182,7 +182,7 @@ def build_tracker(
                 run_name=run_name,
                 local_dir=local_dir,
                 config=config,
-                upload_to=None if local else storage.join(run_url, "wandb"),
+                upload_to=None if local else storage.join(run_url, WANDB_DIR),
             )
         )
     return CompositeTracker(trackers)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from data_pipeline.redaction import redact_text
 from orchestrator.config import UsageError, absolute_url, compose_config, finalize, new_run_id
-from orchestrator.liveness import driver_alive, pid_start_time, this_driver, this_host
+from orchestrator.liveness import DriverIdentity, driver_alive, pid_start_time, this_host
 from orchestrator.registry import RunRegistry
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.record import (
@@ -57,7 +57,7 @@ def cmd_sweep(args: argparse.Namespace, console: Console) -> int:
 
         return submit_sweep(record, args, console)
     prepare_data(plan, console)  # a missing dataset fails here, before the sweep is recorded
-    record.driver = this_driver(f"kiln sweep {sweep_id}")
+    record.driver = DriverIdentity.here(f"kiln sweep {sweep_id}").liveness_json()
     sweeps.create(root, record)
     return run_here(record, plan, console, prepared=True)
 
@@ -195,7 +195,7 @@ def cmd_sweep_resume(args: argparse.Namespace, console: Console) -> int:
         return resubmit_sweep(record, args, console)
     plan = replan(record)
     sweeps.clear_sweep_stop(root, record.sweep_id)
-    record.driver = this_driver(f"kiln sweep resume {record.sweep_id}")
+    record.driver = DriverIdentity.here(f"kiln sweep resume {record.sweep_id}").liveness_json()
     return run_here(record, plan, console, retry_failed=args.retry_failed)
 
 
@@ -209,7 +209,7 @@ def cmd_sweep_start(args: argparse.Namespace, console: Console) -> int:
             f"once; continue it with `kiln sweep resume {args.sweep}`"
         )
     plan = replan(record, on_cluster=True)  # a stop asked while the job was PENDING holds: no clear_sweep_stop
-    record.driver = this_driver(f"kiln sweep start {record.sweep_id}")
+    record.driver = DriverIdentity.here(f"kiln sweep start {record.sweep_id}").liveness_json()
     return run_here(record, plan, console, retry_failed=args.retry_failed)
 
 

@@ -23,8 +23,7 @@ from orchestrator.sweep.reconcile import AshaStep, decide_asha, reconcile_trial_
 from orchestrator.sweep.record import NOT_STARTED, SweepRecord, SweepState, TrialEntry, best_trial, refresh_entry
 from orchestrator.sweep.space import SweepSpace
 from orchestrator.sweep.trial import PRUNED_EVENT, SweepContext, trainable_class
-from trainers.events import record_event
-from trainers.preemption import request_stop
+from trainers.preemption import ask_to_stop
 from trainers.run_state import RunState, is_terminal
 
 # A trial's actor only drives its run (Ray Train's controller takes no CPU either): it reserves the memory
@@ -294,8 +293,7 @@ class SweepDriver:
             else "pruned by the sweep's ASHA scheduler"
         )
         url = self.registry.run_url(self.ctx.run_id(n))
-        record_event(url, PRUNED_EVENT, reason=reason, step=result.get("step"))
-        request_stop(url, reason)
+        ask_to_stop(url, reason, event=PRUNED_EVENT, step=result.get("step"))
         self.console.print(f"trial {n} ({' '.join(self.entry(n).overrides)}): {reason}")
 
     def recorder(self):
@@ -402,8 +400,7 @@ def stop_sweep(root: str, record: SweepRecord, reason: str) -> list[str]:
             continue
         if not is_terminal(run.state):
             url = registry.run_url(entry.run_id)
-            request_stop(url, reason)
-            record_event(url, "stop_requested", reason=reason)
+            ask_to_stop(url, reason)
             asked.append(entry.run_id)
     return asked
 

@@ -21,8 +21,8 @@ from orchestrator.progress import MetricsTail
 from orchestrator.registry import METRICS_FILE, RunRegistry
 from orchestrator.sweep.reconcile import RelabelAction, decide_relabel
 from orchestrator.sweep.record import NOT_STARTED, sweep_stop_requested, trial_run_id
-from trainers.events import read_events
-from trainers.preemption import request_stop
+from trainers.events import STOP_REQUESTED, read_events
+from trainers.preemption import ask_to_stop
 from trainers.run_state import RunState
 
 POLL_S = 0.5
@@ -58,7 +58,7 @@ def trial_config(ctx: SweepContext, n: int, point: list[str]) -> KilnConfig:
 
 def was_pruned(events: list[dict], since: float) -> bool:
     """Whether the newest stop asked of a run since `since` (epoch s) was the sweep's pruning."""
-    stops = [e for e in events if e.get("kind") in (PRUNED_EVENT, "stop_requested") and e.get("time", 0) >= since]
+    stops = [e for e in events if e.get("kind") in (PRUNED_EVENT, STOP_REQUESTED) and e.get("time", 0) >= since]
     return bool(stops) and stops[-1]["kind"] == PRUNED_EVENT
 
 
@@ -167,7 +167,8 @@ def trainable_class():
 
         def cleanup(self) -> None:
             if self.thread is not None and self.thread.is_alive():
-                request_stop(self.run_url, "the sweep ended this trial early")
+                # Whoever ended the trial (a prune, `kiln sweep stop`) recorded why: a second event would hide a prune.
+                ask_to_stop(self.run_url, "the sweep ended this trial early", event=None)
                 self.thread.join(STOP_WAIT_S)
 
     return KilnTrial

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.liveness import driver_alive, this_driver, utc_seconds
+from orchestrator.liveness import DriverIdentity, driver_alive, utc_seconds
 
 HERE = {"host": "node-a", "pid_ns": "pid:[4026531836]"}
 UPDATED = "2026-01-01T12:00:00Z"
@@ -65,5 +65,21 @@ def test_a_record_without_a_driver_falls_back_to_the_heartbeat():
 def test_this_process_recognizes_itself_as_alive():
     from orchestrator.liveness import pid_start_time, this_host
 
-    me = this_driver("kiln train")
+    me = DriverIdentity.here("kiln train").liveness_json()
     assert driver_alive(me, UPDATED, T0 + 3600, this_host(), pid_start_time).alive
+
+
+def test_one_identity_writes_the_two_driver_shapes_records_have_always_held():
+    me = DriverIdentity("trainer-1", 4242, "ada", "kiln train", pid_ns="4026531836", started=1748772000.5)
+    # run.json's and sweep.json's `driver` (read by driver_alive), keys in the order files hold them
+    assert list(me.liveness_json().items()) == [
+        ("host", "trainer-1"),
+        ("pid_ns", "4026531836"),
+        ("pid", 4242),
+        ("started", 1748772000.5),
+        ("command", "kiln train"),
+    ]
+    # an event's and its attempt's `driver`
+    assert me.event_json() == {"host": "trainer-1", "pid": 4242, "user": "ada", "command": "kiln train"}
+    assert list(me.event_json()) == ["host", "pid", "user", "command"]
+    assert me.who == "ada@trainer-1"

@@ -67,10 +67,10 @@ def test_prepare_resume_refuses_a_run_whose_driver_runs_here_and_resumes_it_with
     import os
 
     from orchestrator.config import UsageError
-    from orchestrator.liveness import this_driver
+    from orchestrator.liveness import DriverIdentity
     from orchestrator.runs import prepare_resume
 
-    saved_run(str(tmp_path), "live", "RUNNING", driver=this_driver("kiln train"))
+    saved_run(str(tmp_path), "live", "RUNNING", driver=DriverIdentity.here("kiln train").liveness_json())
     with pytest.raises(UsageError, match=rf"run live is running: .*pid {os.getpid()} on this host.*--force"):
         prepare_resume(str(tmp_path), "live", [])
     assert prepare_resume(str(tmp_path), "live", [], force=True)[1].run_id == "live"

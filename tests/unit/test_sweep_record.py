@@ -11,7 +11,7 @@ from rich.console import Console
 
 from orchestrator.cli import parser
 from orchestrator.config import UsageError, compose_config
-from orchestrator.liveness import this_driver, this_host
+from orchestrator.liveness import DriverIdentity, this_host
 from orchestrator.registry import RunRecord, RunRegistry, now
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.cli import cmd_sweep_status, print_status, status_json, sweep_argv
@@ -149,7 +149,7 @@ def test_a_sweep_with_a_trial_left_unfinished_is_stopped_and_resumable():
 
 def test_a_sweep_record_round_trips_through_sweep_json(tmp_path):
     root = str(tmp_path)
-    record = a_sweep(root, max_concurrent=2, driver=this_driver("kiln sweep lr"))
+    record = a_sweep(root, max_concurrent=2, driver=DriverIdentity.here("kiln sweep lr").liveness_json())
     record.trials[0] = TrialEntry(
         1, "lr-1", ["optim.lr=0.1"], RunState.SUCCEEDED, 4, 2.0, 2.5, params={"optim.lr": 0.1}, error=None
     )
@@ -452,7 +452,7 @@ def test_a_running_sweep_whose_driver_is_gone_shows_driver_lost(tmp_path):
 
 
 def test_a_running_sweep_whose_driver_lives_shows_running(tmp_path):
-    write_sweep_json(tmp_path, state=SweepState.RUNNING, driver=this_driver("kiln sweep lr"))
+    write_sweep_json(tmp_path, state=SweepState.RUNNING, driver=DriverIdentity.here("kiln sweep lr").liveness_json())
     view = status_json(str(tmp_path), "lr")
     assert view["state"] == SweepState.RUNNING
     assert not any(line.startswith("resume:") for line in rendered(view))  # it is running: nothing to resume
