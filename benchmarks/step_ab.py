@@ -40,7 +40,7 @@ class WorkerContext:
         self.rank = self.local_rank = rank
         self.world_size = world_size
 
-    def report(self, metrics, step, checkpoint=None) -> None:
+    def report(self, metrics, step) -> None:
         """Nothing: this benchmark keeps its own times."""
 
     def should_stop(self) -> bool:

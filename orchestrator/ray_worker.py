@@ -85,7 +85,7 @@ class RayWorkerContext:
         self.node_address = ray.util.get_node_ip_address()
         self.node = f"{self.node_address} ({self.node_id[:12]})"
 
-    def report(self, metrics: dict[str, float], step: int, checkpoint: str | None = None) -> None:
+    def report(self, metrics: dict[str, float], step: int) -> None:
         # Nothing goes to Ray: ray.train.report is a collective barrier costing ~1-2 s in Ray Train v2,
         # and Kiln keeps neither metrics nor checkpoints in Ray. The driver tails metrics.jsonl and the
         # run's events, and restores from the CheckpointStore, which works the same without Ray.
@@ -164,7 +164,7 @@ def train_worker(config: dict) -> None:
 
     TRAINING.set()
     try:
-        loop.run(cfg, context, config.get("data"))  # the data as the driver's plan resolved it
+        loop.run(cfg, context)
     finally:
         TRAINING.clear()
         if mirror is not None:

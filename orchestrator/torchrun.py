@@ -41,7 +41,7 @@ class TorchrunContext:
         self._stop = StopFlag()
         self._stop.install()
 
-    def report(self, metrics: dict[str, float], step: int, checkpoint: str | None = None) -> None:
+    def report(self, metrics: dict[str, float], step: int) -> None:
         if self.rank == 0:
             log.info("step %d %s", step, " ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items())))
 

@@ -183,7 +183,9 @@ def train_one_step(s) -> None:
 
 def weights(s) -> dict:
     """A copy of the full model state."""
-    return {k: v.clone() for k, v in s.full_model_state().items()}
+    from tests.strategy_weights import full_model_state
+
+    return {k: v.clone() for k, v in full_model_state(s).items()}
 
 
 def store_at(tmp_path, name: str = "ddp", **options):

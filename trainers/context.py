@@ -17,11 +17,11 @@ class WorkerContext(Protocol):
     local_rank: int
     world_size: int
 
-    def report(self, metrics: dict[str, float], step: int, checkpoint: str | None = None) -> None:
-        """Hand the latest metrics (and a just-committed checkpoint's URL) to the launcher.
+    def report(self, metrics: dict[str, float], step: int) -> None:
+        """Hand the latest metrics to the launcher, at every step that logged metrics or committed a checkpoint.
 
-        Every rank calls it at the same steps with the same checkpoint argument, so launchers may
-        treat it as a collective.
+        Every rank calls it at the same steps, so launchers may treat it as a collective. Checkpoints are
+        not handed over: the CheckpointStore commits and logs them, and `finished` events name the newest.
         """
 
     def should_stop(self) -> bool:

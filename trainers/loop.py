@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -57,8 +57,7 @@ class LoopResult:
 
     state: RunState  # SUCCEEDED, or PREEMPTED when asked to stop (SIGTERM, `kiln stop`) before max_steps
     step: int
-    metrics: dict[str, float] = field(default_factory=dict)
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # the newest committed checkpoint, for the `finished` event
 
 
 def config_hash(cfg: WorkerConfig) -> str:
@@ -269,9 +268,9 @@ def run(cfg: WorkerConfig, ctx: WorkerContext) -> LoopResult:
     result = LoopResult(RunState.SUCCEEDED, trainer.step, checkpoint=restored.get("restored_from"))
     try:
         if trainer.step == 0:
-            result.metrics = trainer.evaluate()
-            tracker.log(result.metrics, 0)
-            ctx.report(result.metrics, 0)
+            metrics = trainer.evaluate()
+            tracker.log(metrics, 0)
+            ctx.report(metrics, 0)
         trainer.window.open()
         while trainer.step < cfg.train.max_steps:
             with watchdog.phase(trainer.step, "train step"):
@@ -296,8 +295,7 @@ def run(cfg: WorkerConfig, ctx: WorkerContext) -> LoopResult:
                     committed = checkpoints.save(step)
             result.checkpoint = committed[-1] if committed else result.checkpoint
             if metrics or committed:
-                ctx.report(metrics, step, checkpoint=committed[-1] if committed else None)
-            result.metrics = metrics or result.metrics
+                ctx.report(metrics, step)
             trainer.window.open()
             if stops.settle(summary.stop):  # every rank stops at the same step
                 break
@@ -367,5 +365,5 @@ def stop_with_checkpoint(trainer: Trainer, reason: str | None) -> str | None:
         return checkpoints.save(trainer.step) + checkpoints.finish() if trainer.step > 0 else checkpoints.finish()
 
     committed = commit_before_stopping(trainer.step, reason, save, trainer.cfg.checkpoint.preempt_grace_s)
-    trainer.ctx.report({}, trainer.step, checkpoint=committed[-1] if committed else None)
+    trainer.ctx.report({}, trainer.step)
     return committed[-1] if committed else None

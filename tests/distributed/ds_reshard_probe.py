@@ -76,6 +76,18 @@ def adam_steps(strategy) -> list[float]:
     return [float(s["step"]) for s in inner.state.values() if "step" in s]
 
 
+def module_state(strategy) -> dict:
+    """The whole model's weights on CPU, ZeRO-3's gathered (a torchrun script: tests/ is not importable)."""
+    import contextlib
+
+    import deepspeed
+
+    params = list(strategy.engine.module.parameters())
+    stage3 = strategy.cfg.zero_stage == 3
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else contextlib.nullcontext():
+        return {k: v.detach().cpu().clone() for k, v in strategy.engine.module.state_dict().items()}
+
+
 def full_state(strategy) -> dict:
     """Collective: every parameter's fp32 value and Adam moments, unsharded, plus step and schedule."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -94,7 +106,7 @@ def full_state(strategy) -> dict:
         state["fp32"][name] = safe_get_full_fp32_param(param).detach().cpu().clone()
         for key in ("exp_avg", "exp_avg_sq"):
             state[key][name] = safe_get_full_optimizer_state(param, key).detach().cpu().clone()
-    state["module"] = strategy.full_model_state()
+    state["module"] = module_state(strategy)
     inner = strategy.optimizer.optimizer
     state["adam_steps"] = adam_steps(strategy)
     state["weight_decay"] = [g["weight_decay"] for g in inner.param_groups]

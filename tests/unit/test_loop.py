@@ -18,7 +18,7 @@ class SoloContext:
     rank = local_rank = 0
     world_size = 1
 
-    def report(self, metrics, step, checkpoint=None):
+    def report(self, metrics, step):
         pass
 
     def should_stop(self):

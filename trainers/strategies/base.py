@@ -64,9 +64,6 @@ class Strategy(Protocol):
     def load_extra_state(self, state: dict) -> None:
         """Restore what extra_state() returned."""
 
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        """Collective: the whole model's weights on CPU, on rank 0 (other ranks may get an empty dict)."""
-
     def held_bytes(self) -> dict[str, int]:
         """Bytes this rank holds: parameters, optimizer state, and fp32 master weights (ZeRO only)."""
 

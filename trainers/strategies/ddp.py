@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
-import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -29,6 +28,3 @@ class DDPStrategy(TorchStrategy):
 
     def no_sync(self) -> AbstractContextManager:
         return self.model.no_sync()
-
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.model.module.state_dict().items()}

@@ -228,17 +228,6 @@ class DeepSpeedStrategy(ScheduledStrategy):
                 repair_zero3_universal_load(self.optimizer, os.path.join(folder, CHECKPOINT_TAG))
         return path
 
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        import deepspeed
-
-        params = list(self.engine.module.parameters())
-        with (
-            deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-            if self.cfg.zero_stage == 3
-            else contextlib.nullcontext()
-        ):
-            return {k: v.detach().cpu().clone() for k, v in self.engine.module.state_dict().items()}
-
     def held_bytes(self) -> dict[str, int]:
         params = 0
         for p in self.engine.module.parameters():

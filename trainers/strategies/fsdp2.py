@@ -13,7 +13,6 @@ from typing import cast
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from trainers.config import OptimConfig
@@ -62,9 +61,3 @@ class FSDP2Strategy(TorchStrategy):
             yield
         finally:
             self._fsdp.set_requires_gradient_sync(True)
-
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        # a full (unsharded) model state dict holds only tensors; torch types its values as any state value
-        state = cast("dict[str, torch.Tensor]", get_model_state_dict(self.model, options=options))
-        return {k: v.detach() for k, v in state.items()}
