@@ -45,8 +45,10 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
         return 0
     cfg = compose_config(args.overrides)  # bad input fails here, before Ray starts
     from orchestrator.launcher import train
+    from orchestrator.planning import start_run
 
-    return print_outcome(train(cfg, console), console)
+    plan, registry, record = start_run(cfg, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    return print_outcome(train(plan, console, (registry, record), "kiln train"), console)
 
 
 def print_outcome(outcome, console: Console) -> int:
@@ -66,8 +68,9 @@ def print_outcome(outcome, console: Console) -> int:
     root = outcome.run_dir[: -len(outcome.run_id)].rstrip("/")
     console.print(f"inspect:    kiln status {outcome.run_id} --storage-root {root}")
     if outcome.state == RunState.PREEMPTED:
-        where = f" --address {outcome.cluster_address}" if outcome.cluster_address else ""
-        console.print(f"resume:     kiln resume {outcome.run_id}{where} --storage-root {root}")
+        from orchestrator.runs import resume_command
+
+        console.print(f"resume:     {resume_command(outcome.run_id, root, outcome.cluster_address)}")
         return EXIT_PREEMPTED
     return 0
 
@@ -75,34 +78,35 @@ def print_outcome(outcome, console: Console) -> int:
 def cmd_resume(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.config import absolute_url
     from orchestrator.launcher import train
-    from orchestrator.runs import prepare_resume
+    from orchestrator.planning import plan_resume
 
     root, overrides = resume_root(args.storage_root, args.overrides)
     if args.address:
         from orchestrator.cluster_cli import resubmit
 
         return resubmit(args, console, absolute_url(root), overrides)
-    registry, record, cfg = prepare_resume(absolute_url(root), args.run, overrides, args.force)
+    plan, registry, record = plan_resume(absolute_url(root), args.run, overrides, args.force)
     console.print(f"resuming {record.run_id} ({record.state} at step {record.step}) from its last committed checkpoint")
-    return print_outcome(train(cfg, console, resumed=(registry, record)), console)
+    return print_outcome(train(plan, console, (registry, record), "kiln resume"), console)
 
 
 def cmd_start(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.cluster_cli import never_started
     from orchestrator.config import absolute_url
     from orchestrator.launcher import train
+    from orchestrator.planning import plan_start
     from orchestrator.registry import RunRegistry
-    from orchestrator.runs import start_registered
+    from orchestrator.runs import ready_registered
 
     root = absolute_url(args.storage_root)
     try:
-        registry, record, cfg = start_registered(
-            root, args.run, args.overrides, log=lambda m: console.print(f"[dim]{m}[/dim]")
-        )
+        with plan_start(root, args.run, args.overrides, log=lambda m: console.print(f"[dim]{m}[/dim]")) as started:
+            plan, record = started
+            registry = ready_registered(plan, record)
     except Exception as exc:
         never_started(RunRegistry(root), args.run, exc)
         raise
-    return print_outcome(train(cfg, console, resumed=(registry, record), command="kiln start"), console)
+    return print_outcome(train(plan, console, (registry, record), "kiln start"), console)
 
 
 def resume_root(storage_root: str | None, overrides: list[str]) -> tuple[str, list[str]]:
@@ -127,6 +131,7 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.config import UsageError, absolute_url
     from orchestrator.liveness import DriverIdentity
     from orchestrator.registry import RunRegistry
+    from orchestrator.runs import resume_command
     from trainers.preemption import ask_to_stop
 
     registry = RunRegistry(absolute_url(args.storage_root))
@@ -142,9 +147,7 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     ask_to_stop(registry.run_url(args.run), reason, driver=who.event_json())
     console.print(
         f"asked run {args.run} to commit a checkpoint and stop; it will end PREEMPTED "
-        f"(resume: kiln resume {args.run}"
-        + (f" --address {record.cluster_address}" if record.cluster_address else "")
-        + f" --storage-root {registry.root})"
+        f"(resume: {resume_command(args.run, registry.root, record.cluster_address)})"
     )
     deadline = time.monotonic() + args.wait
     while args.wait and time.monotonic() < deadline:

@@ -61,6 +61,7 @@ def write_out(text: str) -> None:
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.config import compose_config, new_run_id
+    from orchestrator.planning import plan_submission
     from orchestrator.runs import register_submission
 
     cfg = compose_config(args.overrides)  # bad input fails here: nothing is registered or submitted
@@ -70,7 +71,8 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     client(address)  # reachable and authorised, before a run exists that no job would ever start
     cfg.run.id = cfg.run.id or new_run_id(cfg.run.name)
     job_id = next_job_id(cfg.run.id, None)
-    registry, record = register_submission(cfg, job_id, address, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    plan = plan_submission(cfg, log=lambda m: console.print(f"[dim]{m}[/dim]"))  # bad input fails before a run exists
+    registry, record = register_submission(plan, job_id, address)
     if warning:
         console.print(f"[yellow]warning: {warning}[/yellow]")
     command = entrypoint(["start", record.run_id, ON_THE_CLUSTER, "--storage-root", registry.root], bool(working_dir))
@@ -171,6 +173,8 @@ def finished(
     submitted: the run's state and number of attempts when the job was submitted; unchanged, the job's
     driver never wrote to the run (its entrypoint never ran Kiln).
     """
+    from orchestrator.runs import resume_command
+
     view = job_view(address, job_id)
     record = registry.load(run_id)
     heard = (record.state, len(record.attempts)) != submitted
@@ -182,7 +186,7 @@ def finished(
         console.print(
             f"[red]Ray job {job_id} ended {view.status} ({view.message or 'no message'}) but run {run_id} "
             f"is still {record.state}: its driver was lost; continue it with "
-            f"kiln resume {run_id} --address {address} --storage-root {registry.root}[/red]"
+            f"{resume_command(run_id, registry.root, address)}[/red]"
         )
         return 1
     return exit_code_of(view.driver_exit_code, record.state)
@@ -263,6 +267,7 @@ def stop_now(registry: RunRegistry, record: RunRecord, console: Console) -> int:
     from orchestrator.attempts import current
     from orchestrator.liveness import DriverIdentity
     from orchestrator.run_record import Cause, Outcome
+    from orchestrator.runs import resume_command
 
     if not record.job_id or not record.cluster_address:
         raise UsageError(
@@ -293,7 +298,7 @@ def stop_now(registry: RunRegistry, record: RunRecord, console: Console) -> int:
         registry.save(record)
     console.print(
         f"Ray job {record.job_id} is {view.status}; run {record.run_id} is {record.state} at step {record.step} "
-        f"(resume: kiln resume {record.run_id} --address {record.cluster_address} --storage-root {registry.root})"
+        f"(resume: {resume_command(record.run_id, registry.root, record.cluster_address)})"
     )
     return 0
 

@@ -1,10 +1,12 @@
 """`model.init_from` on the driver: checked against the run's data before any worker starts.
 
-Either kind of source ends as a local Hugging Face folder: a folder as given, or `run:RUN[@STEP]` exported,
-through the export code path, to a temporary one. Its model files (config, safetensors, tokenizer) are then
-copied into the new run (`<run>/init_model/`, on the run's storage) and the run's config names that copy.
-So every worker (on any node; from s3 too) loads one kind of source, every strategy's checkpoint works, and a
-fine-tuned run stays usable (export, eval, resume) when its source folder or run is gone.
+The planner (orchestrator/run_plan.py) finds a `run:` source and reads the data's tokenizer; this module checks
+what it is given, and calls nothing back. Either kind of source ends as a local Hugging Face folder: a folder as
+given, or `run:RUN[@STEP]` exported, through the export code path, to a temporary one. Its model files (config,
+safetensors, tokenizer) are then copied into the new run (`<run>/init_model/`, on the run's storage) and the
+run's config names that copy. So every worker (on any node; from s3 too) loads one kind of source, every
+strategy's checkpoint works, and a fine-tuned run stays usable (export, eval, resume) when its source folder
+or run is gone.
 """
 
 from __future__ import annotations
@@ -13,18 +15,14 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
-from data_pipeline.dataset import open_training_data
 from orchestrator.config import KilnConfig, UsageError, absolute_url
-from orchestrator.registry import DamagedRun, RunRegistry, UnknownRun
 from trainers.checkpoint import Committed
-from trainers.config import parse_init_run
-from trainers.errors import CheckpointError
 from trainers.pretrained import (
     PretrainedError,
     check_data,
@@ -33,18 +31,33 @@ from trainers.pretrained import (
     inspect_folder,
     model_files,
 )
-from trainers.run_folder import INIT_MODEL_DIR, TOKENIZER_DIR
+from trainers.run_folder import INIT_MODEL_DIR
 from trainers.task_data import PRETRAINED_CLASS
 
-# (storage root, run id, step or None) -> that run's saved config and verified checkpoint (orchestrator/runs.py)
-FindCheckpoint = Callable[[str, str, int | None], tuple[KilnConfig, Committed]]
+
+@dataclass(frozen=True)
+class SourceRun:
+    """model.init_from=run:RUN[@STEP] as the planner found it: that run's saved config and verified checkpoint."""
+
+    run_id: str
+    cfg: KilnConfig
+    checkpoint: Committed
+    tokenizer_url: str  # the run's own copy of its tokenizer
 
 
-@dataclass
+@dataclass(frozen=True)
+class DataTokens:
+    """The tokenizer the run's data was prepared with, as a source's tokenizer is compared with it."""
+
+    url: str  # the dataset
+    vocab: Mapping[str, int]
+
+
+@dataclass(frozen=True)
 class InitSource:
-    """What the driver resolved: a note for the run's record, and the model to copy once the run's folder exists."""
+    """What the planner resolved: notes for the run's record, and the model to copy once the run's folder exists."""
 
-    notes: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
     folder: str | None = None  # a local Hugging Face folder whose model files are copied to `target`
     target: str | None = None
 
@@ -59,115 +72,102 @@ class InitSource:
 
 
 @contextmanager
-def init_source(cfg: KilnConfig, find: FindCheckpoint, log: Callable[[str], None]) -> Iterator[InitSource]:
-    """Check cfg.model.init_from against the run's resolved data (UsageError on bad input) and point it at the
-    run's own copy; yields what to install into the run's folder. An export made here is removed on leaving."""
+def init_source(
+    cfg: KilnConfig, source: SourceRun | None, data: DataTokens | None, log: Callable[[str], None]
+) -> Iterator[InitSource]:
+    """Check cfg.model.init_from against the run's data (UsageError on bad input) and point it at the run's own
+    copy; yields what to install into the run's folder. An export made here is removed on leaving."""
     value = cfg.model.init_from
     if value is None:
         yield InitSource()
         return
+    if data is None:  # the planner reads the data's tokenizer whenever there is a model.init_from
+        raise UsageError(f"model.init_from={value}: the run's data was not resolved before its source was checked")
     name = f"model.init_from={value}"
     target = storage.join(cfg.run_url, INIT_MODEL_DIR)
     exported: str | None = None
     try:
-        if parse_init_run(value) is None:
-            folder = check_folder(cfg, absolute_url(value), name)
+        if source is None:
+            folder = check_folder(cfg, absolute_url(value), name, data)
             note = f"{name}: copied to {target}"
         else:
-            exported, note = export_run(cfg, value, find, log)
+            exported, note = export_run(cfg, name, source, data, log)
             folder = exported
             note = f"{note}, copied to {target}"
     except PretrainedError as exc:
         raise UsageError(str(exc)) from None
     cfg.model.init_from = target
     try:
-        yield InitSource(notes=[note], folder=folder, target=target)
+        yield InitSource(notes=(note,), folder=folder, target=target)
     finally:
         if exported is not None:
             shutil.rmtree(exported, ignore_errors=True)
 
 
-def check_submitted(cfg: KilnConfig, find: FindCheckpoint, data_known: bool) -> None:
+def check_submitted(cfg: KilnConfig, source: SourceRun | None, data: DataTokens | None) -> None:
     """`kiln submit`: check cfg.model.init_from from here without copying anything (the run, once started on
     the cluster, copies it): a folder must be absolute and a model the task trains (with the data's tokenizer
-    when data_known), a run:RUN[@STEP] must name a run and step there are. UsageError on bad input."""
+    when the data is known here). UsageError on bad input."""
     value = cfg.model.init_from
     if value is None:
         return
     name = f"model.init_from={value}"
-    parsed = parse_init_run(value)
     try:
-        if parsed is None:
+        if source is None:
             if "://" not in value and not os.path.isabs(value):
                 raise UsageError(
                     f"{name} is not an absolute path, but a submitted run starts on the cluster, not here: "
                     f"give the folder's absolute path (e.g. model.init_from={absolute_url(value)})"
                 )
             path = absolute_url(value)
-            if data_known:
-                check_folder(cfg, path, name)
+            if data is not None:
+                check_folder(cfg, path, name, data)
             else:
                 inspect_folder(path, PRETRAINED_CLASS[cfg.task.name], cfg.task.name, name)
-        else:
-            run_id, step = parsed
-            try:
-                find(cfg.storage.root, run_id, step)
-            except (UnknownRun, DamagedRun, CheckpointError) as exc:
-                raise UsageError(f"{name}: {exc}") from None
-            if data_known:
-                check_run_vocabulary(cfg, run_id)
+        elif data is not None:
+            check_run_vocabulary(source, data)
     except PretrainedError as exc:
         raise UsageError(str(exc)) from None
 
 
-def data_vocabulary(cfg: KilnConfig) -> tuple[str, dict[str, int]]:
-    """(url, vocabulary) of the tokenizer the run's data was prepared with."""
-    datasets, _ = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
-    return datasets[0].url, dict(bpe.load(datasets[0].tokenizer_url).get_vocab())
-
-
-def check_folder(cfg: KilnConfig, path: str, name: str) -> str:
+def check_folder(cfg: KilnConfig, path: str, name: str, data: DataTokens) -> str:
     """The folder's model fits the task and the data; returns its path."""
     model = inspect_folder(path, PRETRAINED_CLASS[cfg.task.name], cfg.task.name, name)
-    data_url, data_vocab = data_vocabulary(cfg)
-    check_data(model, name, data_url, data_vocab, cfg.data.seq_len)
+    check_data(model, name, data.url, dict(data.vocab), cfg.data.seq_len)
     if cfg.task.name == "classification":
         check_folder_labels(path, name, cfg.task.labels or [])
     return path
 
 
-def check_run_vocabulary(cfg: KilnConfig, run_id: str) -> str:
-    """The run's tokenizer is the one the data was prepared with; returns the url of the run's tokenizer."""
-    tokenizer_url = storage.join(RunRegistry(cfg.storage.root).run_url(run_id), TOKENIZER_DIR)
-    data_url, data_vocab = data_vocabulary(cfg)
-    check_vocabulary(f"run {run_id}", dict(bpe.load(tokenizer_url).get_vocab()), data_url, data_vocab, tokenizer_url)
-    return tokenizer_url
+def check_run_vocabulary(source: SourceRun, data: DataTokens) -> None:
+    """The source run's tokenizer is the one the data was prepared with."""
+    vocab = dict(bpe.load(source.tokenizer_url).get_vocab())
+    check_vocabulary(f"run {source.run_id}", vocab, data.url, dict(data.vocab), source.tokenizer_url)
 
 
-def export_run(cfg: KilnConfig, value: str, find: FindCheckpoint, log: Callable[[str], None]) -> tuple[str, str]:
-    """Export run:RUN[@STEP]'s checkpoint to a temporary local folder, checked as any init_from folder;
+def export_run(
+    cfg: KilnConfig, name: str, source: SourceRun, data: DataTokens, log: Callable[[str], None]
+) -> tuple[str, str]:
+    """Export the source run's checkpoint to a temporary local folder, checked as any init_from folder;
     returns (folder, a note for the run's record)."""
     from trainers.export import model_from_checkpoint, save_hugging_face
 
-    parsed = parse_init_run(value)
-    assert parsed is not None
-    run_id, step = parsed
-    name = f"model.init_from={value}"
-    try:
-        source_cfg, checkpoint = find(cfg.storage.root, run_id, step)
-    except (UnknownRun, DamagedRun, CheckpointError) as exc:
-        raise UsageError(f"{name}: {exc}") from None
-    tokenizer_url = check_run_vocabulary(cfg, run_id)
+    check_run_vocabulary(source, data)
+    checkpoint, source_cfg = source.checkpoint, source.cfg
     strategy = checkpoint.manifest["strategy"]
     staged = tempfile.mkdtemp(prefix="kiln-init-")
     try:
-        log(f"{name}: exporting run {run_id} step {checkpoint.step} ({strategy}) to start from")
+        log(f"{name}: exporting run {source.run_id} step {checkpoint.step} ({strategy}) to start from")
         with warnings.catch_warnings():  # DCP's note that it reads in one process: that is the point here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            model = model_from_checkpoint(source_cfg.task, source_cfg.model, checkpoint.url, strategy, tokenizer_url)
-        save_hugging_face(model, tokenizer_url, staged, task=source_cfg.task.name, seq_len=source_cfg.data.seq_len)
-        check_folder(cfg, staged, name)
+            model = model_from_checkpoint(
+                source_cfg.task, source_cfg.model, checkpoint.url, strategy, source.tokenizer_url
+            )
+        save_hugging_face(
+            model, source.tokenizer_url, staged, task=source_cfg.task.name, seq_len=source_cfg.data.seq_len
+        )
+        check_folder(cfg, staged, name, data)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    return staged, f"{name}: starts from run {run_id} step {checkpoint.step} ({strategy})"
+    return staged, f"{name}: starts from run {source.run_id} step {checkpoint.step} ({strategy})"

@@ -30,11 +30,11 @@ from orchestrator.driver_watch import (
     failure_cause_source,
 )
 from orchestrator.liveness import DriverIdentity
-from orchestrator.placement import placement_problem, worker_shape
+from orchestrator.placement import Placement, worker_shape
 from orchestrator.progress import MetricsTail, ProgressView
 from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
 from orchestrator.run_record import Cause, Outcome
-from orchestrator.runs import refresh, start_run
+from orchestrator.runs import refresh
 from trainers import failpoints
 from trainers.events import record_event
 from trainers.preemption import ask_to_stop, clear_stop_request
@@ -43,6 +43,9 @@ from trainers.run_state import RunState
 
 if TYPE_CHECKING:
     from ray.train import ScalingConfig
+
+    from orchestrator.run_plan import RunPlan
+    from trainers.run_data import RunData
 
 
 class RunFailed(RuntimeError):
@@ -142,27 +145,19 @@ def dead_nodes() -> set[str]:
     return {node["NodeID"] for node in ray.nodes() if not node.get("Alive")}
 
 
-def check_placement(cfg: KilnConfig, console: Console) -> None:
+def check_placement(placement: Placement, console: Console) -> None:
     """Fail (UsageError) if the embedded Ray can never place the worker group; warn for a cluster that may grow.
 
     A cluster at cluster.address may have an autoscaler that adds nodes for pending workers, so its
     shortfall is said but waited out (Ray Train waits for the placement); the embedded Ray never grows.
     """
-    cluster = cfg.cluster
-    problem = placement_problem(
-        cluster.min_workers,  # an elastic run starts with what it gets from MIN up
-        cluster.cpus_per_worker,
-        cluster.use_gpu,
-        cluster_nodes(),
-        extra=cluster.resources_per_worker,
-        placement=cluster.placement,
-    )
+    problem = placement.problem(cluster_nodes())
     if problem is None:
         return
-    if cfg.cluster.address is None:
+    if placement.embedded:
         raise UsageError(problem)
     console.print(
-        f"[yellow]waiting for {cfg.cluster.min_workers} workers: {problem}; an autoscaler may add "
+        f"[yellow]waiting for {placement.min_workers} workers: {problem}; an autoscaler may add "
         "nodes, otherwise stop with Ctrl-C[/yellow]"
     )
 
@@ -202,7 +197,7 @@ def scaling_config(cluster: ClusterConfig) -> ScalingConfig:
     )
 
 
-def fit(cfg: KilnConfig) -> None:
+def fit(cfg: KilnConfig, data: RunData | None = None) -> None:
     """Run the worker group to completion (blocking); raises what Ray Train raises."""
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -211,7 +206,7 @@ def fit(cfg: KilnConfig) -> None:
 
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "data": data},  # data: as the run's plan resolved it
         torch_config=KilnTorchConfig(timeout_s=int(max(cfg.train.step_timeout_s * 2, 600))),
         scaling_config=scaling_config(cfg.cluster),
         run_config=RunConfig(
@@ -287,30 +282,23 @@ def forget_stop_request(run_dir: str) -> None:
         logging.getLogger("kiln.driver").warning("could not remove the served stop request: %s", exc)
 
 
-def train(
-    cfg: KilnConfig,
-    console: Console,
-    resumed: tuple[RunRegistry, RunRecord] | None = None,
-    command: str | None = None,
-) -> TrainOutcome:
-    """Run a training job end to end on Ray; the run record tracks it from PENDING to its end.
+def train(plan: RunPlan, console: Console, run: tuple[RunRegistry, RunRecord], command: str) -> TrainOutcome:
+    """Run a planned, registered run end to end on Ray; the run record tracks it from PENDING to its end.
 
-    `resumed` drives an already registered run (`kiln resume`, `kiln start`) instead of registering a new
-    one; `command` is what the run's record says drives it.
+    `command` is what the run's record says drives it (`kiln train`, `kiln resume`, `kiln start`, a sweep).
     """
     started = time.perf_counter()
-    check_embedded_fits(cfg)
-    registry, record = resumed or start_run(cfg, log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    cfg = plan.cfg
+    registry, record = run
     run_dir = registry.run_url(record.run_id)
     console.print(f"run [bold]{record.run_id}[/bold] -> {run_dir}")
-    command = command or ("kiln resume" if resumed else "kiln train")
     record_event(run_dir, "launched", launcher="ray", driver=DriverIdentity.here(command).event_json())
     # Recorded so that `kiln resume` can tell at once whether this process still drives the run.
     record.state, record.error, record.driver = RunState.RUNNING, None, DriverIdentity.here(command).liveness_json()
     refresh(registry, record, cfg)
     try:
-        with ray_for(cfg, console, on_unplaced=lambda problem: end_unplaced(registry, record, problem)):
-            failure, view = watch(cfg, registry, record, console)
+        with ray_for(cfg, plan.placement, console, on_unplaced=lambda problem: end_unplaced(registry, record, problem)):
+            failure, view = watch(cfg, registry, record, console, plan.data)
     except KeyboardInterrupt:
         record.state, record.error = RunState.STOPPED, "aborted by the user (Ctrl-C twice) without a final checkpoint"
         refresh(registry, record, cfg)
@@ -337,33 +325,26 @@ def train(
     )
 
 
-def check_embedded_fits(cfg: KilnConfig) -> None:
+def check_embedded_fits(placement: Placement) -> None:
     """An embedded Ray gets this machine's CPUs and GPUs: a group that can never fit fails before a run exists.
 
     Other resources (Ray's own accelerator_type:*, say) are Ray's to detect: check_placement sees them.
     """
-    cluster = cfg.cluster
-    if cluster.address is None and not _ray_running():
-        known = {name: amount for name, amount in cluster.resources_per_worker.items() if name == "GPU"}
-        problem = placement_problem(
-            cluster.min_workers,
-            cluster.cpus_per_worker,
-            cluster.use_gpu,
-            [local_resources()],
-            extra=known,
-            placement=cluster.placement,
-        )
+    if placement.embedded and not _ray_running():
+        problem = placement.problem([local_resources()], only_gpus=True)
         if problem:
             raise UsageError(problem)
 
 
 @contextmanager
-def ray_for(cfg: KilnConfig, console: Console, on_unplaced: Callable[[str], None]) -> Iterator[None]:
+def ray_for(
+    cfg: KilnConfig, placement: Placement, console: Console, on_unplaced: Callable[[str], None]
+) -> Iterator[None]:
     """Ray for this run: started (and shut down after) or joined; the worker group's placement checked."""
     we_started_ray = start_ray(cfg)
     try:
         try:
-            check_placement(cfg, console)  # what Ray actually reports, after check_embedded_fits' estimate
+            check_placement(placement, console)  # what Ray actually reports, after check_embedded_fits' estimate
         except UsageError as exc:
             on_unplaced(str(exc))
             raise
@@ -376,7 +357,7 @@ def ray_for(cfg: KilnConfig, console: Console, on_unplaced: Callable[[str], None
 
 
 def watch(
-    cfg: KilnConfig, registry: RunRegistry, record: RunRecord, console: Console
+    cfg: KilnConfig, registry: RunRegistry, record: RunRecord, console: Console, data: RunData | None = None
 ) -> tuple[BaseException | None, ProgressView]:
     """Run Ray Train in a thread while this one shows progress and keeps run.json fresh.
 
@@ -386,7 +367,7 @@ def watch(
 
     def target() -> None:
         try:
-            fit(cfg)
+            fit(cfg, data)
         except BaseException as exc:  # reported by the driver thread below
             failure.append(exc)
 

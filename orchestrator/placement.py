@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # Ray counts resources in fixed point (1/10000 of a unit): so must we, or 1.0 // 0.1 gives 9 workers.
 UNITS = 10_000
 # Ray's placement strategies that are rules rather than preferences; PACK and SPREAD are best effort.
@@ -144,3 +146,22 @@ def remedy(fits: int, shape: dict[str, float], nodes: list[dict]) -> str:
         return f"no single node has {describe_shape(rest)} at once (or use a cluster that does with cluster.address)"
     largest = max(n.get("CPU", 0) for n in able)
     return f"set cluster.cpus_per_worker={largest:g} or less (or a bigger cluster with cluster.address)"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The worker group a run asks Ray for, resolved once from cluster.*: checked here, then on Ray's nodes."""
+
+    min_workers: int  # an elastic run starts with what it gets from MIN up
+    cpus_per_worker: float
+    use_gpu: bool
+    extra: tuple[tuple[str, float], ...]  # cluster.resources_per_worker, in its order
+    strategy: str  # cluster.placement
+    embedded: bool  # no cluster.address: an embedded Ray of this machine, which never grows
+
+    def problem(self, nodes: list[dict], only_gpus: bool = False) -> str | None:
+        """Why the group can never be placed on these nodes, or None; only_gpus leaves other extras to Ray."""
+        extra = {name: amount for name, amount in self.extra if name == "GPU" or not only_gpus}
+        return placement_problem(
+            self.min_workers, self.cpus_per_worker, self.use_gpu, nodes, extra=extra, placement=self.strategy
+        )

@@ -1,19 +1,17 @@
-"""Turning a validated config into a registered run with its data ready, and keeping its record current."""
+"""Registering a planned run (orchestrator/run_plan.py), reopening one to continue it, keeping its record current."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from data_pipeline import storage
 from data_pipeline.config import default_storage_root
-from data_pipeline.dataset import DatasetError, open_dataset, open_training_data
+from data_pipeline.dataset import open_dataset
 from data_pipeline.redaction import redact_text
-from data_pipeline.stdlib_corpus import prepare_stdlib
 from orchestrator.attempts import merge_events
-from orchestrator.config import KilnConfig, UsageError, absolute_url, finalize, load_saved_config, to_yaml
-from orchestrator.init_source import check_submitted, init_source
+from orchestrator.config import KilnConfig, UsageError, absolute_url, load_saved_config, to_yaml
 from orchestrator.record_codec import encode
 from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
 from orchestrator.resume_policy import ResumeAction, ResumeFacts, decide_resume
@@ -21,99 +19,41 @@ from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Comm
 from trainers.preemption import clear_stop_request
 from trainers.run_folder import CHECKPOINTS_DIR, TOKENIZER_DIR, WANDB_DIR
 from trainers.run_state import RunState
-from trainers.task_data import check_task_data, run_labels
 from trainers.tracking import wandb_mode
 
-
-def resolve_data(cfg: KilnConfig, log: Callable[[str], None]) -> None:
-    """Point cfg.data.path at a prepared dataset (preparing the built-in corpus if that is the source) and
-    check that it fits the run: whole train and val splits, seq_len, vocabulary, and what the task needs."""
-    if cfg.data.source == "stdlib":
-        if cfg.data.cache_dir is None:  # finalize() sets it
-            raise UsageError("data.cache_dir is unset: the config was not finalized")
-        cfg.data.path = prepare_stdlib(cfg.data, cfg.data.cache_dir, log=log)
-    if cfg.data.source == "mixture":
-        for entry in cfg.data.mixture:
-            entry.path = absolute_url(entry.path)
-        cfg.data.path = cfg.data.mixture[0].path  # its tokenizer is every part's
-    datasets, _ = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
-    for part in datasets:
-        part.check_trainable()  # an empty split (a dataset prepared before prepare refused one) fails here
-    dataset = datasets[0]
-    if dataset.seq_len != cfg.data.seq_len:
-        raise DatasetError(
-            f"data.seq_len={cfg.data.seq_len} but the dataset at {cfg.data.path} was prepared "
-            f"with seq_len={dataset.seq_len}; set data.seq_len={dataset.seq_len}"
-        )
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size < dataset.vocab_size:
-        raise DatasetError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"vocabulary ({dataset.vocab_size}) of {cfg.data.path}; raise it or leave it unset"
-        )
-    check_task_data(cfg.task.name, datasets, log)  # e.g. task=sft on data without a loss mask
-    if cfg.task.name == "classification":  # the data's classes, saved with the run's config
-        cfg.task.labels = run_labels(cfg.task.labels, datasets)
+if TYPE_CHECKING:
+    from orchestrator.run_plan import RunPlan
 
 
-def start_run(cfg: KilnConfig, log: Callable[[str], None] = print) -> tuple[RunRegistry, RunRecord]:
-    """Give the run an id, check its storage and data, register it (PENDING) and save its tokenizer with it."""
-    finalize(cfg)
+def register_run(plan: RunPlan) -> tuple[RunRegistry, RunRecord]:
+    """Create a planned new run (PENDING): its folder, config and record, its model.init_from copy, its tokenizer."""
+    cfg = plan.cfg
     registry = RunRegistry(cfg.storage.root)
-    # Everything that can fail on bad input is checked before the run's folder exists, so a mistake
-    # leaves nothing behind that blocks the run id.
-    registry.check_root()
-    resolve_data(cfg, log)
-    # model.init_from checked against the data (run:RUN exported), then copied into the run's folder
-    with init_source(cfg, run_checkpoint, log) as source:
-        record = new_record(cfg)
-        record.notes.extend(source.notes)
-        record = registry.create(record, redact_text(to_yaml(cfg)))
-        source.install()
+    record = new_record(cfg)
+    record.notes.extend(plan.init.notes)
+    record = registry.create(record, redact_text(to_yaml(cfg)))
+    plan.init.install()
     save_tokenizer(cfg)
     return registry, record
 
 
-def register_submission(
-    cfg: KilnConfig, job_id: str, address: str, log: Callable[[str], None] = print
-) -> tuple[RunRegistry, RunRecord]:
-    """Register a run that a Ray job will start (`kiln start`): PENDING, with its job id and cluster.
-
-    Storage, a given dataset and model.init_from are checked from here, so bad input fails before anything is
-    submitted. The built-in corpus is prepared, and model.init_from copied into the run, where the run starts.
-    """
-    cache_dir = cfg.data.cache_dir  # the cluster's own cache unless the user chose one
-    finalize(cfg)
-    cfg.data.cache_dir = cache_dir
-    registry = RunRegistry(cfg.storage.root)
-    registry.check_root()
-    data_known = cfg.data.source != "stdlib"
-    if data_known:
-        resolve_data(cfg, log)
-    check_submitted(cfg, run_checkpoint, data_known)
-    record = new_record(cfg)
+def register_submission(plan: RunPlan, job_id: str, address: str) -> tuple[RunRegistry, RunRecord]:
+    """Register a planned run that a Ray job will start (`kiln start`): PENDING, with its job id and cluster."""
+    registry = RunRegistry(plan.cfg.storage.root)
+    record = new_record(plan.cfg)
     record.job_id, record.cluster_address = job_id, address
-    return registry, registry.create(record, redact_text(to_yaml(cfg)))
+    return registry, registry.create(record, redact_text(to_yaml(plan.cfg)))
 
 
-def start_registered(
-    root: str, run_id: str, overrides: list[str], log: Callable[[str], None] = print
-) -> tuple[RunRegistry, RunRecord, KilnConfig]:
-    """Ready a registered (PENDING) run for its first attempt here: its data resolved, its tokenizer saved."""
-    registry, record, cfg = reopen_run(root, run_id, overrides)
-    if record.state != RunState.PENDING:
-        raise UsageError(
-            f"run {run_id} is {record.state}, not PENDING: `kiln start` starts a submitted run once; "
-            f"continue it with `kiln resume {run_id}`"
-        )
-    finalize(cfg)
-    resolve_data(cfg, log)
-    with init_source(cfg, run_checkpoint, log) as source:
-        source.install()  # the run's own copy of model.init_from, before its config names it
-        # Saved again with the data (and model.init_from) as resolved here, so `kiln resume` finds what it used.
-        registry.write_config(run_id, redact_text(to_yaml(cfg)))
-    record.notes.extend(source.notes)
-    save_tokenizer(cfg)
-    return registry, record, cfg
+def ready_registered(plan: RunPlan, record: RunRecord) -> RunRegistry:
+    """Ready a registered (PENDING) run for its first attempt here: its model.init_from copy, config, tokenizer."""
+    registry = RunRegistry(plan.cfg.storage.root)
+    plan.init.install()  # the run's own copy of model.init_from, before its config names it
+    # Saved again with the data (and model.init_from) as resolved here, so `kiln resume` finds what it used.
+    registry.write_config(record.run_id, redact_text(to_yaml(plan.cfg)))
+    record.notes.extend(plan.init.notes)
+    save_tokenizer(plan.cfg)
+    return registry
 
 
 def new_record(cfg: KilnConfig) -> RunRecord:
@@ -262,22 +202,13 @@ def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: int | None) ->
     return Committed(step, store.url(step), verify(store.url(step)))
 
 
-def run_checkpoint(root: str, run_id: str, step: int | None) -> tuple[KilnConfig, Committed]:
-    """A run's saved config and its verified checkpoint (the given step, or the newest committed one)."""
-    registry, _record, cfg = reopen_run(root, run_id, [])
-    return cfg, find_checkpoint(registry, cfg, step)
-
-
-def resume_command(registry: RunRegistry, record: RunRecord) -> str | None:
-    """The command that continues this run, if it can be continued (on its cluster, for a submitted run)."""
-    if record.state == RunState.SUCCEEDED:
-        return None
-    root = registry.root
-    return (
-        f"kiln resume {record.run_id}"
-        + (f" --address {record.cluster_address}" if record.cluster_address else "")
-        + ("" if root == absolute_url(default_storage_root()) else f" --storage-root {root}")
-    )
+def resume_command(run_id: str, root: str, address: str | None = None, *, name_default_root: bool = True) -> str:
+    """The one command that continues a run: on its cluster (--address) for a submitted run, found under root
+    (--storage-root, left out for the default root unless name_default_root)."""
+    where = f" --address {address}" if address else ""
+    if not name_default_root and root == absolute_url(default_storage_root()):
+        return f"kiln resume {run_id}{where}"
+    return f"kiln resume {run_id}{where} --storage-root {root}"
 
 
 def status_json(registry: RunRegistry, run_id: str) -> dict:
@@ -307,7 +238,9 @@ def status_json(registry: RunRegistry, run_id: str) -> dict:
         "error": record.error,
         "run_dir": registry.run_url(run_id),
         "notes": record.notes,
-        "resume_command": resume_command(registry, record),
+        "resume_command": None
+        if record.state == RunState.SUCCEEDED
+        else resume_command(record.run_id, registry.root, record.cluster_address, name_default_root=False),
     }
 
 

@@ -18,8 +18,9 @@ from data_pipeline.config import default_storage_root
 from data_pipeline.redaction import redact_logging, redact_text
 from orchestrator.config import UsageError, absolute_url, compose_config
 from orchestrator.liveness import DriverIdentity
+from orchestrator.planning import plan_resume, start_run
 from orchestrator.registry import UnknownRun
-from orchestrator.runs import prepare_resume, refresh, start_run
+from orchestrator.runs import refresh
 from trainers import loop
 from trainers.distributed import broadcast_from_rank0, ensure_process_group, torchrun_backend
 from trainers.events import record_event
@@ -63,12 +64,11 @@ def prepare(argv: list[str], world_size: int):
         root = default_storage_root()
         if rest[:1] == ["--storage-root"] and len(rest) > 1:
             root, rest = rest[1], rest[2:]
-        registry, record, cfg = prepare_resume(
+        plan, registry, record = plan_resume(
             absolute_url(root), run_id, [f"cluster.num_workers={world_size}", *rest], force=True
         )
     else:
-        cfg = compose_config([f"cluster.num_workers={world_size}", *argv])
-        registry, record = start_run(cfg)
+        plan, registry, record = start_run(compose_config([f"cluster.num_workers={world_size}", *argv]))
     record_event(
         registry.run_url(record.run_id),
         "launched",
@@ -76,8 +76,8 @@ def prepare(argv: list[str], world_size: int):
         driver=DriverIdentity.here("torchrun -m orchestrator.torchrun").event_json(),
     )
     record.state, record.error = RunState.RUNNING, None
-    refresh(registry, record, cfg)
-    return registry, record, cfg
+    refresh(registry, record, plan.cfg)
+    return registry, record, plan
 
 
 def main(argv: list[str]) -> int:
@@ -91,14 +91,16 @@ def main(argv: list[str]) -> int:
     prepared = None
     if ctx.rank == 0:
         try:
-            registry, record, prepared = prepare(argv, ctx.world_size)
+            registry, record, plan = prepare(argv, ctx.world_size)
+            prepared = (plan.cfg, plan.data)  # every rank trains on the data as rank 0's plan resolved it
         except (UsageError, UnknownRun, ValueError, OSError) as exc:
             print(redact_text(f"kiln torchrun: error: {exc}"), file=sys.stderr)
-    cfg = broadcast_from_rank0(prepared)
-    if cfg is None:
+    prepared = broadcast_from_rank0(prepared)
+    if prepared is None:
         dist.destroy_process_group()
         return 2
-    result = loop.run(cfg, ctx)
+    cfg, data = prepared
+    result = loop.run(cfg, ctx, data)
     if ctx.rank == 0:
         refresh(registry, record, cfg)
         record.state = result.state

@@ -21,8 +21,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from data_pipeline import storage
-from data_pipeline import tokenizer as bpe
-from data_pipeline.dataset import Dataset, open_training_data
+from data_pipeline.dataset import open_training_data
 from data_pipeline.stream import TokenStream
 from trainers.checkpoint import CheckpointStore
 from trainers.checkpointing import Checkpointing
@@ -39,11 +38,11 @@ from trainers.models import compile_blocks, parameter_count, watch_router
 from trainers.optim import schedule_horizon
 from trainers.preemption import StopAgreement, commit_before_stopping
 from trainers.rng import rank_seed, seed_everything
+from trainers.run_data import RunData, check_run_data
 from trainers.run_folder import CHECKPOINTS_DIR
 from trainers.run_state import RunState
 from trainers.step_window import StepWindow, WindowSummary, summarize
 from trainers.strategies import Strategy, build_strategy
-from trainers.task_data import check_task_data, run_labels
 from trainers.tasks import Task, build_model, build_task
 from trainers.tracking import Tracker, build_tracker
 from trainers.watchdog import StepWatchdog
@@ -77,7 +76,7 @@ def pick_device(local_rank: int) -> torch.device:
 class Trainer:
     """The pieces of one worker's run, assembled from config, and one optimizer step."""
 
-    def __init__(self, cfg: WorkerConfig, ctx: WorkerContext):
+    def __init__(self, cfg: WorkerConfig, ctx: WorkerContext, data: RunData | None = None):
         self.cfg, self.ctx = cfg, ctx
         train = cfg.train
         self.device = pick_device(ctx.local_rank)
@@ -90,24 +89,23 @@ class Trainer:
         if train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.url = cfg.run_url
+        # What the driver's plan resolved and checked; a caller without a driver (a test) gets the same checks.
+        self.data = data or check_run_data(cfg.data, cfg.task.name, cfg.task.labels, cfg.model.vocab_size, log.info)
         self.datasets, self.weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
-        self.dataset: Dataset = self.datasets[0]  # vocabulary and sequence length of them all
-        check_task_data(cfg.task.name, self.datasets, log.info)  # the driver checked; a direct caller gets it too
-        vocabulary = bpe.vocabulary(bpe.load(self.dataset.tokenizer_url))
         task_cfg = cfg.task
-        if task_cfg.name == "classification":  # the data's classes, which the driver wrote into the run's config
-            task_cfg = replace(task_cfg, labels=run_labels(task_cfg.labels, self.datasets))
-        self.task: Task = build_task(task_cfg, self.dataset.eos_id, seed=train.seed, vocabulary=vocabulary)
+        if self.data.labels is not None:  # the data's classes, which the driver also wrote into the run's config
+            task_cfg = replace(task_cfg, labels=list(self.data.labels))
+        self.task: Task = build_task(task_cfg, self.data.eos_id, seed=train.seed, vocabulary=self.data.vocabulary)
         seed_everything(train.seed)  # identical initial weights on every rank
         # Built (or, with model.init_from, loaded) on every rank before the strategy wraps it: identical weights.
-        model = build_model(self.task, cfg.model, self.dataset.vocab_size, self.dataset.eos_id)
+        model = build_model(self.task, cfg.model, self.data.vocab_size, self.data.eos_id)
         if cfg.model.init_from is not None:
             log.info("rank %d: model from %s (%s)", ctx.rank, cfg.model.init_from, type(model).__name__)
         if cfg.model.compile:
             compile_blocks(model)  # before the strategy wraps it: FSDP2 shards each compiled block
         self.num_params = parameter_count(model)
         # Counted before the strategy wraps it: ZeRO-3 leaves each rank's parameters empty outside a forward.
-        self.flops_per_token = model_flops_per_token(model, self.dataset.seq_len)
+        self.flops_per_token = model_flops_per_token(model, self.data.seq_len)
         self.micro_batch = train.micro_batch
         self.grad_accum = train.grad_accum(ctx.world_size)
         self.strategy: Strategy = build_strategy(cfg.strategy, self.device)
@@ -127,7 +125,7 @@ class Trainer:
         self.batches = DeviceBatches(self.stream, self.task, "train", self.device)
         self.checkpoints = self._checkpointing(shapes_of(model))
         self.evaluator = self._evaluator()
-        self.tokens_per_step = train.global_batch * self.dataset.seq_len
+        self.tokens_per_step = train.global_batch * self.data.seq_len
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.step = 0
         self.window = StepWindow(self.device)
@@ -257,9 +255,9 @@ def identity(ctx: WorkerContext) -> dict:
     return where
 
 
-def run(cfg: WorkerConfig, ctx: WorkerContext) -> LoopResult:
-    """Train (or continue training) the run described by cfg on this worker."""
-    trainer = Trainer(cfg, ctx)
+def run(cfg: WorkerConfig, ctx: WorkerContext, data: RunData | None = None) -> LoopResult:
+    """Train (or continue training) the run described by cfg on this worker, on the data the driver resolved."""
+    trainer = Trainer(cfg, ctx, data)
     watchdog = StepWatchdog(cfg.train.step_timeout_s, ctx.rank, on_hang=trainer.record_hang).start()
     restored = announce_start(trainer, ctx)
     stops = StopAgreement(ctx, trainer.url, trainer.device)

@@ -74,7 +74,7 @@ def check_trial_ids_free(registry: RunRegistry, sweep_id: str, trials: int) -> N
 
 def prepare_data(plan: SweepPlan, console: Console) -> None:
     """Prepare (or find) each distinct dataset the points train on, once, before trials run at once."""
-    from orchestrator.runs import resolve_data
+    from orchestrator.planning import resolve_data
 
     seen: set[str] = set()
     for point in plan.points or [[]]:
@@ -90,6 +90,7 @@ def run_here(
 ) -> int:
     """Run the sweep's unfinished trials with this process as its driver; returns the exit code."""
     from orchestrator.launcher import check_placement, ray_processes_in_their_own_session, start_ray
+    from orchestrator.run_plan import placement_of
     from orchestrator.sweep.driver import SweepDriver
 
     root = record.storage_root
@@ -117,7 +118,7 @@ def run_here(
     try:
         with ray_processes_in_their_own_session(embedded=plan.base.cluster.address is None):
             we_started = start_ray(plan.base)
-        check_placement(plan.base, console)
+        check_placement(placement_of(plan.base.cluster), console)
         driver = SweepDriver(record, plan.space, plan.base, console)
         state = driver.run(queue, new_trials, evaluated)
     except BaseException as exc:

@@ -67,7 +67,7 @@ def drive_trial(ctx: SweepContext, n: int, point: list[str], console: Console) -
     import time
 
     from orchestrator.launcher import RunFailed, train
-    from orchestrator.runs import prepare_resume
+    from orchestrator.planning import plan_resume, start_run
 
     registry = RunRegistry(ctx.root)
     run_id = ctx.run_id(n)
@@ -81,10 +81,12 @@ def drive_trial(ctx: SweepContext, n: int, point: list[str], console: Console) -
             ours = str((registry.load(run_id).driver or {}).get("command", "")).startswith(
                 f"kiln sweep {ctx.sweep_id} "
             )
-            registry, record, cfg = prepare_resume(ctx.root, run_id, overrides, force=ours)
-            outcome = train(cfg, console, resumed=(registry, record), command=command)
+            plan, registry, record = plan_resume(ctx.root, run_id, overrides, force=ours)
         else:
-            outcome = train(trial_config(ctx, n, point), console, command=command)
+            plan, registry, record = start_run(
+                trial_config(ctx, n, point), log=lambda m: console.print(f"[dim]{m}[/dim]")
+            )
+        outcome = train(plan, console, (registry, record), command)
     except RunFailed as exc:
         return RunState.FAILED, redact_text(str(exc))
     except Exception as exc:  # a trial that cannot run ends FAILED; the others go on

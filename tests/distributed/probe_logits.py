@@ -25,7 +25,7 @@ def main(root: str, run_id: str, out: str) -> None:
     trainer = Trainer(cfg, ctx)
     assert trainer.restore() is not None, "no checkpoint to probe"
     generator = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, trainer.dataset.vocab_size, (2, cfg.data.seq_len), generator=generator)
+    batch = torch.randint(0, trainer.data.vocab_size, (2, cfg.data.seq_len), generator=generator)
     trainer.model.eval()
     with torch.no_grad():
         logits = trainer.model(input_ids=batch).logits

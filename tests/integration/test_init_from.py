@@ -75,7 +75,7 @@ def test_a_run_at_a_step_starts_from_that_checkpoint(pretrained):
     """run:RUN@STEP on the driver (in this process): the staged model evaluates as the run logged at STEP."""
     from data_pipeline.dataset import open_training_data
     from orchestrator.config import compose_config
-    from orchestrator.runs import start_run
+    from orchestrator.planning import start_run
     from trainers.inference import load_folder, validation_metrics
 
     root = pretrained
@@ -93,9 +93,8 @@ def test_a_run_at_a_step_starts_from_that_checkpoint(pretrained):
 def test_bad_sources_fail_in_one_line_before_anything_starts(pretrained, tmp_path):
     from data_pipeline import tokenizer as bpe
     from orchestrator.config import UsageError, compose_config, finalize
-    from orchestrator.init_source import check_submitted
+    from orchestrator.planning import check_submission_source, resolve_data, start_run
     from orchestrator.registry import UnknownRun
-    from orchestrator.runs import resolve_data, run_checkpoint, start_run
 
     root = pretrained
     other = tmp_path / "other-tokenizer"
@@ -122,15 +121,14 @@ def test_bad_sources_fail_in_one_line_before_anything_starts(pretrained, tmp_pat
     for source, expected in cases.items():
         cfg = compose_config([*FINE_TUNE, f"model.init_from={source}", f"storage.root={root}"])
         finalize(cfg)
-        resolve_data(cfg, log=lambda _: None)
+        data = resolve_data(cfg, log=lambda _: None)
         with pytest.raises(UsageError, match=re.escape(expected)) as raised:
-            check_submitted(cfg, run_checkpoint, data_known=True)
+            check_submission_source(cfg, data)
         assert "\n" not in str(raised.value) and f"model.init_from={source}" in str(raised.value)
     for good in (str(root / "hf"), "run:pre@5"):
         cfg = compose_config([*FINE_TUNE, f"model.init_from={good}", f"storage.root={root}"])
         finalize(cfg)
-        resolve_data(cfg, log=lambda _: None)
-        check_submitted(cfg, run_checkpoint, data_known=True)
+        check_submission_source(cfg, resolve_data(cfg, log=lambda _: None))
         assert cfg.model.init_from == good
     # The data's vocabulary and the folder's are both named; the CLI says it in one line, exit 2.
     result = kiln("train", *FINE_TUNE, f"model.init_from={other}", "cluster.num_workers=1", f"storage.root={root}")

@@ -8,8 +8,9 @@ import pytest
 
 from orchestrator.cli import main, resume_root
 from orchestrator.config import UsageError, compose_config
+from orchestrator.planning import start_run
 from orchestrator.registry import DamagedRun, RunExists, RunRecord, RunRegistry
-from orchestrator.runs import reopen_run, start_run
+from orchestrator.runs import reopen_run
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 

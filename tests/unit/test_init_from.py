@@ -140,20 +140,19 @@ def test_a_run_copies_only_the_model_files_of_its_source(folder, tmp_path):
 
 
 def test_a_submission_checks_init_from_from_here_without_copying_it(folder, tmp_path, monkeypatch):
-    """kiln submit's check (orchestrator/runs.py register_submission), with data prepared on the cluster."""
-    from orchestrator.init_source import check_submitted
-    from orchestrator.registry import UnknownRun
-    from trainers.errors import CheckpointError
+    """kiln submit's check (orchestrator/run_plan.py plan_submission), with data prepared on the cluster."""
+    import json
 
-    def find(root, run_id, step):
-        if run_id != "pre":
-            raise UnknownRun(f"unknown run {run_id!r}")
-        raise CheckpointError(f"run pre has no checkpoint at step {step}; it has [5, 10]")
+    from orchestrator.planning import check_submission_source
+
+    (tmp_path / "pre" / "checkpoints").mkdir(parents=True)  # a run whose checkpoints are not there
+    (tmp_path / "pre" / "run.json").write_text(json.dumps({"run_id": "pre", "state": "SUCCEEDED"}))
+    (tmp_path / "pre" / "config.yaml").write_text("run:\n  id: pre\n")
 
     def fails(source, match):
         cfg = compose_config([f"model.init_from={source}", f"storage.root={tmp_path}"])
         with pytest.raises(UsageError, match=match) as raised:
-            check_submitted(cfg, find, data_known=False)
+            check_submission_source(cfg, None)
         assert "\n" not in str(raised.value) and f"model.init_from={source}" in str(raised.value)
 
     monkeypatch.chdir(folder[0].parent)
@@ -162,8 +161,8 @@ def test_a_submission_checks_init_from_from_here_without_copying_it(folder, tmp_
     fails("run:nope", "unknown run 'nope'")
     fails("run:pre@7", "run pre has no checkpoint at step 7")
     cfg = compose_config([f"model.init_from={folder[0]}", f"storage.root={tmp_path}"])
-    check_submitted(cfg, find, data_known=False)
-    assert cfg.model.init_from == str(folder[0]) and list(tmp_path.iterdir()) == []  # nothing copied
+    check_submission_source(cfg, None)
+    assert cfg.model.init_from == str(folder[0]) and [p.name for p in tmp_path.iterdir()] == ["pre"]  # nothing copied
 
 
 def test_workers_load_the_copy_from_remote_storage(folder):
