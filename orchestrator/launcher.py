@@ -17,7 +17,7 @@ from rich.console import Console
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-from orchestrator.attempts import current, finished_state, mark_lost_nodes, record_worker_failures
+from orchestrator.attempts import current, finished_state, mark_lost_nodes
 from orchestrator.config import ClusterConfig, KilnConfig, UsageError
 from orchestrator.driver_watch import (
     POLL_S,
@@ -172,17 +172,6 @@ def ray_storage_path(cfg: KilnConfig) -> str:
     return os.path.join(cfg.data.cache_dir, RAY_DIR)
 
 
-def attempt_callback(run_dir: str):
-    """A Ray Train callback, run in Ray's controller, that records each failed rank as a run event."""
-    from ray.train.v2.api.callback import UserCallback
-
-    class AttemptCallback(UserCallback):
-        def after_exception(self, run_context, worker_exceptions) -> None:
-            record_worker_failures(run_dir, worker_exceptions)
-
-    return AttemptCallback()
-
-
 def scaling_config(cluster: ClusterConfig) -> ScalingConfig:
     """Ray Train's ScalingConfig for the cluster settings: workers, each one's resources, their placement."""
     from ray.train import ScalingConfig
@@ -202,7 +191,7 @@ def fit(cfg: KilnConfig, data: RunData | None = None) -> None:
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.ray_worker import KilnTorchConfig, train_worker
+    from orchestrator.ray_worker import AttemptCallback, KilnTorchConfig, train_worker
 
     trainer = TorchTrainer(
         train_worker,
@@ -213,7 +202,7 @@ def fit(cfg: KilnConfig, data: RunData | None = None) -> None:
             name=cfg.run.id,
             storage_path=ray_storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
-            callbacks=[attempt_callback(cfg.run_url)],
+            callbacks=[AttemptCallback(cfg.run_url)],
         ),
     )
     trainer.fit()

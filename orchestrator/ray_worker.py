@@ -1,4 +1,6 @@
-"""The Ray Train side of a worker: a WorkerContext over `ray.train`, and the function each worker runs.
+"""Kiln's side of Ray Train: a WorkerContext over `ray.train`, the function each worker runs, the controller's callback.
+
+Imported only inside functions (orchestrator/launcher.py's `fit`), so `kiln status` never imports Ray Train.
 
 Ray Train's controller unpickles KilnTorchConfig and train_worker, so it imports this module: the training
 stack (trainers.loop: torch's distributed checkpointing, transformers, the tokenizer) is imported by
@@ -18,9 +20,11 @@ from dataclasses import dataclass
 import ray.train
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _TorchBackend
+from ray.train.v2.api.callback import UserCallback
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_logging, redact_text
+from orchestrator.attempts import record_worker_failures
 from trainers.periodic import Periodic
 from trainers.preemption import StopFlag
 from trainers.run_folder import LOGS_DIR, worker_log_name
@@ -69,6 +73,16 @@ class KilnTorchConfig(TorchConfig):
     @property
     def backend_cls(self):
         return KilnTorchBackend
+
+
+class AttemptCallback(UserCallback):
+    """Runs in Ray Train's controller: records each failed rank as an event of the run."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+
+    def after_exception(self, run_context: object, worker_exceptions: dict[int, BaseException]) -> None:
+        record_worker_failures(self.run_dir, worker_exceptions)
 
 
 class RayWorkerContext:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Callable
-from typing import Any
 
 from rich.console import Console
 
@@ -19,12 +17,12 @@ from orchestrator.config import KilnConfig, UsageError, absolute_url
 from orchestrator.placement import fits_on, worker_shape
 from orchestrator.registry import RunRegistry, UnknownRun
 from orchestrator.sweep import record as sweeps
-from orchestrator.sweep.reconcile import AshaStep, decide_asha, reconcile_trial_end
+from orchestrator.sweep.reconcile import reconcile_trial_end
 from orchestrator.sweep.record import NOT_STARTED, SweepRecord, SweepState, TrialEntry, best_trial, refresh_entry
 from orchestrator.sweep.space import SweepSpace
-from orchestrator.sweep.trial import PRUNED_EVENT, SweepContext, trainable_class
+from orchestrator.sweep.trial import PRUNED_EVENT, SweepContext
 from trainers.preemption import ask_to_stop
-from trainers.run_state import RunState, is_terminal
+from trainers.run_state import is_terminal
 
 # A trial's actor only drives its run (Ray Train's controller takes no CPU either): it reserves the memory
 # a Kiln driver uses, not a CPU that the run's workers need. (Tune needs some resource in the request.)
@@ -42,104 +40,6 @@ def fitting_trials(nodes: list[dict[str, float]], cfg: KilnConfig) -> int:
         for name, amount in node.items():
             totals[name] = totals.get(name, 0.0) + amount
     return max(1, fits_on(group, totals))
-
-
-def asha_scheduler(settings: Any, metric: str, mode: str, max_t: int, grace: int, on_prune: Callable):
-    """Ray Tune's ASHA, over training steps, that prunes a trial by asking its run to commit and stop.
-
-    Tune would end a stopped trial's actor within seconds; a Kiln run must first commit its checkpoint. So
-    a STOP decision becomes a stop request to the run (as `kiln stop` makes), and the trial ends itself.
-    """
-    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
-
-    class PruningASHA(AsyncHyperBandScheduler):
-        def __init__(self) -> None:
-            super().__init__(
-                time_attr="step",
-                metric=metric,
-                mode=mode,
-                max_t=max_t,
-                grace_period=grace,
-                reduction_factor=settings.reduction_factor or 2,
-                stop_last_trials=False,
-            )
-            self.pruned: set[str] = set()
-
-        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-            decision = super().on_trial_result(tune_controller, trial, result)
-            step = decide_asha(decision == TrialScheduler.STOP, bool(result.get("done")), trial.trial_id in self.pruned)
-            if step == AshaStep.PASS_ON:
-                return decision
-            if step == AshaStep.PRUNE:
-                self.pruned.add(trial.trial_id)
-                on_prune(trial.config["trial"], result)
-            return TrialScheduler.CONTINUE
-
-    return PruningASHA()
-
-
-def trial_source(
-    queue: list[tuple[int, list[str]]],
-    space: SweepSpace,
-    new_trials: int,
-    next_n: int,
-    evaluated: list[tuple[dict, float]],
-    on_new: Callable[[int, list[str], dict], None],
-    stopped: Callable[[], bool],
-):
-    """A Tune searcher: the queued (numbered) points first, then `new_trials` fresh Optuna suggestions.
-
-    Numbering lives here, not in Tune's trial ids, so that trial n is run `<sweep_id>-<n>` in every driver
-    that ever runs the sweep. Optuna starts from the trials that already finished (`evaluated`).
-    """
-    from ray.tune.search import Searcher
-
-    settings = space.settings
-
-    class TrialSource(Searcher):
-        def __init__(self) -> None:
-            super().__init__(metric=settings.metric, mode=settings.mode)
-            self.queue, self.left, self.next_n = list(queue), new_trials, next_n
-            self.optuna = None
-            if new_trials:
-                import optuna
-                from ray.tune.search.optuna import OptunaSearch
-
-                optuna.logging.set_verbosity(optuna.logging.WARNING)  # its study banner; trials say what happens
-
-                self.optuna = OptunaSearch(
-                    space.optuna_space(),
-                    metric=settings.metric,
-                    mode=settings.mode,
-                    seed=settings.seed or 0,
-                    points_to_evaluate=[params for params, _ in evaluated] or None,
-                    evaluated_rewards=[value for _, value in evaluated] or None,
-                )
-            self.from_optuna: set[str] = set()
-
-        def suggest(self, trial_id: str) -> dict | None:
-            if stopped():
-                return Searcher.FINISHED
-            if self.queue:
-                n, point = self.queue.pop(0)
-                return {"trial": n, "point": point}
-            if self.optuna is None or self.left <= 0:
-                return Searcher.FINISHED
-            params = self.optuna.suggest(trial_id)
-            if not isinstance(params, dict):
-                return params
-            n, point = self.next_n, space.point_from(params)
-            self.next_n, self.left = self.next_n + 1, self.left - 1
-            self.from_optuna.add(trial_id)
-            on_new(n, point, params)
-            return {"trial": n, "point": point}
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if self.optuna is not None and trial_id in self.from_optuna:
-                scored = result is not None and isinstance(result.get(settings.metric), (int, float))
-                self.optuna.on_trial_complete(trial_id, result if scored else None, error=error or not scored)
-
-    return TrialSource()
 
 
 class SweepDriver:
@@ -196,6 +96,7 @@ class SweepDriver:
         from ray import tune
 
         from orchestrator.launcher import cluster_nodes
+        from orchestrator.sweep.tune_adapter import KilnTrial, PruningASHA, SweepRecorder, TrialSource
 
         settings = self.space.settings
         total = len(queue) + new_trials
@@ -210,7 +111,7 @@ class SweepDriver:
             + f") -> {sweeps.sweep_url(self.root, self.record.sweep_id)}"
         )
         if total:
-            source = trial_source(
+            source = TrialSource(
                 queue,
                 self.space,
                 new_trials,
@@ -222,10 +123,8 @@ class SweepDriver:
             scheduler = None
             if settings.early_stop == "asha":
                 train = self.base.train
-                scheduler = asha_scheduler(
+                scheduler = PruningASHA(
                     settings,
-                    settings.metric,
-                    settings.mode,
                     max_t=train.max_steps,
                     grace=settings.grace_period or train.eval_every,
                     on_prune=self.prune,
@@ -234,7 +133,7 @@ class SweepDriver:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stops trials with a checkpoint first
             os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # verbose=0 silences only the classic tables; ours say it
             tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(trainable_class(), context=self.ctx), TRIAL_DRIVER),
+                tune.with_resources(tune.with_parameters(KilnTrial, context=self.ctx), TRIAL_DRIVER),
                 tune_config=tune.TuneConfig(
                     search_alg=source,
                     scheduler=scheduler,
@@ -246,7 +145,7 @@ class SweepDriver:
                     name="tune",
                     storage_path=tune_storage(self.root, self.record.sweep_id, self.base),
                     verbose=0,
-                    callbacks=[self.recorder()],
+                    callbacks=[SweepRecorder(self)],
                     failure_config=tune.FailureConfig(max_failures=0),
                     # A trial's checkpoints are its run's own (committed by Kiln); Tune keeps none.
                     checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
@@ -295,33 +194,6 @@ class SweepDriver:
         url = self.registry.run_url(self.ctx.run_id(n))
         ask_to_stop(url, reason, event=PRUNED_EVENT, step=result.get("step"))
         self.console.print(f"trial {n} ({' '.join(self.entry(n).overrides)}): {reason}")
-
-    def recorder(self):
-        """A Tune callback that keeps each trial's entry current and says what happens to it."""
-        from ray.tune import Callback
-
-        driver = self
-
-        class SweepRecorder(Callback):
-            def on_trial_start(self, iteration, trials, trial, **info) -> None:
-                with driver.lock:
-                    entry = driver.entry(trial.config["trial"], trial.config["point"])
-                    entry.state = RunState.RUNNING
-                    driver.save()
-                driver.console.print(f"trial {entry.n} started: {entry.run_id} {' '.join(entry.overrides)}")
-
-            def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-                entry = driver.entry(trial.config["trial"])
-                driver.refresh(entry)
-                driver.save()
-
-            def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-                driver.trial_ended(trial.config["trial"], trial.last_result or {})
-
-            def on_trial_error(self, iteration, trials, trial, **info) -> None:
-                driver.trial_ended(trial.config["trial"], {"state": RunState.FAILED, "error": str(trial.error_file)})
-
-        return SweepRecorder()
 
     def trial_ended(self, n: int, result: dict) -> None:
         """Trial n's entry as its run and Tune's last result say it ended, saved and (mostly) announced."""

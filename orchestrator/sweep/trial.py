@@ -1,28 +1,23 @@
-"""One trial of a sweep: a Ray Tune trainable that drives one ordinary Kiln run (its own TorchTrainer).
+"""One trial of a sweep: one ordinary Kiln run (its own TorchTrainer), driven by a Ray Tune trainable.
 
 Ray documents this shape for Tune with Train v2: each Tune trial is a driver that starts a Ray Train run.
 The Kiln driver (`launcher.train`) runs in a thread of the trial's actor; the trainable reports the
 run's evaluations to Tune as they land in its metrics.jsonl, so Tune's schedulers see them at once.
+The trainable itself (`KilnTrial`) lives in orchestrator/sweep/tune_adapter.py, with Kiln's other Tune classes.
 """
 
 from __future__ import annotations
 
-import sys
-import threading
 from dataclasses import dataclass
-from typing import Any
 
 from rich.console import Console
 
-from data_pipeline import storage
 from data_pipeline.redaction import redact_text
 from orchestrator.config import KilnConfig, compose_config
-from orchestrator.progress import MetricsTail
-from orchestrator.registry import METRICS_FILE, RunRegistry
+from orchestrator.registry import RunRegistry
 from orchestrator.sweep.reconcile import RelabelAction, decide_relabel
-from orchestrator.sweep.record import NOT_STARTED, sweep_stop_requested, trial_run_id
+from orchestrator.sweep.record import trial_run_id
 from trainers.events import STOP_REQUESTED, read_events
-from trainers.preemption import ask_to_stop
 from trainers.run_state import RunState
 
 POLL_S = 0.5
@@ -101,76 +96,3 @@ def drive_trial(ctx: SweepContext, n: int, point: list[str], console: Console) -
         registry.save(record)
         return RunState.PRUNED, None
     return outcome.state, None
-
-
-def trainable_class():
-    """The Tune trainable (built here so that importing this module does not import Ray Tune)."""
-    from ray import tune
-
-    class KilnTrial(tune.Trainable):
-        """Drives trial `config["trial"]` (its point `config["point"]`) and reports each evaluation."""
-
-        def setup(self, config: dict[str, Any], context: SweepContext) -> None:
-            self.ctx, self.n = context, int(config["trial"])
-            self.run_url = RunRegistry(context.root).run_url(context.run_id(self.n))
-            self.tail = MetricsTail(storage.join(self.run_url, METRICS_FILE))
-            self.last_step: int = -1
-            self.last_value: float | None = None
-            self.pending: list[dict[str, Any]] = []
-            self.outcome: tuple[str, str | None] = (NOT_STARTED, None)
-            self.ended = threading.Event()
-            if sweep_stop_requested(context.root, context.sweep_id):
-                self.ended.set()  # stopped before it began: it stays NOT_STARTED for `kiln sweep resume`
-                self.thread = None
-                return
-            console = Console(file=sys.stdout, width=200, force_terminal=False, soft_wrap=True)
-            point = list(config["point"])
-            self.thread = threading.Thread(
-                target=self._drive, args=(point, console), name=f"kiln-trial-{self.n}", daemon=True
-            )
-            self.thread.start()
-
-        def _drive(self, point: list[str], console: Console) -> None:
-            try:
-                self.outcome = drive_trial(self.ctx, self.n, point, console)
-            finally:
-                self.ended.set()
-
-        def step(self) -> dict[str, Any]:
-            while True:
-                self._read_rows()
-                if self.pending:
-                    return self.pending.pop(0)
-                if self.ended.is_set():
-                    self._read_rows()
-                    if self.pending:
-                        return self.pending.pop(0)
-                    state, error = self.outcome
-                    final = {"step": max(self.last_step, 0), "state": state, "error": error, "done": True}
-                    if self.last_value is not None:
-                        final[self.ctx.metric] = self.last_value
-                    return final
-                self.ended.wait(POLL_S)
-
-        def _read_rows(self) -> None:
-            for row in self.tail.new_rows():
-                step, value = row.get("step"), row.get(self.ctx.metric)
-                # A restored run repeats the steps after its checkpoint: each evaluation is reported once.
-                if isinstance(step, int) and isinstance(value, (int, float)) and step > self.last_step:
-                    self.last_step, self.last_value = step, float(value)
-                    self.pending.append({"step": step, self.ctx.metric: float(value), "state": RunState.RUNNING})
-
-        def save_checkpoint(self, checkpoint_dir: str) -> dict:
-            # What Tune would restore is the run: `kiln sweep resume` continues it from its own checkpoint.
-            return {"run_id": self.ctx.run_id(self.n)}
-
-        def load_checkpoint(self, checkpoint: dict) -> None:
-            pass  # never called: Kiln does not restore Tune experiments (see save_checkpoint)
-
-        def cleanup(self) -> None:
-            if self.thread is not None and self.thread.is_alive():
-                # Whoever ended the trial (a prune, `kiln sweep stop`) recorded why: a second event would hide a prune.
-                ask_to_stop(self.run_url, "the sweep ended this trial early", event=None)
-                self.thread.join(STOP_WAIT_S)
-
-    return KilnTrial

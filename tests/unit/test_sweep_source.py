@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from orchestrator.sweep.driver import trial_source
 from orchestrator.sweep.space import plan_sweep
+from orchestrator.sweep.tune_adapter import TrialSource
 
 SHORT = "train.max_steps=4"
 
@@ -15,7 +15,7 @@ def optuna_space(*overrides: str):
 def test_queued_trials_keep_their_numbers_then_optuna_numbers_new_ones_after_the_highest():
     space = optuna_space("optim.lr=tag(log,interval(1e-5,1e-2))", "model.n_layer=1,2")
     recorded: list[tuple[int, list[str]]] = []
-    source = trial_source(
+    source = TrialSource(
         queue=[(3, ["optim.lr=0.001", "model.n_layer=2"])],  # a trial the dead driver left unfinished
         space=space,
         new_trials=2,
@@ -43,5 +43,25 @@ def test_queued_trials_keep_their_numbers_then_optuna_numbers_new_ones_after_the
 
 def test_a_stopped_sweep_suggests_nothing_more():
     space = optuna_space("optim.lr=1e-3,3e-3")
-    source = trial_source([(1, ["optim.lr=0.001"])], space, 3, 2, [], lambda *a: None, stopped=lambda: True)
+    source = TrialSource([(1, ["optim.lr=0.001"])], space, 3, 2, [], lambda *a: None, stopped=lambda: True)
     assert source.suggest("a") == source.FINISHED
+
+
+def test_only_the_adapters_import_tune_or_ray_train_at_their_top():
+    """`kiln status` and the sweep's decisions never load Tune: the adapters are imported inside functions."""
+    import ast
+    from pathlib import Path
+
+    adapters = {"orchestrator/sweep/tune_adapter.py", "orchestrator/ray_worker.py"}
+    found = set()
+    for path in Path("orchestrator").rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            if any(n == "ray" or n.startswith(("ray.tune", "ray.train")) for n in names):
+                found.add(path.as_posix())
+    assert found == adapters
