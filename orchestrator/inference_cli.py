@@ -233,6 +233,53 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class EvalSlice:
+    """Which validation sequences `kiln eval` reads: decided before any model runs."""
+
+    world_size: int  # the run's workers, whose slices are evaluated in turn and summed
+    micro_batch: int
+    batches: int
+    seed: int
+    what: str  # the slice, in words
+
+
+def plan_run_slice(cfg: KilnConfig, world_size: int, micro_batch: int | None, batches: int | None) -> EvalSlice:
+    """The run's own evaluation slice, exactly as its workers read it."""
+    if micro_batch is not None or batches is not None:
+        raise UsageError(
+            "--micro-batch/--batches choose a slice of --data; without --data kiln eval uses the run's own "
+            "evaluation slice"
+        )
+    micro_batch, batches = cfg.train.micro_batch, cfg.train.eval_batches
+    what = (
+        f"validation slice of the run ({world_size} worker{'s' if world_size > 1 else ''} x {batches} "
+        f"batches x {micro_batch} sequences, every worker's slice evaluated in turn and summed as the run did)"
+    )
+    return EvalSlice(world_size, micro_batch, batches, cfg.train.seed, what)
+
+
+def plan_dataset_slice(
+    data: str, available: int, cfg: KilnConfig | None, run_workers: int, micro_batch: int | None, batches: int | None
+) -> EvalSlice:
+    """The first batches of a prepared dataset's val split (`available` sequences): a run's amount, or all of it."""
+    wanted = (micro_batch or 1) * (batches or 1)
+    if batches is not None and wanted > available:
+        raise UsageError(
+            f"--batches {batches} x --micro-batch {micro_batch or 1} = {wanted} sequences, but the val split of "
+            f"{data} has {available}; ask for fewer"
+        )
+    if micro_batch is None:
+        micro_batch = cfg.train.micro_batch if cfg else min(FOLDER_MICRO_BATCH, max(available, 1))
+    if batches is None:  # a run: as many sequences as its own evaluation read; a folder: the whole split
+        batches = cfg.train.eval_batches * run_workers if cfg else max(available // micro_batch, 1)
+    for name, value in (("--micro-batch", micro_batch), ("--batches", batches)):
+        if value < 1:
+            raise UsageError(f"{name} must be >= 1, got {value}")
+    what = f"val split of {data} (first {batches} batches x {micro_batch} sequences, of {available})"
+    return EvalSlice(1, micro_batch, batches, cfg.train.seed if cfg else 0, what)
+
+
 def eval_split(source: Source, data: str | None, micro_batch: int | None, batches: int | None) -> dict:
     """The task's validation metrics: the run's own evaluation slice, or the val split of a prepared dataset."""
     from data_pipeline.dataset import open_dataset, open_training_data
@@ -245,62 +292,25 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
                 f"{source.label} has no validation split of its own: pass --data DATASET (a prepared dataset "
                 "folder) or --data FILE.jsonl (prompt/reference pairs)"
             )
-        if micro_batch is not None or batches is not None:
-            raise UsageError(
-                "--micro-batch/--batches choose a slice of --data; without --data kiln eval uses the run's own "
-                "evaluation slice"
-            )
+        plan = plan_run_slice(cfg, source.world_size, micro_batch, batches)
         datasets, weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
-        world_size, micro_batch, batches = source.world_size, cfg.train.micro_batch, cfg.train.eval_batches
-        seed = cfg.train.seed
-        what = (
-            f"validation slice of the run ({world_size} worker{'s' if world_size > 1 else ''} x {batches} "
-            f"batches x {micro_batch} sequences, every worker's slice evaluated in turn and summed as the run did)"
-        )
     else:
-        from trainers.task_data import check_task_data, data_labels
-
         dataset = open_dataset(data)
         user_error(lambda: check_vocabulary(source.loaded, dataset))
-        context = source.loaded.context
-        if context is not None and dataset.seq_len > context:
-            raise UsageError(
-                f"{data} holds {dataset.seq_len}-token sequences but {source.label} takes at most {context}: "
-                f"prepare it again with seq_len={context} or less"
-            )
-        task = source.loaded.task
-        check_task_data(task.name, [dataset], lambda _note: None)  # e.g. an SFT model on data without masks
-        if task.name == "classification" and data_labels([dataset]) != task.labels:  # a class id means one label
-            raise UsageError(
-                f"{data} labels its classes {data_labels([dataset])} but {source.label} classifies into "
-                f"{task.labels}: evaluate on data prepared with the same labels"
-            )
-        datasets, weights, world_size, seed = [dataset], None, 1, cfg.train.seed if cfg else 0
+        check_eval_data(source, data, dataset)
         available = sum(shard.sequences for shard in dataset.shards("val"))
-        wanted = (micro_batch or 1) * (batches or 1)
-        if batches is not None and wanted > available:
-            raise UsageError(
-                f"--batches {batches} x --micro-batch {micro_batch or 1} = {wanted} sequences, but the val split of "
-                f"{data} has {available}; ask for fewer"
-            )
-        if micro_batch is None:
-            micro_batch = cfg.train.micro_batch if cfg else min(FOLDER_MICRO_BATCH, max(available, 1))
-        if batches is None:  # a run: as many sequences as its own evaluation read; a folder: the whole split
-            batches = cfg.train.eval_batches * source.world_size if cfg else max(available // micro_batch, 1)
-        for name, value in (("--micro-batch", micro_batch), ("--batches", batches)):
-            if value < 1:
-                raise UsageError(f"{name} must be >= 1, got {value}")
-        what = f"val split of {data} (first {batches} batches x {micro_batch} sequences, of {available})"
+        plan = plan_dataset_slice(data, available, cfg, source.world_size, micro_batch, batches)
+        datasets, weights = [dataset], None
     metrics = user_error(
         lambda: validation_metrics(
-            source.loaded.build_task(seed),
+            source.loaded.build_task(plan.seed),
             source.loaded.model,
             datasets,
             weights,
-            micro_batch=micro_batch,
-            batches=batches,
-            seed=seed,
-            world_size=world_size,
+            micro_batch=plan.micro_batch,
+            batches=plan.batches,
+            seed=plan.seed,
+            world_size=plan.world_size,
         )
     )
     result = {
@@ -309,12 +319,12 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
         "step": source.step,
         "data": data if data is not None else cfg.data.path if cfg else None,
         "split": "val",
-        "world_size": world_size,
-        "micro_batch": micro_batch,
-        "batches": batches,
-        "sequences": world_size * micro_batch * batches,
+        "world_size": plan.world_size,
+        "micro_batch": plan.micro_batch,
+        "batches": plan.batches,
+        "sequences": plan.world_size * plan.micro_batch * plan.batches,
         "metrics": metrics,
-        "what": what,
+        "what": plan.what,
     }
     if data is None and cfg is not None:
         result["logged"] = logged_metrics(cfg, source)
@@ -324,6 +334,25 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
                 "carry that precision's rounding"
             )
     return result
+
+
+def check_eval_data(source: Source, data: str, dataset: Any) -> None:
+    """A prepared dataset the model can read: its sequence length, masks and class labels."""
+    from trainers.task_data import check_task_data, data_labels
+
+    context = source.loaded.context
+    if context is not None and dataset.seq_len > context:
+        raise UsageError(
+            f"{data} holds {dataset.seq_len}-token sequences but {source.label} takes at most {context}: "
+            f"prepare it again with seq_len={context} or less"
+        )
+    task = source.loaded.task
+    check_task_data(task.name, [dataset], lambda _note: None)  # e.g. an SFT model on data without masks
+    if task.name == "classification" and data_labels([dataset]) != task.labels:  # a class id means one label
+        raise UsageError(
+            f"{data} labels its classes {data_labels([dataset])} but {source.label} classifies into "
+            f"{task.labels}: evaluate on data prepared with the same labels"
+        )
 
 
 def eval_pairs(source: Source, data: str, pairs: list, max_new_tokens: int) -> dict:
