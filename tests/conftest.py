@@ -16,10 +16,19 @@ from tests.ray_cluster import LocalRayCluster
 from tests.s3_server import aws_env, start_moto, stop
 
 
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder every pytest-xdist worker of this session shares (just this process's, without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    path = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory, cache_dir):
-    """strategy name -> folder of its finished 20-step torchrun run of STRATEGY_RUN (trained once per session)."""
-    return runs_per_strategy(tmp_path_factory.mktemp("strategies"), *STRATEGY_RUN)
+    """strategy name -> folder of its finished 20-step torchrun run of STRATEGY_RUN (trained once per session,
+    by whichever xdist worker asks first)."""
+    return runs_per_strategy(shared_folder(tmp_path_factory, "strategies"), *STRATEGY_RUN)
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +68,9 @@ def sft_run(chat_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One prepared-corpus cache for the whole session."""
-    path = tmp_path_factory.mktemp("kiln-cache")
+    """One prepared-corpus cache for the whole session, shared by its xdist workers (a corpus is prepared
+    deterministically and committed by its manifest, written last, so two preparing at once agree)."""
+    path = shared_folder(tmp_path_factory, "kiln-cache")
     os.environ["KILN_CACHE_DIR"] = str(path)
     return path
 

@@ -81,12 +81,42 @@ SFT_RUN = [
 ]
 
 
+# The commands that only read a run folder (no Ray, no worker, no model): `kiln` runs them in this process.
+READERS = frozenset({"status", "runs", "logs", "plot", "compare"})
+
+
 def kiln(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
-    """Run the installed `kiln` command; returns the CompletedProcess."""
+    """Run the installed `kiln` command (a reader, in this process: kiln_here); returns the CompletedProcess."""
+    if args and args[0] in READERS and cwd is None:
+        return kiln_here(*args, env=env)
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run(
         [str(BIN / "kiln"), *args], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or REPO
     )
+
+
+def kiln_here(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`kiln ARGS` run in this process, as `kiln` would run it (exit code, stdout, stderr), without an interpreter's
+    start-up: for the commands that start no Ray and no worker (status, runs, logs, plot, compare, stop, export,
+    eval, and every refusal that comes before Ray)."""
+    import contextlib
+    import io
+
+    from orchestrator.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    os.environ.update({"COLUMNS": "200", **(env or {})})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's --help and usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["kiln", *args], code, out.getvalue(), err.getvalue())
 
 
 def prepare_rows(folder: Path, rows: list[dict], *settings: str) -> Path:
@@ -119,16 +149,30 @@ def torchrun(*args: str, timeout: float = 300, nproc: int = 2) -> subprocess.Com
 
 
 def runs_per_strategy(root: Path, *args: str):
-    """strategy -> folder of its finished torchrun run of ARGS under root, trained the first time it is asked for."""
-    done: dict[str, Path] = {}
+    """strategy -> folder of its finished torchrun run of ARGS under root, trained the first time any process
+    sharing root asks for it (a lock per strategy; a run counts once its run.json says SUCCEEDED)."""
+    from filelock import FileLock
 
     def get(strategy: str) -> Path:
-        if strategy not in done:
-            torchrun(*args, f"strategy={strategy}", f"run.id={strategy}", f"storage.root={root}")
-            done[strategy] = root / strategy
-        return done[strategy]
+        folder = root / strategy
+        with FileLock(str(root / f"{strategy}.lock")):
+            if not finished(folder):
+                if folder.exists():  # a run another worker left half done (it failed that worker's test)
+                    import shutil
+
+                    shutil.rmtree(folder)
+                torchrun(*args, f"strategy={strategy}", f"run.id={strategy}", f"storage.root={root}")
+        return folder
 
     return get
+
+
+def finished(run_dir: Path) -> bool:
+    """True once the run's record says it SUCCEEDED."""
+    try:
+        return json.loads((run_dir / "run.json").read_text())["state"] == "SUCCEEDED"
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return False
 
 
 def rows(run_dir: Path) -> list[dict]:
