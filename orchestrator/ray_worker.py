@@ -178,7 +178,7 @@ def train_worker(config: dict) -> None:
 
     TRAINING.set()
     try:
-        loop.run(cfg, context)
+        loop.run(cfg, context, config.get("data"))  # the data as the driver's plan resolved it
     finally:
         TRAINING.clear()
         if mirror is not None:
