@@ -105,7 +105,7 @@ def raw_get_parallel(fs, url: str, local: str) -> None:
 
     files = list(storage.walk_files(url))
     os.makedirs(local, exist_ok=True)
-    with ThreadPoolExecutor(4) as pool:  # trainers/checkpoint.py verify(): 4 files at once
+    with ThreadPoolExecutor(4) as pool:  # trainers/checkpoint/store.py verify(): 4 files at once
         for _ in pool.map(
             lambda item: fs.get_file(
                 f"{url}/{item[0]}".removeprefix("s3://"),
@@ -124,7 +124,7 @@ def save_and_load(root: str, layers: int, width: int, rounds: int) -> dict:
     import torch.distributed as dist
 
     from data_pipeline import storage
-    from trainers.checkpoint import CheckpointStore
+    from trainers.checkpoint.store import CheckpointStore
 
     store_file = tempfile.mktemp(prefix="kiln-bench-pg-")
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=0, world_size=1)
@@ -256,7 +256,7 @@ def measure(quick: bool, layers: int | None = None, width: int | None = None, re
 def render(results: dict) -> str:
     """The section's markdown: (d) and (e) in one table, (f) in another, and how they were measured."""
     from data_pipeline import transfer
-    from trainers import restore_copy
+    from trainers.checkpoint.store import restore_copy
     from trainers.strategies.dcp_io import UPLOAD_THREADS
 
     r = results

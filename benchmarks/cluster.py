@@ -74,7 +74,7 @@ def train_rows(run_url: str, after: float = 0.0) -> list[dict]:
 
 
 def run_events(run_url: str, kind: str) -> list[dict]:
-    from trainers.events import read_events
+    from trainers.run.events import read_events
 
     return [event for _, event in read_events(run_url) if event["kind"] == kind]
 

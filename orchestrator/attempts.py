@@ -14,8 +14,8 @@ from typing import TypeVar
 from data_pipeline.redaction import redact_text
 from orchestrator.record_codec import decode
 from orchestrator.run_record import RUN_ENDING, Attempt, Cause, Outcome, RankPlace, RunRecord, now
-from trainers.events import STOP_REQUESTED, read_events, record_event
-from trainers.run_state import RunState
+from trainers.run.events import STOP_REQUESTED, read_events, record_event
+from trainers.run.state import RunState
 
 DRIVER_LOST = "the driver stopped recording (the kiln process or its machine died) before the attempt ended"
 

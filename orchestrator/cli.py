@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from data_pipeline.config import DEFAULT_STORAGE_ROOT, STORAGE_ROOT_ENV, default_storage_root
-from trainers.run_folder import TOKENIZER_DIR
-from trainers.run_state import RunState, is_terminal
+from trainers.run.folder import TOKENIZER_DIR
+from trainers.run.state import RunState, is_terminal
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -132,7 +132,7 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.liveness import DriverIdentity
     from orchestrator.registry import RunRegistry
     from orchestrator.runs import resume_command
-    from trainers.preemption import ask_to_stop
+    from trainers.run.stop_request import ask_to_stop
 
     registry = RunRegistry(absolute_url(args.storage_root))
     record = registry.load(args.run)

@@ -45,8 +45,8 @@ from orchestrator.submitted_run import (
     judge_submitted_run,
     log_tail,
 )
-from trainers.run_folder import LOGS_DIR, worker_log_name
-from trainers.run_state import RunState, is_terminal
+from trainers.run.folder import LOGS_DIR, worker_log_name
+from trainers.run.state import RunState, is_terminal
 
 # The job's driver connects to the cluster it runs on (Ray sets RAY_ADDRESS for a job's entrypoint).
 ON_THE_CLUSTER = "cluster.address=auto"

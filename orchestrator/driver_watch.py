@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 # How long fit() may take to return after the workers recorded that they finished (normally 1-3 s).
 WORKERS_DONE_GRACE_S = 20

@@ -1,6 +1,6 @@
 """`kiln eval`, `kiln generate`, `kiln chat` and `kiln predict`: find the model (a run's checkpoint or an exported
-folder) and the data, then hand them to trainers/inference.py, trainers/chat.py and trainers/predict.py. Everything
-runs in this one process, on CPU."""
+folder) and the data, then hand them to trainers/inference/ (loaded_model.py, chat.py and predict.py).
+Everything runs in this one process, on CPU."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ FOLDER_MICRO_BATCH = 8  # an exported folder has no run config: its default eval
 class Source:
     """The model to use and where it came from."""
 
-    loaded: Any  # trainers.inference.LoadedModel (its task: the run's, or the folder's from config.json)
+    loaded: Any  # trainers.inference.loaded_model.LoadedModel (its task: the run's, or the folder's from config.json)
     label: str  # "run qs step 20" or "folder ./out"
     cfg: KilnConfig | None = None  # the run's config, when the model is a run's checkpoint
     run_id: str | None = None
@@ -111,7 +111,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, what: str = "per pro
 
 
 def cmd_generate(args: argparse.Namespace, console: Console) -> int:
-    from trainers.inference import Sampling, generate
+    from trainers.inference.loaded_model import Sampling, generate
 
     sampling = user_error(lambda: Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
     source = text_model(args, "generate")
@@ -134,7 +134,7 @@ def cmd_generate(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_predict(args: argparse.Namespace, console: Console) -> int:
     """Each text's label (and, with --json, every class's probability), one line a text."""
-    from trainers.predict import classifier, predict
+    from trainers.inference.predict import classifier, predict
 
     source = open_model(args)
     user_error(lambda: classifier(source.loaded))  # not a classifier: said before stdin is read
@@ -158,8 +158,8 @@ def cmd_predict(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_chat(args: argparse.Namespace, console: Console) -> int:
     """A conversation on the terminal; with piped stdin, one user turn a line and one reply a line."""
-    from trainers.chat import ChatSession
-    from trainers.inference import Sampling
+    from trainers.inference.chat import ChatSession
+    from trainers.inference.loaded_model import Sampling
 
     sampling = user_error(lambda: Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed))
     source = text_model(args, "chat")
@@ -210,7 +210,7 @@ def chat_turns(interactive: bool) -> Iterator[str]:
 
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
-    from trainers.inference import read_pairs
+    from trainers.inference.loaded_model import read_pairs
 
     data = args.data
     if data is not None and (data.endswith(".jsonl") or os.path.isfile(data)):
@@ -283,7 +283,7 @@ def plan_dataset_slice(
 def eval_split(source: Source, data: str | None, micro_batch: int | None, batches: int | None) -> dict:
     """The task's validation metrics: the run's own evaluation slice, or the val split of a prepared dataset."""
     from data_pipeline.dataset import open_dataset, open_training_data
-    from trainers.inference import check_vocabulary, validation_metrics
+    from trainers.inference.loaded_model import check_vocabulary, validation_metrics
 
     cfg = source.cfg
     if data is None:
@@ -358,7 +358,7 @@ def check_eval_data(source: Source, data: str, dataset: Any) -> None:
 def eval_pairs(source: Source, data: str, pairs: list, max_new_tokens: int) -> dict:
     """Greedy completions of each prompt, scored against the references with sacrebleu's BLEU and chrF. A chat
     (task=sft) model reads each prompt as a user message in its chat template, as it was trained."""
-    from trainers.inference import Sampling, generate, text_metrics
+    from trainers.inference.loaded_model import Sampling, generate, text_metrics
 
     sampling = user_error(lambda: Sampling(max_new_tokens=max_new_tokens))
     chat = source.loaded.task.name == "sft" and bool(getattr(source.loaded.tokenizer, "chat_template", None))
@@ -381,8 +381,8 @@ def open_model(args: argparse.Namespace) -> Source:
     from data_pipeline import storage
     from orchestrator.config import absolute_url
     from orchestrator.runs import find_checkpoint, reopen_run
-    from trainers.inference import load_checkpoint, load_folder
-    from trainers.run_folder import TOKENIZER_DIR
+    from trainers.inference.loaded_model import load_checkpoint, load_folder
+    from trainers.run.folder import TOKENIZER_DIR
 
     target = args.target
     if looks_like_folder(target):
@@ -456,7 +456,7 @@ def note(message: str) -> None:
 
 def user_error(call: Callable[[], Any]) -> Any:
     """call(), with trainers' InferenceError turned into the CLI's one-line UsageError."""
-    from trainers.inference import InferenceError
+    from trainers.inference.loaded_model import InferenceError
 
     try:
         return call()
@@ -466,7 +466,7 @@ def user_error(call: Callable[[], Any]) -> Any:
 
 def user_errors(items: Iterable[Any]) -> Iterator[Any]:
     """The items, with trainers' InferenceError raised while producing them turned into UsageError."""
-    from trainers.inference import InferenceError
+    from trainers.inference.loaded_model import InferenceError
 
     try:
         yield from items

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from orchestrator.config import KilnConfig, UsageError, absolute_url
-from trainers.checkpoint import Committed
+from trainers.checkpoint.store import Committed
 from trainers.pretrained import (
     PretrainedError,
     check_data,
@@ -31,7 +31,7 @@ from trainers.pretrained import (
     inspect_folder,
     model_files,
 )
-from trainers.run_folder import INIT_MODEL_DIR
+from trainers.run.folder import INIT_MODEL_DIR
 from trainers.task_data import PRETRAINED_CLASS
 
 

@@ -22,16 +22,16 @@ from orchestrator.run_plan import RunPlan, placement_of
 from orchestrator.runs import find_checkpoint, prepare_resume, register_run, reopen_run
 from trainers.config import parse_init_run
 from trainers.errors import CheckpointError
+from trainers.run.folder import TOKENIZER_DIR
+from trainers.run.state import RunState
 from trainers.run_data import RunData, check_run_data
-from trainers.run_folder import TOKENIZER_DIR
-from trainers.run_state import RunState
 
 Log = Callable[[str], None]
 
 
 def checked_placement(cfg: KilnConfig) -> Placement:
     """The run's placement, refused at once when an embedded Ray of this machine could never hold it."""
-    from orchestrator.launcher import check_embedded_fits
+    from orchestrator.ray_handle import check_embedded_fits
 
     placement = placement_of(cfg.cluster)
     check_embedded_fits(placement)

@@ -27,7 +27,7 @@ from data_pipeline.redaction import redact_logging, redact_text
 from orchestrator.attempts import record_worker_failures
 from trainers.periodic import Periodic
 from trainers.preemption import StopFlag
-from trainers.run_folder import LOGS_DIR, worker_log_name
+from trainers.run.folder import LOGS_DIR, worker_log_name
 
 # Set by the SIGTERM handler below; read by the training thread between steps.
 STOP = StopFlag()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from trainers.run_state import RESUMABLE, RunState
+from trainers.run.state import RESUMABLE, RunState
 
 
 class ResumeAction(StrEnum):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
 from orchestrator.record_codec import OMIT_IF_EMPTY, OMIT_IF_NONE, from_json, to_json, written_with
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 # Bumped only for a change an older Kiln would misread (see record_codec); 1 is every run.json so far.
 FORMAT_VERSION = 1
@@ -117,7 +117,7 @@ class RunRecord:
     """What run.json holds."""
 
     run_id: str
-    state: RunState = RunState.PENDING  # trainers/run_state.py says which changes are legal
+    state: RunState = RunState.PENDING  # trainers/run/state.py says which changes are legal
     created: str = field(default_factory=now)
     updated: str = field(default_factory=now)
     experiment: str = "run"

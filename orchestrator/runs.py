@@ -15,10 +15,10 @@ from orchestrator.config import KilnConfig, UsageError, absolute_url, load_saved
 from orchestrator.record_codec import encode
 from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
 from orchestrator.resume_policy import ResumeAction, ResumeFacts, decide_resume
-from trainers.checkpoint import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
-from trainers.preemption import clear_stop_request
-from trainers.run_folder import CHECKPOINTS_DIR, TOKENIZER_DIR, WANDB_DIR
-from trainers.run_state import RunState
+from trainers.checkpoint.store import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
+from trainers.run.folder import CHECKPOINTS_DIR, TOKENIZER_DIR, WANDB_DIR
+from trainers.run.state import RunState
+from trainers.run.stop_request import clear_stop_request
 from trainers.tracking import wandb_mode
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 # Ray's job status for a job whose driver has exited. NOT_FOUND: the cluster does not know the job (its head
 # was replaced): nothing there drives the run.

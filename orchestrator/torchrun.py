@@ -23,9 +23,9 @@ from orchestrator.registry import UnknownRun
 from orchestrator.runs import refresh
 from trainers import loop
 from trainers.distributed import broadcast_from_rank0, ensure_process_group, torchrun_backend
-from trainers.events import record_event
 from trainers.preemption import StopFlag
-from trainers.run_state import RunState
+from trainers.run.events import record_event
+from trainers.run.state import RunState
 
 log = logging.getLogger("kiln.worker")
 

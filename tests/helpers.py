@@ -234,7 +234,7 @@ def weights(s) -> dict:
 
 def store_at(tmp_path, name: str = "ddp", **options):
     """A one-rank CheckpointStore under tmp_path/checkpoints."""
-    from trainers.checkpoint import CheckpointStore
+    from trainers.checkpoint.store import CheckpointStore
 
     return CheckpointStore(
         str(tmp_path / "checkpoints"), rank=0, world_size=1, strategy=name, config_hash="h", **options

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_pipeline.config import DataConfig, StorageConfig
-from trainers import run_folder
+from trainers.run import folder as run_folder
 from trainers.task_data import ARCH_MODELS, TASK_NEEDS, arch_error
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: `$` admits a trailing newline

@@ -14,10 +14,10 @@ from torch import nn
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from data_pipeline.examples import generation_stops
-from trainers import safe_load
+from trainers.checkpoint import safe_load
+from trainers.checkpoint.shapes import check_fits, checkpoint_shapes, shapes_of
 from trainers.errors import CheckpointError
 from trainers.lora import is_lora, merged
-from trainers.model_shapes import check_fits, checkpoint_shapes, shapes_of
 from trainers.strategies.dcp_io import frozen_names, load_model_only
 from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG
 

@@ -23,24 +23,24 @@ import torch
 from data_pipeline import storage
 from data_pipeline.dataset import open_training_data
 from data_pipeline.stream import TokenStream
-from trainers.checkpoint import CheckpointStore
-from trainers.checkpointing import Checkpointing
+from trainers.checkpoint.schedule import Checkpointing
+from trainers.checkpoint.shapes import shapes_of
+from trainers.checkpoint.store import CheckpointStore
 from trainers.config import WorkerConfig
 from trainers.context import WorkerContext
 from trainers.device_batches import DeviceBatches
 from trainers.distributed import ensure_process_group, gather_to_rank0
 from trainers.evaluation import Evaluator
-from trainers.events import record_event
 from trainers.failpoints import failpoint
 from trainers.flops import mfu, model_flops_per_token, peak_flops, tflops_per_device
-from trainers.model_shapes import shapes_of
 from trainers.models import compile_blocks, parameter_count, watch_router
 from trainers.optim import schedule_horizon
 from trainers.preemption import StopAgreement, commit_before_stopping
 from trainers.rng import rank_seed, seed_everything
+from trainers.run.events import record_event
+from trainers.run.folder import CHECKPOINTS_DIR
+from trainers.run.state import RunState
 from trainers.run_data import RunData, check_run_data
-from trainers.run_folder import CHECKPOINTS_DIR
-from trainers.run_state import RunState
 from trainers.step_window import StepWindow, WindowSummary, summarize
 from trainers.strategies import Strategy, build_strategy
 from trainers.tasks import Task, build_model, build_task

@@ -2,7 +2,7 @@
 
 A run stops early when
 - `kiln stop RUN`, the `kiln train` driver on SIGTERM / a first Ctrl-C, `kiln sweep stop` or the
-  sweep's ASHA pruning writes the run's STOP request (`ask_to_stop`, the one writer); rank 0 polls it
+  sweep's ASHA pruning writes the run's STOP request (`ask_to_stop` in trainers/run/stop_request.py); rank 0 polls it
   in the background (`StopRequestWatcher`);
 - a worker process gets SIGTERM (a preempted node): the launcher's handler sets the process's
   `StopFlag` (torchrun: `StopFlag.install`; Ray: orchestrator/ray_worker.py, which must replace
@@ -17,7 +17,6 @@ driver ends or the run is resumed (`clear_stop_request`), so it never stops the 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,40 +24,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from data_pipeline import storage
 from trainers.context import WorkerContext
-from trainers.events import STOP_REQUESTED, record_event
 from trainers.periodic import Periodic
-from trainers.run_folder import STOP_REQUEST
+from trainers.run.stop_request import stop_requested
 
-if TYPE_CHECKING:  # `kiln stop` imports this module to write a request: torch stays out of its start-up
+if TYPE_CHECKING:  # the orchestrator imports StopFlag: torch stays out of its start-up
     import torch
 
 log = logging.getLogger("kiln.worker")
-
-
-def ask_to_stop(run_url: str, reason: str, *, event: str | None = STOP_REQUESTED, **fields: object) -> None:
-    """Ask a running run to commit a checkpoint and stop: record who asked (`event`), then leave the request.
-
-    The event comes first so that whoever later reads why the run stopped (a sweep telling a prune from
-    a `kiln stop`) finds it before the run can end. `event=None` only re-asks a stop already recorded.
-    """
-    if event is not None:
-        record_event(run_url, event, reason=reason, **fields)
-    storage.write_atomic(storage.join(run_url, STOP_REQUEST), json.dumps({"reason": reason, "time": time.time()}))
-
-
-def stop_requested(run_url: str) -> dict | None:
-    """The pending stop request of a run, if any."""
-    try:
-        return json.loads(storage.read_text(storage.join(run_url, STOP_REQUEST)))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def clear_stop_request(run_url: str) -> None:
-    """Forget a served stop request, so the resumed run keeps going."""
-    storage.remove(storage.join(run_url, STOP_REQUEST))
 
 
 class StopRequestWatcher:

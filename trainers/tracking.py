@@ -11,8 +11,8 @@ from typing import Any, Protocol, cast
 from data_pipeline import storage
 from data_pipeline.redaction import redact
 from trainers.config import TrackerConfig
-from trainers.run_folder import METRICS_FILE, WANDB_DIR
-from trainers.run_state import RunState
+from trainers.run.folder import METRICS_FILE, WANDB_DIR
+from trainers.run.state import RunState
 
 log = logging.getLogger("kiln.tracking")
 

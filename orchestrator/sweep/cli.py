@@ -89,7 +89,7 @@ def run_here(
     record: SweepRecord, plan: SweepPlan, console: Console, retry_failed: bool = False, prepared: bool = False
 ) -> int:
     """Run the sweep's unfinished trials with this process as its driver; returns the exit code."""
-    from orchestrator.launcher import check_placement, ray_processes_in_their_own_session, start_ray
+    from orchestrator.ray_handle import check_placement, ray_processes_in_their_own_session, start_ray
     from orchestrator.run_plan import placement_of
     from orchestrator.sweep.driver import SweepDriver
 

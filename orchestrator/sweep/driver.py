@@ -21,8 +21,8 @@ from orchestrator.sweep.reconcile import reconcile_trial_end
 from orchestrator.sweep.record import NOT_STARTED, SweepRecord, SweepState, TrialEntry, best_trial, refresh_entry
 from orchestrator.sweep.space import SweepSpace
 from orchestrator.sweep.trial import PRUNED_EVENT, SweepContext
-from trainers.preemption import ask_to_stop
-from trainers.run_state import is_terminal
+from trainers.run.state import is_terminal
+from trainers.run.stop_request import ask_to_stop
 
 # A trial's actor only drives its run (Ray Train's controller takes no CPU either): it reserves the memory
 # a Kiln driver uses, not a CPU that the run's workers need. (Tune needs some resource in the request.)
@@ -95,7 +95,7 @@ class SweepDriver:
         """Run the queued trials and `new_trials` Optuna ones; returns the sweep's end state."""
         from ray import tune
 
-        from orchestrator.launcher import cluster_nodes
+        from orchestrator.ray_handle import cluster_nodes
         from orchestrator.sweep.tune_adapter import KilnTrial, PruningASHA, SweepRecorder, TrialSource
 
         settings = self.space.settings

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from orchestrator.sweep.record import NOT_STARTED
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from data_pipeline import storage
 from data_pipeline.redaction import redact_text
 from orchestrator.record_codec import NewerFormat, from_json, to_json
 from orchestrator.registry import DamagedRun, RunRegistry, UnknownRun, now
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 SWEEPS_DIR = "sweeps"
 SWEEP_FILE = "sweep.json"

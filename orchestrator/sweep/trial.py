@@ -17,8 +17,8 @@ from orchestrator.config import KilnConfig, compose_config
 from orchestrator.registry import RunRegistry
 from orchestrator.sweep.reconcile import RelabelAction, decide_relabel
 from orchestrator.sweep.record import trial_run_id
-from trainers.events import STOP_REQUESTED, read_events
-from trainers.run_state import RunState
+from trainers.run.events import STOP_REQUESTED, read_events
+from trainers.run.state import RunState
 
 POLL_S = 0.5
 # How long a trial's actor waits, when Tune ends it early, for its run to commit and stop.

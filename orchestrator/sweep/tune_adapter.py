@@ -27,8 +27,8 @@ from orchestrator.sweep.record import NOT_STARTED, TrialEntry, sweep_stop_reques
 from orchestrator.sweep.settings import SweepConfig
 from orchestrator.sweep.space import SweepSpace
 from orchestrator.sweep.trial import POLL_S, STOP_WAIT_S, SweepContext, drive_trial
-from trainers.preemption import ask_to_stop
-from trainers.run_state import RunState
+from trainers.run.state import RunState
+from trainers.run.stop_request import ask_to_stop
 
 
 class TrialLedger(Protocol):

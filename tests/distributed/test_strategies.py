@@ -123,7 +123,7 @@ def test_sharded_strategies_hold_a_world_size_share_of_ddp_bytes(trained, strate
 def test_a_checkpoint_from_another_model_names_the_mismatched_shapes(trained, tmp_path):
     from data_pipeline import tokenizer as bpe
     from orchestrator.config import load_saved_config
-    from trainers.checkpoint import CheckpointError
+    from trainers.checkpoint.store import CheckpointError
     from trainers.export import load_consolidated
     from trainers.models import build_gpt2
 

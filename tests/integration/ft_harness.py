@@ -55,7 +55,7 @@ def metrics(root: str, run: str) -> list[dict]:
 
 def events(root: str, run: str, kind: str | None = None) -> list[dict]:
     """The run's events, oldest first (optionally one kind)."""
-    from trainers.events import read_events
+    from trainers.run.events import read_events
 
     found = [event for _, event in read_events(f"{root}/{run}")]
     return [e for e in found if kind is None or e["kind"] == kind]

@@ -27,7 +27,7 @@ from tests.helpers import (
     torch_bytes,
     weights,
 )
-from trainers.checkpoint import CheckpointError, CheckpointStore, verify
+from trainers.checkpoint.store import CheckpointError, CheckpointStore, verify
 
 pytestmark = pytest.mark.usefixtures("process_group")
 
@@ -50,8 +50,8 @@ def test_deepspeed_checkpoint_round_trips_through_the_safe_loaders(tmp_path, dee
 
 @pytest.mark.parametrize("kind", ["model_states", "optim_states"])
 def test_a_payload_in_a_deepspeed_file_is_refused_and_restore_falls_back(tmp_path, deepspeed_env, kind):
+    from trainers.checkpoint.safe_load import deepspeed_globals
     from trainers.export import checkpoint_shapes, load_consolidated
-    from trainers.safe_load import deepspeed_globals
 
     store, saved = save_two(tmp_path, "zero1")
     marker = tmp_path / "pwned"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tests.helpers import REFUSED, Payload, assert_falls_back_to_step_1, plant, save_steps, strategy
-from trainers.checkpoint import CheckpointError, CheckpointStore, verify
+from trainers.checkpoint.store import CheckpointError, CheckpointStore, verify
 
 pytestmark = pytest.mark.usefixtures("process_group")
 

@@ -83,7 +83,7 @@ def test_a_ddp_run_on_a_flaky_store_survives_a_kill_mid_save_exactly(s3, trained
     # Retention: the newest 3 and every 10th step are kept, every one verifies, no leftover remains.
     assert committed_steps(root, "k") == [10, 18, 19, 20]
     assert len(s3_client().ls(f"{root}/k/checkpoints".removeprefix("s3://"), detail=False)) == 4
-    from trainers.checkpoint import verify
+    from trainers.checkpoint.store import verify
 
     for step in committed_steps(root, "k"):
         assert verify(f"{root}/k/checkpoints/step_{step:06d}")["step"] == step

@@ -76,7 +76,7 @@ def test_a_run_at_a_step_starts_from_that_checkpoint(pretrained):
     from data_pipeline.dataset import open_training_data
     from orchestrator.config import compose_config
     from orchestrator.planning import start_run
-    from trainers.inference import load_folder, validation_metrics
+    from trainers.inference.loaded_model import load_folder, validation_metrics
 
     root = pretrained
     cfg = compose_config([*FINE_TUNE, "model.init_from=run:pre@5", "run.id=at-5", f"storage.root={root}"])

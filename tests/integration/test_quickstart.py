@@ -10,7 +10,7 @@ import pytest
 from tests.helpers import TINY, kiln
 from tests.wandb_reader import config as wandb_config
 from tests.wandb_reader import history
-from trainers.checkpoint import verify
+from trainers.checkpoint.store import verify
 
 pytestmark = pytest.mark.slow
 

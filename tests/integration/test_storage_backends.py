@@ -19,7 +19,7 @@ from data_pipeline import storage
 from data_pipeline.storage import StorageError
 from orchestrator.registry import RunExists, RunRecord, RunRegistry
 from tests.helpers import restore_through_copy, save_steps, strategy, weights
-from trainers.checkpoint import CheckpointStore, verify
+from trainers.checkpoint.store import CheckpointStore, verify
 
 
 @pytest.fixture(params=["local", "memory", "s3"])

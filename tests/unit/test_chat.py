@@ -9,8 +9,8 @@ import pytest
 from data_pipeline.examples import encode_chat
 from data_pipeline.tokenizer import kiln_chat_template, train_bpe, train_kiln_tokenizer
 from tests.tokenizer_folders import FAMILIES, build_tokenizer
-from trainers.chat import ChatSession, fit_history
-from trainers.inference import InferenceError, LoadedModel, Sampling, prompt_ids
+from trainers.inference.chat import ChatSession, fit_history
+from trainers.inference.loaded_model import InferenceError, LoadedModel, Sampling, prompt_ids
 
 TEXTS = ["what is 3 plus 4? 3 plus 4 is 7. hello there, how are you? fine thanks."] * 20
 TWO_TURNS = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import save_two, store_at, strategy, train_one_step, weights
-from trainers.checkpoint import CheckpointError, verify
+from trainers.checkpoint.store import CheckpointError, verify
 from trainers.rng import capture_rng, restore_rng
 
 pytestmark = pytest.mark.usefixtures("process_group")
@@ -202,7 +202,7 @@ def assert_restores_step_1(store, saved, skipped_because: str) -> None:
 
 
 def test_manifest_problem_names_what_is_wrong():
-    from trainers.checkpoint import manifest_problem
+    from trainers.checkpoint.store import manifest_problem
 
     good = {"step": 2, "world_size": 1, "strategy": "ddp", "files": [{"path": "a", "size": 1, "sha256": "0" * 64}]}
     assert manifest_problem(good) is None
@@ -213,7 +213,7 @@ def test_manifest_problem_names_what_is_wrong():
 
 
 def test_a_restore_keeps_its_verified_copy_in_memory_only_where_dcp_loads_and_it_fits():
-    from trainers.restore_copy import MEMORY_SHARE, keeps_in_memory
+    from trainers.checkpoint.restore_copy import MEMORY_SHARE, keeps_in_memory
 
     free = 64 << 30
     fits = int(MEMORY_SHARE * free)
@@ -226,7 +226,7 @@ def test_a_restore_keeps_its_verified_copy_in_memory_only_where_dcp_loads_and_it
 def test_a_verified_copy_in_memory_disappears_when_removed(tmp_path):
     import fsspec
 
-    from trainers.restore_copy import RestoreCopy
+    from trainers.checkpoint.restore_copy import RestoreCopy
 
     store, _ = save_two(tmp_path)
     copy = RestoreCopy("ddp")

@@ -21,7 +21,7 @@ from tests.helpers import (
     strategy,
     torch_bytes,
 )
-from trainers.checkpoint import CheckpointError, verify
+from trainers.checkpoint.store import CheckpointError, verify
 
 pytestmark = pytest.mark.usefixtures("process_group")
 

@@ -172,8 +172,8 @@ def test_init_from_a_classifier_with_other_labels_is_refused_in_one_line(folders
 
 
 def test_predict_scores_a_text_as_its_stored_row_and_refuses_a_language_model(folders):
-    from trainers.inference import InferenceError, load_folder
-    from trainers.predict import predict
+    from trainers.inference.loaded_model import InferenceError, load_folder
+    from trainers.inference.predict import predict
 
     loaded = load_folder(str(folders / "classifier"))
     assert loaded.task == TaskConfig("classification", labels=["a", "b"])

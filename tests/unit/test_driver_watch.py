@@ -13,7 +13,7 @@ from orchestrator.driver_watch import (
     decide_watch,
     failure_cause_source,
 )
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 WAIT, REFRESH, STOP = WatchAction.WAIT, WatchAction.REFRESH, WatchAction.STOP_WAITING_FOR_RAY
 

@@ -35,7 +35,7 @@ def test_an_export_keeps_the_tokenizer_and_transformers_chats_on_it_as_kiln_does
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainers.export import save_hugging_face
-    from trainers.inference import Sampling, generate, load_folder
+    from trainers.inference.loaded_model import Sampling, generate, load_folder
 
     source = save_tokenizer(family, tmp_path / "tokenizer")
     tokenizer = bpe.load(str(source))

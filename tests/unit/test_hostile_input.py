@@ -164,7 +164,7 @@ def test_an_unexpected_error_is_one_redacted_line(tmp_path, capsys, monkeypatch)
 
 
 def test_everything_the_registry_and_event_log_write_is_redacted(tmp_path, monkeypatch):
-    from trainers.events import record_event
+    from trainers.run.events import record_event
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     registry = RunRegistry(str(tmp_path))

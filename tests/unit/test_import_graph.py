@@ -151,7 +151,7 @@ def module_level_imports(path: Path, name: str) -> set[str]:
 def test_kiln_stop_and_the_event_log_load_no_torch():
     # `kiln stop` must land between two steps of a fast run: torch's seconds of import would not.
     files = {module_name(f): f for package in LAYERS for f in (ROOT / package).rglob("*.py")}
-    for module in ("orchestrator.cli", "trainers.preemption", "trainers.events", "orchestrator.registry"):
+    for module in ("orchestrator.cli", "trainers.preemption", "trainers.run.events", "orchestrator.registry"):
         assert "torch" not in loaded_at_import(module, files), module
     assert "torch" in loaded_at_import("trainers.loop", files), "the check must see torch where it is loaded"
 
@@ -174,21 +174,21 @@ def test_the_three_packages_import_only_downwards_without_cycles():
 
 def test_the_check_catches_each_kind_of_violation():
     graph = {
-        "data_pipeline.storage": {"trainers.events"},
-        "trainers.events": {"data_pipeline.storage", "ray.train"},
-        "trainers.checkpoint": {"trainers.export"},
-        "trainers.export": {"trainers.model_shapes"},
-        "trainers.model_shapes": {"trainers.checkpoint", "omegaconf"},
-        "orchestrator.cli": {"trainers.events", "ray", "hydra"},
+        "data_pipeline.storage": {"trainers.run.events"},
+        "trainers.run.events": {"data_pipeline.storage", "ray.train"},
+        "trainers.checkpoint.store": {"trainers.export"},
+        "trainers.export": {"trainers.checkpoint.shapes"},
+        "trainers.checkpoint.shapes": {"trainers.checkpoint.store", "omegaconf"},
+        "orchestrator.cli": {"trainers.run.events", "ray", "hydra"},
         "data_pipeline.prepare": {"ray.data"},
     }
     problems = violations(graph)
-    assert "upward import: data_pipeline.storage imports trainers.events" in problems
-    assert "trainers.events imports ray (only orchestrator, data_pipeline.prepare may)" in problems
-    assert "trainers.model_shapes imports Hydra/OmegaConf (only the orchestrator composes config)" in problems
-    assert "import cycle: data_pipeline.storage -> trainers.events -> data_pipeline.storage" in problems
+    assert "upward import: data_pipeline.storage imports trainers.run.events" in problems
+    assert "trainers.run.events imports ray (only orchestrator, data_pipeline.prepare may)" in problems
+    assert "trainers.checkpoint.shapes imports Hydra/OmegaConf (only the orchestrator composes config)" in problems
+    assert "import cycle: data_pipeline.storage -> trainers.run.events -> data_pipeline.storage" in problems
     assert (
-        "import cycle: trainers.checkpoint -> trainers.export -> trainers.model_shapes -> trainers.checkpoint"
-        in problems
+        "import cycle: trainers.checkpoint.shapes -> trainers.checkpoint.store -> trainers.export"
+        " -> trainers.checkpoint.shapes" in problems
     )
     assert len(problems) == 5, problems

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainers.inference import InferenceError, Pair, Sampling, read_pairs, text_metrics
+from trainers.inference.loaded_model import InferenceError, Pair, Sampling, read_pairs, text_metrics
 
 
 def test_pairs_are_read_one_object_a_line_and_blank_lines_skipped(tmp_path):
@@ -66,7 +66,7 @@ def test_text_metrics_are_sacrebleus_corpus_scores():
 
 
 def test_a_folders_recorded_kiln_task_wins_when_its_model_class_fits():
-    from trainers.inference import folder_task
+    from trainers.inference.loaded_model import folder_task
 
     assert folder_task("sft", "causal_lm") == "sft"  # an SFT export is a causal LM to transformers
     assert folder_task(None, "causal_lm") == "causal_lm"  # a folder Kiln did not write

@@ -129,7 +129,7 @@ def test_data_prepared_without_the_mask_token_is_refused_in_one_line(tmp_path):
 
 def test_an_exported_masked_lm_folder_is_scored_as_mlm(tmp_path):
     from trainers.export import save_hugging_face
-    from trainers.inference import load_folder, vocabulary
+    from trainers.inference.loaded_model import load_folder, vocabulary
 
     tokenizer = bpe.train_bpe(TEXTS, vocab_size=300)
     bpe.save(tokenizer, str(tmp_path / "tok"))

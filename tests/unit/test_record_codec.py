@@ -13,7 +13,7 @@ from orchestrator.registry import DamagedRun, RunRegistry
 from orchestrator.run_record import Attempt, Cause, Outcome, RankPlace, RunRecord
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.record import DamagedSweep, SweepRecord
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 
 def test_outcomes_are_the_strings_run_json_always_held():
@@ -64,7 +64,7 @@ def test_events_fold_into_typed_attempts_and_the_record_round_trips():
 
 def test_a_malformed_event_is_skipped_not_folded(tmp_path, caplog):
     from orchestrator.attempts import merge_events
-    from trainers.events import record_event
+    from trainers.run.events import record_event
 
     record = RunRecord(run_id="r")
     record_event(str(tmp_path), "launched", launcher="ray")

@@ -14,7 +14,7 @@ from orchestrator.registry import RunRegistry
 from orchestrator.run_record import Attempt, Cause, Outcome, RankPlace, RunRecord
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.record import SweepRecord, TrialEntry
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "records"
 RUN_FIXTURES = sorted(p.name for p in FIXTURES.glob("run_*.json"))

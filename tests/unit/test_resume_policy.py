@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.resume_policy import ResumeAction, ResumeFacts, decide_resume
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 ASK_DRIVER, ASK_CHECKPOINTS = ResumeAction.ASK_DRIVER, ResumeAction.ASK_CHECKPOINTS
 ALIVE, FINISHED, RESUME = ResumeAction.REFUSE_DRIVER_ALIVE, ResumeAction.REFUSE_FINISHED, ResumeAction.RESUME
@@ -81,7 +81,7 @@ def test_prepare_resume_refuses_a_finished_run_unless_max_steps_is_raised(tmp_pa
     from orchestrator.config import UsageError
     from orchestrator.registry import RunRegistry
     from orchestrator.runs import prepare_resume
-    from trainers.checkpoint import MANIFEST
+    from trainers.checkpoint.store import MANIFEST
 
     root = str(tmp_path)
     saved_run(root, "done", "SUCCEEDED", step=20)

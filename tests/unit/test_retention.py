@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainers.checkpoint_policy import Choice, choose_checkpoint, retention
+from trainers.checkpoint.policy import Choice, choose_checkpoint, retention
 
 # (folders on storage, the committed ones, keep_last, keep_every, pinned) -> (kept, deleted), newest first
 RETENTION = [

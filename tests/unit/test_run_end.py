@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.launcher import end_state
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from orchestrator.registry import RunRecord, RunRegistry
-from trainers.run_state import (
+from trainers.run.state import (
     RESUMABLE,
     TERMINAL,
     TRANSITIONS,

@@ -1,5 +1,5 @@
-from trainers.events import STOP_REQUESTED, read_events
-from trainers.preemption import ask_to_stop, clear_stop_request, stop_requested
+from trainers.run.events import STOP_REQUESTED, read_events
+from trainers.run.stop_request import ask_to_stop, clear_stop_request, stop_requested
 
 
 def test_ask_to_stop_records_who_asked_then_leaves_the_request(tmp_path):

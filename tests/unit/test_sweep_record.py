@@ -31,7 +31,7 @@ from orchestrator.sweep.record import (
 )
 from orchestrator.sweep.settings import SweepConfig
 from orchestrator.sweep.trial import PRUNED_EVENT, was_pruned
-from trainers.run_state import RunState
+from trainers.run.state import RunState
 
 GONE_PID = 2**22 + 1  # above Linux's largest pid_max: no process ever has it
 POINTS = [["optim.lr=0.1"], ["optim.lr=0.2"], ["optim.lr=0.3"], ["optim.lr=0.4"]]

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from data_pipeline import storage, transfer
-from trainers import safe_load
+from trainers.checkpoint import safe_load
 from trainers.errors import CheckpointError
 
 UPLOAD_THREADS = 4

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from data_pipeline import storage
-from trainers import safe_load
+from trainers.checkpoint import safe_load
+from trainers.checkpoint.resharding import repair_zero3_universal_load, universal_checkpoint
 from trainers.config import OptimConfig
 from trainers.optim import build_optimizer, build_scheduler
-from trainers.resharding import repair_zero3_universal_load, universal_checkpoint
 from trainers.strategies.base import ScheduledStrategy, setup_precision, tensor_bytes
 from trainers.strategies.dcp_io import FileRecords
 

@@ -1,6 +1,6 @@
 """Which checkpoints to keep and which one to load: decisions over plain step numbers, no storage.
 
-CheckpointStore (trainers/checkpoint.py) does the I/O around them: it lists the step folders, looks
+CheckpointStore (trainers/checkpoint/store.py) does the I/O around them: it lists the step folders, looks
 for manifests, verifies checksums, and deletes or loads what these functions choose.
 """
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-from trainers.run_folder import EVENTS_DIR
+from trainers.run.folder import EVENTS_DIR
 
 STOP_REQUESTED = "stop_requested"  # a stop asked by a person, a signal or a sweep (trainers/preemption.py)
 

@@ -8,7 +8,7 @@ import os
 from torch import nn
 
 from data_pipeline import storage
-from trainers import safe_load
+from trainers.checkpoint import safe_load
 from trainers.errors import CheckpointError
 
 MODEL_PREFIX = "model."
@@ -16,7 +16,7 @@ MODEL_PREFIX = "model."
 
 def checkpoint_shapes(shards_url: str, strategy: str) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape, as stored in a checkpoint's shards."""
-    # Here, not at the top: trainers.checkpoint imports this module, and `kiln train`'s driver (which lists
+    # Here, not at the top: trainers.checkpoint.store imports this module, and `kiln train`'s driver (which lists
     # checkpoints, never reads shards) would load torch's distributed checkpointing, ~0.8 s, before Ray starts.
     from trainers.strategies.dcp_io import read_metadata
     from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG

@@ -267,7 +267,7 @@ def generate(
 
     With a seed, each prompt's sampling starts from that seed, so a completion depends only on its
     prompt and the settings, not on the prompts before it. With chat, each prompt is one user message in
-    the model's chat template (trainers/chat.py), and the completion is the assistant's reply.
+    the model's chat template (trainers/inference/chat.py), and the completion is the assistant's reply.
     """
     if chat:
         check_speaks_chat(loaded)

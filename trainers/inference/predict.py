@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from data_pipeline.dataset import example_row
-from trainers.inference import InferenceError, LoadedModel
+from trainers.inference.loaded_model import InferenceError, LoadedModel
 from trainers.tasks.classification import Classification
 
 

@@ -6,7 +6,7 @@
 - Per-rank extras (schedule, data cursor, RNG): the schedule and the global data cursor are the same on
   every rank, so rank r reads rank r's extras when it existed, else rank 0's (`extras_rank`); RNG
   streams belong to ranks that no longer exist, so each rank derives fresh ones from the seed, its rank
-  and the step (trainers/rng.py `rank_seed`, applied by trainers/checkpointing.py).
+  and the step (trainers/rng.py `rank_seed`, applied by trainers/checkpoint/schedule.py).
 - The run's events record `resharded_from` (the saved world size), which `kiln status` shows.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from data_pipeline import storage
-from trainers import safe_load
+from trainers.checkpoint import safe_load
 
 CONVERTED = "CONVERTED"  # written last into a universal checkpoint's folder: the conversion finished
 

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 import torch
 
 from data_pipeline import storage
-from trainers import safe_load
-from trainers.checkpoint_policy import choose_checkpoint, retention
+from trainers.checkpoint import safe_load
+from trainers.checkpoint.policy import choose_checkpoint, retention
+from trainers.checkpoint.resharding import extras_rank, resharded_from
+from trainers.checkpoint.restore_copy import RestoreCopy
+from trainers.checkpoint.shapes import check_fits, checkpoint_shapes
 from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0, new_checkpoint_group
 from trainers.errors import CheckpointError
 from trainers.failpoints import failpoint
-from trainers.model_shapes import check_fits, checkpoint_shapes
-from trainers.resharding import extras_rank, resharded_from
-from trainers.restore_copy import RestoreCopy
 
 log = logging.getLogger("kiln.checkpoint")
 
@@ -359,7 +359,7 @@ class CheckpointStore:
             self._check_compatible(committed, source)
             saved_world = committed.manifest["world_size"]
             strategy.load(storage.join(source, "shards"), saved_world)
-            # On another world size: trainers/resharding.py says whose extras each rank takes.
+            # On another world size: trainers/checkpoint/resharding.py says whose extras each rank takes.
             extra_url = storage.join(source, "extra", f"rank_{extras_rank(self.rank, saved_world):05d}.pt")
             extra = safe_load.load_torch(storage.read_bytes(extra_url), extra_url)
             return Restored(committed, extra, skipped, resharded_from(saved_world, self.world_size))

@@ -11,7 +11,7 @@ from data_pipeline import storage
 RUN_FILE = "run.json"  # the run's record (orchestrator/registry.py)
 CONFIG_FILE = "config.yaml"  # the resolved config, secrets redacted
 METRICS_FILE = "metrics.jsonl"  # one line per logged step, rank 0
-EVENTS_DIR = "events"  # one JSON object per event (trainers/events.py)
+EVENTS_DIR = "events"  # one JSON object per event (trainers/run/events.py)
 STOP_REQUEST = "STOP"  # present while a stop is requested (trainers/preemption.py)
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"  # worker_<rank>.log (`worker_log_name`)

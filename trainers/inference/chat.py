@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-from trainers.inference import InferenceError, LoadedModel, Sampling, check_speaks_chat, prompt_ids, shorter
+from trainers.inference.loaded_model import (
+    InferenceError,
+    LoadedModel,
+    Sampling,
+    check_speaks_chat,
+    prompt_ids,
+    shorter,
+)
 
 Message = dict[str, str]
 

@@ -2,7 +2,7 @@
 
 A checkpoint holds the strategy's shards (model, optimizer) plus, per rank, the schedule, the data
 stream's cursor and every RNG stream, so a restart replays the uninterrupted run bit for bit. The
-bytes, manifests and verification are trainers/checkpoint.py's `CheckpointStore`.
+bytes, manifests and verification are trainers/checkpoint/store.py's `CheckpointStore`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import time
 
 from data_pipeline.stream import TokenStream
-from trainers.checkpoint import CheckpointStore
+from trainers.checkpoint.store import CheckpointStore
 from trainers.device_batches import DeviceBatches
 from trainers.rng import capture_rng, rank_seed, restore_rng, seed_everything
 from trainers.strategies import Strategy
