@@ -62,7 +62,7 @@ JOB_TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 def metrics_rows(run_url: str) -> list[dict]:
     """The run's metrics.jsonl so far, read as `kiln status` reads it."""
-    from orchestrator.registry import RunRegistry
+    from orchestrator.run.registry import RunRegistry
 
     root, run_id = run_url.rstrip("/").rsplit("/", 1)
     return RunRegistry(root).metrics(run_id)

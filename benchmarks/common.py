@@ -165,7 +165,7 @@ def prepare_corpus(cache_dir: str, overrides: list[str]) -> str:
     """Prepare the built-in corpus these overrides train on (its seq_len), once, before any timed run; its URL."""
     os.environ["KILN_CACHE_DIR"] = cache_dir
     from orchestrator.config import compose_config, finalize
-    from orchestrator.runs import resolve_data
+    from orchestrator.run.lifecycle import resolve_data
 
     cfg = finalize(compose_config(["cluster.num_workers=1", *overrides]))
     resolve_data(cfg, log=lambda message: print(f"  {message}", flush=True))

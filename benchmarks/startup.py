@@ -179,9 +179,14 @@ def components(env: dict) -> dict:
     return {
         "python_s": wall([*python, "pass"], env),
         "driver_imports_s": wall(
-            [*python, "import orchestrator.cli, orchestrator.config, orchestrator.runs, orchestrator.launcher"], env
+            [
+                *python,
+                "import orchestrator.cli, orchestrator.config, orchestrator.run.lifecycle,"
+                " orchestrator.launch.ray_train",
+            ],
+            env,
         ),
-        "worker_imports_s": wall([*python, "import orchestrator.ray_worker, trainers.loop"], env),
+        "worker_imports_s": wall([*python, "import orchestrator.launch.ray_worker, trainers.loop"], env),
         "ray_init_s": wall([*python, "import ray; ray.init(); ray.shutdown()"], env),
     }
 

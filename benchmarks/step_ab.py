@@ -56,7 +56,7 @@ def worker(rounds: int, spec_path: str, root: str, out: str) -> None:
 
     from benchmarks.bare_ddp import build, micro_batch, train_sequences, train_step
     from orchestrator.config import compose_config, finalize
-    from orchestrator.runs import resolve_data
+    from orchestrator.run.lifecycle import resolve_data
     from trainers.loop import Trainer
     from trainers.watchdog import StepWatchdog
 

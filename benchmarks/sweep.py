@@ -248,7 +248,7 @@ def plan_and_prepare(base: list[str], cache_dir: str) -> list[list[str]]:
     """The grid's points as the sweep records them; the corpus prepared (or found) in cache_dir. Untimed."""
     os.environ["KILN_CACHE_DIR"] = cache_dir
     from orchestrator.config import finalize
-    from orchestrator.runs import resolve_data
+    from orchestrator.run.lifecycle import resolve_data
     from orchestrator.sweep.space import plan_sweep
 
     plan = plan_sweep([*base, *GRID])

@@ -74,7 +74,7 @@ def plan(cache_dir: str, steps: int) -> dict:
     """The quickstart's composed config as one spec every system trains with; the corpus prepared. Untimed."""
     os.environ["KILN_CACHE_DIR"] = cache_dir
     from orchestrator.config import compose_config, finalize
-    from orchestrator.runs import resolve_data
+    from orchestrator.run.lifecycle import resolve_data
     from trainers.models import padded_vocab
 
     cfg = finalize(compose_config(["experiment=quickstart"]))

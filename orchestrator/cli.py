@@ -44,8 +44,8 @@ def cmd_train(args: argparse.Namespace, console: Console) -> int:
             console.print(f"  {key}")
         return 0
     cfg = compose_config(args.overrides)  # bad input fails here, before Ray starts
-    from orchestrator.launcher import train
-    from orchestrator.planning import start_run
+    from orchestrator.launch.ray_train import train
+    from orchestrator.run.planning import start_run
 
     plan, registry, record = start_run(cfg, log=lambda m: console.print(f"[dim]{m}[/dim]"))
     return print_outcome(train(plan, console, (registry, record), "kiln train"), console)
@@ -68,7 +68,7 @@ def print_outcome(outcome, console: Console) -> int:
     root = outcome.run_dir[: -len(outcome.run_id)].rstrip("/")
     console.print(f"inspect:    kiln status {outcome.run_id} --storage-root {root}")
     if outcome.state == RunState.PREEMPTED:
-        from orchestrator.runs import resume_command
+        from orchestrator.run.lifecycle import resume_command
 
         console.print(f"resume:     {resume_command(outcome.run_id, root, outcome.cluster_address)}")
         return EXIT_PREEMPTED
@@ -77,8 +77,8 @@ def print_outcome(outcome, console: Console) -> int:
 
 def cmd_resume(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.config import absolute_url
-    from orchestrator.launcher import train
-    from orchestrator.planning import plan_resume
+    from orchestrator.launch.ray_train import train
+    from orchestrator.run.planning import plan_resume
 
     root, overrides = resume_root(args.storage_root, args.overrides)
     if args.address:
@@ -93,10 +93,10 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 def cmd_start(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.cluster_cli import never_started
     from orchestrator.config import absolute_url
-    from orchestrator.launcher import train
-    from orchestrator.planning import plan_start
-    from orchestrator.registry import RunRegistry
-    from orchestrator.runs import ready_registered
+    from orchestrator.launch.ray_train import train
+    from orchestrator.run.lifecycle import ready_registered
+    from orchestrator.run.planning import plan_start
+    from orchestrator.run.registry import RunRegistry
 
     root = absolute_url(args.storage_root)
     try:
@@ -129,9 +129,9 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     import time
 
     from orchestrator.config import UsageError, absolute_url
-    from orchestrator.liveness import DriverIdentity
-    from orchestrator.registry import RunRegistry
-    from orchestrator.runs import resume_command
+    from orchestrator.run.lifecycle import resume_command
+    from orchestrator.run.liveness import DriverIdentity
+    from orchestrator.run.registry import RunRegistry
     from trainers.run.stop_request import ask_to_stop
 
     registry = RunRegistry(absolute_url(args.storage_root))
@@ -163,8 +163,8 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_runs(args: argparse.Namespace, console: Console) -> int:
-    from orchestrator.registry import RunRegistry
-    from orchestrator.submitted_run import displayed_state
+    from orchestrator.run.registry import RunRegistry
+    from orchestrator.run.submitted import displayed_state
 
     registry = RunRegistry(args.storage_root)
     records, damaged = registry.list()
@@ -212,15 +212,15 @@ def cmd_runs(args: argparse.Namespace, console: Console) -> int:
 
 def job_statuses_by_address(addresses: set[str]) -> dict[str, dict[str, str]]:
     """address -> {job id -> Ray job status}: one request per cluster the listed runs were submitted to."""
-    from orchestrator.submit import job_statuses
+    from orchestrator.cluster.jobs import job_statuses
 
     return {address: job_statuses(address) for address in addresses}
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from orchestrator.attempts import describe_ranks
-    from orchestrator.registry import RunRegistry
-    from orchestrator.runs import dumps, status_json
+    from orchestrator.run.attempts import describe_ranks
+    from orchestrator.run.lifecycle import dumps, status_json
+    from orchestrator.run.registry import RunRegistry
 
     status = status_json(RunRegistry(args.storage_root), args.run)
     if args.json:
@@ -306,7 +306,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from data_pipeline import storage
     from data_pipeline.staging import replace_folder
     from orchestrator.config import UsageError
-    from orchestrator.runs import find_checkpoint, reopen_run
+    from orchestrator.run.lifecycle import find_checkpoint, reopen_run
     from trainers.export import export_adapter, export_checkpoint
 
     registry, _record, cfg = reopen_run(args.storage_root, args.run, [])
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.staging import OutputExists
     from data_pipeline.storage import StorageError
     from orchestrator.config import UsageError
-    from orchestrator.registry import DamagedRun, RunExists, UnknownRun
+    from orchestrator.run.registry import DamagedRun, RunExists, UnknownRun
     from orchestrator.sweep.cli import sweep_argv
     from orchestrator.sweep.record import DamagedSweep, UnknownSweep
     from trainers.errors import CheckpointError
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"kiln {args.command}: interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:
-        from orchestrator.launcher import RunFailed
+        from orchestrator.launch.ray_train import RunFailed
 
         if isinstance(exc, RunFailed):
             say(f"kiln {args.command}: {exc}")

@@ -1,5 +1,5 @@
 """The `kiln` commands for runs on a Ray cluster: submit and logs, and the cluster side of start, stop and
-resume. Thin wrappers over orchestrator/submit.py."""
+resume. Thin wrappers over orchestrator/cluster/jobs.py."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from rich.console import Console
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-from orchestrator.config import UsageError, absolute_url
-from orchestrator.registry import RunRecord, RunRegistry, now
-from orchestrator.submit import (
+from orchestrator.cluster.jobs import (
     ADDRESS_ENV,
     client,
     entrypoint,
@@ -30,7 +28,9 @@ from orchestrator.submit import (
     stop_job,
     submit_job,
 )
-from orchestrator.submitted_run import (
+from orchestrator.config import UsageError, absolute_url
+from orchestrator.run.registry import RunRecord, RunRegistry, now
+from orchestrator.run.submitted import (
     AGENT_WAIT_S,
     NO_AGENT,
     STOP_NOW_WAIT_S,
@@ -61,8 +61,8 @@ def write_out(text: str) -> None:
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.config import compose_config, new_run_id
-    from orchestrator.planning import plan_submission
-    from orchestrator.runs import register_submission
+    from orchestrator.run.lifecycle import register_submission
+    from orchestrator.run.planning import plan_submission
 
     cfg = compose_config(args.overrides)  # bad input fails here: nothing is registered or submitted
     address = jobs_address(args.address, os.environ.get(ADDRESS_ENV), cfg.cluster.address)
@@ -173,7 +173,7 @@ def finished(
     submitted: the run's state and number of attempts when the job was submitted; unchanged, the job's
     driver never wrote to the run (its entrypoint never ran Kiln).
     """
-    from orchestrator.runs import resume_command
+    from orchestrator.run.lifecycle import resume_command
 
     view = job_view(address, job_id)
     record = registry.load(run_id)
@@ -264,10 +264,10 @@ def worker_log(registry: RunRegistry, record: RunRecord, rank: int, follow: bool
 
 def stop_now(registry: RunRegistry, record: RunRecord, console: Console) -> int:
     """`kiln stop RUN --now`: stop the run's Ray job at once and record the run STOPPED."""
-    from orchestrator.attempts import current
-    from orchestrator.liveness import DriverIdentity
-    from orchestrator.run_record import Cause, Outcome
-    from orchestrator.runs import resume_command
+    from orchestrator.run.attempts import current
+    from orchestrator.run.lifecycle import resume_command
+    from orchestrator.run.liveness import DriverIdentity
+    from orchestrator.run.record import Cause, Outcome
 
     if not record.job_id or not record.cluster_address:
         raise UsageError(
@@ -305,7 +305,7 @@ def stop_now(registry: RunRegistry, record: RunRecord, console: Console) -> int:
 
 def resubmit(args: argparse.Namespace, console: Console, root: str, overrides: list[str]) -> int:
     """`kiln resume RUN --address URL`: continue the run from its last committed checkpoint as a new Ray job."""
-    from orchestrator.runs import prepare_resume
+    from orchestrator.run.lifecycle import prepare_resume
 
     registry = RunRegistry(root)
     force = args.force or driver_job_ended(registry.load(args.run))

@@ -219,7 +219,7 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     else:
         result = eval_split(open_model(args), data, args.micro_batch, args.batches)
     if args.json:
-        from orchestrator.runs import dumps
+        from orchestrator.run.lifecycle import dumps
 
         print(dumps(result))
         return 0
@@ -380,7 +380,7 @@ def open_model(args: argparse.Namespace) -> Source:
     """The model args.target names: a Hugging Face folder, or a run's checkpoint (newest, or --step)."""
     from data_pipeline import storage
     from orchestrator.config import absolute_url
-    from orchestrator.runs import find_checkpoint, reopen_run
+    from orchestrator.run.lifecycle import find_checkpoint, reopen_run
     from trainers.inference.loaded_model import load_checkpoint, load_folder
     from trainers.run.folder import TOKENIZER_DIR
 
@@ -428,7 +428,7 @@ def looks_like_folder(target: str) -> bool:
 
 def logged_metrics(cfg: KilnConfig, source: Source) -> dict[str, float] | None:
     """The val/* metrics the run logged at the checkpoint's step (the last such line), if it evaluated there."""
-    from orchestrator.registry import RunRegistry
+    from orchestrator.run.registry import RunRegistry
 
     logged = None
     for row in RunRegistry(cfg.storage.root).metrics(str(source.run_id)):

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import UsageError
-from orchestrator.registry import RunRegistry, UnknownRun
-from orchestrator.run_metrics import MetricSummary, comparison, metric_names
+from orchestrator.run.metrics import MetricSummary, comparison, metric_names
+from orchestrator.run.registry import RunRegistry, UnknownRun
 
 # kiln compare's rows when a run logged them, in this order; other metrics follow with --all.
 COMPARED = (
@@ -70,7 +70,7 @@ def runs_named(root: str, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
 
 
 def cmd_plot(args: argparse.Namespace, console: Console) -> int:
-    from orchestrator.plots import render_all
+    from orchestrator.run.plots import render_all
 
     runs = runs_named(args.storage_root, args.ids)
     written = render_all(runs, Path(args.out))

@@ -161,7 +161,7 @@ class ModelConfig:
 
     `init_from` is a local Hugging Face model folder (architecture, weights and tokenizer come from it) or
     `run:RUN[@STEP]`, a Kiln run's committed checkpoint (newest, or STEP) under the same storage.root.
-    The driver turns `run:` into a folder inside the new run before workers start (orchestrator/init_source.py).
+    The driver turns `run:` into a folder inside the new run before workers start (orchestrator/run/init_source.py).
     """
 
     arch: str = "gpt2"

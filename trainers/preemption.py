@@ -5,7 +5,7 @@ A run stops early when
   sweep's ASHA pruning writes the run's STOP request (`ask_to_stop` in trainers/run/stop_request.py); rank 0 polls it
   in the background (`StopRequestWatcher`);
 - a worker process gets SIGTERM (a preempted node): the launcher's handler sets the process's
-  `StopFlag` (torchrun: `StopFlag.install`; Ray: orchestrator/ray_worker.py, which must replace
+  `StopFlag` (torchrun: `StopFlag.install`; Ray: orchestrator/launch/ray_worker.py, which must replace
   Ray's own handler on the actor's main thread).
 
 Between steps every rank votes (`StopAgreement.agreed`), so all stop at the same step; then the loop

@@ -1,6 +1,6 @@
 """The prepared data a run trains on, checked once: the facts its workers build the task and model from.
 
-The driver resolves them while it plans the run (orchestrator/run_plan.py) and hands them to every worker,
+The driver resolves them while it plans the run (orchestrator/run/plan.py) and hands them to every worker,
 so a worker opens the data only to read batches; a caller that starts the loop without a driver's plan
 (a test, a notebook) gets the same checks from `check_run_data`.
 """

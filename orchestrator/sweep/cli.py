@@ -12,8 +12,8 @@ from rich.table import Table
 
 from data_pipeline.redaction import redact_text
 from orchestrator.config import UsageError, absolute_url, compose_config, finalize, new_run_id
-from orchestrator.liveness import DriverIdentity, driver_alive, pid_start_time, this_host
-from orchestrator.registry import RunRegistry
+from orchestrator.run.liveness import DriverIdentity, driver_alive, pid_start_time, this_host
+from orchestrator.run.registry import RunRegistry
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.record import (
     FINISHED_TRIAL_STATES,
@@ -74,7 +74,7 @@ def check_trial_ids_free(registry: RunRegistry, sweep_id: str, trials: int) -> N
 
 def prepare_data(plan: SweepPlan, console: Console) -> None:
     """Prepare (or find) each distinct dataset the points train on, once, before trials run at once."""
-    from orchestrator.planning import resolve_data
+    from orchestrator.run.planning import resolve_data
 
     seen: set[str] = set()
     for point in plan.points or [[]]:
@@ -89,8 +89,8 @@ def run_here(
     record: SweepRecord, plan: SweepPlan, console: Console, retry_failed: bool = False, prepared: bool = False
 ) -> int:
     """Run the sweep's unfinished trials with this process as its driver; returns the exit code."""
-    from orchestrator.ray_handle import check_placement, ray_processes_in_their_own_session, start_ray
-    from orchestrator.run_plan import placement_of
+    from orchestrator.cluster.ray_handle import check_placement, ray_processes_in_their_own_session, start_ray
+    from orchestrator.run.plan import placement_of
     from orchestrator.sweep.driver import SweepDriver
 
     root = record.storage_root
@@ -143,7 +143,7 @@ def run_here(
 
 def run_state(registry: RunRegistry, run_id: str) -> str | None:
     """A trial run's state, None if it does not exist."""
-    from orchestrator.registry import UnknownRun
+    from orchestrator.run.registry import UnknownRun
 
     try:
         return registry.load(run_id).state
@@ -319,7 +319,7 @@ def fmt(value: float | None) -> str:
 
 def cmd_sweep_status(args: argparse.Namespace, console: Console) -> int:
     """`kiln sweep status SWEEP [--json]`."""
-    from orchestrator.runs import dumps
+    from orchestrator.run.lifecycle import dumps
 
     view = status_json(absolute_url(args.storage_root), args.sweep)
     if args.json:

@@ -13,9 +13,9 @@ import threading
 from rich.console import Console
 
 from data_pipeline import storage
+from orchestrator.cluster.placement import fits_on, worker_shape
 from orchestrator.config import KilnConfig, UsageError, absolute_url
-from orchestrator.placement import fits_on, worker_shape
-from orchestrator.registry import RunRegistry, UnknownRun
+from orchestrator.run.registry import RunRegistry, UnknownRun
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.reconcile import reconcile_trial_end
 from orchestrator.sweep.record import NOT_STARTED, SweepRecord, SweepState, TrialEntry, best_trial, refresh_entry
@@ -27,7 +27,7 @@ from trainers.run.stop_request import ask_to_stop
 # A trial's actor only drives its run (Ray Train's controller takes no CPU either): it reserves the memory
 # a Kiln driver uses, not a CPU that the run's workers need. (Tune needs some resource in the request.)
 TRIAL_DRIVER = {"CPU": 0, "memory": 512 * 2**20}
-HEARTBEAT_S = 5  # as a run's driver rewrites run.json (orchestrator/liveness.py reads both)
+HEARTBEAT_S = 5  # as a run's driver rewrites run.json (orchestrator/run/liveness.py reads both)
 
 
 def fitting_trials(nodes: list[dict[str, float]], cfg: KilnConfig) -> int:
@@ -95,7 +95,7 @@ class SweepDriver:
         """Run the queued trials and `new_trials` Optuna ones; returns the sweep's end state."""
         from ray import tune
 
-        from orchestrator.ray_handle import cluster_nodes
+        from orchestrator.cluster.ray_handle import cluster_nodes
         from orchestrator.sweep.tune_adapter import KilnTrial, PruningASHA, SweepRecorder, TrialSource
 
         settings = self.space.settings

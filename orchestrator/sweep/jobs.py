@@ -7,9 +7,7 @@ import os
 
 from rich.console import Console
 
-from orchestrator.cluster_cli import shipped_code, write_out
-from orchestrator.config import UsageError
-from orchestrator.submit import (
+from orchestrator.cluster.jobs import (
     ADDRESS_ENV,
     client,
     entrypoint,
@@ -20,6 +18,8 @@ from orchestrator.submit import (
     shared_root_warning,
     submit_job,
 )
+from orchestrator.cluster_cli import shipped_code, write_out
+from orchestrator.config import UsageError
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.record import SweepRecord, SweepState
 

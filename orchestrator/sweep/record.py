@@ -12,15 +12,15 @@ from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-from orchestrator.record_codec import NewerFormat, from_json, to_json
-from orchestrator.registry import DamagedRun, RunRegistry, UnknownRun, now
+from orchestrator.run.record_codec import NewerFormat, from_json, to_json
+from orchestrator.run.registry import DamagedRun, RunRegistry, UnknownRun, now
 from trainers.run.state import RunState
 
 SWEEPS_DIR = "sweeps"
 SWEEP_FILE = "sweep.json"
 STOP_FILE = "STOP"
 NOT_STARTED = "NOT_STARTED"  # a point whose run does not exist yet
-# sweep.json's format (orchestrator/record_codec.py says when it changes); files from before it was written are 1.
+# sweep.json's format (orchestrator/run/record_codec.py says when it changes); files from before it was written are 1.
 FORMAT_VERSION = 1
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from data_pipeline.redaction import redact_text
 from orchestrator.config import KilnConfig, compose_config
-from orchestrator.registry import RunRegistry
+from orchestrator.run.registry import RunRegistry
 from orchestrator.sweep.reconcile import RelabelAction, decide_relabel
 from orchestrator.sweep.record import trial_run_id
 from trainers.run.events import STOP_REQUESTED, read_events
@@ -61,8 +61,8 @@ def drive_trial(ctx: SweepContext, n: int, point: list[str], console: Console) -
     """Run (or continue) trial n to its end here; returns (its run's state, one line of error or None)."""
     import time
 
-    from orchestrator.launcher import RunFailed, train
-    from orchestrator.planning import plan_resume, start_run
+    from orchestrator.launch.ray_train import RunFailed, train
+    from orchestrator.run.planning import plan_resume, start_run
 
     registry = RunRegistry(ctx.root)
     run_id = ctx.run_id(n)

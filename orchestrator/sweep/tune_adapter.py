@@ -1,7 +1,7 @@
 """Kiln's side of Ray Tune: the trial trainable, the trial source, ASHA that prunes with a checkpoint, the recorder.
 
 This module imports Ray Tune at its top and is itself imported only inside functions (as
-orchestrator/ray_worker.py is for Ray Train), so `kiln status`, `kiln sweep status` and the sweep's pure
+orchestrator/launch/ray_worker.py is for Ray Train), so `kiln status`, `kiln sweep status` and the sweep's pure
 decisions (orchestrator/sweep/reconcile.py) never import Tune. The classes decide nothing themselves:
 they hand Tune's calls to the sweep's driver and to the decisions in reconcile.py.
 """
@@ -20,8 +20,8 @@ from ray.tune.search import Searcher
 from rich.console import Console
 
 from data_pipeline import storage
-from orchestrator.progress import MetricsTail
-from orchestrator.registry import METRICS_FILE, RunRegistry
+from orchestrator.launch.progress import MetricsTail
+from orchestrator.run.registry import METRICS_FILE, RunRegistry
 from orchestrator.sweep.reconcile import AshaStep, decide_asha
 from orchestrator.sweep.record import NOT_STARTED, TrialEntry, sweep_stop_requested
 from orchestrator.sweep.settings import SweepConfig

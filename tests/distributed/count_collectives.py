@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch.distributed as dist
 
-from orchestrator import torchrun
+from orchestrator.launch import torchrun
 from trainers import loop
 
 COLLECTIVES = (

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from orchestrator.runs import reopen_run
-from orchestrator.torchrun import TorchrunContext
+from orchestrator.launch.torchrun import TorchrunContext
+from orchestrator.run.lifecycle import reopen_run
 from trainers.distributed import ensure_process_group
 from trainers.loop import Trainer
 

@@ -75,7 +75,7 @@ def test_a_run_at_a_step_starts_from_that_checkpoint(pretrained):
     """run:RUN@STEP on the driver (in this process): the staged model evaluates as the run logged at STEP."""
     from data_pipeline.dataset import open_training_data
     from orchestrator.config import compose_config
-    from orchestrator.planning import start_run
+    from orchestrator.run.planning import start_run
     from trainers.inference.loaded_model import load_folder, validation_metrics
 
     root = pretrained
@@ -93,8 +93,8 @@ def test_a_run_at_a_step_starts_from_that_checkpoint(pretrained):
 def test_bad_sources_fail_in_one_line_before_anything_starts(pretrained, tmp_path):
     from data_pipeline import tokenizer as bpe
     from orchestrator.config import UsageError, compose_config, finalize
-    from orchestrator.planning import check_submission_source, resolve_data, start_run
-    from orchestrator.registry import UnknownRun
+    from orchestrator.run.planning import check_submission_source, resolve_data, start_run
+    from orchestrator.run.registry import UnknownRun
 
     root = pretrained
     other = tmp_path / "other-tokenizer"

@@ -17,7 +17,7 @@ import torch
 
 from data_pipeline import storage
 from data_pipeline.storage import StorageError
-from orchestrator.registry import RunExists, RunRecord, RunRegistry
+from orchestrator.run.registry import RunExists, RunRecord, RunRegistry
 from tests.helpers import restore_through_copy, save_steps, strategy, weights
 from trainers.checkpoint.store import CheckpointStore, verify
 

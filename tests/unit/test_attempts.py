@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from orchestrator.attempts import apply_event, describe_worker_failure
-from orchestrator.registry import RunRecord
+from orchestrator.run.attempts import apply_event, describe_worker_failure
+from orchestrator.run.registry import RunRecord
 
 
 def fold(*events: dict) -> RunRecord:

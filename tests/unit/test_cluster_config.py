@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import ClusterConfig, UsageError, compose_config, config_keys, load_saved_config, to_yaml
-from orchestrator.launcher import scaling_config
+from orchestrator.launch.ray_train import scaling_config
 
 # The spelling of a key with a colon that Hydra's grammar takes: the colon escaped with a backslash.
 H100 = r"cluster.resources_per_worker={GPU:1,accelerator_type\:H100:0.001}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.liveness import DriverIdentity, driver_alive, utc_seconds
+from orchestrator.run.liveness import DriverIdentity, driver_alive, utc_seconds
 
 HERE = {"host": "node-a", "pid_ns": "pid:[4026531836]"}
 UPDATED = "2026-01-01T12:00:00Z"
@@ -63,7 +63,7 @@ def test_a_record_without_a_driver_falls_back_to_the_heartbeat():
 
 
 def test_this_process_recognizes_itself_as_alive():
-    from orchestrator.liveness import pid_start_time, this_host
+    from orchestrator.run.liveness import pid_start_time, this_host
 
     me = DriverIdentity.here("kiln train").liveness_json()
     assert driver_alive(me, UPDATED, T0 + 3600, this_host(), pid_start_time).alive

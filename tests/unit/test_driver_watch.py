@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.driver_watch import (
+from orchestrator.launch.driver_watch import (
     REFRESH_EVERY_S,
     WORKERS_DONE_GRACE_S,
     CauseSource,

@@ -8,9 +8,9 @@ import pytest
 
 from orchestrator.cli import main, resume_root
 from orchestrator.config import UsageError, compose_config
-from orchestrator.planning import start_run
-from orchestrator.registry import DamagedRun, RunExists, RunRecord, RunRegistry
-from orchestrator.runs import reopen_run
+from orchestrator.run.lifecycle import reopen_run
+from orchestrator.run.planning import start_run
+from orchestrator.run.registry import DamagedRun, RunExists, RunRecord, RunRegistry
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 

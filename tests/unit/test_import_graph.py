@@ -151,17 +151,17 @@ def module_level_imports(path: Path, name: str) -> set[str]:
 def test_kiln_stop_and_the_event_log_load_no_torch():
     # `kiln stop` must land between two steps of a fast run: torch's seconds of import would not.
     files = {module_name(f): f for package in LAYERS for f in (ROOT / package).rglob("*.py")}
-    for module in ("orchestrator.cli", "trainers.preemption", "trainers.run.events", "orchestrator.registry"):
+    for module in ("orchestrator.cli", "trainers.preemption", "trainers.run.events", "orchestrator.run.registry"):
         assert "torch" not in loaded_at_import(module, files), module
     assert "torch" in loaded_at_import("trainers.loop", files), "the check must see torch where it is loaded"
 
 
 def test_ray_trains_controller_loads_no_training_stack():
-    # Ray Train's controller unpickles KilnTorchConfig, train_worker (orchestrator.ray_worker) and the run's
+    # Ray Train's controller unpickles KilnTorchConfig, train_worker (orchestrator.launch.ray_worker) and the run's
     # config before it starts the worker group: torch and transformers there delayed kiln train's first
     # step by ~5 s on 2 CPUs (benchmarks/startup.py). The workers import the loop in train_worker.
     files = {module_name(f): f for package in LAYERS for f in (ROOT / package).rglob("*.py")}
-    for module in ("orchestrator.ray_worker", "orchestrator.config", "orchestrator.attempts"):
+    for module in ("orchestrator.launch.ray_worker", "orchestrator.config", "orchestrator.run.attempts"):
         assert not loaded_at_import(module, files) & {"torch", "transformers", "deepspeed"}, module
     assert "transformers" in loaded_at_import("trainers.loop", files), "the check must see transformers where it is"
 

@@ -125,7 +125,7 @@ def test_every_rank_loads_the_folder_s_weights_in_training_mode(folder):
 def test_a_run_copies_only_the_model_files_of_its_source(folder, tmp_path):
     import shutil
 
-    from orchestrator.init_source import InitSource
+    from orchestrator.run.init_source import InitSource
 
     source = tmp_path / "source"
     shutil.copytree(folder[0], source)
@@ -140,10 +140,10 @@ def test_a_run_copies_only_the_model_files_of_its_source(folder, tmp_path):
 
 
 def test_a_submission_checks_init_from_from_here_without_copying_it(folder, tmp_path, monkeypatch):
-    """kiln submit's check (orchestrator/run_plan.py plan_submission), with data prepared on the cluster."""
+    """kiln submit's check (orchestrator/run/plan.py plan_submission), with data prepared on the cluster."""
     import json
 
-    from orchestrator.planning import check_submission_source
+    from orchestrator.run.planning import check_submission_source
 
     (tmp_path / "pre" / "checkpoints").mkdir(parents=True)  # a run whose checkpoints are not there
     (tmp_path / "pre" / "run.json").write_text(json.dumps({"run_id": "pre", "state": "SUCCEEDED"}))
@@ -170,7 +170,7 @@ def test_workers_load_the_copy_from_remote_storage(folder):
     import torch
     from safetensors.torch import load_file
 
-    from orchestrator.init_source import InitSource
+    from orchestrator.run.init_source import InitSource
     from trainers.tasks import build_model, build_task
 
     target = "memory://kiln-init-from-test/run/init_model"

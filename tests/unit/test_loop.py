@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import compose_config, finalize
-from orchestrator.planning import resolve_data
+from orchestrator.run.planning import resolve_data
 from tests.helpers import LLAMA_TINY
 from trainers.config import OptimConfig
 from trainers.loop import Trainer

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.placement import placement_problem
+from orchestrator.cluster.placement import placement_problem
 
 LAPTOP = [{"CPU": 2.0, "memory": 8e9, "node:127.0.0.1": 1.0}]
 

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
+from orchestrator.cluster.placement import Placement, placement_problem
 from orchestrator.config import UsageError, compose_config
-from orchestrator.placement import Placement, placement_problem
-from orchestrator.run_plan import placement_of
-from orchestrator.runs import resume_command
+from orchestrator.run.lifecycle import resume_command
+from orchestrator.run.plan import placement_of
 from tests.helpers import LLAMA_TINY
 
 
@@ -57,7 +57,7 @@ def test_one_resume_command_for_every_place_that_says_it(tmp_path):
 @pytest.mark.usefixtures("process_group")
 def test_a_new_runs_plan_opens_the_data_once_and_its_worker_checks_nothing_again(tmp_path, monkeypatch):
     import trainers.run_data as run_data
-    from orchestrator.planning import start_run
+    from orchestrator.run.planning import start_run
     from trainers.loop import Trainer
 
     opened = []
@@ -81,7 +81,7 @@ def test_a_new_runs_plan_opens_the_data_once_and_its_worker_checks_nothing_again
 
 
 def test_bad_input_fails_while_planning_before_the_run_folder_exists(tmp_path):
-    from orchestrator.planning import start_run
+    from orchestrator.run.planning import start_run
 
     cfg = compose_config(
         ["data=prepared", f"data.path={tmp_path}/missing", "run.id=r1", f"storage.root={tmp_path}/runs"]

@@ -7,9 +7,9 @@ import os
 import socket
 from types import SimpleNamespace
 
-from orchestrator.attempts import apply_event, describe_ranks
 from orchestrator.cli import main
-from orchestrator.registry import RunRecord, RunRegistry
+from orchestrator.run.attempts import apply_event, describe_ranks
+from orchestrator.run.registry import RunRecord, RunRegistry
 from trainers.loop import identity
 
 NODE_ID = "8f1c0e5d2b7a4c3e9d6f0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d6e7f"

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from orchestrator.attempts import apply_event
-from orchestrator.record_codec import NewerFormat, decode, encode, from_json
-from orchestrator.registry import DamagedRun, RunRegistry
-from orchestrator.run_record import Attempt, Cause, Outcome, RankPlace, RunRecord
+from orchestrator.run.attempts import apply_event
+from orchestrator.run.record import Attempt, Cause, Outcome, RankPlace, RunRecord
+from orchestrator.run.record_codec import NewerFormat, decode, encode, from_json
+from orchestrator.run.registry import DamagedRun, RunRegistry
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.record import DamagedSweep, SweepRecord
 from trainers.run.state import RunState
@@ -63,7 +63,7 @@ def test_events_fold_into_typed_attempts_and_the_record_round_trips():
 
 
 def test_a_malformed_event_is_skipped_not_folded(tmp_path, caplog):
-    from orchestrator.attempts import merge_events
+    from orchestrator.run.attempts import merge_events
     from trainers.run.events import record_event
 
     record = RunRecord(run_id="r")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.registry import RunRegistry
-from orchestrator.run_record import Attempt, Cause, Outcome, RankPlace, RunRecord
+from orchestrator.run.record import Attempt, Cause, Outcome, RankPlace, RunRecord
+from orchestrator.run.registry import RunRegistry
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.record import SweepRecord, TrialEntry
 from trainers.run.state import RunState

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.resume_policy import ResumeAction, ResumeFacts, decide_resume
+from orchestrator.run.resume_policy import ResumeAction, ResumeFacts, decide_resume
 from trainers.run.state import RunState
 
 ASK_DRIVER, ASK_CHECKPOINTS = ResumeAction.ASK_DRIVER, ResumeAction.ASK_CHECKPOINTS
@@ -57,7 +57,7 @@ def test_the_decision_walks_from_the_driver_to_the_checkpoints_to_an_answer():
 def saved_run(root: str, run_id: str, state: str, **fields) -> None:
     """A registered run with a saved config (20 steps), as the driver leaves one."""
     from orchestrator.config import compose_config, finalize, to_yaml
-    from orchestrator.registry import RunRecord, RunRegistry
+    from orchestrator.run.registry import RunRecord, RunRegistry
 
     yaml = to_yaml(finalize(compose_config(["train.max_steps=20", f"run.id={run_id}", f"storage.root={root}"])))
     RunRegistry(root).create(RunRecord(run_id=run_id, state=state, max_steps=20, **fields), yaml)
@@ -67,8 +67,8 @@ def test_prepare_resume_refuses_a_run_whose_driver_runs_here_and_resumes_it_with
     import os
 
     from orchestrator.config import UsageError
-    from orchestrator.liveness import DriverIdentity
-    from orchestrator.runs import prepare_resume
+    from orchestrator.run.lifecycle import prepare_resume
+    from orchestrator.run.liveness import DriverIdentity
 
     saved_run(str(tmp_path), "live", "RUNNING", driver=DriverIdentity.here("kiln train").liveness_json())
     with pytest.raises(UsageError, match=rf"run live is running: .*pid {os.getpid()} on this host.*--force"):
@@ -79,8 +79,8 @@ def test_prepare_resume_refuses_a_run_whose_driver_runs_here_and_resumes_it_with
 def test_prepare_resume_refuses_a_finished_run_unless_max_steps_is_raised(tmp_path):
     from data_pipeline import storage
     from orchestrator.config import UsageError
-    from orchestrator.registry import RunRegistry
-    from orchestrator.runs import prepare_resume
+    from orchestrator.run.lifecycle import prepare_resume
+    from orchestrator.run.registry import RunRegistry
     from trainers.checkpoint.store import MANIFEST
 
     root = str(tmp_path)

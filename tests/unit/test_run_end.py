@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.launcher import end_state
+from orchestrator.launch.ray_train import end_state
 from trainers.run.state import RunState
 
 

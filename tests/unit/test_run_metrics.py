@@ -6,8 +6,8 @@ import json
 
 from PIL import Image
 
-from orchestrator.plots import CHARTS, render, render_all
-from orchestrator.run_metrics import comparison, series, summarize
+from orchestrator.run.metrics import comparison, series, summarize
+from orchestrator.run.plots import CHARTS, render, render_all
 
 RESUMED = [  # crashed after step 3's row, restored from step 2, logged step 3 again
     {"step": 0, "time": 1.0, "val/loss": 6.0},

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from orchestrator.registry import RunRecord, RunRegistry
+from orchestrator.run.registry import RunRecord, RunRegistry
 from trainers.run.state import (
     RESUMABLE,
     TERMINAL,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import UsageError, compose_config, finalize, load_saved_config, to_yaml
-from orchestrator.registry import RunRecord, RunRegistry
-from orchestrator.runs import prepare_resume
+from orchestrator.run.lifecycle import prepare_resume
+from orchestrator.run.registry import RunRecord, RunRegistry
 from trainers.config import OptimConfig
 from trainers.optim import lr_multiplier, schedule_horizon
 

@@ -6,10 +6,7 @@ import shlex
 
 import pytest
 
-from orchestrator.attempts import apply_event, mark_lost_nodes
-from orchestrator.config import UsageError
-from orchestrator.registry import RunRecord
-from orchestrator.submit import (
+from orchestrator.cluster.jobs import (
     entrypoint,
     exit_code_of,
     jobs_address,
@@ -17,7 +14,10 @@ from orchestrator.submit import (
     runtime_env,
     shared_root_warning,
 )
-from orchestrator.submitted_run import DRIVER_LOST, NEVER_STARTED, displayed_state
+from orchestrator.config import UsageError
+from orchestrator.run.attempts import apply_event, mark_lost_nodes
+from orchestrator.run.registry import RunRecord
+from orchestrator.run.submitted import DRIVER_LOST, NEVER_STARTED, displayed_state
 
 
 def test_the_address_comes_from_the_flag_then_ray_address_then_the_config():

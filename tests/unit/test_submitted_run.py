@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import UsageError
-from orchestrator.registry import RunRecord, RunRegistry, UnknownRun
-from orchestrator.submitted_run import (
+from orchestrator.run.registry import RunRecord, RunRegistry, UnknownRun
+from orchestrator.run.submitted import (
     AGENT_RETRY_S,
     AGENT_WAIT_S,
     STOP_NOW_WAIT_S,
@@ -115,7 +115,7 @@ class FakeJobsAPI:
         return job_id
 
     def job_view(self, address, job_id):
-        from orchestrator.submit import JobView
+        from orchestrator.cluster.jobs import JobView
 
         return JobView(job_id, address, "PENDING" if job_id in self.jobs else "NOT_FOUND")
 
@@ -223,8 +223,8 @@ def followed_to_the_end(tmp_path, monkeypatch, recorded: str, job_log: str) -> t
 
     from rich.console import Console
 
+    from orchestrator.cluster.jobs import JobView
     from orchestrator.cluster_cli import finished
-    from orchestrator.submit import JobView
 
     registry = RunRegistry(str(tmp_path))
     record = registry.create(RunRecord(run_id="r1", job_id="kiln-r1"), "run: {}\n")

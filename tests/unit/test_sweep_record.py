@@ -11,8 +11,8 @@ from rich.console import Console
 
 from orchestrator.cli import parser
 from orchestrator.config import UsageError, compose_config
-from orchestrator.liveness import DriverIdentity, this_host
-from orchestrator.registry import RunRecord, RunRegistry, now
+from orchestrator.run.liveness import DriverIdentity, this_host
+from orchestrator.run.registry import RunRecord, RunRegistry, now
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.cli import cmd_sweep_status, print_status, status_json, sweep_argv
 from orchestrator.sweep.driver import fitting_trials

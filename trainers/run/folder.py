@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from data_pipeline import storage
 
-RUN_FILE = "run.json"  # the run's record (orchestrator/registry.py)
+RUN_FILE = "run.json"  # the run's record (orchestrator/run/registry.py)
 CONFIG_FILE = "config.yaml"  # the resolved config, secrets redacted
 METRICS_FILE = "metrics.jsonl"  # one line per logged step, rank 0
 EVENTS_DIR = "events"  # one JSON object per event (trainers/run/events.py)
-STOP_REQUEST = "STOP"  # present while a stop is requested (trainers/preemption.py)
+STOP_REQUEST = "STOP"  # present while a stop is requested (trainers/run/stop_request.py)
 CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"  # worker_<rank>.log (`worker_log_name`)
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the run trained with
-INIT_MODEL_DIR = "init_model"  # the copy of the model the run starts from (orchestrator/init_source.py)
+INIT_MODEL_DIR = "init_model"  # the copy of the model the run starts from (orchestrator/run/init_source.py)
 RAY_DIR = "ray"  # Ray Train's own bookkeeping (a run in object storage keeps it under data.cache_dir)
 WANDB_DIR = "wandb"  # W&B's files (a run in object storage gets them uploaded here)
 

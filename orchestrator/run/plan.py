@@ -1,14 +1,14 @@
-"""The plan of one run: what it needs, resolved and checked before anything starts (orchestrator/planning.py
-builds it). Launching consumes it: the registry creates the run from it (orchestrator/runs.py), Ray is given its
-placement, and every worker is handed `data` instead of opening and checking the data again."""
+"""The plan of one run: what it needs, resolved and checked before anything starts (orchestrator/run/planning.py
+builds it). Launching consumes it: the registry creates the run from it (orchestrator/run/lifecycle.py), Ray is
+given its placement, and every worker is handed `data` instead of opening and checking the data again."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from orchestrator.cluster.placement import Placement
 from orchestrator.config import ClusterConfig, KilnConfig
-from orchestrator.init_source import InitSource
-from orchestrator.placement import Placement
+from orchestrator.run.init_source import InitSource
 from trainers.run_data import RunData
 
 

@@ -1,6 +1,6 @@
 """Kiln's side of Ray Train: a WorkerContext over `ray.train`, the function each worker runs, the controller's callback.
 
-Imported only inside functions (orchestrator/launcher.py's `fit`), so `kiln status` never imports Ray Train.
+Imported only inside functions (orchestrator/launch/ray_train.py's `fit`), so `kiln status` never imports Ray Train.
 
 Ray Train's controller unpickles KilnTorchConfig and train_worker, so it imports this module: the training
 stack (trainers.loop: torch's distributed checkpointing, transformers, the tokenizer) is imported by
@@ -24,7 +24,7 @@ from ray.train.v2.api.callback import UserCallback
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_logging, redact_text
-from orchestrator.attempts import record_worker_failures
+from orchestrator.run.attempts import record_worker_failures
 from trainers.periodic import Periodic
 from trainers.preemption import StopFlag
 from trainers.run.folder import LOGS_DIR, worker_log_name

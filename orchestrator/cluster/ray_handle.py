@@ -11,8 +11,8 @@ from contextlib import contextmanager
 
 from rich.console import Console
 
+from orchestrator.cluster.placement import Placement
 from orchestrator.config import KilnConfig, UsageError
-from orchestrator.placement import Placement
 from trainers import failpoints
 
 

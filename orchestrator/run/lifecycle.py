@@ -1,4 +1,4 @@
-"""Registering a planned run (orchestrator/run_plan.py), reopening one to continue it, keeping its record current."""
+"""Registering a planned run (orchestrator/run/plan.py), reopening one to continue it, keeping its record current."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from data_pipeline import storage
 from data_pipeline.config import default_storage_root
 from data_pipeline.dataset import open_dataset
 from data_pipeline.redaction import redact_text
-from orchestrator.attempts import merge_events
 from orchestrator.config import KilnConfig, UsageError, absolute_url, load_saved_config, to_yaml
-from orchestrator.record_codec import encode
-from orchestrator.registry import CONFIG_FILE, RunRecord, RunRegistry
-from orchestrator.resume_policy import ResumeAction, ResumeFacts, decide_resume
+from orchestrator.run.attempts import merge_events
+from orchestrator.run.record_codec import encode
+from orchestrator.run.registry import CONFIG_FILE, RunRecord, RunRegistry
+from orchestrator.run.resume_policy import ResumeAction, ResumeFacts, decide_resume
 from trainers.checkpoint.store import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
 from trainers.run.folder import CHECKPOINTS_DIR, TOKENIZER_DIR, WANDB_DIR
 from trainers.run.state import RunState
@@ -22,7 +22,7 @@ from trainers.run.stop_request import clear_stop_request
 from trainers.tracking import wandb_mode
 
 if TYPE_CHECKING:
-    from orchestrator.run_plan import RunPlan
+    from orchestrator.run.plan import RunPlan
 
 
 def register_run(plan: RunPlan) -> tuple[RunRegistry, RunRecord]:
@@ -111,7 +111,7 @@ def driver_verdict(record: RunRecord):
     """Whether the driver that a run's record names is still alive, judged from here and now."""
     import time
 
-    from orchestrator.liveness import driver_alive, pid_start_time, this_host
+    from orchestrator.run.liveness import driver_alive, pid_start_time, this_host
 
     return driver_alive(record.driver, record.updated, time.time(), this_host(), pid_start_time)
 
@@ -213,8 +213,8 @@ def resume_command(run_id: str, root: str, address: str | None = None, *, name_d
 
 def status_json(registry: RunRegistry, run_id: str) -> dict:
     """What `kiln status RUN --json` prints; for a submitted run, its Ray job as Ray reports it now."""
-    from orchestrator.submit import job_view
-    from orchestrator.submitted_run import displayed_state
+    from orchestrator.cluster.jobs import job_view
+    from orchestrator.run.submitted import displayed_state
 
     record = registry.load(run_id)
     job = job_view(record.cluster_address, record.job_id) if record.job_id and record.cluster_address else None

@@ -1,6 +1,6 @@
 """`model.init_from` on the driver: checked against the run's data before any worker starts.
 
-The planner (orchestrator/run_plan.py) finds a `run:` source and reads the data's tokenizer; this module checks
+The planner (orchestrator/run/plan.py) finds a `run:` source and reads the data's tokenizer; this module checks
 what it is given, and calls nothing back. Either kind of source ends as a local Hugging Face folder: a folder as
 given, or `run:RUN[@STEP]` exported, through the export code path, to a temporary one. Its model files (config,
 safetensors, tokenizer) are then copied into the new run (`<run>/init_model/`, on the run's storage) and the

@@ -1,6 +1,6 @@
 """What run.json holds, as typed dataclasses: the run, its attempts, and why each attempt ended.
 
-These classes are the file's schema: orchestrator/record_codec.py writes and reads run.json from them
+These classes are the file's schema: orchestrator/run/record_codec.py writes and reads run.json from them
 (the rules for absent keys, unknown keys and format_version are there). The JSON is what Kiln wrote
 before the records were typed, key for key; tests/fixtures/records holds such files and a test reads them.
 """
@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 
-from orchestrator.record_codec import OMIT_IF_EMPTY, OMIT_IF_NONE, from_json, to_json, written_with
+from orchestrator.run.record_codec import OMIT_IF_EMPTY, OMIT_IF_NONE, from_json, to_json, written_with
 from trainers.run.state import RunState
 
 # Bumped only for a change an older Kiln would misread (see record_codec); 1 is every run.json so far.

@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields
 from typing import TypeVar
 
 from data_pipeline.redaction import redact_text
-from orchestrator.record_codec import decode
-from orchestrator.run_record import RUN_ENDING, Attempt, Cause, Outcome, RankPlace, RunRecord, now
+from orchestrator.run.record import RUN_ENDING, Attempt, Cause, Outcome, RankPlace, RunRecord, now
+from orchestrator.run.record_codec import decode
 from trainers.run.events import STOP_REQUESTED, read_events, record_event
 from trainers.run.state import RunState
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-from orchestrator.record_codec import NewerFormat
-from orchestrator.run_record import RunRecord, now  # callers import these from here too
+from orchestrator.run.record import RunRecord, now  # callers import these from here too
+from orchestrator.run.record_codec import NewerFormat
 from trainers.run import folder as run_folder
 from trainers.run.folder import CONFIG_FILE, METRICS_FILE, RUN_FILE
 from trainers.run.state import transition

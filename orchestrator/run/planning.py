@@ -1,9 +1,9 @@
 """One planning pass: a run's plan built top-down, each check called once, before anything starts.
 
 `kiln train` (and a sweep's new trial, and torchrun), `kiln submit`, `kiln start` and `kiln resume` each build
-their `RunPlan` (orchestrator/run_plan.py) with one function here, in an order that makes bad input fail before
+their `RunPlan` (orchestrator/run/plan.py) with one function here, in an order that makes bad input fail before
 the run's folder exists (its id stays free) and before Ray starts. The lower modules are given what the plan
-found (a `run:` source, the data's tokenizer); none of them calls back up here or into orchestrator/runs.py.
+found (a `run:` source, the data's tokenizer); none of them calls back up here or into orchestrator/run/lifecycle.py.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from contextlib import contextmanager
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from data_pipeline.stdlib_corpus import prepare_stdlib
+from orchestrator.cluster.placement import Placement
 from orchestrator.config import KilnConfig, UsageError, absolute_url, finalize
-from orchestrator.init_source import DataTokens, InitSource, SourceRun, check_submitted, init_source
-from orchestrator.placement import Placement
-from orchestrator.registry import DamagedRun, RunRecord, RunRegistry, UnknownRun
-from orchestrator.run_plan import RunPlan, placement_of
-from orchestrator.runs import find_checkpoint, prepare_resume, register_run, reopen_run
+from orchestrator.run.init_source import DataTokens, InitSource, SourceRun, check_submitted, init_source
+from orchestrator.run.lifecycle import find_checkpoint, prepare_resume, register_run, reopen_run
+from orchestrator.run.plan import RunPlan, placement_of
+from orchestrator.run.registry import DamagedRun, RunRecord, RunRegistry, UnknownRun
 from trainers.config import parse_init_run
 from trainers.errors import CheckpointError
 from trainers.run.folder import TOKENIZER_DIR
@@ -31,7 +31,7 @@ Log = Callable[[str], None]
 
 def checked_placement(cfg: KilnConfig) -> Placement:
     """The run's placement, refused at once when an embedded Ray of this machine could never hold it."""
-    from orchestrator.ray_handle import check_embedded_fits
+    from orchestrator.cluster.ray_handle import check_embedded_fits
 
     placement = placement_of(cfg.cluster)
     check_embedded_fits(placement)

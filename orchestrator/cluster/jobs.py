@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from data_pipeline import storage
 from orchestrator.config import UsageError
-from orchestrator.submitted_run import NOT_FOUND, UNREACHABLE
+from orchestrator.run.submitted import NOT_FOUND, UNREACHABLE
 from trainers.run.state import RunState
 
 JOB_PREFIX = "kiln-"

@@ -14,9 +14,10 @@ from rich.console import Console
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
-from orchestrator.attempts import current, finished_state, mark_lost_nodes
+from orchestrator.cluster.placement import worker_shape
+from orchestrator.cluster.ray_handle import dead_nodes, ray_for
 from orchestrator.config import ClusterConfig, KilnConfig, UsageError
-from orchestrator.driver_watch import (
+from orchestrator.launch.driver_watch import (
     POLL_S,
     WORKERS_DONE_GRACE_S,
     CauseSource,
@@ -26,13 +27,12 @@ from orchestrator.driver_watch import (
     end_state,
     failure_cause_source,
 )
-from orchestrator.liveness import DriverIdentity
-from orchestrator.placement import worker_shape
-from orchestrator.progress import MetricsTail, ProgressView
-from orchestrator.ray_handle import dead_nodes, ray_for
-from orchestrator.registry import METRICS_FILE, RunRecord, RunRegistry, now
-from orchestrator.run_record import Cause, Outcome
-from orchestrator.runs import refresh
+from orchestrator.launch.progress import MetricsTail, ProgressView
+from orchestrator.run.attempts import current, finished_state, mark_lost_nodes
+from orchestrator.run.lifecycle import refresh
+from orchestrator.run.liveness import DriverIdentity
+from orchestrator.run.record import Cause, Outcome
+from orchestrator.run.registry import METRICS_FILE, RunRecord, RunRegistry, now
 from trainers.run.events import record_event
 from trainers.run.folder import LOGS_DIR, RAY_DIR
 from trainers.run.state import RunState
@@ -41,7 +41,7 @@ from trainers.run.stop_request import ask_to_stop, clear_stop_request
 if TYPE_CHECKING:
     from ray.train import ScalingConfig
 
-    from orchestrator.run_plan import RunPlan
+    from orchestrator.run.plan import RunPlan
     from trainers.run_data import RunData
 
 
@@ -93,7 +93,7 @@ def fit(cfg: KilnConfig, data: RunData | None = None) -> None:
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.ray_worker import AttemptCallback, KilnTorchConfig, train_worker
+    from orchestrator.launch.ray_worker import AttemptCallback, KilnTorchConfig, train_worker
 
     trainer = TorchTrainer(
         train_worker,

@@ -15,7 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from orchestrator.run_metrics import series
+from orchestrator.run.metrics import series
 
 
 @dataclass(frozen=True)

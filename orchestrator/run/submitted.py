@@ -1,7 +1,7 @@
 """The decisions about a run that a Ray job drives (`kiln submit`), as pure functions of plain facts.
 
 What Ray says of the job (its status), what run.json says of the run (its state, whether the job's driver
-ever wrote to it) and a clock reading go in; what to show or do comes out. orchestrator/submit.py and
+ever wrote to it) and a clock reading go in; what to show or do comes out. orchestrator/cluster/jobs.py and
 orchestrator/cluster_cli.py ask Ray and act; tests/unit/test_submitted_run.py tests each table.
 """
 
