@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shlex
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from data_pipeline import storage
+from data_pipeline.redaction import redact_text
 from orchestrator.config import UsageError
 from orchestrator.run.submitted import NOT_FOUND, UNREACHABLE
 from trainers.run.state import RunState
@@ -220,3 +223,22 @@ def stop_job(address: str, job_id: str) -> bool:
     jobs = client(address)
     with talking_to(address):
         return bool(jobs.stop_job(job_id))
+
+
+def shipped_code(working_dir: str | None) -> str | None:
+    """--working-dir as an absolute folder (the code Ray uploads with the job), or None."""
+    if working_dir is None:
+        return None
+    path = os.path.abspath(working_dir)
+    if not os.path.isdir(os.path.join(path, "orchestrator")):
+        raise UsageError(
+            f"--working-dir {working_dir}: not a Kiln checkout (no orchestrator/ in {path}); give the folder "
+            "holding pyproject.toml, or leave it out when Kiln is installed in the cluster's image"
+        )
+    return path
+
+
+def write_out(text: str) -> None:
+    """Stream text to stdout through the redaction."""
+    sys.stdout.write(redact_text(text))
+    sys.stdout.flush()

@@ -2,7 +2,7 @@
 
 What Ray says of the job (its status), what run.json says of the run (its state, whether the job's driver
 ever wrote to it) and a clock reading go in; what to show or do comes out. orchestrator/cluster/jobs.py and
-orchestrator/cluster_cli.py ask Ray and act; tests/unit/test_submitted_run.py tests each table.
+orchestrator/cli/cluster.py ask Ray and act; tests/unit/test_submitted_run.py tests each table.
 """
 
 from __future__ import annotations

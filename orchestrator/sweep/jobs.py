@@ -16,9 +16,10 @@ from orchestrator.cluster.jobs import (
     jobs_address,
     next_job_id,
     shared_root_warning,
+    shipped_code,
     submit_job,
+    write_out,
 )
-from orchestrator.cluster_cli import shipped_code, write_out
 from orchestrator.config import UsageError
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.record import SweepRecord, SweepState

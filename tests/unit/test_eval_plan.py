@@ -1,11 +1,11 @@
-"""`kiln eval`'s slice is decided before any model runs (orchestrator/inference_cli.py)."""
+"""`kiln eval`'s slice is decided before any model runs (orchestrator/cli/inference.py)."""
 
 from types import SimpleNamespace
 
 import pytest
 
+from orchestrator.cli.inference import plan_dataset_slice, plan_run_slice
 from orchestrator.config import UsageError
-from orchestrator.inference_cli import plan_dataset_slice, plan_run_slice
 
 RUN = SimpleNamespace(train=SimpleNamespace(micro_batch=4, eval_batches=3, seed=7))
 

@@ -127,15 +127,15 @@ class FakeJobsAPI:
 def jobs_api(monkeypatch):
     def make(refusals: int, **kwargs) -> FakeJobsAPI:
         api = FakeJobsAPI(refusals, **kwargs)
-        monkeypatch.setattr("orchestrator.cluster_cli.submit_job", api.submit_job)
-        monkeypatch.setattr("orchestrator.cluster_cli.job_view", api.job_view)
+        monkeypatch.setattr("orchestrator.cli.cluster.submit_job", api.submit_job)
+        monkeypatch.setattr("orchestrator.cli.cluster.job_view", api.job_view)
         return api
 
     return make
 
 
 def submit_new(root: str, api: FakeJobsAPI, run_id: str = "r1", log=lambda message: None) -> RunRecord:
-    from orchestrator.cluster_cli import submit
+    from orchestrator.cli.cluster import submit
 
     registry = RunRegistry(root)
     record = registry.create(RunRecord(run_id=run_id, job_id=f"kiln-{run_id}"), "run: {}\n")
@@ -184,7 +184,7 @@ def test_another_refusal_is_not_retried_and_frees_a_new_runs_id(tmp_path, jobs_a
 
 
 def test_a_refused_resubmission_keeps_the_run_and_records_why(tmp_path, jobs_api):
-    from orchestrator.cluster_cli import submit
+    from orchestrator.cli.cluster import submit
 
     api = jobs_api(refusals=1, reply="status code 400: no")
     registry = RunRegistry(str(tmp_path))
@@ -223,8 +223,8 @@ def followed_to_the_end(tmp_path, monkeypatch, recorded: str, job_log: str) -> t
 
     from rich.console import Console
 
+    from orchestrator.cli.cluster import finished
     from orchestrator.cluster.jobs import JobView
-    from orchestrator.cluster_cli import finished
 
     registry = RunRegistry(str(tmp_path))
     record = registry.create(RunRecord(run_id="r1", job_id="kiln-r1"), "run: {}\n")
@@ -232,9 +232,9 @@ def followed_to_the_end(tmp_path, monkeypatch, recorded: str, job_log: str) -> t
         record.state = recorded
         registry.save(record)
     monkeypatch.setattr(
-        "orchestrator.cluster_cli.job_view", lambda address, job_id: JobView(job_id, address, "FAILED", "exit 127", 127)
+        "orchestrator.cli.cluster.job_view", lambda address, job_id: JobView(job_id, address, "FAILED", "exit 127", 127)
     )
-    monkeypatch.setattr("orchestrator.cluster_cli.job_logs", lambda address, job_id: job_log)
+    monkeypatch.setattr("orchestrator.cli.cluster.job_logs", lambda address, job_id: job_log)
     out = io.StringIO()
     code = finished(registry, "r1", "http://head:8265", "kiln-r1", Console(file=out, width=300), ("PENDING", 0))
     return code, out.getvalue()

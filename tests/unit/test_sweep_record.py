@@ -10,11 +10,11 @@ import pytest
 from rich.console import Console
 
 from orchestrator.cli import parser
+from orchestrator.cli.sweep import cmd_sweep_status, print_status, status_json, sweep_argv
 from orchestrator.config import UsageError, compose_config
 from orchestrator.run.liveness import DriverIdentity, this_host
 from orchestrator.run.registry import RunRecord, RunRegistry, now
 from orchestrator.sweep import record as sweeps
-from orchestrator.sweep.cli import cmd_sweep_status, print_status, status_json, sweep_argv
 from orchestrator.sweep.driver import fitting_trials
 from orchestrator.sweep.record import (
     NOT_STARTED,
@@ -474,7 +474,7 @@ def test_status_of_an_unknown_sweep_names_the_sweeps_there(tmp_path):
 
 
 def test_a_new_sweep_never_adopts_an_existing_run_named_like_one_of_its_trials(tmp_path):
-    from orchestrator.sweep.cli import check_trial_ids_free
+    from orchestrator.cli.sweep import check_trial_ids_free
 
     registry = RunRegistry(str(tmp_path))
     registry.create(RunRecord(run_id="lr-3", experiment="x", max_steps=4, strategy="ddp", num_workers=1), "x: 1")
@@ -486,7 +486,7 @@ def test_a_new_sweep_never_adopts_an_existing_run_named_like_one_of_its_trials(t
 def test_kiln_sweep_start_runs_only_a_submitted_sweep_that_has_not_started(tmp_path):
     import argparse
 
-    from orchestrator.sweep.cli import cmd_sweep_start
+    from orchestrator.cli.sweep import cmd_sweep_start
 
     sweeps.create(str(tmp_path), a_sweep(str(tmp_path), state=SweepState.FINISHED))
     args = argparse.Namespace(sweep="lr", storage_root=str(tmp_path), retry_failed=False)

@@ -1,7 +1,7 @@
 """A conversation with a chat (SFT) model: prompts in the training data's chat template, history kept within
 the model's context, replies streamed token by token through transformers' `generate` and TextStreamer.
 
-`kiln chat` (orchestrator/inference_cli.py) reads the turns and writes the replies; everything here works
+`kiln chat` (orchestrator/cli/inference.py) reads the turns and writes the replies; everything here works
 on a loaded model. Prompts are rendered with the tokenizer's own chat template (apply_chat_template), as
 `kiln prepare kind=chat` rendered the training conversations, so a prompt tokenizes exactly as training data did,
 and a reply stops at the template's end-of-turn tokens.

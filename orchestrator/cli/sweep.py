@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from data_pipeline.redaction import redact_text
+from orchestrator.cli.options import add_address, add_json, add_storage_root
 from orchestrator.config import UsageError, absolute_url, compose_config, finalize, new_run_id
 from orchestrator.run.liveness import DriverIdentity, driver_alive, pid_start_time, this_host
 from orchestrator.run.registry import RunRegistry
@@ -339,7 +340,7 @@ def add_sweep_commands(sub, default_root: str) -> None:
     sweep.add_argument(
         "overrides", nargs="*", help="Hydra overrides with sweeps (a,b range() choice() interval() glob())"
     )
-    sweep.add_argument("--address", default=None, help="run the sweep's driver as a Ray job on this cluster (Jobs API)")
+    add_address(sweep, "run the sweep's driver as a Ray job on this cluster (Jobs API)")
     sweep.add_argument("--follow", action="store_true", help="with --address: stream the driver's log to the end")
     sweep.add_argument("--working-dir", default=None, help="with --address: ship this Kiln checkout with the job")
     sweep.set_defaults(func=cmd_sweep)
@@ -352,16 +353,14 @@ def add_sweep_commands(sub, default_root: str) -> None:
         # No help=: `kiln --help` lists `sweep` only (these are reached as `kiln sweep ACTION`, see sweep_argv).
         parser = sub.add_parser(f"sweep-{action}", prog=f"kiln sweep {action}", description=help_text)
         parser.add_argument("sweep")
-        parser.add_argument("--storage-root", default=default_root)
+        add_storage_root(parser, default_root)
         if action == "status":
-            parser.add_argument("--json", action="store_true", help="print one JSON object")
+            add_json(parser)
         if action in ("resume", "start"):
             parser.add_argument("--retry-failed", action="store_true", help="run FAILED trials again too")
         if action == "resume":
             parser.add_argument("--force", action="store_true", help="resume even if the sweep's driver looks alive")
-            parser.add_argument(
-                "--address", default=None, help="resubmit the sweep's driver as a Ray job to this cluster"
-            )
+            add_address(parser, "resubmit the sweep's driver as a Ray job to this cluster")
             parser.add_argument("--follow", action="store_true", help="with --address: stream the driver's log")
             parser.add_argument("--working-dir", default=None, help="with --address: ship this Kiln checkout")
         if action == "stop":

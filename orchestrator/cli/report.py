@@ -11,6 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.cli.options import add_json, add_storage_root
 from orchestrator.config import UsageError
 from orchestrator.run.metrics import MetricSummary, comparison, metric_names
 from orchestrator.run.registry import RunRegistry, UnknownRun
@@ -36,14 +37,14 @@ def add_report_commands(sub, default_root: str) -> None:
     plot = sub.add_parser("plot", help="PNG charts of runs' loss, learning rate, tokens/s and MFU against step")
     plot.add_argument("ids", nargs="+", metavar="RUN", help=ids_help)
     plot.add_argument("--out", default="kiln-plots", help="folder for the PNGs (default: ./kiln-plots)")
-    plot.add_argument("--storage-root", default=default_root)
+    add_storage_root(plot, default_root)
     plot.set_defaults(func=cmd_plot)
 
     compare = sub.add_parser("compare", help="a table of runs' final and best metrics, side by side")
     compare.add_argument("ids", nargs="+", metavar="RUN", help=ids_help)
     compare.add_argument("--all", action="store_true", help="every logged metric, not only the usual ones")
-    compare.add_argument("--json", action="store_true", help="metric -> run -> {final, final_step, best, best_step}")
-    compare.add_argument("--storage-root", default=default_root)
+    add_json(compare, "metric -> run -> {final, final_step, best, best_step}")
+    add_storage_root(compare, default_root)
     compare.set_defaults(func=cmd_compare)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from data_pipeline.redaction import redact_text
+from orchestrator.cli.options import add_json, add_storage_root
 from orchestrator.config import KilnConfig, UsageError
 
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -40,14 +41,14 @@ def add_inference_commands(sub, default_root: str) -> None:
     generate.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
     generate.add_argument("--prompt", required=True, help="the prompt; '-' reads prompts from stdin, one a line")
     add_sampling_arguments(generate)
-    generate.add_argument("--json", action="store_true", help='one {"prompt", "completion"} object a line')
+    add_json(generate, 'one {"prompt", "completion"} object a line')
     generate.add_argument(
         "--chat",
         action="store_true",
         help="each prompt is a user's message to a chat (SFT) model: its reply, in the chat template",
     )
     generate.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: newest)")
-    generate.add_argument("--storage-root", default=default_root)
+    add_storage_root(generate, default_root)
     generate.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser(
@@ -58,7 +59,7 @@ def add_inference_commands(sub, default_root: str) -> None:
     chat.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
     chat.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: newest)")
     add_sampling_arguments(chat, what="per reply")
-    chat.add_argument("--storage-root", default=default_root)
+    add_storage_root(chat, default_root)
     chat.set_defaults(func=cmd_chat)
 
     evaluate = sub.add_parser(
@@ -81,8 +82,8 @@ def add_inference_commands(sub, default_root: str) -> None:
         default=DEFAULT_MAX_NEW_TOKENS,
         help=f"with --data FILE.jsonl: tokens generated (greedily) per prompt (default {DEFAULT_MAX_NEW_TOKENS})",
     )
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.add_argument("--storage-root", default=default_root)
+    add_json(evaluate)
+    add_storage_root(evaluate, default_root)
     evaluate.set_defaults(func=cmd_eval)
 
     predict = sub.add_parser("predict", help="a classifier's label and class probabilities for each text")
@@ -91,8 +92,8 @@ def add_inference_commands(sub, default_root: str) -> None:
         "--text", required=True, action="append", help="a text to classify (repeatable); '-' reads stdin, one a line"
     )
     predict.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: newest)")
-    predict.add_argument("--json", action="store_true", help='one {"text", "label", "probabilities"} object a line')
-    predict.add_argument("--storage-root", default=default_root)
+    add_json(predict, 'one {"text", "label", "probabilities"} object a line')
+    add_storage_root(predict, default_root)
     predict.set_defaults(func=cmd_predict)
 
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from data_pipeline.config import DEFAULT_STORAGE_ROOT, STORAGE_ROOT_ENV, default_storage_root
+from orchestrator.cli.options import STORAGE_ROOT, add_address, add_json, add_storage_root
 from trainers.run.folder import TOKENIZER_DIR
 from trainers.run.state import RunState, is_terminal
 
@@ -82,7 +83,7 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 
     root, overrides = resume_root(args.storage_root, args.overrides)
     if args.address:
-        from orchestrator.cluster_cli import resubmit
+        from orchestrator.cli.cluster import resubmit
 
         return resubmit(args, console, absolute_url(root), overrides)
     plan, registry, record = plan_resume(absolute_url(root), args.run, overrides, args.force)
@@ -91,7 +92,7 @@ def cmd_resume(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_start(args: argparse.Namespace, console: Console) -> int:
-    from orchestrator.cluster_cli import never_started
+    from orchestrator.cli.cluster import never_started
     from orchestrator.config import absolute_url
     from orchestrator.launch.ray_train import train
     from orchestrator.run.lifecycle import ready_registered
@@ -139,7 +140,7 @@ def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     if is_terminal(record.state):
         raise UsageError(f"run {args.run} is {record.state}, not running; nothing to stop")
     if args.now:
-        from orchestrator.cluster_cli import stop_now
+        from orchestrator.cli.cluster import stop_now
 
         return stop_now(registry, record, console)
     who = DriverIdentity.here("kiln stop")
@@ -340,7 +341,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
-    from orchestrator import prepare_cli
+    from orchestrator.cli import prepare as prepare_cli
 
     return prepare_cli.run(args.overrides, console)
 
@@ -360,12 +361,12 @@ def parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
     runs = sub.add_parser("runs", help="list runs")
-    runs.add_argument("--storage-root", default=default_storage_root())
+    add_storage_root(runs, default_storage_root())
     runs.set_defaults(func=cmd_runs)
     status = sub.add_parser("status", help="show one run")
     status.add_argument("run")
-    status.add_argument("--json", action="store_true", help="print one JSON object")
-    status.add_argument("--storage-root", default=default_storage_root())
+    add_json(status)
+    add_storage_root(status, default_storage_root())
     status.set_defaults(func=cmd_status)
     resume = sub.add_parser(
         "resume",
@@ -374,28 +375,22 @@ def parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("run")
     resume.add_argument("overrides", nargs="*", help="resume-safe overrides only (e.g. cluster.num_workers=4)")
-    resume.add_argument(
-        "--storage-root",
-        default=None,
-        help=f"where the run lives (default: ${STORAGE_ROOT_ENV} or {DEFAULT_STORAGE_ROOT})",
-    )
+    add_storage_root(resume, None, help=f"where the run lives (default: ${STORAGE_ROOT_ENV} or {DEFAULT_STORAGE_ROOT})")
     resume.add_argument("--force", action="store_true", help="resume even if the run looks alive")
-    resume.add_argument(
-        "--address", default=None, help="resubmit it as a Ray job to this cluster (the Jobs API, http://HEAD:8265)"
-    )
+    add_address(resume, "resubmit it as a Ray job to this cluster (the Jobs API, http://HEAD:8265)")
     resume.add_argument("--follow", action="store_true", help="with --address: stream the driver's log to the end")
     resume.add_argument("--working-dir", default=None, help="with --address: ship this Kiln checkout with the job")
     resume.set_defaults(func=cmd_resume)
     stop = sub.add_parser("stop", help="ask a running run to commit a checkpoint and stop (PREEMPTED)")
     stop.add_argument("run")
-    stop.add_argument("--storage-root", default=default_storage_root())
+    add_storage_root(stop, default_storage_root())
     stop.add_argument("--wait", type=float, default=0, help="seconds to wait for it to stop (default: return now)")
     stop.add_argument(
         "--now", action="store_true", help="a submitted run: stop its Ray job at once, without a final checkpoint"
     )
     stop.set_defaults(func=cmd_stop)
     add_cluster_commands(sub)
-    from orchestrator.sweep.cli import add_sweep_commands
+    from orchestrator.cli.sweep import add_sweep_commands
 
     add_sweep_commands(sub, default_storage_root())
     export = sub.add_parser("export", help="write a Hugging Face folder from a run's checkpoint")
@@ -409,10 +404,10 @@ def parser() -> argparse.ArgumentParser:
         help="a LoRA run: write the adapters alone (peft's adapter_config.json + adapter_model.safetensors), "
         "not the merged model",
     )
-    export.add_argument("--storage-root", default=default_storage_root())
+    add_storage_root(export, default_storage_root())
     export.set_defaults(func=cmd_export)
-    from orchestrator.inference_cli import add_inference_commands
-    from orchestrator.report_cli import add_report_commands
+    from orchestrator.cli.inference import add_inference_commands
+    from orchestrator.cli.report import add_report_commands
 
     add_inference_commands(sub, default_storage_root())
     add_report_commands(sub, default_storage_root())
@@ -432,17 +427,13 @@ def parser() -> argparse.ArgumentParser:
 
 def add_cluster_commands(sub) -> None:
     """`kiln submit`, `kiln start` and `kiln logs`: runs driven by a Ray job on a cluster."""
-    from orchestrator.cluster_cli import cmd_logs, cmd_submit
+    from orchestrator.cli.cluster import cmd_logs, cmd_submit
 
     submit = sub.add_parser(
         "submit", help="run a training job on a Ray cluster as a Ray job: kiln submit --address URL key=value ..."
     )
     submit.add_argument("overrides", nargs="*", help="Hydra overrides, as for kiln train")
-    submit.add_argument(
-        "--address",
-        default=None,
-        help="the cluster's Jobs API, http://HEAD:8265 (else $RAY_ADDRESS, else cluster.address)",
-    )
+    add_address(submit, "the cluster's Jobs API, http://HEAD:8265 (else $RAY_ADDRESS, else cluster.address)")
     submit.add_argument("--follow", action="store_true", help="stream the driver's log; exit with the run's exit code")
     submit.add_argument(
         "--working-dir", default=None, help="ship this Kiln checkout with the job (default: the Kiln in the image)"
@@ -451,13 +442,13 @@ def add_cluster_commands(sub) -> None:
     start = sub.add_parser("start", help="start a registered (PENDING) run here: what a submitted Ray job runs")
     start.add_argument("run")
     start.add_argument("overrides", nargs="*", help="resume-safe overrides only (e.g. cluster.address=auto)")
-    start.add_argument("--storage-root", default=default_storage_root())
+    add_storage_root(start, default_storage_root())
     start.set_defaults(func=cmd_start)
     logs = sub.add_parser("logs", help="a run's driver log (a submitted run's, from Ray Jobs) or a worker's log")
     logs.add_argument("run")
     logs.add_argument("--rank", type=int, default=None, help="this worker's log, from the run folder")
     logs.add_argument("--follow", action="store_true", help="keep printing until the run ends")
-    logs.add_argument("--storage-root", default=default_storage_root())
+    add_storage_root(logs, default_storage_root())
     logs.set_defaults(func=cmd_logs)
 
 
@@ -469,9 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline.sources import SourceError
     from data_pipeline.staging import OutputExists
     from data_pipeline.storage import StorageError
+    from orchestrator.cli.sweep import sweep_argv
     from orchestrator.config import UsageError
     from orchestrator.run.registry import DamagedRun, RunExists, UnknownRun
-    from orchestrator.sweep.cli import sweep_argv
     from orchestrator.sweep.record import DamagedSweep, UnknownSweep
     from trainers.errors import CheckpointError
     from trainers.pretrained import PretrainedError
@@ -529,7 +520,7 @@ def check_no_credentials(args: argparse.Namespace) -> None:
     from orchestrator.config import UsageError
 
     for name, value in (
-        ("--storage-root", getattr(args, "storage_root", None)),
+        (STORAGE_ROOT, getattr(args, "storage_root", None)),
         (STORAGE_ROOT_ENV, os.environ.get(STORAGE_ROOT_ENV)),
     ):
         if value and URL_CREDENTIALS.search(value):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -14,6 +13,7 @@ from rich.console import Console
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
+from orchestrator.cli.options import STORAGE_ROOT
 from orchestrator.cluster.jobs import (
     ADDRESS_ENV,
     client,
@@ -25,8 +25,10 @@ from orchestrator.cluster.jobs import (
     jobs_address,
     next_job_id,
     shared_root_warning,
+    shipped_code,
     stop_job,
     submit_job,
+    write_out,
 )
 from orchestrator.config import UsageError, absolute_url
 from orchestrator.run.registry import RunRecord, RunRegistry, now
@@ -53,12 +55,6 @@ ON_THE_CLUSTER = "cluster.address=auto"
 FOLLOW_POLL_S = 1.0
 
 
-def write_out(text: str) -> None:
-    """Stream text to stdout through the redaction."""
-    sys.stdout.write(redact_text(text))
-    sys.stdout.flush()
-
-
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     from orchestrator.config import compose_config, new_run_id
     from orchestrator.run.lifecycle import register_submission
@@ -75,24 +71,11 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
     registry, record = register_submission(plan, job_id, address)
     if warning:
         console.print(f"[yellow]warning: {warning}[/yellow]")
-    command = entrypoint(["start", record.run_id, ON_THE_CLUSTER, "--storage-root", registry.root], bool(working_dir))
+    command = entrypoint(["start", record.run_id, ON_THE_CLUSTER, STORAGE_ROOT, registry.root], bool(working_dir))
     submit(
         registry, record, address, command, working_dir, new_run=True, log=lambda m: console.print(f"[dim]{m}[/dim]")
     )
     return announce(registry, record, address, args.follow, console)
-
-
-def shipped_code(working_dir: str | None) -> str | None:
-    """--working-dir as an absolute folder (the code Ray uploads with the job), or None."""
-    if working_dir is None:
-        return None
-    path = os.path.abspath(working_dir)
-    if not os.path.isdir(os.path.join(path, "orchestrator")):
-        raise UsageError(
-            f"--working-dir {working_dir}: not a Kiln checkout (no orchestrator/ in {path}); give the folder "
-            "holding pyproject.toml, or leave it out when Kiln is installed in the cluster's image"
-        )
-    return path
 
 
 def submit(
@@ -314,7 +297,7 @@ def resubmit(args: argparse.Namespace, console: Console, root: str, overrides: l
     client(args.address)
     record.job_id, record.cluster_address = next_job_id(record.run_id, record.job_id), args.address
     registry.save(record)
-    arguments = ["resume", record.run_id, *overrides, ON_THE_CLUSTER, "--storage-root", root, "--force"]
+    arguments = ["resume", record.run_id, *overrides, ON_THE_CLUSTER, STORAGE_ROOT, root, "--force"]
     command = entrypoint(arguments, bool(working_dir))
     console.print(f"resuming {record.run_id} ({record.state} at step {record.step}) on {args.address}")
     submit(registry, record, args.address, command, working_dir)
