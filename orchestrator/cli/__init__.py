@@ -341,9 +341,9 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
-    from orchestrator.cli import prepare as prepare_cli
+    from orchestrator.cli import prepare
 
-    return prepare_cli.run(args.overrides, console)
+    return prepare.run(args.overrides, console)
 
 
 def parser() -> argparse.ArgumentParser:

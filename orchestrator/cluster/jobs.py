@@ -1,4 +1,4 @@
-"""Runs driven by a Ray job on a cluster (`kiln submit`): Ray's Jobs SDK; what to make of it: submitted_run.py.
+"""Runs driven by a Ray job on a cluster (`kiln submit`): Ray's Jobs SDK; what to make of it: run/submitted.py.
 
 The run is registered by the submitter and continued by the job's entrypoint (`kiln start RUN`), so
 a submitted run has one id, one folder and one record, like any other. Ray owns the job (its status,

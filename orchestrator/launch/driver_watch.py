@@ -1,6 +1,6 @@
 """The decisions of a run's driver while Ray Train runs its workers, as pure functions of what it has seen.
 
-`launcher.watch` polls (fit's thread, metrics.jsonl, the workers' events, Ray's node table) and acts;
+`ray_train.watch` polls (fit's thread, metrics.jsonl, the workers' events, Ray's node table) and acts;
 what to do next is decided here, from plain values and a clock reading, so that every branch is tested
 without Ray or a process (tests/unit/test_driver_watch.py). Shaped as Ray Train v2's controller, whose
 failure policy returns a `FailureDecision` instead of acting.

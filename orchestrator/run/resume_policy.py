@@ -1,4 +1,4 @@
-"""Whether a run may be resumed, decided from plain facts that `runs.prepare_resume` gathers one at a time.
+"""Whether a run may be resumed, decided from plain facts that `lifecycle.prepare_resume` gathers one at a time.
 
 The decision asks for what it needs next (the driver's liveness, then the newest checkpoint) instead of
 the caller gathering everything up front: a run whose driver still runs is refused before its

@@ -1,7 +1,7 @@
 """One trial of a sweep: one ordinary Kiln run (its own TorchTrainer), driven by a Ray Tune trainable.
 
 Ray documents this shape for Tune with Train v2: each Tune trial is a driver that starts a Ray Train run.
-The Kiln driver (`launcher.train`) runs in a thread of the trial's actor; the trainable reports the
+The Kiln driver (`ray_train.train`) runs in a thread of the trial's actor; the trainable reports the
 run's evaluations to Tune as they land in its metrics.jsonl, so Tune's schedulers see them at once.
 The trainable itself (`KilnTrial`) lives in orchestrator/sweep/tune_adapter.py, with Kiln's other Tune classes.
 """

@@ -55,7 +55,7 @@ def test_a_refresh_remembers_when_the_workers_first_said_how_the_run_ended(befor
 
 
 def test_a_whole_run_whose_ray_never_returns_is_given_up_on_after_the_grace():
-    """Drive the loop as launcher.watch does, with a fake clock ticking by the poll interval."""
+    """Drive the loop as ray_train.watch does, with a fake clock ticking by the poll interval."""
     state, clock, actions = WatchState(), 0.0, []
     workers_said = None
     while clock < 100:

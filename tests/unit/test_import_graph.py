@@ -192,3 +192,122 @@ def test_the_check_catches_each_kind_of_violation():
         " -> trainers.checkpoint.shapes" in problems
     )
     assert len(problems) == 5, problems
+
+
+# The concept packages (docs/architecture.md opens with their map): three rules over the same graph.
+CLI = "orchestrator.cli"
+RUN_CONTRACT = "trainers.run"
+SWEEP = "orchestrator.sweep"
+NOT_FOR_THE_SWEEP = ("trainers.loop", "trainers.strategies")
+# Run-folder names only trainers/run/folder.py spells; "STOP", "logs", "ray", "wandb" and "tokenizer" are
+# left out of the check, being also a sweep's STOP file, a module, a tracker and a dataset manifest's key.
+RUN_FOLDER_NAMES = ("run.json", "config.yaml", "metrics.jsonl", "events", "checkpoints", "init_model")
+
+
+def cli_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Nothing but the CLI's own modules imports orchestrator.cli: the CLI is the top of the house."""
+    return [
+        f"{name} imports {target} (only {CLI}'s own modules may)"
+        for name, imports in sorted(graph.items())
+        if not within(name, (CLI,))
+        for target in sorted(imports)
+        if within(target, (CLI,))
+    ]
+
+
+def sweep_violations(graph: dict[str, set[str]]) -> list[str]:
+    """The sweep expands and schedules trials; it never imports the training loop or a strategy."""
+    return [
+        f"{name} imports {target} (the sweep never imports the training loop or strategies)"
+        for name, imports in sorted(graph.items())
+        if within(name, (SWEEP,))
+        for target in sorted(imports)
+        if within(target, NOT_FOR_THE_SWEEP)
+    ]
+
+
+def contract_names(files: dict[str, Path]) -> dict[str, str]:
+    """Each top-level name trainers.run defines -> its module."""
+    names = {}
+    for name, path in files.items():
+        if within(name, (RUN_CONTRACT,)):
+            for node in ast.parse(path.read_text(), str(path)).body:
+                if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                    names[node.name] = name
+                elif isinstance(node, ast.Assign):
+                    names.update({t.id: name for t in node.targets if isinstance(t, ast.Name)})
+    return names
+
+
+def takes_past_the_contract(node: ast.AST) -> bool:
+    """An import from a trainers module outside trainers.run."""
+    return (
+        isinstance(node, ast.ImportFrom)
+        and (node.module or "").startswith("trainers.")
+        and not within(node.module or "", (RUN_CONTRACT,))
+    )
+
+
+def run_folder_violations(files: dict[str, Path]) -> list[str]:
+    """The orchestrator reads run folders only through trainers.run: it takes the contract's names (run
+    folder layout, run state, events, the STOP request) from trainers.run, and no module outside
+    trainers.run spells a run folder's names."""
+    contract = contract_names(files)
+    problems = []
+    for name, path in sorted(files.items()):
+        if within(name, (RUN_CONTRACT,)) or not within(name, ("orchestrator", "trainers")):
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if within(name, ("orchestrator",)) and takes_past_the_contract(node):
+                assert isinstance(node, ast.ImportFrom)
+                taken = sorted(a.name for a in node.names if a.name in contract)
+                problems.extend(
+                    f"{name} imports {t} from {node.module} (the run contract's, import it from {contract[t]})"
+                    for t in taken
+                )
+            if isinstance(node, ast.Constant) and node.value in RUN_FOLDER_NAMES:
+                problems.append(f"{name} spells the run-folder name {node.value!r} (use trainers.run.folder's)")
+    return problems
+
+
+def source_files() -> dict[str, Path]:
+    return {module_name(f): f for package in LAYERS for f in (ROOT / package).rglob("*.py")}
+
+
+def test_nothing_imports_the_cli():
+    assert cli_violations(import_graph()) == []
+
+
+def test_the_orchestrator_reads_run_folders_only_through_trainers_run():
+    assert run_folder_violations(source_files()) == []
+
+
+def test_the_sweep_never_imports_the_training_loop():
+    assert sweep_violations(import_graph()) == []
+
+
+def test_the_concept_rules_catch_each_offending_import(tmp_path):
+    graph = {
+        "orchestrator.cli": {"orchestrator.cli.options"},
+        "orchestrator.cli.options": set(),
+        "orchestrator.sweep.jobs": {"orchestrator.cli.cluster", "trainers.loop", "trainers.strategies.ddp"},
+    }
+    assert cli_violations(graph) == [
+        "orchestrator.sweep.jobs imports orchestrator.cli.cluster (only orchestrator.cli's own modules may)"
+    ]
+    assert sweep_violations(graph) == [
+        "orchestrator.sweep.jobs imports trainers.loop (the sweep never imports the training loop or strategies)",
+        "orchestrator.sweep.jobs imports trainers.strategies.ddp (the sweep never imports the training loop or "
+        "strategies)",
+    ]
+    contract = tmp_path / "state.py"
+    contract.write_text("class RunState:\n    pass\n")
+    offender = tmp_path / "status.py"
+    offender.write_text("from trainers.loop import RunState\nRECORD = 'run.json'\n")
+    problems = run_folder_violations({"trainers.run.state": contract, "orchestrator.run.status": offender})
+    assert problems == [
+        "orchestrator.run.status imports RunState from trainers.loop (the run contract's, import it from "
+        "trainers.run.state)",
+        "orchestrator.run.status spells the run-folder name 'run.json' (use trainers.run.folder's)",
+    ]
