@@ -19,8 +19,13 @@ from dataclasses import dataclass
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
 from orchestrator.config import UsageError
-from orchestrator.run.submitted import NOT_FOUND, UNREACHABLE
 from trainers.run.state import RunState
+
+# Ray's job status for a job whose driver has exited. NOT_FOUND: the cluster does not know the job (its head
+# was replaced): nothing there drives the run. UNREACHABLE: the cluster could not be asked.
+TERMINAL_JOB_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED", "NOT_FOUND"})
+UNREACHABLE = "UNREACHABLE"
+NOT_FOUND = "NOT_FOUND"
 
 JOB_PREFIX = "kiln-"
 ADDRESS_ENV = "RAY_ADDRESS"

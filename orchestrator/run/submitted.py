@@ -10,13 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from orchestrator.cluster.jobs import NOT_FOUND, TERMINAL_JOB_STATUSES, UNREACHABLE
 from trainers.run.state import RunState
 
-# Ray's job status for a job whose driver has exited. NOT_FOUND: the cluster does not know the job (its head
-# was replaced): nothing there drives the run.
-TERMINAL_JOB_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED", "NOT_FOUND"})
-UNREACHABLE = "UNREACHABLE"
-NOT_FOUND = "NOT_FOUND"
 DRIVER_LOST = "DRIVER_LOST"  # shown for a run whose record says it runs while its Ray job has ended
 NEVER_STARTED = "NEVER_STARTED"  # shown for a PENDING run whose Ray job ended before it launched the run
 # How long `kiln submit` waits for the head's job agent: a head started seconds ago answers "No available
