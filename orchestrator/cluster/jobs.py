@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
 from orchestrator.config import UsageError
+from trainers import failpoints
 from trainers.run.state import RunState
 
 # Ray's job status for a job whose driver has exited. NOT_FOUND: the cluster does not know the job (its head
@@ -105,10 +106,13 @@ def entrypoint(args: list[str], shipped_code: bool) -> str:
 
 
 def runtime_env(working_dir: str | None) -> dict | None:
-    """The job's runtime env: only the code, when shipped; never a secret (the nodes hold those)."""
+    """The job's runtime env: only the code, when shipped, and armed failpoints; never a secret (the nodes hold
+    those)."""
+    armed = failpoints.environment()  # empty unless a test armed them (trainers/failpoints.py)
+    env: dict = {"env_vars": armed} if armed else {}
     if working_dir is None:
-        return None
-    return {"working_dir": working_dir, "excludes": WORKING_DIR_EXCLUDES}
+        return env or None
+    return {"working_dir": working_dir, "excludes": WORKING_DIR_EXCLUDES, **env}
 
 
 def exit_code_of(driver_exit_code: int | None, state: str) -> int:

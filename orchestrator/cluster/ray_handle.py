@@ -31,7 +31,7 @@ def start_ray(cfg: KilnConfig) -> bool:
             log_to_driver=False,
             logging_level=logging.ERROR,
             configure_logging=True,
-            runtime_env={"env_vars": {"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore", **failpoints.environment()}},
+            runtime_env={"env_vars": {"WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore", **worker_failpoints()}},
         )
     return True
 
@@ -140,3 +140,11 @@ def ray_for(
             import ray
 
             ray.shutdown()
+
+
+def worker_failpoints() -> dict[str, str]:
+    """Armed failpoints for this driver's Ray workers; none under a Ray job, whose runtime env carries them (Ray
+    refuses a driver's env var that its job's runtime env names too)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    return {} if RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ else failpoints.environment()

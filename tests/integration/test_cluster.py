@@ -3,8 +3,8 @@
 The session's `ray_cluster` is a head and two worker nodes (`node_a`, `node_b`) started with the
 `ray` CLI on this machine, with token authentication on. Runs live on the local S3 server; the
 cluster's nodes hold its credentials, the submitting "laptop" (these tests) holds only the token.
-Every run checkpoints each step (slow enough for a kill to land mid-run, the math unchanged), so its
-losses are compared bit for bit with the uninterrupted torchrun run of the same config.
+Every run checkpoints each step, so its losses are compared bit for bit with the uninterrupted torchrun
+run of the same config; a failpoint holds a run at the step where its story kills or stops something.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import subprocess
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.failpoints import Failpoints
 from tests.helpers import BIN, REPO
 from tests.integration.ft_harness import (
     EVERY_STEP,
@@ -29,6 +31,7 @@ from tests.integration.ft_harness import (
     metrics,
     read_json,
     reference_rows,
+    s3_client,
     s3_root,
     wait_for,
 )
@@ -54,10 +57,12 @@ def ray_cli(cluster, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=120)
 
 
-def submit(cluster, root: str, run: str, *overrides: str, follow: bool = False) -> subprocess.CompletedProcess:
-    """kiln submit of the 2-worker reference config (ddp) as run `run` under root."""
+def submit(
+    cluster, root: str, run: str, *overrides: str, follow: bool = False, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """kiln submit of the 2-worker reference config (ddp) as run `run` under root (env: e.g. armed failpoints)."""
     args = ["submit", "--address", cluster.address, *EVERY_STEP, f"run.id={run}", f"storage.root={root}", *overrides]
-    return kiln_at(cluster, *args, *(["--follow"] if follow else []))
+    return kiln_at(cluster, *args, *(["--follow"] if follow else []), extra_env=env)
 
 
 def status(cluster, root: str, run: str) -> dict:
@@ -172,17 +177,21 @@ def test_a_job_whose_entrypoint_never_ran_kiln_says_the_run_never_started_with_i
     assert (shown["state"], shown["recorded_state"], shown["job"]["status"]) == ("NEVER_STARTED", "PENDING", "FAILED")
 
 
-def test_losing_a_worker_node_mid_run_restarts_on_the_nodes_left_and_names_the_node(ray_cluster, s3, trained_runs):
+def test_losing_a_worker_node_mid_run_restarts_on_the_nodes_left_and_names_the_node(
+    ray_cluster, s3, trained_runs, tmp_path
+):
     """Story (b): SIGKILL a worker node's raylet and workers (found by node id); the run finishes exactly."""
     root, run = s3_root(s3), f"nodeloss-{uuid.uuid4().hex[:4]}"
-    assert submit(ray_cluster, root, run, "cluster.placement=spread").returncode == 0
-    wait_for("step 8 committed", lambda: max(committed_steps(root, run), default=0) >= 8)
+    points = Failpoints(tmp_path / "fp", f"loop.after_step(run={run},step=9,rank=0)=pause")  # step 8 committed
+    assert submit(ray_cluster, root, run, "cluster.placement=spread", env=points.env).returncode == 0
+    points.wait("loop.after_step")
     started = events(root, run, "started")[0]
     by_id = {node.node_id: name for name, node in ray_cluster.nodes.items() if name != "head"}
     victim_id = next(r["node_id"] for r in started["ranks"] if r["node_id"] in by_id)
     name = by_id[victim_id]
     try:
         ray_cluster.kill_node(name)
+        points.release("loop.after_step")  # rank 0, if its node lives, goes on into a collective its peer left
         wait_for("the run to succeed", lambda: read_json(f"{root}/{run}/run.json")["state"] == "SUCCEEDED", 400)
     finally:
         ray_cluster.add_node(name)  # the next test gets its two worker nodes back
@@ -197,11 +206,14 @@ def test_losing_a_worker_node_mid_run_restarts_on_the_nodes_left_and_names_the_n
     assert f"node {victim_id} was lost" in text, text
 
 
-def test_a_killed_driver_shows_driver_lost_and_kiln_resume_address_finishes_it_exactly(ray_cluster, s3, trained_runs):
+def test_a_killed_driver_shows_driver_lost_and_kiln_resume_address_finishes_it_exactly(
+    ray_cluster, s3, trained_runs, tmp_path
+):
     """Story (c): SIGKILL the Ray job's driver process; `kiln resume RUN --address` continues it."""
     root, run = s3_root(s3), "driverloss"
-    assert submit(ray_cluster, root, run).returncode == 0
-    wait_for("step 8 committed", lambda: max(committed_steps(root, run), default=0) >= 8)
+    points = Failpoints(tmp_path / "fp", f"loop.after_step(run={run},step=9,rank=0)=pause")  # step 8 committed
+    assert submit(ray_cluster, root, run, env=points.env).returncode == 0
+    points.wait("loop.after_step")  # held there until the job (and so its workers) dies with its driver
     # The kiln process driving the run, as its record names it (Ray's driver_info pid may be a wrapper).
     os.kill(read_json(f"{root}/{run}/run.json")["driver"]["pid"], signal.SIGKILL)
     wait_for("the job to fail", lambda: status(ray_cluster, root, run)["job"]["status"] == "FAILED", 120)
@@ -224,13 +236,19 @@ def test_a_killed_driver_shows_driver_lost_and_kiln_resume_address_finishes_it_e
 
 
 def test_kiln_stop_on_a_submitted_run_preempts_it_and_kiln_resume_continues_it_on_the_cluster(
-    ray_cluster, s3, trained_runs
+    ray_cluster, s3, trained_runs, tmp_path
 ):
     """Story (d): a graceful stop commits a checkpoint (PREEMPTED, exit 3); resume finishes it exactly."""
     root, run = s3_root(s3), "stopped"
-    assert submit(ray_cluster, root, run).returncode == 0
-    wait_for("step 5 committed", lambda: max(committed_steps(root, run), default=0) >= 5)
-    stop = kiln_at(ray_cluster, "stop", run, "--storage-root", root, "--wait", "180")
+    # Held after step 6 until `kiln stop` has written the STOP request, so the stop lands mid-run every time.
+    points = Failpoints(tmp_path / "fp", f"loop.after_step(run={run},step=6,rank=0)=pause")
+    assert submit(ray_cluster, root, run, env=points.env).returncode == 0
+    points.wait("loop.after_step")
+    with ThreadPoolExecutor(1) as pool:
+        stopping = pool.submit(kiln_at, ray_cluster, "stop", run, "--storage-root", root, "--wait", "180")
+        wait_for("the STOP request", lambda: s3_client().exists(f"{root}/{run}/STOP".removeprefix("s3://")))
+        points.release("loop.after_step")
+        stop = stopping.result()
     assert stop.returncode == 0 and "PREEMPTED" in stop.stdout, stop.stdout + stop.stderr
     preempted = status(ray_cluster, root, run)
     # The driver exits 3 as `kiln train` does when preempted, which Ray counts as a FAILED job.
