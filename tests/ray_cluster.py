@@ -43,6 +43,26 @@ ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
 print(json.dumps(ray.available_resources()))
 """
 
+# Ray Train asks a detached actor that every job shares, the AutoscalingCoordinator, which nodes its worker
+# group may use; a job stopped with `ray job stop` never withdraws its request, which holds its nodes for
+# 180 s, so an elastic run submitted after it starts smaller than the free nodes allow.
+FORGET_RESERVATIONS_SCRIPT = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+try:
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+except ValueError:  # no Ray Train run has asked it for anything yet
+    print(json.dumps([]))
+    raise SystemExit
+def forget(actor):
+    requesters = list(actor._ongoing_reqs)
+    for requester in requesters:
+        actor.cancel_request(requester)
+    actor._tick()  # and look at the nodes afresh: a node that left and joined again has a new id
+    return requesters
+print(json.dumps(ray.get(coordinator.__ray_call__.remote(forget))))
+"""
+
 
 @dataclass
 class Node:
@@ -201,6 +221,10 @@ class LocalRayCluster:
                 raise RuntimeError(f"only {free} of {amount} {resource} free after {timeout:.0f}s")
             time.sleep(1)
 
+    def forget_train_reservations(self) -> list[str]:
+        """Withdraw every Ray Train resource request still held (call only while no job runs); their requesters."""
+        return self._ask(FORGET_RESERVATIONS_SCRIPT, default=None)
+
     def wait_for_node(self, name: str, timeout: float = 90) -> str:
         """The node id of the node offering resource `name`, once it is alive."""
         deadline = time.monotonic() + timeout
@@ -215,7 +239,9 @@ class LocalRayCluster:
     def _check_alive(self, name: str) -> None:
         node = self.nodes[name]
         if node.process.poll() is not None:
-            raise RuntimeError(f"`ray start` for {name} exited with {node.process.returncode}; see {node.log}")
+            tail = "\n".join(node.log.read_text(errors="replace").splitlines()[-15:])
+            code = node.process.returncode
+            raise RuntimeError(f"`ray start` for {name} exited with {code}; {node.log} ends:\n{tail}")
 
     def processes_of(self, node_id: str) -> list[psutil.Process]:
         """The raylet of node_id (found by the --node_id it was started with) and every process under it."""

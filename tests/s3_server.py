@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -10,12 +11,32 @@ import time
 from pathlib import Path
 from typing import IO
 
+# Ports handed out come from below the kernel's ephemeral range (32768-60999 on Linux) and above Ray's
+# worker ports (10002-19999): a port found free there cannot be taken, before its server binds it, by an
+# outgoing connection or by another process's bind to port 0 (which is how Ray, gloo and torchrun pick
+# theirs), the race that once failed a Ray node's start on a busy machine. Each xdist worker has a slice of
+# its own, starts at a place of its own within it, and never hands the same port out twice.
+PORT_SLICES = [range(start, start + 3000) for start in (20000, 23000, 26000, 29000)]
+_handed_out: set[int] = set()
+
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 nobody listens on right now, outside the range the kernel picks ports from."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    ports = PORT_SLICES[int(worker) % len(PORT_SLICES) if worker.isdigit() else 0]
+    start = random.Random(os.getpid()).randrange(len(ports))
+    for offset in range(len(ports)):
+        port = ports[(start + offset) % len(ports)]
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {ports.start}-{ports.stop - 1}")
 
 
 def start_moto(log: IO | None = None, timeout: float = 30) -> tuple[subprocess.Popen, str]:

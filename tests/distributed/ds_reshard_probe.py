@@ -140,6 +140,9 @@ def main(out: str, strategies: str, actions: str, *model: str) -> None:
             if rank == 0:
                 torch.save(state, result)
             dist.barrier()
+    # Before the interpreter exits: a rank that leaves gloo's threads running aborts ("terminate called
+    # without an active exception"), and torchrun reports the whole probe failed.
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

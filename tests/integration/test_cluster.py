@@ -316,8 +316,10 @@ def test_an_elastic_run_shrinks_on_node_loss_grows_back_and_keeps_the_math_of_a_
     root, run = s3_root(s3), "elastic"
     elastic = ["cluster.num_workers=[1,2]", "cluster.resize_check_s=3", "cluster.resources_per_worker={worker_node:1}"]
     args = ["submit", "--address", ray_cluster.address, *settings, *elastic, f"run.id={run}", f"storage.root={root}"]
-    # An elastic group starts with what is free: the last test's stopped job may still be releasing a node.
+    # An elastic group starts with what is free: the last test's stopped job may still be releasing a node,
+    # and Ray Train's reservations for the jobs it stopped outlive them (tests/ray_cluster.py says how long).
     ray_cluster.wait_until_free(WORKER_NODE, 2)
+    assert ray_cluster.forget_train_reservations() is not None, "Ray Train's reservations could not be withdrawn"
     assert kiln_at(ray_cluster, *args).returncode == 0
     wait_for("step 5 committed on 2 workers", lambda: max(committed_steps(root, run), default=0) >= 5)
     assert events(root, run, "started")[0]["world_size"] == 2
