@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -87,8 +86,11 @@ def is_sweep_setting(override: str) -> bool:
     return bool(SWEEP_KEY.match(override))
 
 
-def parse_settings(pairs: list[tuple[str, Any]]) -> SweepConfig:
-    """The SweepConfig that `sweep.*` settings (key, value as Hydra parsed it) give; UsageError naming a bad one."""
+def parse_settings(pairs: list[tuple[str, object]]) -> SweepConfig:
+    """The SweepConfig that `sweep.*` settings (key, value as Hydra parsed it) give; UsageError naming a bad one.
+
+    A value may be anything Hydra parses (a list, null, ...): OmegaConf checks it against the setting's type.
+    """
     settings = OmegaConf.structured(SweepConfig)
     for key, value in pairs:
         name = key.removeprefix("sweep.")

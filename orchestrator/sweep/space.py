@@ -13,15 +13,22 @@ import random
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from orchestrator.config import KilnConfig, UsageError, compose_config
 from orchestrator.sweep.settings import SweepConfig, is_sweep_setting, parse_settings
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Override
+    from optuna.distributions import BaseDistribution
 
 # Keys a sweep sets on each trial itself.
 TRIAL_OWNED = {"run.id": "a sweep names its trials <sweep.id>-<n>: set sweep.id=NAME instead"}
 LOG_TAG = "log"
 ASHA_SCALE = ("train.max_steps", "train.eval_every")  # what sets ASHA's max_t and its default grace period
+# One value of a swept key: a listed value (as typed), a draw from an interval, or an Optuna suggestion.
+ParamValue = int | float | str | bool
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,7 @@ class Dimension:
     def is_interval(self) -> bool:
         return self.low is not None
 
-    def assign(self, value: Any) -> str:
+    def assign(self, value: ParamValue) -> str:
         """The override that gives this key one value."""
         return f"{self.key}={format_value(value, self.integer)}"
 
@@ -61,12 +68,12 @@ class Dimension:
 
     def probes(self) -> list[str]:
         """The values validated up front: every listed value, an interval's two ends."""
-        if self.is_interval:
+        if self.low is not None and self.high is not None:  # an interval (interval_dimension sets both ends)
             return [self.assign(self.low), self.assign(self.high)]
         return [self.assign(v) for v in self.values]
 
 
-def format_value(value: Any, integer: bool = False) -> str:
+def format_value(value: ParamValue, integer: bool = False) -> str:
     """A value as an override writes it (floats with 6 significant digits: what the trial really used)."""
     if integer:
         return str(round(float(value)))
@@ -108,11 +115,11 @@ class SweepSpace:
                 points.append([*first[:i], probe, *first[i + 1 :]])
         return points
 
-    def optuna_space(self) -> dict[str, Any]:
+    def optuna_space(self) -> dict[str, BaseDistribution]:
         """Optuna distributions keyed by the swept key, for Ray Tune's OptunaSearch."""
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-        space: dict[str, Any] = {}
+        space: dict[str, BaseDistribution] = {}
         for d in self.dimensions:
             if not d.is_interval:
                 space[d.key] = CategoricalDistribution(list(d.values))
@@ -122,57 +129,95 @@ class SweepSpace:
                 space[d.key] = FloatDistribution(float(d.low or 0), float(d.high or 0), log=d.log)
         return space
 
-    def point_from(self, params: dict[str, Any]) -> list[str]:
+    def point_from(self, params: dict[str, ParamValue]) -> list[str]:
         """The overrides of one Optuna suggestion, in the order the keys were given."""
         return [d.assign(params[d.key]) for d in self.dimensions]
 
 
 def parse_space(overrides: list[str]) -> SweepSpace:
     """Split a sweep's command line into sweep settings, fixed overrides and swept dimensions (Hydra's parser)."""
+    fixed, dimensions, settings = parse_overrides(overrides)
+    check_swept_once(dimensions)
+    fixed = without_swept_keys(fixed, dimensions, overrides)
+    if not dimensions:
+        raise UsageError(
+            "nothing to sweep: give a key several values, e.g. optim.lr=1e-4,3e-4, range(1,4), choice(a,b), "
+            "interval(1e-5,1e-3) or glob(zero*)"
+        )
+    return SweepSpace(fixed, dimensions, parse_settings(settings), typed=list(overrides))
+
+
+def parse_overrides(overrides: list[str]) -> tuple[list[str], list[Dimension], list[tuple[str, object]]]:
+    """Each override read by Hydra's parser, in order: (fixed overrides, swept dimensions, sweep.* settings)."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import IntervalSweep
     from hydra.errors import HydraException
 
     from orchestrator.config import CONF_DIR, explain_composition_error
 
-    fixed, dimensions, settings = [], [], []
+    fixed: list[str] = []
+    dimensions: list[Dimension] = []
+    settings: list[tuple[str, object]] = []
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="kiln-sweep"):
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         for typed in overrides:
             try:
-                (parsed,) = parser.parse_overrides([typed])
+                parsed = parse_one(parser, typed)
                 if is_sweep_setting(typed):
-                    if parsed.is_sweep_override():
-                        raise UsageError(f"{typed}: sweep.* settings describe the sweep and cannot be swept")
                     settings.append((parsed.key_or_group, parsed.value()))
-                    continue
-                owned = TRIAL_OWNED.get(parsed.key_or_group)
-                if owned:
-                    raise UsageError(f"{typed}: {owned}")
-                if not parsed.is_sweep_override():
-                    fixed.append(typed)
-                    continue
-                value = parsed.value()
-                key = parsed.get_key_element()
-                if isinstance(value, IntervalSweep):
-                    if value.start is None or value.end is None:
-                        raise UsageError(f"{typed}: an interval needs both ends, e.g. interval(1e-5,1e-3)")
-                    dimensions.append(interval_dimension(key, value.start, value.end, LOG_TAG in value.tags, typed))
+                elif parsed.is_sweep_override():
+                    dimensions.append(swept_dimension(parsed, typed))
                 else:
-                    values = tuple(parsed.sweep_string_iterator())
-                    if not values:
-                        raise UsageError(f"{typed}: this sweep has no values (a glob that matches no option?)")
-                    dimensions.append(Dimension(key, values=values, typed=typed))
+                    fixed.append(typed)
             except HydraException as exc:
                 raise UsageError(explain_composition_error(exc, [typed])) from None
+    return fixed, dimensions, settings
+
+
+def parse_one(parser: OverridesParser, typed: str) -> Override:
+    """One override as Hydra parses it; UsageError for a sweep of a sweep.* setting or for a key a sweep sets."""
+    (parsed,) = parser.parse_overrides([typed])
+    if is_sweep_setting(typed):
+        if parsed.is_sweep_override():
+            raise UsageError(f"{typed}: sweep.* settings describe the sweep and cannot be swept")
+        return parsed
+    owned = TRIAL_OWNED.get(parsed.key_or_group)
+    if owned:
+        raise UsageError(f"{typed}: {owned}")
+    return parsed
+
+
+def swept_dimension(parsed: Override, typed: str) -> Dimension:
+    """The dimension of a sweep override; UsageError for one that gives no value to try."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = parsed.value()
+    key = parsed.get_key_element()
+    if isinstance(value, IntervalSweep):
+        if value.start is None or value.end is None:
+            raise UsageError(f"{typed}: an interval needs both ends, e.g. interval(1e-5,1e-3)")
+        return interval_dimension(key, value.start, value.end, LOG_TAG in value.tags, typed)
+    values = tuple(parsed.sweep_string_iterator())
+    if not values:
+        raise UsageError(f"{typed}: this sweep has no values (a glob that matches no option?)")
+    return Dimension(key, values=values, typed=typed)
+
+
+def check_swept_once(dimensions: list[Dimension]) -> None:
+    """UsageError if a key is swept twice."""
     keys = [d.key.lstrip("+") for d in dimensions]
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
         raise UsageError(f"{twice[0]} is swept twice; give each key one sweep")
-    # As in Hydra, the later override of a key wins: a value typed before the key's sweep is replaced by
-    # it; one typed after would replace every point of the sweep, which is surely a mistake.
+
+
+def without_swept_keys(fixed: list[str], dimensions: list[Dimension], overrides: list[str]) -> list[str]:
+    """The fixed overrides less those of a swept key; UsageError for one typed after its key's sweep.
+
+    As in Hydra, the later override of a key wins: a value typed before the key's sweep is replaced by
+    it; one typed after would replace every point of the sweep, which is surely a mistake.
+    """
     order = {typed: i for i, typed in enumerate(overrides)}
     swept_at = {d.key.lstrip("+"): order[d.typed] for d in dimensions}
     kept = []
@@ -182,13 +227,7 @@ def parse_space(overrides: list[str]) -> SweepSpace:
             raise UsageError(f"{typed} comes after the sweep of {key} and would replace every point of it; remove one")
         if key not in swept_at:
             kept.append(typed)
-    fixed = kept
-    if not dimensions:
-        raise UsageError(
-            "nothing to sweep: give a key several values, e.g. optim.lr=1e-4,3e-4, range(1,4), choice(a,b), "
-            "interval(1e-5,1e-3) or glob(zero*)"
-        )
-    return SweepSpace(fixed, dimensions, parse_settings(settings), typed=list(overrides))
+    return kept
 
 
 def interval_dimension(key: str, low: float, high: float, log: bool, typed: str) -> Dimension:
@@ -203,9 +242,9 @@ def interval_dimension(key: str, low: float, high: float, log: bool, typed: str)
     return Dimension(key, low=low, high=high, log=log, integer=integer, typed=typed)
 
 
-def schema_type(key: str) -> Any:
-    """The type the config schema gives a dotted key (int, float, ...), None if it names no typed field."""
-    node: Any = KilnConfig
+def schema_type(key: str) -> object:
+    """The type the config schema gives a dotted key (int, float, str | None, ...), None if it names no typed field."""
+    node: object = KilnConfig
     for part in key.split("."):
         if not dataclasses.is_dataclass(node):
             return None
