@@ -24,6 +24,9 @@ POLL_S = 0.5
 # How long a trial's actor waits, when Tune ends it early, for its run to commit and stop.
 STOP_WAIT_S = 300
 PRUNED_EVENT = "pruned"
+# One result a trial reports to Tune (KilnTrial.step: step, the metric, state, error, done), as Tune hands it
+# back to the scheduler and callbacks with its own keys added: values of many types, checked where read.
+TrialResult = dict[str, object]
 
 
 @dataclass(frozen=True)

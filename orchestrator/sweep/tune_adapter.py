@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 from ray import tune
 from ray.tune import Callback
@@ -25,16 +25,28 @@ from orchestrator.run.registry import METRICS_FILE, RunRegistry
 from orchestrator.sweep.reconcile import AshaStep, decide_asha
 from orchestrator.sweep.record import NOT_STARTED, TrialEntry, sweep_stop_requested
 from orchestrator.sweep.settings import SweepConfig
-from orchestrator.sweep.space import SweepSpace
-from orchestrator.sweep.trial import POLL_S, STOP_WAIT_S, SweepContext, drive_trial
+from orchestrator.sweep.space import ParamValue, SweepSpace
+from orchestrator.sweep.trial import POLL_S, STOP_WAIT_S, SweepContext, TrialResult, drive_trial
 from trainers.run.state import RunState
 from trainers.run.stop_request import ask_to_stop
+
+if TYPE_CHECKING:
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.experiment import Trial
+    from ray.tune.search.optuna import OptunaSearch
+
+
+class TrialSpec(TypedDict):
+    """A trial's config in Tune (what TrialSource suggests, what KilnTrial.setup gets): its number and its point."""
+
+    trial: int
+    point: list[str]
 
 
 class TrialLedger(Protocol):
     """What the recorder needs of the sweep's driver (orchestrator/sweep/driver.py's SweepDriver)."""
 
-    lock: Any  # a threading.RLock
+    lock: threading.RLock
     console: Console
 
     def entry(self, n: int, point: list[str] | None = None) -> TrialEntry: ...
@@ -51,7 +63,7 @@ class PruningASHA(AsyncHyperBandScheduler):
     """
 
     def __init__(
-        self, settings: SweepConfig, max_t: int, grace: int, on_prune: Callable[[int, dict[str, Any]], None]
+        self, settings: SweepConfig, max_t: int, grace: int, on_prune: Callable[[int, TrialResult], None]
     ) -> None:
         super().__init__(
             time_attr="step",
@@ -65,7 +77,7 @@ class PruningASHA(AsyncHyperBandScheduler):
         self.on_prune = on_prune
         self.pruned: set[str] = set()
 
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+    def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: TrialResult) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         step = decide_asha(decision == TrialScheduler.STOP, bool(result.get("done")), trial.trial_id in self.pruned)
         if step == AshaStep.PASS_ON:
@@ -89,15 +101,15 @@ class TrialSource(Searcher):
         space: SweepSpace,
         new_trials: int,
         next_n: int,
-        evaluated: list[tuple[dict, float]],
-        on_new: Callable[[int, list[str], dict], None],
+        evaluated: list[tuple[dict[str, ParamValue], float]],
+        on_new: Callable[[int, list[str], dict[str, ParamValue]], None],
         stopped: Callable[[], bool],
     ) -> None:
         settings = space.settings
         super().__init__(metric=settings.metric, mode=settings.mode)
         self.space, self.on_new, self.stopped = space, on_new, stopped
         self.queue, self.left, self.next_n = list(queue), new_trials, next_n
-        self.optuna: Any = None
+        self.optuna: OptunaSearch | None = None
         if new_trials:
             import optuna
             from ray.tune.search.optuna import OptunaSearch
@@ -130,7 +142,7 @@ class TrialSource(Searcher):
         self.on_new(n, point, params)
         return {"trial": n, "point": point}
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+    def on_trial_complete(self, trial_id: str, result: TrialResult | None = None, error: bool = False) -> None:
         if self.optuna is not None and trial_id in self.from_optuna:
             metric = self.space.settings.metric
             scored = result is not None and isinstance(result.get(metric), (int, float))
@@ -143,7 +155,7 @@ class SweepRecorder(Callback):
     def __init__(self, driver: TrialLedger) -> None:
         self.driver = driver
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: object) -> None:
         driver = self.driver
         with driver.lock:
             entry = driver.entry(trial.config["trial"], trial.config["point"])
@@ -151,28 +163,30 @@ class SweepRecorder(Callback):
             driver.save()
         driver.console.print(f"trial {entry.n} started: {entry.run_id} {' '.join(entry.overrides)}")
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: TrialResult, **info: object
+    ) -> None:
         entry = self.driver.entry(trial.config["trial"])
         self.driver.refresh(entry)
         self.driver.save()
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: object) -> None:
         self.driver.trial_ended(trial.config["trial"], trial.last_result or {})
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: object) -> None:
         self.driver.trial_ended(trial.config["trial"], {"state": RunState.FAILED, "error": str(trial.error_file)})
 
 
 class KilnTrial(tune.Trainable):
     """Drives trial `config["trial"]` (its point `config["point"]`) and reports each evaluation."""
 
-    def setup(self, config: dict[str, Any], context: SweepContext) -> None:
+    def setup(self, config: TrialSpec, context: SweepContext) -> None:
         self.ctx, self.n = context, int(config["trial"])
         self.run_url = RunRegistry(context.root).run_url(context.run_id(self.n))
         self.tail = MetricsTail(storage.join(self.run_url, METRICS_FILE))
         self.last_step: int = -1
         self.last_value: float | None = None
-        self.pending: list[dict[str, Any]] = []
+        self.pending: list[TrialResult] = []
         self.outcome: tuple[str, str | None] = (NOT_STARTED, None)
         self.ended = threading.Event()
         self.thread: threading.Thread | None = None
@@ -192,7 +206,7 @@ class KilnTrial(tune.Trainable):
         finally:
             self.ended.set()
 
-    def step(self) -> dict[str, Any]:
+    def step(self) -> TrialResult:
         while True:
             self._read_rows()
             if self.pending:
