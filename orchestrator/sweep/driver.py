@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -19,10 +20,16 @@ from orchestrator.run.registry import RunRegistry, UnknownRun
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.reconcile import reconcile_trial_end
 from orchestrator.sweep.record import NOT_STARTED, SweepRecord, SweepState, TrialEntry, best_trial, refresh_entry
-from orchestrator.sweep.space import SweepSpace
-from orchestrator.sweep.trial import PRUNED_EVENT, SweepContext
+from orchestrator.sweep.settings import SweepConfig
+from orchestrator.sweep.space import ParamValue, SweepSpace
+from orchestrator.sweep.trial import PRUNED_EVENT, SweepContext, TrialResult
 from trainers.run.state import is_terminal
 from trainers.run.stop_request import ask_to_stop
+
+if TYPE_CHECKING:
+    from ray import tune
+
+    from orchestrator.sweep.tune_adapter import PruningASHA, TrialSource
 
 # A trial's actor only drives its run (Ray Train's controller takes no CPU either): it reserves the memory
 # a Kiln driver uses, not a CPU that the run's workers need. (Tune needs some resource in the request.)
@@ -40,6 +47,23 @@ def fitting_trials(nodes: list[dict[str, float]], cfg: KilnConfig) -> int:
         for name, amount in node.items():
             totals[name] = totals.get(name, 0.0) + amount
     return max(1, fits_on(group, totals))
+
+
+def start_line(sweep_id: str, total: int, concurrent: int, settings: SweepConfig, url: str) -> str:
+    """What a driver says as it starts: how many trials, how many at a time, how they are searched, where."""
+    return (
+        f"sweep [bold]{sweep_id}[/bold]: {total} trial(s) to run, "
+        f"{concurrent} at a time ({settings.search}"
+        + (", ASHA early stopping" if settings.early_stop == "asha" else "")
+        + f") -> {url}"
+    )
+
+
+def quiet_tune() -> None:
+    """Ray Tune's settings for a Kiln sweep: Kiln's own lines and signal handler instead of Tune's."""
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a trial that failed early has none
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stops trials with a checkpoint first
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # verbose=0 silences only the classic tables; ours say it
 
 
 class SweepDriver:
@@ -91,69 +115,91 @@ class SweepDriver:
         with self.lock:
             refresh_entry(self.registry, entry, self.space.settings.metric)
 
-    def run(self, queue: list[tuple[int, list[str]]], new_trials: int, evaluated: list[tuple[dict, float]]) -> str:
+    def run(
+        self,
+        queue: list[tuple[int, list[str]]],
+        new_trials: int,
+        evaluated: list[tuple[dict[str, ParamValue], float]],
+    ) -> str:
         """Run the queued trials and `new_trials` Optuna ones; returns the sweep's end state."""
-        from ray import tune
-
         from orchestrator.cluster.ray_handle import cluster_nodes
-        from orchestrator.sweep.tune_adapter import KilnTrial, PruningASHA, SweepRecorder, TrialSource
 
         settings = self.space.settings
         total = len(queue) + new_trials
         concurrent = settings.max_concurrent or fitting_trials(cluster_nodes(), self.base)
-        self.record.max_concurrent = min(concurrent, max(total, 1))
+        self.record.max_concurrent = concurrent = min(concurrent, max(total, 1))
         self.record.state, self.record.error = SweepState.RUNNING, None
         self.save()
-        self.console.print(
-            f"sweep [bold]{self.record.sweep_id}[/bold]: {total} trial(s) to run, "
-            f"{self.record.max_concurrent} at a time ({settings.search}"
-            + (", ASHA early stopping" if settings.early_stop == "asha" else "")
-            + f") -> {sweeps.sweep_url(self.root, self.record.sweep_id)}"
-        )
+        url = sweeps.sweep_url(self.root, self.record.sweep_id)
+        self.console.print(start_line(self.record.sweep_id, total, concurrent, settings, url))
         if total:
-            source = TrialSource(
-                queue,
-                self.space,
-                new_trials,
-                max((t.n for t in self.record.trials), default=0) + 1,
-                evaluated,
-                on_new=self.on_new_trial,
-                stopped=lambda: sweeps.sweep_stop_requested(self.root, self.record.sweep_id),
-            )
-            scheduler = None
-            if settings.early_stop == "asha":
-                train = self.base.train
-                scheduler = PruningASHA(
-                    settings,
-                    max_t=train.max_steps,
-                    grace=settings.grace_period or train.eval_every,
-                    on_prune=self.prune,
-                )
-            os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a trial that failed early has none
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stops trials with a checkpoint first
-            os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # verbose=0 silences only the classic tables; ours say it
-            tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(KilnTrial, context=self.ctx), TRIAL_DRIVER),
-                tune_config=tune.TuneConfig(
-                    search_alg=source,
-                    scheduler=scheduler,
-                    num_samples=total,
-                    max_concurrent_trials=self.record.max_concurrent,
-                    reuse_actors=False,
-                ),
-                run_config=tune.RunConfig(
-                    name="tune",
-                    storage_path=tune_storage(self.root, self.record.sweep_id, self.base),
-                    verbose=0,
-                    callbacks=[SweepRecorder(self)],
-                    failure_config=tune.FailureConfig(max_failures=0),
-                    # A trial's checkpoints are its run's own (committed by Kiln); Tune keeps none.
-                    checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
-                ),
-            )
+            source = self.trial_source(queue, new_trials, evaluated)
+            scheduler = self.asha()
+            quiet_tune()
+            tuner = self.tuner(source, scheduler, total)
             with self.signals(), self.heartbeat():
                 tuner.fit()
         return self.finish()
+
+    def trial_source(
+        self,
+        queue: list[tuple[int, list[str]]],
+        new_trials: int,
+        evaluated: list[tuple[dict[str, ParamValue], float]],
+    ) -> TrialSource:
+        """Tune's searcher: the queued trials, then new Optuna ones numbered after the sweep's last trial."""
+        from orchestrator.sweep.tune_adapter import TrialSource
+
+        return TrialSource(
+            queue,
+            self.space,
+            new_trials,
+            max((t.n for t in self.record.trials), default=0) + 1,
+            evaluated,
+            on_new=self.on_new_trial,
+            stopped=lambda: sweeps.sweep_stop_requested(self.root, self.record.sweep_id),
+        )
+
+    def asha(self) -> PruningASHA | None:
+        """With sweep.early_stop=asha, ASHA over the trials' training steps, pruning through `prune`; else None."""
+        from orchestrator.sweep.tune_adapter import PruningASHA
+
+        settings = self.space.settings
+        if settings.early_stop != "asha":
+            return None
+        train = self.base.train
+        return PruningASHA(
+            settings,
+            max_t=train.max_steps,
+            grace=settings.grace_period or train.eval_every,
+            on_prune=self.prune,
+        )
+
+    def tuner(self, source: TrialSource, scheduler: PruningASHA | None, total: int) -> tune.Tuner:
+        """Ray Tune's Tuner of the sweep's trials: each a KilnTrial actor, recorded in sweep.json as it goes."""
+        from ray import tune
+
+        from orchestrator.sweep.tune_adapter import KilnTrial, SweepRecorder
+
+        return tune.Tuner(
+            tune.with_resources(tune.with_parameters(KilnTrial, context=self.ctx), TRIAL_DRIVER),
+            tune_config=tune.TuneConfig(
+                search_alg=source,
+                scheduler=scheduler,
+                num_samples=total,
+                max_concurrent_trials=self.record.max_concurrent,
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=tune_storage(self.root, self.record.sweep_id, self.base),
+                verbose=0,
+                callbacks=[SweepRecorder(self)],
+                failure_config=tune.FailureConfig(max_failures=0),
+                # A trial's checkpoints are its run's own (committed by Kiln); Tune keeps none.
+                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
+            ),
+        )
 
     def heartbeat(self):
         """Rewrite sweep.json every few seconds while trials run: from another host, that is how a live driver looks."""
@@ -177,11 +223,11 @@ class SweepDriver:
 
         return beating()
 
-    def on_new_trial(self, n: int, point: list[str], params: dict) -> None:
+    def on_new_trial(self, n: int, point: list[str], params: dict[str, ParamValue]) -> None:
         self.entry(n, point, params)
         self.save()
 
-    def prune(self, n: int, result: dict) -> None:
+    def prune(self, n: int, result: TrialResult) -> None:
         """ASHA's STOP: the run commits a checkpoint and stops; its trial then ends PRUNED."""
         metric = self.space.settings.metric
         value = result.get(metric)
