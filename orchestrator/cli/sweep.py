@@ -18,10 +18,13 @@ from orchestrator.run.registry import RunRegistry
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.record import (
     FINISHED_TRIAL_STATES,
+    DriverWork,
     SweepRecord,
     SweepState,
     TrialEntry,
+    aborted_state,
     best_trial,
+    driver_work,
     plan_resume,
     refresh_entry,
 )
@@ -90,56 +93,52 @@ def run_here(
     record: SweepRecord, plan: SweepPlan, console: Console, retry_failed: bool = False, prepared: bool = False
 ) -> int:
     """Run the sweep's unfinished trials with this process as its driver; returns the exit code."""
-    from orchestrator.cluster.ray_handle import check_placement, ray_processes_in_their_own_session, start_ray
-    from orchestrator.run.plan import placement_of
-    from orchestrator.sweep.driver import SweepDriver
-
     root = record.storage_root
     registry = RunRegistry(root)
     if not prepared:
         prepare_data(plan, console)  # here: where the trials run (a submitted sweep's job prepares on the cluster)
     run_states = {t.n: run_state(registry, t.run_id) for t in record.trials}
     steps = plan_resume(run_states, retry_failed)
-    queue = [(n, record.trial(n).overrides) for n in sorted(steps.resume + steps.start)]  # type: ignore[union-attr]
-    new_trials = 0
-    evaluated: list[tuple[dict, float]] = []
-    if record.search == "optuna":
-        new_trials = max(0, (plan.settings.num_trials or 0) - len(record.trials))
-        evaluated = [
-            (t.params, t.last_metric)
-            for t in record.trials
-            if t.params and t.last_metric is not None and run_states.get(t.n) in FINISHED_TRIAL_STATES
-        ]
+    work = driver_work(record, run_states, steps, plan.settings.num_trials)
     if steps.resume or steps.done:
         console.print(
             f"sweep {record.sweep_id}: {len(steps.done)} trial(s) ended (left as they are), {len(steps.resume)} to "
-            f"continue from their last committed checkpoint, {len(steps.start) + new_trials} to start"
+            f"continue from their last committed checkpoint, {len(steps.start) + work.new_trials} to start"
         )
-    we_started = False
-    try:
-        with ray_processes_in_their_own_session(embedded=plan.base.cluster.address is None):
-            we_started = start_ray(plan.base)
-        check_placement(placement_of(plan.base.cluster), console)
-        driver = SweepDriver(record, plan.space, plan.base, console)
-        state = driver.run(queue, new_trials, evaluated)
-    except BaseException as exc:
-        if not isinstance(exc, KeyboardInterrupt):
-            record.state, record.error = SweepState.FAILED, redact_text(f"{type(exc).__name__}: {exc}")
-        else:
-            record.state, record.error = SweepState.STOPPED, "aborted by the user (Ctrl-C twice)"
-        sweeps.save(root, record)
-        raise
-    finally:
-        if we_started:
-            import ray
-
-            ray.shutdown()
+    state = drive_sweep(record, plan, work, console)
     console.print()
     print_status(status_json(root, record.sweep_id), console)
     if state == SweepState.STOPPED:
         return EXIT_STOPPED  # the status above says how to resume it
     ended = [t.state for t in sweeps.load(root, record.sweep_id).trials]
     return 0 if any(s in FINISHED_TRIAL_STATES for s in ended) else EXIT_FAILED
+
+
+def drive_sweep(record: SweepRecord, plan: SweepPlan, work: DriverWork, console: Console) -> str:
+    """Start Ray (or join the cluster), check the trials' placement and run the driver; the sweep's end state.
+
+    A driver that raises leaves the sweep FAILED (STOPPED after a second Ctrl-C) in sweep.json.
+    """
+    from orchestrator.cluster.ray_handle import check_placement, ray_processes_in_their_own_session, start_ray
+    from orchestrator.run.plan import placement_of
+    from orchestrator.sweep.driver import SweepDriver
+
+    we_started = False
+    try:
+        with ray_processes_in_their_own_session(embedded=plan.base.cluster.address is None):
+            we_started = start_ray(plan.base)
+        check_placement(placement_of(plan.base.cluster), console)
+        driver = SweepDriver(record, plan.space, plan.base, console)
+        return driver.run(work.queue, work.new_trials, work.evaluated)
+    except BaseException as exc:
+        record.state, record.error = aborted_state(exc)
+        sweeps.save(record.storage_root, record)
+        raise
+    finally:
+        if we_started:
+            import ray
+
+            ray.shutdown()
 
 
 def run_state(registry: RunRegistry, run_id: str) -> str | None:

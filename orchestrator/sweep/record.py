@@ -8,13 +8,16 @@ trial is best, how a sweep ends) are pure functions over plain data.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
 from orchestrator.run.record_codec import NewerFormat, from_json, to_json
 from orchestrator.run.registry import DamagedRun, RunRegistry, UnknownRun, now
 from trainers.run.state import RunState
+
+if TYPE_CHECKING:
+    from orchestrator.sweep.space import ParamValue
 
 SWEEPS_DIR = "sweeps"
 SWEEP_FILE = "sweep.json"
@@ -193,6 +196,38 @@ def plan_resume(run_states: dict[int, str | None], retry_failed: bool = False) -
         else:
             plan.resume.append(n)
     return plan
+
+
+@dataclass(frozen=True)
+class DriverWork:
+    """What one run of the sweep's driver does."""
+
+    queue: list[tuple[int, list[str]]]  # (n, point): the trials to continue or start, in order
+    new_trials: int  # Optuna: how many more trials to suggest after them
+    evaluated: list[tuple[dict[str, ParamValue], float]]  # Optuna: finished trials' (suggestion, sweep.metric)
+
+
+def driver_work(
+    record: SweepRecord, run_states: dict[int, str | None], steps: ResumePlan, num_trials: int | None
+) -> DriverWork:
+    """The trials a driver runs: the resume plan's to resume and start and, for Optuna, new ones up to num_trials."""
+    entries = {t.n: t for t in record.trials}
+    queue = [(n, entries[n].overrides) for n in sorted(steps.resume + steps.start)]
+    if record.search != "optuna":
+        return DriverWork(queue, 0, [])
+    evaluated = [
+        (t.params, t.last_metric)
+        for t in record.trials
+        if t.params and t.last_metric is not None and run_states.get(t.n) in FINISHED_TRIAL_STATES
+    ]
+    return DriverWork(queue, max(0, (num_trials or 0) - len(record.trials)), evaluated)
+
+
+def aborted_state(exc: BaseException) -> tuple[str, str]:
+    """The state and error sweep.json records when the sweep's driver ends by an exception."""
+    if isinstance(exc, KeyboardInterrupt):
+        return SweepState.STOPPED, "aborted by the user (Ctrl-C twice)"
+    return SweepState.FAILED, redact_text(f"{type(exc).__name__}: {exc}")
 
 
 def best_trial(trials: list[TrialEntry], mode: str) -> TrialEntry | None:
