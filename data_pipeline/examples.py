@@ -14,21 +14,28 @@ text must start and end on token boundaries and be learned whole, and prefixes m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 from data_pipeline.tokenizer import CHAT_SPECIAL_TOKENS, has_generation_markers, legacy_chat_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = ("system", "user", "assistant")
 IGNORE = 0  # mask value: no loss on this token (labels become -100 when training)
 LEARN = 1
+
+# One record of a data file (a JSON object): its fields are checked here, so they are anything until then.
+Row: TypeAlias = Mapping[str, object]
 
 
 class ExampleError(ValueError):
     """A row that is not a valid example of its kind; the message says what is wrong."""
 
 
-def chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+def chat_messages(row: Row) -> list[dict[str, str]]:
     """The conversation of a chat row, validated."""
     if "messages" in row:
         messages = row["messages"]
@@ -45,7 +52,8 @@ def chat_messages(row: dict[str, Any]) -> list[dict[str, str]]:
             raise ExampleError(f"messages[{i}].content must be a string")
     if not any(m["role"] == "assistant" for m in messages):
         raise ExampleError("the conversation has no assistant message to learn from")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    # both strings, checked above
+    return [{"role": cast(str, m["role"]), "content": cast(str, m["content"])} for m in messages]
 
 
 @dataclass(frozen=True)
@@ -56,7 +64,7 @@ class ChatRow:
     mask: list[int]
 
 
-def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
     """The conversation as text in the tokenizer's chat template; ExampleError if the template raises on it."""
     try:
         return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
@@ -64,7 +72,7 @@ def render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_pro
         raise ExampleError(f"the tokenizer's chat template refuses this conversation: {one_line(exc)}") from None
 
 
-def encode_chat(tokenizer: Any, row: dict[str, Any]) -> ChatRow:
+def encode_chat(tokenizer: PreTrainedTokenizerBase, row: Row) -> ChatRow:
     """A chat row rendered once with the tokenizer's chat template, and its loss mask (checked)."""
     messages = chat_messages(row)
     if has_generation_markers(tokenizer.chat_template):
@@ -76,7 +84,7 @@ def encode_chat(tokenizer: Any, row: dict[str, Any]) -> ChatRow:
     return encoded
 
 
-def marked_chat(tokenizer: Any, messages: list[dict[str, str]]) -> ChatRow:
+def marked_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> ChatRow:
     """Tokens and mask from a template with `{% generation %}` markers (transformers' assistant mask)."""
     try:
         out = tokenizer.apply_chat_template(
@@ -87,7 +95,7 @@ def marked_chat(tokenizer: Any, messages: list[dict[str, str]]) -> ChatRow:
     return ChatRow(list(out["input_ids"]), [LEARN if m else IGNORE for m in out["assistant_masks"]])
 
 
-def diffed_chat(tokenizer: Any, messages: list[dict[str, str]]) -> ChatRow:
+def diffed_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> ChatRow:
     """Tokens of the whole rendered conversation, learning each reply's text span found by diffing prefixes."""
     full = render(tokenizer, messages, add_generation_prompt=False)
     spans = [reply_span(tokenizer, messages, i, full) for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -107,7 +115,9 @@ def diffed_chat(tokenizer: Any, messages: list[dict[str, str]]) -> ChatRow:
     return ChatRow(list(encoded["input_ids"]), mask)
 
 
-def reply_span(tokenizer: Any, messages: list[dict[str, str]], i: int, full: str) -> tuple[int, int]:
+def reply_span(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], i: int, full: str
+) -> tuple[int, int]:
     """Characters [start, end) of full that are reply i and the token ending its turn."""
     prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
     through = render(tokenizer, messages[: i + 1], add_generation_prompt=False)
@@ -129,7 +139,7 @@ def turn_end(text: str, start: int, specials: list[str]) -> int:
     return len(text)
 
 
-def special_texts(tokenizer: Any) -> list[str]:
+def special_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The texts of the tokenizer's special tokens."""
     added = [token.content for token in tokenizer.added_tokens_decoder.values() if token.special]
     return sorted({*added, *tokenizer.all_special_tokens}, key=len, reverse=True)
@@ -145,7 +155,7 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
-def classification_example(row: dict[str, Any], text_field: str) -> tuple[str, str]:
+def classification_example(row: Row, text_field: str) -> tuple[str, str]:
     """(text, label) of a classification row; the label is kept as a string until the label map is made."""
     text, label = row.get(text_field), row.get("label")
     if not isinstance(text, str) or not text.strip():
@@ -167,7 +177,7 @@ def label_map(labels: set[str]) -> dict[str, int]:
 PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
 
 
-def end_of_turn_ids(tokenizer: Any) -> list[int]:
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The special tokens the chat template ends a reply with (Llama 3's <|eot_id|>, ChatML's <|im_end|>, Kiln's
     EOS), read off a rendered probe conversation; [] for a tokenizer without a template or one that refuses it."""
     if not getattr(tokenizer, "chat_template", None):
@@ -180,7 +190,7 @@ def end_of_turn_ids(tokenizer: Any) -> list[int]:
     return sorted(ends & (specials | set(tokenizer.all_special_ids)))
 
 
-def generation_stops(tokenizer: Any, held: int | list[int] | None = None) -> list[int]:
+def generation_stops(tokenizer: PreTrainedTokenizerBase, held: int | list[int] | None = None) -> list[int]:
     """Where a reply's generation stops: the tokenizer's EOS, its template's end-of-turn tokens and the ids a
     generation config already held; for Kiln's template from before complete folders, its role tokens too (a
     model of that template ends a reply by starting the next turn)."""

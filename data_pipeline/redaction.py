@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any
+from typing import TypeVar, cast
 
 REDACTED = "***REDACTED***"
 SECRET_ENV_VARS = (
@@ -18,6 +18,8 @@ SECRET_ENV_VARS = (
 )
 SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential)", re.I)
 URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s:]+:[^/@\s]+@", re.I)
+
+T = TypeVar("T")
 
 
 def secret_values() -> list[str]:
@@ -32,17 +34,21 @@ def redact_text(text: str) -> str:
     return URL_CREDENTIALS.sub(lambda m: m.group("scheme") + REDACTED + "@", text)
 
 
-def redact(obj: Any) -> Any:
-    """A copy of nested dicts/lists with secret-named keys and secret values replaced."""
+def redact(obj: T) -> T:
+    """A copy of nested dicts/lists with secret-named keys and secret values replaced (of obj's own type; a dict
+    comes back a plain dict)."""
     if isinstance(obj, dict):
-        return {
-            k: (REDACTED if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "") else redact(v))
-            for k, v in obj.items()
-        }
+        return cast(
+            T,
+            {
+                k: (REDACTED if isinstance(k, str) and SECRET_KEY.search(k) and v not in (None, "") else redact(v))
+                for k, v in obj.items()
+            },
+        )
     if isinstance(obj, (list, tuple)):
-        return type(obj)(redact(v) for v in obj)
+        return cast(T, type(obj)(redact(v) for v in obj))
     if isinstance(obj, str):
-        return redact_text(obj)
+        return cast(T, redact_text(obj))
     return obj
 
 

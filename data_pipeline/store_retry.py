@@ -21,12 +21,13 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import ParamSpec, TypeVar
 
 from data_pipeline.redaction import REDACTED, URL_CREDENTIALS, redact_text
 
 log = logging.getLogger("kiln.storage")
 T = TypeVar("T")
+P = ParamSpec("P")
 
 RETRIES_ENV = "KILN_STORAGE_RETRIES"  # total attempts per operation, the first included
 DEFAULT_ATTEMPTS = 8
@@ -186,7 +187,7 @@ sleep: Callable[[float], None] = time.sleep
 uniform: Callable[[float, float], float] = random.uniform
 
 
-def retrying(operation: str, url: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+def retrying(operation: str, url: str, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """fn(*args, **kwargs), retried on transient store errors; permanent ones raise StorageError."""
     policy = RetryPolicy.from_env()
     for attempt in range(1, policy.attempts + 1):

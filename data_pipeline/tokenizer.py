@@ -17,11 +17,14 @@ import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from data_pipeline import storage
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is made, not with this module
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # The tokens of the tokenizer Kiln trains: nowhere else does Kiln spell them.
 EOS_TOKEN = "<|endoftext|>"
@@ -96,7 +99,7 @@ def legacy_chat_template() -> str:
     )
 
 
-def kiln_tokenizer(raw: Tokenizer, chat_template: str | None = None) -> Any:
+def kiln_tokenizer(raw: Tokenizer, chat_template: str | None = None) -> PreTrainedTokenizerFast:
     """A tokenizer `train_bpe` made, as a transformers tokenizer: EOS (also its pad), the mask token, and Kiln's
     chat template when it has the role tokens (or chat_template, for the legacy one)."""
     from transformers import PreTrainedTokenizerFast
@@ -113,12 +116,12 @@ def kiln_tokenizer(raw: Tokenizer, chat_template: str | None = None) -> Any:
     return tokenizer
 
 
-def legacy_kiln_tokenizer(tokenizer_json: str) -> Any:
+def legacy_kiln_tokenizer(tokenizer_json: str) -> PreTrainedTokenizerFast:
     """A folder Kiln wrote before complete tokenizer folders (tokenizer.json alone), with the specials it had."""
     return kiln_tokenizer(Tokenizer.from_str(tokenizer_json), chat_template=legacy_chat_template())
 
 
-def load(folder_url: str) -> Any:
+def load(folder_url: str) -> PreTrainedTokenizerBase:
     """The transformers tokenizer in a folder (local or object storage), from local files only."""
     if not storage.is_local(folder_url):
         with storage.local_folder(folder_url) as folder:
@@ -160,12 +163,12 @@ def copy_folder(source_url: str, target_url: str) -> str:
     return folder_sha(target_url)
 
 
-def as_transformers(tokenizer: Any) -> Any:
+def as_transformers(tokenizer: PreTrainedTokenizerBase | Tokenizer) -> PreTrainedTokenizerBase:
     """A transformers tokenizer as it is; one `train_bpe` made, wrapped as Kiln's (`kiln_tokenizer`)."""
     return kiln_tokenizer(tokenizer) if isinstance(tokenizer, Tokenizer) else tokenizer
 
 
-def train_kiln_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+def train_kiln_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Kiln's own tokenizer, complete: byte-level BPE trained on texts, then the mask and chat role tokens
     (reserved at the end, so the trained ids do not depend on them and any run's model can learn to chat)."""
     raw = train_bpe(texts, vocab_size)
@@ -173,19 +176,19 @@ def train_kiln_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     return kiln_tokenizer(raw)
 
 
-def text_ids(tokenizer: Any, text: str) -> list[int]:
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """A text's ids as the tokenizer encodes it, with the specials its post-processor adds (a Llama BOS)."""
     return list(tokenizer(text)["input_ids"])
 
 
-def document_ids(tokenizer: Any, text: str) -> list[int]:
+def document_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """A pretraining document's ids (`text_ids`), ending with the tokenizer's EOS."""
     ids = text_ids(tokenizer, text)
     eos = tokenizer.eos_token_id
     return ids if ids and ids[-1] == eos else [*ids, eos]
 
 
-def save(tokenizer: Any, folder_url: str) -> str:
+def save(tokenizer: PreTrainedTokenizerBase | Tokenizer, folder_url: str) -> str:
     """Write a tokenizer (transformers', or one train_bpe made) into folder_url as save_pretrained does; returns
     the folder's sha256."""
     tokenizer = as_transformers(tokenizer)
@@ -219,7 +222,7 @@ class Vocabulary:
     pad_id: int | None = None
 
 
-def vocabulary(tokenizer: Any) -> Vocabulary:
+def vocabulary(tokenizer: PreTrainedTokenizerBase | Tokenizer) -> Vocabulary:
     """A tokenizer's size, special token ids and named special ids, from its own configuration."""
     tokenizer = as_transformers(tokenizer)
     added = tokenizer.added_tokens_decoder
@@ -234,7 +237,7 @@ def vocabulary(tokenizer: Any) -> Vocabulary:
     )
 
 
-def require_eos(tokenizer: Any, where: str) -> int:
+def require_eos(tokenizer: PreTrainedTokenizerBase, where: str) -> int:
     """The tokenizer's EOS id, or TokenizerError naming the folder and the fix."""
     if tokenizer.eos_token_id is None:
         raise TokenizerError(
