@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+T = TypeVar("T")
 
 
 def torchrun_backend(cuda_available: bool) -> str:
@@ -21,7 +26,9 @@ def ensure_process_group(backend: str, timeout_s: float = 1800) -> None:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-def broadcast_from_rank0(obj: Any) -> Any:
+# Returns Any, not T, while a caller unpacks the result of its `value if rank == 0 else None` (checkpoint/store.py):
+# only rank 0's value comes back, which the types cannot say.
+def broadcast_from_rank0(obj: object) -> Any:
     """Rank 0's value of obj, on every rank."""
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -35,19 +42,20 @@ def mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
-def barrier(group: Any = None) -> None:
+def barrier(group: ProcessGroup | None = None) -> None:
     """Wait for every rank (of group, default: all)."""
     dist.barrier(group=group)
 
 
-def gather_to_rank0(obj: Any, group: Any = None) -> list[Any]:
+def gather_to_rank0(obj: T, group: ProcessGroup | None = None) -> list[T]:
     """Every rank's obj, in rank order, on rank 0 (others get an empty list)."""
     rank = dist.get_rank()
-    gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+    gathered: list[T | None] | None = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(obj, gathered, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    return gathered if gathered is not None else []  # set on rank 0 only
+    return cast("list[T]", gathered) if gathered is not None else []  # set on rank 0 only, every slot filled
 
 
+# Any, not ProcessGroup, while checkpoint/store.py keeps it in an attribute it types from `= None`.
 def new_checkpoint_group() -> Any:
     """Collective: a gloo group over all ranks for checkpoint traffic, apart from training collectives."""
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=1800))

@@ -7,7 +7,7 @@ merged with DeepSpeed's own zero_to_fp32 reader. Neither needs the world size th
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -20,6 +20,9 @@ from trainers.errors import CheckpointError
 from trainers.lora import is_lora, merged
 from trainers.strategies.dcp_io import frozen_names, load_model_only
 from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 def load_consolidated(model: nn.Module, shards_url: str, strategy: str) -> None:
@@ -51,7 +54,7 @@ def _tied_names(model: nn.Module):
 
 
 def save_hugging_face(
-    model: Any, tokenizer_url: str, out_dir: str, task: str | None = None, seq_len: int | None = None
+    model: PreTrainedModel, tokenizer_url: str, out_dir: str, task: str | None = None, seq_len: int | None = None
 ) -> list[str]:
     """Write config.json, generation_config.json, model.safetensors and the run's tokenizer; returns the file names.
 
@@ -81,7 +84,7 @@ def save_hugging_face(
     return sorted(os.listdir(out_dir))
 
 
-def check_embedding_fits(model: Any, tokens: int, tokenizer_url: str) -> None:
+def check_embedding_fits(model: PreTrainedModel, tokens: int, tokenizer_url: str) -> None:
     """Every token id of the tokenizer must have an embedding row, or the export fails on the first padded batch."""
     rows = model.get_input_embeddings().num_embeddings
     if rows < tokens:
@@ -91,7 +94,7 @@ def check_embedding_fits(model: Any, tokens: int, tokenizer_url: str) -> None:
         )
 
 
-def set_special_ids(model: Any, tokenizer: Any) -> None:
+def set_special_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """A generative model's config and generation config name the tokenizer's bos/eos/pad, generation stops at EOS
     and at the chat template's end-of-turn tokens, and the generation cache is on (training turned it off).
 

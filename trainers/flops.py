@@ -8,9 +8,13 @@ parameters less the embeddings that are looked up rather than multiplied (`param
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
+import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # The transformers model_type values decoder_matmul_params knows (trainers/models.py DECODER_CONFIGS builds them).
 LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral")
@@ -45,13 +49,13 @@ def flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> f
     return 6.0 * n_params + 12.0 * n_layer * n_embd * seq_len
 
 
-def attention_width(config: Any) -> int:
+def attention_width(config: PretrainedConfig) -> int:
     """H * Q: query heads times their width (config.head_dim where the config has one, else hidden / heads)."""
     heads = config.num_attention_heads
     return heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
-def decoder_matmul_params(config: Any, head_outputs: int) -> int | None:
+def decoder_matmul_params(config: PretrainedConfig, head_outputs: int) -> int | None:
     """The matmul weights one token goes through in a Llama-family transformers model: every layer's attention
     and MLP (an MoE layer's routed experts and router) and the head (head_outputs wide: the vocabulary, or the classes
     of a classifier); None for a model_type outside LLAMA_FAMILY. Norms and biases are not matmuls: left out."""
@@ -64,7 +68,7 @@ def decoder_matmul_params(config: Any, head_outputs: int) -> int | None:
     return sum(attention + mlp_matmul_params(config, layer) for layer in layers) + d * head_outputs
 
 
-def mlp_matmul_params(config: Any, layer: int) -> int:
+def mlp_matmul_params(config: PretrainedConfig, layer: int) -> int:
     """One layer's SwiGLU matmul weights per token (gate, up and down: 3 x hidden x width); in an MoE layer those of
     the experts_per_token experts a token is routed to, plus the router's hidden x n_experts."""
     d, model_type = config.hidden_size, config.model_type
@@ -76,7 +80,7 @@ def mlp_matmul_params(config: Any, layer: int) -> int:
     return 3 * d * config.intermediate_size
 
 
-def output_head(model: nn.Module) -> Any:
+def output_head(model: nn.Module) -> nn.Module | None:
     """The model's output projection onto the vocabulary (transformers' get_output_embeddings); None for a
     classifier's model, whose head is its score."""
     get = getattr(model, "get_output_embeddings", None)
@@ -98,9 +102,9 @@ def params_less_lookups(model: nn.Module) -> int:
 def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token of a transformers model (6 N + 12 L d T) at sequence length seq_len, N counted by
     decoder_matmul_params where it knows the model_type, else params_less_lookups."""
-    config: Any = model.config
-    head = output_head(model)
-    head_outputs = head.weight.shape[0] if head is not None else getattr(config, "num_labels", 0)
+    config: PretrainedConfig = model.config
+    head = output_head(model)  # a projection: its weight is (outputs, hidden)
+    head_outputs = cast(torch.Tensor, head.weight).shape[0] if head is not None else getattr(config, "num_labels", 0)
     n_params = decoder_matmul_params(config, head_outputs)
     if n_params is None:
         n_params = params_less_lookups(model)

@@ -9,7 +9,7 @@ output: `router_aux_loss` for a task that computes its own loss, `watch_router` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -30,6 +30,9 @@ from transformers import (
 
 from trainers.config import MOE_ARCHS, ModelConfig
 
+if TYPE_CHECKING:
+    from transformers.utils import ModelOutput
+
 # model.arch -> the transformers config class of a RoPE / RMSNorm / SwiGLU decoder (trainers/config.py DECODER_ARCHS)
 DECODER_CONFIGS: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
@@ -46,7 +49,7 @@ def padded_vocab(tokenizer_vocab: int, multiple: int = 64) -> int:
     return -(-tokenizer_vocab // multiple) * multiple
 
 
-def gpt2_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> GPT2Config:
+def gpt2_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: object) -> GPT2Config:
     """A transformers GPT2Config from ours (extra: further GPT2Config fields, e.g. num_labels)."""
     return GPT2Config(
         vocab_size=cfg.vocab_size or padded_vocab(vocab_size),
@@ -64,7 +67,7 @@ def gpt2_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) ->
     )
 
 
-def bert_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> BertConfig:
+def bert_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: object) -> BertConfig:
     """A transformers BertConfig from ours: n_embd is the hidden size, the feed-forward 4 x n_embd wide."""
     return BertConfig(
         vocab_size=cfg.vocab_size or padded_vocab(vocab_size),
@@ -90,7 +93,7 @@ def swiglu_width(n_embd: int, multiple: int = 256) -> int:
     return -(-(8 * n_embd // 3) // multiple) * multiple
 
 
-def decoder_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> PretrainedConfig:
+def decoder_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: object) -> PretrainedConfig:
     """A Llama-family transformers config of model.arch from ours (extra: further config fields, e.g. num_labels).
 
     Unset keys take the defaults trainers/config.py ModelConfig names. Dropout is attention dropout, the only
@@ -123,10 +126,10 @@ def decoder_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any)
     return DECODER_CONFIGS[cfg.arch](**fields, **extra)
 
 
-def moe_fields(cfg: ModelConfig, expert_width: int) -> dict[str, Any]:
+def moe_fields(cfg: ModelConfig, expert_width: int) -> dict[str, object]:
     """The config fields of an MoE arch's experts and router, named as its transformers config names them."""
     experts, per_token = cfg.experts
-    fields: dict[str, Any] = {
+    fields: dict[str, object] = {
         "num_experts_per_tok": per_token,
         # transformers then adds router_aux_loss_coef x the load-balancing loss to the loss it computes from labels.
         "output_router_logits": True,
@@ -150,12 +153,14 @@ def moe_fields(cfg: ModelConfig, expert_width: int) -> dict[str, Any]:
 ARCH_CONFIGS = {"gpt2": gpt2_config, "bert": bert_config, **dict.fromkeys(DECODER_CONFIGS, decoder_config)}
 
 
-def arch_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> PretrainedConfig:
+def arch_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: object) -> PretrainedConfig:
     """The transformers config of model.arch."""
     return ARCH_CONFIGS[cfg.arch](cfg, vocab_size, eos_id, **extra)
 
 
-def build_from_config(auto_class: str, cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: Any) -> PreTrainedModel:
+def build_from_config(
+    auto_class: str, cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: object
+) -> PreTrainedModel:
     """A freshly initialised model of model.arch with the head `auto_class` builds (e.g. AutoModelForMaskedLM),
     weights from the current torch RNG state; extra: further config fields (e.g. num_labels)."""
     if cfg.vocab_size is not None and cfg.vocab_size < vocab_size:
@@ -221,7 +226,7 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def router_aux_loss(output: Any, model: nn.Module) -> torch.Tensor | None:
+def router_aux_loss(output: ModelOutput, model: nn.Module) -> torch.Tensor | None:
     """The routers' load-balancing loss times config.router_aux_loss_coef, for a task that computes its loss from the
     logits to add (transformers adds it only to the loss it computes from labels); None for a dense model's output.
 

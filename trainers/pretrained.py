@@ -12,10 +12,15 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
+
+if TYPE_CHECKING:  # transformers is imported where a model is read, not with this module
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    from trainers.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 # The files besides *.safetensors that a model folder is loaded from (config, tokenizer, generation).
@@ -116,7 +121,7 @@ def check_embedding(model: FolderModel, name: str) -> None:
         )
 
 
-def read_config(path: str, name: str) -> Any:
+def read_config(path: str, name: str) -> PretrainedConfig:
     """The folder's transformers config (config.json), or PretrainedError naming what is wrong with it."""
     from transformers import AutoConfig
 
@@ -175,7 +180,7 @@ def check_data(model: FolderModel, name: str, data_url: str, data_vocab: dict[st
         )
 
 
-def folder_labels(config: Any) -> list[str] | None:
+def folder_labels(config: PretrainedConfig) -> list[str] | None:
     """A sequence-classification folder's class names in id order (config.json id2label); None for other models
     (a language model's config carries transformers' placeholder labels, which mean nothing)."""
     architectures = getattr(config, "architectures", None) or []
@@ -195,7 +200,7 @@ def check_folder_labels(path: str, name: str, labels: list[str]) -> None:
         )
 
 
-def load_pretrained(url: str, auto_class: str, cfg: Any, **config: Any) -> Any:
+def load_pretrained(url: str, auto_class: str, cfg: ModelConfig, **config: object) -> PreTrainedModel:
     """The folder's model with its weights, in fp32 and training mode (every rank loads the same files).
 
     cfg is the ModelConfig: its attn_implementation and activation_checkpointing still apply. config: fields

@@ -18,11 +18,14 @@ import pathlib
 import pickle
 import re
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, ClassVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from trainers.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch.serialization import MAP_LOCATION
 
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 DCP_METADATA = ".metadata"
@@ -144,8 +147,13 @@ def deepspeed_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def load_torch(source: str | IO[bytes] | bytes, name: str, map_location: Any = "cpu", allow: Sequence = ()) -> Any:
-    """torch.load with weights_only=True (plus the `allow` types); CheckpointError naming `name`."""
+def load_torch(
+    source: str | IO[bytes] | bytes, name: str, map_location: MAP_LOCATION = "cpu", allow: Sequence = ()
+) -> Any:
+    """torch.load with weights_only=True (plus the `allow` types); CheckpointError naming `name`.
+
+    Any, as torch.load's own: what the file holds (a tensor, a state dict, an optimizer state), which callers index.
+    """
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:

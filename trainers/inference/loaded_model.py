@@ -13,7 +13,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,10 +23,13 @@ from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
 from data_pipeline.examples import generation_stops
 from data_pipeline.stream import TokenStream
-from trainers.config import TaskConfig
+from trainers.config import ModelConfig, TaskConfig
 from trainers.pretrained import folder_labels
 from trainers.task_data import PRETRAINED_CLASS, task_for_architectures
 from trainers.tasks import Task, task_batch
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 CPU = torch.device("cpu")
 
@@ -40,7 +43,7 @@ class LoadedModel:
     """A model ready for inference on CPU, its tokenizer, the task it was trained for, and its name in messages."""
 
     model: nn.Module
-    tokenizer: Any  # a transformers PreTrainedTokenizerFast
+    tokenizer: PreTrainedTokenizerBase
     name: str
     task: TaskConfig = field(default_factory=TaskConfig)  # a folder's, from its config.json; a run's, its config's
     seq_len: int | None = None  # the rows the model trained on: a run's data.seq_len, a folder's kiln_seq_len
@@ -55,7 +58,7 @@ class LoadedModel:
     def eos_id(self) -> int:
         """The end-of-text token id: generation stops there and pads with it."""
         eos = self.tokenizer.eos_token_id
-        config: Any = self.model.config
+        config: PretrainedConfig = self.model.config
         return int(eos if eos is not None else config.eos_token_id)
 
     @property
@@ -127,7 +130,7 @@ def folder_task(recorded: str | None, from_architectures: str | None) -> str | N
 
 
 def load_checkpoint(
-    task_cfg: TaskConfig, model_cfg: Any, checkpoint_url: str, strategy: str, tokenizer_url: str
+    task_cfg: TaskConfig, model_cfg: ModelConfig, checkpoint_url: str, strategy: str, tokenizer_url: str
 ) -> LoadedModel:
     """A run's model from any strategy's checkpoint (the export code path, kept in memory) and its tokenizer;
     task_cfg and model_cfg are the run's."""
@@ -234,12 +237,12 @@ class Sampling:
         """Whether decoding takes the most likely token every time."""
         return not self.temperature and self.top_k is None and self.top_p is None
 
-    def generation_config(self, stop_ids: list[int], pad_id: int) -> Any:
+    def generation_config(self, stop_ids: list[int], pad_id: int) -> GenerationConfig:
         """The transformers GenerationConfig for these settings (every sampling knob explicit), stopping at any of
         stop_ids."""
         from transformers import GenerationConfig
 
-        common: dict[str, Any] = {
+        common: dict[str, object] = {
             "max_new_tokens": self.max_new_tokens,
             "eos_token_id": stop_ids,
             "pad_token_id": pad_id,
@@ -291,17 +294,9 @@ def generate(
         else:
             # as pretraining documents were encoded: with the tokenizer's own specials (a Llama BOS)
             ids = bpe.text_ids(loaded.tokenizer, prompt) or [loaded.eos_id]
-        new_tokens = sampling.max_new_tokens
-        if context is not None and len(ids) + new_tokens > context:
-            if chat and len(ids) < context:
-                # A conversation cut at its start loses its BOS and header, which no training row lacked:
-                # the reply gets fewer tokens instead.
-                new_tokens = context - len(ids)
-                note(f"prompt {number}: {len(ids)} tokens in the chat template, {new_tokens} left for the reply")
-            else:
-                keep = context - new_tokens
-                note(f"prompt {number}: {len(ids)} tokens, kept the last {keep} (the model takes {context} in all)")
-                ids = ids[-keep:]
+        ids, new_tokens, cut = fit_context(ids, sampling.max_new_tokens, context, chat)
+        if cut is not None:
+            note(f"prompt {number}: {cut}")
         input_ids = torch.tensor([ids], dtype=torch.long)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
@@ -315,7 +310,24 @@ def generate(
         yield completion.rstrip("\n") if chat else completion  # a reply ends with the template's newline
 
 
-def shorter(config: Any, max_new_tokens: int) -> Any:
+def fit_context(
+    ids: list[int], max_new_tokens: int, context: int | None, chat: bool
+) -> tuple[list[int], int, str | None]:
+    """A prompt's ids and how many tokens to generate after them, within the model's context (None: no limit),
+    and a note of what was cut to fit (None if nothing): a conversation shorter than the context keeps all its ids
+    and gets fewer new tokens; any other prompt keeps its last ids."""
+    if context is None or len(ids) + max_new_tokens <= context:
+        return ids, max_new_tokens, None
+    if chat and len(ids) < context:
+        # A conversation cut at its start loses its BOS and header, which no training row lacked:
+        # the reply gets fewer tokens instead.
+        new_tokens = context - len(ids)
+        return ids, new_tokens, f"{len(ids)} tokens in the chat template, {new_tokens} left for the reply"
+    keep = context - max_new_tokens
+    return ids[-keep:], max_new_tokens, f"{len(ids)} tokens, kept the last {keep} (the model takes {context} in all)"
+
+
+def shorter(config: GenerationConfig, max_new_tokens: int) -> GenerationConfig:
     """A copy of a GenerationConfig that generates at most max_new_tokens."""
     copied = copy.deepcopy(config)
     copied.max_new_tokens = max_new_tokens
@@ -332,7 +344,7 @@ def check_speaks_chat(loaded: LoadedModel) -> None:
         )
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the conversation so far in the tokenizer's chat template, ending where the assistant's reply
     begins: what `kiln prepare kind=chat` stored before each reply (both render with apply_chat_template)."""
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import time
-from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
@@ -24,7 +23,7 @@ from trainers.run.folder import EVENTS_DIR
 STOP_REQUESTED = "stop_requested"  # a stop asked by a person, a signal or a sweep (trainers/preemption.py)
 
 
-def record_event(run_url: str, kind: str, **fields: Any) -> dict:
+def record_event(run_url: str, kind: str, **fields: object) -> dict[str, object]:
     """Write one event (a single object) and return it."""
     moment = time.time()
     event = {

@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
 
 import torch
 from torch import nn
@@ -52,10 +51,10 @@ def deepspeed_config(
     precision: str,
     offload_optimizer: bool,
     offload_params: bool,
-    overrides: dict[str, Any],
-) -> dict[str, Any]:
+    overrides: dict[str, object],
+) -> dict[str, object]:
     """The DeepSpeed JSON config that corresponds to Kiln's settings."""
-    zero: dict[str, Any] = {"stage": stage}
+    zero: dict[str, object] = {"stage": stage}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if offload_params:
