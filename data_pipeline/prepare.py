@@ -2,7 +2,8 @@
 
 Reading and tokenizing run as a Ray Data pipeline over the cluster's CPUs (`flat_map` over input
 files, `map_batches` with the tokenizer). The driver consumes the tokenized documents in input order
-and packs them into fixed-length sequences, so the output is the same whatever the parallelism.
+and packs them into fixed-length sequences, so the output is the same whatever the parallelism
+(data_pipeline/prepare_packing.py; the settings and summary are data_pipeline/prepare_config.py's).
 
 Preparing again into an existing output never touches it until the new dataset is complete
 (data_pipeline/prepare_output.py).
@@ -16,106 +17,32 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
-from data_pipeline.dataset import OVERFLOW, ChatRowWriter, ExampleWriter, ShardWriter, token_dtype
-from data_pipeline.examples import (
-    ChatRow,
-    ExampleError,
-    chat_messages,
-    classification_example,
-    encode_chat,
-    label_map,
-    reply_ends,
-)
+from data_pipeline.dataset import token_dtype
+from data_pipeline.examples import ExampleError, chat_messages, classification_example, label_map
+from data_pipeline.prepare_config import KINDS, PrepareConfig, PrepareError, PrepareSummary
 from data_pipeline.prepare_output import existing_manifest, replace_problem, write_dataset
-from data_pipeline.sources import FORMATS, detect_format, expand, read_records
-from data_pipeline.split import in_validation
+from data_pipeline.prepare_packing import MAX_REPORTED_BAD, split_of, tokenize_and_pack, tokenize_batch
+from data_pipeline.sources import detect_format, expand, read_records
 
-KINDS = ("pretrain", "chat", "classification")
-MAX_REPORTED_BAD = 20
-
-
-class PrepareError(ValueError):
-    """Bad input to `kiln prepare` that stops it; the message names the file, line or setting."""
-
-
-@dataclass
-class PrepareConfig:
-    """Settings of `kiln prepare` (passed as key=value overrides)."""
-
-    input: str = "???"
-    output: str = "???"
-    format: str = "auto"
-    text_field: str = "text"
-    tokenizer: str = "train"  # "train", or a transformers tokenizer folder (a model's, or a prepared dataset)
-    vocab_size: int = 8192
-    seq_len: int = 1024
-    val_fraction: float = 0.01
-    on_bad_record: str = "skip"
-    kind: str = "pretrain"
-    batch_size: int = 256  # documents per tokenizer call
-    # kind=chat: a conversation longer than seq_len is cut there (its start kept) or dropped; counted either way
-    overflow: str = "truncate"
-
-    def __post_init__(self) -> None:
-        for name in ("input", "output"):
-            if getattr(self, name) in ("???", "", None):
-                raise PrepareError(f"{name}= is required, e.g. kiln prepare input='data/*.jsonl' output=prepared/")
-        if self.format not in ("auto", *FORMATS):
-            raise PrepareError(f"format must be one of auto, {', '.join(FORMATS)}; got {self.format!r}")
-        if self.on_bad_record not in ("skip", "fail"):
-            raise PrepareError(f"on_bad_record must be skip or fail; got {self.on_bad_record!r}")
-        if self.kind not in KINDS:
-            raise PrepareError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
-        if self.seq_len < 8:
-            raise PrepareError(f"seq_len must be >= 8, got {self.seq_len}")
-        if not 256 < self.vocab_size <= 2**20:
-            raise PrepareError(f"vocab_size must be in (256, 1048576], got {self.vocab_size}")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise PrepareError(
-                f"val_fraction must be in (0, 0.5), got {self.val_fraction}: training evaluates "
-                "on the validation split, so it needs a share of the documents (e.g. 0.05)"
-            )
-        if self.batch_size < 1:
-            raise PrepareError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.overflow not in OVERFLOW:
-            raise PrepareError(f"overflow must be one of {', '.join(OVERFLOW)}; got {self.overflow!r}")
-
-
-@dataclass
-class PrepareSummary:
-    """What a preparation did (printed at the end, and kept in the manifest)."""
-
-    output: str
-    reused: bool
-    documents: int = 0
-    tokens: int = 0
-    bad_records: int = 0
-    empty_documents: int = 0
-    truncated: int = 0  # kind=chat: conversations cut at seq_len
-    dropped: int = 0  # kind=chat: conversations longer than seq_len left out (overflow=drop, or nothing left to learn)
-    shards: int = 0
-    wall_s: float = 0.0
-    bad_examples: list[str] = field(default_factory=list)
-    # split name -> its manifest entry; set once the splits are written. Kept out of repr and ==, and
-    # out of the manifest's "summary" (the manifest holds it under "splits").
-    splits: dict[str, dict] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Throughput over the whole preparation."""
-        return self.tokens / self.wall_s if self.wall_s else 0.0
-
-
-def split_of(text: str, val_fraction: float) -> str:
-    """train or val, by a hash of the document's text: stable across runs, machines and file order."""
-    # errors="replace": a lone surrogate (from a JSON escape) must not fail the split; these are the bytes
-    # every existing prepared dataset was split by.
-    return "val" if in_validation(text.encode("utf-8", errors="replace"), val_fraction) else "train"
+__all__ = [
+    "KINDS",
+    "MAX_REPORTED_BAD",
+    "GivenTokenizer",
+    "PrepareConfig",
+    "PrepareError",
+    "PrepareSummary",
+    "example_text",
+    "fingerprint",
+    "given_tokenizer",
+    "prepare",
+    "split_of",
+    "tokenize_batch",
+]
 
 
 def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: str | None) -> str:
@@ -158,53 +85,6 @@ def example_text(kind: str, text: str, text_field: str) -> str:
     if kind == "chat":
         return "\n".join(m["content"] for m in chat_messages(row))
     return classification_example(row, text_field)[0]
-
-
-_TOKENIZERS: dict = {}
-
-
-def tokenize_batch(
-    batch: dict, tokenizer_url: str, val_fraction: float, kind: str, text_field: str, labels: dict | None = None
-) -> dict:
-    """Ray Data UDF: token ids (and chat mask or class id), split and status of a batch of records."""
-    tokenizer = _TOKENIZERS.get(tokenizer_url)
-    if tokenizer is None:  # once per worker process, read from storage
-        tokenizer = _TOKENIZERS[tokenizer_url] = bpe.load(tokenizer_url)
-    eos = tokenizer.eos_token_id
-    texts = [str(t) for t in batch["text"]]
-    out: dict[str, list] = {
-        "ids": [],
-        "mask": [],
-        "label": [],
-        "error": [],
-        "empty": [],
-        "split": [split_of(t, val_fraction) for t in texts],
-    }
-    for text, error, source, line in zip(texts, batch["error"], batch["source"], batch["line"], strict=False):
-        ids: list[int] = []
-        mask: list[int] = []
-        label = -1
-        if not error and text.strip():
-            try:
-                if kind == "chat":
-                    row = encode_chat(tokenizer, json.loads(text))
-                    ids, mask = row.ids, row.mask
-                elif kind == "classification":
-                    if labels is None:
-                        raise ValueError("tokenize_batch: kind=classification needs the label map (labels=)")
-                    sample, name = classification_example(json.loads(text), text_field)
-                    ids, label = bpe.text_ids(tokenizer, sample), labels[name]
-                else:
-                    ids = bpe.document_ids(tokenizer, text)
-                    assert ids[-1] == eos
-            except ExampleError as exc:
-                error = f"{source}:{line}: {exc}"
-        out["ids"].append(ids)
-        out["mask"].append(mask)
-        out["label"].append(label)
-        out["error"].append(str(error) if error else "")
-        out["empty"].append(not error and not text.strip())
-    return out
 
 
 def prepare(
@@ -285,14 +165,9 @@ def _build(
 ) -> tuple[PrepareSummary, dict]:
     """Tokenizer, shards and label map written into folder; returns the summary and the manifest body."""
     tokenizer_url = storage.join(folder, "tokenizer")
-    if given is not None and not given.changed:
-        tokenizer = given.tokenizer
-        tokenizer_sha = bpe.copy_folder(given.folder, tokenizer_url)  # a model's folder, as it is
-    else:
-        tokenizer = given.tokenizer if given is not None else _train_tokenizer(ray_dataset, cfg, log)
-        tokenizer_sha = bpe.save(tokenizer, tokenizer_url)
+    tokenizer, tokenizer_sha = _write_tokenizer(tokenizer_url, given, ray_dataset, cfg, log)
     labels = _label_map(ray_dataset, cfg) if cfg.kind == "classification" else None
-    summary, chat = _tokenize_and_pack(ray_dataset, tokenizer, tokenizer_url, folder, cfg, progress, labels)
+    summary, chat = tokenize_and_pack(ray_dataset, tokenizer, tokenizer_url, folder, cfg, progress, labels)
     _check_splits(summary, cfg)
     summary.wall_s = time.perf_counter() - started
     extra: dict = {}
@@ -311,16 +186,32 @@ def _build(
         "pad_id": tokenizer.pad_token_id,
         "dtype": token_dtype(len(tokenizer)).str,
         "tokenizer": {"path": "tokenizer", "sha256": tokenizer_sha, "trained": given is None},
-        "source": {
-            "input": cfg.input,
-            "files": len(files),
-            "formats": sorted(set(formats)),
-            "fingerprint": key,
-            "text_field": cfg.text_field,
-        },
+        "source": _source_entry(files, formats, key, cfg),
         "split": {"method": "sha256(document text)", "val_fraction": cfg.val_fraction},
         "splits": summary.splits,
         "summary": {k: v for k, v in asdict(summary).items() if k not in ("output", "reused", "splits")},
+    }
+
+
+def _write_tokenizer(
+    url: str, given: GivenTokenizer | None, ray_dataset, cfg: PrepareConfig, log: Callable[[str], None]
+) -> tuple[Any, str]:
+    """The dataset's tokenizer written to url, and its sha256: a given folder copied as it is (or saved, when Kiln
+    completed it), else one trained on the train split."""
+    if given is not None and not given.changed:
+        return given.tokenizer, bpe.copy_folder(given.folder, url)  # a model's folder, as it is
+    tokenizer = given.tokenizer if given is not None else _train_tokenizer(ray_dataset, cfg, log)
+    return tokenizer, bpe.save(tokenizer, url)
+
+
+def _source_entry(files: list[str], formats: list[str], key: str, cfg: PrepareConfig) -> dict:
+    """The manifest's "source": what the dataset was prepared from, and the fingerprint that decides reuse."""
+    return {
+        "input": cfg.input,
+        "files": len(files),
+        "formats": sorted(set(formats)),
+        "fingerprint": key,
+        "text_field": cfg.text_field,
     }
 
 
@@ -426,95 +317,3 @@ def _label_map(dataset, cfg: PrepareConfig) -> dict[str, int]:
     if not names:
         raise PrepareError(f"kind=classification found no rows with '{cfg.text_field}' and 'label' in {cfg.input}")
     return label_map(names)
-
-
-def _tokenize_and_pack(
-    dataset, tokenizer, tokenizer_url: str, folder: str, cfg: PrepareConfig, progress, labels: dict | None
-) -> tuple[PrepareSummary, dict]:
-    """Tokenize every record (Ray Data) and write the splits; returns the summary and, for chat, what the
-    manifest says of its rows."""
-    tokenized = dataset.map_batches(
-        tokenize_batch,
-        fn_kwargs={
-            "tokenizer_url": tokenizer_url,
-            "val_fraction": cfg.val_fraction,
-            "kind": cfg.kind,
-            "text_field": cfg.text_field,
-            "labels": labels,
-        },
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-    )
-    writers = {split: _writer(folder, split, tokenizer, cfg) for split in ("train", "val")}
-    summary = PrepareSummary(cfg.output, False)
-    ends: set[int] = set()  # the ids that end a reply (kind=chat): where generation stops
-    for batch in tokenized.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-        for ids, mask, label, split, error, empty in zip(
-            batch["ids"], batch["mask"], batch["label"], batch["split"], batch["error"], batch["empty"], strict=False
-        ):
-            if error:
-                summary.bad_records += 1
-                if cfg.on_bad_record == "fail":
-                    raise PrepareError(f"bad record: {error} (on_bad_record=skip counts and skips such records)")
-                if len(summary.bad_examples) < MAX_REPORTED_BAD:
-                    summary.bad_examples.append(str(error))
-                continue
-            if empty:
-                summary.empty_documents += 1
-                continue
-            writer = writers[split]
-            if isinstance(writer, ExampleWriter):  # kind=classification
-                writer.add(list(ids), int(label))
-            elif isinstance(writer, ChatRowWriter):
-                row = ChatRow([int(i) for i in ids], [int(m) for m in mask])
-                ends |= reply_ends(row)
-                if not writer.add(row.ids, row.mask):
-                    continue
-            else:
-                writer.add(list(ids))
-            summary.documents += 1
-            summary.tokens += len(ids)
-        if progress:
-            progress(summary.documents, summary.tokens)
-    chat_writers = [w for w in writers.values() if isinstance(w, ChatRowWriter)]
-    summary.truncated = sum(w.truncated for w in chat_writers)
-    summary.dropped = sum(w.dropped for w in chat_writers)
-    if summary.documents == 0:
-        first = f"; first: {summary.bad_examples[0]}" if summary.bad_examples else ""
-        dropped = f", {summary.dropped} longer than seq_len={cfg.seq_len}" if summary.dropped else ""
-        raise PrepareError(
-            f"no usable documents in {cfg.input} ({summary.bad_records} bad records, "
-            f"{summary.empty_documents} empty{dropped}){first}"
-        )
-    summary.splits = {split: writer.close() for split, writer in writers.items()}
-    summary.shards = sum(len(s["shards"]) for s in summary.splits.values())
-    return summary, _chat_manifest(tokenizer, cfg, summary, ends) if chat_writers else {}
-
-
-def _writer(folder: str, split: str, tokenizer, cfg: PrepareConfig) -> ShardWriter | ChatRowWriter | ExampleWriter:
-    """The writer of one split for cfg.kind: packed documents, one conversation a row, or one example a row."""
-    vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
-    if cfg.kind == "classification":
-        return ExampleWriter(folder, split, seq_len=cfg.seq_len, vocab_size=vocab_size, eos_id=eos)
-    if cfg.kind == "chat":
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos  # masked: never learned
-        return ChatRowWriter(
-            folder, split, seq_len=cfg.seq_len, vocab_size=vocab_size, pad_id=pad, overflow=cfg.overflow
-        )
-    return ShardWriter(folder, split, seq_len=cfg.seq_len, vocab_size=vocab_size, eos_id=eos)
-
-
-def _chat_manifest(tokenizer, cfg: PrepareConfig, summary: PrepareSummary, ends: set[int]) -> dict:
-    """What a chat dataset's manifest says of its rows: how they were rendered, masked, cut and padded."""
-    specials = set(bpe.vocabulary(tokenizer).specials)
-    return {
-        "template": "kiln" if tokenizer.chat_template == bpe.kiln_chat_template() else "tokenizer",
-        "mask": "generation markers" if bpe.has_generation_markers(tokenizer.chat_template) else "prefix diff",
-        "rows": "one conversation per row, padded with pad_id (mask 0)",
-        "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        "overflow": cfg.overflow,
-        "truncated": summary.truncated,
-        "dropped": summary.dropped,
-        # the special tokens that end a learned reply: inference stops at them (generation_config)
-        "end_of_turn_ids": sorted(i for i in ends if i in specials),
-    }
