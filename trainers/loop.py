@@ -26,7 +26,7 @@ from data_pipeline.stream import TokenStream
 from trainers.checkpoint.schedule import Checkpointing
 from trainers.checkpoint.shapes import shapes_of
 from trainers.checkpoint.store import CheckpointStore
-from trainers.config import WorkerConfig
+from trainers.config import TrainConfig, WorkerConfig
 from trainers.context import WorkerContext
 from trainers.device_batches import DeviceBatches
 from trainers.distributed import ensure_process_group, gather_to_rank0
@@ -73,39 +73,33 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def start_worker(local_rank: int, train: TrainConfig) -> torch.device:
+    """This worker's device, once it has joined the process group and set torch up as train.* asks."""
+    device = pick_device(local_rank)
+    ensure_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout_s=max(train.step_timeout_s * 2, 600) if train.step_timeout_s else 1800,
+    )
+    if train.torch_threads:
+        torch.set_num_threads(train.torch_threads)
+    if train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
+
+
 class Trainer:
     """The pieces of one worker's run, assembled from config, and one optimizer step."""
 
     def __init__(self, cfg: WorkerConfig, ctx: WorkerContext, data: RunData | None = None):
         self.cfg, self.ctx = cfg, ctx
         train = cfg.train
-        self.device = pick_device(ctx.local_rank)
-        ensure_process_group(
-            "nccl" if self.device.type == "cuda" else "gloo",
-            timeout_s=max(train.step_timeout_s * 2, 600) if train.step_timeout_s else 1800,
-        )
-        if train.torch_threads:
-            torch.set_num_threads(train.torch_threads)
-        if train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.device = start_worker(ctx.local_rank, train)
         self.url = cfg.run_url
         # What the driver's plan resolved and checked; a caller without a driver (a test) gets the same checks.
         self.data = data or check_run_data(cfg.data, cfg.task.name, cfg.task.labels, cfg.model.vocab_size, log.info)
         self.datasets, self.weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
-        task_cfg = cfg.task
-        if self.data.labels is not None:  # the data's classes, which the driver also wrote into the run's config
-            task_cfg = replace(task_cfg, labels=list(self.data.labels))
-        self.task: Task = build_task(task_cfg, self.data.eos_id, seed=train.seed, vocabulary=self.data.vocabulary)
-        seed_everything(train.seed)  # identical initial weights on every rank
-        # Built (or, with model.init_from, loaded) on every rank before the strategy wraps it: identical weights.
-        model = build_model(self.task, cfg.model, self.data.vocab_size, self.data.eos_id)
-        if cfg.model.init_from is not None:
-            log.info("rank %d: model from %s (%s)", ctx.rank, cfg.model.init_from, type(model).__name__)
-        if cfg.model.compile:
-            compile_blocks(model)  # before the strategy wraps it: FSDP2 shards each compiled block
-        self.num_params = parameter_count(model)
-        # Counted before the strategy wraps it: ZeRO-3 leaves each rank's parameters empty outside a forward.
-        self.flops_per_token = model_flops_per_token(model, self.data.seq_len)
+        self.task: Task = self._task()
+        model = self._model()
         self.micro_batch = train.micro_batch
         self.grad_accum = train.grad_accum(ctx.world_size)
         self.strategy: Strategy = build_strategy(cfg.strategy, self.device)
@@ -130,6 +124,28 @@ class Trainer:
         self.step = 0
         self.window = StepWindow(self.device)
         watch_router(model, self.window.add_router)  # an MoE model's router loss and expert load, logged at syncs
+
+    def _task(self) -> Task:
+        """The task the run's model learns, on its data."""
+        task_cfg = self.cfg.task
+        if self.data.labels is not None:  # the data's classes, which the driver also wrote into the run's config
+            task_cfg = replace(task_cfg, labels=list(self.data.labels))
+        return build_task(task_cfg, self.data.eos_id, seed=self.cfg.train.seed, vocabulary=self.data.vocabulary)
+
+    def _model(self) -> torch.nn.Module:
+        """The model before a strategy wraps it, seeded alike on every rank; counts its parameters and FLOPs."""
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        # Built (or, with model.init_from, loaded) on every rank before the strategy wraps it: identical weights.
+        model = build_model(self.task, cfg.model, self.data.vocab_size, self.data.eos_id)
+        if cfg.model.init_from is not None:
+            log.info("rank %d: model from %s (%s)", self.ctx.rank, cfg.model.init_from, type(model).__name__)
+        if cfg.model.compile:
+            compile_blocks(model)  # before the strategy wraps it: FSDP2 shards each compiled block
+        self.num_params = parameter_count(model)
+        # Counted before the strategy wraps it: ZeRO-3 leaves each rank's parameters empty outside a forward.
+        self.flops_per_token = model_flops_per_token(model, self.data.seq_len)
+        return model
 
     def _checkpointing(self, model_shapes: dict[str, tuple[int, ...]]) -> Checkpointing:
         """This worker's checkpoints: the run's store, saved every train.checkpoint_every steps and at the end."""
@@ -262,7 +278,6 @@ def run(cfg: WorkerConfig, ctx: WorkerContext, data: RunData | None = None) -> L
     restored = announce_start(trainer, ctx)
     stops = StopAgreement(ctx, trainer.url, trainer.device)
     tracker = open_tracker(cfg, ctx, trainer.url)
-    checkpoints, evaluator = trainer.checkpoints, trainer.evaluator
     result = LoopResult(RunState.SUCCEEDED, trainer.step, checkpoint=restored.get("restored_from"))
     try:
         if trainer.step == 0:
@@ -277,25 +292,7 @@ def run(cfg: WorkerConfig, ctx: WorkerContext, data: RunData | None = None) -> L
             failpoint("loop.after_step", run=cfg.run_id, step=step, rank=ctx.rank)
             if not trainer.sync_due(step):
                 continue  # no host sync and no collective beyond the gradients' own
-            with watchdog.phase(step, "sync"):
-                summary = trainer.sync(stops.asked())
-            metrics = trainer.metrics_for(summary) if trainer.log_due(step) else {}
-            if evaluator.due(step):
-                with watchdog.phase(step, "evaluation"):
-                    metrics.update(trainer.evaluate())
-            if metrics:
-                tracker.log(metrics, step)
-            committed: list[str] = []
-            if checkpoints.due(step):
-                # Durable before the commit: a restart from this step never lacks its row.
-                tracker.flush()
-                with watchdog.phase(step, "checkpoint save"):
-                    committed = checkpoints.save(step)
-            result.checkpoint = committed[-1] if committed else result.checkpoint
-            if metrics or committed:
-                ctx.report(metrics, step)
-            trainer.window.open()
-            if stops.settle(summary.stop):  # every rank stops at the same step
+            if sync_step(trainer, watchdog, stops, tracker, result):  # every rank stops at the same step
                 break
         if trainer.step < cfg.train.max_steps:
             with watchdog.phase(trainer.step, "preemption checkpoint"):
@@ -308,9 +305,36 @@ def run(cfg: WorkerConfig, ctx: WorkerContext, data: RunData | None = None) -> L
         watchdog.stop()
         trainer.batches.close()
         stops.close()
-    checkpoints.finish()
+    trainer.checkpoints.finish()
     tracker.finish(result.state)
     return announce_end(trainer, result, stops.reason if result.state == RunState.PREEMPTED else None)
+
+
+def sync_step(
+    trainer: Trainer, watchdog: StepWatchdog, stops: StopAgreement, tracker: Tracker, result: LoopResult
+) -> bool:
+    """The rest of a sync step: the ranks' agreed window, metrics, evaluation and checkpoint when due, the report;
+    whether every rank stops here."""
+    step, ctx, checkpoints = trainer.step, trainer.ctx, trainer.checkpoints
+    with watchdog.phase(step, "sync"):
+        summary = trainer.sync(stops.asked())
+    metrics = trainer.metrics_for(summary) if trainer.log_due(step) else {}
+    if trainer.evaluator.due(step):
+        with watchdog.phase(step, "evaluation"):
+            metrics.update(trainer.evaluate())
+    if metrics:
+        tracker.log(metrics, step)
+    committed: list[str] = []
+    if checkpoints.due(step):
+        # Durable before the commit: a restart from this step never lacks its row.
+        tracker.flush()
+        with watchdog.phase(step, "checkpoint save"):
+            committed = checkpoints.save(step)
+    result.checkpoint = committed[-1] if committed else result.checkpoint
+    if metrics or committed:
+        ctx.report(metrics, step)
+    trainer.window.open()
+    return stops.settle(summary.stop)
 
 
 def announce_end(trainer: Trainer, result: LoopResult, reason: str | None) -> LoopResult:
