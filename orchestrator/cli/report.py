@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -13,7 +12,7 @@ from rich.table import Table
 
 from orchestrator.cli.options import add_json, add_storage_root
 from orchestrator.config import UsageError
-from orchestrator.run.metrics import MetricSummary, comparison, metric_names
+from orchestrator.run.metrics import MetricRow, MetricSummary, comparison, metric_names
 from orchestrator.run.registry import RunRegistry, UnknownRun
 
 # kiln compare's rows when a run logged them, in this order; other metrics follow with --all.
@@ -48,12 +47,12 @@ def add_report_commands(sub, default_root: str) -> None:
     compare.set_defaults(func=cmd_compare)
 
 
-def runs_named(root: str, ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+def runs_named(root: str, ids: list[str]) -> dict[str, list[MetricRow]]:
     """run id -> its metrics rows, for each id given (a sweep id expands to its trials, in trial order)."""
     from orchestrator.sweep import record as sweeps
 
     registry = RunRegistry(root)
-    runs: dict[str, list[dict[str, Any]]] = {}
+    runs: dict[str, list[MetricRow]] = {}
     for name in ids:
         if name in registry.run_ids():
             members = [name]

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-Rows = Sequence[dict[str, Any]]  # one run's metrics.jsonl
+# One line of metrics.jsonl, a JSON object as trainers.tracking.JsonlTracker writes it: `step` (an int), `time`
+# and each metric's value (numbers). Read back unchecked, so readers test a value's type before they use it.
+MetricRow = dict[str, float]
+Rows = Sequence[MetricRow]  # one run's metrics.jsonl
 
 NOT_METRICS = ("step", "time")
 # Metrics that are better when smaller; every other metric is better when larger (accuracy, tokens/s, MFU).
 LOWER_IS_BETTER = ("loss", "perplexity", "step_time", "wait", "_bytes", "mem_mb")
 
 
-def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def series(rows: Rows, key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of one metric in step order; a step logged twice keeps its last value."""
     by_step: dict[int, float] = {}
     for row in rows:
@@ -28,7 +30,7 @@ def series(rows: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return steps, [by_step[s] for s in steps]
 
 
-def metric_names(rows: Sequence[dict[str, Any]]) -> list[str]:
+def metric_names(rows: Rows) -> list[str]:
     """Every metric the rows log, sorted."""
     return sorted({k for row in rows for k in row if k not in NOT_METRICS})
 
@@ -48,7 +50,7 @@ class MetricSummary:
     best_step: int
 
 
-def summarize(rows: Sequence[dict[str, Any]], key: str) -> MetricSummary | None:
+def summarize(rows: Rows, key: str) -> MetricSummary | None:
     """Final and best value of one metric (None if never logged); ties keep the earliest step."""
     steps, values = series(rows, key)
     if not steps:

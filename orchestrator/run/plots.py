@@ -8,14 +8,14 @@ test, or a person with `exiftool`, can check the file holds the right series.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 from matplotlib.figure import Figure
 
-from orchestrator.run.metrics import series
+from orchestrator.run.metrics import Rows, series
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,14 @@ class Chart:
     metrics: tuple[str, ...]
     scale: float = 1.0
     log_y: bool = False
+
+
+class Drawn(TypedDict):
+    """One series a chart drew: the run, its metric and how many points (recorded in the PNG too)."""
+
+    run: str
+    metric: str
+    points: int
 
 
 CHARTS = (
@@ -44,11 +52,11 @@ CHARTS = (
 )
 
 
-def render(chart: Chart, runs: Mapping[str, Sequence[dict[str, Any]]], out: Path) -> list[dict[str, Any]]:
+def render(chart: Chart, runs: Mapping[str, Rows], out: Path) -> list[Drawn]:
     """Draw `chart` for every run that logged one of its metrics into out; returns the series drawn ([] if none)."""
     figure = Figure(figsize=(8, 4.5), dpi=110, layout="constrained")
     axes = figure.add_subplot()
-    drawn: list[dict[str, Any]] = []
+    drawn: list[Drawn] = []
     for run, rows in runs.items():
         for metric in chart.metrics:
             steps, values = series(rows, metric)
@@ -72,10 +80,10 @@ def render(chart: Chart, runs: Mapping[str, Sequence[dict[str, Any]]], out: Path
     return drawn
 
 
-def render_all(runs: Mapping[str, Sequence[dict[str, Any]]], out_dir: Path) -> dict[Path, list[dict[str, Any]]]:
+def render_all(runs: Mapping[str, Rows], out_dir: Path) -> dict[Path, list[Drawn]]:
     """Every chart some run has data for, as out_dir/<chart>.png; returns each file and its series."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[Path, list[dict[str, Any]]] = {}
+    written: dict[Path, list[Drawn]] = {}
     for chart in CHARTS:
         path = out_dir / f"{chart.name}.png"
         drawn = render(chart, runs, path)

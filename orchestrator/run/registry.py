@@ -12,10 +12,10 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Any
 
 from data_pipeline import storage
 from data_pipeline.redaction import redact_text
+from orchestrator.run.metrics import MetricRow
 from orchestrator.run.record import RunRecord, now  # callers import these from here too
 from orchestrator.run.record_codec import NewerFormat
 from trainers.run import folder as run_folder
@@ -168,7 +168,7 @@ class RunRegistry:
         return sorted(records, key=lambda r: r.created, reverse=True), damaged
 
     # builtins.list: in this class body, after the method RunRegistry.list, a bare `list` names that method
-    def metrics(self, run_id: str) -> builtins.list[dict[str, Any]]:
+    def metrics(self, run_id: str) -> builtins.list[MetricRow]:
         """Every line of the run's metrics.jsonl (a torn last line is skipped)."""
         try:
             text = storage.read_text(storage.join(self.run_url(run_id), METRICS_FILE))
