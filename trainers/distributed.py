@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -26,13 +26,11 @@ def ensure_process_group(backend: str, timeout_s: float = 1800) -> None:
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
-# Returns Any, not T, while a caller unpacks the result of its `value if rank == 0 else None` (checkpoint/store.py):
-# only rank 0's value comes back, which the types cannot say.
-def broadcast_from_rank0(obj: object) -> Any:
-    """Rank 0's value of obj, on every rank."""
-    box = [obj]
+def broadcast_from_rank0(obj: T | None) -> T:
+    """Rank 0's value of obj, on every rank (the others pass None)."""
+    box: list[object] = [obj]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return cast(T, box[0])
 
 
 def mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
@@ -55,7 +53,6 @@ def gather_to_rank0(obj: T, group: ProcessGroup | None = None) -> list[T]:
     return cast("list[T]", gathered) if gathered is not None else []  # set on rank 0 only, every slot filled
 
 
-# Any, not ProcessGroup, while checkpoint/store.py keeps it in an attribute it types from `= None`.
-def new_checkpoint_group() -> Any:
+def new_checkpoint_group() -> ProcessGroup:
     """Collective: a gloo group over all ranks for checkpoint traffic, apart from training collectives."""
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=1800))

@@ -21,6 +21,7 @@ import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from trainers.checkpoint.shapes import check_fits, checkpoint_shapes
 from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0, new_checkpoint_group
 from trainers.errors import CheckpointError
 from trainers.failpoints import failpoint
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 log = logging.getLogger("kiln.checkpoint")
 
@@ -206,7 +210,8 @@ class CheckpointStore:
         self.strategy, self.config_hash = strategy, config_hash
         self.keep_last, self.keep_every = keep_last, keep_every
         self.async_upload = async_upload
-        self._group = None  # a gloo group of its own, so background uploads never race training collectives
+        # A gloo group of its own, so background uploads never race training collectives.
+        self._group: ProcessGroup | None = None
         self._uploads: ThreadPoolExecutor | None = None
         self._pending: tuple[str, Future] | None = None
 
@@ -262,7 +267,7 @@ class CheckpointStore:
             self._uploads.shutdown(wait=True)
             self._uploads = None
 
-    def _checkpoint_group(self):
+    def _checkpoint_group(self) -> ProcessGroup:
         if self._group is None:
             self._group = new_checkpoint_group()
         return self._group
