@@ -265,10 +265,13 @@ def parser() -> argparse.ArgumentParser:
     )
     add_storage_root(export, default_storage_root())
     export.set_defaults(func=cmd_export)
-    from orchestrator.cli.inference import add_inference_commands
+    from orchestrator.cli.evaluate import add_eval_command
+    from orchestrator.cli.inference import add_generation_commands, add_predict_command
     from orchestrator.cli.report import add_report_commands
 
-    add_inference_commands(sub, default_storage_root())
+    add_generation_commands(sub, default_storage_root())  # generate, chat
+    add_eval_command(sub, default_storage_root())
+    add_predict_command(sub, default_storage_root())
     add_report_commands(sub, default_storage_root())
     prep = sub.add_parser(
         "prepare", help="tokenize raw files into a prepared dataset: kiln prepare input=... output=..."

@@ -1,6 +1,6 @@
-"""`kiln eval`, `kiln generate`, `kiln chat` and `kiln predict`: find the model (a run's checkpoint or an exported
-folder) and the data, then hand them to trainers/inference/ (loaded_model.py, chat.py and predict.py).
-Everything runs in this one process, on CPU."""
+"""`kiln generate`, `kiln chat` and `kiln predict`, and how every inference command (`kiln eval` too, in
+evaluate.py) finds its model: a run's checkpoint or an exported folder, handed to trainers/inference/
+(loaded_model.py, chat.py and predict.py). Everything runs in this one process, on CPU."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.console import Console
 
@@ -18,15 +18,19 @@ from data_pipeline.redaction import redact_text
 from orchestrator.cli.options import add_json, add_storage_root
 from orchestrator.config import KilnConfig, UsageError
 
+if TYPE_CHECKING:
+    from trainers.inference.loaded_model import LoadedModel
+
 DEFAULT_MAX_NEW_TOKENS = 32
-FOLDER_MICRO_BATCH = 8  # an exported folder has no run config: its default evaluation batch
+TARGET_HELP = "a run id (its newest committed checkpoint, or --step) or a Hugging Face folder (kiln export)"
+Result = TypeVar("Result")
 
 
 @dataclass
 class Source:
     """The model to use and where it came from."""
 
-    loaded: Any  # trainers.inference.loaded_model.LoadedModel (its task: the run's, or the folder's from config.json)
+    loaded: LoadedModel  # its task: the run's, or the folder's from config.json
     label: str  # "run qs step 20" or "folder ./out"
     cfg: KilnConfig | None = None  # the run's config, when the model is a run's checkpoint
     run_id: str | None = None
@@ -34,11 +38,10 @@ class Source:
     world_size: int = 1  # how many workers trained the checkpoint (and evaluated at its step)
 
 
-def add_inference_commands(sub, default_root: str) -> None:
-    """`kiln eval`, `kiln generate`, `kiln chat` and `kiln predict`."""
-    target_help = "a run id (its newest committed checkpoint, or --step) or a Hugging Face folder (kiln export)"
+def add_generation_commands(sub, default_root: str) -> None:
+    """`kiln generate` and `kiln chat`."""
     generate = sub.add_parser("generate", help="complete prompts with a run's checkpoint or an exported model")
-    generate.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
+    generate.add_argument("target", metavar="RUN|HF_DIR", help=TARGET_HELP)
     generate.add_argument("--prompt", required=True, help="the prompt; '-' reads prompts from stdin, one a line")
     add_sampling_arguments(generate)
     add_json(generate, 'one {"prompt", "completion"} object a line')
@@ -56,38 +59,17 @@ def add_inference_commands(sub, default_root: str) -> None:
         help="talk to a chat (task=sft) model; piped stdin: one user turn a line, one reply a line",
         description="Type a message and Enter; /reset clears the history, /exit or Ctrl-D ends.",
     )
-    chat.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
+    chat.add_argument("target", metavar="RUN|HF_DIR", help=TARGET_HELP)
     chat.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: newest)")
     add_sampling_arguments(chat, what="per reply")
     add_storage_root(chat, default_root)
     chat.set_defaults(func=cmd_chat)
 
-    evaluate = sub.add_parser(
-        "eval",
-        help="a checkpoint's validation metrics (as its run logged them), or BLEU/chrF of prompt/reference pairs",
-    )
-    evaluate.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
-    evaluate.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: newest)")
-    evaluate.add_argument(
-        "--data",
-        default=None,
-        help="a prepared dataset (its val split) or a JSONL file of {prompt, reference} rows (BLEU, chrF); "
-        "default: the run's own validation slice",
-    )
-    evaluate.add_argument("--micro-batch", type=int, default=None, help="with --data DATASET: sequences a batch")
-    evaluate.add_argument("--batches", type=int, default=None, help="with --data DATASET: batches to evaluate")
-    evaluate.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=DEFAULT_MAX_NEW_TOKENS,
-        help=f"with --data FILE.jsonl: tokens generated (greedily) per prompt (default {DEFAULT_MAX_NEW_TOKENS})",
-    )
-    add_json(evaluate)
-    add_storage_root(evaluate, default_root)
-    evaluate.set_defaults(func=cmd_eval)
 
+def add_predict_command(sub, default_root: str) -> None:
+    """`kiln predict`."""
     predict = sub.add_parser("predict", help="a classifier's label and class probabilities for each text")
-    predict.add_argument("target", metavar="RUN|HF_DIR", help=target_help)
+    predict.add_argument("target", metavar="RUN|HF_DIR", help=TARGET_HELP)
     predict.add_argument(
         "--text", required=True, action="append", help="a text to classify (repeatable); '-' reads stdin, one a line"
     )
@@ -210,173 +192,6 @@ def chat_turns(interactive: bool) -> Iterator[str]:
             return
 
 
-def cmd_eval(args: argparse.Namespace, console: Console) -> int:
-    from trainers.inference.loaded_model import read_pairs
-
-    data = args.data
-    if data is not None and (data.endswith(".jsonl") or os.path.isfile(data)):
-        pairs = user_error(lambda: read_pairs(data))  # a bad file fails before the model loads
-        result = eval_pairs(text_model(args, "eval --data PAIRS.jsonl"), data, pairs, args.max_new_tokens)
-    else:
-        result = eval_split(open_model(args), data, args.micro_batch, args.batches)
-    if args.json:
-        from orchestrator.run.lifecycle import dumps
-
-        print(dumps(result))
-        return 0
-    console.print(f"{result['model']}: {result['what']}", markup=False, highlight=False)
-    logged = result.get("logged") or {}
-    for name, value in sorted(result["metrics"].items()):
-        also = f"(logged at step {result['step']}: {logged[name]:.6g})" if name in logged else ""
-        console.print(f"  {name:<22} {value:<12.6g} {also}".rstrip(), markup=False, highlight=False)
-    if result.get("note"):
-        console.print(f"  note: {result['note']}", markup=False, highlight=False)
-    return 0
-
-
-@dataclass(frozen=True)
-class EvalSlice:
-    """Which validation sequences `kiln eval` reads: decided before any model runs."""
-
-    world_size: int  # the run's workers, whose slices are evaluated in turn and summed
-    micro_batch: int
-    batches: int
-    seed: int
-    what: str  # the slice, in words
-
-
-def plan_run_slice(cfg: KilnConfig, world_size: int, micro_batch: int | None, batches: int | None) -> EvalSlice:
-    """The run's own evaluation slice, exactly as its workers read it."""
-    if micro_batch is not None or batches is not None:
-        raise UsageError(
-            "--micro-batch/--batches choose a slice of --data; without --data kiln eval uses the run's own "
-            "evaluation slice"
-        )
-    micro_batch, batches = cfg.train.micro_batch, cfg.train.eval_batches
-    what = (
-        f"validation slice of the run ({world_size} worker{'s' if world_size > 1 else ''} x {batches} "
-        f"batches x {micro_batch} sequences, every worker's slice evaluated in turn and summed as the run did)"
-    )
-    return EvalSlice(world_size, micro_batch, batches, cfg.train.seed, what)
-
-
-def plan_dataset_slice(
-    data: str, available: int, cfg: KilnConfig | None, run_workers: int, micro_batch: int | None, batches: int | None
-) -> EvalSlice:
-    """The first batches of a prepared dataset's val split (`available` sequences): a run's amount, or all of it."""
-    wanted = (micro_batch or 1) * (batches or 1)
-    if batches is not None and wanted > available:
-        raise UsageError(
-            f"--batches {batches} x --micro-batch {micro_batch or 1} = {wanted} sequences, but the val split of "
-            f"{data} has {available}; ask for fewer"
-        )
-    if micro_batch is None:
-        micro_batch = cfg.train.micro_batch if cfg else min(FOLDER_MICRO_BATCH, max(available, 1))
-    if batches is None:  # a run: as many sequences as its own evaluation read; a folder: the whole split
-        batches = cfg.train.eval_batches * run_workers if cfg else max(available // micro_batch, 1)
-    for name, value in (("--micro-batch", micro_batch), ("--batches", batches)):
-        if value < 1:
-            raise UsageError(f"{name} must be >= 1, got {value}")
-    what = f"val split of {data} (first {batches} batches x {micro_batch} sequences, of {available})"
-    return EvalSlice(1, micro_batch, batches, cfg.train.seed if cfg else 0, what)
-
-
-def eval_split(source: Source, data: str | None, micro_batch: int | None, batches: int | None) -> dict:
-    """The task's validation metrics: the run's own evaluation slice, or the val split of a prepared dataset."""
-    from data_pipeline.dataset import open_dataset, open_training_data
-    from trainers.inference.loaded_model import check_vocabulary, validation_metrics
-
-    cfg = source.cfg
-    if data is None:
-        if cfg is None:
-            raise UsageError(
-                f"{source.label} has no validation split of its own: pass --data DATASET (a prepared dataset "
-                "folder) or --data FILE.jsonl (prompt/reference pairs)"
-            )
-        plan = plan_run_slice(cfg, source.world_size, micro_batch, batches)
-        datasets, weights = open_training_data(cfg.data.source, cfg.data.path, cfg.data.mixture)
-    else:
-        dataset = open_dataset(data)
-        user_error(lambda: check_vocabulary(source.loaded, dataset))
-        check_eval_data(source, data, dataset)
-        available = sum(shard.sequences for shard in dataset.shards("val"))
-        plan = plan_dataset_slice(data, available, cfg, source.world_size, micro_batch, batches)
-        datasets, weights = [dataset], None
-    metrics = user_error(
-        lambda: validation_metrics(
-            source.loaded.build_task(plan.seed),
-            source.loaded.model,
-            datasets,
-            weights,
-            micro_batch=plan.micro_batch,
-            batches=plan.batches,
-            seed=plan.seed,
-            world_size=plan.world_size,
-        )
-    )
-    result = {
-        "model": source.label,
-        "run": source.run_id,
-        "step": source.step,
-        "data": data if data is not None else cfg.data.path if cfg else None,
-        "split": "val",
-        "world_size": plan.world_size,
-        "micro_batch": plan.micro_batch,
-        "batches": plan.batches,
-        "sequences": plan.world_size * plan.micro_batch * plan.batches,
-        "metrics": metrics,
-        "what": plan.what,
-    }
-    if data is None and cfg is not None:
-        result["logged"] = logged_metrics(cfg, source)
-        if cfg.strategy.precision not in ("auto", "fp32"):
-            result["note"] = (
-                f"computed in fp32 on CPU; the run trained in {cfg.strategy.precision}, so its logged numbers "
-                "carry that precision's rounding"
-            )
-    return result
-
-
-def check_eval_data(source: Source, data: str, dataset: Any) -> None:
-    """A prepared dataset the model can read: its sequence length, masks and class labels."""
-    from trainers.task_data import check_task_data, data_labels
-
-    context = source.loaded.context
-    if context is not None and dataset.seq_len > context:
-        raise UsageError(
-            f"{data} holds {dataset.seq_len}-token sequences but {source.label} takes at most {context}: "
-            f"prepare it again with seq_len={context} or less"
-        )
-    task = source.loaded.task
-    check_task_data(task.name, [dataset], lambda _note: None)  # e.g. an SFT model on data without masks
-    if task.name == "classification" and data_labels([dataset]) != task.labels:  # a class id means one label
-        raise UsageError(
-            f"{data} labels its classes {data_labels([dataset])} but {source.label} classifies into "
-            f"{task.labels}: evaluate on data prepared with the same labels"
-        )
-
-
-def eval_pairs(source: Source, data: str, pairs: list, max_new_tokens: int) -> dict:
-    """Greedy completions of each prompt, scored against the references with sacrebleu's BLEU and chrF. A chat
-    (task=sft) model reads each prompt as a user message in its chat template, as it was trained."""
-    from trainers.inference.loaded_model import Sampling, generate, text_metrics
-
-    sampling = user_error(lambda: Sampling(max_new_tokens=max_new_tokens))
-    chat = source.loaded.task.name == "sft" and bool(getattr(source.loaded.tokenizer, "chat_template", None))
-    outputs = user_error(lambda: list(generate(source.loaded, (p.prompt for p in pairs), sampling, chat=chat)))
-    return {
-        "model": source.label,
-        "run": source.run_id,
-        "step": source.step,
-        "data": data,
-        "examples": len(pairs),
-        "max_new_tokens": max_new_tokens,
-        "metrics": text_metrics(outputs, [p.reference for p in pairs]),
-        "what": f"{len(pairs)} prompts of {data}{' in the chat template' if chat else ''}, greedy, up to "
-        f"{max_new_tokens} new tokens each (sacrebleu)",
-    }
-
-
 def open_model(args: argparse.Namespace) -> Source:
     """The model args.target names: a Hugging Face folder, or a run's checkpoint (newest, or --step)."""
     from data_pipeline import storage
@@ -427,17 +242,6 @@ def looks_like_folder(target: str) -> bool:
     return os.path.exists(target) or os.sep in target or target.startswith((".", "~"))
 
 
-def logged_metrics(cfg: KilnConfig, source: Source) -> dict[str, float] | None:
-    """The val/* metrics the run logged at the checkpoint's step (the last such line), if it evaluated there."""
-    from orchestrator.run.registry import RunRegistry
-
-    logged = None
-    for row in RunRegistry(cfg.storage.root).metrics(str(source.run_id)):
-        if row.get("step") == source.step and any(k.startswith("val/") for k in row):
-            logged = {k: v for k, v in row.items() if k.startswith("val/")}
-    return logged
-
-
 def stdin_prompts() -> Iterator[str]:
     """One prompt a line from stdin (the newline stripped), read as they come."""
     for line in sys.stdin:
@@ -455,7 +259,7 @@ def note(message: str) -> None:
     print(redact_text(f"note: {message}"), file=sys.stderr)
 
 
-def user_error(call: Callable[[], Any]) -> Any:
+def user_error(call: Callable[[], Result]) -> Result:
     """call(), with trainers' InferenceError turned into the CLI's one-line UsageError."""
     from trainers.inference.loaded_model import InferenceError
 
@@ -465,7 +269,7 @@ def user_error(call: Callable[[], Any]) -> Any:
         raise UsageError(str(exc)) from None
 
 
-def user_errors(items: Iterable[Any]) -> Iterator[Any]:
+def user_errors(items: Iterable[Result]) -> Iterator[Result]:
     """The items, with trainers' InferenceError raised while producing them turned into UsageError."""
     from trainers.inference.loaded_model import InferenceError
 

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.cli.inference import plan_dataset_slice, plan_run_slice
+from orchestrator.cli.evaluate import plan_dataset_slice, plan_run_slice
 from orchestrator.config import UsageError
 
 RUN = SimpleNamespace(train=SimpleNamespace(micro_batch=4, eval_batches=3, seed=7))
