@@ -187,11 +187,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
         )
 
     # Built beside --out and swapped in whole: stale weights of an earlier export never survive beside new ones.
-    files = replace_folder(
-        args.out,
-        write,
-        overwrite=args.overwrite,
-    )
+    files = replace_folder(args.out, write, overwrite=args.overwrite)
     console.print(
         f"exported {args.run} step {checkpoint.step} ({checkpoint.manifest['strategy']}, "
         f"{checkpoint.manifest['world_size']} workers) -> {args.out}: {', '.join(files)}"
@@ -213,10 +209,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=100 strategy=ddp")
     train.add_argument("--list-keys", action="store_true", help="print config groups and every key, then exit")
     train.add_argument(
-        "-m",
-        "--multirun",
-        action="store_true",
-        help="sweep: the same as `kiln sweep OVERRIDES` (Hydra's spelling)",
+        "-m", "--multirun", action="store_true", help="sweep: the same as `kiln sweep OVERRIDES` (Hydra's spelling)"
     )
     train.set_defaults(func=cmd_train)
     runs = sub.add_parser("runs", help="list runs")
@@ -316,19 +309,9 @@ def add_cluster_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line and exit 2, failed runs exit 1."""
-    from data_pipeline.config import DataConfigError
-    from data_pipeline.dataset import DatasetError
-    from data_pipeline.prepare import PrepareError
-    from data_pipeline.sources import SourceError
-    from data_pipeline.staging import OutputExists
-    from data_pipeline.storage import StorageError
     from orchestrator.cli.sweep import sweep_argv
-    from orchestrator.config import UsageError
-    from orchestrator.run.registry import DamagedRun, RunExists, UnknownRun
-    from orchestrator.sweep.record import DamagedSweep, UnknownSweep
-    from trainers.errors import CheckpointError
-    from trainers.pretrained import PretrainedError
 
+    errors = usage_errors()
     args = parser().parse_args(sweep_argv(sys.argv[1:] if argv is None else argv))
     args.command = args.command.replace("sweep-", "sweep ")
     console = RedactingConsole(soft_wrap=True)
@@ -337,43 +320,52 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_no_credentials(args)
         return args.func(args, console)
-    except (
-        UsageError,
-        UnknownRun,
-        UnknownSweep,
-        DamagedSweep,
-        PretrainedError,
-        RunExists,
-        DamagedRun,
-        DataConfigError,
-        DatasetError,
-        CheckpointError,
-        SourceError,
-        PrepareError,
-        StorageError,
-        OutputExists,
-    ) as exc:
+    except errors as exc:
         say(f"kiln {args.command}: error: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         say(f"kiln {args.command}: interrupted")
         return EXIT_INTERRUPTED
     except Exception as exc:
-        from orchestrator.launch.ray_train import RunFailed
+        return failed(args.command, exc)
 
-        if isinstance(exc, RunFailed):
-            say(f"kiln {args.command}: {exc}")
-            return EXIT_FAILED
-        # Never a bare traceback (it may quote a URL with credentials): one redacted line, details on demand.
-        if os.environ.get(DEBUG_ENV) == "1":
-            import traceback
 
-            say("".join(traceback.format_exception(exc)), one_line=False)
-        say(
-            f"kiln {args.command}: unexpected error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the "
-            "traceback, and please report it)"
-        )
+def usage_errors() -> tuple[type[Exception], ...]:
+    """The errors that are the user's to fix: kiln prints them on one line and exits 2."""
+    from data_pipeline.config import DataConfigError
+    from data_pipeline.dataset import DatasetError
+    from data_pipeline.prepare import PrepareError
+    from data_pipeline.sources import SourceError
+    from data_pipeline.staging import OutputExists
+    from data_pipeline.storage import StorageError
+    from orchestrator.config import UsageError
+    from orchestrator.run.registry import DamagedRun, RunExists, UnknownRun
+    from orchestrator.sweep.record import DamagedSweep, UnknownSweep
+    from trainers.errors import CheckpointError
+    from trainers.pretrained import PretrainedError
+
+    runs = (UnknownRun, RunExists, DamagedRun, UnknownSweep, DamagedSweep, CheckpointError, PretrainedError)
+    data = (DataConfigError, DatasetError, SourceError, PrepareError, StorageError, OutputExists)
+    return (UsageError, *runs, *data)
+
+
+def failed(command: str, exc: Exception) -> int:
+    """A run that failed exits 1 with its one line; anything else unexpected is said on one redacted line too."""
+    from orchestrator.launch.ray_train import RunFailed
+
+    if isinstance(exc, RunFailed):
+        say(f"kiln {command}: {exc}")
         return EXIT_FAILED
+    # Never a bare traceback (it may quote a URL with credentials): one redacted line, details on demand.
+    if os.environ.get(DEBUG_ENV) == "1":
+        import traceback
+
+        say("".join(traceback.format_exception(exc)), one_line=False)
+    say(
+        f"kiln {command}: unexpected error: {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the "
+        "traceback, and please report it)"
+    )
+    return EXIT_FAILED
 
 
 def check_no_credentials(args: argparse.Namespace) -> None:
