@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from trainers.failpoints import ARMED_VAR, DIR_VAR, parse
+from trainers.failpoints import ARMED_VAR, DIR_VAR, parse, release_files
 
 
 class Failpoints:
@@ -41,6 +41,7 @@ class Failpoints:
             time.sleep(0.1)
         return arrived()[0]
 
-    def release(self, name: str) -> None:
-        """Let every process paused at `name` go on."""
-        (self.folder / f"{name}.release").touch()
+    def release(self, name: str, **when: object) -> None:
+        """Let every process paused at `name` go on; or, given an entry's conditions, only that entry's process."""
+        everyone, this_entry = release_files(name, tuple((key, str(value)) for key, value in when.items()))
+        (self.folder / (this_entry if when else everyone)).touch()

@@ -13,8 +13,9 @@ again runs on, and "kill rank 1 after commit 10" happens exactly once.
 
 Every firing first appends a JSON line (pid and the call's values) to `DIR/NAME.reached`. Actions:
 
-- `pause`: block until `DIR/NAME.release` exists: the test holds the run at that step, acts (kills,
-  stops, checks), then releases it.
+- `pause`: block until `DIR/NAME.release` exists (every process held at NAME goes on) or
+  `DIR/NAME(KEY=VALUE,...).release`, its conditions with the keys in sorted order (only that entry's
+  process goes on): the test holds the run at that step, acts (kills, stops, checks), then releases it.
 - `hang`: block forever (a hung collective, for the step watchdog).
 - `kill`: SIGKILL this process (a crashed worker, the OOM killer).
 - `exit(CODE)`: leave at once with CODE, no cleanup.
@@ -40,6 +41,7 @@ DIR_VAR = "KILN_FAILPOINT_DIR"
 POINTS = {
     "loop.after_step": "rank `rank` of run `run` finished optimizer step `step` (before its sync, eval, checkpoint)",
     "checkpoint.committed": "a worker's checkpoint of `step` is committed (its MANIFEST.json written)",
+    "sweep.asha_decided": "the sweep's ASHA decided on trial `trial`'s result of `step` (a prune's STOP is written)",
 }
 
 ENTRY = re.compile(r"^(?P<name>[\w.]+)(?:\((?P<when>[^)]*)\))?=(?P<action>\w+)(?:\((?P<arg>[^)]*)\))?$")
@@ -96,14 +98,23 @@ def armed_points() -> dict[str, list[Armed]]:
     return _armed
 
 
-def failpoint(name: str, **values: object) -> None:
-    """Fire the point `name` if the environment armed it for these values; otherwise return at once."""
+def failpoint(name: str, **values: object) -> bool:
+    """Fire the point `name` if the environment armed it for these values; whether it fired (then returned)."""
     points = armed_points()
     if not points:
-        return
+        return False
+    fired = False
     for point in points.get(name, ()):
         if point.matches(values) and claim(point):
             act(point, values)
+            fired = True
+    return fired
+
+
+def release_files(name: str, when: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """The files that release a process paused at `name` under these conditions: any held there, or this entry."""
+    conditions = ",".join(f"{key}={value}" for key, value in sorted(when))
+    return f"{name}.release", f"{name}({conditions}).release"
 
 
 def claim(point: Armed) -> bool:
@@ -120,8 +131,8 @@ def act(point: Armed, values: dict[str, object]) -> None:
     """Announce the arrival (the test learns the pid and values), then do what the point was armed to do."""
     announce(point.name, values)
     if point.action in ("pause", "hang"):
-        release = os.path.join(os.environ[DIR_VAR], f"{point.name}.release")
-        while point.action == "hang" or not os.path.exists(release):
+        releases = [os.path.join(os.environ[DIR_VAR], f) for f in release_files(point.name, point.when)]
+        while point.action == "hang" or not any(os.path.exists(release) for release in releases):
             time.sleep(0.05)
     elif point.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

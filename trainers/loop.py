@@ -289,7 +289,8 @@ def run(cfg: WorkerConfig, ctx: WorkerContext, data: RunData | None = None) -> L
             with watchdog.phase(trainer.step, "train step"):
                 trainer.train_step()
             step = trainer.step
-            failpoint("loop.after_step", run=cfg.run_id, step=step, rank=ctx.rank)
+            if failpoint("loop.after_step", run=cfg.run_id, step=step, rank=ctx.rank):
+                stops.recheck()  # a test held the run here: a stop asked meanwhile counts from this step
             if not trainer.sync_due(step):
                 continue  # no host sync and no collective beyond the gradients' own
             if sync_step(trainer, watchdog, stops, tracker, result):  # every rank stops at the same step

@@ -40,7 +40,7 @@ class StopRequestWatcher:
     def __init__(self, run_url: str, every_s: float = 0.5):
         self.run_url = run_url
         self.request: dict | None = None
-        self._poller = Periodic(self._poll, every_s, "kiln-stop-poll")
+        self._poller = Periodic(self.poll, every_s, "kiln-stop-poll")
 
     def start(self) -> StopRequestWatcher:
         """Begin polling."""
@@ -51,7 +51,8 @@ class StopRequestWatcher:
         """Stop polling."""
         self._poller.close()
 
-    def _poll(self) -> None:
+    def poll(self) -> None:
+        """Read the run's STOP request now (the background poller does this every `every_s`)."""
         if self.request is None:
             with contextlib.suppress(OSError):  # a store hiccup: ask again next round
                 self.request = stop_requested(self.run_url)
@@ -105,6 +106,11 @@ class StopAgreement:
         signalled = gather_to_rank0(getattr(self.ctx, "stop_reason", None) if self.ctx.should_stop() else None)
         self.reason = self._describe(signalled)
         return True
+
+    def recheck(self) -> None:
+        """Rank 0 reads the STOP request now, not at its next poll: the run was held (a failpoint) and goes on."""
+        if self.requests is not None:
+            self.requests.poll()
 
     def close(self) -> None:
         """Stop watching the run's STOP request."""

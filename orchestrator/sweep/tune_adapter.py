@@ -27,6 +27,7 @@ from orchestrator.sweep.record import NOT_STARTED, TrialEntry, sweep_stop_reques
 from orchestrator.sweep.settings import SweepConfig
 from orchestrator.sweep.space import ParamValue, SweepSpace
 from orchestrator.sweep.trial import POLL_S, STOP_WAIT_S, SweepContext, TrialResult, drive_trial
+from trainers.failpoints import failpoint
 from trainers.run.state import RunState
 from trainers.run.stop_request import ask_to_stop
 
@@ -80,12 +81,11 @@ class PruningASHA(AsyncHyperBandScheduler):
     def on_trial_result(self, tune_controller: TuneController, trial: Trial, result: TrialResult) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         step = decide_asha(decision == TrialScheduler.STOP, bool(result.get("done")), trial.trial_id in self.pruned)
-        if step == AshaStep.PASS_ON:
-            return decision
         if step == AshaStep.PRUNE:
             self.pruned.add(trial.trial_id)
             self.on_prune(trial.config["trial"], result)
-        return TrialScheduler.CONTINUE
+        failpoint("sweep.asha_decided", trial=trial.config["trial"], step=result.get("step"))
+        return decision if step == AshaStep.PASS_ON else TrialScheduler.CONTINUE
 
 
 class TrialSource(Searcher):

@@ -171,41 +171,43 @@ def test_a_killed_sweep_driver_resumes_finished_trials_untouched_and_the_midway_
         assert values == [expected[step]] * len(values), (step, values, expected[step])
 
 
-def test_optuna_with_asha_prunes_trials_that_end_pruned_with_a_committed_checkpoint(tmp_path, cache_dir):
-    root = tmp_path / "runs"
-    result = kiln(
-        "sweep",
-        *TINY,
-        "model.n_layer=1",
-        # A pruned trial stops once its run sees the stop request (polled every 0.5 s) after Tune got the
-        # result: a second or two, while 30 steps of this model take 0.4 s and such trials finished first.
-        # 400 steps (about 6 s) leave every pruned trial time to stop mid-way.
-        "train.max_steps=400",
-        "train.eval_every=10",
-        "train.checkpoint_every=200",
-        "cluster.num_workers=1",
-        "tracker=none",
-        "optim.lr=tag(log,interval(1e-5,1e-2))",
-        "sweep.search=optuna",
-        "sweep.num_trials=4",
-        "sweep.early_stop=asha",
-        # One trial at a time, so which trials ASHA prunes depends only on the sampler's seed, not on
-        # which of two concurrent trials reaches a rung first.
-        "sweep.max_concurrent=1",
-        "sweep.id=opt",
-        f"storage.root={root}",
-        timeout=800,
+def test_optuna_with_asha_prunes_trials_at_their_rung_with_a_committed_checkpoint(tmp_path, cache_dir):
+    """4 Optuna trials, one at a time, under ASHA (rungs at steps 10 and 20 of 40): each trial is held just
+    after a rung until ASHA has decided on that rung's result, so a pruned trial stops at that rung + 1."""
+    root, rungs = tmp_path / "runs", (10, 20)
+    holds = [f"loop.after_step(run=opt-{n},step={rung + 1},rank=0)=pause" for n in range(1, 5) for rung in rungs]
+    decided = [f"sweep.asha_decided(trial={n},step={rung})=sleep(0)" for n in range(1, 5) for rung in rungs]
+    points = Failpoints(tmp_path / "fp", *holds, *decided)
+    args = [*TINY, "model.n_layer=1", "train.max_steps=40", "train.eval_every=10", "train.checkpoint_every=200"]
+    args += ["cluster.num_workers=1", "tracker=none", "optim.lr=tag(log,interval(1e-5,1e-2))"]
+    # One trial at a time, so which trials ASHA prunes depends only on the sampler's seed, not on
+    # which of two concurrent trials reaches a rung first.
+    args += ["sweep.search=optuna", "sweep.num_trials=4", "sweep.early_stop=asha", "sweep.max_concurrent=1"]
+    driver = start_kiln(
+        "sweep", *args, "sweep.id=opt", f"storage.root={root}", log=tmp_path / "sweep.log", env=points.env
     )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    pruned_at: dict[str, int] = {}
+    for n in range(1, 5):
+        run = f"opt-{n}"
+        for rung in rungs:
+            points.wait("loop.after_step", proc=driver, run=run, step=rung + 1)
+            points.wait("sweep.asha_decided", proc=driver, trial=n, step=rung)
+            asked_to_stop = (root / run / "STOP").exists()  # ASHA's prune is written before it says it decided
+            points.release("loop.after_step", run=run, step=rung + 1, rank=0)
+            if asked_to_stop:
+                pruned_at[run] = rung
+                break
+    assert finish(driver, timeout=600) == 0, output(driver)
     view = status(root, "opt")
     assert [t["run_id"] for t in view["trials"]] == [f"opt-{n}" for n in range(1, 5)]
-    pruned = [t for t in view["trials"] if t["state"] == "PRUNED"]
-    assert pruned, view["trials"]
-    for trial in pruned:
-        run = read(root / trial["run_id"] / "run.json")
-        assert run["step"] < 400 and run["checkpoint"]["step"] == run["step"]
-        assert (root / trial["run_id"] / "checkpoints" / f"step_{run['step']:06d}" / "MANIFEST.json").exists()
-        assert "pruned by the sweep's ASHA scheduler" in result.stdout
+    states = {t["run_id"]: t["state"] for t in view["trials"]}
+    assert pruned_at and {run for run, state in states.items() if state == "PRUNED"} == set(pruned_at), states
+    log = (tmp_path / "sweep.log").read_text()
+    for run, rung in pruned_at.items():
+        record = read(root / run / "run.json")
+        assert record["step"] == record["checkpoint"]["step"] == rung + 1, (run, record)
+        assert (root / run / "checkpoints" / f"step_{rung + 1:06d}" / "MANIFEST.json").exists()
+        assert f"pruned by the sweep's ASHA scheduler at step {rung}" in log
     assert {t["state"] for t in view["trials"]} <= {"SUCCEEDED", "PRUNED"}
     assert view["best"] in {t["run_id"] for t in view["trials"] if t["state"] == "SUCCEEDED"}
     lrs = [float(t["overrides"][0].split("=")[1]) for t in view["trials"]]

@@ -95,6 +95,28 @@ def test_pause_holds_the_caller_at_the_point_until_the_test_releases_it(armed):
     assert passed.is_set()
 
 
+def test_releasing_one_entry_lets_only_its_process_go_on_and_the_point_says_it_fired(armed):
+    points = armed("loop.after_step(run=a,step=2)=pause", "loop.after_step(run=b,step=2)=pause")
+    passed = {run: threading.Event() for run in "ab"}
+
+    def worker(run: str) -> None:
+        if failpoint("loop.after_step", run=run, step=2):  # True: it fired, held the caller, and let it go
+            passed[run].set()
+
+    threads = {run: threading.Thread(target=worker, args=(run,), daemon=True) for run in "ab"}
+    for thread in threads.values():
+        thread.start()
+    for run in "ab":
+        points.wait("loop.after_step", run=run)
+    points.release("loop.after_step", step=2, run="b")  # the entry's conditions, in any order
+    threads["b"].join(timeout=30)
+    assert passed["b"].is_set() and not passed["a"].is_set()
+    points.release("loop.after_step", run="a", step=2)
+    threads["a"].join(timeout=30)
+    assert passed["a"].is_set()
+    assert not failpoint("loop.after_step", run="a", step=2)  # fired once already: returns at once
+
+
 @pytest.mark.parametrize("action, ended", [("kill", ("kill", signal.SIGKILL)), ("exit(7)", ("exit", 7))])
 def test_kill_and_exit_end_the_process_that_reaches_them(armed, monkeypatch, action, ended):
     points = armed(f"loop.after_step(step=2)={action}")
