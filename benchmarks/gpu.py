@@ -17,7 +17,7 @@ log: a logged step reads its loss back and the GPU idles while the host logs it)
 (compilation and warm-up skipped; the last step, which also evaluates and saves, left out). MFU is those
 tokens/s x trainers/flops.py's FLOPs per token over the GPU's dense bf16 peak (trainers/flops.py's table).
 Strategies: ddp (on one GPU: no communication), fsdp and zero3; model.compile is refused with zero3
-(trainers/config.py COMPILE_STRATEGIES), so that row says so.
+(trainers/config/training.py COMPILE_STRATEGIES), so that row says so.
 
 The Llama pairs (benchmarks/gpu_llama.py, after the cases): Llama 3 1B and 8B, each trained by Kiln and then by
 torchtitan at the same shape, batch and sequence length; --llama-compile turns model.compile on for both.

@@ -2,7 +2,7 @@
 
 The base model's weights stay frozen and come from the run's copy of its source (`<run>/init_model`), so a
 checkpoint holds only the adapters (and their optimizer state) and the run still stands alone. The
-strategies LoRA trains with are trainers/config.py's LORA_STRATEGIES, checked when the config is read.
+strategies LoRA trains with are trainers/config/training.py's LORA_STRATEGIES, checked when the config is read.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from trainers.config import MOE_ARCHS, ModelConfig
 if TYPE_CHECKING:
     from transformers.utils import ModelOutput
 
-# model.arch -> the transformers config class of a RoPE / RMSNorm / SwiGLU decoder (trainers/config.py DECODER_ARCHS)
+# model.arch -> the transformers config class of a RoPE / RMSNorm / SwiGLU decoder (trainers/config/model.py)
 DECODER_CONFIGS: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
     "qwen2": Qwen2Config,
@@ -96,7 +96,7 @@ def swiglu_width(n_embd: int, multiple: int = 256) -> int:
 def decoder_config(cfg: ModelConfig, vocab_size: int, eos_id: int, **extra: object) -> PretrainedConfig:
     """A Llama-family transformers config of model.arch from ours (extra: further config fields, e.g. num_labels).
 
-    Unset keys take the defaults trainers/config.py ModelConfig names. Dropout is attention dropout, the only
+    Unset keys take the defaults trainers/config/model.py's ModelConfig names. Dropout is attention dropout, the only
     dropout these decoders have.
     """
     fields: dict[str, Any] = {

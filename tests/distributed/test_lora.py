@@ -1,6 +1,6 @@
 """LoRA on every strategy peft's adapters can be sharded by: 2 workers train only the adapters, checkpoints
 hold only them (the frozen base comes from the run's init_from copy), and a resume repeats the uninterrupted
-losses bit for bit. The strategies proven here are trainers/config.py's LORA_STRATEGIES."""
+losses bit for bit. The strategies proven here are trainers/config/training.py's LORA_STRATEGIES."""
 
 from __future__ import annotations
 

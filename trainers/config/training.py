@@ -149,7 +149,7 @@ class CheckpointConfig:
     """How checkpoints are written and kept (how often: train.checkpoint_every).
 
     `async_upload` is the key users type as `checkpoint.async` (Python reserves the word `async`;
-    orchestrator/config.py translates the spelling at the edge): uploads run in the background while
+    orchestrator/config/keys.py translates the spelling at the edge): uploads run in the background while
     training continues, at most one in flight, and the run never ends with one pending.
     """
 
