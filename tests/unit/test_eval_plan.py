@@ -1,4 +1,4 @@
-"""`kiln eval`'s slice is decided before any model runs (orchestrator/cli/inference.py)."""
+"""`kiln eval`'s slice is decided before any model runs (orchestrator/cli/evaluate.py)."""
 
 from types import SimpleNamespace
 

@@ -1,8 +1,8 @@
 """Using a trained model in one CPU process: validation metrics, text generation, BLEU and chrF.
 
-`kiln eval` and `kiln generate` (orchestrator/cli/inference.py) are thin wrappers over this module: they
-find the model (a run's checkpoint or a Hugging Face folder) and the data; everything here works on a
-loaded model and knows nothing about runs or their registry.
+`kiln eval` (orchestrator/cli/evaluate.py) and `kiln generate` (orchestrator/cli/inference.py) are thin
+wrappers over this module: they find the model (a run's checkpoint or a Hugging Face folder) and the data;
+everything here works on a loaded model and knows nothing about runs or their registry.
 """
 
 from __future__ import annotations
