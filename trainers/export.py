@@ -16,10 +16,10 @@ from data_pipeline import tokenizer as bpe
 from data_pipeline.examples import generation_stops
 from trainers.checkpoint import safe_load
 from trainers.checkpoint.shapes import check_fits, checkpoint_shapes, shapes_of
+from trainers.checkpoint.shards import CHECKPOINT_TAG
 from trainers.errors import CheckpointError
 from trainers.lora import is_lora, merged
 from trainers.strategies.dcp_io import frozen_names, load_model_only
-from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

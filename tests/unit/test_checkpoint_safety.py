@@ -47,7 +47,8 @@ def test_a_payload_in_dcp_metadata_is_refused_and_restore_falls_back(tmp_path):
 def test_a_payload_in_a_dcp_non_tensor_item_is_refused_and_restore_falls_back(tmp_path):
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    from trainers.strategies.dcp_io import load_model_only, read_metadata
+    from trainers.checkpoint.dcp_read import read_metadata
+    from trainers.strategies.dcp_io import load_model_only
 
     store, saved = save_two(tmp_path)
     marker = tmp_path / "pwned"
@@ -88,7 +89,7 @@ def test_a_payload_in_the_extras_is_refused_and_restore_falls_back(tmp_path):
 def test_dcp_metadata_pointing_outside_its_folder_is_refused_and_restore_falls_back(tmp_path):
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    from trainers.strategies.dcp_io import read_metadata
+    from trainers.checkpoint.dcp_read import read_metadata
 
     store, saved = save_two(tmp_path)
     shards = tmp_path / "checkpoints" / "step_000002" / "shards"

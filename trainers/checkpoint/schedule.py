@@ -11,10 +11,10 @@ import logging
 import time
 
 from data_pipeline.stream import TokenStream
+from trainers.checkpoint.shards import CheckpointedStrategy
 from trainers.checkpoint.store import CheckpointStore
 from trainers.device_batches import DeviceBatches
 from trainers.rng import capture_rng, rank_seed, restore_rng, seed_everything
-from trainers.strategies import Strategy
 
 log = logging.getLogger("kiln.worker")
 
@@ -25,7 +25,7 @@ class Checkpointing:
     def __init__(
         self,
         store: CheckpointStore,
-        strategy: Strategy,
+        strategy: CheckpointedStrategy,
         stream: TokenStream | DeviceBatches,  # whose state_dict is the cursor after the batches trained on
         *,
         every: int,

@@ -9,6 +9,7 @@ from torch import nn
 
 from data_pipeline import storage
 from trainers.checkpoint import safe_load
+from trainers.checkpoint.shards import CHECKPOINT_TAG
 from trainers.errors import CheckpointError
 
 MODEL_PREFIX = "model."
@@ -18,8 +19,7 @@ def checkpoint_shapes(shards_url: str, strategy: str) -> dict[str, tuple[int, ..
     """Parameter name -> shape, as stored in a checkpoint's shards."""
     # Here, not at the top: trainers.checkpoint.store imports this module, and `kiln train`'s driver (which lists
     # checkpoints, never reads shards) would load torch's distributed checkpointing, ~0.8 s, before Ray starts.
-    from trainers.strategies.dcp_io import read_metadata
-    from trainers.strategies.deepspeed_zero import CHECKPOINT_TAG
+    from trainers.checkpoint.dcp_read import read_metadata
 
     if strategy.startswith("zero"):
         with storage.local_folder(shards_url) as folder:

@@ -31,6 +31,7 @@ from trainers.checkpoint.policy import choose_checkpoint, retention
 from trainers.checkpoint.resharding import extras_rank, resharded_from
 from trainers.checkpoint.restore_copy import RestoreCopy
 from trainers.checkpoint.shapes import check_fits, checkpoint_shapes
+from trainers.checkpoint.shards import ShardIO
 from trainers.distributed import barrier, broadcast_from_rank0, gather_to_rank0, new_checkpoint_group
 from trainers.errors import CheckpointError
 from trainers.failpoints import failpoint
@@ -219,7 +220,7 @@ class CheckpointStore:
         """Where step's checkpoint lives."""
         return storage.join(self.root, step_dir(step))
 
-    def save(self, step: int, strategy, extra: dict) -> list[str]:
+    def save(self, step: int, strategy: ShardIO, extra: dict) -> list[str]:
         """Collective: write step's checkpoint; returns the URLs committed during this call.
 
         Synchronous: this step's checkpoint, committed. Async: this call waits for the previous upload
@@ -351,7 +352,7 @@ class CheckpointStore:
             return None, choice.skipped
         return Committed(choice.step, self.url(choice.step), manifests[choice.step]), choice.skipped
 
-    def restore(self, strategy) -> Restored | None:
+    def restore(self, strategy: ShardIO) -> Restored | None:
         """Collective: load the newest committed checkpoint into the strategy; this rank's extras."""
         # Rank 0 reads an object-store checkpoint once: verification copies it, the load reads the copy.
         copy = RestoreCopy(self.strategy) if self.rank == 0 and not storage.is_local(self.root) else None

@@ -10,13 +10,15 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from trainers.checkpoint.shards import CheckpointedStrategy, FileRecords
 from trainers.config import OptimConfig, StrategyConfig
 from trainers.optim import build_optimizer, build_scheduler
-from trainers.strategies.dcp_io import FileRecords, load_dcp, save_dcp, save_dcp_async
+from trainers.strategies.dcp_io import load_dcp, save_dcp, save_dcp_async
 
 
-class Strategy(Protocol):
-    """Everything the loop does that depends on how the model is distributed."""
+class Strategy(CheckpointedStrategy, Protocol):
+    """Everything the loop does that depends on how the model is distributed (checkpoints included: it is
+    what trainers/checkpoint/ asks of a strategy, `CheckpointedStrategy`)."""
 
     name: str
     precision: str
@@ -49,20 +51,7 @@ class Strategy(Protocol):
     def current_lr(self) -> float:
         """The learning rate the next step uses."""
 
-    def save(self, shards_url: str) -> FileRecords:
-        """Collective: write this rank's model and optimizer shards under shards_url; returns what it wrote."""
-
-    def save_async(self, shards_url: str, group) -> Callable[[], FileRecords]:
-        """Collective: capture the state now, write it in the background; finish() blocks until written."""
-
-    def load(self, shards_url: str, saved_world_size: int | None = None) -> None:
-        """Collective: read what save() wrote, in place, resharding from saved_world_size workers."""
-
-    def extra_state(self) -> dict:
-        """State outside the shards that every rank holds identically (LR schedule, loss scaler)."""
-
-    def load_extra_state(self, state: dict) -> None:
-        """Restore what extra_state() returned."""
+    # save, save_async, load, extra_state and load_extra_state: CheckpointedStrategy's (trainers/checkpoint/shards.py).
 
     def held_bytes(self) -> dict[str, int]:
         """Bytes this rank holds: parameters, optimizer state, and fp32 master weights (ZeRO only)."""

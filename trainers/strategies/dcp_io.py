@@ -3,7 +3,7 @@
 DCP writes each rank's own shards and reads them back resharded to whatever the current world size
 and sharding are, so the same files serve a resume on another number of workers and a one-process
 export. Every file a rank writes is hashed on its way out, so committing a checkpoint never has to
-read it back from the store.
+read it back from the store; reads go through trainers/checkpoint/dcp_read.py's safe readers.
 """
 
 from __future__ import annotations
@@ -14,26 +14,24 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from data_pipeline import storage, transfer
 from trainers.checkpoint import safe_load
+from trainers.checkpoint.dcp_read import reader
+from trainers.checkpoint.shards import FileRecords
 from trainers.errors import CheckpointError
 
 UPLOAD_THREADS = 4
-# {file name: (size, sha256)} of what one rank wrote into a shards folder.
-FileRecords = dict[str, tuple[int, str]]
 
 
 class HashingStream:
@@ -103,29 +101,6 @@ def writer(url: str):
     return made
 
 
-class SafeMetadataReading(dcp.FileSystemReader):
-    """Mixin for DCP's readers: .metadata through Kiln's restricted unpickler instead of plain pickle."""
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        """The checkpoint's Metadata; CheckpointError if it is damaged or holds anything but DCP metadata."""
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as stream:
-            # torch types the stream as IOBase; opened "rb", it is a binary file object
-            metadata = safe_load.read_dcp_metadata(cast(IO[bytes], stream), os.fspath(path))
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeFileSystemReader(SafeMetadataReading, dcp.FileSystemReader):
-    """DCP's local reader, reading metadata safely."""
-
-
-class SafeFsspecReader(SafeMetadataReading, FsspecReader):
-    """DCP's fsspec (object store) reader, reading metadata safely."""
-
-
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP's planner, except that non-tensor items (optimizer options) load weights_only, not by pickle."""
 
@@ -152,16 +127,6 @@ def refusals_unwrapped() -> Iterator[None]:
             if isinstance(failure[0], CheckpointError):
                 raise failure[0] from None
         raise
-
-
-def reader(url: str):
-    """A DCP storage reader for a local folder or an fsspec URL; it never unpickles freely."""
-    return SafeFileSystemReader(url) if storage.is_local(url) else SafeFsspecReader(url)
-
-
-def read_metadata(url: str) -> Metadata:
-    """The DCP metadata of a shards folder, read safely."""
-    return reader(url).read_metadata()
 
 
 def frozen_names(model: nn.Module) -> set[str]:

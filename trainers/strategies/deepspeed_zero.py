@@ -22,12 +22,10 @@ from torch import nn
 from data_pipeline import storage
 from trainers.checkpoint import safe_load
 from trainers.checkpoint.resharding import repair_zero3_universal_load, universal_checkpoint
+from trainers.checkpoint.shards import CHECKPOINT_TAG, FileRecords
 from trainers.config import OptimConfig
 from trainers.optim import build_optimizer, build_scheduler
 from trainers.strategies.base import ScheduledStrategy, setup_precision, tensor_bytes
-from trainers.strategies.dcp_io import FileRecords
-
-CHECKPOINT_TAG = "zero"
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
