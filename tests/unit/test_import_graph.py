@@ -194,11 +194,12 @@ def test_the_check_catches_each_kind_of_violation():
     assert len(problems) == 5, problems
 
 
-# The concept packages (docs/architecture.md opens with their map): three rules over the same graph.
+# The concept packages (docs/architecture.md opens with their map): four rules over the same graph.
 CLI = "orchestrator.cli"
 RUN_CONTRACT = "trainers.run"
 SWEEP = "orchestrator.sweep"
 NOT_FOR_THE_SWEEP = ("trainers.loop", "trainers.strategies")
+CHECKPOINTS, STRATEGIES = "trainers.checkpoint", "trainers.strategies"
 # Run-folder names only trainers/run/folder.py spells; "STOP", "logs", "ray", "wandb" and "tokenizer" are
 # left out of the check, being also a sweep's STOP file, a module, a tracker and a dataset manifest's key.
 RUN_FOLDER_NAMES = ("run.json", "config.yaml", "metrics.jsonl", "events", "checkpoints", "init_model")
@@ -223,6 +224,19 @@ def sweep_violations(graph: dict[str, set[str]]) -> list[str]:
         if within(name, (SWEEP,))
         for target in sorted(imports)
         if within(target, NOT_FOR_THE_SWEEP)
+    ]
+
+
+def checkpoint_violations(graph: dict[str, set[str]]) -> list[str]:
+    """trainers.checkpoint is below trainers.strategies: a strategy saves and loads its shards with the checkpoint
+    package's formats, safe loading and resharding, and the checkpoint package speaks to a strategy only through
+    its own protocols (trainers/checkpoint/shards.py), never importing one (lazily or for typing either)."""
+    return [
+        f"{name} imports {target} ({STRATEGIES} use {CHECKPOINTS}, never the other way round)"
+        for name, imports in sorted(graph.items())
+        if within(name, (CHECKPOINTS,))
+        for target in sorted(imports)
+        if target in graph and within(target, (STRATEGIES,))
     ]
 
 
@@ -287,11 +301,29 @@ def test_the_sweep_never_imports_the_training_loop():
     assert sweep_violations(import_graph()) == []
 
 
+def test_checkpoints_never_import_strategies():
+    graph = import_graph()
+    assert any(
+        within(name, (STRATEGIES,)) and within(i, (CHECKPOINTS,)) for name, imports in graph.items() for i in imports
+    )
+    assert checkpoint_violations(graph) == []
+
+
 def test_the_concept_rules_catch_each_offending_import(tmp_path):
     graph = {
         "orchestrator.cli": {"orchestrator.cli.options"},
         "orchestrator.cli.options": set(),
         "orchestrator.sweep.jobs": {"orchestrator.cli.cluster", "trainers.loop", "trainers.strategies.ddp"},
+        # schedule takes a name from the package's __init__, shapes from a module: each import is named once
+        "trainers.checkpoint.schedule": {
+            "trainers.checkpoint.store",
+            "trainers.strategies",
+            "trainers.strategies.Strategy",
+        },
+        "trainers.checkpoint.shapes": {"trainers.strategies.dcp_io", "trainers.strategies.dcp_io.read_metadata"},
+        "trainers.checkpoint.store": set(),
+        "trainers.strategies": {"trainers.strategies.dcp_io"},
+        "trainers.strategies.dcp_io": {"trainers.checkpoint", "trainers.checkpoint.safe_load"},
     }
     assert cli_violations(graph) == [
         "orchestrator.sweep.jobs imports orchestrator.cli.cluster (only orchestrator.cli's own modules may)"
@@ -300,6 +332,12 @@ def test_the_concept_rules_catch_each_offending_import(tmp_path):
         "orchestrator.sweep.jobs imports trainers.loop (the sweep never imports the training loop or strategies)",
         "orchestrator.sweep.jobs imports trainers.strategies.ddp (the sweep never imports the training loop or "
         "strategies)",
+    ]
+    assert checkpoint_violations(graph) == [
+        "trainers.checkpoint.schedule imports trainers.strategies (trainers.strategies use trainers.checkpoint, "
+        "never the other way round)",
+        "trainers.checkpoint.shapes imports trainers.strategies.dcp_io (trainers.strategies use trainers.checkpoint, "
+        "never the other way round)",
     ]
     contract = tmp_path / "state.py"
     contract.write_text("class RunState:\n    pass\n")
