@@ -15,6 +15,31 @@ from tests.helpers import SFT_RUN, STRATEGY_RUN, kiln, prepare_rows, runs_per_st
 from tests.ray_cluster import LocalRayCluster
 from tests.s3_server import aws_env, start_moto, stop
 
+# What the slowest test files took alone (seconds; the sequential clean-clone run of a8e6412 in
+# docs/benchmarks.md). pytest-xdist's `--dist loadfile` hands files out in collection order (the Makefile
+# turns off its reordering by test count, which put these few-test files last), so they go first and the
+# short ones fill in beside them at the end: longest-processing-time-first, against a tail where one
+# process runs a long story alone.
+SLOW_FILES = {
+    "tests/integration/test_sweep.py": 539,
+    "tests/integration/test_cluster.py": 477,
+    "tests/integration/test_fault_tolerance.py": 343,
+    "tests/integration/test_classification.py": 249,
+    "tests/integration/test_finetune_story.py": 188,
+    "tests/distributed/test_strategies.py": 185,
+    "tests/integration/test_prepare.py": 150,
+    "tests/integration/test_mlm.py": 138,
+    "tests/integration/test_quickstart.py": 112,
+    "tests/distributed/test_lora.py": 109,
+    "tests/integration/test_chat.py": 91,
+    "tests/distributed/test_compile.py": 85,
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slowest files first (a stable sort: each file keeps its tests' order)."""
+    items.sort(key=lambda item: -SLOW_FILES.get(item.nodeid.split("::")[0], 0))
+
 
 def shared_folder(tmp_path_factory, name: str) -> Path:
     """A folder every pytest-xdist worker of this session shares (just this process's, without xdist)."""
