@@ -129,7 +129,7 @@ def drive_sweep(record: SweepRecord, plan: SweepPlan, work: DriverWork, console:
             we_started = start_ray(plan.base)
         check_placement(placement_of(plan.base.cluster), console)
         driver = SweepDriver(record, plan.space, plan.base, console)
-        return driver.run(work.queue, work.new_trials, work.evaluated)
+        return driver.run(work)
     except BaseException as exc:
         record.state, record.error = aborted_state(exc)
         sweeps.save(record.storage_root, record)

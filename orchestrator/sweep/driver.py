@@ -19,7 +19,15 @@ from orchestrator.config import KilnConfig, UsageError, absolute_url
 from orchestrator.run.registry import RunRegistry, UnknownRun
 from orchestrator.sweep import record as sweeps
 from orchestrator.sweep.reconcile import reconcile_trial_end
-from orchestrator.sweep.record import NOT_STARTED, SweepRecord, SweepState, TrialEntry, best_trial, refresh_entry
+from orchestrator.sweep.record import (
+    NOT_STARTED,
+    DriverWork,
+    SweepRecord,
+    SweepState,
+    TrialEntry,
+    best_trial,
+    refresh_entry,
+)
 from orchestrator.sweep.settings import SweepConfig
 from orchestrator.sweep.space import ParamValue, SweepSpace
 from orchestrator.sweep.trial import PRUNED_EVENT, SweepContext, TrialResult
@@ -115,17 +123,12 @@ class SweepDriver:
         with self.lock:
             refresh_entry(self.registry, entry, self.space.settings.metric)
 
-    def run(
-        self,
-        queue: list[tuple[int, list[str]]],
-        new_trials: int,
-        evaluated: list[tuple[dict[str, ParamValue], float]],
-    ) -> str:
-        """Run the queued trials and `new_trials` Optuna ones; returns the sweep's end state."""
+    def run(self, work: DriverWork) -> str:
+        """Run the work's queued trials, then its new Optuna ones; returns the sweep's end state."""
         from orchestrator.cluster.ray_handle import cluster_nodes
 
         settings = self.space.settings
-        total = len(queue) + new_trials
+        total = len(work.queue) + work.new_trials
         concurrent = settings.max_concurrent or fitting_trials(cluster_nodes(), self.base)
         self.record.max_concurrent = concurrent = min(concurrent, max(total, 1))
         self.record.state, self.record.error = SweepState.RUNNING, None
@@ -133,7 +136,7 @@ class SweepDriver:
         url = sweeps.sweep_url(self.root, self.record.sweep_id)
         self.console.print(start_line(self.record.sweep_id, total, concurrent, settings, url))
         if total:
-            source = self.trial_source(queue, new_trials, evaluated)
+            source = self.trial_source(work)
             scheduler = self.asha()
             quiet_tune()
             tuner = self.tuner(source, scheduler, total)
@@ -141,21 +144,16 @@ class SweepDriver:
                 tuner.fit()
         return self.finish()
 
-    def trial_source(
-        self,
-        queue: list[tuple[int, list[str]]],
-        new_trials: int,
-        evaluated: list[tuple[dict[str, ParamValue], float]],
-    ) -> TrialSource:
+    def trial_source(self, work: DriverWork) -> TrialSource:
         """Tune's searcher: the queued trials, then new Optuna ones numbered after the sweep's last trial."""
         from orchestrator.sweep.tune_adapter import TrialSource
 
         return TrialSource(
-            queue,
+            work.queue,
             self.space,
-            new_trials,
+            work.new_trials,
             max((t.n for t in self.record.trials), default=0) + 1,
-            evaluated,
+            work.evaluated,
             on_new=self.on_new_trial,
             stopped=lambda: sweeps.sweep_stop_requested(self.root, self.record.sweep_id),
         )
