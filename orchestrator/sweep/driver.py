@@ -193,7 +193,8 @@ class SweepDriver:
                 storage_path=tune_storage(self.root, self.record.sweep_id, self.base),
                 verbose=0,
                 callbacks=[SweepRecorder(self)],
-                failure_config=tune.FailureConfig(max_failures=0),
+                # Only a trial's actor dying errs a trial (KilnTrial returns its run's failure as a result).
+                failure_config=tune.FailureConfig(max_failures=self.space.settings.trial_restarts),
                 # A trial's checkpoints are its run's own (committed by Kiln); Tune keeps none.
                 checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False, checkpoint_frequency=0),
             ),

@@ -34,6 +34,10 @@ class SweepConfig:
     reduction_factor: int | None = None  # asha: keep the best 1/N at each rung (default 2)
     max_concurrent: int | None = None  # default: as many trials as the cluster's resources fit
     seed: int | None = None  # random and optuna: the sampler's seed (default 0)
+    # Restarts of a trial whose actor died (its process crashed, its node was lost); the restarted trial
+    # continues its run from the last committed checkpoint. A run that fails on its own (NaN, bad data) ends
+    # its trial FAILED and is never restarted here: worker loss inside a run is cluster.max_failures'.
+    trial_restarts: int = 2
 
     def check(self) -> None:
         """UsageError naming the first bad or ignored setting."""
@@ -66,6 +70,8 @@ class SweepConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"sweep.{name} must be >= 1, got {value}")
+        if self.trial_restarts < -1:
+            raise UsageError(f"sweep.trial_restarts must be >= -1 (-1: unlimited), got {self.trial_restarts}")
         if self.reduction_factor is not None and self.reduction_factor < 2:
             raise UsageError(f"sweep.reduction_factor must be >= 2, got {self.reduction_factor}")
         if not self.metric:

@@ -173,6 +173,14 @@ class SweepRecorder(Callback):
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: object) -> None:
         self.driver.trial_ended(trial.config["trial"], trial.last_result or {})
 
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: object) -> None:
+        failures = trial.run_metadata.num_failures
+        limit = "unlimited" if trial.max_failures < 0 else str(trial.max_failures)
+        self.driver.console.print(
+            f"trial {trial.config['trial']}'s actor died ({failures} of {limit} restarts, sweep.trial_restarts); "
+            f"restarting it: its run continues from its last checkpoint (Ray's error: {trial.error_file})"
+        )
+
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: object) -> None:
         self.driver.trial_ended(trial.config["trial"], {"state": RunState.FAILED, "error": str(trial.error_file)})
 

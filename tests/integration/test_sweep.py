@@ -248,14 +248,31 @@ def test_a_bad_point_is_named_and_nothing_runs(tmp_path):
     assert multirun.returncode == 2 and "point 2 (optim.lr=-1)" in multirun.stderr
 
 
-def test_a_trial_that_fails_does_not_stop_the_others_and_is_never_the_best(tmp_path, cache_dir):
+def test_a_trial_whose_actor_dies_is_restarted_and_a_trial_that_fails_stops_no_other(tmp_path, cache_dir):
+    """Trial 1's actor is SIGKILLed at step 6 (its step-5 checkpoint committed): Tune restarts it and its run
+    goes on from step 5. Trial 2 diverges (lr=1e6): it fails once, is not restarted, and is never the best."""
+    import os
+    import signal
+
     root = tmp_path / "runs"
-    short = [*TINY, "model.n_layer=1", "train.max_steps=10", "train.eval_every=5", "cluster.num_workers=1"]
+    short = [*TINY, "model.n_layer=1", "train.max_steps=10", "train.eval_every=5", "train.checkpoint_every=5"]
     diverging = ["optim.lr=1e-3,1e6", "cluster.max_failures=0", "tracker=none", "sweep.id=div"]
-    result = kiln("sweep", *short, *diverging, f"storage.root={root}", timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "FloatingPointError: loss is nan" in result.stdout
+    points = Failpoints(tmp_path / "fp", "loop.after_step(run=div-1,step=6,rank=0)=pause")
+    args = ["sweep", *short, "cluster.num_workers=1", *diverging, f"storage.root={root}"]
+    driver = start_kiln(*args, log=tmp_path / "sweep.log", env=points.env)
+    points.wait("loop.after_step", proc=driver)
+    first = read(root / "div-1" / "run.json")
+    assert first is not None and first["driver"]["command"].startswith("kiln sweep div ")
+    os.kill(first["driver"]["pid"], signal.SIGKILL)  # the trial's actor: its process crashed, or its node
+    points.release("loop.after_step")
+    assert finish(driver, timeout=600) == 0, output(driver)
+    log = output(driver)
+    assert "trial 1's actor died (1 of 2 restarts, sweep.trial_restarts); restarting it" in log, log
+    assert "FloatingPointError: loss is nan" in log
     view = status(root, "div")
     assert view["state"] == "FINISHED"
     assert [(t["run_id"], t["state"]) for t in view["trials"]] == [("div-1", "SUCCEEDED"), ("div-2", "FAILED")]
     assert view["best"] == "div-1"
+    attempts = (read(root / "div-1" / "run.json") or {})["attempts"]
+    assert [a["restored_step"] for a in attempts] == [None, 5], attempts
+    assert len((read(root / "div-2" / "run.json") or {})["attempts"]) == 1

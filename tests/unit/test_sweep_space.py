@@ -302,6 +302,7 @@ SETTING_MISTAKES = [
         "sweep.reduction_factor must be >= 2, got 1",
     ),
     (["optim.lr=0.1,0.2", "sweep.metric="], "sweep.metric must name a metric of metrics.jsonl"),
+    (["optim.lr=0.1,0.2", "sweep.trial_restarts=-2"], "sweep.trial_restarts must be >= -1 (-1: unlimited), got -2"),
 ]
 
 
