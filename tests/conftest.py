@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,23 +58,39 @@ def trained_runs(tmp_path_factory, cache_dir):
     return runs_per_strategy(shared_folder(tmp_path_factory, "strategies"), *STRATEGY_RUN)
 
 
-@pytest.fixture(scope="session")
-def chat_data(tmp_path_factory) -> Path:
-    """400 "what is A plus B?" conversations, prepared with the chat template and its loss mask."""
+def made_once(folder: Path, make: Callable[[Path], object]) -> Path:
+    """folder, made by `make(folder)` the first time any process of the session asks (a lock; a `made` marker
+    is written last, so a folder another worker left half made, failing its test, is made again)."""
+    from filelock import FileLock
+
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "made").exists():
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(exist_ok=True)  # shared_folder, in another worker, may have made it again meanwhile
+            make(folder)
+            (folder / "made").touch()
+    return folder
+
+
+def write_chat_data(folder: Path) -> None:
+    """400 "what is A plus B?" conversations in folder/rows.jsonl, prepared into folder/prepared."""
     rng = random.Random(0)
     rows = []
     for _ in range(400):
         a, b = rng.randint(0, 49), rng.randint(0, 49)
         rows.append({"prompt": f"what is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."})
-    settings = ["kind=chat", "seq_len=64", "vocab_size=300", "val_fraction=0.1"]
-    return prepare_rows(tmp_path_factory.mktemp("chat"), rows, *settings)
+    prepare_rows(folder, rows, "kind=chat", "seq_len=64", "vocab_size=300", "val_fraction=0.1")
 
 
 @pytest.fixture(scope="session")
-def sft_run(chat_data, tmp_path_factory) -> Path:
-    """Folder of run `sft`: task=sft on chat_data, 30 steps on 2 embedded-Ray workers, evaluated at 0/15/30,
-    checkpointed at 30. Trained once per session: test_sft checks what it learned, test_chat talks to it."""
-    root = tmp_path_factory.mktemp("sft")
+def chat_data(tmp_path_factory) -> Path:
+    """400 "what is A plus B?" conversations, prepared with the chat template and its loss mask (once a session)."""
+    return made_once(shared_folder(tmp_path_factory, "chat"), write_chat_data) / "prepared"
+
+
+def train_sft(chat_data: Path, root: Path) -> None:
+    """Run `sft` under root: task=sft on chat_data, 30 steps on 2 embedded-Ray workers."""
     result = kiln(
         "train",
         *SFT_RUN,
@@ -88,6 +106,13 @@ def sft_run(chat_data, tmp_path_factory) -> Path:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def sft_run(chat_data, tmp_path_factory) -> Path:
+    """Folder of run `sft`: task=sft on chat_data, 30 steps on 2 embedded-Ray workers, evaluated at 0/15/30,
+    checkpointed at 30. Trained once per session: test_sft checks what it learned, test_chat talks to it."""
+    root = made_once(shared_folder(tmp_path_factory, "sft"), lambda root: train_sft(chat_data, root))
     return root / "sft"
 
 
