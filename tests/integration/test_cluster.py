@@ -304,49 +304,59 @@ def test_ray_job_stop_and_kiln_stop_now_end_a_submitted_run_at_once(ray_cluster,
 def test_an_elastic_run_shrinks_on_node_loss_grows_back_and_keeps_the_math_of_a_fixed_size_run(
     ray_cluster, s3, tmp_path
 ):
-    """cluster.num_workers=[1,2]: lose a node (2 -> 1 worker), get it back (1 -> 2); losses as a 2-worker run's."""
+    """cluster.num_workers=[1,2]: lose a node (2 -> 1 worker), get it back (1 -> 2); losses as a 2-worker run's.
+
+    Two holds make the story exact: the 2-worker group is held at step 6 while node_a dies, and the 1-worker
+    group at step 10 until Ray, seeing node_a back, grows the group (which ends the held worker); so the run
+    cannot finish before it shrinks or grows, however slowly this machine goes."""
     from tests.helpers import torchrun
 
     settings = [o for o in EVERY_STEP if not o.startswith(("model.dropout", "train.max_steps"))]
     # No dropout: one worker draws other dropout masks than two (the rest of the math is the same).
-    settings += ["model.dropout=0.0", "train.max_steps=120"]
+    settings += ["model.dropout=0.0", "train.max_steps=16"]
     torchrun(*settings, "run.id=fixed", f"storage.root={tmp_path}")
     reference = [json.loads(line) for line in (tmp_path / "fixed" / "metrics.jsonl").read_text().splitlines()]
 
     root, run = s3_root(s3), "elastic"
+    points = Failpoints(
+        tmp_path / "fp",
+        f"loop.after_step(run={run},step=6,rank=0)=pause",  # 2 workers, step 5 committed
+        f"loop.after_step(run={run},step=10,rank=0)=pause",  # 1 worker, step 9 committed
+    )
     elastic = ["cluster.num_workers=[1,2]", "cluster.resize_check_s=3", "cluster.resources_per_worker={worker_node:1}"]
     args = ["submit", "--address", ray_cluster.address, *settings, *elastic, f"run.id={run}", f"storage.root={root}"]
     # An elastic group starts with what is free: the last test's stopped job may still be releasing a node,
     # and Ray Train's reservations for the jobs it stopped outlive them (tests/ray_cluster.py says how long).
     ray_cluster.wait_until_free(WORKER_NODE, 2)
     assert ray_cluster.forget_train_reservations() is not None, "Ray Train's reservations could not be withdrawn"
-    assert kiln_at(ray_cluster, *args).returncode == 0
-    wait_for("step 5 committed on 2 workers", lambda: max(committed_steps(root, run), default=0) >= 5)
+    assert kiln_at(ray_cluster, *args, extra_env=points.env).returncode == 0
+    points.wait("loop.after_step", step=6)
     assert events(root, run, "started")[0]["world_size"] == 2
     lost = ray_cluster.nodes["node_a"].node_id
     try:
         ray_cluster.kill_node("node_a")
-        wait_for("a 1-worker group", lambda: [e["world_size"] for e in events(root, run, "started")][-1] == 1, 240)
-        step_on_one = max(committed_steps(root, run))
-        wait_for("a step on 1 worker", lambda: max(committed_steps(root, run)) > step_on_one + 1, 120)
+        points.release("loop.after_step", run=run, step=6, rank=0)  # if its node lives, Ray ends it anyway
+        points.wait("loop.after_step", step=10)
+        assert [e["world_size"] for e in events(root, run, "started")][-1] == 1
     finally:
         ray_cluster.add_node("node_a")
     # Ray's resource view refreshes every 20 s, and the group is checked for room every 3 s (resize_check_s).
     wait_for("the group to grow back", lambda: events(root, run, "started")[-1]["world_size"] == 2, 120)
-    assert read_json(f"{root}/{run}/run.json")["state"] == "RUNNING", "the run ended before it could grow"
+    points.release("loop.after_step", run=run, step=10, rank=0)
     wait_for("the run to succeed", lambda: read_json(f"{root}/{run}/run.json")["state"] == "SUCCEEDED", 400)
 
     expected = {s: v[0] for s, v in losses(reference).items()}
     logged = losses(metrics(root, run))
-    assert sorted(logged) == list(range(1, 121))
+    assert sorted(logged) == list(range(1, 17))
     for step, values in logged.items():
         assert values == pytest.approx([expected[step]] * len(values), rel=1e-4), step
     state = status(ray_cluster, root, run)
     sizes = [(a.get("resized_from"), a["world_size"]) for a in state["attempts"]]
-    assert sizes[:3] == [(None, 2), (2, 1), (1, 2)], state["attempts"]
+    assert sizes == [(None, 2), (2, 1), (1, 2)], state["attempts"]
     shrink, grow = state["attempts"][0], state["attempts"][1]
     assert shrink["outcome"] == "FAILED" and shrink["cause"]["lost_node"] == lost, shrink
     assert grow["outcome"] == "RESTARTED" and "grew the group from 1 to 2 workers" in grow["cause"]["summary"]
+    assert [a["restored_step"] for a in state["attempts"]] == [None, 5, 9], state["attempts"]
     text = kiln_at(ray_cluster, "status", run, "--storage-root", root).stdout
     assert "1 workers via ray (resized from 2 workers)" in text and "2 workers via ray (resized from 1 workers)" in text
 
