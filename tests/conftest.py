@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SFT_RUN, STRATEGY_RUN, kiln, prepare_rows, runs_per_strategy
+from tests.helpers import SFT_RUN, STRATEGY_RUN, prepare_rows, runs_per_strategy, torchrun
 from tests.ray_cluster import LocalRayCluster
 from tests.s3_server import aws_env, start_moto, stop
 
@@ -90,28 +90,23 @@ def chat_data(tmp_path_factory) -> Path:
 
 
 def train_sft(chat_data: Path, root: Path) -> None:
-    """Run `sft` under root: task=sft on chat_data, 30 steps on 2 embedded-Ray workers."""
-    result = kiln(
-        "train",
+    """Run `sft` under root: task=sft on chat_data, 30 steps on 2 torchrun workers."""
+    torchrun(
         *SFT_RUN,
         f"data.path={chat_data}",
-        "cluster.num_workers=2",
-        "cluster.max_failures=0",
         "train.max_steps=30",
         "train.eval_every=15",
         "train.checkpoint_every=30",
         "run.id=sft",
         f"storage.root={root}",
-        env={"RAY_ADDRESS": "127.0.0.1:9"},  # a stale cluster address: an embedded run starts its own Ray
-        timeout=300,
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")
 def sft_run(chat_data, tmp_path_factory) -> Path:
-    """Folder of run `sft`: task=sft on chat_data, 30 steps on 2 embedded-Ray workers, evaluated at 0/15/30,
-    checkpointed at 30. Trained once per session: test_sft checks what it learned, test_chat talks to it."""
+    """Folder of run `sft`: task=sft on chat_data, 30 steps on 2 torchrun workers, evaluated at 0/15/30,
+    checkpointed at 30. Trained once per session: test_sft checks what it learned, test_chat talks to it (LoRA
+    SFT through the embedded Ray: tests/integration/test_finetune_story.py)."""
     root = made_once(shared_folder(tmp_path_factory, "sft"), lambda root: train_sft(chat_data, root))
     return root / "sft"
 

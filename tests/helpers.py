@@ -119,6 +119,16 @@ def kiln_here(*args: str, env: dict | None = None) -> subprocess.CompletedProces
     return subprocess.CompletedProcess(["kiln", *args], code, out.getvalue(), err.getvalue())
 
 
+def kiln_refused(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`kiln ARGS` in this process, for a command the test expects refused before it starts anything: Ray
+    cannot start meanwhile, so a command that got past its checks fails naming that, instead of training."""
+    from unittest import mock
+
+    started = AssertionError(f"kiln {' '.join(args)} started Ray: it was expected to be refused first")
+    with mock.patch("ray.init", side_effect=started):
+        return kiln_here(*args, env=env)
+
+
 def prepare_rows(folder: Path, rows: list[dict], *settings: str) -> Path:
     """Write rows as folder/rows.jsonl and `kiln prepare` them into folder/prepared (must succeed; no cluster)."""
     with open(folder / "rows.jsonl", "w") as out:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import BIN, REPO, kiln, rows, torchrun
+from tests.helpers import BIN, REPO, kiln, kiln_refused, rows, torchrun
 from tests.tokenizer_folders import LLAMA3, save_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -164,10 +164,9 @@ def test_pretrain_export_lora_sft_then_generate_and_chat(tmp_path):
 
 
 def test_lora_on_a_strategy_peft_cannot_shard_is_refused_in_one_line(tmp_path):
-    result = kiln(
-        "train", "model.init_from=/models/base", "model.lora.r=8", "strategy=zero3_offload",
-        f"storage.root={tmp_path}", env=LOCAL,
-    )  # fmt: skip
+    result = kiln_refused(
+        "train", "model.init_from=/models/base", "model.lora.r=8", "strategy=zero3_offload", f"storage.root={tmp_path}"
+    )
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     message = result.stderr.strip()
     assert "\n" not in message and "Traceback" not in message, message

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LLAMA_TINY, kiln, rows, torchrun
+from tests.helpers import LLAMA_TINY, kiln, kiln_refused, rows, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,9 @@ def test_bad_sources_fail_in_one_line_before_anything_starts(pretrained, tmp_pat
         check_submission_source(cfg, resolve_data(cfg, log=lambda _: None))
         assert cfg.model.init_from == good
     # The data's vocabulary and the folder's are both named; the CLI says it in one line, exit 2.
-    result = kiln("train", *FINE_TUNE, f"model.init_from={other}", "cluster.num_workers=1", f"storage.root={root}")
+    result = kiln_refused(
+        "train", *FINE_TUNE, f"model.init_from={other}", "cluster.num_workers=1", f"storage.root={root}"
+    )
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
     assert f"the tokenizer of model.init_from={other} (vocabulary of " in result.stderr, result.stderr
     assert "was prepared with (vocabulary of " in result.stderr and "kiln prepare tokenizer=" in result.stderr

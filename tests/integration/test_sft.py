@@ -1,18 +1,18 @@
 """Supervised fine-tuning as a user runs it: `kiln prepare kind=chat` on a JSONL of prompt/response
-pairs, then `kiln train task=sft` on the embedded Ray; and the data SFT cannot learn from, refused."""
+pairs, then `kiln train task=sft` on two workers; and the data SFT cannot learn from, refused."""
 
 from __future__ import annotations
 
 import pytest
 
 from data_pipeline.dataset import ShardWriter, write_manifest
-from tests.helpers import SFT_RUN, kiln, rows
+from tests.helpers import SFT_RUN, kiln_refused, rows
 
 pytestmark = pytest.mark.slow
 
 
-def test_sft_on_chat_data_learns_the_replies_on_two_ray_workers(sft_run):
-    # sft_run (tests/conftest.py): 30 steps on 2 Ray workers, evaluated at 0, 15 and 30; kiln chat reuses it.
+def test_sft_on_chat_data_learns_the_replies_on_two_workers(sft_run):
+    # sft_run (tests/conftest.py): 30 steps on 2 torchrun workers, evaluated at 0, 15 and 30; kiln chat reuses it.
     evaluations = [r for r in rows(sft_run) if "val/loss" in r]
     assert [r["step"] for r in evaluations] == [0, 15, 30]
     loss = [r["val/loss"] for r in evaluations]
@@ -33,7 +33,7 @@ def test_sft_on_pretraining_data_is_refused_in_one_line_before_any_worker_starts
     # A dataset from before `kind` was recorded: pretraining data.
     write_manifest(str(data), {"seq_len": 64, "vocab_size": 300, "eos_id": 0, "dtype": "<u2", "splits": splits})
     runs = tmp_path / "runs"
-    result = kiln("train", *SFT_RUN, f"data.path={data}", f"storage.root={runs}", env={"RAY_ADDRESS": "127.0.0.1:9"})
+    result = kiln_refused("train", *SFT_RUN, f"data.path={data}", f"storage.root={runs}")
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     message = result.stderr.strip()
     assert "\n" not in message and "Traceback" not in message
