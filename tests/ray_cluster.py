@@ -29,6 +29,7 @@ from tests.s3_server import free_port
 RAY = str(Path(sys.executable).parent / "ray")
 OBJECT_STORE_BYTES = 100 * 1024 * 1024  # Ray's minimum is 75 MiB; tests move tiny objects
 WORKER_NODE = "worker_node"  # a resource only the worker nodes offer
+STOP_GRACE_S = 10  # for `ray stop`-like shutdown of a node's processes; whatever is left is killed
 NODES_SCRIPT = """
 import json, sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
@@ -276,12 +277,15 @@ class LocalRayCluster:
         tree = {p.pid: p for s in supervisors for p in _tree(s)}
         for node in self.nodes.values():
             tree.update({p.pid: p for p in self.processes_of(node.node_id)} if node.node_id else {})
-        for name in [n for n in self.nodes if n != "head"] + ["head"]:
-            node = self.nodes.get(name)
-            if node is not None and node.process.poll() is None:
+        # Worker nodes together, then the head; what a node has not stopped in STOP_GRACE_S is killed below.
+        for group in ([n for n in self.nodes.values() if n.name != "head"], [self.nodes.get("head")]):
+            running = [n for n in group if n is not None and n.process.poll() is None]
+            for node in running:
                 node.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_GRACE_S
+            for node in running:
                 try:
-                    node.process.wait(timeout=30)
+                    node.process.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     node.process.kill()
         for proc in tree.values():
