@@ -11,12 +11,12 @@ quickstart: $(STAMP)
 
 # Style and types first (seconds), then the suite: CI runs both through `make test`. The suite ends by listing
 # its 20 slowest tests, and leaves every test's time in $(JUNIT): the goal is 25 minutes on a 2-core machine,
-# and these say where they go. Three pytest-xdist processes on two cores, a test file each at a time (a file's
-# module fixtures are built once), the slowest files first (tests/conftest.py SLOW_FILES; xdist's own
-# reordering by test count is off): much of a story's time is waiting on Ray and torchrun, and with two
-# processes the cores sat idle 28% of the time (docs/benchmarks.md), with three 8%.
+# and these say where they go. Two pytest-xdist processes, a test file each at a time (a file's module fixtures
+# are built once), the slowest files first (tests/conftest.py SLOW_FILES; xdist's own reordering by test count
+# is off). A third process does not help: the suite is CPU-bound (interpreter, Ray and torchrun start-up), and
+# with three the cores were idle 2% of the time and the run no shorter (docs/benchmarks.md).
 JUNIT ?= .pytest_cache/last-run.xml
-WORKERS ?= 3
+WORKERS ?= 2
 test: lint
 	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=20 --junitxml=$(JUNIT) $(PYTEST_ARGS)
 
