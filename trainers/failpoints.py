@@ -16,7 +16,7 @@ Every firing first appends a JSON line (pid and the call's values) to `DIR/NAME.
 - `pause`: block until `DIR/NAME.release` exists (every process held at NAME goes on) or
   `DIR/NAME(KEY=VALUE,...).release`, its conditions with the keys in sorted order (only that entry's
   process goes on): the test holds the run at that step, acts (kills, stops, checks), then releases it.
-- `hang`: block forever (a hung collective, for the step watchdog).
+- `hang`: SIGSTOP this process: frozen whole, its own watchdog included (a wedged rank; only SIGKILL ends it).
 - `kill`: SIGKILL this process (a crashed worker, the OOM killer).
 - `exit(CODE)`: leave at once with CODE, no cleanup.
 - `raise`: raise FailpointError (an exception inside the loop).
@@ -130,9 +130,13 @@ def claim(point: Armed) -> bool:
 def act(point: Armed, values: dict[str, object]) -> None:
     """Announce the arrival (the test learns the pid and values), then do what the point was armed to do."""
     announce(point.name, values)
-    if point.action in ("pause", "hang"):
+    if point.action == "hang":
+        # Frozen whole, as a wedged process is: every thread stops, its step watchdog too, so only its peers'
+        # watchdogs can see the hang (and which rank reports it never depends on two watchdogs racing).
+        os.kill(os.getpid(), signal.SIGSTOP)
+    elif point.action == "pause":
         releases = [os.path.join(os.environ[DIR_VAR], f) for f in release_files(point.name, point.when)]
-        while point.action == "hang" or not any(os.path.exists(release) for release in releases):
+        while not any(os.path.exists(release) for release in releases):
             time.sleep(0.05)
     elif point.action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -117,8 +117,11 @@ def test_releasing_one_entry_lets_only_its_process_go_on_and_the_point_says_it_f
     assert not failpoint("loop.after_step", run="a", step=2)  # fired once already: returns at once
 
 
-@pytest.mark.parametrize("action, ended", [("kill", ("kill", signal.SIGKILL)), ("exit(7)", ("exit", 7))])
-def test_kill_and_exit_end_the_process_that_reaches_them(armed, monkeypatch, action, ended):
+@pytest.mark.parametrize(
+    "action, ended",
+    [("kill", ("kill", signal.SIGKILL)), ("exit(7)", ("exit", 7)), ("hang", ("kill", signal.SIGSTOP))],
+)
+def test_kill_exit_and_hang_end_or_freeze_the_process_that_reaches_them(armed, monkeypatch, action, ended):
     points = armed(f"loop.after_step(step=2)={action}")
     calls: list[tuple] = []
 
