@@ -72,6 +72,9 @@ def quiet_tune() -> None:
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a trial that failed early has none
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours stops trials with a checkpoint first
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # verbose=0 silences only the classic tables; ours say it
+    # A trial's actor death is told in one line, naming Ray's error file (on_trial_recover / on_trial_error),
+    # not as Ray's traceback from inside the Tune controller.
+    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "0"
 
 
 class SweepDriver:
