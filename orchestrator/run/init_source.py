@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from orchestrator.config import KilnConfig, UsageError, absolute_url
-from trainers.checkpoint.store import Committed
+from trainers.checkpoint.layout import Committed
 from trainers.pretrained import (
     PretrainedError,
     check_data,

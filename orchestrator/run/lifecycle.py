@@ -15,7 +15,8 @@ from orchestrator.run.attempts import merge_events
 from orchestrator.run.record_codec import encode
 from orchestrator.run.registry import CONFIG_FILE, RunRecord, RunRegistry
 from orchestrator.run.resume_policy import ResumeAction, ResumeFacts, decide_resume
-from trainers.checkpoint.store import MANIFEST, CheckpointError, CheckpointStore, Committed, verify
+from trainers.checkpoint.layout import Committed, is_committed, step_dir, steps_on_storage
+from trainers.errors import CheckpointError
 from trainers.run.folder import CHECKPOINTS_DIR, TOKENIZER_DIR, WANDB_DIR
 from trainers.run.state import RunState
 from trainers.run.stop_request import clear_stop_request
@@ -23,6 +24,7 @@ from trainers.tracking import wandb_mode
 
 if TYPE_CHECKING:
     from orchestrator.run.plan import RunPlan
+    from trainers.checkpoint.store import CheckpointStore
 
 
 def register_run(plan: RunPlan) -> tuple[RunRegistry, RunRecord]:
@@ -155,6 +157,8 @@ def copy_tokenizer(dataset_url: str, target_url: str) -> None:
 
 def checkpoint_store(cfg: KilnConfig) -> CheckpointStore:
     """The run's checkpoints, seen from the driver (which lists and verifies, never saves)."""
+    from trainers.checkpoint.store import CheckpointStore  # torch: not for `kiln status`, which only lists
+
     return CheckpointStore(
         storage.join(cfg.run_url, CHECKPOINTS_DIR),
         rank=0,
@@ -166,10 +170,10 @@ def checkpoint_store(cfg: KilnConfig) -> CheckpointStore:
 
 def latest_checkpoint(cfg: KilnConfig) -> dict | None:
     """{"step", "uri"} of the newest step folder with a MANIFEST (cheap: no checksum pass)."""
-    store = checkpoint_store(cfg)
-    for step in store.steps_on_storage():
-        url = store.url(step)
-        if storage.exists(storage.join(url, MANIFEST)):
+    root = storage.join(cfg.run_url, CHECKPOINTS_DIR)
+    for step in steps_on_storage(root):
+        url = storage.join(root, step_dir(step))
+        if is_committed(url):
             return {"step": step, "uri": url}
     return None
 
@@ -188,6 +192,8 @@ def refresh(registry: RunRegistry, record: RunRecord, cfg: KilnConfig, step: int
 
 def find_checkpoint(registry: RunRegistry, cfg: KilnConfig, step: int | None) -> Committed:
     """A verified checkpoint of the run: the given step, or the newest committed one."""
+    from trainers.checkpoint.store import verify
+
     store = checkpoint_store(cfg)
     if step is None:
         committed, skipped = store.latest_committed()

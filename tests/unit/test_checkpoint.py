@@ -202,7 +202,7 @@ def assert_restores_step_1(store, saved, skipped_because: str) -> None:
 
 
 def test_manifest_problem_names_what_is_wrong():
-    from trainers.checkpoint.store import manifest_problem
+    from trainers.checkpoint.layout import manifest_problem
 
     good = {"step": 2, "world_size": 1, "strategy": "ddp", "files": [{"path": "a", "size": 1, "sha256": "0" * 64}]}
     assert manifest_problem(good) is None
