@@ -35,6 +35,7 @@ from trainers.failpoints import failpoint
 from trainers.flops import mfu, model_flops_per_token, peak_flops, tflops_per_device
 from trainers.models import compile_blocks, parameter_count, watch_router
 from trainers.optim import schedule_horizon
+from trainers.parallel import build_mesh
 from trainers.preemption import StopAgreement, commit_before_stopping
 from trainers.rng import rank_seed, seed_everything
 from trainers.run.events import record_event
@@ -101,16 +102,20 @@ class Trainer:
         self.task: Task = self._task()
         model = self._model()
         self.micro_batch = train.micro_batch
-        self.grad_accum = train.grad_accum(ctx.world_size)
-        self.strategy: Strategy = build_strategy(cfg.strategy, self.device)
+        self.grad_accum = cfg.grad_accum_at(ctx.world_size)
+        # The ranks of one tensor group read the same batch: the data is split by data-parallel rank.
+        self.mesh_shape = cfg.mesh(ctx.world_size)
+        self.data_rank, self.data_ranks = self.mesh_shape.data_rank(ctx.rank), self.mesh_shape.data_parallel
+        mesh = None if self.mesh_shape.is_trivial else build_mesh(self.mesh_shape, self.device.type)
+        self.strategy: Strategy = build_strategy(cfg.strategy, self.device, mesh)
         horizon = schedule_horizon(cfg.optim, train.max_steps)  # fixed when the run started, not moved by a resume
         self.model = self.strategy.wrap(model, cfg.optim, horizon, self.micro_batch, self.grad_accum)
         seed_everything(rank_seed(train.seed, ctx.rank))  # distinct dropout streams per rank
         self.stream = TokenStream(
             self.datasets,
             "train",
-            rank=ctx.rank,
-            world_size=ctx.world_size,
+            rank=self.data_rank,
+            world_size=self.data_ranks,
             micro_batch=self.micro_batch,
             seed=train.seed,
             prefetch=2,
@@ -155,6 +160,7 @@ class Trainer:
             rank=ctx.rank,
             world_size=ctx.world_size,
             strategy=self.strategy.name,
+            mesh=self.mesh_shape.as_json() if cfg.strategy.name == "fsdp" else None,
             config_hash=config_hash(cfg),
             model_shapes=model_shapes,
             keep_last=cfg.checkpoint.keep_last,
@@ -168,15 +174,15 @@ class Trainer:
 
     def _evaluator(self) -> Evaluator:
         """Validation every train.eval_every steps and at the end, over train.eval_batches micro-batches."""
-        train, ctx = self.cfg.train, self.ctx
+        train = self.cfg.train
         return Evaluator(
             self.datasets,
             self.weights,
             task=self.task,
             strategy=self.strategy,
             device=self.device,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
+            rank=self.data_rank,
+            world_size=self.data_ranks,
             micro_batch=self.micro_batch,
             seed=train.seed,
             batches=train.eval_batches,
@@ -360,10 +366,15 @@ def announce_start(trainer: Trainer, ctx: WorkerContext) -> dict:
         trainer.strategy.precision,
     )
     restored = trainer.restore()
-    ranks = gather_to_rank0(identity(ctx))
+    mesh = trainer.mesh_shape
+    where = identity(ctx) | ({} if mesh.is_trivial else {"mesh": mesh.coordinates(ctx.rank)})
+    ranks = gather_to_rank0(where)
     if ctx.rank == 0:
         launcher = getattr(ctx, "launcher", "unknown")
-        record_event(trainer.url, "started", world_size=ctx.world_size, ranks=ranks, launcher=launcher, **restored)
+        shape = {} if mesh.is_trivial else {"mesh": mesh.as_json()}
+        record_event(
+            trainer.url, "started", world_size=ctx.world_size, ranks=ranks, launcher=launcher, **shape, **restored
+        )
     return restored
 
 

@@ -108,6 +108,9 @@ def describe_attempt(attempt: dict) -> str:
     where = f"{attempt.get('world_size', '?')} workers via {attempt.get('launcher') or '?'}"
     if attempt.get("resized_from"):
         where += f" (resized from {attempt['resized_from']} workers)"
+    mesh = attempt.get("mesh")
+    if mesh:
+        where += f", mesh (replicate {mesh['replicate']}, shard {mesh['shard']}, tensor {mesh['tensor']})"
     restored = attempt.get("restored_step")
     origin = f"from step {restored}" if restored is not None else "from scratch"
     if attempt.get("resharded_from"):

@@ -29,6 +29,9 @@ QUOTED_DICT_KEY = re.compile(r"""[{,]\s*['"]""")
 # environment, never from config, so they change by changing the environment.
 RESUME_SAFE_KEYS = (
     "cluster.num_workers",
+    # The mesh: DCP saves DTensors by their global shape, so any mesh loads any other's checkpoint.
+    "parallel.tensor",
+    "parallel.replicate",
     "train.max_steps",
     "cluster.address",
     "cluster.max_failures",

@@ -116,9 +116,14 @@ class KilnConfig(WorkerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        require(
+            not (self.cluster.elastic and self.parallel.enabled),
+            f"cluster.num_workers={self.cluster.num_workers} (elastic) with parallel.tensor/parallel.replicate: a "
+            "mesh has a fixed shape; give cluster.num_workers one count",
+        )
         for workers in range(self.cluster.min_workers, self.cluster.max_workers + 1):
             try:
-                self.train.grad_accum(workers)  # every count an elastic run may train with keeps the global batch
+                self.grad_accum_at(workers)  # every count an elastic run may train with keeps the global batch
             except ValueError as exc:
                 if not self.cluster.elastic:
                     raise
@@ -135,7 +140,7 @@ class KilnConfig(WorkerConfig):
     @property
     def grad_accum(self) -> int:
         """Micro-batches each worker accumulates per optimizer step (at the largest worker count)."""
-        return self.train.grad_accum(self.cluster.max_workers)
+        return self.grad_accum_at(self.cluster.max_workers)
 
 
 ConfigStore.instance().store(name="kiln_schema", node=KilnConfig)

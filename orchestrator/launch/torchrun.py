@@ -65,10 +65,11 @@ def prepare(argv: list[str], world_size: int):
         if rest[:1] == ["--storage-root"] and len(rest) > 1:
             root, rest = rest[1], rest[2:]
         plan, registry, record = plan_resume(
-            absolute_url(root), run_id, [f"cluster.num_workers={world_size}", *rest], force=True
+            absolute_url(root), run_id, [f"cluster.num_workers={world_size}", *rest], force=True, on_ray=False
         )
     else:
-        plan, registry, record = start_run(compose_config([f"cluster.num_workers={world_size}", *argv]))
+        config = compose_config([f"cluster.num_workers={world_size}", *argv])
+        plan, registry, record = start_run(config, on_ray=False)
     record_event(
         registry.run_url(record.run_id),
         "launched",

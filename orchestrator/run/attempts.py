@@ -49,6 +49,7 @@ class GroupStarted:
 
     world_size: int | None = None
     ranks: list[RankPlace] | None = None
+    mesh: dict[str, int] | None = None
     launcher: str | None = None
     restored_step: int | None = None
     skipped: list[str] | None = None  # newer checkpoints that failed verification, with why
@@ -106,7 +107,7 @@ def group_started(record: RunRecord, event: GroupStarted, when: str) -> None:
         attempt = open_attempt(record, when, event.launcher)
         if previous and event.world_size and previous != event.world_size:
             attempt.resized_from = previous
-    attempt.world_size, attempt.ranks = event.world_size, event.ranks
+    attempt.world_size, attempt.ranks, attempt.mesh = event.world_size, event.ranks, event.mesh
     attempt.restored_step, attempt.skipped_checkpoints = event.restored_step, event.skipped or []
     attempt.resharded_from = event.resharded_from
     if event.skipped:

@@ -29,12 +29,14 @@ from trainers.run_data import RunData, check_run_data
 Log = Callable[[str], None]
 
 
-def checked_placement(cfg: KilnConfig) -> Placement:
-    """The run's placement, refused at once when an embedded Ray of this machine could never hold it."""
+def checked_placement(cfg: KilnConfig, on_ray: bool = True) -> Placement:
+    """The run's placement, refused at once when an embedded Ray of this machine could never hold it (on_ray=False:
+    torchrun has started the processes already, whatever Ray could place)."""
     from orchestrator.cluster.ray_handle import check_embedded_fits
 
     placement = placement_of(cfg.cluster)
-    check_embedded_fits(placement)
+    if on_ray:
+        check_embedded_fits(placement)
     return placement
 
 
@@ -78,10 +80,10 @@ def data_tokens(cfg: KilnConfig, data: RunData | None) -> DataTokens | None:
 
 
 @contextmanager
-def plan_run(cfg: KilnConfig, log: Log) -> Iterator[RunPlan]:
-    """`kiln train`, a sweep's new trial, torchrun: the plan of a new run (an export made for model.init_from
-    is removed on leaving, so register the run inside)."""
-    placement = checked_placement(cfg)
+def plan_run(cfg: KilnConfig, log: Log, on_ray: bool = True) -> Iterator[RunPlan]:
+    """`kiln train`, a sweep's new trial, torchrun (on_ray=False): the plan of a new run (an export made for
+    model.init_from is removed on leaving, so register the run inside)."""
+    placement = checked_placement(cfg, on_ray)
     finalize(cfg)
     RunRegistry(cfg.storage.root).check_root()
     data = resolve_data(cfg, log)
@@ -89,9 +91,9 @@ def plan_run(cfg: KilnConfig, log: Log) -> Iterator[RunPlan]:
         yield RunPlan(cfg, data, init, placement)
 
 
-def start_run(cfg: KilnConfig, log: Log = print) -> tuple[RunPlan, RunRegistry, RunRecord]:
+def start_run(cfg: KilnConfig, log: Log = print, on_ray: bool = True) -> tuple[RunPlan, RunRegistry, RunRecord]:
     """Plan a new run and register it (PENDING), its model.init_from and tokenizer saved with it."""
-    with plan_run(cfg, log) as plan:
+    with plan_run(cfg, log, on_ray) as plan:
         registry, record = register_run(plan)
     return plan, registry, record
 
@@ -129,11 +131,11 @@ def plan_start(root: str, run_id: str, overrides: list[str], log: Log) -> Iterat
 
 
 def plan_resume(
-    root: str, run_id: str, overrides: list[str], force: bool = False, log: Log = print
+    root: str, run_id: str, overrides: list[str], force: bool = False, log: Log = print, on_ray: bool = True
 ) -> tuple[RunPlan, RunRegistry, RunRecord]:
-    """`kiln resume` (and a sweep's trial continued): the run's saved config checked resumable, its data
-    checked (never prepared again: the run continues on what it trained on)."""
+    """`kiln resume` (and a sweep's trial continued; torchrun's --resume with on_ray=False): the run's saved config
+    checked resumable, its data checked (never prepared again: the run continues on what it trained on)."""
     registry, record, cfg = prepare_resume(root, run_id, overrides, force)
-    placement = checked_placement(cfg)
+    placement = checked_placement(cfg, on_ray)
     data = check_run_data(cfg.data, cfg.task.name, cfg.task.labels, cfg.model.vocab_size, log)
     return RunPlan(cfg, data, InitSource(), placement), registry, record

@@ -79,6 +79,7 @@ class RankPlace:
     pid: int | None = field(default=None, metadata=OMIT_IF_NONE)
     node_id: str | None = field(default=None, metadata=OMIT_IF_NONE)  # a Ray worker's; torchrun has none
     node_address: str | None = field(default=None, metadata=OMIT_IF_NONE)
+    mesh: dict[str, int] | None = field(default=None, metadata=OMIT_IF_NONE)  # {"replicate", "shard", "tensor"}
 
 
 @dataclass
@@ -95,6 +96,8 @@ class Attempt:
     driver: dict | None = field(default=None, metadata=OMIT_IF_NONE)  # who launched it (a new driver only)
     resized_from: int | None = field(default=None, metadata=OMIT_IF_NONE)  # an elastic group's size before
     world_size: int | None = field(default=None, metadata=OMIT_IF_NONE)
+    # The DeviceMesh beyond one data axis (parallel.*): {"replicate", "shard", "tensor"}; absent for plain runs.
+    mesh: dict[str, int] | None = field(default=None, metadata=OMIT_IF_NONE)
     ranks: list[RankPlace] | None = field(default=None, metadata=written_with("world_size"))
     restored_step: int | None = field(default=None, metadata=written_with("world_size"))  # None: from scratch
     skipped_checkpoints: list[str] | None = field(default=None, metadata=written_with("world_size"))

@@ -141,6 +141,7 @@ class CheckpointStore:
         world_size: int,
         strategy: str,
         config_hash: str,
+        mesh: dict[str, int] | None = None,
         model_shapes: dict | None = None,
         keep_last: int = 0,
         keep_every: int = 0,
@@ -150,6 +151,7 @@ class CheckpointStore:
         self.model_shapes = model_shapes
         self.rank, self.world_size = rank, world_size
         self.strategy, self.config_hash = strategy, config_hash
+        self.mesh = mesh  # FSDP2's (replicate, shard, tensor), recorded in each manifest
         self.keep_last, self.keep_every = keep_last, keep_every
         self.async_upload = async_upload
         # A gloo group of its own, so background uploads never race training collectives.
@@ -242,6 +244,7 @@ class CheckpointStore:
                 "step": step,
                 "world_size": self.world_size,
                 "strategy": self.strategy,
+                **({"mesh": self.mesh} if self.mesh else {}),
                 "config_hash": self.config_hash,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "files": entries,

@@ -24,6 +24,7 @@ from trainers.config.model import (
     ModelConfig,
     parse_init_run,
 )
+from trainers.config.parallel import MeshShape, ParallelConfig, check_parallel
 from trainers.config.training import (
     COMPILE_STRATEGIES,
     LORA_STRATEGIES,
@@ -53,8 +54,10 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "LoraConfig",
+    "MeshShape",
     "ModelConfig",
     "OptimConfig",
+    "ParallelConfig",
     "RunSection",
     "StorageConfig",
     "StrategyConfig",
@@ -118,6 +121,7 @@ class WorkerConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -140,10 +144,29 @@ class WorkerConfig:
             f"split every compiled graph; use one of {', '.join(COMPILE_STRATEGIES)} (fsdp also shards parameters) "
             "or model.compile=false",
         )
+        from_config = self.model.init_from is None  # else the folder decides the arch and heads
+        check_parallel(
+            self.parallel,
+            strategy=self.strategy.name,
+            arch=self.model.arch if from_config else None,
+            task=self.task.name,
+            lora=self.model.lora.enabled,
+            heads=(self.model.n_head, self.model.n_kv_head or self.model.n_head) if from_config else None,
+        )
         require(
             self.model.init_from is not None or self.data.seq_len <= self.model.n_positions,
             f"data.seq_len ({self.data.seq_len}) must be <= model.n_positions ({self.model.n_positions})",
         )
+
+    def mesh(self, world_size: int) -> MeshShape:
+        """The DeviceMesh shape of a world of world_size workers (checked)."""
+        return self.parallel.mesh(world_size)
+
+    def grad_accum_at(self, world_size: int) -> int:
+        """Micro-batches each rank accumulates per optimizer step with world_size workers (checked)."""
+        mesh = self.mesh(world_size)
+        ranks = "cluster.num_workers" if mesh.tensor == 1 else "cluster.num_workers / parallel.tensor"
+        return self.train.grad_accum(mesh.data_parallel, ranks)
 
     @property
     def run_id(self) -> str:

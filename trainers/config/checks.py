@@ -22,17 +22,18 @@ def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
     require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
-def check_batch(global_batch: int, micro_batch: int, data_parallel: int) -> int:
+def check_batch(global_batch: int, micro_batch: int, data_parallel: int, ranks: str = "cluster.num_workers") -> int:
     """Micro-batches each worker accumulates per optimizer step, or fail naming the mismatch.
 
-    global_batch = micro_batch x gradient accumulation x data-parallel workers; the one place it is checked.
+    global_batch = micro_batch x gradient accumulation x data-parallel ranks; the one place it is checked.
+    ranks: what the data-parallel count is, as the user sets it.
     """
     per_pass = micro_batch * data_parallel
     if global_batch % per_pass:
         lower = max(per_pass, global_batch - global_batch % per_pass)
         raise ConfigError(
             f"train.global_batch={global_batch} is not divisible by train.micro_batch ({micro_batch}) x "
-            f"cluster.num_workers ({data_parallel}) = {per_pass}; use a multiple of {per_pass} "
+            f"{ranks} ({data_parallel}) = {per_pass}; use a multiple of {per_pass} "
             f"(e.g. {lower} or {lower + per_pass})"
         )
     return global_batch // per_pass

@@ -139,9 +139,9 @@ class TrainConfig:
             self.step_timeout_s >= 0, f"train.step_timeout_s must be >= 0 (0: no watchdog), got {self.step_timeout_s}"
         )
 
-    def grad_accum(self, data_parallel: int) -> int:
-        """Micro-batches each of `data_parallel` workers accumulates per optimizer step (checked)."""
-        return check_batch(self.global_batch, self.micro_batch, data_parallel)
+    def grad_accum(self, data_parallel: int, ranks: str = "cluster.num_workers") -> int:
+        """Micro-batches each of `data_parallel` ranks accumulates per optimizer step (checked; ranks names them)."""
+        return check_batch(self.global_batch, self.micro_batch, data_parallel, ranks)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from trainers.config import StrategyConfig
+from trainers.parallel import Mesh
 from trainers.strategies.base import Strategy
 from trainers.strategies.ddp import DDPStrategy
 from trainers.strategies.deepspeed_zero import DeepSpeedStrategy
@@ -22,8 +23,11 @@ STRATEGIES: dict[str, Callable[[StrategyConfig, torch.device], Strategy]] = {
 }
 
 
-def build_strategy(cfg: StrategyConfig, device: torch.device) -> Strategy:
-    """The strategy registered under cfg.name."""
+def build_strategy(cfg: StrategyConfig, device: torch.device, mesh: Mesh | None = None) -> Strategy:
+    """The strategy registered under cfg.name; on a mesh beyond one data axis, FSDP2 on it (the config allows no
+    other strategy there)."""
+    if mesh is not None:
+        return FSDP2Strategy(cfg, device, mesh)
     try:
         return STRATEGIES[cfg.name](cfg, device)
     except KeyError:

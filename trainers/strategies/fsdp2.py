@@ -1,7 +1,8 @@
 """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded across workers.
 
 Each transformer block is its own FSDP unit (gathered just before use, freed after); the embeddings,
-final norm and the tied LM head form the root unit.
+final norm and the tied LM head form the root unit. On a run's mesh (trainers/parallel.py) the model is first
+split over its tensor groups, then sharded over the data axes: one (FSDP) or replicate x shard (HSDP).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from trainers.config import OptimConfig
+from trainers.config import OptimConfig, StrategyConfig
 from trainers.models import transformer_blocks
+from trainers.parallel import Mesh, apply_tensor_parallel
 from trainers.strategies.base import TorchStrategy
 
 
@@ -24,6 +26,10 @@ class FSDP2Strategy(TorchStrategy):
     """torch.distributed.fsdp.fully_shard per block, AdamW over the sharded (DTensor) parameters."""
 
     name = "fsdp"
+
+    def __init__(self, cfg: StrategyConfig, device: torch.device, mesh: Mesh | None = None):
+        super().__init__(cfg, device)
+        self.mesh = mesh  # None: FSDP2 over the whole world, as fully_shard does by default
 
     def wrap(
         self, model: nn.Module, optim_cfg: OptimConfig, max_steps: int, micro_batch: int = 1, grad_accum: int = 1
@@ -34,9 +40,15 @@ class FSDP2Strategy(TorchStrategy):
             if self.precision == "bf16"
             else MixedPrecisionPolicy()
         )
+        data_mesh = None
+        if self.mesh is not None:
+            if self.mesh.shape.tensor > 1:
+                apply_tensor_parallel(model, self.mesh.tensor_mesh)
+            data_mesh = self.mesh.data_mesh
+        reshard = self.cfg.reshard_after_forward
         for block in transformer_blocks(model):
-            fully_shard(block, mp_policy=policy, reshard_after_forward=self.cfg.reshard_after_forward)
-        sharded = fully_shard(model, mp_policy=policy, reshard_after_forward=self.cfg.reshard_after_forward)
+            fully_shard(block, mesh=data_mesh, mp_policy=policy, reshard_after_forward=reshard)
+        sharded = fully_shard(model, mesh=data_mesh, mp_policy=policy, reshard_after_forward=reshard)
         # fully_shard returns model itself, its class swapped for one deriving from both FSDPModule and the
         # model's own class; torch types it as FSDPModule alone (see _fsdp for the other view)
         self.model = cast(nn.Module, sharded)

@@ -1,0 +1,137 @@
+"""A run's DeviceMesh (replicate x shard x tensor) and tensor + sequence parallelism on it, with torch's own
+DTensor styles (torch.distributed.tensor.parallel), as torchtitan applies them to its Llama.
+
+The plan of a decoder layer's projections is the model's own: transformers' `base_model_tp_plan` (q/k/v and
+gate/up column-wise, o and down row-wise). Kiln adds what makes it sequence parallel: the norms run on the
+layer's sequence shard, attention and MLP gather the sequence first, the row-wise projections reduce-scatter
+back onto it. The embeddings are split by vocabulary row and the LM head by vocabulary column; the logits are
+gathered, so the loss is the usual one (exact).
+
+Where a transformers decoder computes things from its input's length (rotary positions, the causal mask), it
+sees the whole sequence: the embeddings' output is replicated and the first layer takes its own shard of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from transformers import PreTrainedModel
+
+from trainers.config import ConfigError, MeshShape
+from trainers.config.parallel import MESH_DIMS, TENSOR_PARALLEL_ARCHS, check_heads
+
+
+@dataclass
+class Mesh:
+    """The run's DeviceMesh and the two views the strategy uses: FSDP2's data axes and the tensor axis."""
+
+    shape: MeshShape
+    device_mesh: DeviceMesh
+
+    @property
+    def data_mesh(self) -> DeviceMesh:
+        """What FSDP2 shards over: (replicate, shard) is HSDP, shard alone plain FSDP."""
+        if self.shape.replicate > 1:
+            return self.device_mesh["replicate", "shard"]
+        return self.device_mesh["shard"]
+
+    @property
+    def tensor_mesh(self) -> DeviceMesh:
+        """The ranks of one tensor group."""
+        return self.device_mesh["tensor"]
+
+
+def build_mesh(shape: MeshShape, device_type: str) -> Mesh:
+    """Collective: the world's DeviceMesh of shape (replicate, shard, tensor), on the existing process group."""
+    sizes = (shape.replicate, shape.shard, shape.tensor)
+    return Mesh(shape, init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS))
+
+
+def projection_styles(model: PreTrainedModel) -> dict[str, ParallelStyle]:
+    """A decoder layer's projection styles from the model's own plan ("layers.*.NAME": style), sequence parallel."""
+    plan = getattr(model.config, "base_model_tp_plan", None) or {}
+    styles: dict[str, ParallelStyle] = {}
+    for pattern, style in plan.items():
+        name = pattern.removeprefix("layers.*.")
+        if style == "colwise":
+            styles[name] = ColwiseParallel()
+        elif style == "rowwise":
+            styles[name] = RowwiseParallel(output_layouts=Shard(1))  # reduce-scattered onto the sequence shard
+        elif style == "replicated_with_grad_allreduce" and name.endswith("_norm"):
+            # Qwen3's per-head q/k norms: replicated weights over this rank's heads (dim 2), gradients summed.
+            styles[name] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        else:
+            arch = model.config.model_type
+            raise ConfigError(
+                f"parallel.tensor with model.arch={arch}: its tensor-parallel plan has {pattern}: {style}, which "
+                "Kiln cannot apply; use parallel.tensor=1"
+            )
+    return styles
+
+
+def layer_plan(model: PreTrainedModel) -> dict[str, ParallelStyle]:
+    """One decoder layer, sequence parallel: norms on the shard, attention and MLP on the gathered sequence."""
+    return {
+        "input_layernorm": SequenceParallel(),
+        "self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": Shard(1)}, desired_input_kwarg_layouts={"hidden_states": Replicate()}
+        ),
+        "post_attention_layernorm": SequenceParallel(),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        **projection_styles(model),
+    }
+
+
+def check_tensor_parallel(model: PreTrainedModel, tensor: int) -> None:
+    """The model (built from config, or a model.init_from folder's) can be split T ways; ConfigError if not."""
+    config = model.config
+    arch = config.model_type
+    if arch not in TENSOR_PARALLEL_ARCHS:
+        raise ConfigError(
+            f"parallel.tensor={tensor} with a {arch} model: Kiln has tensor-parallel plans for "
+            f"{', '.join(TENSOR_PARALLEL_ARCHS)}; use parallel.tensor=1"
+        )
+    heads = config.num_attention_heads
+    check_heads(tensor, heads, config.num_key_value_heads or heads, where=f"the {arch} model's config")
+
+
+def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Split model's layers, embeddings and LM head over mesh (one tensor group), in place; returns model."""
+    if not isinstance(model, PreTrainedModel):
+        raise ConfigError(f"parallel.tensor needs a transformers model, not {type(model).__name__}")
+    check_tensor_parallel(model, mesh.size())
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embeddings.weight
+    for index, layer in enumerate(getattr(model.get_decoder(), "layers")):  # noqa: B009 (a Module attribute)
+        if index == 0:  # the replicated embeddings, cut to this rank's sequence shard
+            parallelize_module(
+                layer,
+                mesh,
+                PrepareModuleInput(
+                    input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+                ),
+            )
+        parallelize_module(layer, mesh, layer_plan(model))
+    parallelize_module(
+        model,
+        mesh,
+        {
+            "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "model.norm": SequenceParallel(),
+            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        },
+    )
+    if tied:  # both were split by vocabulary row (Shard(0)): one parameter again, as the model has it
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return model
