@@ -35,7 +35,7 @@ from trainers.failpoints import failpoint
 from trainers.flops import mfu, model_flops_per_token, peak_flops, tflops_per_device
 from trainers.models import compile_blocks, parameter_count, watch_router
 from trainers.optim import schedule_horizon
-from trainers.parallel import build_mesh
+from trainers.parallel import build_mesh, keep_tensor_groups_on_one_node
 from trainers.preemption import StopAgreement, commit_before_stopping
 from trainers.rng import rank_seed, seed_everything
 from trainers.run.events import record_event
@@ -106,6 +106,9 @@ class Trainer:
         # The ranks of one tensor group read the same batch: the data is split by data-parallel rank.
         self.mesh_shape = cfg.mesh(ctx.world_size)
         self.data_rank, self.data_ranks = self.mesh_shape.data_rank(ctx.rank), self.mesh_shape.data_parallel
+        if self.mesh_shape.tensor > 1:
+            where = identity(ctx)
+            keep_tensor_groups_on_one_node(self.mesh_shape, str(where.get("node_id") or where["node"]))
         mesh = None if self.mesh_shape.is_trivial else build_mesh(self.mesh_shape, self.device.type)
         self.strategy: Strategy = build_strategy(cfg.strategy, self.device, mesh)
         horizon = schedule_horizon(cfg.optim, train.max_steps)  # fixed when the run started, not moved by a resume

@@ -29,7 +29,8 @@ from torch.distributed.tensor.parallel import (
 from transformers import PreTrainedModel
 
 from trainers.config import ConfigError, MeshShape
-from trainers.config.parallel import MESH_DIMS, TENSOR_PARALLEL_ARCHS, check_heads
+from trainers.config.parallel import MESH_DIMS, TENSOR_PARALLEL_ARCHS, check_heads, tensor_group_problem
+from trainers.distributed import broadcast_from_rank0, gather_to_rank0
 
 
 @dataclass
@@ -56,6 +57,15 @@ def build_mesh(shape: MeshShape, device_type: str) -> Mesh:
     """Collective: the world's DeviceMesh of shape (replicate, shard, tensor), on the existing process group."""
     sizes = (shape.replicate, shape.shard, shape.tensor)
     return Mesh(shape, init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS))
+
+
+def keep_tensor_groups_on_one_node(mesh: MeshShape, node: str) -> None:
+    """Collective: ConfigError on every rank when a tensor group's ranks run on different nodes (its collectives,
+    every layer, would cross the network). node: this rank's (Ray's node id, else the host)."""
+    nodes = gather_to_rank0(node)
+    problem = broadcast_from_rank0(tensor_group_problem(mesh, nodes) if nodes else None)
+    if problem:
+        raise ConfigError(problem)
 
 
 def projection_styles(model: PreTrainedModel) -> dict[str, ParallelStyle]:

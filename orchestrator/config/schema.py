@@ -117,6 +117,11 @@ class KilnConfig(WorkerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         require(
+            self.parallel.tensor == 1 or self.cluster.placement in ("pack", "strict_pack"),
+            f"parallel.tensor={self.parallel.tensor} with cluster.placement={self.cluster.placement}: a tensor group "
+            "must share a node (its collectives run every layer); use cluster.placement=pack or strict_pack",
+        )
+        require(
             not (self.cluster.elastic and self.parallel.enabled),
             f"cluster.num_workers={self.cluster.num_workers} (elastic) with parallel.tensor/parallel.replicate: a "
             "mesh has a fixed shape; give cluster.num_workers one count",

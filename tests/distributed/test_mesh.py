@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LLAMA_TINY, REPO, kiln, rows, torchrun, torchrun_command
+from tests.failpoints import Failpoints
+from tests.helpers import LLAMA_TINY, REPO, kiln, kiln_refused, rows, torchrun, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -140,3 +141,29 @@ def test_a_checkpoint_continues_on_another_mesh_with_the_uninterrupted_losses(me
     assert_close(losses(run_dir), losses(meshes / "one"))
     (_, restart) = sorted((run_dir / "events").glob("*-started-*.json"))
     assert json.loads(restart.read_text())["restored_step"] == 10
+
+
+def test_a_worker_killed_in_a_tensor_parallel_run_on_ray_restarts_with_the_uninterrupted_losses(meshes, tmp_path):
+    """kiln train on the embedded Ray at (1, 1, 2): rank 1 is SIGKILLed as its step-10 checkpoint commits."""
+    points = Failpoints(tmp_path / "fp", "checkpoint.committed(step=10,rank=1)=kill")
+    args = [*RUN, "parallel.tensor=2", "cluster.num_workers=2", "cluster.max_failures=1", "run.id=ray-tp"]
+    result = kiln("train", *args, f"storage.root={tmp_path}", env=points.env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_close(losses(tmp_path / "ray-tp"), losses(meshes / "one"))
+    record = json.loads((tmp_path / "ray-tp" / "run.json").read_text())
+    first, second = record["attempts"]
+    assert first["cause"]["rank"] == 1 and first["cause"]["pid"] == points.arrivals("checkpoint.committed")[0]["pid"]
+    assert second["restored_step"] == 10 and second["outcome"] == "SUCCEEDED"
+    assert first["mesh"] == second["mesh"] == {"replicate": 1, "shard": 1, "tensor": 2}
+
+
+def test_a_mesh_kiln_cannot_build_is_refused_in_one_line_before_ray_starts(tmp_path):
+    for overrides, expected in [
+        (["strategy=ddp", "parallel.tensor=2"], "the mesh composes with FSDP2 only; use strategy=fsdp"),
+        (["strategy=fsdp", "parallel.tensor=4"], "parallel.tensor=4 must divide the 4 query and 2 key/value heads"),
+        (["strategy=fsdp", "parallel.replicate=3"], "parallel.replicate (3) x parallel.tensor (1) = 3 must divide"),
+    ]:
+        result = kiln_refused("train", *SHAPE, *overrides, "cluster.num_workers=2", f"storage.root={tmp_path}")
+        message = result.stderr.strip()
+        assert result.returncode == 2 and "\n" not in message and expected in message, message
+    assert not list(tmp_path.iterdir())  # no run registered

@@ -94,6 +94,17 @@ def test_tensor_parallel_needs_a_planned_decoder_and_a_causal_task():
     assert hsdp.mesh(4) == MeshShape(replicate=2, shard=2, tensor=1)
 
 
+def test_a_tensor_group_must_share_a_node():
+    from trainers.config.parallel import tensor_group_problem
+
+    mesh = MeshShape(replicate=1, shard=2, tensor=2)
+    assert tensor_group_problem(mesh, ["a", "a", "b", "b"]) is None
+    problem = tensor_group_problem(mesh, ["a", "a", "a", "b"])
+    assert problem and problem.startswith("tensor group of ranks 2-3 spans nodes a, b: each node must hold a multiple")
+    spread = refused(*LLAMA, "parallel.tensor=2", "cluster.num_workers=2", "cluster.placement=spread")
+    assert "parallel.tensor=2 with cluster.placement=spread: a tensor group must share a node" in spread
+
+
 def test_the_mesh_may_change_on_resume():
     from orchestrator.config.keys import RESUME_SAFE_KEYS
 

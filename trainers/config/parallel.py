@@ -130,3 +130,17 @@ def check_heads(tensor: int, heads: int, kv_heads: int, where: str) -> None:
         f"parallel.tensor={tensor} must divide the {heads} query and {kv_heads} key/value heads ({where}): "
         "each rank of a tensor group computes whole heads",
     )
+
+
+def tensor_group_problem(mesh: MeshShape, nodes: list[str]) -> str | None:
+    """Why the ranks' nodes (nodes[rank]) split a tensor group across machines, or None when none is split."""
+    for first in range(0, len(nodes), mesh.tensor):
+        group = nodes[first : first + mesh.tensor]
+        if len(set(group)) > 1:
+            spans = ", ".join(sorted(set(group)))
+            return (
+                f"tensor group of ranks {first}-{first + mesh.tensor - 1} spans nodes {spans}: each node must hold "
+                f"a multiple of parallel.tensor={mesh.tensor} workers (cluster.placement=strict_pack keeps the group "
+                "on one node; cluster.cpus_per_worker or cluster.resources_per_worker shape how many fit)"
+            )
+    return None
