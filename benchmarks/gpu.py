@@ -1,5 +1,6 @@
 """GPT-2 124M on one GPU: tokens/s and MFU per strategy, with and without model.compile; Llama 3 1B and 8B beside
-torchtitan (benchmarks/gpu_llama.py); the largest GPT-2 that trains with zero3_offload.
+torchtitan (benchmarks/gpu_llama.py); Llama 3 8B on 8 GPUs as FSDP, FSDP x TP, HSDP and HSDP x TP
+(benchmarks/gpu_mesh.py, on a machine with 8 GPUs); the largest GPT-2 that trains with zero3_offload.
 
     .venv/bin/python benchmarks/gpu.py [--quick] [--no-docs]   # needs a CUDA GPU
     .venv/bin/python benchmarks/gpu.py --dry-run                # composes every run's config; trains nothing
@@ -41,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import gpu_llama
+from benchmarks import gpu_llama, gpu_mesh
 from benchmarks.common import (
     NOT_RUN,
     Budget,
@@ -72,7 +73,7 @@ CONFIG = [
     "optim.warmup_steps=5",
     "tracker=none",
 ]
-PARTS = ("cases", "llama", "ladder")  # in this order: the open-ended ladder last
+PARTS = ("cases", "llama", "mesh", "ladder")  # in this order: the open-ended ladder last
 STRATEGIES = ("ddp", "fsdp", "zero3")
 CASES = [(strategy, compiled) for strategy in STRATEGIES for compiled in (False, True)]
 # (steps per run, steps skipped as warm-up and compilation)
@@ -207,6 +208,9 @@ def measure(
     if "llama" in parts:
         results["llama"] = []
         gpu_llama.measure(work, env, cache_dir, budget, results["llama"], lambda: save(results), quick, llama_compile)
+    if "mesh" in parts:
+        results["mesh"] = []
+        gpu_mesh.measure(work, env, budget, results["mesh"], lambda: save(results), llama_compile)
     shapes = LADDER[:2] if quick else LADDER
     if ladder_from:
         shapes = LADDER[next(i for i, shape in enumerate(LADDER) if ladder_from in shape[0]) :]
@@ -326,6 +330,8 @@ def render(results: dict) -> str:
         lines += ["", largest + (f" ({', '.join(untried)} not tried)." if untried else ".")]
     if results.get("llama"):
         lines += ["", *gpu_llama.render(results["llama"])]
+    if results.get("mesh"):
+        lines += ["", *gpu_mesh.render(results["mesh"])]
     return "\n".join(lines)
 
 
@@ -342,6 +348,7 @@ def dry_run() -> int:
         print(f"zero3_offload {name}: {problem or 'composes'}")
         bad += bool(problem)
     bad += gpu_llama.dry_run()
+    bad += gpu_mesh.dry_run()
     return 1 if bad else 0
 
 
@@ -352,7 +359,9 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="compose every run's config, train nothing")
     parser.add_argument("--out", type=Path, help="rewrite OUT/results.json after every run")
     parser.add_argument("--budget-s", type=float, help="seconds all runs may take together")
-    parser.add_argument("--only", choices=PARTS, help="the strategy table, the Llama pairs or the offload ladder alone")
+    parser.add_argument(
+        "--only", choices=PARTS, help="the strategy table, the Llama pairs, the mesh rows or the ladder alone"
+    )
     parser.add_argument("--ladder-from", help="start the ladder at the rung whose name contains this (e.g. 1.5B)")
     parser.add_argument("--llama-compile", action="store_true", help="the Llama pairs with model.compile (both)")
     args = parser.parse_args()

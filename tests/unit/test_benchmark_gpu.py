@@ -188,3 +188,18 @@ def test_the_llama_table_gives_kiln_to_torchtitan_and_why_a_pair_did_not_run():
     assert "| llama3_1b | Kiln | fsdp (FSDP2, bf16) | 45,000 | 37.5% | 50.0 | 0.90 |" in text
     assert "| llama3_1b | torchtitan 0.3.0 | FSDP2, bf16 | 50,000 | 41.7% | 40.0 | - |" in text
     assert "| llama3_8b | Kiln | fsdp | not run: needs | | | |" in text
+
+
+def test_the_mesh_rows_compose_for_8_gpus_and_say_when_a_machine_has_fewer():
+    from benchmarks import gpu_mesh
+
+    shapes = {row.name: row.shape() for row in gpu_mesh.ROWS}
+    assert shapes == {"FSDP": (1, 8, 1), "FSDP x TP": (1, 4, 2), "HSDP": (2, 4, 1), "HSDP x TP": (2, 2, 2)}
+    assert gpu_mesh.dry_run() == 0
+    entries = [
+        {"row": "FSDP x TP", "shape": [1, 4, 2], "compile": False, "tokens_per_s_per_gpu": 2881.0, "mfu": 0.2},
+        {"row": "HSDP", "shape": [2, 4, 1], "compile": False, "not_run": "not run: needs 8 GPUs, this machine has 1"},
+    ]
+    table = "\n".join(gpu_mesh.render(entries))
+    assert "| FSDP x TP | (1, 4, 2) | 2,881 | 20.0% | 50% |" in table
+    assert "| HSDP | (2, 4, 1) | not run: needs 8 GPUs, this machine has 1 | | |" in table
