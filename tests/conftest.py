@@ -31,6 +31,7 @@ SLOW_FILES = {
     "tests/integration/test_sweep.py": 539,
     "tests/integration/test_cluster.py": 477,
     "tests/integration/test_fault_tolerance.py": 343,
+    "tests/distributed/test_mesh.py": 300,  # estimated: issue 28 added it after that run
     "tests/integration/test_classification.py": 249,
     "tests/integration/test_finetune_story.py": 188,
     "tests/distributed/test_strategies.py": 185,

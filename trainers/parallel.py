@@ -4,8 +4,9 @@ DTensor styles (torch.distributed.tensor.parallel), as torchtitan applies them t
 The plan of a decoder layer's projections is the model's own: transformers' `base_model_tp_plan` (q/k/v and
 gate/up column-wise, o and down row-wise). Kiln adds what makes it sequence parallel: the norms run on the
 layer's sequence shard, attention and MLP gather the sequence first, the row-wise projections reduce-scatter
-back onto it. The embeddings are split by vocabulary row and the LM head by vocabulary column; the logits are
-gathered, so the loss is the usual one (exact).
+back onto it. The embeddings are split by vocabulary row and the LM head by vocabulary column; its logits stay
+split, and the cross entropy runs on them where they are (torch's loss parallel): the same loss, without
+gathering a vocabulary x sequence tensor on every rank.
 
 Where a transformers decoder computes things from its input's length (rotary positions, the causal mask), it
 sees the whole sequence: the embeddings' output is replicated and the first layer takes its own shard of it.
@@ -13,17 +14,20 @@ sees the whole sequence: the embeddings' output is replicated and the first laye
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
+    loss_parallel,
     parallelize_module,
 )
 from transformers import PreTrainedModel
@@ -139,9 +143,36 @@ def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         {
             "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
             "model.norm": SequenceParallel(),
-            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+            # Loss parallel: the logits stay split by vocabulary; the cross entropy (under sharded_logits())
+            # reduces across the group instead of gathering vocabulary x sequence logits on every rank.
+            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
         },
     )
     if tied:  # both were split by vocabulary row (Shard(0)): one parameter again, as the model has it
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.register_forward_hook(plain_loss)
     return model
+
+
+def plain_loss(module: nn.Module, args: object, output: object) -> object:
+    """A forward's loss as this rank's plain tensor (every rank of the group holds the same value), so the loop adds
+    and logs it as any strategy's; the logits stay a DTensor (`whole` gathers them where a task needs them)."""
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, DTensor):
+        output.loss = loss.to_local()  # type: ignore[attr-defined]  # a ModelOutput's field
+    return output
+
+
+def sharded_logits() -> AbstractContextManager:
+    """Where vocabulary-split logits meet a cross entropy (a loss's forward and its backward): torch's loss parallel."""
+    return loss_parallel()
+
+
+def whole(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered into a plain tensor on this rank (a plain tensor as it is): argmax over a split vocabulary."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def local(value: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's value on this rank, gradient kept (a plain tensor as it is)."""
+    return value.to_local() if isinstance(value, DTensor) else value

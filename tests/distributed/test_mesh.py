@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.failpoints import Failpoints
-from tests.helpers import LLAMA_TINY, REPO, kiln, kiln_refused, rows, torchrun, torchrun_command
+from tests.helpers import LLAMA_SHAPE, LLAMA_TINY, REPO, kiln, kiln_refused, rows, torchrun, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +81,23 @@ def test_a_tied_qwen3_with_per_head_norms_splits_its_heads_exactly(meshes):
     assert losses(meshes / "qwen3_one") != losses(meshes / "one")  # another model, not the Llama again
 
 
+def test_sft_computes_its_masked_loss_on_vocabulary_split_logits_exactly(chat_data, tmp_path):
+    """task=sft at T=2: its own masked cross entropy and accuracy run on the LM head's split logits (loss parallel)."""
+    model = [o for o in LLAMA_SHAPE if o.split("=")[0] not in HEADS] + [f"{k}={v}" for k, v in HEADS.items()]
+    sft = ["task=sft", "data=prepared", f"data.path={chat_data}", "data.seq_len=64", *model, "strategy=fsdp"]
+    sft += ["train.global_batch=8", "train.micro_batch=4", "train.eval_batches=2", "optim.lr=3e-3", "tracker=none"]
+    sft += ["optim.warmup_steps=2", "model.dropout=0.0", "train.max_steps=10", "train.eval_every=10"]
+    for run, nproc, mesh in (("sft-one", 1, []), ("sft-tp", 2, ["parallel.tensor=2"])):
+        torchrun(*sft, *mesh, f"run.id={run}", f"storage.root={tmp_path}", nproc=nproc)
+    one, tp = ({r["step"]: r for r in rows(tmp_path / run)} for run in ("sft-one", "sft-tp"))
+    for step in range(1, 11):
+        assert tp[step]["train/loss"] == pytest.approx(one[step]["train/loss"], rel=1e-5), step
+    evaluated = [r for r in rows(tmp_path / "sft-tp") if "val/loss" in r][-1]
+    reference = [r for r in rows(tmp_path / "sft-one") if "val/loss" in r][-1]
+    assert evaluated["val/loss"] == pytest.approx(reference["val/loss"], rel=1e-5)
+    assert evaluated["val/accuracy"] == reference["val/accuracy"] > 0
+
+
 def test_the_started_event_and_the_manifest_record_the_mesh(meshes):
     (started,) = [json.loads(p.read_text()) for p in (meshes / "hsdp_tp" / "events").glob("*-started-*.json")]
     assert started["mesh"] == {"replicate": 2, "shard": 1, "tensor": 2}
@@ -127,11 +144,12 @@ def killed_at_step_11(root: Path, run: str, nproc: int, *overrides: str) -> Path
 @pytest.mark.parametrize(
     ("saved", "resumed"),
     [
+        ((2, ["parallel.tensor=2"]), (2, ["parallel.tensor=1"])),  # (1, 1, 2) -> FSDP (1, 2, 1)
         ((2, ["parallel.tensor=2"]), (2, ["parallel.tensor=1", "parallel.replicate=2"])),  # (1, 1, 2) -> (2, 1, 1)
         ((2, ["parallel.tensor=2"]), (1, ["parallel.tensor=1"])),  # (1, 1, 2) -> one process
-        ((2, []), (2, ["parallel.tensor=2"])),  # FSDP (1, 2, 1) -> (1, 1, 2)
+        ((2, []), (2, ["parallel.tensor=2"])),  # and back: FSDP (1, 2, 1) -> (1, 1, 2)
     ],
-    ids=["tp-to-hsdp", "tp-to-one", "fsdp-to-tp"],
+    ids=["tp-to-fsdp", "tp-to-hsdp", "tp-to-one", "fsdp-to-tp"],
 )
 def test_a_checkpoint_continues_on_another_mesh_with_the_uninterrupted_losses(meshes, tmp_path, saved, resumed):
     run_dir = killed_at_step_11(tmp_path, "moved", saved[0], *saved[1])
@@ -150,6 +168,8 @@ def test_a_worker_killed_in_a_tensor_parallel_run_on_ray_restarts_with_the_unint
     result = kiln("train", *args, f"storage.root={tmp_path}", env=points.env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_close(losses(tmp_path / "ray-tp"), losses(meshes / "one"))
+    # On the same mesh a restart is exact: every step equals torchrun's uninterrupted (1, 1, 2) run bit for bit.
+    assert losses(tmp_path / "ray-tp") == losses(meshes / "tp")
     record = json.loads((tmp_path / "ray-tp" / "run.json").read_text())
     first, second = record["attempts"]
     assert first["cause"]["rank"] == 1 and first["cause"]["pid"] == points.arrivals("checkpoint.committed")[0]["pid"]

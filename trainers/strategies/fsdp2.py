@@ -18,7 +18,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from trainers.config import OptimConfig, StrategyConfig
 from trainers.models import transformer_blocks
-from trainers.parallel import Mesh, apply_tensor_parallel
+from trainers.parallel import Mesh, apply_tensor_parallel, sharded_logits
 from trainers.strategies.base import TorchStrategy
 
 
@@ -55,11 +55,26 @@ class FSDP2Strategy(TorchStrategy):
         self.build_optimizer(self.model, optim_cfg, max_steps)
         return self.model
 
+    @property
+    def tensor_parallel(self) -> bool:
+        """Whether the model is split over tensor groups (its logits split by vocabulary)."""
+        return self.mesh is not None and self.mesh.shape.tensor > 1
+
     def autocast(self) -> AbstractContextManager:
         # bf16 is applied by the MixedPrecisionPolicy to the sharded parameters, not by autocast.
-        if self.precision == "bf16":
-            return contextlib.nullcontext()
-        return super().autocast()
+        precision = contextlib.nullcontext() if self.precision == "bf16" else super().autocast()
+        if not self.tensor_parallel:
+            return precision
+        stack = contextlib.ExitStack()  # the forward's loss on vocabulary-split logits
+        stack.enter_context(precision)
+        stack.enter_context(sharded_logits())
+        return stack
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if not self.tensor_parallel:
+            return super().backward(loss)
+        with sharded_logits():  # the cross entropy's backward on the split logits
+            super().backward(loss)
 
     @property
     def _fsdp(self) -> FSDPModule:

@@ -11,12 +11,13 @@ from torch import nn
 from data_pipeline.batch import Batch
 from trainers.config import ModelConfig
 from trainers.models import build_gpt2
+from trainers.parallel import whole
 from trainers.tasks.base import IGNORE_INDEX, TaskBase
 
 
 def correct_next_tokens(logits: torch.Tensor, targets: torch.Tensor) -> int:
     """How many positions' top-1 prediction is the next target (targets at IGNORE_INDEX not counted)."""
-    predicted, wanted = logits[:, :-1].argmax(dim=-1), targets[:, 1:]
+    predicted, wanted = whole(logits)[:, :-1].argmax(dim=-1), targets[:, 1:]
     return int(((predicted == wanted) & (wanted != IGNORE_INDEX)).sum())
 
 

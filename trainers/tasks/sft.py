@@ -16,6 +16,7 @@ from torch import nn
 from data_pipeline.batch import Batch
 from trainers.config import ModelConfig
 from trainers.models import build_gpt2, router_aux_loss
+from trainers.parallel import local
 from trainers.tasks.base import IGNORE_INDEX, TaskBase
 from trainers.tasks.causal_lm import correct_next_tokens, lm_metrics
 
@@ -31,8 +32,8 @@ def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     """(summed next-token cross entropy over the learned targets, how many there are)."""
     wanted = targets[:, 1:].reshape(-1)
     per_token = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # fp32 loss, as transformers does
-    total = F.cross_entropy(per_token, wanted, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, (wanted != IGNORE_INDEX).sum()
+    total = F.cross_entropy(per_token, wanted, ignore_index=IGNORE_INDEX, reduction="sum")  # loss parallel: replicated
+    return local(total), (wanted != IGNORE_INDEX).sum()
 
 
 class SFT(TaskBase):
