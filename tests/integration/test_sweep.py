@@ -13,7 +13,7 @@ import pytest
 
 from tests.failpoints import Failpoints
 from tests.helpers import TINY, kiln
-from tests.integration.ft_harness import finish, kill_tree, losses, output, start_kiln, wait_for
+from tests.integration.ft_harness import finish, kill_tree, losses, output, start_kiln, wait_for, worker_pid
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -249,8 +249,8 @@ def test_a_bad_point_is_named_and_nothing_runs(tmp_path):
 
 
 def test_a_trial_whose_actor_dies_is_restarted_and_a_trial_that_fails_stops_no_other(tmp_path, cache_dir):
-    """Trial 1's actor is SIGKILLed at step 6 (its step-5 checkpoint committed): Tune restarts it and its run
-    goes on from step 5. Trial 2 diverges (lr=1e6): it fails once, is not restarted, and is never the best."""
+    """Trial 1's actor and worker are SIGKILLed at step 6 (its step-5 checkpoint committed): Tune restarts it and
+    its run goes on from step 5. Trial 2 diverges (lr=1e6): it fails once, is not restarted, and is never the best."""
     import os
     import signal
 
@@ -263,7 +263,11 @@ def test_a_trial_whose_actor_dies_is_restarted_and_a_trial_that_fails_stops_no_o
     points.wait("loop.after_step", proc=driver)
     first = read(root / "div-1" / "run.json")
     assert first is not None and first["driver"]["command"].startswith("kiln sweep div ")
-    os.kill(first["driver"]["pid"], signal.SIGKILL)  # the trial's actor: its process crashed, or its node
+    # The trial's node dies: its actor and its run's worker together, so no worker outlives its owner long enough
+    # to commit a checkpoint of its own (on a loaded machine one did, at step 7, as a preempted worker would).
+    held_worker = worker_pid(str(root), "div-1", rank=0)
+    os.kill(first["driver"]["pid"], signal.SIGKILL)
+    os.kill(held_worker, signal.SIGKILL)
     points.release("loop.after_step")
     assert finish(driver, timeout=600) == 0, output(driver)
     log = (tmp_path / "sweep.log").read_text()  # all of it: the trials' lines come in either order
