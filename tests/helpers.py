@@ -129,6 +129,17 @@ def kiln_refused(*args: str, env: dict | None = None) -> subprocess.CompletedPro
         return kiln_here(*args, env=env)
 
 
+def config_refused(*overrides: str) -> str:
+    """The one-line UsageError message composing these `kiln train` overrides is refused with (it must be)."""
+    from orchestrator.config import UsageError, compose_config
+
+    with pytest.raises(UsageError) as err:
+        compose_config(list(overrides))
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
 def prepare_rows(folder: Path, rows: list[dict], *settings: str) -> Path:
     """Write rows as folder/rows.jsonl and `kiln prepare` them into folder/prepared (must succeed; no cluster)."""
     with open(folder / "rows.jsonl", "w") as out:

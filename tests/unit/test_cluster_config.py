@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.config import ClusterConfig, UsageError, compose_config, config_keys, load_saved_config, to_yaml
+from orchestrator.config import ClusterConfig, compose_config, config_keys, load_saved_config, to_yaml
 from orchestrator.launch.ray_train import scaling_config
+from tests.helpers import config_refused as refused
 
 # The spelling of a key with a colon that Hydra's grammar takes: the colon escaped with a backslash.
 H100 = r"cluster.resources_per_worker={GPU:1,accelerator_type\:H100:0.001}"
@@ -13,14 +14,6 @@ H100 = r"cluster.resources_per_worker={GPU:1,accelerator_type\:H100:0.001}"
 
 def cluster(*overrides: str) -> ClusterConfig:
     return compose_config(list(overrides)).cluster
-
-
-def refused(*overrides: str) -> str:
-    with pytest.raises(UsageError) as err:
-        compose_config(list(overrides))
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 def test_placement_defaults_to_pack_and_takes_rays_four_strategies_in_lower_case():

@@ -5,19 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.config import UsageError, compose_config
+from orchestrator.config import compose_config
+from tests.helpers import config_refused as refused
 from trainers.config import MeshShape
 
 # A Llama-family model whose 4 query and 2 key/value heads split 2 ways.
 LLAMA = ["model=llama3_tiny", "strategy=fsdp", "train.global_batch=8", "train.micro_batch=2"]
-
-
-def refused(*overrides: str) -> str:
-    with pytest.raises(UsageError) as err:
-        compose_config(list(overrides))
-    message = str(err.value)
-    assert "\n" not in message
-    return message
 
 
 def test_the_mesh_is_replicate_by_shard_by_tensor_with_tensor_groups_of_consecutive_ranks():
