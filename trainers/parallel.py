@@ -33,7 +33,7 @@ from torch.distributed.tensor.parallel import (
 from transformers import PreTrainedModel
 
 from trainers.config import ConfigError, MeshShape
-from trainers.config.parallel import MESH_DIMS, TENSOR_PARALLEL_ARCHS, check_heads, tensor_group_problem
+from trainers.config.parallel import MESH_DIMS, check_model_splits, tensor_group_problem
 from trainers.distributed import broadcast_from_rank0, gather_to_rank0
 
 
@@ -110,14 +110,9 @@ def layer_plan(model: PreTrainedModel) -> dict[str, ParallelStyle]:
 def check_tensor_parallel(model: PreTrainedModel, tensor: int) -> None:
     """The model (built from config, or a model.init_from folder's) can be split T ways; ConfigError if not."""
     config = model.config
-    arch = config.model_type
-    if arch not in TENSOR_PARALLEL_ARCHS:
-        raise ConfigError(
-            f"parallel.tensor={tensor} with a {arch} model: Kiln has tensor-parallel plans for "
-            f"{', '.join(TENSOR_PARALLEL_ARCHS)}; use parallel.tensor=1"
-        )
     heads = config.num_attention_heads
-    check_heads(tensor, heads, config.num_key_value_heads or heads, where=f"the {arch} model's config")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    check_model_splits(tensor, config.model_type, heads, kv_heads, where="the model's config")
 
 
 def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> nn.Module:

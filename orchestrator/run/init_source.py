@@ -23,6 +23,8 @@ from data_pipeline import storage
 from data_pipeline import tokenizer as bpe
 from orchestrator.config import KilnConfig, UsageError, absolute_url
 from trainers.checkpoint.layout import Committed
+from trainers.config import ConfigError
+from trainers.config.parallel import check_model_splits
 from trainers.pretrained import (
     PretrainedError,
     check_data,
@@ -30,6 +32,7 @@ from trainers.pretrained import (
     check_vocabulary,
     inspect_folder,
     model_files,
+    read_config,
 )
 from trainers.run.folder import INIT_MODEL_DIR
 from trainers.task_data import PRETRAINED_CLASS
@@ -89,8 +92,10 @@ def init_source(
     try:
         if source is None:
             folder = check_folder(cfg, absolute_url(value), name, data)
+            check_mesh_fits(cfg, folder, name)
             note = f"{name}: copied to {target}"
         else:
+            check_source_splits(cfg, source, name)  # before the export, which would be left behind
             exported, note = export_run(cfg, name, source, data, log)
             folder = exported
             note = f"{note}, copied to {target}"
@@ -124,9 +129,34 @@ def check_submitted(cfg: KilnConfig, source: SourceRun | None, data: DataTokens 
                 check_folder(cfg, path, name, data)
             else:
                 inspect_folder(path, PRETRAINED_CLASS[cfg.task.name], cfg.task.name, name)
+                check_mesh_fits(cfg, path, name)
         elif data is not None:
             check_run_vocabulary(source, data)
     except PretrainedError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_mesh_fits(cfg: KilnConfig, path: str, name: str) -> None:
+    """With parallel.tensor, the folder's model is one Kiln can split that many ways (its arch and heads)."""
+    if cfg.parallel.tensor == 1:
+        return
+    config = read_config(path, name)
+    heads = int(getattr(config, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    try:
+        check_model_splits(cfg.parallel.tensor, config.model_type, heads, kv_heads, where=f"{name}'s config.json")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def check_source_splits(cfg: KilnConfig, source: SourceRun, name: str) -> None:
+    """With parallel.tensor, the source run's model (its saved config) is one Kiln can split that many ways."""
+    model = source.cfg.model
+    if cfg.parallel.tensor == 1 or model.init_from is not None:  # a folder decided that run's model: the worker checks
+        return
+    try:
+        check_model_splits(cfg.parallel.tensor, model.arch, model.n_head, model.n_kv_head or model.n_head, name)
+    except ConfigError as exc:
         raise UsageError(str(exc)) from None
 
 

@@ -202,3 +202,28 @@ def test_a_llama_folder_whose_tokenizer_outgrows_its_embedding_is_refused_in_one
     assert "resize_token_embeddings" in message
     LlamaForCausalLM(LlamaConfig(vocab_size=size, **shape)).save_pretrained(tmp_path / "model")
     assert inspect_folder(str(tmp_path / "model"), "AutoModelForCausalLM", "sft").architecture == "LlamaForCausalLM"
+
+
+def test_a_folder_parallel_tensor_cannot_split_is_refused_before_anything_starts(folder, tmp_path):
+    """parallel.tensor with model.init_from: the folder's own arch and heads are checked by the driver."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from data_pipeline import tokenizer as bpe
+    from orchestrator.run.planning import check_submission_source
+
+    torch.manual_seed(0)
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "max_position_embeddings": 32}
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=320, num_attention_heads=2, num_key_value_heads=1, **shape)
+    ).save_pretrained(tmp_path / "llama")
+    bpe.load(str(folder[0])).save_pretrained(tmp_path / "llama")
+    mesh = ["strategy=fsdp", "parallel.tensor=2", "cluster.num_workers=2", f"storage.root={tmp_path}"]
+    for path, expected in [
+        (folder[0], "parallel.tensor=2 with a gpt2 model (model.init_from="),
+        (tmp_path / "llama", "parallel.tensor=2 must divide the 2 query and 1 key/value heads (model.init_from="),
+    ]:
+        cfg = compose_config([f"model.init_from={path}", *mesh])
+        with pytest.raises(UsageError) as raised:
+            check_submission_source(cfg, None)
+        assert expected in str(raised.value) and "\n" not in str(raised.value), raised.value

@@ -123,6 +123,16 @@ def check_parallel(
         check_heads(parallel.tensor, *heads, where="model.n_head/model.n_kv_head")
 
 
+def check_model_splits(tensor: int, arch: str, heads: int, kv_heads: int, where: str) -> None:
+    """A model (its transformers model_type and heads) that parallel.tensor can split; ConfigError naming where."""
+    require(
+        arch in TENSOR_PARALLEL_ARCHS,
+        f"parallel.tensor={tensor} with a {arch} model ({where}): Kiln has tensor-parallel plans for "
+        f"{', '.join(TENSOR_PARALLEL_ARCHS)}; use parallel.tensor=1",
+    )
+    check_heads(tensor, heads, kv_heads, where)
+
+
 def check_heads(tensor: int, heads: int, kv_heads: int, where: str) -> None:
     """Each rank of a tensor group takes whole query and key/value heads."""
     require(
