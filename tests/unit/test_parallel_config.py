@@ -62,6 +62,10 @@ def test_the_batch_is_divided_among_data_parallel_ranks_not_workers():
             ["parallel.tensor=2", "cluster.num_workers=2", "cluster.num_workers=[1,2]"],
             "(elastic) with parallel.tensor/parallel.replicate: a mesh has a fixed shape",
         ),
+        (
+            ["parallel.tensor=2", "cluster.num_workers=2", "model.compile=true"],
+            "model.compile with parallel.tensor=2: Kiln does not compile tensor-parallel blocks",
+        ),
         (["parallel.tensor=0"], "parallel.tensor must be >= 1 (1: off), got 0"),
         (["parallel.replicate=-2"], "parallel.replicate must be >= 1 (1: off), got -2"),
     ],

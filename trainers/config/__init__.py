@@ -152,6 +152,7 @@ class WorkerConfig:
             task=self.task.name,
             lora=self.model.lora.enabled,
             heads=(self.model.n_head, self.model.n_kv_head or self.model.n_head) if from_config else None,
+            compiled=self.model.compile,
         )
         require(
             self.model.init_from is not None or self.data.seq_len <= self.model.n_positions,
