@@ -23,7 +23,7 @@ import pytest
 from tests.failpoints import Failpoints
 from tests.helpers import BIN, REPO
 from tests.integration.ft_harness import (
-    EVERY_STEP,
+    EVERY_OTHER_STEP,
     assert_same_losses,
     committed_steps,
     events,
@@ -61,7 +61,8 @@ def submit(
     cluster, root: str, run: str, *overrides: str, follow: bool = False, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """kiln submit of the 2-worker reference config (ddp) as run `run` under root (env: e.g. armed failpoints)."""
-    args = ["submit", "--address", cluster.address, *EVERY_STEP, f"run.id={run}", f"storage.root={root}", *overrides]
+    args = ["submit", "--address", cluster.address, *EVERY_OTHER_STEP, f"run.id={run}", f"storage.root={root}"]
+    args += overrides
     return kiln_at(cluster, *args, *(["--follow"] if follow else []), extra_env=env)
 
 
@@ -311,7 +312,7 @@ def test_an_elastic_run_shrinks_on_node_loss_grows_back_and_keeps_the_math_of_a_
     cannot finish before it shrinks or grows, however slowly this machine goes."""
     from tests.helpers import torchrun
 
-    settings = [o for o in EVERY_STEP if not o.startswith(("model.dropout", "train.max_steps"))]
+    settings = [o for o in EVERY_OTHER_STEP if not o.startswith(("model.dropout", "train.max_steps"))]
     # No dropout: one worker draws other dropout masks than two (the rest of the math is the same).
     settings += ["model.dropout=0.0", "train.max_steps=16"]
     torchrun(*settings, "run.id=fixed", f"storage.root={tmp_path}")
@@ -320,8 +321,8 @@ def test_an_elastic_run_shrinks_on_node_loss_grows_back_and_keeps_the_math_of_a_
     root, run = s3_root(s3), "elastic"
     points = Failpoints(
         tmp_path / "fp",
-        f"loop.after_step(run={run},step=6,rank=0)=pause",  # 2 workers, step 5 committed
-        f"loop.after_step(run={run},step=10,rank=0)=pause",  # 1 worker, step 9 committed
+        f"loop.after_step(run={run},step=6,rank=0)=pause",  # 2 workers, step 4 committed
+        f"loop.after_step(run={run},step=10,rank=0)=pause",  # 1 worker, step 8 committed
     )
     elastic = ["cluster.num_workers=[1,2]", "cluster.resize_check_s=3", "cluster.resources_per_worker={worker_node:1}"]
     args = ["submit", "--address", ray_cluster.address, *settings, *elastic, f"run.id={run}", f"storage.root={root}"]
@@ -356,7 +357,7 @@ def test_an_elastic_run_shrinks_on_node_loss_grows_back_and_keeps_the_math_of_a_
     shrink, grow = state["attempts"][0], state["attempts"][1]
     assert shrink["outcome"] == "FAILED" and shrink["cause"]["lost_node"] == lost, shrink
     assert grow["outcome"] == "RESTARTED" and "grew the group from 1 to 2 workers" in grow["cause"]["summary"]
-    assert [a["restored_step"] for a in state["attempts"]] == [None, 5, 9], state["attempts"]
+    assert [a["restored_step"] for a in state["attempts"]] == [None, 4, 8], state["attempts"]
     text = kiln_at(ray_cluster, "status", run, "--storage-root", root).stdout
     assert "1 workers via ray (resized from 2 workers)" in text and "2 workers via ray (resized from 1 workers)" in text
 
