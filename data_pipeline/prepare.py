@@ -1,7 +1,8 @@
 """`kiln prepare`: raw files -> tokenized, packed, checksummed shards with a manifest, via Ray Data.
 
 Reading and tokenizing run as a Ray Data pipeline over the cluster's CPUs (`flat_map` over input
-files, `map_batches` with the tokenizer). The driver consumes the tokenized documents in input order
+files, `map_batches` with the tokenizer), or in this process for a small input (data_pipeline/records.py).
+The driver consumes the tokenized documents in input order
 and packs them into fixed-length sequences, so the output is the same whatever the parallelism
 (data_pipeline/prepare_packing.py; the settings and summary are data_pipeline/prepare_config.py's).
 
@@ -13,21 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any
 
-from data_pipeline import storage
+from data_pipeline import records, storage
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import token_dtype
 from data_pipeline.examples import ExampleError, chat_messages, classification_example, label_map
 from data_pipeline.prepare_config import KINDS, PrepareConfig, PrepareError, PrepareSummary
 from data_pipeline.prepare_output import existing_manifest, replace_problem, write_dataset
 from data_pipeline.prepare_packing import MAX_REPORTED_BAD, split_of, tokenize_and_pack, tokenize_batch
-from data_pipeline.sources import detect_format, expand, read_records
+from data_pipeline.sources import detect_format, expand
 
 __all__ = [
     "KINDS",
@@ -45,10 +44,13 @@ __all__ = [
 ]
 
 
+ENGINE_SAYS = {"local": "in this process", "ray": "by Ray Data over the CPUs of a Ray"}
+
+
 def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: str | None) -> str:
     """Hash of the inputs (names, sizes, modification stamps), the settings and the tokenizer."""
     h = hashlib.sha256()
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "batch_size")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("output", "batch_size", "engine")}
     # format 3: complete tokenizer folders, chat rendered by the tokenizer's template, one conversation per row
     h.update(json.dumps({"settings": settings, "tokenizer": tokenizer_sha, "format": 3}, sort_keys=True).encode())
     for url in files:
@@ -60,21 +62,6 @@ def fingerprint(files: list[str], cfg: PrepareConfig, tokenizer_sha: str | None)
             for rel, size in storage.walk_files(url):
                 h.update(f"{rel}\0{size}\n".encode())
     return h.hexdigest()[:20]
-
-
-def _records_of(row: dict, text_field: str, kind: str) -> list[dict]:
-    # "" rather than None for "no error": an all-None column would come back from Arrow as NaN.
-    # Chat and classification rows travel whole (as JSON text) to the tokenizing step.
-    records = read_records(row["url"], row["format"], text_field if kind == "pretrain" else None)
-    return [
-        {
-            "text": json.dumps(r.row, default=str) if r.row is not None else r.text,
-            "source": r.source,
-            "line": r.line,
-            "error": r.error or "",
-        }
-        for r in records
-    ]
 
 
 def example_text(kind: str, text: str, text_field: str) -> str:
@@ -108,12 +95,15 @@ def prepare(
             f"prepare: {cfg.output} was prepared from other inputs or settings: preparing it again "
             "(the old dataset stays until the new one is complete)"
         )
-    ray_dataset = _read(files, formats, cfg)
+    size = records.input_bytes(files)
+    engine = records.engine_for(cfg.engine, size)
+    log(f"prepare: {size / 2**20:,.2f} MiB of input, read and tokenized {ENGINE_SAYS[engine]} (engine={cfg.engine})")
+    dataset = records.read(files, formats, cfg.text_field, cfg.kind, engine)
     if cfg.on_bad_record == "fail":
-        _stop_at_first_bad_record(ray_dataset, cfg)
+        _stop_at_first_bad_record(dataset, cfg)
 
     def build(folder: str) -> tuple[PrepareSummary, dict]:
-        return _build(folder, ray_dataset, given, files, formats, key, cfg, log, progress, started)
+        return _build(folder, dataset, given, files, formats, key, cfg, log, progress, started)
 
     summary = write_dataset(cfg.output, key, build)
     summary.output = cfg.output
@@ -153,7 +143,7 @@ def given_tokenizer(cfg: PrepareConfig) -> GivenTokenizer:
 
 def _build(
     folder: str,
-    ray_dataset,
+    dataset,
     given: GivenTokenizer | None,
     files: list[str],
     formats: list[str],
@@ -165,9 +155,9 @@ def _build(
 ) -> tuple[PrepareSummary, dict]:
     """Tokenizer, shards and label map written into folder; returns the summary and the manifest body."""
     tokenizer_url = storage.join(folder, "tokenizer")
-    tokenizer, tokenizer_sha = _write_tokenizer(tokenizer_url, given, ray_dataset, cfg, log)
-    labels = _label_map(ray_dataset, cfg) if cfg.kind == "classification" else None
-    summary, chat = tokenize_and_pack(ray_dataset, tokenizer, tokenizer_url, folder, cfg, progress, labels)
+    tokenizer, tokenizer_sha = _write_tokenizer(tokenizer_url, given, dataset, cfg, log)
+    labels = _label_map(dataset, cfg) if cfg.kind == "classification" else None
+    summary, chat = tokenize_and_pack(dataset, tokenizer, tokenizer_url, folder, cfg, progress, labels)
     _check_splits(summary, cfg)
     summary.wall_s = time.perf_counter() - started
     extra: dict = {}
@@ -194,13 +184,13 @@ def _build(
 
 
 def _write_tokenizer(
-    url: str, given: GivenTokenizer | None, ray_dataset, cfg: PrepareConfig, log: Callable[[str], None]
+    url: str, given: GivenTokenizer | None, dataset, cfg: PrepareConfig, log: Callable[[str], None]
 ) -> tuple[Any, str]:
     """The dataset's tokenizer written to url, and its sha256: a given folder copied as it is (or saved, when Kiln
     completed it), else one trained on the train split."""
     if given is not None and not given.changed:
         return given.tokenizer, bpe.copy_folder(given.folder, url)  # a model's folder, as it is
-    tokenizer = given.tokenizer if given is not None else _train_tokenizer(ray_dataset, cfg, log)
+    tokenizer = given.tokenizer if given is not None else _train_tokenizer(dataset, cfg, log)
     return tokenizer, bpe.save(tokenizer, url)
 
 
@@ -255,24 +245,6 @@ def _tokenizer_folder(path: str) -> str:
         f"tokenizer={path}: no tokenizer there ({bpe.TOKENIZER_FILE}, {bpe.CONFIG_FILE}); give a model's "
         "folder, a tokenizer folder, a prepared dataset, or tokenizer=train"
     )
-
-
-def _read(files: list[str], formats: list[str], cfg: PrepareConfig):
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # our own progress line says enough
-    import ray
-
-    if not ray.is_initialized():
-        # "local": a bare ray.init() joins whatever `ray start` cluster /tmp/ray last recorded (or
-        # RAY_ADDRESS), and waits forever when that cluster is gone; preparing runs on this machine.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # same output whatever the parallelism
-    context.enable_progress_bars = False
-    items = [{"url": u, "format": f} for u, f in zip(files, formats, strict=False)]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    # Ray's annotation of flat_map's fn cannot express the arguments fn_kwargs supplies
-    records_of = cast("Callable[[dict[str, Any]], list[dict[str, Any]]]", _records_of)
-    return dataset.flat_map(records_of, fn_kwargs={"text_field": cfg.text_field, "kind": cfg.kind}).materialize()
 
 
 def _usable_rows(dataset, cfg: PrepareConfig) -> Iterator[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_pipeline.dataset import OVERFLOW
+from data_pipeline.records import ENGINES
 from data_pipeline.sources import FORMATS
 
 KINDS = ("pretrain", "chat", "classification")
@@ -31,6 +32,8 @@ class PrepareConfig:
     batch_size: int = 256  # documents per tokenizer call
     # kind=chat: a conversation longer than seq_len is cut there (its start kept) or dropped; counted either way
     overflow: str = "truncate"
+    # where records are read and tokenized: Ray Data ("ray"), this process ("local"), or by the inputs' size ("auto")
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("input", "output"):
@@ -53,6 +56,8 @@ class PrepareConfig:
             )
         if self.batch_size < 1:
             raise PrepareError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.engine not in ENGINES:
+            raise PrepareError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
         if self.overflow not in OVERFLOW:
             raise PrepareError(f"overflow must be one of {', '.join(OVERFLOW)}; got {self.overflow!r}")
 

@@ -1,4 +1,5 @@
-"""`kiln prepare` with Ray Data: raw files in, packed shards out, bad records named, results cached."""
+"""`kiln prepare`: raw files in, packed shards out (by Ray Data or in-process, the same), bad records named, results
+cached."""
 
 from __future__ import annotations
 
@@ -77,9 +78,11 @@ def test_prepare_packs_every_good_document_in_order_and_reports_bad_ones(tmp_pat
     expected = make_inputs(tmp_path / "raw")
     out = tmp_path / "prepared"
     args = ["prepare", f"input={tmp_path}/raw/*", f"output={out}", "seq_len=32", "vocab_size=400", "val_fraction=0.2"]
-    # A cluster address left in the environment (a dead one here) is not where a local prepare runs.
-    result = kiln(*args, env={"RAY_ADDRESS": "127.0.0.1:9"}, timeout=300)
+    # Ray Data, as a large input gets it. A cluster address left in the environment (a dead one here) is not
+    # where a local prepare runs.
+    result = kiln(*args, "engine=ray", env={"RAY_ADDRESS": "127.0.0.1:9"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "read and tokenized by Ray Data" in result.stdout
     assert "3 bad records, 1 empty documents dropped" in result.stdout
     assert f"{tmp_path}/raw/a.jsonl:61: malformed JSON" in result.stdout
     assert f"{tmp_path}/raw/a.jsonl:62: field 'text' is missing" in result.stdout
@@ -103,8 +106,14 @@ def test_prepare_packs_every_good_document_in_order_and_reports_bad_ones(tmp_pat
     assert 0 < len(docs["val"]) < len(docs["train"])
 
     again = kiln(*args)
-    assert again.returncode == 0 and "reusing" in again.stdout
+    assert again.returncode == 0 and "reusing" in again.stdout  # the engine is not part of what is prepared
     assert json.loads((out / "manifest.json").read_text()) == manifest
+    # A small input is read in this process (engine=auto): byte for byte the dataset Ray Data made.
+    local = kiln(*[a.replace(str(out), str(tmp_path / "local")) for a in args])
+    assert local.returncode == 0 and "read and tokenized in this process (engine=auto)" in local.stdout
+    made_here = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    assert made_here["splits"] == manifest["splits"] and made_here["tokenizer"] == manifest["tokenizer"]
+    assert {**made_here["summary"], "wall_s": 0} == {**manifest["summary"], "wall_s": 0}
 
     with open(tmp_path / "raw" / "a.jsonl", "a") as handle:
         handle.write(json.dumps({"text": "one more document"}) + "\n")
@@ -137,8 +146,15 @@ def test_prepare_on_s3_then_train_streaming_from_s3(s3, tmp_path, cache_dir):
     fs.put(str(local_raw / "a.jsonl"), f"{s3}/raw/a.jsonl")
     fs.put(str(local_raw / "b.parquet"), f"{s3}/raw/b.parquet")
     out = f"s3://{s3}/prepared/v1"
+    # Ray Data's workers read S3 themselves (engine=ray), as a large input on S3 is read.
     result = kiln(
-        "prepare", f"input=s3://{s3}/raw/*", f"output={out}", "seq_len=32", "vocab_size=400", "val_fraction=0.2"
+        "prepare",
+        f"input=s3://{s3}/raw/*",
+        f"output={out}",
+        "seq_len=32",
+        "vocab_size=400",
+        "val_fraction=0.2",
+        "engine=ray",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert fs.exists(f"{s3}/prepared/v1/manifest.json")

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {"data_pipeline": 0, "trainers": 1, "orchestrator": 2}
 # Ray Train and Ray Jobs are the orchestrator's; `kiln prepare` tokenizes with Ray Data.
-MAY_IMPORT_RAY = ("orchestrator", "data_pipeline.prepare")
+MAY_IMPORT_RAY = ("orchestrator", "data_pipeline.records")
 MAY_IMPORT_HYDRA = ("orchestrator",)
 
 
@@ -182,11 +182,11 @@ def test_the_check_catches_each_kind_of_violation():
         "trainers.export": {"trainers.checkpoint.shapes"},
         "trainers.checkpoint.shapes": {"trainers.checkpoint.store", "omegaconf"},
         "orchestrator.cli": {"trainers.run.events", "ray", "hydra"},
-        "data_pipeline.prepare": {"ray.data"},
+        "data_pipeline.records": {"ray.data"},
     }
     problems = violations(graph)
     assert "upward import: data_pipeline.storage imports trainers.run.events" in problems
-    assert "trainers.run.events imports ray (only orchestrator, data_pipeline.prepare may)" in problems
+    assert "trainers.run.events imports ray (only orchestrator, data_pipeline.records may)" in problems
     assert "trainers.checkpoint.shapes imports Hydra/OmegaConf (only the orchestrator composes config)" in problems
     assert "import cycle: data_pipeline.storage -> trainers.run.events -> data_pipeline.storage" in problems
     assert (

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from data_pipeline.prepare import PrepareConfig, PrepareError, split_of
+from data_pipeline.records import LOCAL_MAX_BYTES, LocalRecords, engine_for, input_bytes
 from data_pipeline.sources import SourceError, detect_format, expand, read_records
 
 
@@ -77,8 +78,39 @@ def test_split_by_document_hash_is_stable_and_close_to_the_fraction():
         ({"input": "x", "output": "y", "on_bad_record": "ignore"}, "on_bad_record must be skip or fail"),
         ({"input": "x", "output": "y", "format": "xml"}, "format must be one of"),
         ({"input": "x", "output": "y", "vocab_size": 10}, "vocab_size must be in"),
+        ({"input": "x", "output": "y", "engine": "spark"}, "engine must be one of auto, ray, local; got 'spark'"),
     ],
 )
 def test_prepare_settings_are_validated(kwargs, message):
     with pytest.raises(PrepareError, match=message):
         PrepareConfig(**kwargs)
+
+
+def test_a_small_input_is_prepared_in_this_process_and_a_large_one_by_ray_data_unless_told():
+    assert engine_for("auto", 0) == engine_for("auto", LOCAL_MAX_BYTES) == "local"
+    assert engine_for("auto", LOCAL_MAX_BYTES + 1) == "ray"
+    assert engine_for("ray", 10) == "ray" and engine_for("local", 10 * LOCAL_MAX_BYTES) == "local"
+
+
+def test_input_bytes_counts_files_and_the_files_of_a_datasets_folder(tmp_path):
+    (tmp_path / "a.txt").write_text("x" * 10)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "b.arrow").write_bytes(b"y" * 7)
+    (tmp_path / "folder" / "state.json").write_text("{}")
+    assert input_bytes([str(tmp_path / "a.txt"), str(tmp_path / "folder")]) == 19
+
+
+def test_local_records_map_batches_of_columns_in_order_as_ray_data_does():
+    rows = [{"text": str(i), "line": i} for i in range(5)]
+    records = LocalRecords(rows)
+    assert list(records.iter_rows()) == rows
+
+    def lengths(batch, plus):
+        return {"n": [len(batch["text"])], "first": [batch["line"][0] + plus]}
+
+    mapped = records.map_batches(lengths, fn_kwargs={"plus": 100}, batch_size=2, batch_format="numpy")
+    assert list(mapped.iter_batches(batch_size=2)) == [
+        {"n": [2], "first": [100]},
+        {"n": [2], "first": [102]},
+        {"n": [1], "first": [104]},
+    ]
