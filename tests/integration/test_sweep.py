@@ -1,4 +1,4 @@
-"""Sweeps as users run them: a grid on the embedded Ray, its driver killed and resumed, Optuna with ASHA,
+"""Sweeps as users run them: a grid on the embedded Ray, its driver killed midway and resumed, Optuna with ASHA,
 `kiln sweep stop`, and a bad point refused before anything starts.
 
 Each trial is a 1-worker tiny run; the embedded Ray has this machine's 2 CPUs, so 2 trials run at once.
@@ -7,12 +7,14 @@ Each trial is a 1-worker tiny run; the embedded Ray has this machine's 2 CPUs, s
 from __future__ import annotations
 
 import json
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.failpoints import Failpoints
-from tests.helpers import TINY, kiln
+from tests.helpers import TINY, kiln, torchrun
 from tests.integration.ft_harness import finish, kill_tree, losses, output, start_kiln, wait_for, worker_pid
 
 pytestmark = pytest.mark.timeout(900)
@@ -54,17 +56,45 @@ def status(root: Path, sweep: str) -> dict:
     return json.loads(result.stdout)
 
 
+@dataclass
+class KilledGrid:
+    """The 4-point grid whose driver was killed midway and resumed (the module's one grid sweep)."""
+
+    root: Path
+    first_log: str  # what the killed driver printed
+    resumed: subprocess.CompletedProcess  # `kiln sweep resume`
+    finished_before: dict[int, dict | None]  # run.json of trials 1 and 2 when the driver died
+    killed_at: int  # trial 3's last committed step then
+
+
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory, cache_dir):
-    """The uninterrupted 4-point grid, spelled the Hydra way (`kiln train -m`), W&B offline."""
+def grid(tmp_path_factory, cache_dir) -> KilledGrid:
+    """The 4-point grid, spelled the Hydra way (`kiln train -m`), W&B offline. Trial 3 is held after its step 5
+    (step 4 committed) until trials 1 and 2 have finished; then the driver dies with its Ray, and `kiln sweep
+    resume` finishes the sweep."""
     root = tmp_path_factory.mktemp("sweep-grid")
-    result = kiln("train", "-m", *TRIAL, *GRID, "tracker=wandb", "sweep.id=grid", f"storage.root={root}", timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-3000:]
-    return root, result
+    points = Failpoints(root / "fp", "loop.after_step(run=grid-3,step=5,rank=0)=pause")
+    args = ["train", "-m", *TRIAL, *GRID, "tracker=wandb", "sweep.id=grid", f"storage.root={root}"]
+    driver = start_kiln(*args, log=root / "sweep.log", env=points.env)
+    points.wait("loop.after_step", proc=driver)
+
+    def trials_1_and_2_done() -> bool:
+        done = [read(root / f"grid-{n}" / "run.json") for n in (1, 2)]
+        return all(d and d["state"] == "SUCCEEDED" for d in done)
+
+    wait_for("trials 1 and 2 to finish", trials_1_and_2_done, proc=driver)
+    kill_tree(driver.pid)  # the driver's machine dies: the driver and the Ray it started
+    finished_before = {n: read(root / f"grid-{n}" / "run.json") for n in (1, 2)}
+    killed_at = committed_steps(root / "grid-3")[-1]
+    lost = status(root, "grid")
+    assert lost["state"] == "DRIVER_LOST" and "kiln sweep resume grid" in lost["resume_command"]
+    resumed = kiln("sweep", "resume", "grid", "--storage-root", str(root), timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-2000:]
+    return KilledGrid(root, (root / "sweep.log").read_text(), resumed, finished_before, killed_at)
 
 
 def test_a_grid_runs_two_trials_at_a_time_and_marks_the_trial_with_the_lowest_final_val_loss(grid):
-    root, result = grid
+    root = grid.root
     view = status(root, "grid")
     assert view["sweep_id"] == "grid" and view["state"] == "FINISHED"
     assert [t["run_id"] for t in view["trials"]] == ["grid-1", "grid-2", "grid-3", "grid-4"]
@@ -87,10 +117,10 @@ def test_a_grid_runs_two_trials_at_a_time_and_marks_the_trial_with_the_lowest_fi
     config = (root / "grid-3" / "config.yaml").read_text()
     assert "lr: 0.003" in config and "n_layer: 1" in config
     # 2 trials at a time on 2 CPUs: the sweep said so and trial 3 started only after one of 1, 2 ended.
-    assert "4 trial(s) to run, 2 at a time (grid)" in result.stdout
+    assert "4 trial(s) to run, 2 at a time (grid)" in grid.first_log
     sweep = read(root / "sweeps" / "grid" / "sweep.json")
     assert sweep is not None and sweep["max_concurrent"] == 2 and sweep["points"] == view_points(view)
-    text = result.stdout
+    text = grid.first_log
     assert text.index("trial 3 started") > min(text.index("trial 1 SUCCEEDED"), text.index("trial 2 SUCCEEDED"))
     # The table marks the best trial.
     table = kiln("sweep", "status", "grid", "--storage-root", str(root)).stdout
@@ -101,7 +131,7 @@ def test_a_grid_runs_two_trials_at_a_time_and_marks_the_trial_with_the_lowest_fi
 def test_kiln_plot_of_a_sweep_overlays_its_trials_and_kiln_compare_sets_them_side_by_side(grid, tmp_path):
     from PIL import Image
 
-    root, _ = grid
+    root = grid.root
     result = kiln("plot", "grid", "--out", str(tmp_path), "--storage-root", str(root))
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / "loss.png") as image:
@@ -121,7 +151,7 @@ def view_points(view: dict) -> list[list[str]]:
 def test_each_trial_is_a_wandb_run_in_the_sweeps_group(grid):
     from tests.wandb_reader import records
 
-    root, _ = grid
+    root = grid.root
     files = list((root / "grid-2" / "wandb").glob("offline-run-*/run-grid-2.wandb"))
     assert len(files) == 1
     runs = [r.run for r in records(files[0]) if r.HasField("run")]
@@ -131,42 +161,26 @@ def test_each_trial_is_a_wandb_run_in_the_sweeps_group(grid):
 def test_a_killed_sweep_driver_resumes_finished_trials_untouched_and_the_midway_trial_from_its_checkpoint(
     grid, tmp_path
 ):
-    reference_root, _ = grid
-    root = tmp_path / "runs"
-    args = ["sweep", *TRIAL, *GRID, "tracker=none", "sweep.id=killed", f"storage.root={root}"]
-    # Trial 3 is held after its step 5 (step 4 committed) until trials 1 and 2 have finished; then the driver dies.
-    points = Failpoints(tmp_path / "fp", "loop.after_step(run=killed-3,step=5,rank=0)=pause")
-    driver = start_kiln(*args, log=tmp_path / "sweep.log", env=points.env)
-    points.wait("loop.after_step", proc=driver)
-
-    def trials_1_and_2_done() -> bool:
-        done = [read(root / f"killed-{n}" / "run.json") for n in (1, 2)]
-        return all(d and d["state"] == "SUCCEEDED" for d in done)
-
-    wait_for("trials 1 and 2 to finish", trials_1_and_2_done, proc=driver)
-    kill_tree(driver.pid)  # the driver's machine dies: the driver and the Ray it started
-    finished_before = {n: read(root / f"killed-{n}" / "run.json") for n in (1, 2)}
-    killed_at = committed_steps(root / "killed-3")[-1]
-    assert killed_at == 4
-
-    lost = status(root, "killed")
-    assert lost["state"] == "DRIVER_LOST" and "kiln sweep resume killed" in lost["resume_command"]
-    resumed = kiln("sweep", "resume", "killed", "--storage-root", str(root), timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-2000:]
-    assert "2 trial(s) ended (left as they are)" in resumed.stdout
-
-    view = status(root, "killed")
+    root = grid.root
+    assert grid.killed_at == 4
+    assert "2 trial(s) ended (left as they are)" in grid.resumed.stdout
+    view = status(root, "grid")
     assert view["state"] == "FINISHED" and {t["state"] for t in view["trials"]} == {"SUCCEEDED"}
     for n in (1, 2):  # finished trials were not run again
-        assert read(root / f"killed-{n}" / "run.json") == finished_before[n]
-    third = read(root / "killed-3" / "run.json")
-    assert len(third["attempts"]) == 2
+        assert read(root / f"grid-{n}" / "run.json") == grid.finished_before[n]
+    third = read(root / "grid-3" / "run.json")
+    assert third is not None and len(third["attempts"]) == 2
     restored = third["attempts"][1].get("restored_step")
-    assert restored is not None and restored >= killed_at - 1, third["attempts"][1]
-    # Trial 3's losses, first try and re-run steps alike, equal the uninterrupted sweep's trial 3 (same point).
-    logged = losses(metrics(root, "killed-3"))
-    expected = {s: v[0] for s, v in losses(metrics(reference_root, "grid-3")).items()}
-    assert sorted(logged) == list(range(1, 41))
+    assert restored is not None and restored >= grid.killed_at - 1, third["attempts"][1]
+    # Trial 3's losses, first try and re-run steps alike, equal an uninterrupted run of its point (1 process, as
+    # the trial's 1 worker).
+    point = next(t["overrides"] for t in view["trials"] if t["run_id"] == "grid-3")
+    keys = {o.split("=")[0] for o in point}
+    trial = [o for o in TRIAL if o.split("=")[0] not in keys]
+    torchrun(*trial, *point, "tracker=none", "run.id=grid-3", f"storage.root={tmp_path}", nproc=1)
+    logged = losses(metrics(root, "grid-3"))
+    expected = {s: v[0] for s, v in losses(metrics(tmp_path, "grid-3")).items()}
+    assert sorted(logged) == sorted(expected) == list(range(1, 41))
     for step, values in logged.items():
         assert values == [expected[step]] * len(values), (step, values, expected[step])
 
