@@ -35,6 +35,8 @@ class Batch(Generic[A]):
     labels: A | None = None
     positions: A | None = None
     indices: A | None = None
+    # (rows, 2): each pair's reference log-probs (chosen, rejected), which task=dpo looks up by `indices`
+    reference: A | None = None
 
     def map(self, fn: Callable[[A], B]) -> Batch[B]:
         """The same batch with fn applied to every array it holds (e.g. numpy -> tensor on a device)."""
@@ -44,4 +46,5 @@ class Batch(Generic[A]):
             None if self.labels is None else fn(self.labels),
             None if self.positions is None else fn(self.positions),
             None if self.indices is None else fn(self.indices),
+            None if self.reference is None else fn(self.reference),
         )
