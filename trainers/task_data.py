@@ -36,7 +36,7 @@ TASK_NEEDS: dict[str, tuple[str, ...]] = {
 # task name -> the one `kiln prepare` kind it trains on (a task not named here trains on every kind but these)
 TASK_KINDS: dict[str, str] = {"dpo": "preference"}
 # the tasks whose models generate text (kiln generate, kiln chat, kiln eval --data pairs.jsonl)
-GENERATIVE_TASKS: tuple[str, ...] = ("causal_lm", "sft")
+GENERATIVE_TASKS: tuple[str, ...] = ("causal_lm", "sft", "dpo")
 # task name -> the special tokens its data's tokenizer must have (a tokenizer's own, as its configuration names them)
 TASK_TOKENS: dict[str, tuple[str, ...]] = {"mlm": ("mask_token",)}
 

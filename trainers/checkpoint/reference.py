@@ -132,3 +132,16 @@ def commit(url: str, tables: dict[str, np.ndarray], *, world_size: int, strategy
     }
     storage.write_atomic(storage.join(url, MANIFEST), json.dumps(manifest, indent=2))
     return digest
+
+
+def read_committed(url: str) -> dict[str, np.ndarray]:
+    """The tables of a committed reference folder, verified (what `kiln eval RUN` scores a task=dpo run's val pairs
+    against); ReferenceError in one line naming it when there is none or it is damaged."""
+    if not committed(url):
+        raise ReferenceError(f"{url} holds no committed reference log-probs: the run has not started training")
+    problem = damaged(url)
+    if problem:
+        raise ReferenceError(problem)
+    manifest = json.loads(storage.read_text(storage.join(url, MANIFEST)))
+    (entry,) = [e for e in manifest["files"] if e["path"] == LOGPS_FILE]
+    return read(url, entry["sha256"], manifest["data"]["pairs"])
