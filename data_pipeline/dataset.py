@@ -9,6 +9,10 @@ Layout (format_version 1):
                                         datasets prepared before that pack conversations end to end)
     <dataset>/<split>/shard_00000.labels  kind=classification: little-endian int32 class id per sequence
 
+kind=preference stores one pair per example: its chosen row then its rejected row, seq_len tokens each, with a
+mask over each answer's tokens (data_pipeline/preference.py). The manifest's `example_rows` (2; absent means 1)
+says so: a shard's `sequences` count examples, each of example_rows * seq_len tokens, and `seq_len` stays a row's.
+
 Every file is found through its path in the manifest, relative to the dataset's folder: an object-store
 dataset keeps them under `v-<fingerprint>/` (see data_pipeline/prepare.py), a local one at the top.
 """
@@ -76,6 +80,12 @@ class Dataset:
             )
         self.eos_id: int = self.manifest["eos_id"]
         self.dtype = np.dtype(self.manifest["dtype"])
+        self.example_rows: int = int(self.manifest.get("example_rows", 1))  # 2 for preference pairs
+
+    @property
+    def example_tokens(self) -> int:
+        """Tokens of one stored example (the unit the stream shuffles, shards and counts): its rows of seq_len."""
+        return self.seq_len * self.example_rows
 
     @property
     def tokenizer_url(self) -> str:
@@ -108,12 +118,14 @@ class Dataset:
 
     @property
     def kind(self) -> str:
-        """What `kiln prepare kind=` made: pretrain, chat or classification (datasets older than kinds: pretrain)."""
+        """What `kiln prepare kind=` made: pretrain, chat, classification or preference (datasets older than kinds:
+        pretrain)."""
         return str(self.manifest.get("kind", "pretrain"))
 
     @property
     def fields(self) -> tuple[str, ...]:
-        """What every shard stores besides tokens: `loss_mask` (chat), `labels` (classification), or nothing."""
+        """What every shard stores besides tokens: `loss_mask` (chat, preference), `labels` (classification), or
+        nothing."""
         entries = [e for split in self.manifest["splits"].values() for e in split["shards"]]
         stored = {LOSS_MASK: "mask", LABELS: "labels"}
         return tuple(f for f, key in stored.items() if entries and all(key in e for e in entries))

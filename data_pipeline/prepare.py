@@ -23,6 +23,7 @@ from data_pipeline import records, storage
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import token_dtype
 from data_pipeline.examples import ExampleError, chat_messages, classification_example, label_map
+from data_pipeline.preference import EXAMPLE_ROWS, IdenticalAnswers, preference_row, row_text
 from data_pipeline.prepare_config import KINDS, PrepareConfig, PrepareError, PrepareSummary
 from data_pipeline.prepare_output import existing_manifest, replace_problem, write_dataset
 from data_pipeline.prepare_packing import MAX_REPORTED_BAD, split_of, tokenize_and_pack, tokenize_batch
@@ -71,6 +72,8 @@ def example_text(kind: str, text: str, text_field: str) -> str:
     row = json.loads(text)
     if kind == "chat":
         return "\n".join(m["content"] for m in chat_messages(row))
+    if kind == "preference":
+        return row_text(preference_row(row))
     return classification_example(row, text_field)[0]
 
 
@@ -130,7 +133,8 @@ def given_tokenizer(cfg: PrepareConfig) -> GivenTokenizer:
     except bpe.TokenizerError as exc:
         raise PrepareError(str(exc)) from None
     legacy = not storage.exists(storage.join(folder, bpe.CONFIG_FILE))
-    if legacy and cfg.kind == "chat" and tokenizer.chat_template is not None:
+    # conversations (kind=chat, and conversational pairs) are rendered as kind=chat renders them
+    if legacy and cfg.kind in ("chat", "preference") and tokenizer.chat_template is not None:
         tokenizer.chat_template = bpe.kiln_chat_template()  # Kiln's role tokens: its current template
     if cfg.kind == "chat" and not tokenizer.chat_template:
         raise PrepareError(
@@ -157,7 +161,7 @@ def _build(
     tokenizer_url = storage.join(folder, "tokenizer")
     tokenizer, tokenizer_sha = _write_tokenizer(tokenizer_url, given, dataset, cfg, log)
     labels = _label_map(dataset, cfg) if cfg.kind == "classification" else None
-    summary, chat = tokenize_and_pack(dataset, tokenizer, tokenizer_url, folder, cfg, progress, labels)
+    summary, section = tokenize_and_pack(dataset, tokenizer, tokenizer_url, folder, cfg, progress, labels)
     _check_splits(summary, cfg)
     summary.wall_s = time.perf_counter() - started
     extra: dict = {}
@@ -165,7 +169,9 @@ def _build(
         extra["label_map"] = labels
         storage.write_atomic(storage.join(folder, "label_map.json"), json.dumps(labels, indent=2))
     if cfg.kind == "chat":
-        extra["chat"] = chat
+        extra["chat"] = section
+    if cfg.kind == "preference":  # a stored example is a pair: its chosen row, then its rejected row
+        extra.update(example_rows=EXAMPLE_ROWS, preference=section)
     return summary, {
         **extra,
         "kind": cfg.kind,
@@ -211,7 +217,7 @@ def _check_splits(summary: PrepareSummary, cfg: PrepareConfig) -> None:
         entry = summary.splits[split]
         if entry["sequences"]:
             continue
-        unit = "" if cfg.kind == "classification" else f", fewer tokens than one sequence of seq_len={cfg.seq_len}"
+        unit = "" if _per_example(cfg) else f", fewer tokens than one sequence of seq_len={cfg.seq_len}"
         who = f"val_fraction={cfg.val_fraction} put" if split == "val" else "it got"
         share = f"{who} {entry['documents']} of {summary.documents} documents{' in it' * (split == 'val')}{unit}"
         raise PrepareError(f"the {what} split of {cfg.output} would be empty: {share}; {_fix(split, summary, cfg)}")
@@ -221,11 +227,16 @@ def _fix(split: str, summary: PrepareSummary, cfg: PrepareConfig) -> str:
     """What to change so that split gets a sequence: a larger val_fraction if that can work, else more data."""
     if split == "train":
         return f"add more data, or lower seq_len (now {cfg.seq_len}) or val_fraction"
-    per_sequence = 1 if cfg.kind == "classification" else cfg.seq_len
-    needed = 2 * per_sequence / max(1, summary.documents if cfg.kind == "classification" else summary.tokens)
+    per_sequence = 1 if _per_example(cfg) else cfg.seq_len
+    needed = 2 * per_sequence / max(1, summary.documents if _per_example(cfg) else summary.tokens)
     if needed < 0.5:
         return f"add more data or raise val_fraction (e.g. val_fraction={max(needed, 2 * cfg.val_fraction):.2g})"
     return "add more data: there is too little for a validation split at this seq_len"
+
+
+def _per_example(cfg: PrepareConfig) -> bool:
+    """Whether each record is stored as one sequence of its own (a labelled text, a pair) rather than packed."""
+    return cfg.kind in ("classification", "preference")
 
 
 def _tokenizer_folder(path: str) -> str:
@@ -273,6 +284,8 @@ def _stop_at_first_bad_record(dataset, cfg: PrepareConfig) -> None:
         if not error and cfg.kind != "pretrain" and row["text"].strip():
             try:
                 example_text(cfg.kind, row["text"], cfg.text_field)
+            except IdenticalAnswers as exc:  # refused whatever on_bad_record says: skipping it is no fix
+                raise PrepareError(f"{row['source']}:{row['line']}: {exc}") from None
             except ExampleError as exc:
                 error = f"{row['source']}:{row['line']}: {exc}"
         if error:

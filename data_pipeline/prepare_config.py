@@ -8,7 +8,7 @@ from data_pipeline.dataset import OVERFLOW
 from data_pipeline.records import ENGINES
 from data_pipeline.sources import FORMATS
 
-KINDS = ("pretrain", "chat", "classification")
+KINDS = ("pretrain", "chat", "classification", "preference")
 
 
 class PrepareError(ValueError):
@@ -30,7 +30,8 @@ class PrepareConfig:
     on_bad_record: str = "skip"
     kind: str = "pretrain"
     batch_size: int = 256  # documents per tokenizer call
-    # kind=chat: a conversation longer than seq_len is cut there (its start kept) or dropped; counted either way
+    # kind=chat: a conversation longer than seq_len is cut there (its start kept) or dropped; counted either way.
+    # kind=preference: the same for each sequence of a pair (prompt + answer), as TRL cuts it (the prompt kept)
     overflow: str = "truncate"
     # where records are read and tokenized: Ray Data ("ray"), this process ("local"), or by the inputs' size ("auto")
     engine: str = "auto"
@@ -45,6 +46,11 @@ class PrepareConfig:
             raise PrepareError(f"on_bad_record must be skip or fail; got {self.on_bad_record!r}")
         if self.kind not in KINDS:
             raise PrepareError(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if self.kind == "preference" and self.tokenizer == "train":
+            raise PrepareError(
+                "kind=preference needs the tokenizer of the model DPO fine-tunes: give its folder with tokenizer=PATH "
+                "(tokenizer=train makes a new vocabulary that no trained model reads)"
+            )
         if self.seq_len < 8:
             raise PrepareError(f"seq_len must be >= 8, got {self.seq_len}")
         if not 256 < self.vocab_size <= 2**20:
@@ -72,8 +78,12 @@ class PrepareSummary:
     tokens: int = 0
     bad_records: int = 0
     empty_documents: int = 0
-    truncated: int = 0  # kind=chat: conversations cut at seq_len
-    dropped: int = 0  # kind=chat: conversations longer than seq_len left out (overflow=drop, or nothing left to learn)
+    truncated: int = 0  # kind=chat: conversations cut at seq_len; kind=preference: pairs with an answer cut there
+    # kind=chat: conversations longer than seq_len left out (overflow=drop, or nothing left to learn);
+    # kind=preference: pairs whose prompt alone fills seq_len (or that overflow=drop would cut)
+    dropped: int = 0
+    identical: int = 0  # kind=preference: pairs left out because their answers are the same once cut at seq_len
+    prompt_mismatch: int = 0  # kind=preference: pairs whose prompt tokenizes differently before an answer (TRL warns)
     shards: int = 0
     wall_s: float = 0.0
     bad_examples: list[str] = field(default_factory=list)

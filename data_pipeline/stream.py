@@ -11,9 +11,13 @@ share of slots proportional to its weight, says which dataset global position p 
 dataset's own position is how many earlier positions drew from it: a closed form, so any cursor maps
 to every dataset's cursor without replaying the stream.
 
-Each position yields a `Batch` row: its global position, the sequence's tokens and, for fine-tuning data,
-its stored loss mask (chat) or class id (classification), read from the files beside the shard at the same
-index, so the cursor that resumes the tokens resumes them too.
+Each position yields a `Batch` row: its global position, the sequence's index in its split, its tokens and, for
+fine-tuning data, its stored loss mask (chat, preference) or class id (classification), read from the files
+beside the shard at the same index, so the cursor that resumes the tokens resumes them too.
+
+A "sequence" here is one stored example: seq_len tokens, or for `kind=preference` a pair, its chosen and its
+rejected row together (2 * seq_len). Pairs are therefore what is shuffled, split across ranks and counted by the
+cursor, and a pair's rows are never apart.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from data_pipeline.dataset import Dataset
 PERIOD = 1000  # mixture slots per pattern repetition: weights are honoured to 0.1%
 LABEL_DTYPE = np.dtype("<i4")
 
-# One sequence: its tokens (int64), loss mask (uint8) and class id, the last two None unless stored.
-Row = tuple[np.ndarray, np.ndarray | None, int | None]
+# One sequence: its tokens (int64), loss mask (uint8), class id (those two None unless stored) and its index in
+# its split.
+Row = tuple[np.ndarray, np.ndarray | None, int | None, int]
 
 
 class SplitReader:
@@ -52,7 +57,7 @@ class SplitReader:
         self._handles: dict[str, BinaryIO] = {}  # by file URL
 
     def sequence(self, position: int) -> Row:
-        """The sequence at this reader's own position (epochs reshuffle): int64 tokens, mask, class id."""
+        """The sequence at this reader's own position (epochs reshuffle): int64 tokens, mask, class id, index."""
         epoch, offset = divmod(position, self.num_sequences)
         if epoch != self._order_epoch:
             if self.shuffle:
@@ -71,15 +76,15 @@ class SplitReader:
     def _read(self, index: int) -> Row:
         shard_no = bisect.bisect_right(self._starts, index) - 1
         local = index - self._starts[shard_no]
-        shard, seq_len = self.shards[shard_no], self.dataset.seq_len
-        tokens = np.frombuffer(self._range(shard.url, local, seq_len, self.dataset.dtype), self.dataset.dtype)
+        shard, length = self.shards[shard_no], self.dataset.example_tokens
+        tokens = np.frombuffer(self._range(shard.url, local, length, self.dataset.dtype), self.dataset.dtype)
         mask: np.ndarray | None = None
         label: int | None = None
         if shard.mask_url and LOSS_MASK in self.fields:
-            mask = np.frombuffer(self._range(shard.mask_url, local, seq_len, np.dtype(np.uint8)), np.uint8)
+            mask = np.frombuffer(self._range(shard.mask_url, local, length, np.dtype(np.uint8)), np.uint8)
         if shard.labels_url and LABELS in self.fields:
             label = int(np.frombuffer(self._range(shard.labels_url, local, 1, LABEL_DTYPE), LABEL_DTYPE)[0])
-        return tokens.astype(np.int64), mask, label
+        return tokens.astype(np.int64), mask, label, index
 
     def _range(self, url: str, item: int, items: int, dtype: np.dtype) -> bytes:
         """The bytes of item number `item` (of `items` values each) of one of a shard's files."""
@@ -153,7 +158,8 @@ class TokenStream:
         return self
 
     def __next__(self) -> Batch[np.ndarray]:
-        """This rank's next micro-batch: int64 tokens (micro_batch, seq_len), and its mask or labels if stored."""
+        """This rank's next micro-batch: int64 tokens (micro_batch, example tokens), and its mask or labels if
+        stored."""
         if self.prefetch:
             if self._reader is None:
                 self._start_reader()
@@ -221,8 +227,9 @@ class TokenStream:
         rows = [self._sequence_at(p) for p in range(first, first + self.micro_batch)]
         tokens = np.stack([row[0] for row in rows])
         positions = np.arange(first, first + self.micro_batch, dtype=np.int64)
+        indices = np.asarray([row[3] for row in rows], dtype=np.int64)
         if not self.fields:  # pretraining data: tokens only
-            return Batch(tokens, positions=positions)
+            return Batch(tokens, positions=positions, indices=indices)
         masks = [row[1] for row in rows if row[1] is not None]  # every row has one when the field is stored
         labels = [row[2] for row in rows]
         return Batch(
@@ -230,6 +237,7 @@ class TokenStream:
             loss_mask=np.stack(masks) if LOSS_MASK in self.fields else None,
             labels=np.asarray(labels, dtype=np.int64) if LABELS in self.fields else None,
             positions=positions,
+            indices=indices,
         )
 
     def _start_reader(self) -> None:

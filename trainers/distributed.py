@@ -11,6 +11,8 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
+    from trainers.config import TrainConfig
+
 T = TypeVar("T")
 
 
@@ -56,3 +58,25 @@ def gather_to_rank0(obj: T, group: ProcessGroup | None = None) -> list[T]:
 def new_checkpoint_group() -> ProcessGroup:
     """Collective: a gloo group over all ranks for checkpoint traffic, apart from training collectives."""
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=1800))
+
+
+def pick_device(local_rank: int) -> torch.device:
+    """This worker's GPU when it has one, else the CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def start_worker(local_rank: int, train: TrainConfig) -> torch.device:
+    """This worker's device, once it has joined the process group and set torch up as train.* asks."""
+    device = pick_device(local_rank)
+    ensure_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout_s=max(train.step_timeout_s * 2, 600) if train.step_timeout_s else 1800,
+    )
+    if train.torch_threads:
+        torch.set_num_threads(train.torch_threads)
+    if train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device

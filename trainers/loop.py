@@ -26,10 +26,10 @@ from data_pipeline.stream import TokenStream
 from trainers.checkpoint.schedule import Checkpointing
 from trainers.checkpoint.shapes import shapes_of
 from trainers.checkpoint.store import CheckpointStore
-from trainers.config import TrainConfig, WorkerConfig
+from trainers.config import WorkerConfig
 from trainers.context import WorkerContext
 from trainers.device_batches import DeviceBatches
-from trainers.distributed import ensure_process_group, gather_to_rank0
+from trainers.distributed import gather_to_rank0, start_worker
 from trainers.evaluation import Evaluator
 from trainers.failpoints import failpoint
 from trainers.flops import mfu, model_flops_per_token, peak_flops, tflops_per_device
@@ -37,6 +37,7 @@ from trainers.models import compile_blocks, parameter_count, watch_router
 from trainers.optim import schedule_horizon
 from trainers.parallel import build_mesh, keep_tensor_groups_on_one_node
 from trainers.preemption import StopAgreement, commit_before_stopping
+from trainers.reference import ReferencePass, prepare_reference
 from trainers.rng import rank_seed, seed_everything
 from trainers.run.events import record_event
 from trainers.run.folder import CHECKPOINTS_DIR
@@ -45,6 +46,7 @@ from trainers.run_data import RunData, check_run_data
 from trainers.step_window import StepWindow, WindowSummary, summarize
 from trainers.strategies import Strategy, build_strategy
 from trainers.tasks import Task, build_model, build_task
+from trainers.tasks.dpo import DPO
 from trainers.tracking import Tracker, build_tracker
 from trainers.watchdog import StepWatchdog
 
@@ -64,28 +66,6 @@ def config_hash(cfg: WorkerConfig) -> str:
     """Hash of what a checkpoint's tensors depend on (model and task), to catch mismatched loads."""
     shape = json.dumps({"model": asdict(cfg.model), "task": asdict(cfg.task)}, sort_keys=True)
     return hashlib.sha256(shape.encode()).hexdigest()[:16]
-
-
-def pick_device(local_rank: int) -> torch.device:
-    """This worker's GPU when it has one, else the CPU."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def start_worker(local_rank: int, train: TrainConfig) -> torch.device:
-    """This worker's device, once it has joined the process group and set torch up as train.* asks."""
-    device = pick_device(local_rank)
-    ensure_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        timeout_s=max(train.step_timeout_s * 2, 600) if train.step_timeout_s else 1800,
-    )
-    if train.torch_threads:
-        torch.set_num_threads(train.torch_threads)
-    if train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return device
 
 
 class Trainer:
@@ -127,10 +107,10 @@ class Trainer:
         self.batches = DeviceBatches(self.stream, self.task, "train", self.device)
         self.checkpoints = self._checkpointing(shapes_of(model))
         self.evaluator = self._evaluator()
-        self.tokens_per_step = train.global_batch * self.data.seq_len
+        self.tokens_per_step = train.global_batch * self.data.seq_len * self.data.example_rows  # a pair's both rows
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.step = 0
-        self.window = StepWindow(self.device)
+        self.window = StepWindow(self.device, len(self.task.train_stats))
         watch_router(model, self.window.add_router)  # an MoE model's router loss and expert load, logged at syncs
 
     def _task(self) -> Task:
@@ -138,7 +118,8 @@ class Trainer:
         task_cfg = self.cfg.task
         if self.data.labels is not None:  # the data's classes, which the driver also wrote into the run's config
             task_cfg = replace(task_cfg, labels=list(self.data.labels))
-        return build_task(task_cfg, self.data.eos_id, seed=self.cfg.train.seed, vocabulary=self.data.vocabulary)
+        cfg = self.cfg
+        return build_task(task_cfg, self.data.eos_id, seed=cfg.train.seed, vocabulary=self.data.vocabulary, dpo=cfg.dpo)
 
     def _model(self) -> torch.nn.Module:
         """The model before a strategy wraps it, seeded alike on every rank; counts its parameters and FLOPs."""
@@ -209,6 +190,7 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step over grad_accum micro-batches; its loss and grad norm stay on the device (`window`)."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        stats_sum: torch.Tensor | None = None  # the task's step sums (task=dpo's pairs and rewards), on the device
         for micro in range(self.grad_accum):
             fetch = time.perf_counter()
             batch = next(self.batches)
@@ -216,12 +198,13 @@ class Trainer:
             last = micro == self.grad_accum - 1
             with contextlib.nullcontext() if last else self.strategy.no_sync():
                 with self.strategy.autocast():
-                    loss = self.task.loss(self.model, batch)
+                    loss, stats = self.task.loss_and_stats(self.model, batch)
                 self.strategy.backward(loss / self.grad_accum)
             loss_sum += loss.detach()  # on the device: reading it here would stall a GPU every micro-batch
+            stats_sum = stats if stats_sum is None or stats is None else stats_sum + stats
         grad_norm = self.strategy.step()
         self.step += 1
-        self.window.add(loss_sum / self.grad_accum, grad_norm)
+        self.window.add(loss_sum / self.grad_accum, grad_norm, stats_sum)
 
     def sync_due(self, step: int) -> bool:
         """Whether step `step` reads its window back: a logged, evaluated or checkpointed step."""
@@ -229,7 +212,7 @@ class Trainer:
 
     def sync(self, stop_asked: bool) -> WindowSummary:
         """Collective (one all_gather): the ranks' agreed window; fails on every rank if any saw a non-finite loss."""
-        summary = summarize(self.window.gather(stop_asked), self.window.experts)
+        summary = summarize(self.window.gather(stop_asked), self.window.experts, self.window.task_columns)
         if summary.bad is not None:
             rank, value = summary.bad
             first = self.step - self.window.steps + 1
@@ -268,7 +251,7 @@ class Trainer:
             metrics["train/moe_aux_loss"] = summary.moe_aux_loss
         if summary.expert_load_max_over_mean is not None:
             metrics["train/expert_load_max_over_mean"] = summary.expert_load_max_over_mean
-        return metrics
+        return metrics | self.task.train_metrics(list(summary.task_sums))
 
 
 def identity(ctx: WorkerContext) -> dict:
@@ -284,6 +267,8 @@ def run(cfg: WorkerConfig, ctx: WorkerContext, data: RunData | None = None) -> L
     """Train (or continue training) the run described by cfg on this worker, on the data the driver resolved."""
     trainer = Trainer(cfg, ctx, data)
     watchdog = StepWatchdog(cfg.train.step_timeout_s, ctx.rank, on_hang=trainer.record_hang).start()
+    if isinstance(trainer.task, DPO):  # with the initial weights still in the model, before a restore replaces them
+        prepare_reference(ReferencePass.of(trainer), watchdog)
     restored = announce_start(trainer, ctx)
     stops = StopAgreement(ctx, trainer.url, trainer.device)
     tracker = open_tracker(cfg, ctx, trainer.url)

@@ -7,6 +7,8 @@ strategies LoRA trains with are trainers/config/training.py's LORA_STRATEGIES, c
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -71,3 +73,23 @@ def merged(model: nn.Module) -> nn.Module:
 def is_lora(model: nn.Module) -> bool:
     """Whether model carries peft adapters."""
     return hasattr(model, "peft_config")
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The peft model inside a strategy's wrapper (DDP and DeepSpeed keep it as `.module`), or model itself."""
+    inner: Any = model
+    while not is_lora(inner) and hasattr(inner, "module"):
+        inner = inner.module
+    return inner
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Inside this block model computes as its base: peft's adapters are bypassed (model may be a strategy's wrapper:
+    DDP and DeepSpeed keep the peft model as `.module`). A model without adapters is left as it is."""
+    inner = unwrapped(model)
+    if not is_lora(inner):
+        yield
+        return
+    with inner.disable_adapter():  # type: ignore[operator]
+        yield

@@ -27,6 +27,7 @@ class RunData:
     seq_len: int
     vocabulary: bpe.Vocabulary  # the tokenizer's size and special ids, which the task draws on
     labels: tuple[str, ...] | None  # task=classification: the data's classes
+    example_rows: int = 1  # rows of seq_len tokens a stored example holds: 2 for preference pairs
 
 
 def check_run_data(
@@ -62,4 +63,5 @@ def check_run_data(
         seq_len=dataset.seq_len,
         vocabulary=bpe.vocabulary(bpe.load(dataset.tokenizer_url)),
         labels=classes,
+        example_rows=dataset.example_rows,
     )

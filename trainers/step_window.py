@@ -4,7 +4,8 @@ A GPU runs ahead of the host only while nothing reads a tensor back. So a step's
 the device, a non-finite loss is remembered there (`bad_loss`), and the host reads all of it once per sync
 step (a logged, evaluated or checkpointed step) in a single all_gather that also carries the timings, peak
 memory and the stop flag every rank must agree on. An MoE model's router adds its mean load-balancing loss and the
-tokens each layer sent to each expert (`add_router`, from trainers/models.py watch_router) to the same row.
+tokens each layer sent to each expert (`add_router`, from trainers/models.py watch_router) to the same row, after
+the task's own step sums (task=dpo's pairs and rewards: `task_columns` of them, between FIELDS and the router's).
 `summarize` turns the gathered rows into numbers: a pure function, tested without processes.
 """
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# One row per rank, in this order; an MoE model's rows go on with the router's columns (StepWindow.router_columns).
+# One row per rank, in this order; then the task's step sums (StepWindow.task_columns), then an MoE model's router
+# columns (StepWindow.router_columns).
 FIELDS = ("loss", "grad_norm", "bad_loss", "seconds", "data_wait", "steps", "stop", "peak_mem_mb")
 
 
@@ -44,6 +46,8 @@ class WindowSummary:
     # ranks, and, in the least balanced layer, the busiest expert's tokens over the mean expert's (1: balanced).
     moe_aux_loss: float | None = None
     expert_load_max_over_mean: float | None = None
+    # The task's step sums (its `train_stats`) of the window's last step, added over the ranks; empty without any.
+    task_sums: tuple[float, ...] = ()
 
 
 def busiest_expert_ratio(tokens: list[float], experts: int) -> float:
@@ -52,10 +56,12 @@ def busiest_expert_ratio(tokens: list[float], experts: int) -> float:
     return max((max(layer) * experts / sum(layer) for layer in layers if sum(layer) > 0), default=0.0)
 
 
-def summarize(rows: list[list[float]], experts: int = 0) -> WindowSummary:
-    """Every rank's gathered window (rows ordered as FIELDS, then an MoE model's router columns for its number of
-    experts per layer) as the numbers the run logs and acts on."""
+def summarize(rows: list[list[float]], experts: int = 0, task_columns: int = 0) -> WindowSummary:
+    """Every rank's gathered window (rows ordered as FIELDS, then the task's task_columns step sums, then an MoE
+    model's router columns for its number of experts per layer) as the numbers the run logs and acts on."""
     columns = {name: [row[i] for row in rows] for i, name in enumerate(FIELDS)}
+    task_end = len(FIELDS) + task_columns
+    task_sums = tuple(sum(column) for column in zip(*(row[len(FIELDS) : task_end] for row in rows), strict=True))
     seconds = sum(columns["seconds"]) / len(rows)
     steps = max(columns["steps"][0], 1.0)
     bad = next(((rank, value) for rank, value in enumerate(columns["bad_loss"]) if value != 0.0), None)
@@ -67,7 +73,8 @@ def summarize(rows: list[list[float]], experts: int = 0) -> WindowSummary:
         peak_mem_mb=max(columns["peak_mem_mb"]),
         stop=any(flag > 0 for flag in columns["stop"]),
         bad=bad,
-        **router_summary([row[len(FIELDS) :] for row in rows], experts),
+        task_sums=task_sums,
+        **router_summary([row[task_end:] for row in rows], experts),
     )
 
 
@@ -86,8 +93,8 @@ def router_summary(rows: list[list[float]], experts: int) -> dict[str, float]:
 class StepWindow:
     """Device-side loss, grad norm and non-finite marker of the steps since the last sync, and their timing."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, task_columns: int = 0):
+        self.device, self.task_columns = device, task_columns
         self.expert_tokens: torch.Tensor | None = None  # (MoE layers, experts), from an MoE model's first forward
         self.open()
 
@@ -100,6 +107,7 @@ class StepWindow:
         """Start a new window now: after a sync step's evaluation and checkpoint, so they are not timed as training."""
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss, self.grad_norm, self.bad_loss = zero, zero, zero
+        self.task_sums = torch.zeros(self.task_columns, dtype=torch.float64, device=self.device)
         self.started, self.data_wait, self.steps = time.perf_counter(), 0.0, 0
         self.router_loss, self.router_forwards = zero, 0
         if self.expert_tokens is not None:
@@ -117,9 +125,12 @@ class StepWindow:
             return []
         return [(self.router_loss / max(self.router_forwards, 1)).reshape(1), self.expert_tokens.flatten()]
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | float) -> None:
-        """Record a finished step (its mean loss on the device) without reading anything back."""
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | float, task_sums: torch.Tensor | None = None) -> None:
+        """Record a finished step (its mean loss, and the task's step sums, on the device) without reading anything
+        back."""
         self.loss = loss.detach().to(torch.float64)
+        if task_sums is not None:
+            self.task_sums = task_sums.detach().to(torch.float64)
         self.grad_norm = torch.as_tensor(grad_norm, dtype=torch.float64, device=self.device)
         # NaN and inf are not 0, and a finite step never overwrites a bad one: no host check per step.
         self.bad_loss = torch.where(torch.isfinite(self.loss), self.bad_loss, self.loss)
@@ -130,7 +141,7 @@ class StepWindow:
         timings = [time.perf_counter() - self.started, self.data_wait, float(self.steps), float(stop_asked)]
         host = torch.tensor([*timings, peak_memory_mb(self.device)], dtype=torch.float64)
         losses = torch.stack([self.loss, self.grad_norm, self.bad_loss])
-        mine = torch.cat([losses, host.to(self.device), *self.router_columns()])
+        mine = torch.cat([losses, host.to(self.device), self.task_sums, *self.router_columns()])
         rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, mine)
         return torch.stack(rows).cpu().tolist()

@@ -7,6 +7,8 @@ driver and the config can name the tasks and check a dataset cheaply.
   prompts are learned too; a note says so); on classification data it ignores the labels.
 - `sft` learns only the tokens a chat loss mask marks (`kiln prepare kind=chat`): other data fails.
 - `mlm` learns from any dataset whose tokenizer has the mask token (every `kiln prepare` since it was added).
+- `dpo` learns from preference pairs (`kind=preference`, and no other task reads them): each pair's chosen and
+  rejected answer, marked by the mask, against the reference model's log-probabilities of them.
 - `classification` learns the label of each sequence (`kiln prepare kind=classification`): other data fails.
   Its classes are the dataset's label map; the driver writes them into the run's config (`task.labels`), so a
   checkpoint's class names travel with the run (eval, predict, export) without the data.
@@ -24,9 +26,17 @@ from data_pipeline.batch import LABELS, LOSS_MASK
 from data_pipeline.dataset import Dataset, DatasetError
 
 # task name -> the fields every batch must carry besides tokens
-TASK_NEEDS: dict[str, tuple[str, ...]] = {"causal_lm": (), "sft": (LOSS_MASK,), "mlm": (), "classification": (LABELS,)}
+TASK_NEEDS: dict[str, tuple[str, ...]] = {
+    "causal_lm": (),
+    "sft": (LOSS_MASK,),
+    "mlm": (),
+    "classification": (LABELS,),
+    "dpo": (LOSS_MASK,),  # the answers' mask of each pair
+}
+# task name -> the one `kiln prepare` kind it trains on (a task not named here trains on every kind but these)
+TASK_KINDS: dict[str, str] = {"dpo": "preference"}
 # the tasks whose models generate text (kiln generate, kiln chat, kiln eval --data pairs.jsonl)
-GENERATIVE_TASKS: tuple[str, ...] = ("causal_lm", "sft")
+GENERATIVE_TASKS: tuple[str, ...] = ("causal_lm", "sft", "dpo")
 # task name -> the special tokens its data's tokenizer must have (a tokenizer's own, as its configuration names them)
 TASK_TOKENS: dict[str, tuple[str, ...]] = {"mlm": ("mask_token",)}
 
@@ -37,6 +47,7 @@ PRETRAINED_CLASS: dict[str, str] = {
     "mlm": "AutoModelForMaskedLM",
     # a sequence-classification folder, or a language model's (its head is then new: pretrained.NEW_HEAD_CLASSES)
     "classification": "AutoModelForSequenceClassification",
+    "dpo": "AutoModelForCausalLM",
 }
 
 # the ending of a Hugging Face model class name (config.json `architectures`) -> the task that scores it
@@ -57,6 +68,7 @@ TASK_ARCHS: dict[str, tuple[str, ...]] = {
     # a decoder's last text token, or an encoder's pooled first position. Not the MoE decoders: transformers'
     # sequence-classification heads drop the router logits, so their experts would train without load balancing.
     "classification": (*DENSE_DECODERS, "bert"),
+    "dpo": (*DENSE_DECODERS, "qwen3_moe", "mixtral"),  # always from model.init_from: its reference
 }
 
 # model.arch -> the model=... config entries of that architecture (conf/model/), named in errors
@@ -103,6 +115,7 @@ def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str],
     """Fail naming the dataset and the fix if `task` cannot learn from it; note stored fields it ignores."""
     needs = TASK_NEEDS.get(task, ())
     for dataset in datasets:
+        check_kind(task, dataset)
         if TASK_TOKENS.get(task):
             tokenizer = bpe.load(dataset.tokenizer_url)
             missing = [name for name in TASK_TOKENS[task] if getattr(tokenizer, f"{name}_id", None) is None]
@@ -126,6 +139,23 @@ def check_task_data(task: str, datasets: Sequence[Dataset], log: Callable[[str],
                 f"task={task} ignores {' and '.join(ignored)} stored in {dataset.url} (kind={dataset.kind}) "
                 f"and learns every token{hint}"
             )
+
+
+def check_kind(task: str, dataset: Dataset) -> None:
+    """Fail naming the fix unless `task` trains on the dataset's kind: a task with its own kind (TASK_KINDS) on
+    that kind only, every other task on any kind but those (pairs would teach sft the rejected answers too)."""
+    own = TASK_KINDS.get(task)
+    if own is not None and dataset.kind != own:
+        raise DatasetError(
+            f"task={task} trains on kind={own} data, but the dataset at {dataset.url} is kind={dataset.kind}; "
+            f"prepare the data with `kiln prepare kind={own} ...`"
+        )
+    owners = [name for name, kind in TASK_KINDS.items() if kind == dataset.kind]
+    if own is None and owners:
+        raise DatasetError(
+            f"task={task} cannot train on the kind={dataset.kind} dataset at {dataset.url}: only "
+            f"task={'|'.join(owners)} reads its examples; use task={owners[0]} or prepare the data with another kind"
+        )
 
 
 def class_names(label_map: dict[str, int]) -> list[str]:

@@ -18,6 +18,7 @@ from orchestrator.config import KilnConfig, UsageError
 if TYPE_CHECKING:
     from data_pipeline.dataset import Dataset
     from trainers.inference.loaded_model import Pair
+    from trainers.tasks import Task
 
 FOLDER_MICRO_BATCH = 8  # an exported folder has no run config: its default evaluation batch
 
@@ -126,9 +127,10 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
 
     cfg = source.cfg
     plan, datasets, weights = eval_data(source, data, micro_batch, batches)
+    task = dpo_task(source, data, plan.seed) if cfg is not None and cfg.task.name == "dpo" else None
     metrics = user_error(
         lambda: validation_metrics(
-            source.loaded.build_task(plan.seed),
+            task or source.loaded.build_task(plan.seed),
             source.loaded.model,
             datasets,
             weights,
@@ -159,6 +161,28 @@ def eval_split(source: Source, data: str | None, micro_batch: int | None, batche
                 "carry that precision's rounding"
             )
     return result
+
+
+def dpo_task(source: Source, data: str | None, seed: int) -> Task:
+    """A task=dpo run's task, with the reference log-probs committed in the run: they cover the run's own pairs only."""
+    from trainers.checkpoint import reference
+    from trainers.tasks.dpo import DPO
+
+    cfg = source.cfg
+    assert cfg is not None
+    if data is not None:
+        raise UsageError(
+            f"kiln eval --data {data} cannot score task=dpo run {source.run_id}: its reference log-probs were computed "
+            "for the run's own pairs; leave --data out to score its validation pairs"
+        )
+    try:
+        tables = reference.read_committed(reference.reference_url(cfg.run_url))
+    except reference.ReferenceError as exc:
+        raise UsageError(str(exc)) from None
+    task = source.loaded.build_task(seed, dpo=cfg.dpo)
+    if isinstance(task, DPO):
+        task.attach_reference(tables)
+    return task
 
 
 def eval_data(

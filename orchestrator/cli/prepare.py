@@ -73,6 +73,13 @@ def run(overrides: list[str], console: Console) -> int:
             f"  one conversation per row of seq_len={cfg.seq_len}: {summary.truncated} longer ones cut there, "
             f"{summary.dropped} dropped (overflow={cfg.overflow})"
         )
+    if cfg.kind == "preference":
+        console.print(
+            f"  one pair per example, its chosen then its rejected row of seq_len={cfg.seq_len}: "
+            f"{summary.truncated} with an answer cut there, {summary.dropped} dropped (prompt fills seq_len"
+            f"{', or overflow=drop' if cfg.overflow == 'drop' else ''}), {summary.identical} identical once cut, "
+            f"{summary.prompt_mismatch} with a prompt that tokenizes differently alone"
+        )
     for example in summary.bad_examples:
         console.print(f"  skipped: {example}")
     if cfg.kind == "pretrain":

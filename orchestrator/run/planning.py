@@ -20,6 +20,7 @@ from orchestrator.run.init_source import DataTokens, InitSource, SourceRun, chec
 from orchestrator.run.lifecycle import find_checkpoint, prepare_resume, register_run, reopen_run
 from orchestrator.run.plan import RunPlan, placement_of
 from orchestrator.run.registry import DamagedRun, RunRecord, RunRegistry, UnknownRun
+from trainers.checkpoint import reference
 from trainers.config import parse_init_run
 from trainers.errors import CheckpointError
 from trainers.run.folder import TOKENIZER_DIR
@@ -136,6 +137,10 @@ def plan_resume(
     """`kiln resume` (and a sweep's trial continued; torchrun's --resume with on_ray=False): the run's saved config
     checked resumable, its data checked (never prepared again: the run continues on what it trained on)."""
     registry, record, cfg = prepare_resume(root, run_id, overrides, force)
+    if cfg.task.name == "dpo":  # its reference log-probs are read, never made again: damaged ones stop it here
+        problem = reference.damaged(reference.reference_url(registry.run_url(run_id)))
+        if problem:
+            raise UsageError(problem)
     placement = checked_placement(cfg, on_ray)
     data = check_run_data(cfg.data, cfg.task.name, cfg.task.labels, cfg.model.vocab_size, log)
     return RunPlan(cfg, data, InitSource(), placement), registry, record

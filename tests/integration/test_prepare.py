@@ -13,7 +13,8 @@ import pytest
 from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
 from data_pipeline.stream import TokenStream
-from tests.helpers import TINY_MODEL, kiln, rows, torchrun
+from tests.helpers import TINY_MODEL, kiln, kiln_here, rows, torchrun
+from tests.tokenizer_folders import LLAMA3, save_tokenizer
 
 pytestmark = pytest.mark.slow
 WORDS = ["alpha", "beta", "gamma", "delta", "kiln", "ray", "token", "shard"]
@@ -307,3 +308,55 @@ def test_classification_rows_get_a_label_map_and_one_example_per_sequence(tmp_pa
         text = tokenizer.decode([t for t in row.tolist() if t != manifest["eos_id"]])
         number = int(text.split(":")[0].split()[1])
         assert label == number % 2 and ("great" in text) == bool(label)
+
+
+def test_preference_pairs_are_stored_two_rows_an_example_with_their_counts_and_identical_answers_refused(tmp_path):
+    folder = save_tokenizer(LLAMA3, tmp_path / "llama3")
+    pairs = [{"prompt": f"what is {i} plus {i}?", "chosen": f" {2 * i}.", "rejected": " no idea."} for i in range(40)]
+    pairs += [
+        {
+            "prompt": [{"role": "user", "content": f"repeat: cloud {i}"}],
+            "chosen": [{"role": "assistant", "content": f"cloud {i}"}],
+            "rejected": [{"role": "assistant", "content": "moon"}],
+            "source": "extra fields are ignored",
+        }
+        for i in range(20)
+    ]
+    pairs += [
+        {"prompt": "count", "chosen": " cloud" * 80, "rejected": " one"},  # the chosen answer is cut at seq_len
+        {"prompt": "hello " * 80, "chosen": " hi", "rejected": " bye"},  # the prompt alone fills seq_len: dropped
+        {"prompt": "p", "chosen": " a"},  # no rejected answer: a bad record
+    ]
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    args = ["prepare", f"input={source}", "kind=preference", f"tokenizer={folder}", "seq_len=48", "val_fraction=0.2"]
+    result = kiln(*args, f"output={tmp_path}/out")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "61 documents" in result.stdout and "1 bad records" in result.stdout
+    assert (
+        "one pair per example, its chosen then its rejected row of seq_len=48: 1 with an answer cut there, "
+        "1 dropped (prompt fills seq_len), 0 identical once cut, 0 with a prompt that tokenizes differently alone"
+    ) in " ".join(result.stdout.split())
+    assert f"skipped: {source}:63: a preference row needs 'prompt', 'chosen' and 'rejected'; missing rejected" in (
+        " ".join(result.stdout.split())
+    )
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["kind"] == "preference" and manifest["example_rows"] == 2 and manifest["seq_len"] == 48
+    counts = {k: manifest["preference"][k] for k in ("truncated", "dropped", "identical", "prompt_mismatch")}
+    assert counts == {"truncated": 1, "dropped": 1, "identical": 0, "prompt_mismatch": 0}
+    assert manifest["preference"]["pad_id"] == manifest["pad_id"] != manifest["eos_id"]  # Llama 3's own pad
+    assert manifest["preference"]["template"] == "tokenizer"
+    splits = manifest["splits"]
+    assert splits["train"]["sequences"] + splits["val"]["sequences"] == 61  # one stored example a pair
+    for split in splits.values():
+        for shard in split["shards"]:
+            assert shard["tokens"] == shard["sequences"] * 2 * 48
+            assert (tmp_path / "out" / shard["mask"]["path"]).stat().st_size == shard["tokens"]
+
+    pairs.insert(5, {"prompt": "p", "chosen": " same", "rejected": " same"})
+    source.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    refused = kiln_here(*args, f"output={tmp_path}/refused")
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
+    assert (
+        f"{source}:6: the chosen and rejected answers are identical: a pair must prefer one answer over another"
+    ) in refused.stderr

@@ -59,6 +59,8 @@ COMPANIONS = {
     "data=prepared": ["data.path=/datasets/web"],
     # an empty mixture is refused: one dataset is the least a mixture can be
     "data=mixture": ["data.mixture=[{path: /datasets/web, weight: 1.0}]"],
+    # preference pairs `kiln prepare kind=preference` wrote, and the model training starts from (its reference)
+    "task=dpo": ["data=prepared", "data.path=/datasets/pairs", "model.init_from=/models/base"],
 }
 
 

@@ -72,3 +72,4 @@ def test_a_folders_recorded_kiln_task_wins_when_its_model_class_fits():
     assert folder_task(None, "causal_lm") == "causal_lm"  # a folder Kiln did not write
     assert folder_task("classification", "causal_lm") == "causal_lm"  # a record that does not fit is not trusted
     assert folder_task("nonsense", "mlm") == "mlm" and folder_task("sft", None) is None
+    assert folder_task("dpo", "causal_lm") == "causal_lm"  # a DPO export: its reference stayed with its run

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from data_pipeline.config import DataConfig, StorageConfig
 from trainers.config.checks import RUN_ID_PATTERN, ConfigError, check_batch, one_of, require
+from trainers.config.dpo import DPO_LOSSES, DpoConfig, check_dpo
 from trainers.config.model import (
     DECODER_ARCHS,
     DECODER_KEYS,
@@ -42,6 +43,7 @@ __all__ = [
     "COMPILE_STRATEGIES",
     "DECODER_ARCHS",
     "DECODER_KEYS",
+    "DPO_LOSSES",
     "FOLDER_DECIDED",
     "INIT_FROM_RUN",
     "INIT_FROM_RUN_PATTERN",
@@ -53,6 +55,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DpoConfig",
     "LoraConfig",
     "MeshShape",
     "ModelConfig",
@@ -126,8 +129,10 @@ class WorkerConfig:
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)  # task=dpo's beta, loss and label smoothing
 
     def __post_init__(self) -> None:
+        check_dpo(self.dpo, task=self.task.name, init_from=self.model.init_from, data_source=self.data.source)
         # With model.init_from the folder decides the architecture (the driver checks it fits the task) and the
         # positions (the driver checks seq_len against them).
         if self.model.init_from is None:

@@ -23,7 +23,7 @@ from data_pipeline import tokenizer as bpe
 from data_pipeline.dataset import Dataset
 from data_pipeline.examples import generation_stops
 from data_pipeline.stream import TokenStream
-from trainers.config import ModelConfig, TaskConfig
+from trainers.config import DpoConfig, ModelConfig, TaskConfig
 from trainers.pretrained import folder_labels
 from trainers.task_data import PRETRAINED_CLASS, task_for_architectures
 from trainers.tasks import Task, task_batch
@@ -73,12 +73,12 @@ class LoadedModel:
         held = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         return generation_stops(self.tokenizer, held) or [self.eos_id]
 
-    def build_task(self, seed: int = 0) -> Task:
+    def build_task(self, seed: int = 0, dpo: DpoConfig | None = None) -> Task:
         """The task the model was trained for, to evaluate or predict with (seed: the run's train.seed, which
-        task=mlm draws its masks from)."""
+        task=mlm draws its masks from; dpo: a task=dpo run's dpo section)."""
         from trainers.tasks import build_task
 
-        return build_task(self.task, self.eos_id, seed=seed, vocabulary=vocabulary(self))
+        return build_task(self.task, self.eos_id, seed=seed, vocabulary=vocabulary(self), dpo=dpo)
 
 
 def load_folder(path: str) -> LoadedModel:
@@ -123,6 +123,8 @@ def load_folder(path: str) -> LoadedModel:
 def folder_task(recorded: str | None, from_architectures: str | None) -> str | None:
     """The task a folder's model is scored as: the Kiln task its export recorded (config.json `kiln_task`), if
     the model's class fits it (an SFT export is a causal LM), else the one its architectures name."""
+    if recorded == "dpo":  # a DPO model's reference log-probs stay with its run: its folder is a causal LM
+        return from_architectures
     fits = recorded in PRETRAINED_CLASS and from_architectures is not None
     if fits and PRETRAINED_CLASS[str(recorded)] == PRETRAINED_CLASS[str(from_architectures)]:
         return recorded

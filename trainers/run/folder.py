@@ -17,6 +17,7 @@ CHECKPOINTS_DIR = "checkpoints"
 LOGS_DIR = "logs"  # worker_<rank>.log (`worker_log_name`)
 TOKENIZER_DIR = "tokenizer"  # the tokenizer the run trained with
 INIT_MODEL_DIR = "init_model"  # the copy of the model the run starts from (orchestrator/run/init_source.py)
+REFERENCE_DIR = "reference"  # task=dpo: the reference model's log-probs of every pair (trainers/reference.py)
 RAY_DIR = "ray"  # Ray Train's own bookkeeping (a run in object storage keeps it under data.cache_dir)
 WANDB_DIR = "wandb"  # W&B's files (a run in object storage gets them uploaded here)
 

@@ -10,13 +10,14 @@ from typing import cast
 from torch import nn
 
 from data_pipeline.tokenizer import Vocabulary
-from trainers.config import ModelConfig, TaskConfig
+from trainers.config import DpoConfig, ModelConfig, TaskConfig
 from trainers.lora import apply_lora
 from trainers.pretrained import load_pretrained
 from trainers.task_data import PRETRAINED_CLASS
 from trainers.tasks.base import Task, TaskBase, on_device, task_batch
 from trainers.tasks.causal_lm import CausalLM
 from trainers.tasks.classification import Classification, label_config
+from trainers.tasks.dpo import DPO, disable_dropout
 from trainers.tasks.mlm import MaskedLM
 from trainers.tasks.sft import SFT
 
@@ -25,14 +26,22 @@ TASKS: dict[str, type[TaskBase]] = {
     "sft": SFT,
     "mlm": MaskedLM,
     "classification": Classification,
+    "dpo": DPO,
 }
 
 __all__ = ["TASKS", "Task", "build_model", "build_task", "on_device", "task_batch", "task_name"]
 
 
-def build_task(cfg: TaskConfig, eos_id: int, *, seed: int = 0, vocabulary: Vocabulary | None = None) -> Task:
+def build_task(
+    cfg: TaskConfig,
+    eos_id: int,
+    *,
+    seed: int = 0,
+    vocabulary: Vocabulary | None = None,
+    dpo: DpoConfig | None = None,
+) -> Task:
     """The task cfg.name names, with the tokenizer's end-of-text id (classification rows are padded with it), the
-    run's seed (train.seed) and its tokenizer's ids.
+    run's seed (train.seed), its tokenizer's ids and, for task=dpo, the dpo section (its defaults when left out).
 
     Callers that only build or load a model (export) may leave seed and vocabulary out; callers that train or
     score (the loop, kiln eval) pass them: task=mlm draws its masks from them.
@@ -41,6 +50,8 @@ def build_task(cfg: TaskConfig, eos_id: int, *, seed: int = 0, vocabulary: Vocab
         raise ValueError(f"task.name={cfg.name!r} is not a known task; choose one of {', '.join(TASKS)}")
     if cfg.name == "classification":
         return Classification(cfg.labels or [], eos_id, seed, vocabulary)
+    if cfg.name == "dpo":
+        return DPO(seed, vocabulary, dpo)
     return cast(Task, TASKS[cfg.name](seed, vocabulary))
 
 
@@ -73,4 +84,6 @@ def build_model(task: Task, model_cfg: ModelConfig, vocab_size: int, eos_id: int
         )
     else:
         model = load_pretrained(model_cfg.init_from, PRETRAINED_CLASS[task_name(task)], model_cfg)
+    if isinstance(task, DPO):
+        model = disable_dropout(model)  # before LoRA: model.lora.dropout, if set, still applies
     return apply_lora(model, model_cfg.lora) if model_cfg.lora.enabled else model

@@ -25,8 +25,18 @@ class Task(Protocol):
     def host_batch(self, batch: Batch[np.ndarray], split: str) -> Batch[np.ndarray]:
         """What the task makes of a stream's batch ("train" or "val") on the host, before it goes to the device."""
 
+    # What a training step sums per rank besides its loss (over its micro-batches), read at sync steps: the step
+    # window gathers them with its own row (trainers/step_window.py), then `train_metrics` names them.
+    train_stats: tuple[str, ...]
+
     def loss(self, model: nn.Module, batch: Batch[torch.Tensor]) -> torch.Tensor:
         """Mean loss of one micro-batch."""
+
+    def loss_and_stats(self, model: nn.Module, batch: Batch[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The micro-batch's mean loss and its `train_stats` summed (float64, on the device; None without any)."""
+
+    def train_metrics(self, sums: list[float]) -> dict[str, float]:
+        """`train/...` metrics from a step's `train_stats`, summed over micro-batches and ranks."""
 
     def evaluate(self, model: nn.Module, batches: Iterable[Batch[torch.Tensor]]) -> dict[str, float]:
         """This rank's summed validation statistics (callers sum them across ranks)."""
@@ -39,8 +49,22 @@ class TaskBase:
     """What every task is built with: the run's seed (train.seed) and its tokenizer's ids, for a task that draws
     per-row randomness (task=mlm's masks) or needs special tokens. Tasks that need neither ignore them."""
 
+    train_stats: tuple[str, ...] = ()  # most tasks log their loss alone
+
     def __init__(self, seed: int = 0, vocabulary: Vocabulary | None = None):
         self.seed, self.vocabulary = seed, vocabulary
+
+    def loss(self, model: nn.Module, batch: Batch[torch.Tensor]) -> torch.Tensor:
+        """Mean loss of one micro-batch (each task's own)."""
+        raise NotImplementedError
+
+    def loss_and_stats(self, model: nn.Module, batch: Batch[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The loss alone: a task without `train_stats` sums nothing else."""
+        return self.loss(model, batch), None
+
+    def train_metrics(self, sums: list[float]) -> dict[str, float]:
+        """Nothing beyond train/loss."""
+        return {}
 
     def host_batch(self, batch: Batch[np.ndarray], split: str) -> Batch[np.ndarray]:
         """The batch as stored: most tasks read it unchanged."""
