@@ -1,6 +1,7 @@
 """`kiln eval`: a checkpoint's validation metrics (the run's own evaluation slice, or the val split of a prepared
-dataset), or BLEU/chrF of prompt/reference pairs. The model is found as for `kiln generate` (inference.py); the
-metrics come from trainers/inference/loaded_model.py. Everything runs in this one process, on CPU."""
+dataset), BLEU/chrF of prompt/reference pairs, or a task=dpo run's reward accuracy and margins on a preference file.
+The model is found as for `kiln generate` (inference.py); the metrics come from trainers/inference/loaded_model.py
+(preference.py for preference files). Everything runs in this one process, on CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from orchestrator.cli.inference import DEFAULT_MAX_NEW_TOKENS, TARGET_HELP, Source, open_model, text_model, user_error
+from orchestrator.cli.inference import (
+    DEFAULT_MAX_NEW_TOKENS,
+    TARGET_HELP,
+    Source,
+    looks_like_folder,
+    open_model,
+    text_model,
+    user_error,
+)
 from orchestrator.cli.options import add_json, add_storage_root
 from orchestrator.config import KilnConfig, UsageError
 
@@ -34,10 +43,13 @@ def add_eval_command(sub, default_root: str) -> None:
     evaluate.add_argument(
         "--data",
         default=None,
-        help="a prepared dataset (its val split) or a JSONL file of {prompt, reference} rows (BLEU, chrF); "
-        "default: the run's own validation slice",
+        help="a prepared dataset (its val split), a JSONL file of {prompt, reference} rows (BLEU, chrF), or for a "
+        "task=dpo run a file of {prompt, chosen, rejected} pairs in any format `kiln prepare` reads (reward accuracy "
+        "and margins); default: the run's own validation slice",
     )
-    evaluate.add_argument("--micro-batch", type=int, default=None, help="with --data DATASET: sequences a batch")
+    evaluate.add_argument(
+        "--micro-batch", type=int, default=None, help="with --data DATASET or PAIRS: sequences (pairs) a batch"
+    )
     evaluate.add_argument("--batches", type=int, default=None, help="with --data DATASET: batches to evaluate")
     evaluate.add_argument(
         "--max-new-tokens",
@@ -52,9 +64,12 @@ def add_eval_command(sub, default_root: str) -> None:
 
 def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     from trainers.inference.loaded_model import read_pairs
+    from trainers.inference.preference import holds_preference_pairs, records_input
 
     data = args.data
-    if data is not None and (data.endswith(".jsonl") or os.path.isfile(data)):
+    if data is not None and records_input(data) and holds_preference_pairs(data):
+        result = eval_preferences(args, data)
+    elif data is not None and (data.endswith(".jsonl") or os.path.isfile(data)):
         pairs = user_error(lambda: read_pairs(data))  # a bad file fails before the model loads
         result = eval_pairs(text_model(args, "eval --data PAIRS.jsonl"), data, pairs, args.max_new_tokens)
     else:
@@ -69,6 +84,8 @@ def cmd_eval(args: argparse.Namespace, console: Console) -> int:
     for name, value in sorted(result["metrics"].items()):
         also = f"(logged at step {result['step']}: {logged[name]:.6g})" if name in logged else ""
         console.print(f"  {name:<22} {value:<12.6g} {also}".rstrip(), markup=False, highlight=False)
+    for example in result.get("bad_examples", []):
+        console.print(f"  skipped: {example}", markup=False, highlight=False)
     if result.get("note"):
         console.print(f"  note: {result['note']}", markup=False, highlight=False)
     return 0
@@ -247,6 +264,72 @@ def eval_pairs(source: Source, data: str, pairs: list[Pair], max_new_tokens: int
         "what": f"{len(pairs)} prompts of {data}{' in the chat template' if chat else ''}, greedy, up to "
         f"{max_new_tokens} new tokens each (sacrebleu)",
     }
+
+
+def eval_preferences(args: argparse.Namespace, data: str) -> dict:
+    """A task=dpo run's loss, rewards/* and logps/* on the pairs of a preference file: each record encoded as `kiln
+    prepare kind=preference` would with the run's tokenizer and data.seq_len, the checkpoint scored against the
+    run's initial model. Refusals (a run of another task, a bad file) come before any model loads."""
+    from data_pipeline import storage
+    from data_pipeline import tokenizer as bpe
+    from trainers.inference.preference import initial_model, pair_batches, preference_metrics, read_preferences
+    from trainers.run.folder import TOKENIZER_DIR
+    from trainers.tasks.dpo import DPO
+
+    if args.batches is not None:
+        raise UsageError(f"--batches picks batches of a prepared dataset; kiln eval scores every pair of {data}")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise UsageError(f"--micro-batch must be >= 1, got {args.micro_batch}")
+    cfg, run_url = dpo_run(args, data)
+    seq_len = cfg.data.seq_len
+    read = user_error(lambda: read_preferences(data, bpe.load(storage.join(run_url, TOKENIZER_DIR)), seq_len))
+    source = open_model(args, merge=False)  # LoRA unmerged: its reference is the same model with the adapters off
+    loaded = source.loaded
+    reference = initial_model(loaded, cfg.model)
+    task = loaded.build_task(cfg.train.seed, dpo=cfg.dpo)
+    assert isinstance(task, DPO)
+    micro_batch = args.micro_batch or cfg.train.micro_batch
+    batches = pair_batches(read.pairs, seq_len, loaded.pad_id, micro_batch)
+    metrics = preference_metrics(task, loaded.model, reference, batches)
+    against = "its LoRA adapters off" if reference is loaded.model else str(cfg.model.init_from)
+    dpo = cfg.dpo
+    smoothing = f", label_smoothing={dpo.label_smoothing:g}" if dpo.label_smoothing else ""
+    result = {
+        "model": source.label,
+        "run": source.run_id,
+        "step": source.step,
+        "data": data,
+        "seq_len": seq_len,
+        "micro_batch": micro_batch,
+        "metrics": {**metrics, **read.counts()},
+        "bad_examples": read.bad_examples,
+        "what": f"{len(read.pairs)} preference pairs of {data} (seq_len={seq_len}, {micro_batch} a batch), the "
+        f"checkpoint against the run's initial model ({against}); dpo.loss={dpo.loss}, beta={dpo.beta:g}{smoothing}",
+    }
+    if cfg.strategy.precision not in ("auto", "fp32"):
+        result["note"] = f"computed in fp32 on CPU; the run trained in {cfg.strategy.precision}"
+    return result
+
+
+def dpo_run(args: argparse.Namespace, data: str) -> tuple[KilnConfig, str]:
+    """The config and folder of the task=dpo run args.target names: a preference file is scored against the model
+    the run started from, so a folder or a run of another task is refused, saying what its --data takes."""
+    from orchestrator.config import absolute_url
+    from orchestrator.run.lifecycle import reopen_run
+    from trainers.task_data import GENERATIVE_TASKS
+
+    holds = f"{data} holds preference pairs (chosen, rejected), scored against the model a task=dpo run started from"
+    if looks_like_folder(args.target):
+        raise UsageError(f"{holds}: give that run's id, not the folder {args.target} (an exported model has none)")
+    registry, _record, cfg = reopen_run(absolute_url(args.storage_root), args.target, [])
+    task = cfg.task.name
+    if task != "dpo":
+        takes = 'a JSONL file of {"prompt", "reference"} rows (BLEU, chrF) or ' if task in GENERATIVE_TASKS else ""
+        raise UsageError(
+            f"{holds}, but run {args.target} is a task={task} run: its --data takes {takes}a prepared dataset "
+            "(its val split)"
+        )
+    return cfg, registry.run_url(args.target)
 
 
 def logged_metrics(cfg: KilnConfig, source: Source) -> dict[str, float] | None:

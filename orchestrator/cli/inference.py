@@ -192,8 +192,9 @@ def chat_turns(interactive: bool) -> Iterator[str]:
             return
 
 
-def open_model(args: argparse.Namespace) -> Source:
-    """The model args.target names: a Hugging Face folder, or a run's checkpoint (newest, or --step)."""
+def open_model(args: argparse.Namespace, merge: bool = True) -> Source:
+    """The model args.target names: a Hugging Face folder, or a run's checkpoint (newest, or --step; a LoRA run's
+    adapters merged into it unless merge is False)."""
     from data_pipeline import storage
     from orchestrator.config import absolute_url
     from orchestrator.run.lifecycle import find_checkpoint, reopen_run
@@ -217,6 +218,7 @@ def open_model(args: argparse.Namespace) -> Source:
         checkpoint.url,
         strategy,
         storage.join(registry.run_url(target), TOKENIZER_DIR),
+        merge,
     )
     loaded.name = f"run {target} step {checkpoint.step}"
     label = f"run {target} step {checkpoint.step} ({strategy}, {world_size} worker{'s' if world_size > 1 else ''})"

@@ -132,16 +132,21 @@ def folder_task(recorded: str | None, from_architectures: str | None) -> str | N
 
 
 def load_checkpoint(
-    task_cfg: TaskConfig, model_cfg: ModelConfig, checkpoint_url: str, strategy: str, tokenizer_url: str
+    task_cfg: TaskConfig,
+    model_cfg: ModelConfig,
+    checkpoint_url: str,
+    strategy: str,
+    tokenizer_url: str,
+    merge: bool = True,
 ) -> LoadedModel:
     """A run's model from any strategy's checkpoint (the export code path, kept in memory) and its tokenizer;
-    task_cfg and model_cfg are the run's."""
+    task_cfg and model_cfg are the run's. LoRA adapters are merged into the model unless merge is False."""
     from trainers.export import model_from_checkpoint
 
     quiet_transformers()
     with warnings.catch_warnings():  # DCP's note that it reads in one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        model = model_from_checkpoint(task_cfg, model_cfg, checkpoint_url, strategy, tokenizer_url)
+        model = model_from_checkpoint(task_cfg, model_cfg, checkpoint_url, strategy, tokenizer_url, merge)
     return LoadedModel(model, bpe.load(tokenizer_url), checkpoint_url, task_cfg)
 
 
