@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from data_pipeline import tokenizer as bpe
+from data_pipeline.prepare import split_of
 from tests.failpoints import Failpoints
 from tests.helpers import REPO, kiln_here, kiln_refused, prepare_rows, rows, torchrun, torchrun_command
 from trainers.checkpoint.store import verify
@@ -112,6 +114,58 @@ def test_a_dpo_run_starts_at_its_reference_and_logs_trls_metrics(ddp):
         assert metrics[name] == pytest.approx(steps[4][name], rel=1e-5, abs=1e-6), name
 
 
+def val_slice_file(folder: Path, *extra: str) -> Path:
+    """The pairs of the DPO run's own evaluation slice as a preference file: its first 4 val pairs (2 workers x 1
+    batch x 2 pairs, read in input order), then the extra lines."""
+    val = [pair for pair in sum_pairs() if split_of(json.dumps(pair), 0.25) == "val"][:4]
+    path = folder / "val_pairs.jsonl"
+    path.write_text("".join(f"{line}\n" for line in [*map(json.dumps, val), *extra]))
+    return path
+
+
+def test_kiln_eval_of_a_preference_file_scores_it_as_the_runs_validation_scored_the_same_pairs(ddp, tmp_path):
+    storage_root = ["--storage-root", str(ddp.parent)]
+    pairs = val_slice_file(tmp_path, '{"prompt": "what is 1 plus 1?"}')
+    evaluated = kiln_here("eval", ddp.name, "--data", str(pairs), "--json", *storage_root)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    result = json.loads(evaluated.stdout)
+    metrics, at_step_4 = result["metrics"], logged(ddp)[4]
+    assert result["step"] == 4 and result["bad_examples"] == [
+        f"{pairs}:5: a preference row needs 'prompt', 'chosen' and 'rejected'; missing chosen, rejected"
+    ]
+    assert {k: metrics[k] for k in ("pairs", "bad_records", "truncated", "dropped")} == {
+        "pairs": 4,
+        "bad_records": 1,
+        "truncated": 0,
+        "dropped": 0,
+    }
+    # the policy against the run's init_model, scored here: what the run's evaluation logged from its committed table
+    for name in ("loss", *PAIR_STATS):
+        assert metrics[name] == pytest.approx(at_step_4[f"val/{name}"], rel=1e-5, abs=1e-6), name
+    assert 0 < metrics["rewards/accuracies"] <= 1 and math.isfinite(metrics["rewards/margins"])
+
+    table = kiln_here("eval", ddp.name, "--data", str(pairs), "--step", "2", *storage_root)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert "run dpo-ddp step 2" in table.stdout and f"skipped: {pairs}:5: a preference row" in table.stdout
+    lines = table.stdout.splitlines()
+    assert f"  {'pairs':<22} 4" in lines and any(line.startswith("  rewards/margins ") for line in lines)
+
+    eos = bpe.load(str(ddp / "tokenizer")).eos_token  # " 2." and " 2.<eos>": the same once TRL appends the EOS
+    same = val_slice_file(
+        tmp_path, json.dumps({"prompt": "what is 1 plus 1?", "chosen": " 2.", "rejected": f" 2.{eos}"})
+    )
+    message = kiln_refused("eval", ddp.name, "--data", str(same), *storage_root).stderr.strip()
+    assert (
+        message.endswith(
+            f"{same}:5: the chosen and rejected answers are identical once tokenized: a pair must "
+            "prefer one answer over another"
+        )
+        and "\n" not in message
+    )
+    base = kiln_refused("eval", "ddp", "--data", str(pairs), *storage_root)
+    assert base.returncode == 2 and "but run ddp is a task=causal_lm run" in base.stderr
+
+
 def test_a_killed_dpo_run_resumes_with_the_uninterrupted_numbers_and_reads_its_reference(root, dpo_run, ddp):
     run_id = "dpo-killed"
     shutil.rmtree(root / run_id, ignore_errors=True)
@@ -160,8 +214,17 @@ def test_sharded_strategies_compute_ddps_reference_and_first_step(root, dpo_run,
     assert steps[1]["train/loss"] == pytest.approx(logged(ddp)[1]["train/loss"], rel=1e-5)
 
 
-def test_lora_computes_the_reference_of_the_base_with_its_adapters_off(root, dpo_run, ddp):
+def test_lora_computes_the_reference_of_the_base_with_its_adapters_off(root, dpo_run, ddp, tmp_path):
     run_dir = train(root, dpo_run, "dpo-lora", "strategy=ddp", "model.lora.r=4", "train.max_steps=1")
     assert json.loads((run_dir / "reference" / "MANIFEST.json").read_text())["reference"]["lora"] is True
     for split, table in reference(ddp).items():
         assert np.array_equal(reference(run_dir)[split], table), split
+
+    # kiln eval --data scores the reference with the unmerged checkpoint's adapters off: the logged val numbers
+    evaluated = kiln_here(
+        "eval", run_dir.name, "--data", str(val_slice_file(tmp_path)), "--json", "--storage-root", str(root)
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    metrics, at_step_1 = json.loads(evaluated.stdout)["metrics"], logged(run_dir)[1]
+    for name in ("loss", *PAIR_STATS):
+        assert metrics[name] == pytest.approx(at_step_1[f"val/{name}"], rel=1e-5, abs=1e-6), name
