@@ -257,3 +257,24 @@ def test_lora_computes_the_reference_of_the_base_with_its_adapters_off(root, dpo
     metrics, at_step_1 = json.loads(evaluated.stdout)["metrics"], logged(run_dir)[1]
     for name in ("loss", *PAIR_STATS):
         assert metrics[name] == pytest.approx(at_step_1[f"val/{name}"], rel=1e-5, abs=1e-6), name
+
+
+def test_dpo_on_other_data_or_from_a_folder_of_another_vocabulary_is_refused_in_one_line(
+    root, dpo_run, chat_data, tmp_path
+):
+    """Both before anything starts, exit 2, naming what to change."""
+    chat = [o for o in dpo_run if not o.startswith(("data.path", "data.seq_len"))]
+    result = kiln_refused("train", *chat, f"data.path={chat_data}", "data.seq_len=64")
+    message = result.stderr.strip()
+    assert result.returncode == 2 and "\n" not in message, message
+    assert f"task=dpo trains on kind=preference data, but the dataset at {chat_data}" in message, message
+
+    folder = tmp_path / "other-vocabulary"
+    exported = kiln_here("export", "ddp", "--out", str(folder), "--storage-root", str(root))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    bpe.save(bpe.train_bpe(["a b c d e f"] * 10, vocab_size=300), str(folder))  # another tokenizer.json
+    other = [o for o in dpo_run if not o.startswith("model.init_from")]
+    result = kiln_refused("train", *other, f"model.init_from={folder}")
+    message = result.stderr.strip()
+    assert result.returncode == 2 and "\n" not in message, message
+    assert f"the tokenizer of model.init_from={folder} (vocabulary of " in message, message
