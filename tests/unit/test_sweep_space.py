@@ -379,3 +379,12 @@ def test_an_int_setting_takes_an_interval_with_whole_number_ends_only():
 def test_asha_refuses_a_sweep_of_the_steps_it_measures_trials_in():
     message = refused("train.max_steps=4,8", "sweep.early_stop=asha")
     assert "cannot be swept" in message and "train.max_steps" in message
+
+
+def test_a_sweep_over_dpo_beta_composes_each_point_as_a_dpo_run_and_names_a_bad_beta():
+    dpo = ["task=dpo", "data=prepared", "data.path=/data/pairs", "model.init_from=/models/sft"]
+    swept = plan(*dpo, "dpo.beta=0.05,0.1,0.5", "dpo.loss=sigmoid,ipo")
+    assert len(swept.points) == 6 and numbers(swept.points, "dpo.beta") == [0.05, 0.05, 0.1, 0.1, 0.5, 0.5]
+    assert (swept.base.task.name, swept.base.dpo.beta, swept.base.dpo.loss) == ("dpo", 0.05, "sigmoid")
+    message = refused(*dpo, "dpo.beta=0.1,0")
+    assert "point 2 (dpo.beta=0)" in message and "dpo.beta" in message and NOTHING_STARTED in message, message
