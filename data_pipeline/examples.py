@@ -45,13 +45,19 @@ def chat_messages(row: Row) -> list[dict[str, str]]:
         messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
     else:
         raise ExampleError("a chat row needs 'messages' or both 'prompt' and 'response'")
+    checked = role_messages(messages, "messages")
+    if not any(m["role"] == "assistant" for m in checked):
+        raise ExampleError("the conversation has no assistant message to learn from")
+    return checked
+
+
+def role_messages(messages: list, name: str) -> list[dict[str, str]]:
+    """messages as {role, content} strings, each checked (ExampleError naming `name[i]` and what is wrong)."""
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ExampleError(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+            raise ExampleError(f"{name}[{i}].role must be one of {', '.join(ROLES)}")
         if not isinstance(message.get("content"), str):
-            raise ExampleError(f"messages[{i}].content must be a string")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ExampleError("the conversation has no assistant message to learn from")
+            raise ExampleError(f"{name}[{i}].content must be a string")
     # both strings, checked above
     return [{"role": cast(str, m["role"]), "content": cast(str, m["content"])} for m in messages]
 

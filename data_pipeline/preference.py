@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from data_pipeline.dataset import ShardWriter
-from data_pipeline.examples import IGNORE, LEARN, ROLES, ExampleError, Row, one_line
+from data_pipeline.examples import IGNORE, LEARN, ExampleError, Row, one_line, role_messages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -104,12 +104,7 @@ def _text_answer(name: str, answer: str) -> str:
 def _prompt_messages(messages: list) -> Messages:
     if not messages:
         raise ExampleError("'prompt' is an empty message list")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ExampleError(f"prompt[{i}].role must be one of {', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise ExampleError(f"prompt[{i}].content must be a string")
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    return role_messages(messages, "prompt")
 
 
 def _answer_message(name: str, messages: list) -> Messages:

@@ -458,3 +458,21 @@ def numbered_dataset(url: str, first_tokens: range) -> Dataset:
         },
     )
     return Dataset(url)
+
+
+def tiny_llama(vocab_size: int, positions: int):
+    """A seeded 1-layer Llama with GQA (2 query heads, 1 key/value head), built in this process (no folder)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=positions,
+    )
+    return LlamaForCausalLM(config)

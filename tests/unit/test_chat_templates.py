@@ -92,3 +92,19 @@ def test_a_longer_conversation_is_cut_or_dropped_and_counted_and_rows_are_padded
         assert tokens[0].tolist() == [1, 2, pad, pad] and mask[0].tolist() == [0, 1, 0, 0]
         if overflow == "truncate":
             assert tokens[1].tolist() == [1, 2, 3, 4] and mask[1].tolist() == [0, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("row", "expected"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]}, "messages[1].role"),
+        ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string"),
+        ({"prompt": [{"role": "robot", "content": "x"}], "chosen": [], "rejected": []}, "prompt[0].role"),
+    ],
+)
+def test_a_bad_message_is_named_by_its_field_and_place_in_chat_and_preference_rows(row, expected):
+    from data_pipeline.examples import chat_messages
+    from data_pipeline.preference import preference_row
+
+    with pytest.raises(ExampleError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        (preference_row if "chosen" in row else chat_messages)(row)

@@ -20,7 +20,7 @@ from data_pipeline.prepare import PrepareConfig, prepare
 from data_pipeline.stream import SplitReader
 from orchestrator.config import compose_config, to_yaml
 from orchestrator.run.registry import RunRecord, RunRegistry
-from tests.helpers import kiln_refused
+from tests.helpers import kiln_refused, tiny_llama
 from tests.tokenizer_folders import LLAMA3, save_tokenizer
 from trainers.config import DpoConfig, LoraConfig
 from trainers.inference.loaded_model import InferenceError
@@ -127,27 +127,11 @@ def test_a_file_without_a_usable_pair_is_refused(tmp_path, tokenizer):
         read_preferences(str(path), tokenizer, SEQ_LEN)
 
 
-def tiny_llama(vocab_size: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=SEQ_LEN,
-    )
-    return LlamaForCausalLM(config)
-
-
 def test_the_policy_is_scored_against_its_reference_and_lora_adapters_off_are_the_base(tmp_path, tokenizer):
     read = read_preferences(str(write_jsonl(tmp_path / "pairs.jsonl", sums(5))), tokenizer, SEQ_LEN)
     batches = pair_batches(read.pairs, SEQ_LEN, int(tokenizer.eos_token_id), 2)
     task = DPO(dpo=DpoConfig(beta=0.5))
-    base = tiny_llama(len(tokenizer))
+    base = tiny_llama(len(tokenizer), SEQ_LEN)
     at_start = preference_metrics(task, base, base, batches)
     assert {at_start[f"rewards/{name}"] for name in ("chosen", "rejected", "accuracies", "margins")} == {0.0}
     assert at_start["loss"] == pytest.approx(math.log(2)) and at_start["logps/chosen"] < 0

@@ -13,6 +13,7 @@ import torch
 
 from data_pipeline.dataset import Dataset
 from data_pipeline.prepare import PrepareConfig, prepare
+from tests.helpers import tiny_llama
 from tests.tokenizer_folders import LLAMA3, save_tokenizer
 from trainers.checkpoint import reference as artefact
 from trainers.config import OptimConfig, StrategyConfig
@@ -44,26 +45,10 @@ def pairs(tmp_path_factory) -> Dataset:
     return Dataset(str(tmp / "out"))
 
 
-def tiny_llama(vocab_size: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=SEQ_LEN,
-    )
-    return LlamaForCausalLM(config)
-
-
 def reference_pass(run: Path, dataset: Dataset, micro_batch: int = 3):
     """A fresh worker's pieces: the tiny Llama wrapped by DDP on one rank, its DPO task without a reference."""
     strategy = build_strategy(StrategyConfig(name="ddp", precision="fp32"), torch.device("cpu"))
-    model = strategy.wrap(tiny_llama(dataset.vocab_size), OptimConfig(warmup_steps=0), 10, micro_batch, 1)
+    model = strategy.wrap(tiny_llama(dataset.vocab_size, SEQ_LEN), OptimConfig(warmup_steps=0), 10, micro_batch, 1)
     task = DPO()
     return ReferencePass(str(run), dataset, task, model, strategy, torch.device("cpu"), 0, 1, 0, 1, micro_batch)
 
