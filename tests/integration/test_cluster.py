@@ -251,6 +251,10 @@ def test_kiln_stop_on_a_submitted_run_preempts_it_and_kiln_resume_continues_it_o
         points.release("loop.after_step")
         stop = stopping.result()
     assert stop.returncode == 0 and "PREEMPTED" in stop.stdout, stop.stdout + stop.stderr
+    # `kiln stop --wait` returns once the run is recorded PREEMPTED; its driver exits just after, and Ray's job
+    # record gets the exit code only then (a CI run read it in between).
+    job_ended = lambda: status(ray_cluster, root, run)["job"]["driver_exit_code"] is not None  # noqa: E731
+    wait_for("Ray to record the driver's exit code", job_ended, 120)
     preempted = status(ray_cluster, root, run)
     # The driver exits 3 as `kiln train` does when preempted, which Ray counts as a FAILED job.
     assert preempted["state"] == "PREEMPTED" and preempted["job"]["driver_exit_code"] == 3
