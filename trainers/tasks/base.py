@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -54,13 +54,9 @@ class TaskBase:
     def __init__(self, seed: int = 0, vocabulary: Vocabulary | None = None):
         self.seed, self.vocabulary = seed, vocabulary
 
-    def loss(self, model: nn.Module, batch: Batch[torch.Tensor]) -> torch.Tensor:
-        """Mean loss of one micro-batch (each task's own)."""
-        raise NotImplementedError
-
     def loss_and_stats(self, model: nn.Module, batch: Batch[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The loss alone: a task without `train_stats` sums nothing else."""
-        return self.loss(model, batch), None
+        """The loss alone: a task without `train_stats` sums nothing else (every task defines its own `loss`)."""
+        return cast(Task, self).loss(model, batch), None
 
     def train_metrics(self, sums: list[float]) -> dict[str, float]:
         """Nothing beyond train/loss."""
